@@ -1,0 +1,1 @@
+"""Adapters for the ports in :mod:`tokenbroker.ports`. Heavy ones are imported lazily."""

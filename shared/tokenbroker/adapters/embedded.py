@@ -1,0 +1,560 @@
+"""The embedded default: everything in one SQLite file, credentials encrypted with AES-GCM.
+
+For running tokenbroker with no cloud account. One state directory holds ``tokenbroker.db``
+and, unless a key is given in the environment, ``encryption.key`` (created on first run with
+mode 0600). The database keeps a key check value: a key that cannot decrypt it is refused at
+start, before anything is read or written, so a wrong key can never shadow or corrupt data.
+
+Durability: WAL journal with ``synchronous=FULL``; a write returns only after it is on disk.
+Several processes may share the file: claims and writes run in ``BEGIN IMMEDIATE``
+transactions, so two refreshers can never lease the same connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import secrets as _random
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tokenbroker.clock import from_epoch, to_epoch
+from tokenbroker.errors import (
+    AlreadyExists,
+    ConfigError,
+    NotFound,
+    StoreUnavailable,
+    VersionConflict,
+)
+from tokenbroker.model import (
+    Claim,
+    Connection,
+    ConnectionEvent,
+    ConnectionRecord,
+    ConnectionStatus,
+    Credential,
+    Lease,
+    RefreshState,
+    StoredCredential,
+)
+from tokenbroker.ports import ClaimBatch, SecretWrite
+
+DB_NAME = "tokenbroker.db"
+KEY_FILE_NAME = "encryption.key"
+KEY_BYTES = 32  # AES-256-GCM
+NONCE_BYTES = 12  # NIST SP 800-38D recommends 96-bit nonces
+_KEY_CHECK_PLAINTEXT = b"tokenbroker key check v1"
+_CHUNK = 500  # stays under SQLite's host-parameter limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS connections (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    expires_at REAL,
+    next_refresh_at REAL,
+    last_refresh_at REAL,
+    last_attempt_at REAL,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    current_version INTEGER,
+    last_error TEXT,
+    lease_holder TEXT,
+    lease_token INTEGER NOT NULL DEFAULT 0,
+    lease_expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS connections_due ON connections (status, next_refresh_at);
+CREATE TABLE IF NOT EXISTS secrets (
+    connection_id TEXT PRIMARY KEY,
+    current_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secret_versions (
+    connection_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (connection_id, version)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    connection_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+
+
+def key_fingerprint(key: bytes) -> str:
+    return "sha256:" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def decode_key(value: str, where: str) -> bytes:
+    """A base64 (standard or URL-safe) 32-byte key."""
+    try:
+        raw = base64.urlsafe_b64decode(value.strip().replace("+", "-").replace("/", "_"))
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{where}: not valid base64") from None
+    if len(raw) != KEY_BYTES:
+        raise ConfigError(f"{where}: must decode to {KEY_BYTES} bytes (got {len(raw)})")
+    return raw
+
+
+def new_key_text() -> str:
+    return base64.urlsafe_b64encode(_random.token_bytes(KEY_BYTES)).decode()
+
+
+def _read_key_file(path: Path) -> bytes:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    return decode_key(path.read_text(), f"key file {path}")
+
+
+def _create_key_file(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = new_key_text()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return decode_key(text, f"key file {path}")
+
+
+class EmbeddedDatabase:
+    """The shared SQLite connection, its lock and the cipher."""
+
+    def __init__(
+        self, state_dir: Path, *, key: str | None = None, key_file: Path | None = None
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = self.state_dir / DB_NAME
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(_SCHEMA)
+        self._key, self.key_source = self._resolve_key(key, key_file)
+        self._aead = AESGCM(self._key)
+        self._verify_or_record_key()
+
+    # -- key handling ----------------------------------------------------------------------
+
+    def _has_key_check(self) -> bool:
+        row = self._conn.execute("SELECT 1 FROM meta WHERE key = 'key_check'").fetchone()
+        return row is not None
+
+    def _resolve_key(self, key: str | None, key_file: Path | None) -> tuple[bytes, str]:
+        if key is not None:
+            return decode_key(key, "TOKENBROKER_ENCRYPTION_KEY"), "TOKENBROKER_ENCRYPTION_KEY"
+        path = key_file or self.state_dir / KEY_FILE_NAME
+        if path.exists():
+            return _read_key_file(path), f"key file {path}"
+        if self._has_key_check():
+            raise ConfigError(
+                f"the state in {self.state_dir} is encrypted, but key file {path} is missing and"
+                " TOKENBROKER_ENCRYPTION_KEY is not set; restore the key (nothing was changed)"
+            )
+        return _create_key_file(path), f"key file {path} (created)"
+
+    def _verify_or_record_key(self) -> None:
+        with self.transaction() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+            if row is None:
+                sealed = self.seal(_KEY_CHECK_PLAINTEXT, "key-check")
+                cur.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (sealed,))
+                return
+        try:
+            if self.open(row[0], "key-check") != _KEY_CHECK_PLAINTEXT:
+                raise InvalidTag
+        except InvalidTag:
+            raise ConfigError(
+                f"the encryption key from {self.key_source} ({key_fingerprint(self._key)}) does "
+                f"not decrypt the existing state in {self.state_dir}; refusing to start. Use the "
+                "key this state was created with (nothing was changed)"
+            ) from None
+
+    def seal(self, plaintext: bytes, context: str) -> bytes:
+        nonce = _random.token_bytes(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, context.encode())
+
+    def open(self, sealed: bytes, context: str) -> bytes:
+        return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context.encode())
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """A write transaction (``BEGIN IMMEDIATE``): serialised across processes."""
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"embedded database is busy: {exc}") from None
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return from_epoch(value)
+
+
+_STATE_COLUMNS = (
+    "status, expires_at, next_refresh_at, last_refresh_at, last_attempt_at, "
+    "consecutive_failures, current_version, last_error"
+)
+
+
+def _state_params(state: RefreshState) -> tuple[Any, ...]:
+    return (
+        state.status.value,
+        to_epoch(state.expires_at),
+        to_epoch(state.next_refresh_at),
+        to_epoch(state.last_refresh_at),
+        to_epoch(state.last_attempt_at),
+        state.consecutive_failures,
+        state.current_version,
+        state.last_error,
+    )
+
+
+def _record(row: Sequence[Any]) -> ConnectionRecord:
+    body, status, expires, next_at, last_ok, last_try, failures, version, error = row
+    return ConnectionRecord(
+        Connection.from_json(json.loads(body)),
+        RefreshState(
+            status=ConnectionStatus(status),
+            expires_at=_dt(expires),
+            next_refresh_at=_dt(next_at),
+            last_refresh_at=_dt(last_ok),
+            last_attempt_at=_dt(last_try),
+            consecutive_failures=failures,
+            current_version=version,
+            last_error=error,
+        ),
+    )
+
+
+_RECORD_SELECT = f"SELECT body, {_STATE_COLUMNS} FROM connections"  # noqa: S608 - constants
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class EmbeddedStateStore:
+    def __init__(self, db: EmbeddedDatabase) -> None:
+        self._db = db
+
+    def create(self, connection: Connection, state: RefreshState) -> None:
+        try:
+            with self._db.transaction() as cur:
+                cur.execute(
+                    f"INSERT INTO connections (id, body, {_STATE_COLUMNS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (connection.id, json.dumps(connection.to_json()), *_state_params(state)),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"connection {connection.id!r} already exists") from None
+
+    def get(self, connection_id: str) -> ConnectionRecord:
+        rows = self._db.read(f"{_RECORD_SELECT} WHERE id = ?", (connection_id,))
+        if not rows:
+            raise NotFound(f"connection {connection_id!r} not found")
+        return _record(rows[0])
+
+    def list(self) -> list[ConnectionRecord]:
+        return [_record(r) for r in self._db.read(f"{_RECORD_SELECT} ORDER BY id")]
+
+    def delete(self, connection_id: str) -> None:
+        with self._db.transaction() as cur:
+            cur.execute("DELETE FROM connections WHERE id = ?", (connection_id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"connection {connection_id!r} not found")
+
+    def put_state(self, connection_id: str, state: RefreshState) -> None:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
+                "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
+                "current_version=?, last_error=? WHERE id = ?",
+                (*_state_params(state), connection_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"connection {connection_id!r} not found")
+
+    def _grant(
+        self, cur: sqlite3.Cursor, ids: Sequence[str], now: datetime, holder: str, ttl: timedelta
+    ) -> list[Claim]:
+        expires = now + ttl
+        cur.executemany(
+            "UPDATE connections SET lease_holder=?, lease_token=lease_token+1, "
+            "lease_expires_at=? WHERE id=?",
+            [(holder, expires.timestamp(), cid) for cid in ids],
+        )
+        claims: list[Claim] = []
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            rows = cur.execute(
+                f"SELECT id, lease_token, body, {_STATE_COLUMNS} FROM connections "  # noqa: S608
+                f"WHERE id IN ({marks})",
+                tuple(chunk),
+            ).fetchall()
+            for row in rows:
+                lease = Lease(row[0], holder, row[1], expires)
+                claims.append(Claim(lease, _record(row[2:])))
+        order = {cid: i for i, cid in enumerate(ids)}
+        claims.sort(key=lambda c: order[c.lease.connection_id])
+        return claims
+
+    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+        at = now.timestamp()
+        with self._db.transaction() as cur:
+            ids = [
+                r[0]
+                for r in cur.execute(
+                    "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= ?"
+                    " AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+                    " ORDER BY next_refresh_at, id LIMIT ?",
+                    (at, at, limit),
+                )
+            ]
+            leased = cur.execute(
+                "SELECT count(*) FROM connections WHERE status = 'active' AND "
+                "next_refresh_at <= ? AND lease_expires_at > ?",
+                (at, at),
+            ).fetchone()[0]
+            return ClaimBatch(self._grant(cur, ids, now, holder, ttl), leased_elsewhere=leased)
+
+    def claim(
+        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+    ) -> ClaimBatch:
+        wanted = list(dict.fromkeys(connection_ids))
+        at = now.timestamp()
+        with self._db.transaction() as cur:
+            found: dict[str, float | None] = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                for cid, lease_expires in cur.execute(
+                    f"SELECT id, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
+                    tuple(chunk),
+                ):
+                    found[cid] = lease_expires
+            free = [cid for cid in wanted if cid in found and (found[cid] or 0) <= at]
+            return ClaimBatch(
+                self._grant(cur, free, now, holder, ttl),
+                leased_elsewhere=len(found) - len(free),
+                missing=[cid for cid in wanted if cid not in found],
+            )
+
+    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> list[bool]:
+        results = []
+        with self._db.transaction() as cur:
+            for lease, state in outcomes:
+                cur.execute(
+                    "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
+                    "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
+                    "current_version=?, last_error=?, lease_holder=NULL, lease_expires_at=NULL "
+                    "WHERE id = ? AND lease_token = ?",
+                    (*_state_params(state), lease.connection_id, lease.token),
+                )
+                results.append(cur.rowcount == 1)
+        return results
+
+    def release(self, lease: Lease) -> None:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE connections SET lease_holder=NULL, lease_expires_at=NULL "
+                "WHERE id = ? AND lease_token = ?",
+                (lease.connection_id, lease.token),
+            )
+
+
+class EmbeddedSecretStore:
+    """Versions sealed with AES-GCM; the associated data binds each blob to its connection
+    and version, so a blob copied to another row does not decrypt."""
+
+    def __init__(self, db: EmbeddedDatabase, retained_versions: int = 3) -> None:
+        self._db = db
+        self.retained_versions = retained_versions
+
+    @staticmethod
+    def _context(connection_id: str, version: int) -> str:
+        return f"tokenbroker:credential:v1:{connection_id}:{version}"
+
+    def _unseal(
+        self, connection_id: str, version: int, created: float, sealed: bytes
+    ) -> StoredCredential:
+        try:
+            plaintext = self._db.open(sealed, self._context(connection_id, version))
+        except InvalidTag:
+            raise ConfigError(
+                f"credential {connection_id!r} v{version} does not decrypt with the configured key"
+            ) from None
+        return StoredCredential(
+            connection_id, version, Credential.from_plaintext(plaintext), from_epoch(created)
+        )
+
+    def get(self, connection_id: str) -> StoredCredential:
+        found = self.get_many([connection_id])
+        if connection_id not in found:
+            raise NotFound(f"no credential for connection {connection_id!r}")
+        return found[connection_id]
+
+    def get_version(self, connection_id: str, version: int) -> StoredCredential:
+        rows = self._db.read(
+            "SELECT created_at, sealed FROM secret_versions WHERE connection_id=? AND version=?",
+            (connection_id, version),
+        )
+        if not rows:
+            raise NotFound(f"connection {connection_id!r} has no version {version}")
+        return self._unseal(connection_id, version, rows[0][0], rows[0][1])
+
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+        found: dict[str, StoredCredential] = {}
+        ids = list(dict.fromkeys(connection_ids))
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.read(
+                "SELECT v.connection_id, v.version, v.created_at, v.sealed FROM secrets s "
+                "JOIN secret_versions v ON v.connection_id = s.connection_id "
+                f"AND v.version = s.current_version WHERE s.connection_id IN ({marks})",
+                tuple(chunk),
+            )
+            for cid, version, created, sealed in rows:
+                found[cid] = self._unseal(cid, version, created, sealed)
+        return found
+
+    def _put(self, cur: sqlite3.Cursor, write: SecretWrite, now: float) -> int:
+        row = cur.execute(
+            "SELECT current_version FROM secrets WHERE connection_id = ?", (write.connection_id,)
+        ).fetchone()
+        current = row[0] if row else None
+        if current != write.expected_version:
+            raise VersionConflict(
+                f"connection {write.connection_id!r}: current version is {current}, "
+                f"expected {write.expected_version}"
+            )
+        version = (current or 0) + 1
+        sealed = self._db.seal(
+            write.credential.to_plaintext(), self._context(write.connection_id, version)
+        )
+        cur.execute(
+            "INSERT INTO secret_versions (connection_id, version, created_at, sealed) "
+            "VALUES (?, ?, ?, ?)",
+            (write.connection_id, version, now, sealed),
+        )
+        cur.execute(
+            "INSERT INTO secrets (connection_id, current_version) VALUES (?, ?) "
+            "ON CONFLICT (connection_id) DO UPDATE SET current_version = excluded.current_version",
+            (write.connection_id, version),
+        )
+        cur.execute(
+            "DELETE FROM secret_versions WHERE connection_id = ? AND version <= ?",
+            (write.connection_id, version - self.retained_versions),
+        )
+        return version
+
+    def put(
+        self, connection_id: str, credential: Credential, *, expected_version: int | None
+    ) -> int:
+        with self._db.transaction() as cur:
+            return self._put(
+                cur, SecretWrite(connection_id, credential, expected_version), time.time()
+            )
+
+    def put_many(self, writes: Sequence[SecretWrite]) -> list[int | VersionConflict]:
+        results: list[int | VersionConflict] = []
+        now = time.time()
+        with self._db.transaction() as cur:
+            for write in writes:
+                try:
+                    results.append(self._put(cur, write, now))
+                except VersionConflict as conflict:
+                    results.append(conflict)
+        return results
+
+    def versions(self, connection_id: str) -> list[int]:
+        rows = self._db.read(
+            "SELECT version FROM secret_versions WHERE connection_id = ? ORDER BY version",
+            (connection_id,),
+        )
+        return [r[0] for r in rows]
+
+    def delete(self, connection_id: str) -> None:
+        with self._db.transaction() as cur:
+            cur.execute("DELETE FROM secrets WHERE connection_id = ?", (connection_id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no credential for connection {connection_id!r}")
+            cur.execute("DELETE FROM secret_versions WHERE connection_id = ?", (connection_id,))
+
+
+class EmbeddedOutbox:
+    """Events appended to the ``outbox`` table, in order; duplicates (same event id) ignored."""
+
+    def __init__(self, db: EmbeddedDatabase) -> None:
+        self._db = db
+
+    def publish(self, events: Sequence[ConnectionEvent]) -> None:
+        with self._db.transaction() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO outbox (event_id, connection_id, type, body) "
+                "VALUES (?, ?, ?, ?)",
+                [
+                    (e.event_id, e.connection_id, e.type.value, json.dumps(e.to_json()))
+                    for e in events
+                ],
+            )
+
+    def read(
+        self, *, after: int = 0, limit: int = 1000, connection_id: str | None = None
+    ) -> list[tuple[int, ConnectionEvent]]:
+        sql = "SELECT seq, body FROM outbox WHERE seq > ?"
+        params: list[Any] = [after]
+        if connection_id is not None:
+            sql += " AND connection_id = ?"
+            params.append(connection_id)
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+        return [
+            (seq, ConnectionEvent.from_json(json.loads(body)))
+            for seq, body in self._db.read(sql, params)
+        ]

@@ -1,0 +1,1 @@
+"""What the deployable functions call: one service per function, built once per instance."""

@@ -1,0 +1,103 @@
+"""The refresher function's logic: parse the trigger, run one tick, render the summary.
+
+Triggers: a CloudEvent (Cloud Scheduler -> Pub/Sub -> Eventarc, or any CloudEvent) or a plain
+HTTP POST (Cloud Scheduler's HTTP target). An optional JSON payload narrows the tick:
+``{"connections": ["id", ...]}`` or ``{"limit": 500}``.
+
+Per-connection failures are part of a successful tick (they are recorded and announced); only
+a failure of the broker's own infrastructure (a store that cannot be reached) makes the
+invocation fail, so the platform retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from tokenbroker.errors import TokenBrokerError
+from tokenbroker.log import get_logger
+from tokenbroker.runtime import Runtime, build_runtime
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    """The instance's runtime, built on the first invocation (cold start) and reused."""
+    global _runtime  # noqa: PLW0603 - one per function instance, by design
+    if _runtime is None:
+        with _lock:
+            if _runtime is None:
+                _runtime = build_runtime()
+    return _runtime
+
+
+def _options(payload: Mapping[str, Any] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if not payload:
+        return options
+    connections = payload.get("connections")
+    if isinstance(connections, list) and all(isinstance(c, str) for c in connections):
+        options["connection_ids"] = connections
+    limit = payload.get("limit")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        options["limit"] = limit
+    return options
+
+
+def _payload_from_event_data(data: Any) -> Mapping[str, Any] | None:
+    """The JSON payload of a CloudEvent: Pub/Sub ``message.data`` (base64) or the data itself."""
+    if isinstance(data, Mapping) and isinstance(data.get("message"), Mapping):
+        raw = data["message"].get("data")
+        if not raw:
+            return None
+        try:
+            decoded = json.loads(base64.b64decode(raw))
+        except ValueError:
+            return None  # a scheduler body that is not JSON just means "run a tick"
+        return decoded if isinstance(decoded, Mapping) else None
+    if isinstance(data, Mapping):
+        return data
+    if isinstance(data, bytes | str) and data:
+        try:
+            decoded = json.loads(data)
+        except ValueError:
+            return None
+        return decoded if isinstance(decoded, Mapping) else None
+    return None
+
+
+def run_tick(payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    summary = asyncio.run(runtime().tick(**_options(payload)))
+    return summary.to_json()
+
+
+def handle_cloud_event(event: Any) -> dict[str, Any]:
+    log = get_logger(component="refresher-function")
+    payload = _payload_from_event_data(event.data)
+    log.info("tick triggered", trigger="cloudevent", event_type=event["type"], event_id=event["id"])
+    return run_tick(payload)
+
+
+def handle_http(request: Any) -> tuple[str, int, dict[str, str]]:
+    headers = {"Content-Type": "application/json"}
+    if request.method != "POST":
+        body = {"error": "invalid_request", "error_description": "use POST"}
+        return json.dumps(body), 405, {**headers, "Allow": "POST"}
+    payload = request.get_json(silent=True) if request.data else None
+    if request.data and not isinstance(payload, Mapping):
+        body = {"error": "invalid_request", "error_description": "body must be a JSON object"}
+        return json.dumps(body), 400, headers
+    try:
+        summary = run_tick(payload)
+    except TokenBrokerError as error:
+        get_logger(component="refresher-function").error(
+            "tick failed", error_code=error.code, error=error.message
+        )
+        body = {"error": error.code, "error_description": error.message}
+        return json.dumps(body), 503 if error.retryable else 500, headers
+    return json.dumps(summary), 200, headers

@@ -1,0 +1,196 @@
+"""One root error for the whole library.
+
+Every failure the broker can meet is a :class:`TokenBrokerError`. Each carries:
+
+* ``code`` -- a stable wire code. Provider failures keep their RFC 6749 §5.2 names
+  (``invalid_grant``, ``invalid_client``, ...), so logs, events and HTTP answers speak the same
+  language as the OAuth servers behind them.
+* ``retryable`` -- whether trying the same thing again later can succeed. This single flag
+  decides retries everywhere: nothing else inspects exception types to decide.
+* ``http_status`` -- how the error maps to an HTTP answer, in the one place that renders them.
+
+Messages never contain credential material: they are built from codes, ids and counts only.
+(Modelled on google-auth's ``GoogleAuthError(retryable=...)`` and authlib's per-error classes.)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class TokenBrokerError(Exception):
+    """Root of every error raised by tokenbroker."""
+
+    code: ClassVar[str] = "server_error"
+    http_status: ClassVar[int] = 500
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = self.default_retryable if retryable is None else retryable
+        #: Seconds the other side asked us to wait (``Retry-After``), when it said so.
+        self.retry_after = retry_after
+        #: How many attempts were made before this error was final (set by the retry loop).
+        self.attempts = 1
+
+    @property
+    def failure_class(self) -> str:
+        """``transient`` or ``permanent``: the two classes every failure falls into."""
+        return "transient" if self.retryable else "permanent"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, retryable={self.retryable})"
+
+
+# --- configuration and storage -------------------------------------------------------------
+
+
+class ConfigError(TokenBrokerError):
+    """Configuration is missing or malformed. The message names the field or variable."""
+
+    code = "invalid_config"
+    http_status = 500
+
+
+class NotFound(TokenBrokerError):
+    code = "not_found"
+    http_status = 404
+
+
+class AlreadyExists(TokenBrokerError):
+    code = "already_exists"
+    http_status = 409
+
+
+class VersionConflict(TokenBrokerError):
+    """A compare-and-set write lost: someone else wrote a newer version first."""
+
+    code = "version_conflict"
+    http_status = 409
+
+
+class LeaseLost(TokenBrokerError):
+    """Our lease on a connection expired and another holder took it (stale fencing token)."""
+
+    code = "lease_lost"
+    http_status = 409
+
+
+class StoreUnavailable(TokenBrokerError):
+    """A backing store could not be reached. Worth retrying."""
+
+    code = "store_unavailable"
+    http_status = 503
+    default_retryable = True
+
+
+# --- provider (token endpoint) failures, RFC 6749 §5.2 ------------------------------------------
+
+
+class ProviderError(TokenBrokerError):
+    """The token endpoint refused or failed a grant."""
+
+    code = "provider_error"
+    http_status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after=retry_after)
+        #: HTTP status the provider answered with (``None`` when no answer came).
+        self.status = status
+
+
+class InvalidRequest(ProviderError):
+    code = "invalid_request"
+
+
+class InvalidClient(ProviderError):
+    code = "invalid_client"
+
+
+class InvalidGrant(ProviderError):
+    """The refresh token or assertion is invalid, expired or revoked (RFC 6749 §5.2)."""
+
+    code = "invalid_grant"
+
+
+class UnauthorizedClient(ProviderError):
+    code = "unauthorized_client"
+
+
+class UnsupportedGrantType(ProviderError):
+    code = "unsupported_grant_type"
+
+
+class InvalidScope(ProviderError):
+    code = "invalid_scope"
+
+
+class AccessDenied(ProviderError):
+    code = "access_denied"
+
+
+class UnknownProviderError(ProviderError):
+    """An error code the RFC does not define. Treated as permanent: a human should look."""
+
+    code = "unknown_provider_error"
+
+
+class TemporarilyUnavailable(ProviderError):
+    """RFC 6749 §4.1.2.1 ``temporarily_unavailable``, HTTP 503 or 429."""
+
+    code = "temporarily_unavailable"
+    default_retryable = True
+
+
+class ProviderServerError(ProviderError):
+    """A 5xx answer or RFC 6749 ``server_error``."""
+
+    code = "server_error"
+    default_retryable = True
+
+
+class TransportError(ProviderError):
+    """No answer: timeout, refused or reset connection, DNS failure."""
+
+    code = "transport_error"
+    default_retryable = True
+
+
+class MalformedResponse(ProviderError):
+    """A 200 that is not a usable token response (not JSON, no ``access_token``...).
+
+    Retryable: it is most often a proxy or maintenance page. It is never stored.
+    """
+
+    code = "malformed_response"
+    default_retryable = True
+
+
+OAUTH_ERRORS: dict[str, type[ProviderError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        InvalidClient,
+        InvalidGrant,
+        UnauthorizedClient,
+        UnsupportedGrantType,
+        InvalidScope,
+        AccessDenied,
+        TemporarilyUnavailable,
+        ProviderServerError,
+    )
+}

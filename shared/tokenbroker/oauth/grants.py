@@ -1,0 +1,167 @@
+"""The grants tokenbroker performs, one function each, by RFC.
+
+Each takes the transport first and returns a :class:`TokenResponse` or raises a classified
+:class:`~tokenbroker.errors.ProviderError`. None of them retries: retrying is the caller's
+decision, made from ``error.retryable`` alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from tokenbroker.errors import ConfigError
+from tokenbroker.model import ClientAuthMethod
+from tokenbroker.oauth.token_response import TokenResponse, parse_token_response
+from tokenbroker.oauth.transport import TokenEndpoint
+from tokenbroker.secret import Secret
+
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"  # RFC 7523 §2.1
+ASSERTION_LIFETIME = 3600  # Google accepts at most one hour (and so do most servers).
+
+
+def client_authentication(
+    method: ClientAuthMethod, client_id: str | None, client_secret: Secret | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Headers and form fields that authenticate the client (RFC 6749 §2.3.1).
+
+    For HTTP Basic, id and secret are form-urlencoded before base64 as §2.3.1 requires; many
+    servers break on secrets with ``:`` or ``%`` otherwise.
+    """
+    if method is ClientAuthMethod.NONE:
+        return {}, ({"client_id": client_id} if client_id else {})
+    if not client_id or client_secret is None:
+        raise ConfigError(f"{method.value} needs a client_id and a client_secret")
+    if method is ClientAuthMethod.BASIC:
+        pair = f"{quote(client_id, safe='')}:{quote(client_secret.reveal(), safe='')}"
+        token = base64.b64encode(pair.encode()).decode()
+        return {"Authorization": f"Basic {token}"}, {}
+    return {}, {"client_id": client_id, "client_secret": client_secret.reveal()}
+
+
+async def _token_request(
+    endpoint: TokenEndpoint,
+    token_url: str,
+    form: dict[str, str],
+    headers: Mapping[str, str],
+    error_aliases: Mapping[str, str] | None,
+) -> TokenResponse:
+    response = await endpoint.post_form(
+        token_url, form, headers={"Accept": "application/json", **headers}
+    )
+    return parse_token_response(response, error_aliases=error_aliases)
+
+
+async def refresh_grant(
+    endpoint: TokenEndpoint,
+    token_url: str,
+    *,
+    refresh_token: Secret,
+    client_id: str | None,
+    client_secret: Secret | None,
+    auth_method: ClientAuthMethod,
+    scopes: Sequence[str] = (),
+    extra: Mapping[str, str] | None = None,
+    error_aliases: Mapping[str, str] | None = None,
+) -> TokenResponse:
+    """RFC 6749 §6. ``scopes``, when given, must be a subset of the original grant's."""
+    headers, form = client_authentication(auth_method, client_id, client_secret)
+    form.update(grant_type="refresh_token", refresh_token=refresh_token.reveal())
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    form.update(extra or {})
+    return await _token_request(endpoint, token_url, form, headers, error_aliases)
+
+
+async def client_credentials_grant(
+    endpoint: TokenEndpoint,
+    token_url: str,
+    *,
+    client_id: str,
+    client_secret: Secret,
+    auth_method: ClientAuthMethod,
+    scopes: Sequence[str] = (),
+    extra: Mapping[str, str] | None = None,
+    error_aliases: Mapping[str, str] | None = None,
+) -> TokenResponse:
+    """RFC 6749 §4.4. ``extra`` carries e.g. an RFC 8707 ``resource``."""
+    headers, form = client_authentication(auth_method, client_id, client_secret)
+    form["grant_type"] = "client_credentials"
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    form.update(extra or {})
+    return await _token_request(endpoint, token_url, form, headers, error_aliases)
+
+
+def service_account_info(key_file: Secret) -> dict[str, Any]:
+    """Parse and check a Google service-account key file (JSON)."""
+    try:
+        info = json.loads(key_file.reveal())
+    except ValueError:
+        raise ConfigError("service account key: not valid JSON") from None
+    if not isinstance(info, dict):
+        raise ConfigError("service account key: expected a JSON object")
+    for name in ("client_email", "private_key"):
+        if not isinstance(info.get(name), str) or not info[name]:
+            raise ConfigError(f"service account key: field {name!r} is missing")
+    return info
+
+
+def jwt_bearer_assertion(
+    info: Mapping[str, Any],
+    *,
+    audience: str,
+    scopes: Sequence[str],
+    subject: str | None = None,
+    issued_at: float | None = None,
+) -> str:
+    """A signed RS256 assertion for Google's service-account flow (RFC 7523 §3).
+
+    ``iss`` is the service account, ``aud`` the token endpoint it is sent to, ``scope`` the
+    space-separated scopes, ``sub`` the user for domain-wide delegation.
+    See https://developers.google.com/identity/protocols/oauth2/service-account#authorizingrequests
+    """
+    from joserfc import jwt  # noqa: PLC0415 - kept off the cold-start path
+    from joserfc.jwk import RSAKey  # noqa: PLC0415
+
+    now = int(issued_at if issued_at is not None else time.time())
+    claims: dict[str, Any] = {
+        "iss": info["client_email"],
+        "aud": audience,
+        "scope": " ".join(scopes),
+        "iat": now,
+        "exp": now + ASSERTION_LIFETIME,
+    }
+    if subject:
+        claims["sub"] = subject
+    header: dict[str, Any] = {"alg": "RS256", "typ": "JWT"}
+    if info.get("private_key_id"):
+        header["kid"] = info["private_key_id"]
+    try:
+        key = RSAKey.import_key(info["private_key"])
+    except (ValueError, TypeError):
+        raise ConfigError("service account key: private_key is not an RSA PEM key") from None
+    return jwt.encode(header, claims, key)
+
+
+async def jwt_bearer_grant(
+    endpoint: TokenEndpoint,
+    token_url: str,
+    *,
+    key_file: Secret,
+    scopes: Sequence[str],
+    subject: str | None = None,
+    issued_at: float | None = None,
+    error_aliases: Mapping[str, str] | None = None,
+) -> TokenResponse:
+    """RFC 7523 §2.1: exchange a self-signed assertion for an access token. No client auth."""
+    info = service_account_info(key_file)
+    assertion = jwt_bearer_assertion(
+        info, audience=token_url, scopes=scopes, subject=subject, issued_at=issued_at
+    )
+    form = {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
+    return await _token_request(endpoint, token_url, form, {}, error_aliases)

@@ -1,0 +1,147 @@
+"""The ports: every outside system the broker talks to, as a small protocol.
+
+Each port has one contract test suite (``tests/contract``) that every adapter must pass:
+in-memory, embedded (SQLite), and the cloud adapters. Store methods are synchronous (the
+cloud client libraries and SQLite are); the refresher calls them from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+from tokenbroker.errors import VersionConflict
+from tokenbroker.model import (
+    Claim,
+    Connection,
+    ConnectionEvent,
+    ConnectionRecord,
+    Credential,
+    Lease,
+    RefreshState,
+    StoredCredential,
+)
+from tokenbroker.oauth.transport import TokenEndpoint
+
+__all__ = [
+    "ClaimBatch",
+    "EventBus",
+    "SecretStore",
+    "SecretWrite",
+    "StateStore",
+    "TokenEndpoint",
+]
+
+
+@dataclass(frozen=True)
+class SecretWrite:
+    """One compare-and-set write: succeeds only if the current version is ``expected_version``
+    (``None``: the connection has no credential yet)."""
+
+    connection_id: str
+    credential: Credential
+    expected_version: int | None
+
+
+@runtime_checkable
+class SecretStore(Protocol):
+    """Versioned, encrypted-at-rest credential storage, one secret per connection.
+
+    Versions count up from 1. "Current" is the newest version; older versions stay readable
+    for at least ``retained_versions - 1`` rotations so a consumer holding an older access
+    token can still resolve it.
+    """
+
+    def get(self, connection_id: str) -> StoredCredential:
+        """The current version. Raises NotFound."""
+        ...
+
+    def get_version(self, connection_id: str, version: int) -> StoredCredential:
+        """A specific version. Raises NotFound when it does not exist or was destroyed."""
+        ...
+
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+        """Current versions of many connections; absent ones are left out."""
+        ...
+
+    def put(
+        self, connection_id: str, credential: Credential, *, expected_version: int | None
+    ) -> int:
+        """Add a version if the current one is ``expected_version``; returns the new version.
+        Raises VersionConflict otherwise."""
+        ...
+
+    def put_many(self, writes: Sequence[SecretWrite]) -> list[int | VersionConflict]:
+        """Many compare-and-set writes, each independent; one result per write, in order."""
+        ...
+
+    def versions(self, connection_id: str) -> list[int]:
+        """Readable versions, oldest first. Empty when the connection has none."""
+        ...
+
+    def delete(self, connection_id: str) -> None:
+        """Destroy every version. Raises NotFound."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClaimBatch:
+    claims: list[Claim] = field(default_factory=list)
+    #: Due (or named) connections skipped because another holder's lease is live.
+    leased_elsewhere: int = 0
+    #: Named connections that do not exist (``claim`` only).
+    missing: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """The connection registry, refresh state, and per-connection leases."""
+
+    def create(self, connection: Connection, state: RefreshState) -> None:
+        """Register a connection. Raises AlreadyExists."""
+        ...
+
+    def get(self, connection_id: str) -> ConnectionRecord:
+        """Raises NotFound."""
+        ...
+
+    def list(self) -> list[ConnectionRecord]:
+        """Every connection, ordered by id."""
+        ...
+
+    def delete(self, connection_id: str) -> None:
+        """Raises NotFound."""
+        ...
+
+    def put_state(self, connection_id: str, state: RefreshState) -> None:
+        """Overwrite a connection's state outside any lease (operator actions). NotFound."""
+        ...
+
+    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+        """Lease up to ``limit`` active connections whose ``next_refresh_at <= now`` and whose
+        lease is free or expired, earliest first, atomically."""
+        ...
+
+    def claim(
+        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+    ) -> ClaimBatch:
+        """Lease the named connections (any status, due or not) whose lease is free."""
+        ...
+
+    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> list[bool]:
+        """Write each new state and release its lease, only if the lease's fencing token is
+        still the newest; one boolean per outcome (False: the lease was lost)."""
+        ...
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease back without changing state (no-op if it was lost)."""
+        ...
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    """Where connection events go. ``publish`` returns once the events are durably accepted."""
+
+    def publish(self, events: Sequence[ConnectionEvent]) -> None: ...

@@ -1,0 +1,138 @@
+"""Configuration, resolved one way everywhere: explicit argument, then environment, then default.
+
+Settings are read once, when an entry point starts (cold start), never when a library module is
+imported. Every variable name is a constant here and documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tokenbroker.errors import ConfigError
+from tokenbroker.schedule import RefreshPolicy
+from tokenbroker.secret import Secret
+
+T = TypeVar("T")
+
+ENV_BACKEND = "TOKENBROKER_BACKEND"
+ENV_STATE_DIR = "TOKENBROKER_STATE_DIR"
+ENV_ENCRYPTION_KEY = "TOKENBROKER_ENCRYPTION_KEY"
+ENV_ENCRYPTION_KEY_FILE = "TOKENBROKER_ENCRYPTION_KEY_FILE"
+ENV_PROFILES_FILE = "TOKENBROKER_PROFILES_FILE"
+ENV_TICK_LIMIT = "TOKENBROKER_TICK_LIMIT"
+ENV_CONCURRENCY = "TOKENBROKER_CONCURRENCY"
+ENV_HTTP_TIMEOUT = "TOKENBROKER_HTTP_TIMEOUT_SECONDS"
+ENV_LEASE_TTL = "TOKENBROKER_LEASE_TTL_SECONDS"
+ENV_OVERLAP_FRACTION = "TOKENBROKER_OVERLAP_FRACTION"
+ENV_MIN_LEAD = "TOKENBROKER_MIN_LEAD_SECONDS"
+ENV_JITTER_FRACTION = "TOKENBROKER_JITTER_FRACTION"
+ENV_RETRY_ATTEMPTS = "TOKENBROKER_RETRY_ATTEMPTS"
+ENV_RETRY_BASE_DELAY = "TOKENBROKER_RETRY_BASE_DELAY_SECONDS"
+ENV_RETAINED_VERSIONS = "TOKENBROKER_RETAINED_VERSIONS"
+
+BACKENDS = ("embedded", "memory")
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tokenbroker"
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "embedded"
+    state_dir: Path | None = None
+    encryption_key: Secret | None = None
+    encryption_key_file: Path | None = None
+    profiles_file: Path | None = None
+    tick_limit: int = 10_000
+    concurrency: int = 256
+    http_timeout: float = 10.0
+    lease_ttl_seconds: float = 300.0
+    overlap_fraction: float = 0.5
+    min_lead_seconds: float = 600.0
+    jitter_fraction: float = 0.1
+    retry_attempts: int = 3
+    retry_base_delay: float = 0.5
+    retained_versions: int = 3
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or default_state_dir()
+
+    def refresh_policy(self) -> RefreshPolicy:
+        return RefreshPolicy(
+            overlap_fraction=self.overlap_fraction,
+            min_lead=timedelta(seconds=self.min_lead_seconds),
+            jitter_fraction=self.jitter_fraction,
+        )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **explicit: Any) -> Settings:
+        """Explicit keyword arguments win over the environment, which wins over defaults.
+        A malformed variable raises :class:`ConfigError` naming it."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, variable, parse in _ENV_FIELDS:
+            if explicit.get(name) is not None:
+                values[name] = explicit[name]
+            elif env.get(variable):
+                values[name] = _parse(variable, env[variable], parse)
+        unknown = set(explicit) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"{ENV_BACKEND}: {self.backend!r} is not one of: {', '.join(BACKENDS)}"
+            )
+        checks = [
+            (self.tick_limit >= 1, ENV_TICK_LIMIT, "must be at least 1"),
+            (self.concurrency >= 1, ENV_CONCURRENCY, "must be at least 1"),
+            (self.http_timeout > 0, ENV_HTTP_TIMEOUT, "must be positive"),
+            (self.lease_ttl_seconds >= 60, ENV_LEASE_TTL, "must be at least 60"),
+            (0 < self.overlap_fraction < 1, ENV_OVERLAP_FRACTION, "must be between 0 and 1"),
+            (self.min_lead_seconds >= 0, ENV_MIN_LEAD, "must not be negative"),
+            (0 <= self.jitter_fraction < 1, ENV_JITTER_FRACTION, "must be in [0, 1)"),
+            (self.retry_attempts >= 1, ENV_RETRY_ATTEMPTS, "must be at least 1"),
+            (self.retry_base_delay >= 0, ENV_RETRY_BASE_DELAY, "must not be negative"),
+            (self.retained_versions >= 2, ENV_RETAINED_VERSIONS, "must be at least 2"),
+        ]
+        for ok, variable, problem in checks:
+            if not ok:
+                raise ConfigError(f"{variable}: {problem}")
+
+
+def _parse(variable: str, raw: str, parse: Callable[[str], T]) -> T:
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(f"{variable}: cannot parse {raw!r}") from None
+
+
+_ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
+    ("backend", ENV_BACKEND, str.strip),
+    ("state_dir", ENV_STATE_DIR, Path),
+    ("encryption_key", ENV_ENCRYPTION_KEY, Secret),
+    ("encryption_key_file", ENV_ENCRYPTION_KEY_FILE, Path),
+    ("profiles_file", ENV_PROFILES_FILE, Path),
+    ("tick_limit", ENV_TICK_LIMIT, int),
+    ("concurrency", ENV_CONCURRENCY, int),
+    ("http_timeout", ENV_HTTP_TIMEOUT, float),
+    ("lease_ttl_seconds", ENV_LEASE_TTL, float),
+    ("overlap_fraction", ENV_OVERLAP_FRACTION, float),
+    ("min_lead_seconds", ENV_MIN_LEAD, float),
+    ("jitter_fraction", ENV_JITTER_FRACTION, float),
+    ("retry_attempts", ENV_RETRY_ATTEMPTS, int),
+    ("retry_base_delay", ENV_RETRY_BASE_DELAY, float),
+    ("retained_versions", ENV_RETAINED_VERSIONS, int),
+]
