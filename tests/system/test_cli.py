@@ -1,0 +1,155 @@
+"""The ``tokenbroker`` command as an operator runs it, against the real OAuth server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import save_output
+from tests.support.oidc import CC_POST_ID, CC_POST_SECRET, RT_BASIC_ID, RT_BASIC_SECRET, OidcServer
+from tests.system.processes import BIN
+
+pytestmark = pytest.mark.system
+
+
+class Cli:
+    def __init__(self, state_dir: Path) -> None:
+        self.env = {**os.environ, "TOKENBROKER_STATE_DIR": str(state_dir)}
+        self.env.pop("TOKENBROKER_ENCRYPTION_KEY", None)
+        self.outputs: list[str] = []
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "tokenbroker"), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=60,
+            check=False,
+        )
+        self.outputs += [result.stdout, result.stderr]
+        save_output("cli", " ".join(args), result.stdout, result.stderr)
+        return result
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "state")
+
+
+def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> None:
+    tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(RT_BASIC_SECRET + "\n")
+    added = cli(
+        "--json", "add", "crm",
+        "--grant", "refresh_token",
+        "--client-id", RT_BASIC_ID,
+        "--client-secret-file", str(secret_file),
+        "--refresh-token-file", "-",
+        "--token-url", oidc.token_url,
+        stdin=tokens["refresh_token"],
+    )
+    assert added.returncode == 0, added.stderr
+    body = json.loads(added.stdout)
+    assert body["state"]["status"] == "active"
+    assert body["state"]["current_version"] == 2  # registered, then refreshed once
+    assert body["refresh"]["refreshed"] == 1
+
+    cli_env = {"CC_SECRET": CC_POST_SECRET}
+    added_cc = cli(
+        "add", "svc", "--grant", "client_credentials", "--client-id", CC_POST_ID,
+        "--client-secret-env", "CC_SECRET", "--auth-method", "client_secret_post",
+        "--token-url", oidc.token_url, "--scope", "api:read", "--param", "resource=urn:tokenbroker:api",
+        env=cli_env,
+    )
+    assert added_cc.returncode == 0, added_cc.stderr
+    assert "status          active" in added_cc.stdout
+
+    status = cli("status")
+    assert status.returncode == 0
+    lines = status.stdout.splitlines()
+    assert lines[0].split() == ["CONNECTION", "STATUS", "EXPIRES", "IN", "LAST", "REFRESH", "FAILURES"]
+    assert lines[1].startswith("crm") and "active" in lines[1]
+    assert lines[2].startswith("svc")
+
+    status_json = json.loads(cli("--json", "status").stdout)
+    assert [s["connection"] for s in status_json] == ["crm", "svc"]
+    assert all(s["consecutive_failures"] == 0 for s in status_json)
+
+    refreshed = cli("--json", "refresh", "--all")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert json.loads(refreshed.stdout)["refreshed"] == 2
+    due = json.loads(cli("--json", "refresh").stdout)
+    assert due["due"] == 0
+
+    events = json.loads(cli("--json", "events").stdout)
+    assert [e["type"] for e in events] == ["credential.rotated"] * 4
+    for event in events:
+        assert set(event) >= {"connection_id", "type", "version", "expires_at", "occurred_at", "idempotency_key"}
+
+    shown = cli("show", "crm")
+    assert shown.returncode == 0
+    assert "version         3" in shown.stdout
+
+    assert cli("remove", "svc", "--yes").returncode == 0
+    assert [r["connection"]["id"] for r in json.loads(cli("--json", "list").stdout)] == ["crm"]
+
+    # Nothing the CLI printed contains any secret the broker holds or was issued.
+    issued = oidc.ledger_tokens() | {tokens["refresh_token"], RT_BASIC_SECRET, CC_POST_SECRET}
+    printed = "\n".join(cli.outputs)
+    leaked = [t for t in issued if t and t in printed]
+    assert leaked == []
+
+
+def test_exit_codes_and_errors(cli: Cli, oidc: OidcServer, tmp_path: Path) -> None:
+    # Bad usage: 2.
+    assert cli("add").returncode == 2
+    assert cli("refresh", "a", "--all").returncode == 2
+    # A secret on the command line is not an option at all.
+    assert cli("add", "x", "--grant", "refresh_token", "--refresh-token", "abc").returncode == 2
+    # Malformed configuration names the variable: 2.
+    bad = cli("status", env={"TOKENBROKER_TICK_LIMIT": "lots"})
+    assert bad.returncode == 2
+    assert "TOKENBROKER_TICK_LIMIT" in bad.stderr
+    # A malformed profile field names the field: 2.
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[acme]\ngrants = ["refresh_token"]\ntoken_uri = "https://x"\n')
+    bad_profile = cli("profiles", env={"TOKENBROKER_PROFILES_FILE": str(profiles)})
+    assert bad_profile.returncode == 2
+    assert "acme.token_uri" in bad_profile.stderr
+    # Unknown connection: 1, a one-line error, no traceback.
+    missing = cli("show", "nope")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error:")
+    assert "Traceback" not in missing.stderr
+    # Invalid connection material: 2.
+    no_token = cli("add", "x", "--grant", "refresh_token", "--client-id", "c", "--token-url", oidc.token_url)
+    assert no_token.returncode == 2
+    assert "needs a refresh token" in no_token.stderr
+    # A revoked refresh token: registered, first refresh fails permanently, exit 1.
+    tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
+    oidc.revoke(tokens["refresh_token"])
+    revoked = cli(
+        "--json", "add", "dead", "--grant", "refresh_token", "--client-id", RT_BASIC_ID,
+        "--client-secret-env", "S", "--refresh-token-env", "R", "--token-url", oidc.token_url,
+        env={"S": RT_BASIC_SECRET, "R": tokens["refresh_token"]},
+    )
+    assert revoked.returncode == 1
+    assert json.loads(revoked.stdout)["state"]["status"] == "needs_reauth"
+
+
+def test_wrong_encryption_key_is_refused(cli: Cli, oidc: OidcServer) -> None:
+    assert cli("status").returncode == 0  # creates the state and its key file
+    from tokenbroker.adapters.embedded import new_key_text
+
+    refused = cli("status", env={"TOKENBROKER_ENCRYPTION_KEY": new_key_text()})
+    assert refused.returncode == 2
+    assert "does not decrypt" in refused.stderr
