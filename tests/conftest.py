@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session", autouse=True)
 def capture_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     directory = tmp_path_factory.mktemp("captured-output")
-    saved = {k: os.environ.get(k) for k in ("TOKENBROKER_LOG_FILE", "TOKENBROKER_LOG_LEVEL", CAPTURE_ENV)}
+    saved = {
+        k: os.environ.get(k) for k in ("TOKENBROKER_LOG_FILE", "TOKENBROKER_LOG_LEVEL", CAPTURE_ENV)
+    }
     os.environ["TOKENBROKER_LOG_FILE"] = str(directory / "library-log.jsonl")
     os.environ["TOKENBROKER_LOG_LEVEL"] = "debug"
     os.environ[CAPTURE_ENV] = str(directory)

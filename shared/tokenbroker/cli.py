@@ -174,7 +174,7 @@ def main(
 @click.option("--service-account-key-file", help="Google service-account key JSON ('-': stdin).")
 @click.option("--no-refresh", is_flag=True, help="Register only; do not refresh now.")
 @pass_ctx
-def add(ctx: _Context, connection_id: str, **opts: Any) -> None:
+def add(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     """Register a connection (and refresh it once, to prove it works)."""
     stdin_uses = [
         k
@@ -299,7 +299,7 @@ def remove(ctx: _Context, connection_id: str, yes: bool) -> None:
 @click.option("--client-secret-env")
 @click.option("--service-account-key-file")
 @pass_ctx
-def reauth(ctx: _Context, connection_id: str, **opts: Any) -> None:
+def reauth(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     """Store new credential material for a connection (e.g. after needs_reauth)."""
     changes = {
         "refresh_token": _read_secret(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -105,8 +106,6 @@ class ConnectionRegistry:
 
     def remove(self, connection_id: str) -> None:
         self.state.delete(connection_id)
-        try:
+        with contextlib.suppress(NotFound):
             self.secrets.delete(connection_id)
-        except NotFound:
-            pass
         self.log.info("connection removed", connection_id=connection_id)

@@ -13,7 +13,7 @@ E = TypeVar("E", bound=Enum)
 _MISSING: Any = object()
 
 
-class _Absent(Exception):  # noqa: N818 - control flow, never escapes this module
+class _Absent(Exception):
     def __init__(self, default: Any) -> None:
         self.default = default
 

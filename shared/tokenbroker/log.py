@@ -34,20 +34,18 @@ _config_lock = threading.Lock()
 
 
 def redact_value(value: Any, key: str | None = None) -> Any:
+    """``value`` made safe to log. ``key`` is the field name it is logged under, if any."""
     if isinstance(value, Secret):
         return repr(value)
-    if key is not None and is_sensitive_key(key) and value is not None:
-        if not isinstance(value, bool | int | float):
-            return REDACTED
-    if isinstance(value, str):
-        return scrub(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if key is not None and is_sensitive_key(key):
+        return REDACTED
     if isinstance(value, Mapping):
         return {str(k): redact_value(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [redact_value(v) for v in value]
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return scrub(str(value))
+    return scrub(value if isinstance(value, str) else str(value))
 
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -55,6 +53,10 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
         key: redact_value(value, None if key == "event" else key)
         for key, value in event_dict.items()
     }
+
+
+def _dumps(obj: Any, **_: Any) -> str:
+    return json.dumps(obj, default=str)
 
 
 def _severity(
@@ -105,12 +107,10 @@ def configure_logging(
             structlog.processors.format_exc_info,
             _redact,
             structlog.processors.EventRenamer("message"),
-            structlog.processors.JSONRenderer(
-                serializer=lambda o, **kw: json.dumps(o, default=str)
-            ),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
-        logger_factory=lambda *args: writer,
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
     _configured = True

@@ -21,7 +21,7 @@ CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class GrantType(StrEnum):
-    REFRESH_TOKEN = "refresh_token"  # RFC 6749 §6
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant name, RFC 6749 §6
     CLIENT_CREDENTIALS = "client_credentials"  # RFC 6749 §4.4
     JWT_BEARER = "jwt_bearer"  # RFC 7523 §2.1, Google service-account keys
 
@@ -104,7 +104,7 @@ class Credential:
     refresh_token: Secret | None = None
     client_secret: Secret | None = None
     private_key: Secret | None = None
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - RFC 6750 token type
     scope: tuple[str, ...] = ()
     expires_at: datetime | None = None
     obtained_at: datetime | None = None

@@ -7,6 +7,7 @@ cloud client libraries and SQLite are); the refresher calls them from a worker t
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -73,11 +74,11 @@ class SecretStore(Protocol):
         Raises VersionConflict otherwise."""
         ...
 
-    def put_many(self, writes: Sequence[SecretWrite]) -> list[int | VersionConflict]:
+    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
         """Many compare-and-set writes, each independent; one result per write, in order."""
         ...
 
-    def versions(self, connection_id: str) -> list[int]:
+    def versions(self, connection_id: str) -> builtins.list[int]:
         """Readable versions, oldest first. Empty when the connection has none."""
         ...
 
@@ -88,11 +89,11 @@ class SecretStore(Protocol):
 
 @dataclass(frozen=True)
 class ClaimBatch:
-    claims: list[Claim] = field(default_factory=list)
+    claims: builtins.list[Claim] = field(default_factory=list)
     #: Due (or named) connections skipped because another holder's lease is live.
     leased_elsewhere: int = 0
     #: Named connections that do not exist (``claim`` only).
-    missing: list[str] = field(default_factory=list)
+    missing: builtins.list[str] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -107,7 +108,7 @@ class StateStore(Protocol):
         """Raises NotFound."""
         ...
 
-    def list(self) -> list[ConnectionRecord]:
+    def list(self) -> builtins.list[ConnectionRecord]:
         """Every connection, ordered by id."""
         ...
 
@@ -130,7 +131,7 @@ class StateStore(Protocol):
         """Lease the named connections (any status, due or not) whose lease is free."""
         ...
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> list[bool]:
+    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         """Write each new state and release its lease, only if the lease's fencing token is
         still the newest; one boolean per outcome (False: the lease was lost)."""
         ...

@@ -315,7 +315,7 @@ class Refresher:
 
         accepted = self.state.complete(updates) if updates else []
         to_publish: list[ConnectionEvent] = []
-        for (lease, state), evs, ok in zip(updates, events, accepted, strict=True):
+        for (lease, _), evs, ok in zip(updates, events, accepted, strict=True):
             if not ok:
                 summary.lease_lost += 1
                 self.log.warning(
@@ -323,11 +323,11 @@ class Refresher:
                 )
                 continue
             to_publish.extend(evs)
-            self._count(summary, state, evs)
+            self._count(summary, evs)
         if to_publish:
             self.events.publish(to_publish)
 
-    def _count(self, summary: TickSummary, state: RefreshState, evs: list[ConnectionEvent]) -> None:
+    def _count(self, summary: TickSummary, evs: list[ConnectionEvent]) -> None:
         for event in evs:
             if event.type is EventType.ROTATED:
                 summary.refreshed += 1
@@ -343,7 +343,8 @@ class Refresher:
         self, outcome: _Outcome, version: int, now: datetime
     ) -> tuple[RefreshState, list[ConnectionEvent]]:
         credential = outcome.credential
-        assert credential is not None and credential.expires_at is not None  # noqa: S101
+        assert credential is not None  # noqa: S101 - only successes reach here
+        assert credential.expires_at is not None  # noqa: S101
         assert credential.obtained_at is not None  # noqa: S101
         previous = outcome.claim.record.state
         cid = outcome.claim.lease.connection_id

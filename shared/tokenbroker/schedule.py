@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+_RNG = random.Random()  # noqa: S311 - scheduling jitter, not cryptography
+
 
 @dataclass(frozen=True)
 class RefreshPolicy:
@@ -45,7 +47,7 @@ class RefreshPolicy:
         lifetime = max(expires_at - obtained_at, timedelta(0))
         due = expires_at - self.lead(lifetime)
         jitter_cap = min(lifetime * self.jitter_fraction, self.max_jitter)
-        jitter = jitter_cap * (rng or random).random()
+        jitter = jitter_cap * (rng or _RNG).random()
         floor = obtained_at + lifetime * (1 - self.max_lead_fraction) / 2
         return max(due - jitter, floor)
 
@@ -57,9 +59,9 @@ class RefreshPolicy:
         rng: random.Random | None = None,
     ) -> datetime:
         """When to try again after ``consecutive_failures`` failed ticks in a row."""
-        exponent = max(0, consecutive_failures - 1)
-        backoff = min(self.failure_backoff_base * (2**exponent), self.failure_backoff_max)
-        backoff = backoff * (0.5 + 0.5 * (rng or random).random())
+        exponent = min(max(0, consecutive_failures - 1), 20)
+        backoff = min(self.failure_backoff_base * (1 << exponent), self.failure_backoff_max)
+        backoff = backoff * (0.5 + 0.5 * (rng or _RNG).random())
         if retry_after is not None:
             backoff = max(backoff, timedelta(seconds=retry_after))
         return now + backoff

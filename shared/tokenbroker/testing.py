@@ -57,13 +57,19 @@ class FakeTokenServer:
         self._refresh[refresh_token].alive = False
 
     def _json(self, status: int, body: Mapping[str, object], **headers: str) -> HttpResponse:
-        return HttpResponse(status, json.dumps(body).encode(), {k.lower(): v for k, v in headers.items()})
+        return HttpResponse(
+            status, json.dumps(body).encode(), {k.lower(): v for k, v in headers.items()}
+        )
 
     def _error(self, code: str, status: int = 400) -> HttpResponse:
         return self._json(status, {"error": code, "error_description": f"fake: {code}"})
 
     async def post_form(
-        self, url: str, form: Mapping[str, str], *, headers: Mapping[str, str]
+        self,
+        url: str,  # noqa: ARG002 - one fake server answers for every URL
+        form: Mapping[str, str],
+        *,
+        headers: Mapping[str, str],
     ) -> HttpResponse:
         if self.latency:
             await asyncio.sleep(self.latency)

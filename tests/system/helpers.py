@@ -46,7 +46,9 @@ def add_refresh_connection(
             token_url=oidc.token_url,
             auth_method=auth_method,
         ),
-        Credential(refresh_token=Secret(tokens["refresh_token"]), client_secret=Secret(client_secret)),
+        Credential(
+            refresh_token=Secret(tokens["refresh_token"]), client_secret=Secret(client_secret)
+        ),
     )
     return str(tokens["refresh_token"])
 

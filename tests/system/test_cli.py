@@ -49,12 +49,19 @@ def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> Non
     secret_file = tmp_path / "client-secret"
     secret_file.write_text(RT_BASIC_SECRET + "\n")
     added = cli(
-        "--json", "add", "crm",
-        "--grant", "refresh_token",
-        "--client-id", RT_BASIC_ID,
-        "--client-secret-file", str(secret_file),
-        "--refresh-token-file", "-",
-        "--token-url", oidc.token_url,
+        "--json",
+        "add",
+        "crm",
+        "--grant",
+        "refresh_token",
+        "--client-id",
+        RT_BASIC_ID,
+        "--client-secret-file",
+        str(secret_file),
+        "--refresh-token-file",
+        "-",
+        "--token-url",
+        oidc.token_url,
         stdin=tokens["refresh_token"],
     )
     assert added.returncode == 0, added.stderr
@@ -65,9 +72,22 @@ def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> Non
 
     cli_env = {"CC_SECRET": CC_POST_SECRET}
     added_cc = cli(
-        "add", "svc", "--grant", "client_credentials", "--client-id", CC_POST_ID,
-        "--client-secret-env", "CC_SECRET", "--auth-method", "client_secret_post",
-        "--token-url", oidc.token_url, "--scope", "api:read", "--param", "resource=urn:tokenbroker:api",
+        "add",
+        "svc",
+        "--grant",
+        "client_credentials",
+        "--client-id",
+        CC_POST_ID,
+        "--client-secret-env",
+        "CC_SECRET",
+        "--auth-method",
+        "client_secret_post",
+        "--token-url",
+        oidc.token_url,
+        "--scope",
+        "api:read",
+        "--param",
+        "resource=urn:tokenbroker:api",
         env=cli_env,
     )
     assert added_cc.returncode == 0, added_cc.stderr
@@ -76,7 +96,15 @@ def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> Non
     status = cli("status")
     assert status.returncode == 0
     lines = status.stdout.splitlines()
-    assert lines[0].split() == ["CONNECTION", "STATUS", "EXPIRES", "IN", "LAST", "REFRESH", "FAILURES"]
+    assert lines[0].split() == [
+        "CONNECTION",
+        "STATUS",
+        "EXPIRES",
+        "IN",
+        "LAST",
+        "REFRESH",
+        "FAILURES",
+    ]
     assert lines[1].startswith("crm") and "active" in lines[1]
     assert lines[2].startswith("svc")
 
@@ -93,7 +121,14 @@ def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> Non
     events = json.loads(cli("--json", "events").stdout)
     assert [e["type"] for e in events] == ["credential.rotated"] * 4
     for event in events:
-        assert set(event) >= {"connection_id", "type", "version", "expires_at", "occurred_at", "idempotency_key"}
+        assert set(event) >= {
+            "connection_id",
+            "type",
+            "version",
+            "expires_at",
+            "occurred_at",
+            "idempotency_key",
+        }
 
     shown = cli("show", "crm")
     assert shown.returncode == 0
@@ -131,15 +166,28 @@ def test_exit_codes_and_errors(cli: Cli, oidc: OidcServer, tmp_path: Path) -> No
     assert missing.stderr.startswith("error:")
     assert "Traceback" not in missing.stderr
     # Invalid connection material: 2.
-    no_token = cli("add", "x", "--grant", "refresh_token", "--client-id", "c", "--token-url", oidc.token_url)
+    no_token = cli(
+        "add", "x", "--grant", "refresh_token", "--client-id", "c", "--token-url", oidc.token_url
+    )
     assert no_token.returncode == 2
     assert "needs a refresh token" in no_token.stderr
     # A revoked refresh token: registered, first refresh fails permanently, exit 1.
     tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
     oidc.revoke(tokens["refresh_token"])
     revoked = cli(
-        "--json", "add", "dead", "--grant", "refresh_token", "--client-id", RT_BASIC_ID,
-        "--client-secret-env", "S", "--refresh-token-env", "R", "--token-url", oidc.token_url,
+        "--json",
+        "add",
+        "dead",
+        "--grant",
+        "refresh_token",
+        "--client-id",
+        RT_BASIC_ID,
+        "--client-secret-env",
+        "S",
+        "--refresh-token-env",
+        "R",
+        "--token-url",
+        oidc.token_url,
         env={"S": RT_BASIC_SECRET, "R": tokens["refresh_token"]},
     )
     assert revoked.returncode == 1

@@ -44,9 +44,11 @@ def test_no_issued_token_appears_in_any_log_output_or_event(
     leaks: list[str] = []
     for path in files:
         data = path.read_bytes()
-        for token in tokens:
-            if token.encode() in data:
-                leaks.append(f"{path.relative_to(base)} contains a token issued at {token[:6]}...")
+        leaks.extend(
+            f"{path.relative_to(base)} contains an issued token ({token[:6]}...)"
+            for token in tokens
+            if token.encode() in data
+        )
     assert leaks == [], "\n".join(leaks)
     # The scan looked at real material: many tokens, and a log with rotations in it.
     assert len(tokens) >= 10

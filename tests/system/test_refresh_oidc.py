@@ -174,7 +174,11 @@ def test_revoked_grant_becomes_needs_reauth_with_one_event_and_no_retries(
     runtime: Runtime, oidc: OidcServer
 ) -> None:
     original = add_refresh_connection(
-        runtime, oidc, "revoked", client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+        runtime,
+        oidc,
+        "revoked",
+        client_id=RT_BASIC_ID,
+        client_secret=RT_BASIC_SECRET,
         auth_method=ClientAuthMethod.BASIC,
     )
     oidc.revoke(original)
@@ -202,7 +206,11 @@ def test_5xx_and_timeouts_are_retried_with_backoff_then_reported(
     runtime: Runtime, oidc: OidcServer
 ) -> None:
     add_refresh_connection(
-        runtime, oidc, "flaky", client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+        runtime,
+        oidc,
+        "flaky",
+        client_id=RT_BASIC_ID,
+        client_secret=RT_BASIC_SECRET,
         auth_method=ClientAuthMethod.BASIC,
     )
     oidc.reset_stats()
@@ -244,7 +252,11 @@ def test_5xx_and_timeouts_are_retried_with_backoff_then_reported(
 @pytest.mark.parametrize(
     ("fault", "expected_status", "expected_error"),
     [
-        ({"kind": "error_200", "body": {"error": "invalid_grant"}}, ConnectionStatus.NEEDS_REAUTH, "invalid_grant"),
+        (
+            {"kind": "error_200", "body": {"error": "invalid_grant"}},
+            ConnectionStatus.NEEDS_REAUTH,
+            "invalid_grant",
+        ),
         ({"kind": "malformed_200"}, ConnectionStatus.ACTIVE, "malformed_response"),
     ],
 )
@@ -258,7 +270,11 @@ def test_200_with_error_or_garbage_is_never_stored(
     runtime = embedded_runtime(tmp_path / "state", retry_attempts=1)
     try:
         add_refresh_connection(
-            runtime, oidc, "odd", client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+            runtime,
+            oidc,
+            "odd",
+            client_id=RT_BASIC_ID,
+            client_secret=RT_BASIC_SECRET,
             auth_method=ClientAuthMethod.BASIC,
         )
         before = runtime.secrets.get("odd")

@@ -52,7 +52,11 @@ def test_cloudevent_triggers_one_tick(tmp_path: Path, oidc: OidcServer) -> None:
     rt = embedded_runtime(state_dir, encryption_key=Secret(key))
     try:
         original = add_refresh_connection(
-            rt, oidc, "crm", client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+            rt,
+            oidc,
+            "crm",
+            client_id=RT_BASIC_ID,
+            client_secret=RT_BASIC_SECRET,
             auth_method=ClientAuthMethod.BASIC,
         )
         with functions_framework("refresh", SOURCE, env, name="refresher-cloudevent") as url:
@@ -84,7 +88,11 @@ def test_http_target_and_bad_requests(tmp_path: Path, oidc: OidcServer) -> None:
     }
     try:
         add_refresh_connection(
-            rt, oidc, "erp", client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+            rt,
+            oidc,
+            "erp",
+            client_id=RT_BASIC_ID,
+            client_secret=RT_BASIC_SECRET,
             auth_method=ClientAuthMethod.BASIC,
         )
         with functions_framework("refresh_http", SOURCE, env, name="refresher-http") as url:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import hashlib
 import json
 import os
@@ -186,14 +187,15 @@ class EmbeddedDatabase:
                 cur.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (sealed,))
                 return
         try:
-            if self.open(row[0], "key-check") != _KEY_CHECK_PLAINTEXT:
-                raise InvalidTag
+            matches = self.open(row[0], "key-check") == _KEY_CHECK_PLAINTEXT
         except InvalidTag:
+            matches = False
+        if not matches:
             raise ConfigError(
                 f"the encryption key from {self.key_source} ({key_fingerprint(self._key)}) does "
                 f"not decrypt the existing state in {self.state_dir}; refusing to start. Use the "
                 "key this state was created with (nothing was changed)"
-            ) from None
+            )
 
     def seal(self, plaintext: bytes, context: str) -> bytes:
         nonce = _random.token_bytes(NONCE_BYTES)
@@ -223,7 +225,7 @@ class EmbeddedDatabase:
             finally:
                 cur.close()
 
-    def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    def read(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
@@ -301,7 +303,7 @@ class EmbeddedStateStore:
             raise NotFound(f"connection {connection_id!r} not found")
         return _record(rows[0])
 
-    def list(self) -> list[ConnectionRecord]:
+    def list(self) -> builtins.list[ConnectionRecord]:
         return [_record(r) for r in self._db.read(f"{_RECORD_SELECT} ORDER BY id")]
 
     def delete(self, connection_id: str) -> None:
@@ -323,14 +325,14 @@ class EmbeddedStateStore:
 
     def _grant(
         self, cur: sqlite3.Cursor, ids: Sequence[str], now: datetime, holder: str, ttl: timedelta
-    ) -> list[Claim]:
+    ) -> builtins.list[Claim]:
         expires = now + ttl
         cur.executemany(
             "UPDATE connections SET lease_holder=?, lease_token=lease_token+1, "
             "lease_expires_at=? WHERE id=?",
             [(holder, expires.timestamp(), cid) for cid in ids],
         )
-        claims: list[Claim] = []
+        claims: builtins.list[Claim] = []
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
             rows = cur.execute(
@@ -373,11 +375,12 @@ class EmbeddedStateStore:
             found: dict[str, float | None] = {}
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
-                for cid, lease_expires in cur.execute(
-                    f"SELECT id, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
-                    tuple(chunk),
-                ):
-                    found[cid] = lease_expires
+                found.update(
+                    cur.execute(
+                        f"SELECT id, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
+                        tuple(chunk),
+                    ).fetchall()
+                )
             free = [cid for cid in wanted if cid in found and (found[cid] or 0) <= at]
             return ClaimBatch(
                 self._grant(cur, free, now, holder, ttl),
@@ -385,7 +388,7 @@ class EmbeddedStateStore:
                 missing=[cid for cid in wanted if cid not in found],
             )
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> list[bool]:
+    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         results = []
         with self._db.transaction() as cur:
             for lease, state in outcomes:
@@ -454,7 +457,7 @@ class EmbeddedSecretStore:
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
             rows = self._db.read(
-                "SELECT v.connection_id, v.version, v.created_at, v.sealed FROM secrets s "
+                "SELECT v.connection_id, v.version, v.created_at, v.sealed FROM secrets s "  # noqa: S608 - only "?" placeholders are interpolated
                 "JOIN secret_versions v ON v.connection_id = s.connection_id "
                 f"AND v.version = s.current_version WHERE s.connection_id IN ({marks})",
                 tuple(chunk),
@@ -501,8 +504,8 @@ class EmbeddedSecretStore:
                 cur, SecretWrite(connection_id, credential, expected_version), time.time()
             )
 
-    def put_many(self, writes: Sequence[SecretWrite]) -> list[int | VersionConflict]:
-        results: list[int | VersionConflict] = []
+    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
+        results: builtins.list[int | VersionConflict] = []
         now = time.time()
         with self._db.transaction() as cur:
             for write in writes:
@@ -512,7 +515,7 @@ class EmbeddedSecretStore:
                     results.append(conflict)
         return results
 
-    def versions(self, connection_id: str) -> list[int]:
+    def versions(self, connection_id: str) -> builtins.list[int]:
         rows = self._db.read(
             "SELECT version FROM secret_versions WHERE connection_id = ? ORDER BY version",
             (connection_id,),
@@ -546,9 +549,9 @@ class EmbeddedOutbox:
 
     def read(
         self, *, after: int = 0, limit: int = 1000, connection_id: str | None = None
-    ) -> list[tuple[int, ConnectionEvent]]:
+    ) -> builtins.list[tuple[int, ConnectionEvent]]:
         sql = "SELECT seq, body FROM outbox WHERE seq > ?"
-        params: list[Any] = [after]
+        params: builtins.list[Any] = [after]
         if connection_id is not None:
             sql += " AND connection_id = ?"
             params.append(connection_id)

@@ -6,6 +6,7 @@ says something about the embedded and cloud adapters too.
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -77,8 +78,8 @@ class MemorySecretStore:
         with self._lock:
             return self._put_locked(SecretWrite(connection_id, credential, expected_version))
 
-    def put_many(self, writes: Sequence[SecretWrite]) -> list[int | VersionConflict]:
-        results: list[int | VersionConflict] = []
+    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
+        results: builtins.list[int | VersionConflict] = []
         with self._lock:
             for write in writes:
                 try:
@@ -87,7 +88,7 @@ class MemorySecretStore:
                     results.append(conflict)
         return results
 
-    def versions(self, connection_id: str) -> list[int]:
+    def versions(self, connection_id: str) -> builtins.list[int]:
         with self._lock:
             return sorted(self._versions.get(connection_id, {}))
 
@@ -122,7 +123,7 @@ class MemoryStateStore:
         except KeyError:
             raise NotFound(f"connection {connection_id!r} not found") from None
 
-    def list(self) -> list[ConnectionRecord]:
+    def list(self) -> builtins.list[ConnectionRecord]:
         with self._lock:
             return [self._records[k] for k in sorted(self._records)]
 
@@ -174,7 +175,7 @@ class MemoryStateStore:
             claims = [self._grant(cid, now, holder, ttl) for cid in free]
             return ClaimBatch(claims, leased_elsewhere=len(present) - len(free), missing=missing)
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> list[bool]:
+    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         results = []
         with self._lock:
             for lease, state in outcomes:
@@ -197,7 +198,7 @@ class MemoryStateStore:
 class MemoryEventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.events: list[ConnectionEvent] = []
+        self.events: builtins.list[ConnectionEvent] = []
 
     def publish(self, events: Sequence[ConnectionEvent]) -> None:
         with self._lock:

@@ -49,25 +49,26 @@ def _options(payload: Mapping[str, Any] | None) -> dict[str, Any]:
     return options
 
 
+def _json_mapping(raw: bytes | str) -> Mapping[str, Any] | None:
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        return None  # a scheduler body that is not JSON just means "run a tick"
+    return decoded if isinstance(decoded, Mapping) else None
+
+
 def _payload_from_event_data(data: Any) -> Mapping[str, Any] | None:
     """The JSON payload of a CloudEvent: Pub/Sub ``message.data`` (base64) or the data itself."""
     if isinstance(data, Mapping) and isinstance(data.get("message"), Mapping):
         raw = data["message"].get("data")
-        if not raw:
-            return None
         try:
-            decoded = json.loads(base64.b64decode(raw))
+            return _json_mapping(base64.b64decode(raw)) if raw else None
         except ValueError:
-            return None  # a scheduler body that is not JSON just means "run a tick"
-        return decoded if isinstance(decoded, Mapping) else None
+            return None
     if isinstance(data, Mapping):
         return data
     if isinstance(data, bytes | str) and data:
-        try:
-            decoded = json.loads(data)
-        except ValueError:
-            return None
-        return decoded if isinstance(decoded, Mapping) else None
+        return _json_mapping(data)
     return None
 
 

@@ -116,11 +116,10 @@ def parse_token_response(
 
     if data is not None and data.get("error"):
         error = _error_from_body(data, status, retry_after, aliases)
-        if status >= 500 or status == 429:
+        if (status >= 500 or status == 429) and not error.retryable:
             # Whatever code it carries, a 5xx/429 is the server's trouble, not the grant's.
-            if not error.retryable:
-                return_cls = TemporarilyUnavailable if status in (429, 503) else ProviderServerError
-                raise return_cls(error.message, status=status, retry_after=retry_after)
+            transient = TemporarilyUnavailable if status in (429, 503) else ProviderServerError
+            raise transient(error.message, status=status, retry_after=retry_after)
         raise error
     if status in (429, 503):
         raise TemporarilyUnavailable(
