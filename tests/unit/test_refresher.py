@@ -47,7 +47,7 @@ class World:
             events=self.events,
             profiles=self.profiles,
             clock=self.clock,
-            rng=random.Random(7),  # noqa: S311 - deterministic jitter
+            rng=random.Random(7),
             **kw,  # type: ignore[arg-type]
         )
 
