@@ -201,3 +201,63 @@ def test_wrong_encryption_key_is_refused(cli: Cli, oidc: OidcServer) -> None:
     refused = cli("status", env={"TOKENBROKER_ENCRYPTION_KEY": new_key_text()})
     assert refused.returncode == 2
     assert "does not decrypt" in refused.stderr
+
+
+def test_serve_runs_the_loop_and_the_http_endpoints(cli: Cli, oidc: OidcServer) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    from tests.support.oidc import free_port
+
+    tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
+    added = cli(
+        "add",
+        "crm",
+        "--no-refresh",
+        "--grant",
+        "refresh_token",
+        "--client-id",
+        RT_BASIC_ID,
+        "--client-secret-env",
+        "S",
+        "--refresh-token-env",
+        "R",
+        "--token-url",
+        oidc.token_url,
+        env={"S": RT_BASIC_SECRET, "R": tokens["refresh_token"]},
+    )
+    assert added.returncode == 0, added.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "tokenbroker"), "serve", "--port", str(port), "--interval", "1"],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert httpx.get(url + "/healthz", timeout=1).json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+        # The scheduled loop refreshes the due connection by itself.
+        while httpx.get(url + "/connections").json()[0]["current_version"] != 2:
+            assert time.monotonic() < deadline, "the loop did not refresh"
+            time.sleep(0.2)
+        forced = httpx.post(url + "/refresh", timeout=30).json()
+        assert forced["due"] == 0  # nothing due: the loop already did it
+        connections = httpx.get(url + "/connections").json()
+        assert connections[0]["id"] == "crm"
+        assert connections[0]["status"] == "active"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        save_output("serve", out, err)
+    assert proc.returncode == 0
