@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
+from tokenbroker.adapters.http import MAX_RESPONSE_BYTES
 from tokenbroker.errors import TransportError
 from tokenbroker.oauth.transport import HttpResponse
 
@@ -79,6 +80,8 @@ class FakeTokenServer:
             step = self.script.pop(0)
             if isinstance(step, Exception):
                 raise step
+            if len(step.body) > MAX_RESPONSE_BYTES:  # as the real adapter refuses them
+                raise TransportError("token endpoint response exceeds 1 MiB", status=step.status)
             return step
         client_id = form.get("client_id")
         secret = form.get("client_secret")

@@ -89,6 +89,12 @@ CREATE TABLE IF NOT EXISTS secret_versions (
     sealed BLOB NOT NULL,
     PRIMARY KEY (connection_id, version)
 );
+-- Fencing tokens outlive a deleted connection, so a lease taken before a delete can never
+-- match a lease on the re-created connection.
+CREATE TABLE IF NOT EXISTS retired_fencing (
+    connection_id TEXT PRIMARY KEY,
+    lease_token INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -106,7 +112,8 @@ def key_fingerprint(key: bytes) -> str:
 def decode_key(value: str, where: str) -> bytes:
     """A base64 (standard or URL-safe) 32-byte key."""
     try:
-        raw = base64.urlsafe_b64decode(value.strip().replace("+", "-").replace("/", "_"))
+        text = value.strip().replace("+", "-").replace("/", "_")
+        raw = base64.b64decode(text, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError(f"{where}: not valid base64") from None
     if len(raw) != KEY_BYTES:
@@ -156,9 +163,13 @@ class EmbeddedDatabase:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
-        self._key, self.key_source = self._resolve_key(key, key_file)
-        self._aead = AESGCM(self._key)
-        self._verify_or_record_key()
+        try:
+            self._key, self.key_source = self._resolve_key(key, key_file)
+            self._aead = AESGCM(self._key)
+            self._verify_or_record_key()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # -- key handling ----------------------------------------------------------------------
 
@@ -290,9 +301,15 @@ class EmbeddedStateStore:
         try:
             with self._db.transaction() as cur:
                 cur.execute(
-                    f"INSERT INTO connections (id, body, {_STATE_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (connection.id, json.dumps(connection.to_json()), *_state_params(state)),
+                    f"INSERT INTO connections (id, body, {_STATE_COLUMNS}, lease_token) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT lease_token FROM "
+                    "retired_fencing WHERE connection_id = ?), 0))",
+                    (
+                        connection.id,
+                        json.dumps(connection.to_json()),
+                        *_state_params(state),
+                        connection.id,
+                    ),
                 )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"connection {connection.id!r} already exists") from None
@@ -308,6 +325,11 @@ class EmbeddedStateStore:
 
     def delete(self, connection_id: str) -> None:
         with self._db.transaction() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO retired_fencing (connection_id, lease_token) "
+                "SELECT id, lease_token + 1 FROM connections WHERE id = ?",
+                (connection_id,),
+            )
             cur.execute("DELETE FROM connections WHERE id = ?", (connection_id,))
             if cur.rowcount == 0:
                 raise NotFound(f"connection {connection_id!r} not found")

@@ -61,14 +61,18 @@ class AiohttpTokenEndpoint:
             async with self._session.post(
                 url, data=dict(form), headers=dict(headers), allow_redirects=False
             ) as response:
-                body = await response.content.read(MAX_RESPONSE_BYTES + 1)
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise TransportError(
-                        "token endpoint response exceeds 1 MiB", status=response.status
-                    )
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > MAX_RESPONSE_BYTES:
+                        raise TransportError(
+                            "token endpoint response exceeds 1 MiB", status=response.status
+                        )
+                    chunks.append(chunk)
                 return HttpResponse(
                     status=response.status,
-                    body=body,
+                    body=b"".join(chunks),
                     headers={k.lower(): v for k, v in response.headers.items()},
                 )
         except TimeoutError:

@@ -132,6 +132,8 @@ class MemoryStateStore:
             self._get_locked(connection_id)
             del self._records[connection_id]
             self._leases.pop(connection_id, None)
+            # Retire the fencing token: a lease from before the delete must never match later.
+            self._fencing[connection_id] = self._fencing.get(connection_id, 0) + 1
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
         with self._lock:
@@ -169,8 +171,9 @@ class MemoryStateStore:
         self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
     ) -> ClaimBatch:
         with self._lock:
-            missing = [cid for cid in connection_ids if cid not in self._records]
-            present = [cid for cid in dict.fromkeys(connection_ids) if cid in self._records]
+            wanted = list(dict.fromkeys(connection_ids))
+            missing = [cid for cid in wanted if cid not in self._records]
+            present = [cid for cid in wanted if cid in self._records]
             free = [cid for cid in present if self._lease_free(cid, now)]
             claims = [self._grant(cid, now, holder, ttl) for cid in free]
             return ClaimBatch(claims, leased_elsewhere=len(present) - len(free), missing=missing)

@@ -1,0 +1,443 @@
+"""The StateStore contract (tokenbroker.ports.StateStore), for every adapter in the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from functools import partial
+
+import pytest
+
+from tokenbroker.errors import AlreadyExists, NotFound
+from tokenbroker.model import Claim, ConnectionRecord, ConnectionStatus, Lease, RefreshState
+from tokenbroker.ports import ClaimBatch, StateStore
+
+from .builders import T0, connection, due_state
+from .racing import race
+
+OpenStateStore = Callable[[], StateStore]
+TTL = timedelta(seconds=60)
+S = timedelta(seconds=1)
+
+
+def _ids(batch: ClaimBatch) -> list[str]:
+    return [c.lease.connection_id for c in batch.claims]
+
+
+def _lease(batch: ClaimBatch, cid: str) -> Lease:
+    (lease,) = [c.lease for c in batch.claims if c.lease.connection_id == cid]
+    return lease
+
+
+def _add(store: StateStore, cid: str, state: RefreshState | None = None) -> ConnectionRecord:
+    conn = connection(cid)
+    state = state or due_state(T0 - 10 * S)
+    store.create(conn, state)
+    return ConnectionRecord(conn, state)
+
+
+def _written(n: int) -> RefreshState:
+    """A state a refresh might write: not due again for an hour."""
+    return RefreshState(
+        status=ConnectionStatus.ACTIVE,
+        expires_at=T0 + timedelta(hours=2, microseconds=n),
+        next_refresh_at=T0 + timedelta(hours=1, microseconds=n),
+        last_refresh_at=T0 + timedelta(microseconds=n),
+        last_attempt_at=T0 + timedelta(microseconds=n),
+        consecutive_failures=0,
+        current_version=n + 1,
+        last_error=None,
+    )
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def test_create_then_get_round_trips_connection_and_state(state_store: StateStore) -> None:
+    conn = connection("c1")
+    state = RefreshState(
+        status=ConnectionStatus.NEEDS_REAUTH,
+        expires_at=T0 + timedelta(microseconds=7),
+        next_refresh_at=None,
+        last_refresh_at=T0 - timedelta(days=3, microseconds=1),
+        last_attempt_at=T0,
+        consecutive_failures=4,
+        current_version=12,
+        last_error="invalid_grant",
+    )
+    state_store.create(conn, state)
+    record = state_store.get("c1")
+    assert record == ConnectionRecord(conn, state)
+    assert record.state.expires_at is not None and record.state.expires_at.tzinfo is not None
+
+
+def test_create_twice_is_already_exists_and_keeps_the_first(state_store: StateStore) -> None:
+    first = _add(state_store, "c1")
+    with pytest.raises(AlreadyExists):
+        state_store.create(connection("c1", profile="other"), RefreshState())
+    assert state_store.get("c1") == first
+
+
+def test_unknown_connections_are_not_found(state_store: StateStore) -> None:
+    with pytest.raises(NotFound):
+        state_store.get("nope")
+    with pytest.raises(NotFound):
+        state_store.delete("nope")
+    with pytest.raises(NotFound):
+        state_store.put_state("nope", RefreshState())
+    assert state_store.list() == []  # put_state did not create it
+
+
+def test_list_is_ordered_by_id(state_store: StateStore) -> None:
+    assert state_store.list() == []
+    records = {cid: _add(state_store, cid) for cid in ["m", "b", "z-9", "a", "b0", "a_1"]}
+    listed = state_store.list()
+    assert [r.connection.id for r in listed] == sorted(records)
+    assert listed == [records[cid] for cid in sorted(records)]
+
+
+def test_delete_removes_only_that_connection(state_store: StateStore) -> None:
+    _add(state_store, "a")
+    b = _add(state_store, "b")
+    state_store.delete("a")
+    with pytest.raises(NotFound):
+        state_store.get("a")
+    with pytest.raises(NotFound):
+        state_store.delete("a")
+    assert state_store.list() == [b]
+    again = _add(state_store, "a", RefreshState(status=ConnectionStatus.DISABLED))
+    assert state_store.get("a") == again
+
+
+def test_put_state_overwrites_the_state_and_keeps_the_connection(state_store: StateStore) -> None:
+    before = _add(state_store, "c1")
+    new = _written(3)
+    state_store.put_state("c1", new)
+    assert state_store.get("c1") == ConnectionRecord(before.connection, new)
+
+
+def test_writes_are_visible_through_another_handle(open_state_store: OpenStateStore) -> None:
+    writer, reader = open_state_store(), open_state_store()
+    record = _add(writer, "c1")
+    assert reader.get("c1") == record
+    assert reader.list() == [record]
+    batch = reader.claim_due(T0, holder="r", ttl=TTL, limit=10)
+    assert _ids(batch) == ["c1"]
+    assert writer.claim_due(T0, holder="w", ttl=TTL, limit=10).claims == []
+
+
+# --- claim_due -----------------------------------------------------------------------------
+
+
+def test_claim_due_takes_only_active_connections_that_are_due(state_store: StateStore) -> None:
+    _add(state_store, "past", due_state(T0 - timedelta(hours=1)))
+    _add(state_store, "exactly-now", due_state(T0))
+    _add(state_store, "future", due_state(T0 + timedelta(microseconds=1)))
+    _add(state_store, "never", due_state(T0, next_refresh_at=None))
+    _add(state_store, "reauth", due_state(T0 - S, status=ConnectionStatus.NEEDS_REAUTH))
+    _add(state_store, "disabled", due_state(T0 - S, status=ConnectionStatus.DISABLED))
+    batch = state_store.claim_due(T0, holder="h", ttl=TTL, limit=100)
+    assert sorted(_ids(batch)) == ["exactly-now", "past"]
+    assert batch.leased_elsewhere == 0
+    assert batch.missing == []
+
+
+def test_claim_due_on_an_empty_store(state_store: StateStore) -> None:
+    batch = state_store.claim_due(T0, holder="h", ttl=TTL, limit=10)
+    assert (batch.claims, batch.leased_elsewhere, batch.missing) == ([], 0, [])
+
+
+def test_claim_due_is_earliest_first_and_respects_limit(state_store: StateStore) -> None:
+    offsets = {"c": 5, "a": 30, "e": 1, "b": 20, "d": 10}  # seconds before T0
+    for cid, before in offsets.items():
+        _add(state_store, cid, due_state(T0 - before * S))
+    first = state_store.claim_due(T0, holder="h", ttl=TTL, limit=2)
+    assert _ids(first) == ["a", "b"]
+    assert first.leased_elsewhere == 0  # skipped for the limit, not leased
+    rest = state_store.claim_due(T0, holder="h", ttl=TTL, limit=10)
+    assert _ids(rest) == ["d", "c", "e"]
+    assert rest.leased_elsewhere == 2
+
+
+def test_claim_due_with_limit_zero_claims_nothing(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    assert state_store.claim_due(T0, holder="h", ttl=TTL, limit=0).claims == []
+    assert _ids(state_store.claim_due(T0, holder="h", ttl=TTL, limit=1)) == ["c1"]
+
+
+def test_a_claim_carries_the_lease_and_the_record(state_store: StateStore) -> None:
+    record = _add(state_store, "c1")
+    batch = state_store.claim_due(T0, holder="worker-7", ttl=TTL, limit=10)
+    (claim,) = batch.claims
+    assert isinstance(claim, Claim)
+    assert claim.record == record
+    assert claim.lease.connection_id == "c1"
+    assert claim.lease.holder == "worker-7"
+    assert claim.lease.expires_at == T0 + TTL
+    assert isinstance(claim.lease.token, int)
+    assert state_store.get("c1") == record  # claiming does not change the record
+
+
+def test_claim_due_skips_live_leases_and_counts_them(state_store: StateStore) -> None:
+    for cid in ("a", "b", "c"):
+        _add(state_store, cid)
+    _add(state_store, "not-due", due_state(T0 + timedelta(hours=1)))
+    state_store.claim(["a", "not-due"], T0, holder="other", ttl=TTL)
+    batch = state_store.claim_due(T0 + TTL - S, holder="me", ttl=TTL, limit=10)
+    assert sorted(_ids(batch)) == ["b", "c"]
+    assert batch.leased_elsewhere == 1  # "not-due" is leased but not due: not counted
+    again = state_store.claim_due(T0 + TTL - S, holder="third", ttl=TTL, limit=10)
+    assert again.claims == []
+    assert again.leased_elsewhere == 3
+
+
+def test_claim_due_takes_over_expired_leases_with_a_higher_token(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    old = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
+    # A lease whose expiry is exactly now has expired.
+    batch = state_store.claim_due(T0 + TTL, holder="new", ttl=TTL, limit=10)
+    new = _lease(batch, "c1")
+    assert batch.leased_elsewhere == 0
+    assert new.holder == "new"
+    assert new.token > old.token
+    assert new.expires_at == T0 + 2 * TTL
+
+
+# --- claim(ids) ----------------------------------------------------------------------------
+
+
+def test_claim_ignores_due_ness_and_status(state_store: StateStore) -> None:
+    records = {
+        "future": _add(state_store, "future", due_state(T0 + timedelta(days=1))),
+        "never": _add(state_store, "never", due_state(T0, next_refresh_at=None)),
+        "reauth": _add(state_store, "reauth", due_state(T0, status=ConnectionStatus.NEEDS_REAUTH)),
+        "disabled": _add(state_store, "disabled", due_state(T0, status=ConnectionStatus.DISABLED)),
+    }
+    batch = state_store.claim(list(records), T0, holder="op", ttl=TTL)
+    assert sorted(_ids(batch)) == sorted(records)
+    assert (batch.leased_elsewhere, batch.missing) == (0, [])
+    for claim in batch.claims:
+        assert claim.record == records[claim.lease.connection_id]
+        assert claim.lease.holder == "op"
+        assert claim.lease.expires_at == T0 + TTL
+
+
+def test_claim_reports_missing_ids_and_leased_ones(state_store: StateStore) -> None:
+    for cid in ("a", "b", "c"):
+        _add(state_store, cid)
+    held = _lease(state_store.claim(["b"], T0, holder="other", ttl=TTL), "b")
+    batch = state_store.claim(["a", "ghost", "b", "c", "a"], T0 + S, holder="me", ttl=TTL)
+    assert sorted(_ids(batch)) == ["a", "c"]  # each once, though "a" was named twice
+    assert batch.missing == ["ghost"]
+    assert batch.leased_elsewhere == 1
+    # "b" is still held by "other": its lease was not touched.
+    assert state_store.complete([(held, _written(1))]) == [True]
+
+
+def test_claim_of_nothing(state_store: StateStore) -> None:
+    batch = state_store.claim([], T0, holder="h", ttl=TTL)
+    assert (batch.claims, batch.leased_elsewhere, batch.missing) == ([], 0, [])
+
+
+def test_claim_takes_over_an_expired_lease(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    old = _lease(state_store.claim(["c1"], T0, holder="a", ttl=TTL), "c1")
+    assert state_store.claim(["c1"], T0 + TTL - S, holder="b", ttl=TTL).leased_elsewhere == 1
+    new = _lease(state_store.claim(["c1"], T0 + TTL, holder="b", ttl=TTL), "c1")
+    assert new.token > old.token
+
+
+# --- complete / release --------------------------------------------------------------------
+
+
+def test_complete_with_the_newest_token_writes_and_releases(state_store: StateStore) -> None:
+    record = _add(state_store, "c1")
+    lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
+    new = _written(1)
+    assert state_store.complete([(lease, new)]) == [True]
+    assert state_store.get("c1") == ConnectionRecord(record.connection, new)
+    # Released: someone else can take it at once, well before the old lease would expire.
+    batch = state_store.claim(["c1"], T0 + S, holder="other", ttl=TTL)
+    assert _ids(batch) == ["c1"]
+    assert batch.leased_elsewhere == 0
+
+
+def test_complete_releases_for_claim_due_too(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
+    still_due = due_state(T0 - S, consecutive_failures=1, last_error="temporarily_unavailable")
+    assert state_store.complete([(lease, still_due)]) == [True]
+    batch = state_store.claim_due(T0 + S, holder="other", ttl=TTL, limit=10)
+    assert _ids(batch) == ["c1"]
+    assert batch.claims[0].record.state == still_due
+
+
+def test_complete_with_a_stale_token_returns_false_and_writes_nothing(
+    state_store: StateStore,
+) -> None:
+    _add(state_store, "c1")
+    stale = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
+    current = _lease(state_store.claim_due(T0 + TTL, holder="new", ttl=TTL, limit=10), "c1")
+    before = state_store.get("c1")
+    assert state_store.complete([(stale, _written(1))]) == [False]
+    assert state_store.get("c1") == before
+    # ... and the stale completion did not release the current holder's lease.
+    assert state_store.claim(["c1"], T0 + TTL + S, holder="x", ttl=TTL).leased_elsewhere == 1
+    assert state_store.complete([(current, _written(2))]) == [True]
+    assert state_store.get("c1").state == _written(2)
+
+
+def test_complete_reports_each_outcome_in_order(state_store: StateStore) -> None:
+    for cid in ("a", "b", "c"):
+        _add(state_store, cid)
+    first = state_store.claim_due(T0, holder="h1", ttl=TTL, limit=10)
+    second = state_store.claim(["b"], T0 + TTL, holder="h2", ttl=TTL)  # takes b over
+    results = state_store.complete(
+        [
+            (_lease(first, "a"), _written(1)),
+            (_lease(first, "b"), _written(2)),  # lost to h2
+            (_lease(first, "c"), _written(3)),
+            (_lease(second, "b"), _written(4)),
+        ]
+    )
+    assert results == [True, False, True, True]
+    assert [r.state for r in state_store.list()] == [_written(1), _written(4), _written(3)]
+
+
+def test_complete_of_nothing(state_store: StateStore) -> None:
+    assert state_store.complete([]) == []
+
+
+def test_complete_on_a_deleted_connection_returns_false(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
+    state_store.delete("c1")
+    assert state_store.complete([(lease, _written(1))]) == [False]
+    with pytest.raises(NotFound):
+        state_store.get("c1")
+
+
+def test_release_with_the_matching_token_frees_the_lease(state_store: StateStore) -> None:
+    record = _add(state_store, "c1")
+    lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
+    state_store.release(lease)
+    assert state_store.get("c1") == record  # state unchanged
+    batch = state_store.claim_due(T0 + S, holder="other", ttl=TTL, limit=10)
+    assert _ids(batch) == ["c1"]
+
+
+def test_release_with_a_stale_token_does_nothing(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    stale = _lease(state_store.claim(["c1"], T0, holder="stalled", ttl=TTL), "c1")
+    _lease(state_store.claim(["c1"], T0 + TTL, holder="new", ttl=TTL), "c1")
+    state_store.release(stale)  # no error, and the new holder keeps its lease
+    blocked = state_store.claim_due(T0 + TTL + S, holder="third", ttl=TTL, limit=10)
+    assert blocked.claims == []
+    assert blocked.leased_elsewhere == 1
+
+
+def test_release_of_a_lease_on_a_deleted_connection_is_a_no_op(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
+    state_store.delete("c1")
+    state_store.release(lease)
+    assert state_store.list() == []
+
+
+# --- fencing -------------------------------------------------------------------------------
+
+
+def test_fencing_tokens_strictly_increase_across_grants(state_store: StateStore) -> None:
+    _add(state_store, "c1")
+    tokens = []
+    now = T0
+    lease = _lease(state_store.claim_due(now, holder="a", ttl=TTL, limit=1), "c1")
+    tokens.append(lease.token)
+    assert state_store.complete([(lease, due_state(now))]) == [True]  # due again at once
+
+    lease = _lease(state_store.claim(["c1"], now, holder="b", ttl=TTL), "c1")
+    tokens.append(lease.token)
+    state_store.release(lease)
+
+    lease = _lease(state_store.claim_due(now, holder="c", ttl=TTL, limit=1), "c1")
+    tokens.append(lease.token)
+    now += TTL  # expires without being given back
+
+    lease = _lease(state_store.claim(["c1"], now, holder="d", ttl=TTL), "c1")
+    tokens.append(lease.token)
+    now += TTL
+
+    lease = _lease(state_store.claim_due(now, holder="e", ttl=TTL, limit=1), "c1")
+    tokens.append(lease.token)
+    assert tokens == sorted(set(tokens)), tokens  # strictly increasing
+
+
+def test_tokens_of_other_connections_do_not_fence_each_other(state_store: StateStore) -> None:
+    _add(state_store, "a")
+    _add(state_store, "b")
+    batch = state_store.claim_due(T0, holder="h", ttl=TTL, limit=10)
+    state_store.release(_lease(batch, "b"))
+    for n in range(3):  # b is granted again and again; a's lease stays the newest for a
+        state_store.release(_lease(state_store.claim(["b"], T0 + n * S, holder="x", ttl=TTL), "b"))
+    assert state_store.complete([(_lease(batch, "a"), _written(1))]) == [True]
+
+
+def test_a_lease_taken_before_delete_cannot_complete_on_the_recreated_connection(
+    state_store: StateStore,
+) -> None:
+    """Delete and re-register under the same id while a refresher still holds a lease: that
+    refresher must not be able to write over the new connection's state."""
+    _add(state_store, "c1")
+    stalled = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
+    state_store.delete("c1")
+    fresh = _add(state_store, "c1", due_state(T0 - S, current_version=1))
+    assert state_store.complete([(stalled, _written(9))]) == [False]
+    assert state_store.get("c1") == fresh
+
+
+def test_fencing_tokens_keep_increasing_across_delete_and_recreate(
+    state_store: StateStore,
+) -> None:
+    _add(state_store, "c1")
+    stalled = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
+    state_store.delete("c1")
+    fresh = _add(state_store, "c1", due_state(T0 - S))
+    current = _lease(state_store.claim_due(T0 + S, holder="new", ttl=TTL, limit=10), "c1")
+    assert current.token > stalled.token
+    assert state_store.complete([(stalled, _written(9))]) == [False]
+    assert state_store.get("c1") == fresh
+    state_store.release(stalled)  # must not free the new holder's lease
+    assert state_store.claim(["c1"], T0 + 2 * S, holder="x", ttl=TTL).leased_elsewhere == 1
+
+
+# --- races ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handles", ["one-handle", "a-handle-each"])
+def test_racing_claim_due_never_grants_a_connection_twice(
+    open_state_store: OpenStateStore, handles: str
+) -> None:
+    """Threads claim the same due set at the same instant. With "a-handle-each" every thread
+    has its own client (for embedded: its own EmbeddedDatabase on the same directory, as two
+    processes would)."""
+    racers, due, rounds = 4, 40, 3
+    setup = open_state_store()
+    for n in range(due):
+        _add(setup, f"c{n:03d}", due_state(T0 - n * S))
+    stores = [setup if handles == "one-handle" else open_state_store() for _ in range(racers)]
+    for round_ in range(rounds):
+        now = T0 + round_ * 2 * TTL  # every earlier lease has expired
+        batches = race(
+            [
+                partial(stores[n].claim_due, now, holder=f"h{n}", ttl=TTL, limit=due)
+                for n in range(racers)
+            ]
+        )
+        assert all(isinstance(b, ClaimBatch) for b in batches), batches
+        claimed = [cid for b in batches for cid in _ids(b)]  # type: ignore[arg-type]
+        assert len(claimed) == len(set(claimed)), "a connection was granted twice"
+        assert sorted(claimed) == [f"c{n:03d}" for n in range(due)]
+        for n, batch in enumerate(batches):
+            assert all(c.lease.holder == f"h{n}" for c in batch.claims)  # type: ignore[union-attr]
+        leases = [c.lease for b in batches for c in b.claims]  # type: ignore[union-attr]
+        assert setup.complete([(lease, due_state(now)) for lease in leases]) == [True] * due
