@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 from tokenbroker.errors import TransportError
 from tokenbroker.oauth.transport import HttpResponse
@@ -58,8 +59,12 @@ class AiohttpTokenEndpoint:
         if self._session is None:
             raise RuntimeError("AiohttpTokenEndpoint used outside 'async with'")
         try:
+            # Encode the form ourselves: aiohttp's FormData path builds a multipart writer (with
+            # a uuid4 boundary) per request and costs ~25% of a tick's CPU.
+            body = urlencode(form).encode()
+            send_headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
             async with self._session.post(
-                url, data=dict(form), headers=dict(headers), allow_redirects=False
+                url, data=body, headers=send_headers, allow_redirects=False
             ) as response:
                 chunks: list[bytes] = []
                 size = 0

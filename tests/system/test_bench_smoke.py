@@ -1,0 +1,30 @@
+"""The benchmark scripts run and report what they promise (a small n; no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.system.processes import REPO
+
+pytestmark = pytest.mark.system
+
+
+def test_refresh_throughput_reports_its_figures() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "refresh_throughput.py"), "--n", "300", "--json-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"n", "seconds", "per_second", "floor_per_second", "ratio"} <= set(figures)
+    assert figures["n"] == 300
+    assert figures["refreshed"] == 300
+    assert figures["server_invalid_grants"] == 0
+    assert figures["ratio"] > 0
