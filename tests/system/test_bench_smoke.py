@@ -15,7 +15,13 @@ pytestmark = pytest.mark.system
 
 def test_refresh_throughput_reports_its_figures() -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "refresh_throughput.py"), "--n", "300", "--json-only"],
+        [
+            sys.executable,
+            str(REPO / "bench" / "refresh_throughput.py"),
+            "--n",
+            "300",
+            "--json-only",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
