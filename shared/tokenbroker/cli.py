@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from tokenbroker.clock import isoformat
-from tokenbroker.errors import ConfigError, NotFound, TokenBrokerError
+from tokenbroker.errors import ConfigError, TokenBrokerError
 from tokenbroker.log import configure_logging
 from tokenbroker.model import (
     ClientAuthMethod,
@@ -316,7 +316,7 @@ def reauth(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     if not changes:
         raise click.UsageError("give at least one new secret")
     with _errors():
-        record = ctx.registry().reauthorize(connection_id, changes)
+        record = ctx.registry().reauthorize(connection_id, **changes)
         summary = asyncio.run(ctx.runtime.tick(connection_ids=[connection_id]))
         record = ctx.runtime.state.get(connection_id)
     _emit(
@@ -487,11 +487,3 @@ def serve(ctx: _Context, host: str, port: int, interval: float, duration: float 
                 ),
             )
         )
-
-
-def run() -> None:
-    try:
-        main(standalone_mode=True)
-    except NotFound as error:  # pragma: no cover - handled in commands
-        click.echo(f"error: {error.message}", err=True)
-        sys.exit(EXIT_FAILURE)

@@ -20,6 +20,7 @@ from tokenbroker.model import (
 )
 from tokenbroker.ports import SecretStore, StateStore
 from tokenbroker.profiles import ProviderProfile
+from tokenbroker.secret import Secret
 
 
 class ConnectionRegistry:
@@ -73,22 +74,35 @@ class ConnectionRegistry:
         )
         return ConnectionRecord(connection, state)
 
-    def reauthorize(self, connection_id: str, changes: Mapping[str, object]) -> ConnectionRecord:
+    def reauthorize(
+        self,
+        connection_id: str,
+        *,
+        refresh_token: Secret | None = None,
+        client_secret: Secret | None = None,
+        private_key: Secret | None = None,
+    ) -> ConnectionRecord:
         """Store new material (e.g. a refresh token from a new consent) and make the
         connection active and due at once."""
         record = self.state.get(connection_id)
         current = self.secrets.get(connection_id)
-        credential = replace(current.credential, **changes)  # type: ignore[arg-type]
+        old = current.credential
+        credential = replace(
+            old,
+            refresh_token=refresh_token or old.refresh_token,
+            client_secret=client_secret or old.client_secret,
+            private_key=private_key or old.private_key,
+        )
         check_material(record.connection, credential)
         version = self.secrets.put(connection_id, credential, expected_version=current.version)
         state = replace(
             record.state,
             status=ConnectionStatus.ACTIVE,
             next_refresh_at=self.clock.now(),
-            consecutive_failures=0,
             current_version=version,
-            last_error=None,
         )
+        # consecutive_failures is kept: the first successful refresh clears it and announces
+        # connection.recovered.
         self.state.put_state(connection_id, state)
         self.log.info("connection re-authorised", connection_id=connection_id, version=version)
         return ConnectionRecord(record.connection, state)

@@ -65,6 +65,8 @@ class TickSummary:
     refreshed: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     skipped_leased: int = 0
+    #: Claimed, but the lease had too little time left to send a refresh token safely.
+    deferred: int = 0
     lease_lost: int = 0
     needs_reauth: int = 0
     recovered: int = 0
@@ -86,6 +88,7 @@ class TickSummary:
                 "permanent": self.failed["permanent"],
             },
             "skipped_leased": self.skipped_leased,
+            "deferred": self.deferred,
             "lease_lost": self.lease_lost,
             "needs_reauth": self.needs_reauth,
             "recovered": self.recovered,
@@ -311,6 +314,7 @@ class Refresher:
             updates.append((outcome.claim.lease, state))
             events.append(evs)
         for outcome in skipped:
+            summary.deferred += 1
             self.state.release(outcome.claim.lease)
 
         accepted = self.state.complete(updates) if updates else []

@@ -38,6 +38,19 @@ class Cli:
         save_output("cli", " ".join(args), result.stdout, result.stderr)
         return result
 
+    def add_refresh_connection(
+        self, oidc: OidcServer, cid: str, *flags: str, revoke: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Consent once, then ``tokenbroker add`` with secrets passed by environment name."""
+        tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
+        if revoke:
+            oidc.revoke(tokens["refresh_token"])
+        return self(
+            "--json", "add", cid, *flags, "--grant", "refresh_token", "--client-id", RT_BASIC_ID,
+            "--client-secret-env", "S", "--refresh-token-env", "R", "--token-url", oidc.token_url,
+            env={"S": RT_BASIC_SECRET, "R": tokens["refresh_token"]},
+        )  # fmt: skip
+
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
@@ -172,24 +185,7 @@ def test_exit_codes_and_errors(cli: Cli, oidc: OidcServer, tmp_path: Path) -> No
     assert no_token.returncode == 2
     assert "needs a refresh token" in no_token.stderr
     # A revoked refresh token: registered, first refresh fails permanently, exit 1.
-    tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
-    oidc.revoke(tokens["refresh_token"])
-    revoked = cli(
-        "--json",
-        "add",
-        "dead",
-        "--grant",
-        "refresh_token",
-        "--client-id",
-        RT_BASIC_ID,
-        "--client-secret-env",
-        "S",
-        "--refresh-token-env",
-        "R",
-        "--token-url",
-        oidc.token_url,
-        env={"S": RT_BASIC_SECRET, "R": tokens["refresh_token"]},
-    )
+    revoked = cli.add_refresh_connection(oidc, "dead", revoke=True)
     assert revoked.returncode == 1
     assert json.loads(revoked.stdout)["state"]["status"] == "needs_reauth"
 
@@ -211,23 +207,7 @@ def test_serve_runs_the_loop_and_the_http_endpoints(cli: Cli, oidc: OidcServer) 
 
     from tests.support.oidc import free_port
 
-    tokens = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
-    added = cli(
-        "add",
-        "crm",
-        "--no-refresh",
-        "--grant",
-        "refresh_token",
-        "--client-id",
-        RT_BASIC_ID,
-        "--client-secret-env",
-        "S",
-        "--refresh-token-env",
-        "R",
-        "--token-url",
-        oidc.token_url,
-        env={"S": RT_BASIC_SECRET, "R": tokens["refresh_token"]},
-    )
+    added = cli.add_refresh_connection(oidc, "crm", "--no-refresh")
     assert added.returncode == 0, added.stderr
     port = free_port()
     proc = subprocess.Popen(
@@ -261,3 +241,21 @@ def test_serve_runs_the_loop_and_the_http_endpoints(cli: Cli, oidc: OidcServer) 
         out, err = proc.communicate(timeout=20)
         save_output("serve", out, err)
     assert proc.returncode == 0
+
+
+def test_reauth_brings_a_needs_reauth_connection_back(cli: Cli, oidc: OidcServer) -> None:
+    dead = cli.add_refresh_connection(oidc, "crm", revoke=True)
+    assert dead.returncode == 1
+    assert cli("--json", "show", "crm").stdout.count('"needs_reauth"') == 1
+    fresh = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
+    assert cli("reauth", "crm").returncode == 2  # nothing new given
+    revived = cli(
+        "--json", "reauth", "crm", "--refresh-token-file", "-", stdin=fresh["refresh_token"]
+    )
+    assert revived.returncode == 0, revived.stderr
+    body = json.loads(revived.stdout)
+    assert body["state"]["status"] == "active"
+    assert body["state"]["consecutive_failures"] == 0
+    types = [e["type"] for e in json.loads(cli("--json", "events").stdout)]
+    assert types == ["connection.needs_reauth", "credential.rotated", "connection.recovered"]
+    assert fresh["refresh_token"] not in "\n".join(cli.outputs)

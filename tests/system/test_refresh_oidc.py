@@ -3,6 +3,7 @@ revokes the whole grant when a consumed refresh token is presented again."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from tests.support.oidc import (
     RT_POST_SECRET,
     OidcServer,
     jwt_claims,
+    make_service_account,
 )
 from tests.system.helpers import add_refresh_connection, embedded_runtime, outbox, registry, tick
 from tokenbroker.model import (
@@ -125,13 +127,12 @@ def test_client_credentials(
     assert credential.refresh_token is None
 
 
-def test_jwt_bearer_service_account(runtime: Runtime, oidc: OidcServer) -> None:
-    key_json = oidc.add_service_account("worker@tokenbroker-test.iam.gserviceaccount.com")
-    import json
-
+def _register_service_account(
+    runtime: Runtime, oidc: OidcServer, cid: str, key_json: object
+) -> None:
     registry(runtime).register(
         Connection(
-            id="google-sa",
+            id=cid,
             profile="google",
             grant=GrantType.JWT_BEARER,
             scopes=("api:read",),
@@ -139,6 +140,11 @@ def test_jwt_bearer_service_account(runtime: Runtime, oidc: OidcServer) -> None:
         ),
         Credential(private_key=Secret(json.dumps(key_json))),
     )
+
+
+def test_jwt_bearer_service_account(runtime: Runtime, oidc: OidcServer) -> None:
+    key_json = oidc.add_service_account("worker@tokenbroker-test.iam.gserviceaccount.com")
+    _register_service_account(runtime, oidc, "google-sa", key_json)
     summary = tick(runtime)
     assert summary.refreshed == 1, summary.to_json()
     credential = runtime.secrets.get("google-sa").credential
@@ -150,21 +156,8 @@ def test_jwt_bearer_service_account(runtime: Runtime, oidc: OidcServer) -> None:
 
 
 def test_jwt_bearer_with_unknown_key_needs_reauth(runtime: Runtime, oidc: OidcServer) -> None:
-    from tests.support.oidc import make_service_account
-
     key_json, _ = make_service_account("stranger@example.iam.gserviceaccount.com")
-    import json
-
-    registry(runtime).register(
-        Connection(
-            id="sa-unknown",
-            profile="google",
-            grant=GrantType.JWT_BEARER,
-            scopes=("api:read",),
-            token_url=oidc.token_url,
-        ),
-        Credential(private_key=Secret(json.dumps(key_json))),
-    )
+    _register_service_account(runtime, oidc, "sa-unknown", key_json)
     summary = tick(runtime)
     assert summary.needs_reauth == 1
     assert runtime.state.get("sa-unknown").state.last_error == "invalid_grant"

@@ -16,6 +16,7 @@ from tests.system.helpers import add_refresh_connection, embedded_runtime, outbo
 from tests.system.processes import REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.model import ClientAuthMethod, EventType
+from tokenbroker.runtime import Runtime
 from tokenbroker.secret import Secret
 
 pytestmark = pytest.mark.system
@@ -40,25 +41,28 @@ def _scheduler_event(payload: dict[str, object] | None = None) -> tuple[dict[str
     return headers, json.dumps(body).encode()
 
 
-def test_cloudevent_triggers_one_tick(tmp_path: Path, oidc: OidcServer) -> None:
+def _shared_state(state_dir: Path) -> tuple[Runtime, dict[str, str]]:
+    """A runtime for the test and the environment for the function, on the same state."""
     key = new_key_text()
-    state_dir = tmp_path / "state"
     env = {
         "TOKENBROKER_BACKEND": "embedded",
         "TOKENBROKER_STATE_DIR": str(state_dir),
         "TOKENBROKER_ENCRYPTION_KEY": key,
     }
-    # Register with the same key the function will use, through the library.
-    rt = embedded_runtime(state_dir, encryption_key=Secret(key))
+    return embedded_runtime(state_dir, encryption_key=Secret(key)), env
+
+
+def _add(rt: Runtime, oidc: OidcServer, cid: str) -> str:
+    return add_refresh_connection(
+        rt, oidc, cid, client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+        auth_method=ClientAuthMethod.BASIC,
+    )  # fmt: skip
+
+
+def test_cloudevent_triggers_one_tick(tmp_path: Path, oidc: OidcServer) -> None:
+    rt, env = _shared_state(tmp_path / "state")
     try:
-        original = add_refresh_connection(
-            rt,
-            oidc,
-            "crm",
-            client_id=RT_BASIC_ID,
-            client_secret=RT_BASIC_SECRET,
-            auth_method=ClientAuthMethod.BASIC,
-        )
+        original = _add(rt, oidc, "crm")
         with functions_framework("refresh", SOURCE, env, name="refresher-cloudevent") as url:
             headers, body = _scheduler_event()
             response = httpx.post(url, headers=headers, content=body, timeout=30)
@@ -79,22 +83,9 @@ def test_cloudevent_triggers_one_tick(tmp_path: Path, oidc: OidcServer) -> None:
 
 
 def test_http_target_and_bad_requests(tmp_path: Path, oidc: OidcServer) -> None:
-    key = new_key_text()
-    rt = embedded_runtime(tmp_path / "state", encryption_key=Secret(key))
-    env = {
-        "TOKENBROKER_BACKEND": "embedded",
-        "TOKENBROKER_STATE_DIR": str(tmp_path / "state"),
-        "TOKENBROKER_ENCRYPTION_KEY": key,
-    }
+    rt, env = _shared_state(tmp_path / "state")
     try:
-        add_refresh_connection(
-            rt,
-            oidc,
-            "erp",
-            client_id=RT_BASIC_ID,
-            client_secret=RT_BASIC_SECRET,
-            auth_method=ClientAuthMethod.BASIC,
-        )
+        _add(rt, oidc, "erp")
         with functions_framework("refresh_http", SOURCE, env, name="refresher-http") as url:
             assert httpx.get(url, timeout=10).status_code == 405
             bad = httpx.post(url, content=b"[1,2]", headers={"Content-Type": "application/json"})
