@@ -7,7 +7,7 @@ Adapters are imported here lazily, per backend, so a function pays only for what
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -81,44 +81,99 @@ class Runtime:
 
 
 def build_runtime(settings: Settings | None = None, *, clock: Clock | None = None) -> Runtime:
+    """Build the adapters the settings select (a preset, then per-port overrides)."""
     settings = settings or Settings.from_env()
     profiles = load_profiles(settings.profiles_file)
-    clock = clock or SystemClock()
-    if settings.backend == "memory":
-        from tokenbroker.adapters.memory import (  # noqa: PLC0415
-            MemoryEventBus,
-            MemorySecretStore,
-            MemoryStateStore,
+    resources: list[Any] = []
+    opened: dict[str, Any] = {}
+
+    def embedded_db() -> Any:
+        if "db" not in opened:
+            from tokenbroker.adapters.embedded import EmbeddedDatabase  # noqa: PLC0415
+
+            key = settings.encryption_key
+            opened["db"] = EmbeddedDatabase(
+                settings.resolved_state_dir,
+                key=key.reveal() if key else None,
+                key_file=settings.encryption_key_file,
+            )
+            resources.append(opened["db"])
+        return opened["db"]
+
+    secret_kind, state_kind, events_kind = settings.adapters
+    try:
+        secrets = _secret_store(secret_kind, settings, embedded_db)
+        state = _state_store(state_kind, settings, embedded_db)
+        events = _event_bus(events_kind, settings, embedded_db)
+    except BaseException:
+        for resource in resources:
+            resource.close()
+        raise
+    return Runtime(settings, secrets, state, events, profiles, clock or SystemClock(), resources)
+
+
+def _secret_store(kind: str, settings: Settings, embedded_db: Callable[[], Any]) -> SecretStore:
+    if kind == "memory":
+        from tokenbroker.adapters.memory import MemorySecretStore  # noqa: PLC0415
+
+        return MemorySecretStore(settings.retained_versions)
+    if kind == "embedded":
+        from tokenbroker.adapters.embedded import EmbeddedSecretStore  # noqa: PLC0415
+
+        return EmbeddedSecretStore(embedded_db(), settings.retained_versions)
+    if kind == "secret-manager":
+        from tokenbroker.adapters.gcp.secret_manager import (  # noqa: PLC0415
+            SecretManagerSecretStore,
         )
 
-        return Runtime(
-            settings,
-            MemorySecretStore(settings.retained_versions),
-            MemoryStateStore(),
-            MemoryEventBus(),
-            profiles,
-            clock,
+        return SecretManagerSecretStore(
+            project=settings.project,
+            prefix=settings.secret_prefix,
+            retained_versions=settings.retained_versions,
         )
-    if settings.backend == "embedded":
-        from tokenbroker.adapters.embedded import (  # noqa: PLC0415
-            EmbeddedDatabase,
-            EmbeddedOutbox,
-            EmbeddedSecretStore,
-            EmbeddedStateStore,
-        )
+    if kind == "aws-secrets-manager":
+        from tokenbroker.adapters.aws import AwsSecretsManagerStore  # noqa: PLC0415
 
-        db = EmbeddedDatabase(
-            settings.resolved_state_dir,
-            key=settings.encryption_key.reveal() if settings.encryption_key else None,
-            key_file=settings.encryption_key_file,
+        return AwsSecretsManagerStore(
+            region=settings.aws_region,
+            endpoint_url=settings.aws_endpoint_url,
+            prefix=settings.aws_secret_prefix,
+            retained_versions=settings.retained_versions,
         )
-        return Runtime(
-            settings,
-            EmbeddedSecretStore(db, settings.retained_versions),
-            EmbeddedStateStore(db),
-            EmbeddedOutbox(db),
-            profiles,
-            clock,
-            resources=[db],
+    raise ConfigError(f"secret store {kind!r} is not available")
+
+
+def _state_store(kind: str, settings: Settings, embedded_db: Callable[[], Any]) -> StateStore:
+    if kind == "memory":
+        from tokenbroker.adapters.memory import MemoryStateStore  # noqa: PLC0415
+
+        return MemoryStateStore()
+    if kind == "embedded":
+        from tokenbroker.adapters.embedded import EmbeddedStateStore  # noqa: PLC0415
+
+        return EmbeddedStateStore(embedded_db())
+    if kind == "firestore":
+        from tokenbroker.adapters.gcp.firestore import FirestoreStateStore  # noqa: PLC0415
+
+        return FirestoreStateStore(
+            project=settings.project,
+            database=settings.firestore_database,
+            collection=settings.firestore_collection,
         )
-    raise ConfigError(f"backend {settings.backend!r} is not available")
+    raise ConfigError(f"state store {kind!r} is not available")
+
+
+def _event_bus(kind: str, settings: Settings, embedded_db: Callable[[], Any]) -> EventBus:
+    if kind == "memory":
+        from tokenbroker.adapters.memory import MemoryEventBus  # noqa: PLC0415
+
+        return MemoryEventBus()
+    if kind == "outbox":
+        from tokenbroker.adapters.embedded import EmbeddedOutbox  # noqa: PLC0415
+
+        return EmbeddedOutbox(embedded_db())
+    if kind == "pubsub":
+        from tokenbroker.adapters.gcp.pubsub import PubSubEventBus  # noqa: PLC0415
+
+        return PubSubEventBus(settings.topic_path)
+    raise ConfigError(f"event bus {kind!r} is not available")

@@ -7,7 +7,7 @@ imported. Every variable name is a constant here and documented in the README.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -34,8 +34,31 @@ ENV_JITTER_FRACTION = "TOKENBROKER_JITTER_FRACTION"
 ENV_RETRY_ATTEMPTS = "TOKENBROKER_RETRY_ATTEMPTS"
 ENV_RETRY_BASE_DELAY = "TOKENBROKER_RETRY_BASE_DELAY_SECONDS"
 ENV_RETAINED_VERSIONS = "TOKENBROKER_RETAINED_VERSIONS"
+ENV_SECRET_STORE = "TOKENBROKER_SECRET_STORE"
+ENV_STATE_STORE = "TOKENBROKER_STATE_STORE"
+ENV_EVENT_BUS = "TOKENBROKER_EVENT_BUS"
+ENV_GCP_PROJECT = "TOKENBROKER_GCP_PROJECT"
+ENV_SECRET_PREFIX = "TOKENBROKER_SECRET_PREFIX"
+ENV_FIRESTORE_DATABASE = "TOKENBROKER_FIRESTORE_DATABASE"
+ENV_FIRESTORE_COLLECTION = "TOKENBROKER_FIRESTORE_COLLECTION"
+ENV_PUBSUB_TOPIC = "TOKENBROKER_PUBSUB_TOPIC"
+ENV_AWS_REGION = "TOKENBROKER_AWS_REGION"
+ENV_AWS_ENDPOINT_URL = "TOKENBROKER_AWS_ENDPOINT_URL"
+ENV_AWS_SECRET_PREFIX = "TOKENBROKER_AWS_SECRET_PREFIX"
 
-BACKENDS = ("embedded", "memory")
+#: Presets: which adapter serves each port.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    #          secret store      state store  event bus
+    "embedded": ("embedded", "embedded", "outbox"),
+    "memory": ("memory", "memory", "memory"),
+    "gcp": ("secret-manager", "firestore", "pubsub"),
+    # Credentials in AWS Secrets Manager; state and events stay on Firestore and Pub/Sub
+    # (no DynamoDB/SNS adapters yet).
+    "aws": ("aws-secrets-manager", "firestore", "pubsub"),
+}
+SECRET_STORES = ("embedded", "memory", "secret-manager", "aws-secrets-manager")
+STATE_STORES = ("embedded", "memory", "firestore")
+EVENT_BUSES = ("outbox", "memory", "pubsub")
 
 
 def default_state_dir() -> Path:
@@ -60,6 +83,37 @@ class Settings:
     retry_attempts: int = 3
     retry_base_delay: float = 0.5
     retained_versions: int = 3
+    #: Per-port overrides of the preset (``None``: the preset's choice).
+    secret_store: str | None = None
+    state_store: str | None = None
+    event_bus: str | None = None
+    gcp_project: str | None = None
+    secret_prefix: str = "tokenbroker-"
+    firestore_database: str = "(default)"
+    firestore_collection: str = "tokenbroker_connections"
+    pubsub_topic: str = "tokenbroker-events"
+    aws_region: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_secret_prefix: str = "tokenbroker/"
+
+    @property
+    def adapters(self) -> tuple[str, str, str]:
+        """(secret store, state store, event bus) after overrides."""
+        secrets, state, events = BACKENDS[self.backend]
+        return (self.secret_store or secrets, self.state_store or state, self.event_bus or events)
+
+    @property
+    def project(self) -> str:
+        project = self.gcp_project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        if not project:
+            raise ConfigError(f"{ENV_GCP_PROJECT} (or GOOGLE_CLOUD_PROJECT) is required")
+        return project
+
+    @property
+    def topic_path(self) -> str:
+        if self.pubsub_topic.startswith("projects/"):
+            return self.pubsub_topic
+        return f"projects/{self.project}/topics/{self.pubsub_topic}"
 
     @property
     def resolved_state_dir(self) -> Path:
@@ -91,10 +145,15 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(
-                f"{ENV_BACKEND}: {self.backend!r} is not one of: {', '.join(BACKENDS)}"
-            )
+        choices: list[tuple[str | None, Iterable[str], str]] = [
+            (self.backend, BACKENDS, ENV_BACKEND),
+            (self.secret_store, SECRET_STORES, ENV_SECRET_STORE),
+            (self.state_store, STATE_STORES, ENV_STATE_STORE),
+            (self.event_bus, EVENT_BUSES, ENV_EVENT_BUS),
+        ]
+        for value, allowed, variable in choices:
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{variable}: {value!r} is not one of: {', '.join(allowed)}")
         checks = [
             (self.tick_limit >= 1, ENV_TICK_LIMIT, "must be at least 1"),
             (self.concurrency >= 1, ENV_CONCURRENCY, "must be at least 1"),
@@ -135,4 +194,15 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("retry_attempts", ENV_RETRY_ATTEMPTS, int),
     ("retry_base_delay", ENV_RETRY_BASE_DELAY, float),
     ("retained_versions", ENV_RETAINED_VERSIONS, int),
+    ("secret_store", ENV_SECRET_STORE, str.strip),
+    ("state_store", ENV_STATE_STORE, str.strip),
+    ("event_bus", ENV_EVENT_BUS, str.strip),
+    ("gcp_project", ENV_GCP_PROJECT, str.strip),
+    ("secret_prefix", ENV_SECRET_PREFIX, str.strip),
+    ("firestore_database", ENV_FIRESTORE_DATABASE, str.strip),
+    ("firestore_collection", ENV_FIRESTORE_COLLECTION, str.strip),
+    ("pubsub_topic", ENV_PUBSUB_TOPIC, str.strip),
+    ("aws_region", ENV_AWS_REGION, str.strip),
+    ("aws_endpoint_url", ENV_AWS_ENDPOINT_URL, str.strip),
+    ("aws_secret_prefix", ENV_AWS_SECRET_PREFIX, str.strip),
 ]

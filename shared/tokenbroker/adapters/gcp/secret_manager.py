@@ -1,0 +1,308 @@
+"""Credentials in Google Secret Manager: one secret per connection, one version per refresh.
+
+Layout (documented in docs/gcp.md):
+
+* secret ``projects/P/secrets/{prefix}{connection_id}``, labels ``managed-by=tokenbroker`` and
+  ``connection={connection_id}``;
+* each successful refresh adds a version whose payload is the credential (JSON) with its CRC32C
+  in ``data_crc32c``, which Secret Manager verifies on write and we verify on every read
+  (https://cloud.google.com/secret-manager/docs/reference/rpc/google.cloud.secretmanager.v1#secretpayload);
+* the secret's annotations say which version is current (``tokenbroker-current``) and when
+  each tracked version's access token expires (``tokenbroker-expires-v{n}``).
+
+"Current" is never ``latest``: ``latest`` is simply the most recently *created* version, which
+an interrupted or losing writer may have added. The current version moves only by
+``UpdateSecret`` with the etag read before the write, so concurrent writers cannot both win
+(https://cloud.google.com/secret-manager/docs/reference/rpc/google.cloud.secretmanager.v1#updatesecretrequest);
+a loser destroys the version it added.
+
+Overlap: when version n is written, older versions stay ENABLED while their access token is
+still valid at n's ``obtained_at`` (a consumer that read them keeps working), and are disabled
+on the first write after their expiry. Versions older than ``retained_versions`` are destroyed.
+
+API calls per refresh: GetSecret + AddSecretVersion + UpdateSecret, plus one DisableSecretVersion
+and one DestroySecretVersion per rotation in steady state; per read: GetSecret +
+AccessSecretVersion.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, TypeVar
+
+from tokenbroker.adapters.gcp.errors import translate
+from tokenbroker.clock import isoformat, parse_iso
+from tokenbroker.errors import (
+    AlreadyExists,
+    NotFound,
+    StoreUnavailable,
+    TokenBrokerError,
+    VersionConflict,
+)
+from tokenbroker.model import Credential, StoredCredential
+from tokenbroker.ports import SecretWrite
+
+T = TypeVar("T")
+
+ENV_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
+CURRENT = "tokenbroker-current"
+EXPIRES = "tokenbroker-expires-v"
+LABELS = {"managed-by": "tokenbroker"}
+
+
+class CorruptCredential(TokenBrokerError):
+    """A payload whose checksum does not match: never used, never overwritten silently."""
+
+    code = "corrupt_credential"
+
+
+def make_client(endpoint: str | None = None) -> Any:
+    """The official client: Application Default Credentials, or an insecure channel to
+    ``endpoint`` (``host:port``, tests and local runs only)."""
+    from google.cloud import secretmanager_v1  # noqa: PLC0415 - heavy, lazily
+
+    endpoint = endpoint or os.environ.get(ENV_ENDPOINT)
+    if not endpoint:
+        return secretmanager_v1.SecretManagerServiceClient()
+    import grpc  # noqa: PLC0415
+    from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
+    from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (  # noqa: PLC0415
+        SecretManagerServiceGrpcTransport,
+    )
+
+    channel = grpc.insecure_channel(endpoint)
+    transport = SecretManagerServiceGrpcTransport(channel=channel)
+    return secretmanager_v1.SecretManagerServiceClient(
+        transport=transport, credentials=AnonymousCredentials()
+    )
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c  # noqa: PLC0415
+
+    return int(google_crc32c.value(data))
+
+
+class SecretManagerSecretStore:
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        project: str,
+        prefix: str = "tokenbroker-",
+        retained_versions: int = 3,
+        endpoint: str | None = None,
+        concurrency: int = 16,
+    ) -> None:
+        self.project = project
+        self.prefix = prefix
+        self.retained_versions = retained_versions
+        self._client = client
+        self._endpoint = endpoint
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="secret-manager")
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = make_client(self._endpoint)
+        return self._client
+
+    def secret_name(self, connection_id: str) -> str:
+        return f"projects/{self.project}/secrets/{self.prefix}{connection_id}"
+
+    def _call(self, what: str, fn: Callable[..., T], **request: Any) -> T:
+        from google.api_core import exceptions  # noqa: PLC0415
+
+        try:
+            return fn(request=request)
+        except exceptions.GoogleAPICallError as exc:
+            raise translate(exc, what) from None
+        except exceptions.RetryError as exc:
+            raise translate(exc, what) from None
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _current_version(self, connection_id: str) -> tuple[Any, int]:
+        secret = self._call(
+            "get secret", self.client.get_secret, name=self.secret_name(connection_id)
+        )
+        current = secret.annotations.get(CURRENT)
+        if not current:
+            raise NotFound(f"no credential for connection {connection_id!r}")
+        return secret, int(current)
+
+    def _access(self, connection_id: str, version: int) -> StoredCredential:
+        name = f"{self.secret_name(connection_id)}/versions/{version}"
+        try:
+            response = self._call(
+                "access secret version", self.client.access_secret_version, name=name
+            )
+        except VersionConflict:  # FAILED_PRECONDITION: disabled or destroyed
+            raise NotFound(
+                f"connection {connection_id!r} version {version} is not readable"
+            ) from None
+        payload = response.payload
+        if not payload.data_crc32c or _crc32c(payload.data) != payload.data_crc32c:
+            raise CorruptCredential(
+                f"connection {connection_id!r} version {version}: payload checksum mismatch"
+            )
+        return StoredCredential(connection_id, version, Credential.from_plaintext(payload.data))
+
+    def get(self, connection_id: str) -> StoredCredential:
+        _, current = self._current_version(connection_id)
+        return self._access(connection_id, current)
+
+    def get_version(self, connection_id: str, version: int) -> StoredCredential:
+        if version < 1:
+            raise NotFound(f"connection {connection_id!r} has no version {version}")
+        return self._access(connection_id, version)
+
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+        def one(cid: str) -> StoredCredential | None:
+            try:
+                return self.get(cid)
+            except NotFound:
+                return None
+
+        ids = list(dict.fromkeys(connection_ids))
+        found = self._pool.map(one, ids)
+        return {cid: stored for cid, stored in zip(ids, found, strict=True) if stored}
+
+    def versions(self, connection_id: str) -> builtins.list[int]:
+        try:
+            pages = self._call(
+                "list secret versions",
+                self.client.list_secret_versions,
+                parent=self.secret_name(connection_id),
+                filter="state:ENABLED",
+            )
+            return sorted(int(v.name.rsplit("/", 1)[1]) for v in pages)
+        except NotFound:
+            return []
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _create_secret(self, connection_id: str) -> Any:
+        return self._call(
+            "create secret",
+            self.client.create_secret,
+            parent=f"projects/{self.project}",
+            secret_id=f"{self.prefix}{connection_id}",
+            secret={
+                "replication": {"automatic": {}},
+                "labels": {**LABELS, "connection": connection_id},
+            },
+        )
+
+    def put(
+        self, connection_id: str, credential: Credential, *, expected_version: int | None
+    ) -> int:
+        try:
+            secret = self._call(
+                "get secret", self.client.get_secret, name=self.secret_name(connection_id)
+            )
+        except NotFound:
+            if expected_version is not None:
+                raise VersionConflict(
+                    f"connection {connection_id!r}: no credential, expected v{expected_version}"
+                ) from None
+            try:
+                secret = self._create_secret(connection_id)
+            except AlreadyExists:  # created concurrently: compete through the etag below
+                secret = self._call(
+                    "get secret", self.client.get_secret, name=self.secret_name(connection_id)
+                )
+        raw_current = secret.annotations.get(CURRENT)
+        current = int(raw_current) if raw_current else None
+        if current != expected_version:
+            raise VersionConflict(
+                f"connection {connection_id!r}: current version is {current}, "
+                f"expected {expected_version}"
+            )
+        data = credential.to_plaintext()
+        added = self._call(
+            "add secret version",
+            self.client.add_secret_version,
+            parent=secret.name,
+            payload={"data": data, "data_crc32c": _crc32c(data)},
+        )
+        version = int(added.name.rsplit("/", 1)[1])
+        annotations, to_disable = self._plan(secret.annotations, version, credential)
+        try:
+            self._call(
+                "update secret",
+                self.client.update_secret,
+                secret={"name": secret.name, "etag": secret.etag, "annotations": annotations},
+                update_mask={"paths": ["annotations"]},
+            )
+        except TokenBrokerError:
+            # Lost the race (or failed): the version we added must never become readable.
+            self._quietly(
+                "destroy secret version", self.client.destroy_secret_version, name=added.name
+            )
+            raise
+        for old in to_disable:
+            self._quietly(
+                "disable secret version",
+                self.client.disable_secret_version,
+                name=f"{secret.name}/versions/{old}",
+            )
+        doomed = version - self.retained_versions
+        if doomed >= 1:
+            self._quietly(
+                "destroy secret version",
+                self.client.destroy_secret_version,
+                name=f"{secret.name}/versions/{doomed}",
+            )
+        return version
+
+    def _plan(
+        self, annotations: Any, version: int, credential: Credential
+    ) -> tuple[dict[str, str], builtins.list[int]]:
+        """New annotations, and the tracked versions whose tokens expired by this write."""
+        now: datetime | None = credential.obtained_at
+        keep: dict[str, str] = {}
+        expired: builtins.list[int] = []
+        for key, value in dict(annotations).items():
+            if not key.startswith(EXPIRES):
+                if key != CURRENT:
+                    keep[key] = value
+                continue
+            tracked = int(key.removeprefix(EXPIRES))
+            if tracked <= version - self.retained_versions:
+                continue  # destroyed by retention
+            if now is not None and value and parse_iso(value) <= now:
+                expired.append(tracked)
+                continue
+            keep[key] = value
+        keep[CURRENT] = str(version)
+        keep[f"{EXPIRES}{version}"] = isoformat(credential.expires_at) or ""
+        return keep, expired
+
+    def _quietly(self, what: str, fn: Callable[..., Any], **request: Any) -> None:
+        """Housekeeping that must not fail a committed write; a later write retries it."""
+        with contextlib.suppress(NotFound, VersionConflict, StoreUnavailable):
+            self._call(what, fn, **request)
+
+    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
+        def one(write: SecretWrite) -> int | VersionConflict:
+            try:
+                return self.put(
+                    write.connection_id, write.credential, expected_version=write.expected_version
+                )
+            except VersionConflict as conflict:
+                return conflict
+
+        return list(self._pool.map(one, writes))
+
+    def delete(self, connection_id: str) -> None:
+        self._call("delete secret", self.client.delete_secret, name=self.secret_name(connection_id))
