@@ -50,7 +50,9 @@ class SecretWrite:
 class SecretStore(Protocol):
     """Versioned, encrypted-at-rest credential storage, one secret per connection.
 
-    Versions count up from 1. "Current" is the newest version; older versions stay readable
+    Versions count up from 1 and only grow (sequential writes add one each; a store may
+    leave gaps where a racing writer lost). "Current" is the version the last successful
+    compare-and-set wrote; older versions stay readable
     for at least ``retained_versions - 1`` rotations so a consumer holding an older access
     token can still resolve it.
     """

@@ -76,11 +76,13 @@ def make_client(endpoint: str | None = None) -> Any:
         SecretManagerServiceGrpcTransport,
     )
 
+    # With an explicit channel the transport ignores credentials; the client refuses
+    # credentials next to a transport instance, so they go to the transport.
     channel = grpc.insecure_channel(endpoint)
-    transport = SecretManagerServiceGrpcTransport(channel=channel)
-    return secretmanager_v1.SecretManagerServiceClient(
-        transport=transport, credentials=AnonymousCredentials()
+    transport = SecretManagerServiceGrpcTransport(
+        channel=channel, credentials=AnonymousCredentials()
     )
+    return secretmanager_v1.SecretManagerServiceClient(transport=transport)
 
 
 def _crc32c(data: bytes) -> int:
