@@ -83,6 +83,16 @@ class LeaseLost(TokenBrokerError):
     http_status = 409
 
 
+class CorruptCredential(TokenBrokerError):
+    """A stored credential whose checksum, envelope or version number does not verify.
+
+    Never used and never silently replaced: an operator must look (and re-authorise).
+    """
+
+    code = "corrupt_credential"
+    http_status = 500
+
+
 class StoreUnavailable(TokenBrokerError):
     """A backing store could not be reached. Worth retrying."""
 

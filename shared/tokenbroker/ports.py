@@ -142,6 +142,21 @@ class StateStore(Protocol):
         """Give a lease back without changing state (no-op if it was lost)."""
         ...
 
+    # Events the bus could not take are parked here, durably, and relayed on a later tick:
+    # delivery stays at-least-once even across an event-bus outage.
+
+    def park_events(self, events: Sequence[ConnectionEvent]) -> None:
+        """Keep events for a later publish (idempotent per ``event_id``)."""
+        ...
+
+    def parked_events(self, limit: int) -> builtins.list[ConnectionEvent]:
+        """Parked events, oldest first."""
+        ...
+
+    def unpark_events(self, event_ids: Sequence[str]) -> None:
+        """Forget parked events once published (unknown ids are ignored)."""
+        ...
+
 
 @runtime_checkable
 class EventBus(Protocol):

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenbroker.acquire import acquire
 from tokenbroker.clock import Clock, SystemClock, isoformat
@@ -46,6 +46,8 @@ from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore
 from tokenbroker.profiles import ProviderProfile
 from tokenbroker.retry import RetryPolicy, call_with_retries
 from tokenbroker.schedule import RefreshPolicy
+
+T = TypeVar("T")
 
 # Do not start a refresh with less lease time left than this: the request plus retries plus
 # commit must fit, or another refresher could take over and present the same refresh token.
@@ -68,6 +70,11 @@ class TickSummary:
     #: Claimed, but the lease had too little time left to send a refresh token safely.
     deferred: int = 0
     lease_lost: int = 0
+    #: Results (refreshed or failed) that could not be committed: the tick then raised.
+    uncommitted: int = 0
+    events_parked: int = 0
+    events_relayed: int = 0
+    events_lost: int = 0
     needs_reauth: int = 0
     recovered: int = 0
     retries: int = 0
@@ -76,7 +83,9 @@ class TickSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.missing and not self.lease_lost
+        return not (
+            self.failed or self.missing or self.lease_lost or self.uncommitted or self.events_lost
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +99,10 @@ class TickSummary:
             "skipped_leased": self.skipped_leased,
             "deferred": self.deferred,
             "lease_lost": self.lease_lost,
+            "uncommitted": self.uncommitted,
+            "events_parked": self.events_parked,
+            "events_relayed": self.events_relayed,
+            "events_lost": self.events_lost,
             "needs_reauth": self.needs_reauth,
             "recovered": self.recovered,
             "retries": self.retries,
@@ -118,6 +131,7 @@ class Refresher:
         clock: Clock | None = None,
         policy: RefreshPolicy | None = None,
         retry: RetryPolicy | None = None,
+        store_retry: RetryPolicy | None = None,
         holder: str | None = None,
         lease_ttl: timedelta = timedelta(minutes=5),
         concurrency: int = 256,
@@ -131,11 +145,14 @@ class Refresher:
         self.clock = clock or SystemClock()
         self.policy = policy or RefreshPolicy()
         self.retry = retry or RetryPolicy()
+        #: Store calls get more patience than token requests: their results are irreplaceable.
+        self.store_retry = store_retry or RetryPolicy(attempts=5, base_delay=0.2, max_delay=4.0)
         self.holder = holder or default_holder()
         self.lease_ttl = lease_ttl
         self.concurrency = concurrency
         self.commit_batch = commit_batch
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._committing: asyncio.Event | None = None
         self.log = get_logger(component="refresher")
 
     async def tick(
@@ -146,31 +163,70 @@ class Refresher:
         limit: int = 10_000,
         progress: Callable[[int, int], None] | None = None,
     ) -> TickSummary:
-        """Refresh what is due (or exactly ``connection_ids``, due or not)."""
+        """Refresh what is due (or exactly ``connection_ids``, due or not).
+
+        Raises :class:`StoreUnavailable` (after committing what it could) when results cannot
+        be committed; no refresh token is sent after that point.
+        """
         started = self.clock.monotonic()
         now = self.clock.now()
+        summary = TickSummary()
+        await self._relay_parked_events(summary)
         if connection_ids is None:
-            batch = await asyncio.to_thread(
-                self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl, limit=limit
-            )
+            batch = await self._store(
+                "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
+                limit=limit,
+            )  # fmt: skip
         else:
-            batch = await asyncio.to_thread(
-                self.state.claim, connection_ids, now, holder=self.holder, ttl=self.lease_ttl
-            )
-        summary = TickSummary(
-            due=len(batch.claims) + batch.leased_elsewhere,
-            claimed=len(batch.claims),
-            skipped_leased=batch.leased_elsewhere,
-            missing=list(batch.missing),
-        )
+            batch = await self._store(
+                "claim", self.state.claim, connection_ids, now, holder=self.holder,
+                ttl=self.lease_ttl,
+            )  # fmt: skip
+        summary.due = len(batch.claims) + batch.leased_elsewhere
+        summary.claimed = len(batch.claims)
+        summary.skipped_leased = batch.leased_elsewhere
+        summary.missing = list(batch.missing)
+        halted: TokenBrokerError | None = None
         if batch.claims:
-            stored = await asyncio.to_thread(
-                self.secrets.get_many, [c.lease.connection_id for c in batch.claims]
-            )
-            await self._run(endpoint, batch.claims, stored, summary, progress)
+            stored = await self._store(
+                "read credentials", self.secrets.get_many,
+                [c.lease.connection_id for c in batch.claims],
+            )  # fmt: skip
+            halted = await self._run(endpoint, batch.claims, stored, summary, progress)
         summary.seconds = self.clock.monotonic() - started
+        if halted is not None:
+            self.log.error(
+                "refresh tick halted: results could not be committed",
+                holder=self.holder,
+                error_code=halted.code,
+                **summary.to_json(),
+            )
+            raise halted
         self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
         return summary
+
+    async def _store(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call in a worker thread, retried with backoff while it is retryable.
+
+        While a commit step is retrying, ``self._committing`` is cleared so workers pause:
+        refresh tokens sent now would produce results that may not be storable.
+        """
+
+        def on_retry(attempt: int, error: TokenBrokerError, _wait: float) -> None:
+            if self._committing is not None:
+                self._committing.clear()
+            self.log.warning(
+                "store call retrying", operation=what, attempt=attempt, error_code=error.code
+            )
+
+        result, _ = await call_with_retries(
+            lambda: asyncio.to_thread(fn, *args, **kwargs),
+            self.store_retry,
+            self.clock,
+            self.rng,
+            on_retry,
+        )
+        return result
 
     async def _run(
         self,
@@ -179,17 +235,30 @@ class Refresher:
         stored: Mapping[str, StoredCredential],
         summary: TickSummary,
         progress: Callable[[int, int], None] | None,
-    ) -> None:
-        queue: asyncio.Queue[_Outcome | None] = asyncio.Queue()
+    ) -> TokenBrokerError | None:
+        """Refresh concurrently while committing results as they arrive. If committing fails
+        for good, stop sending refresh tokens at once and return the error."""
+        # Bounded: when commits stall, workers block instead of piling up unstored results.
+        queue: asyncio.Queue[_Outcome | None] = asyncio.Queue(
+            maxsize=max(self.commit_batch, self.concurrency)
+        )
         pending = iter(claims)
+        halt: list[TokenBrokerError] = []
+        self._committing = asyncio.Event()
+        self._committing.set()
 
         async def worker() -> None:
             for claim in pending:
+                await self._committing.wait()  # paused while a commit is retrying
+                if halt:
+                    return  # nothing could be stored: sending refresh tokens would lose them
                 cid = claim.lease.connection_id
                 outcome = await self._refresh_one(endpoint, claim, stored.get(cid), summary)
                 await queue.put(outcome)
 
-        committer = asyncio.create_task(self._commit_loop(queue, summary, progress, len(claims)))
+        committer = asyncio.create_task(
+            self._commit_loop(queue, summary, progress, len(claims), halt)
+        )
         try:
             workers = [
                 asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(claims)))
@@ -198,6 +267,7 @@ class Refresher:
         finally:
             await queue.put(None)
             await committer
+        return halt[0] if halt else None
 
     async def _refresh_one(
         self,
@@ -255,6 +325,7 @@ class Refresher:
         summary: TickSummary,
         progress: Callable[[int, int], None] | None,
         total: int,
+        halt: list[TokenBrokerError],
     ) -> None:
         done = False
         committed = 0
@@ -271,33 +342,50 @@ class Refresher:
                     done = True
                     break
                 batch.append(item)
-            if batch:
-                await asyncio.to_thread(self._commit, batch, summary)
-                committed += len(batch)
-                if progress is not None:
-                    progress(committed, total)
+            if not batch:
+                continue
+            try:
+                await self._commit(batch, summary)
+            except TokenBrokerError as error:
+                self._committing.set()  # release the workers: they see the halt and stop
+                # Keep trying later batches (in-flight refreshes hold rotated tokens that are
+                # nowhere else), but start no new refresh.
+                halt.append(error)
+                summary.uncommitted += len(batch)
+                self.log.error(
+                    "refresh results not committed",
+                    error_code=error.code,
+                    connections=[o.claim.lease.connection_id for o in batch],
+                )
+                continue
+            self._committing.set()
+            committed += len(batch)
+            if progress is not None:
+                progress(committed, total)
 
-    # -- commit (runs in a worker thread) -------------------------------------------------------
-
-    def _commit(self, batch: list[_Outcome], summary: TickSummary) -> None:
+    async def _commit(self, batch: list[_Outcome], summary: TickSummary) -> None:
+        """Secret versions first, then states (fenced), then events. Each step is retried
+        while retryable; a step that fails for good raises."""
         now = self.clock.now()
         successes = [o for o in batch if o.credential is not None and o.stored is not None]
         skipped = [o for o in batch if o.credential is None and o.error is None]
         failures = [o for o in batch if o.error is not None]
 
         written: dict[str, int] = {}
+        releases: list[Lease] = [o.claim.lease for o in skipped]
         if successes:
             writes = [
                 SecretWrite(o.claim.lease.connection_id, o.credential, o.stored.version)  # type: ignore[arg-type,union-attr]
                 for o in successes
             ]
-            for outcome, result in zip(successes, self.secrets.put_many(writes), strict=True):
+            results = await self._store("write credentials", self.secrets.put_many, writes)
+            for outcome, result in zip(successes, results, strict=True):
                 cid = outcome.claim.lease.connection_id
                 if isinstance(result, VersionConflict):
                     # Someone re-authorised the connection meanwhile: their version wins.
                     summary.lease_lost += 1
                     self.log.warning("refresh discarded: newer version exists", connection_id=cid)
-                    self.state.release(outcome.claim.lease)
+                    releases.append(outcome.claim.lease)
                     continue
                 written[cid] = result
 
@@ -313,11 +401,13 @@ class Refresher:
             state, evs = self._failure(outcome, now)
             updates.append((outcome.claim.lease, state))
             events.append(evs)
-        for outcome in skipped:
-            summary.deferred += 1
-            self.state.release(outcome.claim.lease)
+        summary.deferred += len(skipped)
+        for lease in releases:
+            await self._store("release lease", self.state.release, lease)
 
-        accepted = self.state.complete(updates) if updates else []
+        accepted = (
+            await self._store("write states", self.state.complete, updates) if updates else []
+        )
         to_publish: list[ConnectionEvent] = []
         for (lease, _), evs, ok in zip(updates, events, accepted, strict=True):
             if not ok:
@@ -329,7 +419,44 @@ class Refresher:
             to_publish.extend(evs)
             self._count(summary, evs)
         if to_publish:
-            self.events.publish(to_publish)
+            await self._publish(to_publish, summary)
+
+    async def _publish(self, events: list[ConnectionEvent], summary: TickSummary) -> None:
+        """Publish, or park the events in the state store for a later tick to relay: the
+        credentials are committed already, and their announcements must not be lost."""
+        try:
+            await self._store("publish events", self.events.publish, events)
+        except TokenBrokerError as error:
+            self.log.error(
+                "events not published; parking them", error_code=error.code, count=len(events)
+            )
+        else:
+            return
+        try:
+            await self._store("park events", self.state.park_events, events)
+            summary.events_parked += len(events)
+        except TokenBrokerError as error:
+            summary.events_lost += len(events)
+            self.log.error(
+                "events lost: neither published nor parked",
+                error_code=error.code,
+                idempotency_keys=[e.idempotency_key for e in events],
+            )
+
+    async def _relay_parked_events(self, summary: TickSummary) -> None:
+        try:
+            parked = await self._store("read parked events", self.state.parked_events, 1000)
+            if not parked:
+                return
+            await self._store("publish events", self.events.publish, parked)
+            await self._store(
+                "unpark events", self.state.unpark_events, [e.event_id for e in parked]
+            )
+        except TokenBrokerError as error:
+            self.log.warning("parked events not relayed yet", error_code=error.code)
+            return
+        summary.events_relayed += len(parked)
+        self.log.info("parked events relayed", count=len(parked))
 
     def _count(self, summary: TickSummary, evs: list[ConnectionEvent]) -> None:
         for event in evs:

@@ -66,7 +66,7 @@ async def _tick_loop(runtime: Runtime, interval: float, tick_lock: asyncio.Lock)
                 await runtime.tick()
             except TokenBrokerError as error:
                 # Expected failure (a store is down): one line with the code, no traceback.
-                log.error("scheduled tick failed", error_code=error.code, error=error.message)  # noqa: TRY400
+                log.error("scheduled tick failed", error_code=error.code, error=error.message)
         await asyncio.sleep(interval)
 
 

@@ -12,7 +12,7 @@ import pytest
 from tokenbroker.adapters.memory import MemoryEventBus, MemorySecretStore, MemoryStateStore
 from tokenbroker.clock import FakeClock
 from tokenbroker.connections import ConnectionRegistry
-from tokenbroker.errors import TransportError
+from tokenbroker.errors import StoreUnavailable, TransportError
 from tokenbroker.model import (
     Connection,
     ConnectionStatus,
@@ -223,3 +223,64 @@ def test_many_connections_in_one_tick(world: World) -> None:
     assert summary.refreshed == 300
     assert len([e for e in world.events.events if e.type is EventType.ROTATED]) == 300
     assert {world.secrets.get(f"c{i}").version for i in range(300)} == {2}
+
+
+class FlakyStore:
+    """Wraps a store; its named methods fail ``failures`` times with a retryable error."""
+
+    def __init__(self, inner: object, methods: set[str], failures: int) -> None:
+        self._inner = inner
+        self._methods = methods
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._inner, name)
+        if name not in self._methods:
+            return attr
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable(f"{name} down")
+            return attr(*args, **kwargs)
+
+        return flaky
+
+
+def test_store_hiccups_are_retried_and_nothing_is_lost(world: World) -> None:
+    for i in range(5):
+        world.add(f"c{i}")
+    world.secrets = FlakyStore(world.secrets, {"put_many"}, failures=2)  # type: ignore[assignment]
+    summary = world.tick(world.refresher(commit_batch=1))
+    assert summary.refreshed == 5
+    assert summary.ok
+    assert {world.secrets.get(f"c{i}").version for i in range(5)} == {2}
+
+
+def test_when_commits_fail_for_good_no_more_refresh_tokens_are_sent(world: World) -> None:
+    for i in range(20):
+        world.add(f"c{i}")
+    world.secrets = FlakyStore(world.secrets, {"put_many"}, failures=10**6)  # type: ignore[assignment]
+    world.server.latency = 0.002  # a real network round trip lets the committer run
+    refresher = world.refresher(concurrency=2, commit_batch=1)
+    with pytest.raises(StoreUnavailable):
+        world.tick(refresher)
+    # Only what was already in flight when the first commit failed was sent, not all 20.
+    assert world.server.requests["refresh_token"] <= 6
+    # Nothing half-written: every stored credential is still the registered one.
+    assert {world.secrets.get(f"c{i}").version for i in range(20)} == {1}
+
+
+def test_unpublished_events_are_parked_and_relayed_next_tick(world: World) -> None:
+    world.add("c1")
+    world.events = FlakyStore(world.events, {"publish"}, failures=10**6)  # type: ignore[assignment]
+    summary = world.tick()
+    assert summary.refreshed == 1
+    assert summary.events_parked == 1
+    assert world.secrets.get("c1").version == 2  # the credential is committed regardless
+    assert [e.type for e in world.state.parked_events(10)] == [EventType.ROTATED]
+    world.events.failures = 0  # type: ignore[attr-defined]
+    summary = world.tick()
+    assert summary.events_relayed == 1
+    assert world.state.parked_events(10) == []
+    assert [e.type for e in world.events._inner.events] == [EventType.ROTATED]  # type: ignore[attr-defined]

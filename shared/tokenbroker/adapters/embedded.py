@@ -95,6 +95,11 @@ CREATE TABLE IF NOT EXISTS retired_fencing (
     connection_id TEXT PRIMARY KEY,
     lease_token INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS parked_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -430,6 +435,23 @@ class EmbeddedStateStore:
                 "UPDATE connections SET lease_holder=NULL, lease_expires_at=NULL "
                 "WHERE id = ? AND lease_token = ?",
                 (lease.connection_id, lease.token),
+            )
+
+    def park_events(self, events: Sequence[ConnectionEvent]) -> None:
+        with self._db.transaction() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO parked_events (event_id, body) VALUES (?, ?)",
+                [(e.event_id, json.dumps(e.to_json())) for e in events],
+            )
+
+    def parked_events(self, limit: int) -> builtins.list[ConnectionEvent]:
+        rows = self._db.read("SELECT body FROM parked_events ORDER BY seq LIMIT ?", (limit,))
+        return [ConnectionEvent.from_json(json.loads(body)) for (body,) in rows]
+
+    def unpark_events(self, event_ids: Sequence[str]) -> None:
+        with self._db.transaction() as cur:
+            cur.executemany(
+                "DELETE FROM parked_events WHERE event_id = ?", [(i,) for i in event_ids]
             )
 
 

@@ -106,6 +106,7 @@ class MemoryStateStore:
         self._records: dict[str, ConnectionRecord] = {}
         self._leases: dict[str, Lease] = {}
         self._fencing: dict[str, int] = {}
+        self._parked: dict[str, ConnectionEvent] = {}
 
     def create(self, connection: Connection, state: RefreshState) -> None:
         with self._lock:
@@ -196,6 +197,20 @@ class MemoryStateStore:
             held = self._leases.get(lease.connection_id)
             if held is not None and held.token == lease.token:
                 del self._leases[lease.connection_id]
+
+    def park_events(self, events: Sequence[ConnectionEvent]) -> None:
+        with self._lock:
+            for event in events:
+                self._parked.setdefault(event.event_id, event)
+
+    def parked_events(self, limit: int) -> builtins.list[ConnectionEvent]:
+        with self._lock:
+            return list(self._parked.values())[:limit]
+
+    def unpark_events(self, event_ids: Sequence[str]) -> None:
+        with self._lock:
+            for event_id in event_ids:
+                self._parked.pop(event_id, None)
 
 
 class MemoryEventBus:

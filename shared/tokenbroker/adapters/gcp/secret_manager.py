@@ -40,6 +40,7 @@ from tokenbroker.adapters.gcp.errors import translate
 from tokenbroker.clock import isoformat, parse_iso
 from tokenbroker.errors import (
     AlreadyExists,
+    CorruptCredential,
     NotFound,
     StoreUnavailable,
     TokenBrokerError,
@@ -54,12 +55,6 @@ ENV_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
 CURRENT = "tokenbroker-current"
 EXPIRES = "tokenbroker-expires-v"
 LABELS = {"managed-by": "tokenbroker"}
-
-
-class CorruptCredential(TokenBrokerError):
-    """A payload whose checksum does not match: never used, never overwritten silently."""
-
-    code = "corrupt_credential"
 
 
 def make_client(endpoint: str | None = None) -> Any:
