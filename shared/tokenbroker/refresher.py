@@ -244,12 +244,12 @@ class Refresher:
         )
         pending = iter(claims)
         halt: list[TokenBrokerError] = []
-        self._committing = asyncio.Event()
-        self._committing.set()
+        committing = self._committing = asyncio.Event()
+        committing.set()
 
         async def worker() -> None:
             for claim in pending:
-                await self._committing.wait()  # paused while a commit is retrying
+                await committing.wait()  # paused while a commit is retrying
                 if halt:
                     return  # nothing could be stored: sending refresh tokens would lose them
                 cid = claim.lease.connection_id
@@ -257,7 +257,9 @@ class Refresher:
                 await queue.put(outcome)
 
         committer = asyncio.create_task(
-            self._commit_loop(queue, summary, progress, len(claims), halt)
+            self._commit_loop(
+                queue, summary, progress, len(claims), halt=halt, committing=committing
+            )
         )
         try:
             workers = [
@@ -325,7 +327,9 @@ class Refresher:
         summary: TickSummary,
         progress: Callable[[int, int], None] | None,
         total: int,
+        *,
         halt: list[TokenBrokerError],
+        committing: asyncio.Event,
     ) -> None:
         done = False
         committed = 0
@@ -347,7 +351,7 @@ class Refresher:
             try:
                 await self._commit(batch, summary)
             except TokenBrokerError as error:
-                self._committing.set()  # release the workers: they see the halt and stop
+                committing.set()  # release the workers: they see the halt and stop
                 # Keep trying later batches (in-flight refreshes hold rotated tokens that are
                 # nowhere else), but start no new refresh.
                 halt.append(error)
@@ -358,7 +362,7 @@ class Refresher:
                     connections=[o.claim.lease.connection_id for o in batch],
                 )
                 continue
-            self._committing.set()
+            committing.set()
             committed += len(batch)
             if progress is not None:
                 progress(committed, total)

@@ -13,6 +13,7 @@ that writes are visible to other handles and that races between handles are safe
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -84,9 +85,50 @@ def _embedded_secrets(ws: Workspace, retained: int | None) -> SecretStore:
     return EmbeddedSecretStore(_embedded_db(ws), **kwargs)
 
 
+_secret_manager_server: Any = None
+
+
+def _secret_manager(ws: Workspace, retained: int | None) -> SecretStore:
+    """Secret Manager on the gRPC test server (one per test process), a project per test."""
+    global _secret_manager_server  # noqa: PLW0603 - one server for the test process
+    import atexit
+
+    from tests.support.secretmanager_server import SecretManagerTestServer
+    from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
+
+    if _secret_manager_server is None:
+        _secret_manager_server = SecretManagerTestServer().start()
+        atexit.register(_secret_manager_server.stop)
+    project = ws.once("sm-project", lambda: f"tb-test-{uuid.uuid4().hex[:12]}")
+    kwargs = {} if retained is None else {"retained_versions": retained}
+    return SecretManagerSecretStore(
+        project=project, endpoint=_secret_manager_server.address, **kwargs
+    )
+
+
+def _aws_secrets(ws: Workspace, retained: int | None) -> SecretStore:
+    """AWS Secrets Manager on moto (one server per test process), a name prefix per test;
+    each call is a new boto3 client. The workspace's secrets are deleted when it closes."""
+    import uuid
+
+    from tests.support.moto_server import delete_secrets_with_prefix, moto_client
+    from tokenbroker.adapters.aws import AwsSecretsManagerStore
+
+    def new_prefix() -> str:
+        prefix = f"tb-test-{uuid.uuid4().hex[:12]}/"
+        ws.on_close(lambda: delete_secrets_with_prefix(prefix))
+        return prefix
+
+    prefix = ws.once("aws-prefix", new_prefix)
+    kwargs = {} if retained is None else {"retained_versions": retained}
+    return AwsSecretsManagerStore(moto_client(), prefix=prefix, **kwargs)
+
+
 SECRET_STORES: dict[str, SecretStoreAdapter] = {
+    "secret-manager": SecretStoreAdapter(open=_secret_manager),
     "memory": SecretStoreAdapter(open=_memory_secrets),
     "embedded": SecretStoreAdapter(open=_embedded_secrets),
+    "aws": SecretStoreAdapter(open=_aws_secrets),
 }
 
 
@@ -98,9 +140,25 @@ class StateStoreAdapter:
     open: Callable[[Workspace], StateStore]
 
 
+def _open_firestore_state(ws: Workspace) -> StateStore:
+    """Firestore (emulator): a new client per call, on a project of the workspace's own, so
+    tests never see each other's documents and every handle shares the same storage."""
+    import uuid
+
+    from tests.support.emulators import emulator
+    from tokenbroker.adapters.gcp.firestore import FirestoreStateStore
+
+    emulator("firestore")
+    project = ws.once("firestore-project", lambda: f"tb-test-{uuid.uuid4().hex[:12]}")
+    store = FirestoreStateStore(project=project)
+    ws.on_close(store.close)
+    return store
+
+
 STATE_STORES: dict[str, StateStoreAdapter] = {
     "memory": StateStoreAdapter(open=lambda ws: ws.once("memory-state", MemoryStateStore)),
     "embedded": StateStoreAdapter(open=lambda ws: EmbeddedStateStore(_embedded_db(ws))),
+    "firestore": StateStoreAdapter(open=_open_firestore_state),
 }
 
 
@@ -110,12 +168,17 @@ STATE_STORES: dict[str, StateStoreAdapter] = {
 @dataclass(frozen=True)
 class EventBusAdapter:
     open: Callable[[Workspace], EventBus]
-    #: Every event accepted so far, in publish order, as a subscriber would observe it.
+    #: Every event accepted so far, as a subscriber would observe it: each connection's events
+    #: in publish order (and all of them in publish order if ``orders_across_connections``).
     read: Callable[[EventBus], Sequence[ConnectionEvent]]
     #: Whether publishing an event whose ``event_id`` was already accepted is a no-op.
     #: Delivery is at-least-once either way (subscribers de-duplicate on idempotency_key);
     #: adapters that cannot de-duplicate (memory keeps every copy) say False.
     dedupes_event_ids: bool
+    #: Whether events of *different* connections are also observed in publish order. Pub/Sub
+    #: orders only within an ordering key (= connection); across keys it promises no order
+    #: (https://cloud.google.com/pubsub/docs/ordering).
+    orders_across_connections: bool = True
 
 
 def _read_memory(bus: EventBus) -> Sequence[ConnectionEvent]:
@@ -128,6 +191,79 @@ def _read_outbox(bus: EventBus) -> Sequence[ConnectionEvent]:
     return [event for _, event in bus.read(limit=1_000_000)]
 
 
+# Pub/Sub (emulator): a fresh topic per workspace with an ordered subscription created before
+# anything is published; ``read`` drains that subscription by synchronous pull, acks, and
+# returns everything seen so far in delivery order (ordered per connection = ordering key).
+_PUBSUB_PROJECT = "tokenbroker-test"
+_PUBSUB_SEEN: dict[str, list[ConnectionEvent]] = {}
+
+
+def _pubsub_topic(ws: Workspace) -> str:
+    import uuid
+
+    from google.cloud import pubsub_v1
+
+    from tests.support.emulators import emulator
+
+    emulator("pubsub")
+    name = f"tb-contract-{uuid.uuid4().hex[:12]}"
+    topic = f"projects/{_PUBSUB_PROJECT}/topics/{name}"
+    subscription = f"projects/{_PUBSUB_PROJECT}/subscriptions/{name}"
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(
+        request={"name": subscription, "topic": topic, "enable_message_ordering": True}
+    )
+
+    def delete() -> None:
+        _PUBSUB_SEEN.pop(subscription, None)
+        subscriber.delete_subscription(subscription=subscription)
+        publisher.delete_topic(topic=topic)
+        subscriber.close()
+
+    ws.on_close(delete)
+    return topic
+
+
+def _open_pubsub(ws: Workspace) -> EventBus:
+    from tokenbroker.adapters.gcp.pubsub import PubSubEventBus
+
+    bus = PubSubEventBus(ws.once("pubsub-topic", lambda: _pubsub_topic(ws)))
+    ws.on_close(bus.close)
+    return bus
+
+
+def _read_pubsub(bus: EventBus) -> Sequence[ConnectionEvent]:
+    from google.api_core.exceptions import DeadlineExceeded
+    from google.cloud import pubsub_v1
+
+    from tokenbroker.adapters.gcp.pubsub import PubSubEventBus
+    from tokenbroker.subscriber import parse_message
+
+    assert isinstance(bus, PubSubEventBus)
+    subscription = bus.topic.replace("/topics/", "/subscriptions/")
+    seen = _PUBSUB_SEEN.setdefault(subscription, [])
+    with pubsub_v1.SubscriberClient() as subscriber:
+        # Until a pull comes back empty: the emulator answers empty ~1 s before the deadline.
+        while True:
+            try:
+                response = subscriber.pull(
+                    request={"subscription": subscription, "max_messages": 1000},
+                    timeout=2.0,
+                    retry=None,
+                )
+            except DeadlineExceeded:
+                break
+            received = list(response.received_messages)
+            if not received:
+                break
+            subscriber.acknowledge(
+                request={"subscription": subscription, "ack_ids": [m.ack_id for m in received]}
+            )
+            seen.extend(parse_message(m.message) for m in received)
+    return list(seen)
+
+
 EVENT_BUSES: dict[str, EventBusAdapter] = {
     "memory": EventBusAdapter(
         open=lambda ws: ws.once("memory-events", MemoryEventBus),
@@ -138,6 +274,12 @@ EVENT_BUSES: dict[str, EventBusAdapter] = {
         open=lambda ws: EmbeddedOutbox(_embedded_db(ws)),
         read=_read_outbox,
         dedupes_event_ids=True,
+    ),
+    "pubsub": EventBusAdapter(
+        open=_open_pubsub,
+        read=_read_pubsub,
+        dedupes_event_ids=False,
+        orders_across_connections=False,
     ),
 }
 

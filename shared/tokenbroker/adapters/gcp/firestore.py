@@ -1,0 +1,688 @@
+"""The StateStore port on Cloud Firestore (Native mode), with the official client library.
+
+Document layout
+---------------
+One document per connection in ``<collection>`` (default ``tokenbroker_connections``), its id
+the connection id (connection ids fit Firestore document ids, see ``model.CONNECTION_ID_RE``)::
+
+    connection            map        Connection.to_json(): what to refresh and how, no secret
+    status                string     "active" | "needs_reauth" | "disabled"
+    expires_at, next_refresh_at, last_refresh_at, last_attempt_at
+                          timestamp  (or null) Firestore timestamps, so they can be indexed
+    consecutive_failures  int
+    current_version       int or null
+    last_error            string or null
+    lease_holder          string     who holds the lease; null when none is held
+    lease_token           int        the newest fencing token granted on this connection
+    lease_expires_at      timestamp  when the lease ends; 1970-01-01 when none is held (not
+                                     null: a null would fall out of the range filter below)
+
+and one tombstone per deleted connection in ``<collection>_fencing`` holding the retired
+``lease_token``: a connection re-created under the same id continues the token sequence, so a
+refresher that leased the old one can never commit on the new one.
+
+Events the bus could not take are parked in ``<collection>_parked_events``, one document per
+event (named by a hash of its id; ``seq`` from a sequence document in the same collection gives
+the oldest-first order).
+
+Selecting due connections
+-------------------------
+``claim_due`` is one query, run inside a transaction::
+
+    status == "active" AND next_refresh_at <= now AND lease_expires_at <= now
+    ORDER BY next_refresh_at LIMIT k
+
+served by the composite index ``(status, next_refresh_at, lease_expires_at)`` shipped in
+``terraform/firestore.indexes.json``: it reads only the due connections whose lease is free or
+expired (the crash-recovery point), so the documents a tick reads grow with the number of due
+connections, never with the number registered. Range filters on two fields are supported since
+2024 (https://firebase.google.com/docs/firestore/query-data/multiple-range-fields); the results
+come ordered by the inequality fields and then ``__name__``
+(https://cloud.google.com/firestore/docs/reference/rest/v1/StructuredQuery, ``orderBy``). The
+reference adapters order by ``(next_refresh_at, id)``: each chunk reads one document more than
+it takes, and when that one is due at the same instant as the last one taken, every connection
+due at that instant is read too (an equality query on the same index) before choosing on
+``(next_refresh_at, id)``. So the same connections are taken, in the same order, as by the
+in-memory and SQLite adapters.
+
+``leased_elsewhere`` (due connections skipped for a live lease) is a ``count()`` aggregation of
+``next_refresh_at <= now AND lease_expires_at > now`` on the same index, billed one read per
+1,000 index entries (https://cloud.google.com/firestore/pricing), not per document. It runs
+just before the claim, outside its transaction: inside, it would lock every due entry.
+
+Claiming writes only the lease fields, so ``get`` still returns the record as last written
+(the contract says a claim does not change the record, which rules out hiding a leased
+connection by moving its ``next_refresh_at`` to the lease expiry); ``complete`` writes the new
+state and gives the lease back. The due-but-leased connections are skipped inside the index
+scan, as index entries: they are not documents read.
+
+The emulator accepts queries without composite indexes (and scans the whole collection for
+each), so a test checks that ``terraform/firestore.indexes.json`` holds an index for every
+query this adapter builds (``queries``); without it, Firestore answers FAILED_PRECONDITION.
+
+Transactions
+------------
+Every read-modify-write runs in a Firestore transaction: reads first, then writes; the body may
+run again when another transaction touched what it read (ABORTED), so every write is derived
+from the body's own reads (https://cloud.google.com/firestore/docs/manage-data/transactions;
+https://cloud.google.com/firestore/docs/transaction-data-contention). Serializable isolation is
+what makes two claimers racing over the same due set never get the same connection, and what
+makes ``complete`` check the fencing token and write the state atomically.
+
+Claims and completions of many connections run in chunks of ``chunk_size`` (default 250)
+documents per transaction, under the per-commit write limit, so 10,000 due connections take 40
+transactions, not 10,000. Each chunk is atomic; a call spanning several chunks is a sequence of
+atomic claims (the reference adapters take the whole set at once).
+
+API calls (``k`` = documents in the call)
+------------------------------------------
+==============  ====================================================  ========================
+operation       document reads                                        document writes
+==============  ====================================================  ========================
+create          2 (connection + tombstone, one batch get)             1
+get             1                                                     0
+list            all connections                                       0
+delete          1                                                     2 (document + tombstone)
+put_state       0 (an update with an exists precondition)             1
+claim_due       k claimed, + 1 look-ahead per full chunk, + the ties  k
+                at a chunk's last instant (rare); + 1 ``count()``
+                (billed per 1,000 index entries); an empty query
+                bills 1
+claim(ids)      k named                                               k granted
+complete        k                                                     k accepted
+release         1                                                     0 or 1
+park_events     k + 1 (the sequence document)                         k new + 1
+parked_events   the events returned (an empty query bills 1)          0
+unpark_events   0                                                     k deletes
+==============  ====================================================  ========================
+
+One refresh therefore costs about 2 document reads and 2 writes of state (claim: 1 + 1;
+complete: 1 + 1), batched up to ``chunk_size`` per commit.
+
+Errors
+------
+``NotFound`` / ``AlreadyExists`` come from :mod:`tokenbroker.errors`. Firestore unreachable or
+overloaded (``ServiceUnavailable``, ``DeadlineExceeded``, ``InternalServerError``,
+``ResourceExhausted``, too much contention) becomes ``StoreUnavailable`` (retryable); a missing
+index, database or permission becomes ``ConfigError``. No google exception escapes.
+
+The client library is imported when the first call needs it, never at module import (cold
+start; see ``tokenbroker.adapters.gcp``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from tokenbroker.adapters.gcp.errors import translate
+from tokenbroker.errors import (
+    AlreadyExists,
+    ConfigError,
+    NotFound,
+    StoreUnavailable,
+    TokenBrokerError,
+)
+from tokenbroker.model import (
+    Claim,
+    Connection,
+    ConnectionEvent,
+    ConnectionRecord,
+    ConnectionStatus,
+    Lease,
+    RefreshState,
+)
+from tokenbroker.ports import ClaimBatch
+
+__all__ = ["DEFAULT_COLLECTION", "FirestoreStateStore", "stored_document"]
+
+T = TypeVar("T")
+
+DEFAULT_COLLECTION = "tokenbroker_connections"
+FENCING_SUFFIX = "_fencing"
+PARKED_SUFFIX = "_parked_events"
+#: The document holding the last sequence number given to a parked event.
+PARKED_SEQUENCE = "_sequence"
+EMULATOR_HOST_ENV = "FIRESTORE_EMULATOR_HOST"  # read by the client library itself
+
+#: Documents per transaction: under the historical 500-writes-per-commit limit, and small enough
+#: that one transaction's locks stay short.
+DEFAULT_CHUNK_SIZE = 250
+#: Whole-transaction attempts on contention (see _transact).
+_TRANSACTION_ATTEMPTS = 8
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_MAX_S = 1.0
+
+#: ``lease_expires_at`` of a connection nobody holds: long expired, and still a timestamp.
+NO_LEASE = datetime(1970, 1, 1, tzinfo=UTC)
+_ACTIVE = ConnectionStatus.ACTIVE.value
+_TIME_FIELDS = ("expires_at", "next_refresh_at", "last_refresh_at", "last_attempt_at")
+_LEASE_GIVEN_BACK: dict[str, Any] = {"lease_holder": None, "lease_expires_at": NO_LEASE}
+
+
+# --- conversions ---------------------------------------------------------------------------
+
+
+def _utc(value: Any) -> datetime | None:
+    """A stored timestamp as a plain aware ``datetime`` (the client returns its own subclass,
+    ``DatetimeWithNanoseconds``; Firestore keeps microseconds, which is all datetime has)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a timestamp, got {type(value).__name__}")
+    value = value.astimezone(UTC)
+    return datetime(
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+        tzinfo=UTC,
+    )
+
+
+def _state_fields(state: RefreshState) -> dict[str, Any]:
+    return {
+        "status": state.status.value,
+        "expires_at": state.expires_at,
+        "next_refresh_at": state.next_refresh_at,
+        "last_refresh_at": state.last_refresh_at,
+        "last_attempt_at": state.last_attempt_at,
+        "consecutive_failures": state.consecutive_failures,
+        "current_version": state.current_version,
+        "last_error": state.last_error,
+    }
+
+
+def _state(data: dict[str, Any]) -> RefreshState:
+    times = {name: _utc(data.get(name)) for name in _TIME_FIELDS}
+    return RefreshState(
+        status=ConnectionStatus(data["status"]),
+        consecutive_failures=int(data.get("consecutive_failures") or 0),
+        current_version=data.get("current_version"),
+        last_error=data.get("last_error"),
+        **times,
+    )
+
+
+def _record(data: dict[str, Any]) -> ConnectionRecord:
+    return ConnectionRecord(Connection.from_json(data["connection"]), _state(data))
+
+
+def _lease_live(data: dict[str, Any], now: datetime) -> bool:
+    """A lease is held and has not expired (one expiring exactly at ``now`` has)."""
+    expires = _utc(data.get("lease_expires_at")) or NO_LEASE
+    return data.get("lease_holder") is not None and expires > now
+
+
+def _due_order(snapshot: Any) -> tuple[datetime, str]:
+    """The reference adapters' order: earliest ``next_refresh_at`` first, then by id."""
+    # Only scheduled connections match the due query; the fallback is for the type checker.
+    due = _utc(snapshot.get("next_refresh_at")) or NO_LEASE
+    return due, str(snapshot.id)
+
+
+def stored_document(
+    connection: Connection, state: RefreshState, *, lease_token: int = 0
+) -> dict[str, Any]:
+    """A connection's document as this adapter stores it, nobody holding its lease.
+
+    ``create`` writes exactly this (with the retired token of a deleted namesake); it is
+    public for bulk imports into an empty collection (migrations, benchmarks), which may
+    write it with batched writes instead of one transaction per connection.
+    """
+    return {
+        "connection": connection.to_json(),
+        **_state_fields(state),
+        **_LEASE_GIVEN_BACK,
+        "lease_token": lease_token,
+    }
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+#: Firestore-specific meanings, checked before the mapping every Google adapter shares
+#: (:func:`tokenbroker.adapters.gcp.errors.translate`): ABORTED is contention the transaction
+#: retry loop already gave up on (retryable later); FAILED_PRECONDITION is almost always a
+#: missing composite index and NOT_FOUND a missing database -- both deployment mistakes.
+_FIRESTORE_ERRORS: dict[str, Callable[[str], TokenBrokerError]] = {
+    "Aborted": lambda what: StoreUnavailable(f"{what}: ABORTED (too much contention)"),
+    "FailedPrecondition": lambda what: ConfigError(
+        f"{what}: FAILED_PRECONDITION (is a composite index missing? deploy "
+        "terraform/firestore.indexes.json)"
+    ),
+    "NotFound": lambda what: ConfigError(f"{what}: NOT_FOUND (does the database exist?)"),
+}
+
+
+def _is_google(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith(("google.", "grpc"))
+
+
+def _translate(exc: BaseException, action: str) -> TokenBrokerError | None:
+    """The tokenbroker error for a google exception, or ``None`` if ``exc`` is not one."""
+    if not _is_google(exc):
+        return None
+    module = type(exc).__module__
+    name = type(exc).__name__
+    what = f"Firestore {action}"
+    if name in _FIRESTORE_ERRORS:
+        return _FIRESTORE_ERRORS[name](what)
+    if module.startswith("google.auth"):
+        from google.auth import exceptions as auth  # noqa: PLC0415 - heavy, lazily
+
+        if isinstance(exc, auth.TransportError):
+            return StoreUnavailable(f"{what}: {name}")
+        return ConfigError(f"{what}: {name} (check the credentials)")
+    return translate(exc, what)
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except TokenBrokerError:
+        raise
+    except Exception as exc:
+        mapped = _translate(exc, action)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+# --- the adapter ---------------------------------------------------------------------------
+
+
+class FirestoreStateStore:
+    """Connection registry, refresh state and fenced leases in one Firestore collection.
+
+    ``client``: a ``google.cloud.firestore.Client``; when ``None`` one is built on first use
+    for ``project`` and ``database`` (with ``FIRESTORE_EMULATOR_HOST`` set it talks to the
+    emulator, with anonymous credentials so no Application Default Credentials are looked up).
+
+    ``documents_read`` counts every document snapshot this handle has read (query results and
+    gets, including gets of documents that do not exist); ``aggregations_run`` counts ``count()``
+    queries and ``transactions_run`` transaction attempts. The first two bound what Firestore
+    bills for reads.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        project: str | None = None,
+        database: str = "(default)",
+        collection: str = DEFAULT_COLLECTION,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if chunk_size < 1:
+            raise ConfigError("chunk_size must be at least 1")
+        self._client = client
+        self._owns_client = client is None
+        self._project = project
+        self._database = database
+        self.collection_name = collection
+        self.chunk_size = chunk_size
+        self._client_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.documents_read = 0
+        self.aggregations_run = 0
+        self.transactions_run = 0
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The Firestore client, built on first use (importing the library is slow)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self._build_client()
+        return self._client
+
+    def _build_client(self) -> Any:
+        with _translated("client setup"):
+            from google.cloud import firestore  # noqa: PLC0415 - heavy, lazily
+
+            credentials = None
+            if os.environ.get(EMULATOR_HOST_ENV):
+                from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415 - heavy, lazily
+
+                credentials = AnonymousCredentials()
+            return firestore.Client(
+                project=self._project, database=self._database, credentials=credentials
+            )
+
+    def close(self) -> None:
+        """Close the client's channel, if this handle built the client."""
+        with self._client_lock:
+            if self._client is not None and self._owns_client:
+                self._client.close()
+                self._client = None
+
+    def _collection(self) -> Any:
+        return self.client.collection(self.collection_name)
+
+    def _doc(self, connection_id: str) -> Any:
+        return self._collection().document(connection_id)
+
+    def _tombstone(self, connection_id: str) -> Any:
+        return self.client.collection(self.collection_name + FENCING_SUFFIX).document(connection_id)
+
+    def _read(self, snapshots: Iterable[Any]) -> builtins.list[Any]:
+        found = list(snapshots)
+        with self._stats_lock:
+            self.documents_read += len(found)
+        return found
+
+    def _count(self, query: Any) -> int:
+        with self._stats_lock:
+            self.aggregations_run += 1
+        (results,) = query.count(alias="n").get()
+        return int(results[0].value)
+
+    def _transact(self, body: Callable[[Any], T]) -> T:
+        """Run ``body(transaction)`` in a read-write transaction, retried on contention.
+
+        Contention surfaces as ABORTED, from a read or from the commit. The client library
+        would retry only the commit, at once; retrying the whole transaction after a jittered
+        pause lets racing claimers fall out of step instead of colliding again. (Measured on
+        the emulator, which resolves a lock conflict by timing it out after ~2 s: four claimers
+        retrying in lockstep collided again and again, for tens of seconds.)
+        """
+        from google.api_core import exceptions as api  # noqa: PLC0415 - heavy, lazily
+        from google.cloud import firestore  # noqa: PLC0415 - heavy, lazily
+
+        for attempt in range(_TRANSACTION_ATTEMPTS):
+            with self._stats_lock:
+                self.transactions_run += 1
+            transaction = self.client.transaction(max_attempts=1)
+            try:
+                return firestore.transactional(body)(transaction)  # type: ignore[no-any-return]
+            except api.Aborted:
+                pass
+            except ValueError as exc:  # "Failed to commit transaction in N attempts"
+                if not isinstance(exc.__cause__, api.Aborted):
+                    raise
+            delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt)
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
+        raise StoreUnavailable(
+            f"Firestore: too much contention, gave up after {_TRANSACTION_ATTEMPTS} transactions"
+        )
+
+    # -- the registry ----------------------------------------------------------------------
+
+    def create(self, connection: Connection, state: RefreshState) -> None:
+        ref, tomb = self._doc(connection.id), self._tombstone(connection.id)
+
+        def body(transaction: Any) -> None:
+            snaps = {s.reference.path: s for s in self._read(transaction.get_all([ref, tomb]))}
+            if snaps[ref.path].exists:
+                raise AlreadyExists(f"connection {connection.id!r} already exists")
+            retired = snaps[tomb.path].get("lease_token") if snaps[tomb.path].exists else 0
+            transaction.create(ref, stored_document(connection, state, lease_token=int(retired)))
+
+        with _translated("create"):
+            try:
+                self._transact(body)
+            except Exception as exc:
+                if type(exc).__name__ == "AlreadyExists" and _is_google(exc):
+                    # A racing create committed between our read and our commit.
+                    raise AlreadyExists(f"connection {connection.id!r} already exists") from None
+                raise
+
+    def get(self, connection_id: str) -> ConnectionRecord:
+        with _translated("get"):
+            (snap,) = self._read([self._doc(connection_id).get()])
+        if not snap.exists:
+            raise NotFound(f"connection {connection_id!r} not found")
+        return _record(snap.to_dict())
+
+    def list(self) -> builtins.list[ConnectionRecord]:
+        with _translated("list"):
+            snaps = self._read(self._collection().stream())
+        return [_record(s.to_dict()) for s in sorted(snaps, key=lambda s: str(s.id))]
+
+    def delete(self, connection_id: str) -> None:
+        ref, tomb = self._doc(connection_id), self._tombstone(connection_id)
+
+        def body(transaction: Any) -> None:
+            (snap,) = self._read(transaction.get(ref))
+            if not snap.exists:
+                raise NotFound(f"connection {connection_id!r} not found")
+            # Retire the fencing token: a lease from before the delete must never match a
+            # lease on a connection re-created under the same id.
+            transaction.set(tomb, {"lease_token": int(snap.get("lease_token")) + 1})
+            transaction.delete(ref)
+
+        with _translated("delete"):
+            self._transact(body)
+
+    def put_state(self, connection_id: str, state: RefreshState) -> None:
+        """One write: ``update`` carries an exists precondition, so nothing needs reading."""
+        with _translated("put_state"):
+            try:
+                self._doc(connection_id).update(_state_fields(state))
+            except Exception as exc:
+                if type(exc).__name__ == "NotFound" and _is_google(exc):
+                    raise NotFound(f"connection {connection_id!r} not found") from None
+                raise
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def _grant(
+        self, transaction: Any, snap: Any, now: datetime, holder: str, ttl: timedelta
+    ) -> Claim:
+        token = int(snap.get("lease_token")) + 1
+        expires = now + ttl
+        transaction.update(
+            snap.reference,
+            {"lease_holder": holder, "lease_token": token, "lease_expires_at": expires},
+        )
+        return Claim(Lease(str(snap.id), holder, token, expires), _record(snap.to_dict()))
+
+    def _where(self, *conditions: tuple[str, str, Any]) -> Any:
+        from google.cloud.firestore import FieldFilter  # noqa: PLC0415 - heavy, lazily
+
+        query = self._collection().where(filter=FieldFilter("status", "==", _ACTIVE))
+        for field, op, value in conditions:
+            query = query.where(filter=FieldFilter(field, op, value))
+        return query
+
+    def _free_due(self, now: datetime) -> Any:
+        """Active, due, and nobody's lease is live: what ``claim_due`` may take."""
+        return self._where(
+            ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", now)
+        ).order_by("next_refresh_at")
+
+    def _free_at(self, now: datetime, instant: datetime) -> Any:
+        """Free connections due at exactly ``instant`` (ties at a chunk's last place)."""
+        return self._where(("next_refresh_at", "==", instant), ("lease_expires_at", "<=", now))
+
+    def _leased_due(self, now: datetime) -> Any:
+        """Active and due, under a live lease: what ``leased_elsewhere`` counts."""
+        return self._where(("next_refresh_at", "<=", now), ("lease_expires_at", ">", now)).order_by(
+            "next_refresh_at"
+        )
+
+    def queries(self, now: datetime) -> builtins.list[Any]:
+        """Every query this adapter runs, to check the shipped index definitions against."""
+        return [self._free_due(now), self._free_at(now, now), self._leased_due(now)]
+
+    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+        def chunk(size: int) -> Callable[[Any], tuple[builtins.list[Claim], bool]]:
+            def body(transaction: Any) -> tuple[builtins.list[Claim], bool]:
+                # One more than needed: it tells whether more are due, and whether the last
+                # place taken is shared with connections left out.
+                found = self._read(transaction.get(self._free_due(now).limit(size + 1)))
+                more = len(found) > size
+                if more:
+                    last = _utc(found[size - 1].get("next_refresh_at"))
+                    if _utc(found[size].get("next_refresh_at")) == last and last is not None:
+                        # Firestore breaks ties on next_refresh_at by lease_expires_at, the
+                        # reference order by id: read every connection due at that instant.
+                        ties = self._read(transaction.get(self._free_at(now, last)))
+                        found = list({s.id: s for s in [*found, *ties]}.values())
+                chosen = sorted(found, key=_due_order)[:size]
+                return [self._grant(transaction, snap, now, holder, ttl) for snap in chosen], more
+
+            return body
+
+        with _translated("claim_due"):
+            leased_elsewhere = self._count(self._leased_due(now))
+            claims: builtins.list[Claim] = []
+            more = True
+            while more and len(claims) < limit:
+                got, more = self._transact(chunk(min(self.chunk_size, limit - len(claims))))
+                claims.extend(got)
+        return ClaimBatch(claims, leased_elsewhere=leased_elsewhere)
+
+    def claim(
+        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+    ) -> ClaimBatch:
+        def chunk(ids: Sequence[str]) -> Callable[[Any], ClaimBatch]:
+            def body(transaction: Any) -> ClaimBatch:
+                refs = [self._doc(cid) for cid in ids]
+                snaps = {str(s.id): s for s in self._read(transaction.get_all(refs))}
+                claims: builtins.list[Claim] = []
+                missing: builtins.list[str] = []
+                leased = 0
+                for cid in ids:
+                    snap = snaps.get(cid)
+                    if snap is None or not snap.exists:
+                        missing.append(cid)
+                    elif _lease_live(snap.to_dict(), now):
+                        leased += 1
+                    else:
+                        claims.append(self._grant(transaction, snap, now, holder, ttl))
+                return ClaimBatch(claims, leased_elsewhere=leased, missing=missing)
+
+            return body
+
+        claims: builtins.list[Claim] = []
+        missing: builtins.list[str] = []
+        leased_elsewhere = 0
+        with _translated("claim"):
+            for ids in _chunks(list(dict.fromkeys(connection_ids)), self.chunk_size):
+                batch = self._transact(chunk(ids))
+                claims.extend(batch.claims)
+                missing.extend(batch.missing)
+                leased_elsewhere += batch.leased_elsewhere
+        return ClaimBatch(claims, leased_elsewhere=leased_elsewhere, missing=missing)
+
+    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
+        def chunk(
+            part: Sequence[tuple[Lease, RefreshState]],
+        ) -> Callable[[Any], builtins.list[bool]]:
+            def body(transaction: Any) -> builtins.list[bool]:
+                ids = list(dict.fromkeys(lease.connection_id for lease, _ in part))
+                snaps = self._read(transaction.get_all([self._doc(cid) for cid in ids]))
+                tokens = {str(s.id): s.get("lease_token") for s in snaps if s.exists}
+                writes: dict[str, dict[str, Any]] = {}
+                results: builtins.list[bool] = []
+                for lease, state in part:
+                    # The fencing check: only the newest token granted on this connection may
+                    # write. A deleted connection has none; a re-created one starts above every
+                    # token granted before the delete.
+                    accepted = tokens.get(lease.connection_id) == lease.token
+                    if accepted:
+                        writes[lease.connection_id] = {
+                            **_state_fields(state),
+                            **_LEASE_GIVEN_BACK,
+                        }
+                    results.append(accepted)
+                for cid, fields in writes.items():  # one write per document per commit
+                    transaction.update(self._doc(cid), fields)
+                return results
+
+            return body
+
+        results: builtins.list[bool] = []
+        with _translated("complete"):
+            for part in _chunks(outcomes, self.chunk_size):
+                results.extend(self._transact(chunk(part)))
+        return results
+
+    def release(self, lease: Lease) -> None:
+        ref = self._doc(lease.connection_id)
+
+        def body(transaction: Any) -> None:
+            (snap,) = self._read(transaction.get(ref))
+            if not snap.exists or snap.get("lease_holder") is None:
+                return  # deleted, completed or released: nothing to give back
+            if snap.get("lease_token") == lease.token:
+                transaction.update(ref, dict(_LEASE_GIVEN_BACK))
+
+        with _translated("release"):
+            self._transact(body)
+
+    # -- parked events ---------------------------------------------------------------------
+
+    def _parked(self, event_id: str | None = None) -> Any:
+        """The parked-events collection, or one event's document in it. Documents are named
+        by a hash of the event id, so any id makes a valid document name."""
+        parked = self.client.collection(self.collection_name + PARKED_SUFFIX)
+        if event_id is None:
+            return parked
+        return parked.document(hashlib.sha256(event_id.encode()).hexdigest())
+
+    def park_events(self, events: Sequence[ConnectionEvent]) -> None:
+        """Keep the events the bus could not take, each once (the first copy wins), numbered
+        in order from a sequence document, so ``parked_events`` returns them oldest first as
+        the reference adapters do. One transaction per chunk."""
+        first: dict[str, ConnectionEvent] = {}
+        for event in events:
+            first.setdefault(event.event_id, event)
+
+        def chunk(part: Sequence[ConnectionEvent]) -> Callable[[Any], None]:
+            def body(transaction: Any) -> None:
+                sequence = self._parked(PARKED_SEQUENCE)
+                refs = [self._parked(e.event_id) for e in part]
+                snaps = {
+                    s.reference.path: s for s in self._read(transaction.get_all([sequence, *refs]))
+                }
+                last = int(snaps[sequence.path].get("last")) if snaps[sequence.path].exists else 0
+                for ref, event in zip(refs, part, strict=True):
+                    if not snaps[ref.path].exists:
+                        last += 1
+                        transaction.create(ref, {"seq": last, "event": event.to_json()})
+                transaction.set(sequence, {"last": last})
+
+            return body
+
+        with _translated("park_events"):
+            for part in _chunks(builtins.list(first.values()), self.chunk_size):
+                self._transact(chunk(part))
+
+    def parked_events(self, limit: int) -> builtins.list[ConnectionEvent]:
+        if limit <= 0:
+            return []
+        with _translated("parked_events"):
+            query = self._parked().order_by("seq").limit(limit)
+            snaps = self._read(query.stream())
+        return [ConnectionEvent.from_json(s.get("event")) for s in snaps]
+
+    def unpark_events(self, event_ids: Sequence[str]) -> None:
+        """Blind deletes in batches: deleting a document that is not there is not an error."""
+        with _translated("unpark_events"):
+            for part in _chunks(list(dict.fromkeys(event_ids)), self.chunk_size):
+                batch = self.client.batch()
+                for event_id in part:
+                    batch.delete(self._parked(event_id))
+                batch.commit()

@@ -1,0 +1,357 @@
+"""FirestoreStateStore behaviour beyond the StateStore contract, on the official emulator.
+
+The contract suite (tests/contract/test_state_store.py) runs against Firestore too; this file
+checks what is specific to the adapter: chunked claims, reads that grow with the due set and
+not the registry, racing claimers across chunks, the same answers as the reference adapter
+over a long random history, lazy imports, error translation and the shipped index file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.contract.builders import T0, connection, due_state, event
+from tests.contract.racing import race
+from tests.support.emulators import emulator
+from tokenbroker.adapters.gcp.firestore import DEFAULT_COLLECTION, FirestoreStateStore
+from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
+from tokenbroker.model import ConnectionStatus, Lease, RefreshState
+from tokenbroker.ports import ClaimBatch, StateStore
+
+pytestmark = pytest.mark.system
+
+ROOT = Path(__file__).resolve().parents[2]
+TTL = timedelta(seconds=60)
+S = timedelta(seconds=1)
+
+
+@pytest.fixture
+def open_store() -> Iterator[Callable[..., FirestoreStateStore]]:
+    """Open handles (each its own client) on one fresh emulator project."""
+    emulator("firestore")
+    project = f"tb-sys-{uuid.uuid4().hex[:12]}"
+    opened: list[FirestoreStateStore] = []
+
+    def open_(**kwargs: Any) -> FirestoreStateStore:
+        store = FirestoreStateStore(project=project, **kwargs)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def _ids(batch: ClaimBatch) -> list[str]:
+    return [c.lease.connection_id for c in batch.claims]
+
+
+def test_module_import_does_not_import_the_client_library() -> None:
+    code = (
+        "import sys, tokenbroker.adapters.gcp.firestore as m; "
+        "m.FirestoreStateStore(project='p'); "
+        "print(sorted(n for n in sys.modules if n.startswith(('google.cloud.firestore', "
+        "'google.api_core', 'grpc'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_large_claim_runs_in_chunks_earliest_first(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    store = open_store(chunk_size=4)
+    for n in range(11):
+        store.create(connection(f"c{n:02d}"), due_state(T0 - (20 - n) * S))
+    store.create(connection("later"), due_state(T0 + S))
+    batch = store.claim_due(T0, holder="h", ttl=TTL, limit=100)
+    assert _ids(batch) == [f"c{n:02d}" for n in range(11)]
+    assert batch.leased_elsewhere == 0
+    # A limit that is not a multiple of the chunk size stops exactly at the limit.
+    other = open_store(chunk_size=4)
+    assert other.claim_due(T0 + TTL, holder="x", ttl=TTL, limit=6).claims[5].lease.holder == "x"
+    assert other.claim_due(T0 + TTL, holder="y", ttl=TTL, limit=100).leased_elsewhere == 6
+
+
+def test_documents_read_grow_with_the_due_set_not_the_registry(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    store = open_store(chunk_size=3)
+    for n in range(60):
+        due = n % 12 == 0  # 5 of 60 due, at distinct instants
+        at = T0 - n * S if due else T0 + timedelta(hours=1)
+        store.create(connection(f"c{n:02d}"), due_state(at))
+    before = store.documents_read
+    batch = store.claim_due(T0, holder="h", ttl=TTL, limit=1000)
+    assert len(batch.claims) == 5
+    # Each due document once, plus the look-ahead of the one full chunk (read again later).
+    assert store.documents_read - before == 5 + 1
+    # Completing reads each leased document once, and nothing else.
+    before = store.documents_read
+    outcomes = [(c.lease, due_state(T0 + timedelta(hours=1))) for c in batch.claims]
+    assert store.complete(outcomes) == [True] * 5
+    assert store.documents_read - before == 5
+
+
+def test_connections_due_at_the_same_instant_are_taken_by_id(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    """Firestore orders equal ``next_refresh_at`` by ``lease_expires_at``; the reference by
+    id. An expired lease must not push a connection ahead of its peers."""
+    stores: list[StateStore] = [open_store(chunk_size=2), MemoryStateStore()]
+    for store in stores:
+        for cid in ("a", "b", "c", "d"):
+            store.create(connection(cid), due_state(T0 - 90 * S))
+        store.claim(["c", "d"], T0 - 80 * S, holder="dead", ttl=TTL)  # expired at T0 - 20 s
+    picks = [_ids(s.claim_due(T0, holder="h", ttl=TTL, limit=3)) for s in stores]
+    assert picks == [["a", "b", "c"], ["a", "b", "c"]]
+
+
+def test_an_expired_lease_is_ordered_by_its_refresh_time_like_the_reference(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    """A crashed holder's connection keeps its place: it is due since ``next_refresh_at``,
+    not since its lease expired (that is when it became claimable again)."""
+    stores: list[StateStore] = [open_store(), MemoryStateStore()]
+    for store in stores:
+        store.create(connection("crashed"), due_state(T0 - 100 * S))
+        store.create(connection("waiting"), due_state(T0 - 50 * S))
+        assert _ids(store.claim(["crashed"], T0 - 70 * S, holder="dead", ttl=TTL)) == ["crashed"]
+    picks = [_ids(s.claim_due(T0, holder="h", ttl=TTL, limit=1)) for s in stores]
+    assert picks == [["crashed"], ["crashed"]]
+
+
+def test_racing_claimers_across_chunks_never_share_a_connection(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    setup = open_store()
+    due = 30
+    for n in range(due):
+        setup.create(connection(f"c{n:03d}"), due_state(T0 - n * S))
+    racers = [open_store(chunk_size=7) for _ in range(3)]
+    batches = race(
+        [partial(s.claim_due, T0, holder=f"h{n}", ttl=TTL, limit=due) for n, s in enumerate(racers)]
+    )
+    assert all(isinstance(b, ClaimBatch) for b in batches), batches
+    claimed = [cid for b in batches for cid in _ids(b)]  # type: ignore[arg-type]
+    assert sorted(claimed) == [f"c{n:03d}" for n in range(due)]
+
+
+def test_racing_completions_with_a_takeover_accept_exactly_one_writer(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    a, b = open_store(), open_store()
+    a.create(connection("c1"), due_state(T0 - S))
+    stale = a.claim_due(T0, holder="stalled", ttl=TTL, limit=1).claims[0].lease
+    current = b.claim_due(T0 + TTL, holder="new", ttl=TTL, limit=1).claims[0].lease
+    written = RefreshState(next_refresh_at=T0 + timedelta(hours=1), current_version=2)
+    results = race(
+        [partial(a.complete, [(stale, written)]), partial(b.complete, [(current, written)])]
+    )
+    assert results == [[False], [True]]
+
+
+def _random_history(seed: int, store: StateStore, steps: int) -> list[object]:
+    """Apply one seeded random sequence of operations; return every answer."""
+    rnd = random.Random(seed)
+    ids = [f"c{n}" for n in range(8)]
+    leases: list[Lease] = []
+    answers: list[object] = []
+    now = T0
+    for _ in range(steps):
+        now += rnd.choice([S, 10 * S, TTL])
+        op = rnd.choice(
+            ["create", "create", "delete", "put", "due", "due", "claim", "complete", "park"]
+        )
+        cid = rnd.choice(ids)
+        state = due_state(
+            now + rnd.choice([-30, -1, 0, 1, 30]) * S,
+            status=rnd.choice([ConnectionStatus.ACTIVE] * 4 + [ConnectionStatus.DISABLED]),
+            consecutive_failures=rnd.randrange(3),
+        )
+        try:
+            if op == "create":
+                store.create(connection(cid), state)
+                answers.append(("created", cid))
+            elif op == "delete":
+                store.delete(cid)
+                answers.append(("deleted", cid))
+            elif op == "put":
+                store.put_state(cid, state)
+                answers.append(("put", cid))
+            elif op == "due":
+                batch = store.claim_due(now, holder="h", ttl=TTL, limit=rnd.randrange(4))
+                leases.extend(c.lease for c in batch.claims)
+                answers.append(batch)
+            elif op == "claim":
+                named = rnd.sample([*ids, "ghost"], 3)
+                batch = store.claim(named, now, holder="op", ttl=TTL)
+                leases.extend(c.lease for c in batch.claims)
+                answers.append(batch)
+            elif op == "park":
+                n = rnd.randrange(8)  # the same event id now and then: parked once
+                store.park_events([replace(event(cid, n=n), event_id=f"e{n}") for _ in range(2)])
+                parked = store.parked_events(rnd.randrange(5))
+                store.unpark_events([p.event_id for p in parked[:1]])
+                answers.append(parked)
+            elif leases:
+                picked = rnd.sample(leases, min(len(leases), 2))
+                if rnd.random() < 0.3:
+                    store.release(picked[0])
+                    answers.append(("released", picked[0]))
+                else:
+                    answers.append(store.complete([(lease, state) for lease in picked]))
+        except (AlreadyExists, NotFound) as exc:
+            answers.append(type(exc).__name__)
+    answers += [store.list(), store.parked_events(1000)]
+    return answers
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_random_history_gives_the_reference_adapters_answers(
+    open_store: Callable[..., FirestoreStateStore], seed: int
+) -> None:
+    expected = _random_history(seed, MemoryStateStore(), steps=120)
+    assert _random_history(seed, open_store(chunk_size=2), steps=120) == expected
+
+
+def test_parked_events_behave_like_the_reference(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    e = [event(f"c{n % 3}", n=n) for n in range(7)]
+    answers = []
+    for store in [open_store(chunk_size=2), MemoryStateStore()]:
+        got = []
+        store.park_events([e[0], e[1], e[0]])  # a duplicate within one call
+        store.park_events([e[2], replace(e[1], version=99), e[3], e[4]])  # the first copy wins
+        got += [store.parked_events(10), store.parked_events(2), store.parked_events(0)]
+        store.unpark_events([e[1].event_id, "never-parked", e[1].event_id])
+        store.park_events([e[1], e[5]])  # parked again after publishing: now the newest
+        store.park_events([])
+        store.unpark_events([])
+        got.append(store.parked_events(10))
+        answers.append(got)
+    assert answers[0] == answers[1]
+    assert answers[1][0] == e[:5]
+
+
+def test_the_due_selection_bench_reports_its_figures() -> None:
+    """bench/due_selection.py on a small registry (no timing asserted)."""
+    emulator("firestore")  # skips here, with the reason, when the emulator is missing
+    flags = ["--registered", "3000", "--due-fraction", "0.02", "--chunk-size", "25"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "due_selection.py"), *flags, "--json-only"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    required = {"registered", "due", "documents_read", "seconds", "seed_seconds", "claimed"}
+    assert required <= set(figures)
+    assert (figures["registered"], figures["due"], figures["claimed"]) == (3000, 60, 60)
+    assert 60 <= figures["documents_read"] <= 120
+    assert all(figures["checks"].values()), figures["checks"]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class _FailingClient:
+    """Stands in for the client: every read raises the given google exception."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def collection(self, _name: str) -> _FailingClient:
+        return self
+
+    def document(self, _cid: str) -> _FailingClient:
+        return self
+
+    def get(self) -> None:
+        raise self.exc
+
+    def stream(self) -> None:
+        raise self.exc
+
+
+def _google_errors() -> list[tuple[BaseException, type[Exception], bool]]:
+    from google.api_core import exceptions as api
+
+    return [
+        (api.ServiceUnavailable("down"), StoreUnavailable, True),
+        (api.DeadlineExceeded("slow"), StoreUnavailable, True),
+        (api.InternalServerError("oops"), StoreUnavailable, True),
+        (api.Aborted("contention"), StoreUnavailable, True),
+        (api.FailedPrecondition("The query requires an index"), ConfigError, False),
+        (api.PermissionDenied("no"), ConfigError, False),
+        (api.InvalidArgument("bad"), StoreUnavailable, False),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_google_errors_never_escape(case: int) -> None:
+    raised, expected, retryable = _google_errors()[case]
+    store = FirestoreStateStore(_FailingClient(raised))
+    for call in (lambda: store.get("c1"), store.list):
+        with pytest.raises(expected) as info:
+            call()
+        assert info.value.retryable is retryable
+        assert info.value.__cause__ is raised
+
+
+# --- the shipped index definition ----------------------------------------------------------
+
+
+def _index_needed(query: Any) -> tuple[frozenset[str], list[str]]:
+    """What a composite index must hold for ``query``: its equality fields (in any order),
+    then its explicit order, then the remaining inequality fields in lexicographic order, the
+    order Firestore applies (StructuredQuery ``orderBy``)."""
+    pb = query._to_protobuf()
+    filters = [f.field_filter for f in pb.where.composite_filter.filters]
+    equal = frozenset(f.field.field_path for f in filters if f.op.name == "EQUAL")
+    ordered = [o.field.field_path for o in pb.order_by]
+    ranged = {f.field.field_path for f in filters if f.op.name != "EQUAL"}
+    return equal, ordered + sorted(ranged - set(ordered))
+
+
+def _serves(fields: list[str], need: tuple[frozenset[str], list[str]]) -> bool:
+    equal, ordered = need
+    return set(fields[: len(equal)]) == equal and fields[len(equal) :] == ordered
+
+
+def test_the_index_file_defines_an_index_for_every_query_the_adapter_runs(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    """The emulator does not enforce composite indexes; this checks the shipped file holds one
+    for each query, so production never answers FAILED_PRECONDITION, and nothing unused."""
+    spec = json.loads((ROOT / "terraform" / "firestore.indexes.json").read_text())
+    assert spec["fieldOverrides"] == []
+    indexes = []
+    for index in spec["indexes"]:
+        assert index["collectionGroup"] == DEFAULT_COLLECTION
+        assert index["queryScope"] == "COLLECTION"
+        assert all(f["order"] == "ASCENDING" for f in index["fields"])
+        indexes.append([f["fieldPath"] for f in index["fields"]])
+    needs = [_index_needed(q) for q in open_store().queries(T0)]
+    for need in needs:
+        assert any(_serves(fields, need) for fields in indexes), need
+    for fields in indexes:
+        assert any(_serves(fields, need) for need in needs), fields
