@@ -38,6 +38,12 @@ def say(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=35, help="how long to watch")
+    parser.add_argument(
+        "--backend",
+        choices=["embedded", "gcp"],
+        default="embedded",
+        help="gcp: Firestore and Pub/Sub emulators plus the Secret Manager test server",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tokenbroker-demo-"))
@@ -49,6 +55,11 @@ def main() -> int:
         "DEMO_CLIENT_SECRET": RT_BASIC_SECRET,
     }
     env.pop("TOKENBROKER_ENCRYPTION_KEY", None)
+    cloud = GcpLocal() if args.backend == "gcp" else None
+    if cloud is not None:
+        say("Starting the Firestore and Pub/Sub emulators and the Secret Manager test server")
+        env.update(cloud.start())
+        print(f"project {cloud.project}: events go to {cloud.topic}")
 
     def cli(*argv: str, stdin: str | None = None) -> str:
         result = subprocess.run(
@@ -126,10 +137,19 @@ def main() -> int:
 
         say("tokenbroker status")
         print(cli("status"))
-        say("tokenbroker events")
-        print(cli("events"))
+        if cloud is None:
+            say("tokenbroker events")
+            print(cli("events"))
+            events = json.loads(cli("--json", "events"))
+        else:
+            say(f"Events received by a Pub/Sub subscriber on {cloud.subscription}")
+            events = cloud.pull()
+            for e in events:
+                print(f"{e['occurred_at']}  {e['type']:<20} {e['connection_id']}  v{e['version']}")
+            say("Secret Manager versions of the connection's secret")
+            for version, state in cloud.versions("crm"):
+                print(f"version {version}: {state}")
 
-        events = json.loads(cli("--json", "events"))
         rotations = [e for e in events if e["type"] == "credential.rotated"]
         early = all(
             later["occurred_at"] < earlier["expires_at"]
@@ -148,6 +168,72 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         server.stop()
+        if cloud is not None:
+            cloud.stop()
+
+
+class GcpLocal:
+    """The GCP backends, locally: official emulators and our Secret Manager test server."""
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.project = f"demo-{uuid.uuid4().hex[:8]}"
+        self.topic = f"projects/{self.project}/topics/tokenbroker-events"
+        self.subscription = f"projects/{self.project}/subscriptions/demo-watcher"
+        self.server: object = None
+
+    def start(self) -> dict[str, str]:
+        from google.cloud import pubsub_v1
+        from tests.support.emulators import emulator
+        from tests.support.secretmanager_server import SecretManagerTestServer
+
+        firestore, pubsub = emulator("firestore"), emulator("pubsub")
+        self.server = SecretManagerTestServer().start()
+        pubsub_v1.PublisherClient().create_topic(name=self.topic)
+        pubsub_v1.SubscriberClient().create_subscription(
+            request={
+                "name": self.subscription,
+                "topic": self.topic,
+                "enable_message_ordering": True,
+            }
+        )
+        return {
+            "TOKENBROKER_BACKEND": "gcp",
+            "TOKENBROKER_GCP_PROJECT": self.project,
+            "TOKENBROKER_SECRET_MANAGER_ENDPOINT": self.server.address,  # type: ignore[attr-defined]
+            "FIRESTORE_EMULATOR_HOST": firestore.host,
+            "PUBSUB_EMULATOR_HOST": pubsub.host,
+        }
+
+    def pull(self) -> list[dict[str, object]]:
+        from google.cloud import pubsub_v1
+
+        subscriber = pubsub_v1.SubscriberClient()
+        events: list[dict[str, object]] = []
+        while True:
+            response = subscriber.pull(
+                request={"subscription": self.subscription, "max_messages": 100}, timeout=3
+            )
+            if not response.received_messages:
+                return events
+            events += [json.loads(m.message.data) for m in response.received_messages]
+            subscriber.acknowledge(
+                request={
+                    "subscription": self.subscription,
+                    "ack_ids": [m.ack_id for m in response.received_messages],
+                }
+            )
+
+    def versions(self, connection_id: str) -> list[tuple[int, str]]:
+        client = self.server.client()  # type: ignore[attr-defined]
+        parent = f"projects/{self.project}/secrets/tokenbroker-{connection_id}"
+        listed = client.list_secret_versions(request={"parent": parent})
+        return sorted((int(v.name.rsplit("/", 1)[1]), v.state.name) for v in listed)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
