@@ -130,7 +130,11 @@ def _read_secret(file: str | None, env: str | None, what: str) -> Secret | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Embedded state directory.")
-@click.option("--backend", type=click.Choice(["embedded", "memory"]), help="Storage backend.")
+@click.option(
+    "--backend",
+    type=click.Choice(["embedded", "gcp", "aws", "memory"]),
+    help="Backend preset (see docs/gcp.md).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.option(
     "--log-level",

@@ -38,7 +38,11 @@ rewriting of resource names unless ``project_numbers`` is given. Unimplemented m
 UNIMPLEMENTED, as gRPC does for any unknown method.
 
 Standalone: ``python -m tests.support.secretmanager_server --port P`` prints
-``READY 127.0.0.1:P`` once serving, and serves until SIGINT or SIGTERM.
+``READY 127.0.0.1:P`` once serving, and serves until SIGINT or SIGTERM. With ``--stats-port Q``
+(0: a free port) it also serves ``GET /stats`` over plain HTTP on 127.0.0.1 -- the calls per
+method (:attr:`SecretManagerTestServer.calls`) and the process's CPU seconds, as JSON -- and
+``POST /stats/reset`` to zero the calls; the line then reads ``READY 127.0.0.1:P STATS
+127.0.0.1:Q``. Benchmarks use it to count the calls a run makes from another process.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ import binascii
 import collections
 import contextlib
 import hashlib
+import http.server
 import json
+import os
 import re
 import signal
 import sys
@@ -1092,9 +1098,59 @@ class SecretManagerTestServer:
         self.stop()
 
 
+def serve_stats(server: SecretManagerTestServer, port: int = 0) -> http.server.HTTPServer:
+    """A plain-HTTP side endpoint on 127.0.0.1 for another process to read the call counters:
+    ``GET /stats`` answers ``{"calls": {method: n}, "cpu_seconds": s, "uptime_seconds": s}``,
+    ``POST /stats/reset`` zeroes the calls. Serves from a daemon thread; ``shutdown()`` stops it.
+    """
+    started = time.monotonic()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, body: dict[str, Any], status: int = 200) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+            if self.path != "/stats":
+                self._answer({"error": "not found"}, 404)
+                return
+            cpu = os.times()
+            self._answer(
+                {
+                    "calls": dict(server.calls),
+                    "cpu_seconds": cpu.user + cpu.system,
+                    "uptime_seconds": time.monotonic() - started,
+                }
+            )
+
+        def do_POST(self) -> None:  # noqa: N802 - the http.server naming
+            if self.path != "/stats/reset":
+                self._answer({"error": "not found"}, 404)
+                return
+            server.reset_calls()
+            self._answer({"ok": True})
+
+        def log_message(self, *_: Any) -> None:  # no access log on stderr
+            return
+
+    stats = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=stats.serve_forever, name="stats", daemon=True).start()
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A local Secret Manager v1 gRPC server.")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    parser.add_argument(
+        "--stats-port",
+        type=int,
+        default=None,
+        help="also serve GET /stats (calls per method, CPU) over HTTP here (0: a free one)",
+    )
     parser.add_argument(
         "--project-number",
         action="append",
@@ -1105,12 +1161,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     numbers = dict(item.split("=", 1) for item in args.project_number)
     server = SecretManagerTestServer(port=args.port, project_numbers=numbers).start()
+    stats = serve_stats(server, args.stats_port) if args.stats_port is not None else None
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
-    sys.stdout.write(f"READY {server.address}\n")
+    ready = f"READY {server.address}"
+    if stats is not None:
+        ready += f" STATS 127.0.0.1:{stats.server_address[1]}"
+    sys.stdout.write(ready + "\n")
     sys.stdout.flush()
     done.wait()
+    if stats is not None:
+        stats.shutdown()
+        stats.server_close()
     server.stop()
     return 0
 
