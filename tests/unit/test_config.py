@@ -116,3 +116,46 @@ def test_connection_params_are_checked_against_the_profile() -> None:
 def test_connection_ids_are_validated(bad: str) -> None:
     with pytest.raises(ConfigError):
         validate_connection_id(bad)
+
+
+def test_presets_and_per_port_overrides() -> None:
+    assert Settings.from_env({}).adapters == ("embedded", "embedded", "outbox")
+    assert Settings.from_env({"TOKENBROKER_BACKEND": "gcp"}).adapters == (
+        "secret-manager",
+        "firestore",
+        "pubsub",
+    )
+    mixed = Settings.from_env(
+        {"TOKENBROKER_BACKEND": "gcp", "TOKENBROKER_SECRET_STORE": "aws-secrets-manager"}
+    )
+    assert mixed.adapters == ("aws-secrets-manager", "firestore", "pubsub")
+    with pytest.raises(ConfigError, match="TOKENBROKER_EVENT_BUS"):
+        Settings.from_env({"TOKENBROKER_EVENT_BUS": "kafka"})
+
+
+def test_gcp_settings_need_a_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    settings = Settings.from_env({"TOKENBROKER_BACKEND": "gcp"})
+    with pytest.raises(ConfigError, match="TOKENBROKER_GCP_PROJECT"):
+        _ = settings.project
+    named = Settings.from_env({"TOKENBROKER_GCP_PROJECT": "p1", "TOKENBROKER_PUBSUB_TOPIC": "t1"})
+    assert named.topic_path == "projects/p1/topics/t1"
+    full = Settings.from_env({"TOKENBROKER_PUBSUB_TOPIC": "projects/other/topics/x"})
+    assert full.topic_path == "projects/other/topics/x"
+
+
+def test_building_a_gcp_runtime_imports_no_cloud_client_until_used() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tokenbroker.runtime import build_runtime\n"
+        "from tokenbroker.settings import Settings\n"
+        "rt = build_runtime(Settings(backend='gcp', gcp_project='p'))\n"
+        "heavy = [m for m in sys.modules if m.startswith(('google.cloud.secretmanager',"
+        " 'google.cloud.firestore', 'google.cloud.pubsub', 'grpc'))]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
