@@ -34,8 +34,25 @@ The provider process is CPU-bound too at these rates: its own CPU use during eac
 reported (``server_cpu_*``) and the JSON warns when it was near one full core, because then
 the provider, not the client, set the pace.
 
-Usage: ``.venv/bin/python bench/refresh_throughput.py [--n 10000] [--latency-ms 50]
-[--concurrency 256] [--json-only]``.
+``--backend gcp`` (default n 5,000) runs the same steps against the cloud adapters, locally:
+the official Firestore and Pub/Sub emulators (``tests.support.emulators``; a clear exit when
+they are not installed), the Secret Manager test server (``tests/support/secretmanager_server``)
+in a process of its own, a unique project with the events topic and a subscription that keeps
+the messages, and ``build_runtime(Settings(backend="gcp", ...))`` with
+``TOKENBROKER_SECRET_MANAGER_ENDPOINT`` pointing at the test server. Seeding (timed apart, as
+``setup_seconds``) writes what ``ConnectionRegistry.register`` would, in bulk: ``put_many`` for
+the secrets and batched Firestore writes of ``stored_document`` (``--seed registry`` registers
+one by one instead). The floor is the same bare aiohttp client. The checks are the same, except
+that the events are counted on the subscription, and no event may have been parked. The JSON
+adds ``port_seconds`` (wall time in claim, read credentials, write credentials, complete,
+publish), ``api_calls`` and ``calls_per_refresh`` (Secret Manager calls per method from the
+test server's counters; Firestore RPCs, document reads and writes, transactions; Pub/Sub
+Publish RPCs and messages, counted on the clients) and ``tick_backend_cpu`` (cores used by the
+test server and each emulator during the tick). Emulator speed is not cloud speed: use these
+figures for calls per refresh and for where the client spends its time, not as a cloud rate.
+
+Usage: ``.venv/bin/python bench/refresh_throughput.py [--backend embedded|gcp] [--n N]
+[--latency-ms 50] [--concurrency 256] [--json-only]``.
 """
 
 from __future__ import annotations
@@ -52,24 +69,39 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from tokenbroker.acquire import check_material
 from tokenbroker.connections import ConnectionRegistry
 from tokenbroker.log import configure_logging
-from tokenbroker.model import Connection, ConnectionStatus, Credential, EventType, GrantType
+from tokenbroker.model import (
+    Connection,
+    ConnectionStatus,
+    Credential,
+    EventType,
+    GrantType,
+    RefreshState,
+)
+from tokenbroker.ports import SecretWrite
 from tokenbroker.refresher import TickSummary
 from tokenbroker.runtime import Runtime, build_runtime
 from tokenbroker.secret import Secret
 from tokenbroker.settings import Settings
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 SERVER_SCRIPT = HERE / "token_endpoint_server.py"
 CLIENT_ID = "bench-client"
 CLIENT_SECRET = "bench-secret"  # noqa: S105 - a benchmark fixture, not a credential
@@ -79,6 +111,10 @@ TARGET_SECONDS_AT_10K = 15.0
 TARGET_RATIO = 0.33
 # Above this share of one core, the provider process is likely what limits the rate.
 SERVER_SATURATED = 0.85
+# --backend gcp: the default n (the whole run, emulators included, in under a minute here;
+# the rate no longer changes above ~2,000) and the events topic, created in each run's project.
+GCP_DEFAULT_N = 5000
+GCP_TOPIC = "tokenbroker-events"
 
 
 def log(message: str, quiet: bool) -> None:
@@ -294,10 +330,8 @@ def register_all(runtime: Runtime, token_url: str, n: int) -> None:
         )
 
 
-def verify(
-    runtime: Runtime, summary: TickSummary, n: int, server: dict[str, Any]
-) -> tuple[list[str], dict[str, Any]]:
-    """Everything that must hold after the tick; returns (problems, facts)."""
+def check_refreshes(summary: TickSummary, n: int, server: dict[str, Any]) -> list[str]:
+    """The tick's summary and the provider's counters agree: N refreshed, none refused."""
     problems: list[str] = []
     counters = server["counters"]
     if summary.refreshed != n or not summary.ok:
@@ -308,7 +342,12 @@ def verify(
         problems.append(f"provider answered invalid_grant {counters['invalid_grant:lib']} times")
     if counters.get("invalid_client", 0):
         problems.append(f"provider answered invalid_client {counters['invalid_client']} times")
+    return problems
 
+
+def check_credentials(runtime: Runtime, n: int) -> list[str]:
+    """Every connection reads back at version 2 holding the provider's rotated token."""
+    problems: list[str] = []
     ids = [connection_id(i) for i in range(n)]
     stored = runtime.secrets.get_many(ids)
     wrong_version = wrong_token = 0
@@ -324,7 +363,11 @@ def verify(
         problems.append(f"{wrong_version} connections are not at secret version 2")
     if wrong_token:
         problems.append(f"{wrong_token} connections do not hold the rotated refresh token")
+    return problems
 
+
+def check_states(runtime: Runtime, n: int) -> list[str]:
+    """Every state is active at version 2 with a future ``next_refresh_at``."""
     now = runtime.clock.now()
     records = runtime.state.list()
     bad_state = sum(
@@ -337,7 +380,17 @@ def verify(
         or r.state.consecutive_failures
     )
     if len(records) != n or bad_state:
-        problems.append(f"{bad_state} of {len(records)} states are not active at version 2")
+        return [f"{bad_state} of {len(records)} states are not active at version 2"]
+    return []
+
+
+def verify(
+    runtime: Runtime, summary: TickSummary, n: int, server: dict[str, Any]
+) -> tuple[list[str], dict[str, Any]]:
+    """Everything that must hold after the tick; returns (problems, facts)."""
+    problems = check_refreshes(summary, n, server)
+    problems += check_credentials(runtime, n)
+    problems += check_states(runtime, n)
 
     events = runtime.events.read(limit=n + 1)  # type: ignore[attr-defined]
     rotated = {e.connection_id for _, e in events if e.type is EventType.ROTATED}
@@ -365,7 +418,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="N due connections refreshed by one tick vs a bare aiohttp floor."
     )
-    parser.add_argument("--n", type=int, default=10_000, help="connections (default 10000)")
+    parser.add_argument(
+        "--backend",
+        choices=("embedded", "gcp"),
+        default="embedded",
+        help="embedded: SQLite on disk; gcp: Firestore and Pub/Sub emulators + the Secret "
+        "Manager test server",
+    )
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help=f"connections (default 10000 embedded, {GCP_DEFAULT_N} gcp)",
+    )
     parser.add_argument("--latency-ms", type=float, default=50.0, help="provider latency")
     parser.add_argument("--concurrency", type=int, default=256, help="requests in flight")
     parser.add_argument(
@@ -382,8 +447,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="cprofile",
         help="cprofile: event-loop thread only; yappi (if importable): every thread, CPU time",
     )
+    parser.add_argument(
+        "--seed",
+        choices=("batch", "registry"),
+        default="batch",
+        help="gcp: seed with put_many + batched Firestore writes (batch) or one "
+        "ConnectionRegistry.register per connection (registry; the embedded mode always does)",
+    )
+    parser.add_argument(
+        "--same-instant",
+        action="store_true",
+        help="gcp, batch seeding: make all N due at the very same instant (a bulk import)",
+    )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = 10_000 if args.backend == "embedded" else GCP_DEFAULT_N
     if args.n < 1 or args.concurrency < 1 or args.floor_runs < 1:
         parser.error("--n, --concurrency and --floor-runs must be at least 1")
     return args
@@ -469,6 +548,7 @@ def report(
     server: dict[str, Any],
     facts: dict[str, Any],
     problems: list[str],
+    backend: str = "embedded",
 ) -> dict[str, Any]:
     n = args.n
     best = min(floors, key=lambda p: p.seconds)
@@ -505,7 +585,7 @@ def report(
         "ceiling_per_second": (
             round(args.concurrency / (args.latency_ms / 1000), 1) if args.latency_ms else None
         ),
-        "backend": "embedded",
+        "backend": backend,
         **facts,
         "log_level": LOG_LEVEL,
         "cpus": os.cpu_count(),
@@ -516,8 +596,10 @@ def report(
     notes = []
     if max(best.server_cpu, tick.phase.server_cpu) >= SERVER_SATURATED:
         notes.append("the provider process used most of a core: it may be what limits the rate")
-    if n == 10_000 and (
-        tick.phase.seconds > TARGET_SECONDS_AT_10K or result["ratio"] < TARGET_RATIO
+    if (
+        backend == "embedded"
+        and n == 10_000
+        and (tick.phase.seconds > TARGET_SECONDS_AT_10K or result["ratio"] < TARGET_RATIO)
     ):
         notes.append(f"below target: at most {TARGET_SECONDS_AT_10K:.0f} s, ratio {TARGET_RATIO}")
     if notes:
@@ -528,6 +610,8 @@ def report(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "gcp":
+        return run_gcp(args)
     configure_logging(LOG_LEVEL)
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="tokenbroker-bench-"))
     try:
@@ -573,6 +657,485 @@ def run(args: argparse.Namespace) -> int:
         facts=facts,
         problems=problems,
     )
+    for problem in problems:
+        log(f"CHECK FAILED: {problem}", quiet=False)
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+# -- the gcp backend: official emulators and the Secret Manager test server --------------------
+
+
+@dataclass
+class SecretManagerProcess:
+    """``tests/support/secretmanager_server.py`` in its own process (its gRPC handlers, pure
+    Python, must not share this process's GIL), with its plain-HTTP stats endpoint."""
+
+    process: subprocess.Popen[str]
+    address: str
+    stats_address: str
+
+    def stats(self) -> dict[str, Any]:
+        url = f"http://{self.stats_address}/stats"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def secret_manager_process() -> Iterator[SecretManagerProcess]:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tests.support.secretmanager_server"),
+            *("--port", "0", "--stats-port", "0"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+    )
+    server: SecretManagerProcess | None = None
+    try:
+        assert process.stdout is not None  # noqa: S101
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout=30):
+                raise RuntimeError("the Secret Manager test server did not report READY in 30 s")
+        words = process.stdout.readline().split()
+        if len(words) != 4 or words[0] != "READY" or words[2] != "STATS":
+            raise RuntimeError(f"the Secret Manager test server failed to start: {words!r}")
+        server = SecretManagerProcess(process, words[1], words[3])
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        elif process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def start_emulators() -> dict[str, Any]:
+    """The official Firestore and Pub/Sub emulators, via the tests' helper (which sets
+    ``FIRESTORE_EMULATOR_HOST`` / ``PUBSUB_EMULATOR_HOST`` and stops them at exit)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import pytest
+    from tests.support.emulators import emulator
+
+    running: dict[str, Any] = {}
+    for name in ("firestore", "pubsub"):
+        try:
+            running[name] = emulator(name)
+        except pytest.skip.Exception as missing:
+            raise SystemExit(f"--backend gcp: {missing.msg}") from None
+    return running
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """CPU seconds used so far by the live processes of process group ``pgid`` (Linux /proc).
+    The emulators run in their own session: a wrapper script and a JVM."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    ticks = 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[2]) == pgid:  # pgrp; utime and stime are fields 14 and 15 of stat
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class RpcCounter:
+    """Counts calls to some methods of one client object by wrapping them on the instance,
+    and optionally the items (writes, messages) each call carries."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.items: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def wrap(self, target: Any, method: str, items: str | None = None) -> None:
+        original = getattr(target, method)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            carried = _field_len(kwargs, items) if items else 0
+            with self._lock:
+                self.calls[method] += 1
+                self.items[method] += carried
+            return original(*args, **kwargs)
+
+        setattr(target, method, counted)
+
+    def snapshot(self) -> tuple[Counter[str], Counter[str]]:
+        with self._lock:
+            return Counter(self.calls), Counter(self.items)
+
+
+def _field_len(kwargs: dict[str, Any], name: str) -> int:
+    request = kwargs.get("request")
+    value = request.get(name) if isinstance(request, dict) else getattr(request, name, None)
+    return len(value if value is not None else kwargs.get(name) or ())
+
+
+FIRESTORE_RPCS = (
+    "begin_transaction",
+    "commit",
+    "rollback",
+    "batch_get_documents",
+    "run_query",
+    "run_aggregation_query",
+)
+
+
+@dataclass
+class GcpDeployment:
+    """One isolated deployment: a unique project, its topic, a subscription that keeps the
+    messages for the checks, and the runtime built on them."""
+
+    project: str
+    subscription: str
+    runtime: Runtime
+    subscriber: Any
+    secret_manager: SecretManagerProcess
+    emulators: dict[str, Any]
+    firestore_rpcs: RpcCounter = field(default_factory=RpcCounter)
+    pubsub_rpcs: RpcCounter = field(default_factory=RpcCounter)
+
+    def count_rpcs(self) -> None:
+        """Count the Firestore and Pub/Sub RPCs the adapters' clients send from now on."""
+        api = self.runtime.state.client._firestore_api  # type: ignore[attr-defined]
+        for method in FIRESTORE_RPCS:
+            self.firestore_rpcs.wrap(api, method, "writes" if method == "commit" else None)
+        publisher = self.runtime.events.publisher  # type: ignore[attr-defined]
+        self.pubsub_rpcs.wrap(publisher, "_gapic_publish", "messages")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and CPU seconds of every party, to subtract across the tick."""
+        state: Any = self.runtime.state
+        secret_manager = self.secret_manager.stats()
+        return {
+            "secret_manager_calls": Counter(secret_manager["calls"]),
+            "firestore_rpcs": self.firestore_rpcs.snapshot(),
+            "pubsub_rpcs": self.pubsub_rpcs.snapshot(),
+            "documents_read": state.documents_read,
+            "transactions_run": state.transactions_run,
+            "aggregations_run": state.aggregations_run,
+            "cpu": {
+                "secret_manager": secret_manager["cpu_seconds"],
+                **{
+                    f"{name}_emulator": group_cpu_seconds(e.proc.pid)
+                    for name, e in self.emulators.items()
+                },
+            },
+        }
+
+
+@contextlib.contextmanager
+def gcp_deployment(
+    secret_manager: SecretManagerProcess, emulators: dict[str, Any], args: argparse.Namespace
+) -> Iterator[GcpDeployment]:
+    from google.cloud import pubsub_v1  # type: ignore[attr-defined]
+
+    from tokenbroker.adapters.gcp.secret_manager import ENV_ENDPOINT
+
+    project = f"tb-bench-{uuid.uuid4().hex[:10]}"
+    saved = os.environ.get(ENV_ENDPOINT)
+    os.environ[ENV_ENDPOINT] = secret_manager.address
+    settings = Settings(
+        backend="gcp",
+        gcp_project=project,
+        pubsub_topic=GCP_TOPIC,
+        tick_limit=args.n,
+        concurrency=args.concurrency,
+    )
+    runtime = build_runtime(settings)
+    subscriber = pubsub_v1.SubscriberClient()
+    try:
+        # The bus's own publisher creates the topic: built (and imported) before any timing.
+        runtime.events.publisher.create_topic(name=settings.topic_path)  # type: ignore[attr-defined]
+        subscription = subscriber.subscription_path(project, f"bench-{uuid.uuid4().hex[:8]}")
+        subscriber.create_subscription(request={"name": subscription, "topic": settings.topic_path})
+        yield GcpDeployment(project, subscription, runtime, subscriber, secret_manager, emulators)
+    finally:
+        with contextlib.suppress(Exception):
+            runtime.events.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            runtime.state.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            runtime.secrets.client.transport.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            subscriber.close()
+        runtime.close()
+        if saved is None:
+            os.environ.pop(ENV_ENDPOINT, None)
+        else:
+            os.environ[ENV_ENDPOINT] = saved
+
+
+def seed_batch(
+    runtime: Runtime, token_url: str, n: int, *, same_instant: bool = False
+) -> dict[str, float]:
+    """N connections as ``ConnectionRegistry.register`` leaves them (version 1, active, due
+    now), written in bulk: ``put_many`` for the secrets (the adapter's thread pool), batched
+    ``create`` writes of ``stored_document`` for the states. Returns the seconds of each.
+
+    Each connection is due a microsecond after the previous one, as one-by-one registration
+    (or the refresher's jittered schedule) leaves them: ``claim_due`` reads every connection
+    due at the same instant as a chunk's last one, so N identical instants would make each
+    chunk read all the rest (``--same-instant`` measures exactly that)."""
+    from tokenbroker.adapters.gcp.firestore import stored_document
+
+    now = runtime.clock.now()
+    profile = runtime.profiles["generic"]
+    pairs = []
+    for index in range(n):
+        connection = Connection(
+            id=connection_id(index),
+            profile="generic",
+            grant=GrantType.REFRESH_TOKEN,
+            client_id=CLIENT_ID,
+            token_url=token_url,
+            created_at=now,
+        )
+        credential = Credential(
+            refresh_token=Secret(refresh_token_for("lib", index, 0)),
+            client_secret=Secret(CLIENT_SECRET),
+        )
+        profile.check_connection(connection)
+        check_material(connection, credential)
+        pairs.append((connection, credential))
+
+    started = time.perf_counter()
+    versions = runtime.secrets.put_many([SecretWrite(c.id, cred, None) for c, cred in pairs])
+    if any(v != 1 for v in versions):
+        raise RuntimeError(f"seeding secrets: {[v for v in versions if v != 1][:3]}")
+    secrets_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    state: Any = runtime.state
+    client = state.client
+    collection = client.collection(state.collection_name)
+
+    def commit(part: Sequence[tuple[int, Connection, Credential]]) -> None:
+        batch = client.batch()
+        for index, connection, credential in part:
+            due = now if same_instant else now - timedelta(microseconds=n - index)
+            fresh = RefreshState(
+                status=ConnectionStatus.ACTIVE,
+                expires_at=credential.expires_at,
+                next_refresh_at=due,
+                current_version=1,
+            )
+            batch.create(collection.document(connection.id), stored_document(connection, fresh))
+        batch.commit()
+
+    numbered = [(index, c, cred) for index, (c, cred) in enumerate(pairs)]
+    parts = [numbered[i : i + 500] for i in range(0, n, 500)]  # 500 writes: the batch limit
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(commit, parts))
+    return {"secrets": secrets_seconds, "state": time.perf_counter() - started}
+
+
+def pull_events(deployment: GcpDeployment, expected: int, timeout: float = 120.0) -> list[Any]:
+    """Every message on the bench subscription (acknowledged as read), until ``expected``
+    arrived and one more pull finds nothing, or ``timeout``."""
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout
+    subscription = deployment.subscription
+    while time.monotonic() < deadline:
+        response = deployment.subscriber.pull(
+            request={"subscription": subscription, "max_messages": 1000},
+            timeout=10 if len(messages) < expected else 2,
+        )
+        received = response.received_messages
+        if not received:
+            if len(messages) >= expected:
+                break
+            continue
+        messages.extend(m.message for m in received)
+        deployment.subscriber.acknowledge(
+            request={"subscription": subscription, "ack_ids": [m.ack_id for m in received]}
+        )
+    return messages
+
+
+def verify_gcp(
+    deployment: GcpDeployment, summary: TickSummary, n: int, server: dict[str, Any]
+) -> tuple[list[str], dict[str, Any]]:
+    """The embedded mode's checks on the cloud stores; events counted on the subscription."""
+    runtime = deployment.runtime
+    problems = check_refreshes(summary, n, server)
+    if summary.events_parked or summary.deferred:
+        problems.append(f"{summary.events_parked} events parked, {summary.deferred} deferred")
+    problems += check_credentials(runtime, n)
+    problems += check_states(runtime, n)
+
+    messages = pull_events(deployment, n)
+    events = [json.loads(m.data) for m in messages]
+    rotated = {e["connection_id"] for e in events if e["type"] == EventType.ROTATED.value}
+    unique = {e["event_id"] for e in events}
+    if len(unique) != n or len(rotated) != n:
+        problems.append(
+            f"subscription received {len(messages)} messages ({len(unique)} distinct events) "
+            f"for {len(rotated)} rotations"
+        )
+    facts = {
+        "project": deployment.project,
+        "pubsub_messages_received": len(messages),
+        "pubsub_distinct_events": len(unique),
+    }
+    return problems, facts
+
+
+def _per(value: float, n: int) -> float:
+    return round(value / n, 3)
+
+
+def gcp_figures(
+    n: int, tick: TickRun, before: dict[str, Any], after: dict[str, Any]
+) -> dict[str, Any]:
+    """What the tick cost in API calls (per refresh) and where its time went."""
+    sm_calls = after["secret_manager_calls"] - before["secret_manager_calls"]
+    fs_calls = after["firestore_rpcs"][0] - before["firestore_rpcs"][0]
+    fs_items = after["firestore_rpcs"][1] - before["firestore_rpcs"][1]
+    ps_calls = after["pubsub_rpcs"][0] - before["pubsub_rpcs"][0]
+    ps_items = after["pubsub_rpcs"][1] - before["pubsub_rpcs"][1]
+    counts = {
+        "secret_manager": dict(sorted(sm_calls.items())),
+        "firestore_rpcs": dict(sorted(fs_calls.items())),
+        "firestore_documents_read": after["documents_read"] - before["documents_read"],
+        "firestore_documents_written": fs_items["commit"],
+        "firestore_transactions": after["transactions_run"] - before["transactions_run"],
+        "firestore_aggregations": after["aggregations_run"] - before["aggregations_run"],
+        "pubsub_publish_rpcs": ps_calls["_gapic_publish"],
+        "pubsub_messages_published": ps_items["_gapic_publish"],
+    }
+    per_refresh = {
+        "secret_manager": {m: _per(c, n) for m, c in counts["secret_manager"].items()},
+        "secret_manager_total": _per(sum(sm_calls.values()), n),
+        "firestore_rpcs": {m: _per(c, n) for m, c in counts["firestore_rpcs"].items()},
+        "firestore_rpcs_total": _per(sum(fs_calls.values()), n),
+        **{
+            key: _per(counts[key], n)
+            for key in (
+                "firestore_documents_read",
+                "firestore_documents_written",
+                "firestore_transactions",
+                "pubsub_publish_rpcs",
+                "pubsub_messages_published",
+            )
+        },
+    }
+    seconds = tick.phase.seconds
+    cpu = {
+        name: round((after["cpu"][name] - before["cpu"][name]) / seconds, 2)
+        for name in after["cpu"]
+        if after["cpu"][name] is not None and before["cpu"][name] is not None
+    }
+    ports = {
+        "claim": "FirestoreStateStore.claim_due",
+        "read_credentials": "SecretManagerSecretStore.get_many",
+        "write_credentials": "SecretManagerSecretStore.put_many",
+        "complete": "FirestoreStateStore.complete",
+        "publish": "PubSubEventBus.publish",
+        "release": "FirestoreStateStore.release",
+    }
+    port_seconds = {
+        port: tick.store_calls[name]["wall_s"]
+        for port, name in ports.items()
+        if name in tick.store_calls
+    }
+    committing = sum(port_seconds.get(p, 0.0) for p in ("write_credentials", "complete", "publish"))
+    return {
+        "port_seconds": port_seconds,
+        # The committer is one task: its store calls run one after another. A share near 1
+        # of the time after the credentials were read means commits, not refreshes, set the pace.
+        "commit_seconds": round(committing, 3),
+        "api_calls": counts,
+        "calls_per_refresh": per_refresh,
+        "tick_backend_cpu": cpu,
+    }
+
+
+def run_gcp(args: argparse.Namespace) -> int:
+    configure_logging(LOG_LEVEL)
+    started = time.perf_counter()
+    emulators = start_emulators()
+    try:
+        with (
+            secret_manager_process() as secret_manager,
+            provider_process(args.latency_ms) as provider,
+        ):
+            services_seconds = time.perf_counter() - started
+            log(f"emulators and servers up in {services_seconds:.1f} s", args.json_only)
+            with gcp_deployment(secret_manager, emulators, args) as deployment:
+                runtime = deployment.runtime
+                started = time.perf_counter()
+                if args.seed == "registry":
+                    register_all(runtime, provider.token_url, args.n)
+                    seeded = {}
+                else:
+                    seeded = seed_batch(
+                        runtime, provider.token_url, args.n, same_instant=args.same_instant
+                    )
+                setup_seconds = time.perf_counter() - started
+                log(f"setup: {args.n} connections in {setup_seconds:.2f} s", args.json_only)
+
+                url = provider.token_url
+                asyncio.run(bare_client_run(url, "warm", min(args.n, 512), args.concurrency))
+                if not asyncio.run(replay_is_refused(url, "warm")):
+                    raise RuntimeError("the token endpoint accepted a consumed refresh token")
+
+                deployment.count_rpcs()
+                floors = [floor_run(provider, 1, args)]
+                before = deployment.snapshot()
+                tick = tick_run(runtime, provider, args)
+                after = deployment.snapshot()
+                floors += [floor_run(provider, i, args) for i in range(2, args.floor_runs + 1)]
+
+                server = provider.stats()
+                problems, facts = verify_gcp(deployment, tick.summary, args.n, server)
+    finally:
+        for running in emulators.values():
+            running.stop()
+    facts.update(
+        seed=args.seed + ("-same-instant" if args.same_instant and args.seed == "batch" else ""),
+        **{f"setup_{part}_seconds": round(s, 2) for part, s in seeded.items()},
+        services_start_seconds=round(services_seconds, 1),
+    )
+    result = report(
+        args,
+        setup_seconds=setup_seconds,
+        floors=floors,
+        tick=tick,
+        server=server,
+        facts=facts,
+        problems=problems,
+        backend="gcp",
+    )
+    figures = gcp_figures(args.n, tick, before, after)
+    result.update(figures)
+    cores = figures["tick_backend_cpu"]
+    busy = [name for name, used in cores.items() if used >= SERVER_SATURATED]
+    if busy:
+        notes = result.setdefault("notes", [])
+        notes.append(f"near one full core during the tick: {', '.join(busy)}")
+    result["ok"] = not problems
     for problem in problems:
         log(f"CHECK FAILED: {problem}", quiet=False)
     print(json.dumps(result), flush=True)

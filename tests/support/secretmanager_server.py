@@ -43,6 +43,7 @@ Standalone: ``python -m tests.support.secretmanager_server --port P`` prints
 method (:attr:`SecretManagerTestServer.calls`) and the process's CPU seconds, as JSON -- and
 ``POST /stats/reset`` to zero the calls; the line then reads ``READY 127.0.0.1:P STATS
 127.0.0.1:Q``. Benchmarks use it to count the calls a run makes from another process.
+``--max-workers`` sets the gRPC handler threads (default 16).
 """
 
 from __future__ import annotations
@@ -1114,7 +1115,7 @@ def serve_stats(server: SecretManagerTestServer, port: int = 0) -> http.server.H
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+        def do_GET(self) -> None:
             if self.path != "/stats":
                 self._answer({"error": "not found"}, 404)
                 return
@@ -1127,7 +1128,7 @@ def serve_stats(server: SecretManagerTestServer, port: int = 0) -> http.server.H
                 }
             )
 
-        def do_POST(self) -> None:  # noqa: N802 - the http.server naming
+        def do_POST(self) -> None:
             if self.path != "/stats/reset":
                 self._answer({"error": "not found"}, 404)
                 return
@@ -1146,6 +1147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A local Secret Manager v1 gRPC server.")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
     parser.add_argument(
+        "--max-workers", type=int, default=16, help="gRPC handler threads (default 16)"
+    )
+    parser.add_argument(
         "--stats-port",
         type=int,
         default=None,
@@ -1160,7 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     numbers = dict(item.split("=", 1) for item in args.project_number)
-    server = SecretManagerTestServer(port=args.port, project_numbers=numbers).start()
+    server = SecretManagerTestServer(
+        port=args.port, project_numbers=numbers, max_workers=args.max_workers
+    ).start()
     stats = serve_stats(server, args.stats_port) if args.stats_port is not None else None
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
