@@ -536,8 +536,10 @@ class FirestoreStateStore:
                     last = _utc(found[size - 1].get("next_refresh_at"))
                     if _utc(found[size].get("next_refresh_at")) == last and last is not None:
                         # Firestore breaks ties on next_refresh_at by lease_expires_at, the
-                        # reference order by id: read every connection due at that instant.
-                        ties = self._read(transaction.get(self._free_at(now, last)))
+                        # reference order by id: read connections due at that instant too.
+                        # Bounded: at most ``size`` of them, so a crowd due at one instant
+                        # (a bulk import) costs at most twice the due count, not N².
+                        ties = self._read(transaction.get(self._free_at(now, last).limit(size)))
                         found = list({s.id: s for s in [*found, *ties]}.values())
                 chosen = sorted(found, key=_due_order)[:size]
                 return [self._grant(transaction, snap, now, holder, ttl) for snap in chosen], more

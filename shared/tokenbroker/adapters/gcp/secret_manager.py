@@ -20,9 +20,9 @@ Overlap: when version n is written, older versions stay ENABLED while their acce
 still valid at n's ``obtained_at`` (a consumer that read them keeps working), and are disabled
 on the first write after their expiry. Versions older than ``retained_versions`` are destroyed.
 
-API calls per refresh: GetSecret + AddSecretVersion + UpdateSecret, plus one DisableSecretVersion
-and one DestroySecretVersion per rotation in steady state; per read: GetSecret +
-AccessSecretVersion.
+API calls per refresh (read, then write): GetSecret + AccessSecretVersion, then
+AddSecretVersion + UpdateSecret, plus one DisableSecretVersion and one DestroySecretVersion per
+rotation in steady state. The write reuses the etag the read saw (a stale one costs a re-read).
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ class SecretManagerSecretStore:
         self._endpoint = endpoint
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="secret-manager")
+        self._known: dict[str, Any] = {}
+        self._known_limit = 100_000
 
     @property
     def client(self) -> Any:
@@ -129,13 +131,11 @@ class SecretManagerSecretStore:
     # -- reads ---------------------------------------------------------------------------------
 
     def _current_version(self, connection_id: str) -> tuple[Any, int]:
-        secret = self._call(
-            "get secret", self.client.get_secret, name=self.secret_name(connection_id)
-        )
-        current = secret.annotations.get(CURRENT)
-        if not current:
+        secret = self._fetch_secret(connection_id)
+        current = self._current_of(secret)
+        if current is None:
             raise NotFound(f"no credential for connection {connection_id!r}")
-        return secret, int(current)
+        return secret, current
 
     def _access(self, connection_id: str, version: int) -> StoredCredential:
         name = f"{self.secret_name(connection_id)}/versions/{version}"
@@ -200,26 +200,43 @@ class SecretManagerSecretStore:
             },
         )
 
+    def _fetch_secret(self, connection_id: str) -> Any:
+        secret = self._call(
+            "get secret", self.client.get_secret, name=self.secret_name(connection_id)
+        )
+        self._remember(connection_id, secret)
+        return secret
+
+    def _remember(self, connection_id: str, secret: Any) -> None:
+        """Keep the secret's metadata (etag, annotations) from a read for the write that
+        usually follows it in the same tick: it saves one read request per refresh (Secret
+        Manager allows 600 per minute per project). A stale entry only costs a re-read."""
+        if len(self._known) >= self._known_limit:
+            self._known.pop(next(iter(self._known)), None)
+        self._known[connection_id] = secret
+
+    @staticmethod
+    def _current_of(secret: Any) -> int | None:
+        raw = secret.annotations.get(CURRENT)
+        return int(raw) if raw else None
+
     def put(
         self, connection_id: str, credential: Credential, *, expected_version: int | None
     ) -> int:
-        try:
-            secret = self._call(
-                "get secret", self.client.get_secret, name=self.secret_name(connection_id)
-            )
-        except NotFound:
-            if expected_version is not None:
-                raise VersionConflict(
-                    f"connection {connection_id!r}: no credential, expected v{expected_version}"
-                ) from None
+        secret = self._known.get(connection_id)
+        if secret is None or self._current_of(secret) != expected_version:
             try:
-                secret = self._create_secret(connection_id)
-            except AlreadyExists:  # created concurrently: compete through the etag below
-                secret = self._call(
-                    "get secret", self.client.get_secret, name=self.secret_name(connection_id)
-                )
-        raw_current = secret.annotations.get(CURRENT)
-        current = int(raw_current) if raw_current else None
+                secret = self._fetch_secret(connection_id)
+            except NotFound:
+                if expected_version is not None:
+                    raise VersionConflict(
+                        f"connection {connection_id!r}: no credential, expected v{expected_version}"
+                    ) from None
+                try:
+                    secret = self._create_secret(connection_id)
+                except AlreadyExists:  # created concurrently: compete through the etag below
+                    secret = self._fetch_secret(connection_id)
+        current = self._current_of(secret)
         if current != expected_version:
             raise VersionConflict(
                 f"connection {connection_id!r}: current version is {current}, "
@@ -233,20 +250,7 @@ class SecretManagerSecretStore:
             payload={"data": data, "data_crc32c": _crc32c(data)},
         )
         version = int(added.name.rsplit("/", 1)[1])
-        annotations, to_disable = self._plan(secret.annotations, version, credential)
-        try:
-            self._call(
-                "update secret",
-                self.client.update_secret,
-                secret={"name": secret.name, "etag": secret.etag, "annotations": annotations},
-                update_mask={"paths": ["annotations"]},
-            )
-        except TokenBrokerError:
-            # Lost the race (or failed): the version we added must never become readable.
-            self._quietly(
-                "destroy secret version", self.client.destroy_secret_version, name=added.name
-            )
-            raise
+        secret, to_disable = self._advance(connection_id, secret, version, credential, added.name)
         for old in to_disable:
             self._quietly(
                 "disable secret version",
@@ -261,6 +265,45 @@ class SecretManagerSecretStore:
                 name=f"{secret.name}/versions/{doomed}",
             )
         return version
+
+    def _advance(
+        self, connection_id: str, secret: Any, version: int, credential: Credential, added: str
+    ) -> tuple[Any, builtins.list[int]]:
+        """Make ``version`` current with a compare-and-set on the secret's etag.
+
+        An etag mismatch is re-checked once: if the current version is still the expected
+        one (someone edited labels, or our cached etag was stale) the write is retried. An
+        error with an unknown outcome is settled by reading the secret back. A version that
+        did not become current is destroyed, so it can never be read as a credential.
+        """
+        expected = self._current_of(secret)
+        for attempt in range(2):
+            annotations, to_disable = self._plan(secret.annotations, version, credential)
+            try:
+                updated = self._call(
+                    "update secret",
+                    self.client.update_secret,
+                    secret={"name": secret.name, "etag": secret.etag, "annotations": annotations},
+                    update_mask={"paths": ["annotations"]},
+                )
+            except (VersionConflict, StoreUnavailable) as error:
+                self._known.pop(connection_id, None)
+                try:
+                    secret = self._fetch_secret(connection_id)
+                except TokenBrokerError:
+                    raise error from None  # outcome unknown; the added version stays harmless
+                now_current = self._current_of(secret)
+                if now_current == version:
+                    return secret, to_disable  # our update did land
+                if now_current != expected or attempt == 1:
+                    self._quietly(
+                        "destroy secret version", self.client.destroy_secret_version, name=added
+                    )
+                    raise error from None
+                continue
+            self._remember(connection_id, updated)
+            return updated, to_disable
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _plan(
         self, annotations: Any, version: int, credential: Credential
@@ -302,4 +345,5 @@ class SecretManagerSecretStore:
         return list(self._pool.map(one, writes))
 
     def delete(self, connection_id: str) -> None:
+        self._known.pop(connection_id, None)
         self._call("delete secret", self.client.delete_secret, name=self.secret_name(connection_id))

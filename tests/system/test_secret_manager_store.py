@@ -1,0 +1,138 @@
+"""Secret Manager store behaviour beyond the port contract: calls per refresh, the overlap
+window, and writes whose outcome is unknown."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from google.api_core import exceptions
+
+from tests.support.secretmanager_server import SecretManagerTestServer
+from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
+from tokenbroker.errors import StoreUnavailable
+from tokenbroker.model import Credential
+from tokenbroker.secret import Secret
+
+pytestmark = pytest.mark.system
+T0 = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SecretManagerTestServer]:
+    with SecretManagerTestServer().start() as running:
+        yield running
+
+
+def credential(n: int, lifetime: int = 3600) -> Credential:
+    obtained = T0 + timedelta(seconds=1800 * n)
+    return Credential(
+        refresh_token=Secret(f"rt-{n}"),
+        access_token=Secret(f"at-{n}"),
+        obtained_at=obtained,
+        expires_at=obtained + timedelta(seconds=lifetime),
+    )
+
+
+def store_on(server: SecretManagerTestServer, client: Any = None) -> SecretManagerSecretStore:
+    project = f"p-{uuid.uuid4().hex[:8]}"
+    return SecretManagerSecretStore(client or server.client(), project=project, retained_versions=3)
+
+
+def states(server: SecretManagerTestServer, store: SecretManagerSecretStore) -> dict[int, str]:
+    listed = server.client().list_secret_versions(request={"parent": store.secret_name("c1")})
+    return {int(v.name.rsplit("/", 1)[1]): v.state.name for v in listed}
+
+
+def test_a_refresh_costs_two_reads_and_four_writes(server: SecretManagerTestServer) -> None:
+    store = store_on(server)
+    version = store.put("c1", credential(0), expected_version=None)
+    for n in range(1, 4):
+        version = store.put("c1", credential(n), expected_version=version)
+    server.reset_calls()
+    stored = store.get("c1")  # the refresher reads...
+    store.put("c1", credential(4), expected_version=stored.version)  # ...then writes
+    calls = server.calls
+    assert calls["GetSecret"] == 1  # the write reused the read's etag
+    assert calls["AccessSecretVersion"] == 1
+    assert calls["AddSecretVersion"] == 1
+    assert calls["UpdateSecret"] == 1
+    assert calls["DisableSecretVersion"] == 1
+    assert calls["DestroySecretVersion"] == 1
+
+
+def test_previous_version_stays_enabled_through_its_overlap_then_is_disabled(
+    server: SecretManagerTestServer,
+) -> None:
+    store = store_on(server)
+    v1 = store.put("c1", credential(0), expected_version=None)  # valid until T0+1h
+    v2 = store.put("c1", credential(1), expected_version=v1)  # at T0+30m: v1 still valid
+    assert states(server, store) == {1: "ENABLED", 2: "ENABLED"}
+    assert store.get_version("c1", v1).credential.access_token == Secret("at-0")
+    v3 = store.put("c1", credential(2), expected_version=v2)  # at T0+1h: v1 expired
+    assert states(server, store) == {1: "DISABLED", 2: "ENABLED", 3: "ENABLED"}
+    store.put("c1", credential(3), expected_version=v3)  # retention 3 destroys v1
+    assert states(server, store) == {1: "DESTROYED", 2: "DISABLED", 3: "ENABLED", 4: "ENABLED"}
+    assert store.get("c1").version == 4
+
+
+class LossyUpdates:
+    """The real client, except UpdateSecret fails once: before or after it is applied."""
+
+    def __init__(self, real: Any, *, applied: bool) -> None:
+        self._real = real
+        self._applied = applied
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def update_secret(self, request: Any) -> Any:
+        if self.failed:
+            return self._real.update_secret(request=request)
+        self.failed = True
+        if self._applied:
+            self._real.update_secret(request=request)
+        raise exceptions.ServiceUnavailable("connection reset")
+
+
+def test_an_update_that_landed_but_whose_answer_was_lost_counts_as_written(
+    server: SecretManagerTestServer,
+) -> None:
+    store = store_on(server, LossyUpdates(server.client(), applied=True))
+    assert store.put("c1", credential(0), expected_version=None) == 1
+    assert store.get("c1").credential.refresh_token == Secret("rt-0")
+    assert states(server, store) == {1: "ENABLED"}  # not destroyed by mistake
+
+
+def test_an_update_that_failed_leaves_no_readable_orphan(server: SecretManagerTestServer) -> None:
+    good = store_on(server)
+    v1 = good.put("c1", credential(0), expected_version=None)
+    lossy = SecretManagerSecretStore(
+        LossyUpdates(server.client(), applied=False), project=good.project
+    )
+    # The re-read shows the current version is still the expected one: retried, and it lands.
+    assert lossy.put("c1", credential(1), expected_version=v1) == 2
+    assert good.get("c1").credential.refresh_token == Secret("rt-1")
+
+
+def test_a_store_outage_during_update_is_reported_and_the_orphan_destroyed(
+    server: SecretManagerTestServer,
+) -> None:
+    good = store_on(server)
+    v1 = good.put("c1", credential(0), expected_version=None)
+
+    class AlwaysDown(LossyUpdates):
+        def update_secret(self, request: Any) -> Any:  # noqa: ARG002 - it never gets that far
+            raise exceptions.ServiceUnavailable("down")
+
+    down = SecretManagerSecretStore(
+        AlwaysDown(server.client(), applied=False), project=good.project
+    )
+    with pytest.raises(StoreUnavailable):
+        down.put("c1", credential(1), expected_version=v1)
+    assert good.get("c1").version == v1
+    assert states(server, good) == {1: "ENABLED", 2: "DESTROYED"}
