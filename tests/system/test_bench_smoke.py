@@ -34,3 +34,30 @@ def test_refresh_throughput_reports_its_figures() -> None:
     assert figures["refreshed"] == 300
     assert figures["server_invalid_grants"] == 0
     assert figures["ratio"] > 0
+
+
+def test_refresh_throughput_gcp_mode_reports_calls_per_refresh() -> None:
+    from tests.support.emulators import emulator
+
+    emulator("firestore")  # skips with the install hint when the emulators are missing
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "refresh_throughput.py"),
+            "--backend",
+            "gcp",
+            "--n",
+            "150",
+            "--json-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["backend"] == "gcp"
+    assert figures["refreshed"] == 150
+    assert figures["server_invalid_grants"] == 0
+    assert figures["ok"] is True
