@@ -101,6 +101,52 @@ class StoreUnavailable(TokenBrokerError):
     default_retryable = True
 
 
+# --- the issuer's answers to callers (RFC 6749 §5.2 / RFC 6750 §3.1 names) ----------------------
+
+
+class BadRequest(TokenBrokerError):
+    """The caller's request is malformed (HTTP 400 ``invalid_request``)."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
+class InvalidCallerToken(TokenBrokerError):
+    """The caller's ID token is missing, malformed, forged, expired or for another audience.
+
+    HTTP 401 with ``WWW-Authenticate: Bearer error="invalid_token"`` (RFC 6750 §3.1). The
+    message says which check failed, never the token.
+    """
+
+    code = "invalid_token"
+    http_status = 401
+
+
+class PolicyDenied(TokenBrokerError):
+    """The policy does not allow this caller this connection, scope, lifetime or route.
+
+    HTTP 403. Unknown connections are denied the same way, so callers cannot enumerate them.
+    """
+
+    code = "access_denied"
+    http_status = 403
+
+
+class NeedsReauth(TokenBrokerError):
+    """The connection needs a human to re-authorise it (HTTP 409 ``needs_reauth``)."""
+
+    code = "needs_reauth"
+    http_status = 409
+
+
+class CredentialUnavailable(TokenBrokerError):
+    """The credential cannot be served right now; try again (HTTP 503 with Retry-After)."""
+
+    code = "temporarily_unavailable"
+    http_status = 503
+    default_retryable = True
+
+
 # --- provider (token endpoint) failures, RFC 6749 §5.2 ------------------------------------------
 
 
