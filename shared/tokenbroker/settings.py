@@ -45,6 +45,11 @@ ENV_PUBSUB_TOPIC = "TOKENBROKER_PUBSUB_TOPIC"
 ENV_AWS_REGION = "TOKENBROKER_AWS_REGION"
 ENV_AWS_ENDPOINT_URL = "TOKENBROKER_AWS_ENDPOINT_URL"
 ENV_AWS_SECRET_PREFIX = "TOKENBROKER_AWS_SECRET_PREFIX"
+ENV_ISSUER_AUDIENCE = "TOKENBROKER_ISSUER_AUDIENCE"
+ENV_ID_TOKEN_ISSUERS = "TOKENBROKER_ID_TOKEN_ISSUERS"
+ENV_ID_TOKEN_KEYS_URL = "TOKENBROKER_ID_TOKEN_KEYS_URL"
+ENV_POLICY_FILE = "TOKENBROKER_POLICY_FILE"
+ENV_IAM_CREDENTIALS_ENDPOINT = "TOKENBROKER_IAM_CREDENTIALS_ENDPOINT"
 
 #: Presets: which adapter serves each port.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -95,6 +100,12 @@ class Settings:
     aws_region: str | None = None
     aws_endpoint_url: str | None = None
     aws_secret_prefix: str = "tokenbroker/"
+    #: The issuer: who may call it (Google ID tokens for this audience) and what they may do.
+    issuer_audience: str | None = None
+    id_token_issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
+    id_token_keys_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    policy_file: Path | None = None
+    iam_credentials_endpoint: str = "https://iamcredentials.googleapis.com"
 
     @property
     def adapters(self) -> tuple[str, str, str]:
@@ -205,4 +216,13 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("aws_region", ENV_AWS_REGION, str.strip),
     ("aws_endpoint_url", ENV_AWS_ENDPOINT_URL, str.strip),
     ("aws_secret_prefix", ENV_AWS_SECRET_PREFIX, str.strip),
+    ("issuer_audience", ENV_ISSUER_AUDIENCE, str.strip),
+    (
+        "id_token_issuers",
+        ENV_ID_TOKEN_ISSUERS,
+        lambda v: tuple(i.strip() for i in v.split(",") if i.strip()),
+    ),
+    ("id_token_keys_url", ENV_ID_TOKEN_KEYS_URL, str.strip),
+    ("policy_file", ENV_POLICY_FILE, Path),
+    ("iam_credentials_endpoint", ENV_IAM_CREDENTIALS_ENDPOINT, str.strip),
 ]
