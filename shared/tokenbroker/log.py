@@ -2,9 +2,13 @@
 
 Cloud Logging turns a JSON line on stdout/stderr into a structured entry, taking ``severity``,
 ``message`` and ``time`` from it (https://cloud.google.com/logging/docs/structured-logging).
-Every value passes the redaction processor: :class:`~tokenbroker.secret.Secret` values print as
+Every value passes the redaction step: :class:`~tokenbroker.secret.Secret` values print as
 fingerprints, fields with credential-ish names are dropped to ``[REDACTED]``, and token-shaped
 substrings anywhere (messages, exception text) are replaced.
+
+Written on the standard library rather than structlog: the interface is the same small subset
+(``bind`` and one method per level, keyword fields), and importing structlog costs a cold
+start 30-150 ms (it loads ``rich`` when installed), which every function instance would pay.
 
 Configuration happens on first use or by :func:`configure_logging`, never at import.
 """
@@ -15,11 +19,11 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+import traceback
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
-
-import structlog
 
 from tokenbroker.redact import REDACTED, is_sensitive_key, scrub
 from tokenbroker.secret import Secret
@@ -27,10 +31,6 @@ from tokenbroker.secret import Secret
 ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
 ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-_SEVERITY = {"warn": "WARNING", "exception": "ERROR"}
-
-_configured = False
-_config_lock = threading.Lock()
 
 
 def redact_value(value: Any, key: str | None = None) -> Any:
@@ -48,38 +48,65 @@ def redact_value(value: Any, key: str | None = None) -> Any:
     return scrub(value if isinstance(value, str) else str(value))
 
 
-def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    return {
-        key: redact_value(value, None if key == "event" else key)
-        for key, value in event_dict.items()
-    }
-
-
-def _dumps(obj: Any, **_: Any) -> str:
-    return json.dumps(obj, default=str)
-
-
-def _severity(
-    _: Any, method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    event_dict["severity"] = _SEVERITY.get(method, method.upper())
-    return event_dict
-
-
-class _LineWriter:
+class _Sink:
     """Writes whole lines to one or more streams under a lock (threads share it)."""
 
-    def __init__(self, streams: list[IO[str]]) -> None:
+    def __init__(self, level: int, streams: list[IO[str]]) -> None:
+        self.level = level
         self._streams = streams
         self._lock = threading.Lock()
 
-    def msg(self, message: str) -> None:
+    def write(self, line: str) -> None:
         with self._lock:
             for stream in self._streams:
-                stream.write(message + "\n")
+                stream.write(line + "\n")
                 stream.flush()
 
-    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+_sink: _Sink | None = None
+_config_lock = threading.Lock()
+
+
+class Logger:
+    """A bound logger: ``log.info("message", field=value)``; ``log.bind(**fields)``."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._fields = dict(fields)
+
+    def bind(self, **fields: Any) -> Logger:
+        return Logger({**self._fields, **fields})
+
+    def _emit(self, level: str, message: str, fields: Mapping[str, Any], exc: bool) -> None:
+        sink = _sink or _configure_default()
+        if _LEVELS[level] < sink.level:
+            return
+        entry: dict[str, Any] = {
+            key: redact_value(value, key) for key, value in {**self._fields, **fields}.items()
+        }
+        if exc and sys.exc_info()[0] is not None:
+            entry["exception"] = scrub("".join(traceback.format_exception(*sys.exc_info())))
+        entry["time"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        entry["severity"] = level.upper()
+        entry["message"] = scrub(message)
+        sink.write(json.dumps(entry, default=str))
+
+    def debug(self, message: str, **fields: Any) -> None:
+        self._emit("debug", message, fields, exc=False)
+
+    def info(self, message: str, **fields: Any) -> None:
+        self._emit("info", message, fields, exc=False)
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self._emit("warning", message, fields, exc=False)
+
+    def error(self, message: str, **fields: Any) -> None:
+        self._emit("error", message, fields, exc=False)
+
+    def exception(self, message: str, **fields: Any) -> None:
+        """An error with the current exception's traceback (scrubbed) in ``exception``."""
+        self._emit("error", message, fields, exc=True)
 
 
 def configure_logging(
@@ -90,36 +117,25 @@ def configure_logging(
 ) -> None:
     """Set up the one logger. ``level`` and ``log_file`` default to the environment
     (``TOKENBROKER_LOG_LEVEL``, ``TOKENBROKER_LOG_FILE``); output goes to stderr."""
-    global _configured  # noqa: PLW0603 - process-wide logging configuration
+    global _sink  # noqa: PLW0603 - process-wide logging configuration
     level_name = (level or os.environ.get(ENV_LOG_LEVEL) or "info").lower()
-    if level_name not in _LEVELS:
-        level_name = "info"
     streams: list[IO[str]] = [stream or sys.stderr]
-    path = log_file or os.environ.get(ENV_LOG_FILE)
+    path = os.environ.get(ENV_LOG_FILE) if log_file is None else log_file
     if path:
         streams.append(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - lives for the process
-    writer = _LineWriter(streams)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
-            _severity,
-            structlog.processors.format_exc_info,
-            _redact,
-            structlog.processors.EventRenamer("message"),
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
-        logger_factory=lambda *_: writer,
-        cache_logger_on_first_use=False,
-    )
-    _configured = True
+    with _config_lock:
+        _sink = _Sink(_LEVELS.get(level_name, _LEVELS["info"]), streams)
 
 
-def get_logger(**bound: Any) -> Any:
+def _configure_default() -> _Sink:
+    with _config_lock:
+        configured = _sink
+    if configured is None:
+        configure_logging()
+    assert _sink is not None  # noqa: S101 - set just above
+    return _sink
+
+
+def get_logger(**bound: Any) -> Logger:
     """The library's logger (configured from the environment on first use)."""
-    if not _configured:
-        with _config_lock:
-            if not _configured:
-                configure_logging()
-    return structlog.get_logger("tokenbroker").bind(**bound)
+    return Logger(bound)

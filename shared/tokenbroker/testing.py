@@ -1,5 +1,5 @@
 """Test helpers shipped beside the code (as ``httpx.MockTransport`` and
-``structlog.testing`` are): an in-memory OAuth token server that behaves like a strict real
+structlog's ``testing`` module are): an in-memory OAuth token server that behaves like a strict real
 one, for fast unit tests of anything that takes a :class:`TokenEndpoint`.
 
 It rotates refresh tokens on every use and, like oidc-provider, treats re-use of a consumed
