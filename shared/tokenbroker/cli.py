@@ -491,3 +491,107 @@ def serve(ctx: _Context, host: str, port: int, interval: float, duration: float 
                 ),
             )
         )
+
+
+# --- policy -------------------------------------------------------------------------------------
+
+
+@main.group("policy")
+def policy_group() -> None:
+    """Check and explain an issuer policy file (see docs/policy.md)."""
+
+
+@policy_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@pass_ctx
+def policy_check(ctx: _Context, file: Path, as_json: bool) -> None:
+    """Validate a policy file: exit 0 when valid, 2 with the line/field at fault otherwise."""
+    from tokenbroker.policy import IssuePolicy  # noqa: PLC0415
+
+    with _errors():
+        summary = IssuePolicy.load(file).summary()
+    ctx.json = ctx.json or as_json
+    _emit(
+        ctx,
+        {"ok": True, "file": str(file), **summary.to_json()},
+        lambda: f"ok: {summary.grants} grants, {summary.relays} relays, {summary.callers} callers",
+    )
+
+
+@policy_group.command("explain")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--caller", required=True, help="The caller's email (its Google identity).")
+@click.option("--connection", "connection_id", help="Only this connection.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@pass_ctx
+def policy_explain(
+    ctx: _Context, file: Path, caller: str, connection_id: str | None, as_json: bool
+) -> None:
+    """What a caller may do: its connections, scopes, lifetimes and relays."""
+    from tokenbroker.policy import IssuePolicy  # noqa: PLC0415
+
+    with _errors():
+        loaded = IssuePolicy.load(file)
+    if "@" not in caller:
+        raise click.BadParameter("expected an email address", param_hint="--caller")
+    allowances = [
+        a
+        for cid, a in sorted(loaded.allowances(caller).items())
+        if connection_id is None or cid == connection_id
+    ]
+    relays = [
+        r
+        for r in loaded.relays_for(caller)
+        if connection_id is None or connection_id in (r.connection, r.name)
+    ]
+    connections: list[dict[str, Any]] = [
+        {
+            "connection": a.connection_id,
+            "scopes": (["*"] if a.full_scope_allowed else []) + sorted(a.scopes),
+            "max_lifetime_seconds": a.max_lifetime_seconds,
+        }
+        for a in allowances
+    ]
+    data = {
+        "caller": caller.lower(),
+        "connections": connections,
+        "relays": [
+            {
+                "name": r.name,
+                "connection": r.connection,
+                "base_url": r.base_url,
+                "methods": sorted(r.methods),
+                "path_prefixes": list(r.path_prefixes),
+                "inject": r.inject.value,
+            }
+            for r in relays
+        ],
+    }
+
+    def human() -> str:
+        if not allowances and not relays:
+            return f"{caller}: nothing is allowed (deny by default)"
+        parts = []
+        if connections:
+            rows = [
+                [c["connection"], " ".join(c["scopes"]), f"{c['max_lifetime_seconds']}s"]
+                for c in connections
+            ]
+            parts.append(_table(["connection", "scopes", "max lifetime"], rows))
+        if relays:
+            rows = [
+                [
+                    r.name,
+                    r.connection,
+                    ",".join(sorted(r.methods)),
+                    " ".join(r.base_url + p for p in r.path_prefixes),
+                    r.inject.value,
+                ]
+                for r in relays
+            ]
+            parts.append(_table(["relay", "connection", "methods", "urls", "inject"], rows))
+        return "\n\n".join(parts)
+
+    ctx.json = ctx.json or as_json
+    _emit(ctx, data, human)

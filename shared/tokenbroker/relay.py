@@ -116,7 +116,9 @@ class Relay:
         from tokenbroker.entrypoints.issuer import read_body  # noqa: PLC0415
 
         caller = self.verifier.verify_authorization(request.headers.get("authorization"))
-        rest = request.url.path.removeprefix("/relay/")
+        # The raw (still percent-encoded) path: the policy refuses encoded tricks itself.
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        rest = raw_path.decode("latin-1").removeprefix("/relay/")
         connection_id, _, path = rest.partition("/")
         route = self.policy.relay(caller.email, connection_id, request.method, path)
         body = await read_body(request, route.max_body_bytes)
@@ -144,9 +146,7 @@ class Relay:
                 injected.append(value)
             body = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
-        url = route.url_for(path)
-        if request.url.query:
-            url = f"{url}?{request.url.query}"
+        url = route.url_for(path, query=request.url.query or None)
         status, response_headers, content = await self._forward(
             request.method, url, headers, body, route.timeout_seconds
         )
