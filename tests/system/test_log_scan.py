@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.system, pytest.mark.logscan]
 
 def _issued_tokens(base: Path) -> set[str]:
     tokens: set[str] = set()
-    for ledger in base.rglob("oidc-token-ledger.txt"):
+    for ledger in base.rglob("*token-ledger.txt"):
         tokens |= {line.strip() for line in ledger.read_text().splitlines() if line.strip()}
     return tokens
 

@@ -1,0 +1,594 @@
+"""Short-lived Google service-account tokens through the IAM Credentials API.
+
+The issuer hands a caller a token for a service-account connection with *exactly* the scopes the
+caller asked for and a *bounded* lifetime, minted by keyless impersonation
+(``projects.serviceAccounts.generateAccessToken``), never the broker's own token. The broker
+authenticates with its own token (Application Default Credentials by default) and must hold
+``roles/iam.serviceAccountTokenCreator`` on each target service account.
+
+Protocol rules, from the REST reference [REF]
+(https://cloud.google.com/iam/docs/reference/credentials/rest/v1/projects.serviceAccounts/generateAccessToken):
+
+* ``POST https://iamcredentials.googleapis.com/v1/{name=projects/*/serviceAccounts/*}:generateAccessToken``
+  where ``name`` is ``projects/-/serviceAccounts/{ACCOUNT_EMAIL_OR_UNIQUEID}``: "The ``-``
+  wildcard character is required; replacing it with a project ID is invalid." Delegates use
+  the same form.
+* Body ``{"scope": [...], "lifetime": "900s", "delegates": [...]}``. ``scope`` is required, "At
+  least one value required". ``delegates`` is "required for delegated requests. For direct
+  requests, which are more common, do not specify this field" -- so it is sent only when
+  non-empty.
+* ``lifetime``: "By default, the maximum allowed value is 1 hour. To set a lifetime of up to 12
+  hours, you can add the service account as an allowed value in an Organization Policy that
+  enforces the ``constraints/iam.allowServiceAccountCredentialLifetimeExtension`` constraint."
+  Hence 1..3600 s here unless the deployment says its org policy allows more
+  (``max_lifetime_seconds``, up to 43200). A JSON ``Duration`` is seconds with an ``s`` suffix.
+* Response ``{"accessToken": ..., "expireTime": ...}``; ``expireTime`` is a ``Timestamp``,
+  RFC 3339 in UTC with a ``Z`` (google-auth's ``impersonated_credentials`` parses it the same way).
+
+Errors come as ``google.rpc.Status`` JSON, ``{"error": {"code", "message", "status",
+"details"}}`` (https://cloud.google.com/apis/design/errors). They become tokenbroker errors here,
+at the boundary, and nowhere else. The mapping (429 and 5xx are transient whatever status they
+carry, as in ``oauth/token_response.py``; otherwise the ``status`` string wins over the HTTP
+code, and the HTTP code decides when there is no JSON body):
+
+* 400 INVALID_ARGUMENT, OUT_OF_RANGE -> :class:`ImpersonationRequestInvalid`
+  (a ``BadRequest``: HTTP 400 ``invalid_request``, permanent);
+* 401 UNAUTHENTICATED, after one refresh -> :class:`BrokerUnauthenticated`
+  (a ``ConfigError``: HTTP 500 ``invalid_config``, permanent);
+* 403 PERMISSION_DENIED -> :class:`ImpersonationDenied` (a ``ConfigError``: 500, permanent);
+* 404 NOT_FOUND -> :class:`ServiceAccountGone` (a ``NeedsReauth``: 409 ``needs_reauth``,
+  permanent);
+* 408, 429, 5xx, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, DEADLINE_EXCEEDED, ABORTED,
+  UNKNOWN; timeouts, refused or reset connections; malformed 200s -> :class:`IamUnavailable`
+  (a ``CredentialUnavailable``: 503 ``temporarily_unavailable``, retryable, ``retry_after``
+  from ``Retry-After`` or a ``google.rpc.RetryInfo`` detail);
+* any other 4xx (FAILED_PRECONDITION, ...) -> :class:`ImpersonationMisconfigured`
+  (a ``ConfigError``: 500, permanent).
+
+Why these:
+
+* **403** means the broker's identity lacks ``iam.serviceAccounts.getAccessToken`` on the target
+  ([REF], "Authorization requires the following IAM permission"): an operator must grant
+  ``roles/iam.serviceAccountTokenCreator``. Retrying cannot help and it is not the caller's
+  fault, so it is a configuration error (HTTP 500 to the caller). The real API's 403 text is
+  "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist)."
+  (e.g. https://github.com/google-github-actions/auth/issues/340): a missing account can
+  surface as 403 too, so the message keeps the server's text for the operator.
+* **404** means the service account itself is gone (deleted). The broker is fine and every other
+  connection still works; *this* connection can never mint a token again until a human acts
+  (undeletes the account or re-points the connection) -- the same situation as a revoked grant.
+  So it is :class:`~tokenbroker.errors.NeedsReauth` (HTTP 409 ``needs_reauth``), not a broker-wide
+  configuration error, and not retryable.
+* **401** means the broker's own token was refused. google-auth's ``AuthorizedSession`` refreshes
+  and retries once on 401 (``google.auth.transport.DEFAULT_REFRESH_STATUS_CODES``,
+  ``DEFAULT_MAX_REFRESH_ATTEMPTS = 2``); so does this client when its authorizer can be told to
+  drop its token (``invalidate()``, as :class:`ApplicationDefaultAuthorizer` can). A second 401
+  is a broker configuration problem: never the caller's (their ID token was already verified),
+  so never ``invalid_token``.
+* **400** after the client-side checks below means the request the caller asked for (a scope
+  name, a lifetime above the org policy) cannot be granted: ``invalid_request``.
+* **UNAVAILABLE** and **RESOURCE_EXHAUSTED** are the ones the API design guide lets clients
+  retry (with backoff, and after a delay); INTERNAL, DEADLINE_EXCEEDED, ABORTED, UNKNOWN and any
+  5xx are treated as transient too, as ``gcp/errors.py`` and ``oauth/token_response.py`` do
+  (the server's trouble, not the request's), with the retry policy bounding the attempts.
+  ``Retry-After`` (RFC 9110 §10.2.3) or else a ``google.rpc.RetryInfo`` detail ("Clients should
+  wait at least this long between retrying the same request",
+  https://github.com/googleapis/googleapis/blob/master/google/rpc/error_details.proto) becomes
+  ``retry_after``.
+
+Checked before anything is sent (no request on failure): lifetime 1..max (default 3600) s,
+scopes a non-empty sequence of whitespace-free strings (never a bare ``str``), and service
+account and delegate emails of the form ``name@domain.gserviceaccount.com`` (which also keeps
+``/``, ``?``, ``#`` and ``:`` out of the URL path). Token values never reach a message or a log
+line: responses are wrapped in :class:`~tokenbroker.secret.Secret` at once, and error messages
+are built from status codes, the service-account email and the (scrubbed) server message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from tokenbroker.clock import Clock, SystemClock, isoformat, parse_iso
+from tokenbroker.errors import (
+    BadRequest,
+    ConfigError,
+    CredentialUnavailable,
+    NeedsReauth,
+    TokenBrokerError,
+)
+from tokenbroker.log import get_logger
+from tokenbroker.oauth.token_response import parse_retry_after
+from tokenbroker.redact import scrub
+from tokenbroker.secret import Secret
+
+IAM_CREDENTIALS_ENDPOINT = "https://iamcredentials.googleapis.com"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+#: [REF] lifetime: "By default, the maximum allowed value is 1 hour."
+DEFAULT_MAX_LIFETIME_SECONDS = 3600
+#: [REF] lifetime: "up to 12 hours" with an org policy
+#: (``constraints/iam.allowServiceAccountCredentialLifetimeExtension``).
+EXTENDED_MAX_LIFETIME_SECONDS = 43200
+MAX_RESPONSE_BYTES = 256 * 1024  # a token response is well under 4 KiB
+
+Authorizer = Callable[[], Awaitable[str]]
+
+# Google service-account emails: user-managed ``name@project.iam.gserviceaccount.com``, the
+# Compute default ``123-compute@developer.gserviceaccount.com``, App Engine's
+# ``project@appspot.gserviceaccount.com`` and service agents ``service-1@gcp-sa-x.iam...``.
+_SA_EMAIL = re.compile(
+    r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?@(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+"
+    r"gserviceaccount\.com",
+    re.IGNORECASE,
+)
+_RESOURCE_PREFIX = "projects/-/serviceAccounts/"
+# google.protobuf.Duration in JSON: seconds with up to 9 fractional digits and an "s" suffix.
+_DURATION = re.compile(r"(\d+)(?:\.(\d{1,9}))?s")
+# Transient google.rpc codes (https://cloud.google.com/apis/design/errors; as gcp/errors.py).
+_RETRYABLE_RPC = frozenset(
+    {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN"}
+)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class IamCredentialsError(TokenBrokerError):
+    """Root of this adapter's errors; each concrete one also derives from the tokenbroker error
+    the issuer understands (its ``code``, ``http_status`` and ``retryable`` come from there)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rpc_status: str | None = None,
+        upstream_status: int | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after=retry_after)
+        #: The ``google.rpc`` status name IAM answered with (``PERMISSION_DENIED``...), if any.
+        self.rpc_status = rpc_status
+        #: The HTTP status IAM answered with (``None`` when no answer came).
+        self.upstream_status = upstream_status
+
+
+class ImpersonationRequestInvalid(IamCredentialsError, BadRequest):
+    """Scopes or lifetime that cannot be granted: refused here, or 400 INVALID_ARGUMENT."""
+
+
+class ImpersonationDenied(IamCredentialsError, ConfigError):
+    """403: the broker lacks ``roles/iam.serviceAccountTokenCreator`` on the account."""
+
+
+class BrokerUnauthenticated(IamCredentialsError, ConfigError):
+    """401 (twice), or the broker's own Google credentials could not be loaded."""
+
+
+class ImpersonationMisconfigured(IamCredentialsError, ConfigError):
+    """A malformed service-account or delegate name, or a 4xx with no better meaning."""
+
+
+class ServiceAccountGone(IamCredentialsError, NeedsReauth):
+    """404: the service account no longer exists; the connection needs a human."""
+
+
+class IamUnavailable(IamCredentialsError, CredentialUnavailable):
+    """IAM Credentials could not answer usefully right now; worth retrying."""
+
+
+# --- the result --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImpersonatedToken:
+    access_token: Secret
+    expires_at: datetime
+
+
+# --- the broker's own token ----------------------------------------------------------------------
+
+
+class ApplicationDefaultAuthorizer:
+    """The broker's own access token from Application Default Credentials.
+
+    ``google.auth.default()`` may probe the metadata server and ``refresh()`` does blocking HTTP,
+    so both run in a worker thread; a lock makes concurrent callers share one refresh. The token
+    is refreshed when google-auth says it is not ``valid`` (absent, or within its
+    ``REFRESH_THRESHOLD`` of expiry) or after :meth:`invalidate`. google-auth is imported on first
+    use only (cold start).
+    """
+
+    def __init__(
+        self,
+        scopes: Sequence[str] = (CLOUD_PLATFORM_SCOPE,),
+        *,
+        credentials: Any = None,
+    ) -> None:
+        self.scopes = tuple(scopes)
+        self._credentials: Any = credentials
+        self._request: Any = None
+        self._stale = False
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def _loop_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
+    def invalidate(self) -> None:
+        """Drop the current token: the next call refreshes (after a 401)."""
+        self._stale = True
+
+    async def __call__(self) -> str:
+        async with self._loop_lock():
+            if self._credentials is None:
+                self._credentials = await asyncio.to_thread(self._load)
+            credentials = self._credentials
+            if self._stale or not credentials.valid:
+                await asyncio.to_thread(self._refresh, credentials)
+                self._stale = False
+            token = credentials.token
+        if not isinstance(token, str) or not token:
+            raise BrokerUnauthenticated("the broker's own Google credentials yielded no token")
+        return token
+
+    def _load(self) -> Any:
+        import google.auth  # noqa: PLC0415 - heavy; only impersonation needs it
+        import google.auth.exceptions  # noqa: PLC0415
+
+        try:
+            credentials, _project = google.auth.default(scopes=list(self.scopes))
+        except google.auth.exceptions.DefaultCredentialsError as exc:
+            raise BrokerUnauthenticated(
+                f"no Application Default Credentials for the broker: {type(exc).__name__}"
+            ) from None
+        return credentials
+
+    def _refresh(self, credentials: Any) -> None:
+        import google.auth.exceptions  # noqa: PLC0415
+
+        if self._request is None:
+            from google.auth.transport.requests import Request  # noqa: PLC0415
+
+            self._request = Request()
+        try:
+            credentials.refresh(self._request)
+        except google.auth.exceptions.RefreshError as exc:
+            detail = scrub(str(exc))[:200]
+            if exc.retryable:
+                raise IamUnavailable(
+                    f"refreshing the broker's own Google credentials failed: {detail}"
+                ) from None
+            raise BrokerUnauthenticated(
+                f"the broker's own Google credentials cannot be refreshed: {detail}"
+            ) from None
+        except google.auth.exceptions.TransportError as exc:
+            raise IamUnavailable(
+                f"refreshing the broker's own Google credentials failed: {type(exc).__name__}"
+            ) from None
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+class IamCredentials:
+    """``generateAccessToken`` over aiohttp: one session, created on first use inside the
+    running loop (so construct it anywhere, use it in one loop, ``aclose()`` it there).
+
+    ``authorizer`` returns the broker's own bearer token (default:
+    :class:`ApplicationDefaultAuthorizer`); if it also has ``invalidate()``, a 401 makes the
+    client call it and try once more. ``session``: an aiohttp ``ClientSession`` to share (left
+    open by :meth:`aclose`). ``max_lifetime_seconds``: raise above 3600 (to at most 43200) only
+    where an organization policy allows it for the target accounts. ``timeout`` bounds each
+    HTTP exchange with IAM (connect to last byte), not the authorizer.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str = IAM_CREDENTIALS_ENDPOINT,
+        authorizer: Authorizer | None = None,
+        timeout: float = 10.0,
+        session: Any = None,
+        max_lifetime_seconds: int = DEFAULT_MAX_LIFETIME_SECONDS,
+        clock: Clock | None = None,
+    ) -> None:
+        if not 1 <= max_lifetime_seconds <= EXTENDED_MAX_LIFETIME_SECONDS:
+            raise ValueError("max_lifetime_seconds must be within 1..43200")
+        self.endpoint = endpoint.rstrip("/")
+        self.timeout = timeout
+        self.max_lifetime_seconds = max_lifetime_seconds
+        self.clock: Clock = clock or SystemClock()
+        self._authorizer: Authorizer = authorizer or ApplicationDefaultAuthorizer()
+        self._session: Any = session
+        self._owns_session = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.log = get_logger(component="iam-credentials")
+
+    async def __aenter__(self) -> IamCredentials:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session this client created (an injected session stays open)."""
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
+            self._loop = None
+
+    # -- the call ---------------------------------------------------------------------------------
+
+    async def generate_access_token(
+        self,
+        service_account: str,
+        scopes: Sequence[str],
+        lifetime_seconds: int,
+        delegates: Sequence[str] = (),
+    ) -> ImpersonatedToken:
+        """A token for ``service_account`` with exactly ``scopes``, valid ``lifetime_seconds``."""
+        scope_list = _checked_scopes(scopes)
+        lifetime = self._checked_lifetime(lifetime_seconds)
+        email = _checked_email(service_account, "service account")
+        delegate_names = [_delegate_name(d) for d in _sequence(delegates, "delegates")]
+
+        body: dict[str, Any] = {"scope": scope_list, "lifetime": f"{lifetime}s"}
+        if delegate_names:
+            body["delegates"] = delegate_names
+        url = f"{self.endpoint}/v1/{_RESOURCE_PREFIX}{email}:generateAccessToken"
+        payload = json.dumps(body).encode()
+
+        invalidate = getattr(self._authorizer, "invalidate", None)
+        attempts = 2 if callable(invalidate) else 1
+        for attempt in range(1, attempts + 1):
+            bearer = await self._authorizer()
+            status, headers, raw = await self._post(url, payload, bearer, email)
+            if status == 401 and attempt < attempts and callable(invalidate):
+                invalidate()  # as google-auth's AuthorizedSession: refresh once, try again
+                continue
+            break
+        if 200 <= status < 300:
+            token = self._token(raw, status, email, lifetime)
+            self.log.debug(
+                "impersonated token minted",
+                service_account=email,
+                scopes=scope_list,
+                delegates=len(delegate_names),
+                lifetime_seconds=lifetime,
+                expires_at=isoformat(token.expires_at),
+                access_token=token.access_token,
+            )
+            return token
+        error = _error(status, headers, raw, email)
+        self.log.warning(
+            "impersonation failed",
+            service_account=email,
+            error=error.code,
+            rpc_status=error.rpc_status,
+            http_status=status,
+            retryable=error.retryable,
+        )
+        raise error
+
+    def _checked_lifetime(self, lifetime_seconds: int) -> int:
+        if isinstance(lifetime_seconds, bool) or not isinstance(lifetime_seconds, int):
+            raise ImpersonationRequestInvalid("lifetime_seconds must be a whole number of seconds")
+        if not 1 <= lifetime_seconds <= self.max_lifetime_seconds:
+            raise ImpersonationRequestInvalid(
+                f"lifetime {lifetime_seconds}s is outside 1..{self.max_lifetime_seconds}s "
+                "(IAM Credentials allows at most 3600s unless an organization policy extends it)"
+            )
+        return lifetime_seconds
+
+    async def _session_here(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._session is None:
+            import aiohttp  # noqa: PLC0415 - heavy; only impersonation needs it
+
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": "tokenbroker"}, raise_for_status=False
+            )
+            self._loop = loop
+        elif self._owns_session and self._loop is not loop:
+            raise RuntimeError("IamCredentials used from a second event loop; aclose() it first")
+        return self._session
+
+    async def _post(
+        self, url: str, payload: bytes, bearer: str, email: str
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        import aiohttp  # noqa: PLC0415
+
+        session = await self._session_here()
+        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+        try:
+            async with session.post(
+                url,
+                data=payload,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > MAX_RESPONSE_BYTES:
+                        raise IamUnavailable(
+                            f"IAM Credentials answer for {email} exceeds "
+                            f"{MAX_RESPONSE_BYTES} bytes",
+                            upstream_status=response.status,
+                        )
+                    chunks.append(chunk)
+                return (
+                    response.status,
+                    {k.lower(): v for k, v in response.headers.items()},
+                    b"".join(chunks),
+                )
+        except TimeoutError:
+            raise IamUnavailable(
+                f"IAM Credentials timed out after {self.timeout}s minting a token for {email}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise IamUnavailable(
+                f"IAM Credentials unreachable minting a token for {email}: {type(exc).__name__}"
+            ) from None
+
+    def _token(self, raw: bytes, status: int, email: str, lifetime: int) -> ImpersonatedToken:
+        data = _json_object(raw)
+        what = f"IAM Credentials answered HTTP {status} for {email}"
+        if data is None:
+            raise IamUnavailable(f"{what} without a JSON object", upstream_status=status)
+        access_token = data.get("accessToken")
+        expire_time = data.get("expireTime")
+        if not isinstance(access_token, str) or not access_token:
+            raise IamUnavailable(f"{what} without an accessToken", upstream_status=status)
+        if not isinstance(expire_time, str):
+            raise IamUnavailable(f"{what} without an expireTime", upstream_status=status)
+        try:
+            expires_at = parse_iso(expire_time)
+        except ValueError:
+            raise IamUnavailable(
+                f"{what} with an unreadable expireTime", upstream_status=status
+            ) from None
+        now = self.clock.now()
+        if expires_at <= now:
+            raise IamUnavailable(f"{what} with a token already expired", upstream_status=status)
+        if expires_at > now + timedelta(seconds=lifetime + 300):
+            # IAM honours the requested lifetime; a much later expiry means clock skew or a
+            # proxy. The token is still handed out with the expiry IAM stated.
+            self.log.warning(
+                "impersonated token outlives the requested lifetime",
+                service_account=email,
+                lifetime_seconds=lifetime,
+                expires_at=isoformat(expires_at),
+            )
+        return ImpersonatedToken(access_token=Secret(access_token), expires_at=expires_at)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _sequence(value: Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str | bytes):
+        raise ImpersonationRequestInvalid(f"{what} must be a sequence of strings, not one string")
+    return list(value)
+
+
+def _checked_scopes(scopes: Sequence[str]) -> list[str]:
+    scope_list = _sequence(scopes, "scopes")
+    if not scope_list:
+        raise ImpersonationRequestInvalid("scopes: at least one scope is required")
+    for scope in scope_list:
+        if not isinstance(scope, str) or not scope or any(c.isspace() for c in scope):
+            raise ImpersonationRequestInvalid(
+                "scopes: each scope must be a non-empty string without spaces"
+            )
+    return scope_list
+
+
+def _checked_email(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _SA_EMAIL.fullmatch(value):
+        shown = scrub(value)[:80] if isinstance(value, str) else type(value).__name__
+        raise ImpersonationMisconfigured(
+            f"{what} {shown!r} is not a service-account email (name@....gserviceaccount.com)"
+        )
+    return value
+
+
+def _delegate_name(value: str) -> str:
+    """``projects/-/serviceAccounts/EMAIL`` ([REF] delegates format) from an email or a name."""
+    if isinstance(value, str) and value.startswith(_RESOURCE_PREFIX):
+        value = value[len(_RESOURCE_PREFIX) :]
+    return _RESOURCE_PREFIX + _checked_email(value, "delegate")
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _retry_delay(details: Any) -> float | None:
+    """``google.rpc.RetryInfo.retryDelay`` (a JSON Duration such as ``"30s"``), if present."""
+    if not isinstance(details, list):
+        return None
+    for detail in details:
+        if not isinstance(detail, dict):
+            continue
+        if str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            match = _DURATION.fullmatch(str(detail.get("retryDelay", "")))
+            if match:
+                return float(f"{match.group(1)}.{match.group(2) or 0}")
+    return None
+
+
+def _error(status: int, headers: Mapping[str, str], raw: bytes, email: str) -> IamCredentialsError:
+    data = _json_object(raw)
+    body = data.get("error") if data is not None else None
+    body = body if isinstance(body, dict) else {}
+    rpc_status = body.get("status") if isinstance(body.get("status"), str) else None
+    message = body.get("message")
+    detail = f": {scrub(str(message))[:200]}" if message else ""
+    retry_after = parse_retry_after(headers.get("retry-after")) or _retry_delay(body.get("details"))
+    text = f"IAM Credentials answered HTTP {status} {rpc_status or ''}".rstrip()
+    text = f"{text} for {email}{detail}"
+    kind = _error_class(status, rpc_status)
+    hint = _HINTS.get(kind, "").format(email=email)
+    return kind(
+        f"{text}{hint}",
+        rpc_status=rpc_status,
+        upstream_status=status,
+        retry_after=retry_after if kind is IamUnavailable else None,
+    )
+
+
+_BY_RPC_STATUS: dict[str, type[IamCredentialsError]] = {
+    **dict.fromkeys(_RETRYABLE_RPC, IamUnavailable),
+    "INVALID_ARGUMENT": ImpersonationRequestInvalid,
+    "OUT_OF_RANGE": ImpersonationRequestInvalid,
+    "UNAUTHENTICATED": BrokerUnauthenticated,
+    "PERMISSION_DENIED": ImpersonationDenied,
+    "NOT_FOUND": ServiceAccountGone,
+}
+_BY_HTTP_STATUS: dict[int, type[IamCredentialsError]] = {
+    400: ImpersonationRequestInvalid,
+    401: BrokerUnauthenticated,
+    403: ImpersonationDenied,
+    404: ServiceAccountGone,
+    408: IamUnavailable,
+}
+_HINTS: dict[type[IamCredentialsError], str] = {
+    BrokerUnauthenticated: " (the broker's own Google credentials were refused)",
+    ImpersonationDenied: " (grant the broker roles/iam.serviceAccountTokenCreator on {email})",
+    ServiceAccountGone: " (the account no longer exists: undelete it or re-point the connection)",
+}
+
+
+def _error_class(status: int, rpc_status: str | None) -> type[IamCredentialsError]:
+    if status == 429 or status >= 500:
+        return IamUnavailable
+    if rpc_status is not None and rpc_status in _BY_RPC_STATUS:
+        return _BY_RPC_STATUS[rpc_status]
+    if rpc_status is None and status in _BY_HTTP_STATUS:
+        return _BY_HTTP_STATUS[status]
+    return ImpersonationMisconfigured
