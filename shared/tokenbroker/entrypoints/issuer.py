@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 from tokenbroker.errors import BadRequest, ConfigError, TokenBrokerError
 from tokenbroker.issuer import MAX_BODY_BYTES, TokenIssuer, render_error
 from tokenbroker.log import get_logger
 
+ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"  # noqa: S105 - a variable name
 _issuer: TokenIssuer | None = None
 _relay: Any = None
 _lock = asyncio.Lock()
@@ -26,11 +28,11 @@ _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 async def build() -> tuple[TokenIssuer, Any]:
     """The instance's issuer, built on the first request (cold start) and reused."""
     global _issuer, _relay
-    if _issuer is not None:
-        return _issuer, _relay
-    async with _lock:
-        if _issuer is None:
-            _issuer, _relay = await asyncio.to_thread(_assemble)
+    if _issuer is None:
+        async with _lock:
+            if _issuer is None:
+                _issuer, _relay = await asyncio.to_thread(_assemble)
+    assert _issuer is not None  # noqa: S101 - assigned just above
     return _issuer, _relay
 
 
@@ -71,9 +73,18 @@ def _assemble() -> tuple[TokenIssuer, Any]:
 
 
 def _iam(settings: Any) -> Any:
+    """IAM Credentials, authorised as the broker: Application Default Credentials, or (local
+    runs and tests) the access token in ``TOKENBROKER_IAM_ACCESS_TOKEN``."""
     from tokenbroker.adapters.gcp.iam_credentials import IamCredentials  # noqa: PLC0415
 
-    return IamCredentials(endpoint=settings.iam_credentials_endpoint)
+    static = os.environ.get(ENV_IAM_ACCESS_TOKEN)
+    if not static:
+        return IamCredentials(endpoint=settings.iam_credentials_endpoint)
+
+    async def authorizer() -> str:
+        return static
+
+    return IamCredentials(endpoint=settings.iam_credentials_endpoint, authorizer=authorizer)
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
