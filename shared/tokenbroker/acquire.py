@@ -26,6 +26,8 @@ def check_material(connection: Connection, credential: Credential) -> None:
         raise ConfigError(f"{where}: client_credentials needs client_id and a client secret")
     if connection.grant is GrantType.JWT_BEARER and credential.private_key is None:
         raise ConfigError(f"{where}: jwt_bearer needs a service account key")
+    if connection.grant is GrantType.STATIC and credential.client_secret is None:
+        raise ConfigError(f"{where}: a static connection needs its secret (client secret / key)")
 
 
 async def acquire(
@@ -70,7 +72,7 @@ async def acquire(
             extra={k: params[k] for k in _FORM_PARAMS if k in params},
             error_aliases=aliases,
         )
-    else:
+    elif connection.grant is GrantType.JWT_BEARER:
         if current.private_key is None:
             raise ConfigError(f"connection {connection.id!r}: no service account key stored")
         response = await jwt_bearer_grant(
@@ -81,6 +83,10 @@ async def acquire(
             subject=params.get("subject"),
             issued_at=now.timestamp(),
             error_aliases=aliases,
+        )
+    else:
+        raise ConfigError(
+            f"connection {connection.id!r}: {connection.grant.value} is not refreshed"
         )
     lifetime = response.expires_in or profile.default_lifetime_seconds
     return current.with_token(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 
 from tokenbroker.acquire import check_material
 from tokenbroker.clock import Clock
 from tokenbroker.errors import AlreadyExists, ConfigError, NotFound
 from tokenbroker.log import get_logger
 from tokenbroker.model import (
+    UNREFRESHED_GRANTS,
     Connection,
     ConnectionRecord,
     ConnectionStatus,
@@ -47,6 +49,10 @@ class ConnectionRegistry:
                 f"profile: {connection.profile!r} is not a known profile (known: {known})"
             ) from None
 
+    def _first_refresh(self, connection: Connection) -> datetime | None:
+        """Due at once, unless nothing about the connection ever expires."""
+        return None if connection.grant in UNREFRESHED_GRANTS else self.clock.now()
+
     def register(self, connection: Connection, credential: Credential) -> ConnectionRecord:
         """Store the first credential version and register the connection, due at once."""
         validate_connection_id(connection.id)
@@ -65,7 +71,7 @@ class ConnectionRegistry:
         state = RefreshState(
             status=ConnectionStatus.ACTIVE,
             expires_at=credential.expires_at,
-            next_refresh_at=now,
+            next_refresh_at=self._first_refresh(connection),
             current_version=version,
         )
         self.state.create(connection, state)
@@ -98,7 +104,7 @@ class ConnectionRegistry:
         state = replace(
             record.state,
             status=ConnectionStatus.ACTIVE,
-            next_refresh_at=self.clock.now(),
+            next_refresh_at=self._first_refresh(record.connection),
             current_version=version,
         )
         # consecutive_failures is kept: the first successful refresh clears it and announces
@@ -113,7 +119,9 @@ class ConnectionRegistry:
         state = replace(
             record.state,
             status=status,
-            next_refresh_at=self.clock.now() if enabled else record.state.next_refresh_at,
+            next_refresh_at=(
+                self._first_refresh(record.connection) if enabled else record.state.next_refresh_at
+            ),
         )
         self.state.put_state(connection_id, state)
         return ConnectionRecord(record.connection, state)

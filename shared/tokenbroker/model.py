@@ -24,6 +24,14 @@ class GrantType(StrEnum):
     REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant name, RFC 6749 §6
     CLIENT_CREDENTIALS = "client_credentials"  # RFC 6749 §4.4
     JWT_BEARER = "jwt_bearer"  # RFC 7523 §2.1, Google service-account keys
+    #: Keyless: the issuer mints tokens for ``params.service_account`` through IAM Credentials.
+    IMPERSONATION = "impersonation"
+    #: A static credential (an API key pair, a header token) used only by the relay.
+    STATIC = "static"
+
+
+#: Grants the refresher never refreshes: nothing at a token endpoint expires.
+UNREFRESHED_GRANTS = frozenset({GrantType.IMPERSONATION, GrantType.STATIC})
 
 
 class ClientAuthMethod(StrEnum):

@@ -12,7 +12,7 @@ from typing import Any
 
 from tokenbroker.errors import ConfigError
 from tokenbroker.fields import FieldReader
-from tokenbroker.model import ClientAuthMethod, Connection, GrantType
+from tokenbroker.model import UNREFRESHED_GRANTS, ClientAuthMethod, Connection, GrantType
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,11 @@ class ProviderProfile:
                 f"grant: {connection.grant.value!r} is not supported by profile {self.name!r}"
                 f" (supported: {allowed})"
             )
-        self.resolve_params(connection.params)
-        self.token_url_for(connection)
+        params = self.resolve_params(connection.params)
+        if connection.grant is GrantType.IMPERSONATION and not params.get("service_account"):
+            raise ConfigError("params.service_account is required for impersonation")
+        if connection.grant not in UNREFRESHED_GRANTS:
+            self.token_url_for(connection)
 
 
 def _parse_param(data: object, where: str) -> ProfileParam:

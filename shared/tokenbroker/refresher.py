@@ -32,6 +32,7 @@ from tokenbroker.clock import Clock, SystemClock, isoformat
 from tokenbroker.errors import ConfigError, TokenBrokerError, VersionConflict
 from tokenbroker.log import get_logger
 from tokenbroker.model import (
+    UNREFRESHED_GRANTS,
     Claim,
     ConnectionEvent,
     ConnectionStatus,
@@ -280,6 +281,8 @@ class Refresher:
     ) -> _Outcome:
         connection = claim.record.connection
         now = self.clock.now()
+        if connection.grant in UNREFRESHED_GRANTS:
+            return _Outcome(claim, stored, attempted_at=None)  # nothing expires: leave it
         if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
             # Too late to send a refresh token safely; leave it for the next tick.
             return _Outcome(claim, stored, attempted_at=None)

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 @contextmanager
 def functions_framework(
-    target: str, source: Path, env: Mapping[str, str], *, name: str
+    target: str, source: Path, env: Mapping[str, str], *, name: str, asgi: bool = False
 ) -> Iterator[str]:
     """A real ``functions-framework`` (gunicorn) process serving ``target``; yields its URL."""
     port = free_port()
@@ -35,6 +35,7 @@ def functions_framework(
                 f"--source={source}",
                 "--host=127.0.0.1",
                 f"--port={port}",
+                *(["--asgi"] if asgi else []),
             ],
             env={**os.environ, **env},
             stdout=log,
@@ -49,7 +50,7 @@ def functions_framework(
             if proc.poll() is not None:
                 raise RuntimeError(f"functions-framework exited: {log_path.read_text()[-3000:]}")
             try:
-                httpx.get(url + "/__ready", timeout=1)
+                httpx.get(url + "/healthz", timeout=1)
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:

@@ -68,7 +68,13 @@ def _assemble() -> tuple[TokenIssuer, Any]:
         endpoint=AiohttpTokenEndpoint(timeout=settings.http_timeout),
         clock=runtime.clock,
     )
-    relay = Relay(verifier=verifier, policy=policy, secrets=runtime.secrets, clock=runtime.clock)
+    relay = Relay(
+        verifier=verifier,
+        policy=policy,
+        secrets=runtime.secrets,
+        state=runtime.state,
+        clock=runtime.clock,
+    )
     return issuer, relay
 
 
