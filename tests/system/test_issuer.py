@@ -363,3 +363,42 @@ def test_relay_injects_the_credential_and_refuses_what_the_policy_does_not_list(
     worker = {"Authorization": f"Bearer {deployment.id_token(WORKER)}"}
     assert relay("POST", "omie/geral/clientes/", worker) == 403  # caller not on the route
     assert relay("POST", "omie/geral/clientes/", {}) == 401
+
+
+@pytest.mark.parametrize(
+    ("caller", "operations"),
+    [(WORKER, "^/(token|healthz)"), (BILLING, "^/relay/")],
+)
+def test_schemathesis_finds_no_server_errors(
+    deployment: Deployment, tmp_path: Path, caller: str, operations: str
+) -> None:
+    """Property-based requests generated from docs/issuer.openapi.yaml, sent to the live
+    process as a granted caller: no 5xx, and answers match the documented schemas."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"), "run",
+            str(REPO / "docs" / "issuer.openapi.yaml"),
+            "--url", deployment.url,
+            "--header", f"Authorization: Bearer {deployment.id_token(caller)}",
+            "--include-path-regex", operations,
+            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_headers_conformance,response_schema_conformance",
+            "--max-examples", "60",
+            "--request-timeout", "20",
+            "--seed", "1",
+            "--no-color",
+        ],
+        capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    import re
+
+    counts = re.search(r"(\d+) generated, (\d+) passed", output)
+    assert counts is not None, output[-3000:]
+    assert int(counts[1]) == int(counts[2]) > 50
