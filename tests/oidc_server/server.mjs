@@ -112,10 +112,21 @@ const provider = new Provider(ISSUER, {
   scopes: ['openid', 'offline_access', 'api:read', 'api:write'],
   responseTypes: ['code'], // authorization code flow only (no implicit / hybrid)
 
-  // One fixed end-user; the sub claim is all the ID token carries.
+  // One fixed end-user, shaped like a Google service-account identity, so its ID tokens can
+  // stand in for Google's when tests authenticate callers (email + email_verified).
   async findAccount(ctx, sub) {
-    return { accountId: sub, async claims() { return { sub }; } };
+    return {
+      accountId: sub,
+      async claims() {
+        return {
+          sub,
+          email: `${sub}@tokenbroker-test.iam.gserviceaccount.com`,
+          email_verified: true,
+        };
+      },
+    };
   },
+  claims: { openid: ['sub'], email: ['email', 'email_verified'] },
 
   features: {
     devInteractions: { enabled: false }, // replaced by the non-interactive handler below

@@ -61,3 +61,24 @@ def test_refresh_throughput_gcp_mode_reports_calls_per_refresh() -> None:
     assert figures["refreshed"] == 150
     assert figures["server_invalid_grants"] == 0
     assert figures["ok"] is True
+
+
+def test_idtoken_verify_and_cold_start_report_their_figures() -> None:
+    verify = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "idtoken_verify.py"), "--n", "200", "--rounds",
+         "1", "--json-only"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    figures = json.loads(verify.stdout.strip().splitlines()[-1])
+    assert figures["verifier_per_second"] > 0
+    assert figures["floor_per_second"] > 0
+    cold = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cold_start.py"), "--runs", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    # Exit 1 means the ratio target was missed: a figure, not a broken script.
+    assert cold.returncode in (0, 1), cold.stderr[-3000:]
+    assert {"issuer_ms", "trivial_ms", "ratio"} <= set(
+        json.loads(cold.stdout.strip().splitlines()[-1])
+    )

@@ -57,6 +57,7 @@ def _assemble() -> tuple[TokenIssuer, Any]:
         keys=KeySet(settings.id_token_keys_url, clock=runtime.clock),
         clock=runtime.clock,
     )
+    verifier.keys.refresh()  # fetch the keys now, in this thread, not on the event loop
     impersonator = _iam(settings)
     issuer = TokenIssuer(
         verifier=verifier,
