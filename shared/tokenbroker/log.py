@@ -51,14 +51,22 @@ def redact_value(value: Any, key: str | None = None) -> Any:
 class _Sink:
     """Writes whole lines to one or more streams under a lock (threads share it)."""
 
-    def __init__(self, level: int, streams: list[IO[str]]) -> None:
+    def __init__(self, level: int, streams: list[IO[str]], owned: list[IO[str]]) -> None:
         self.level = level
         self._streams = streams
+        self._owned = owned  # files this sink opened and must close
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for stream in self._owned:
+                stream.close()
 
     def write(self, line: str) -> None:
         with self._lock:
             for stream in self._streams:
+                if stream.closed:  # replaced by a reconfiguration while this line was built
+                    continue
                 stream.write(line + "\n")
                 stream.flush()
 
@@ -120,11 +128,15 @@ def configure_logging(
     global _sink  # noqa: PLW0603 - process-wide logging configuration
     level_name = (level or os.environ.get(ENV_LOG_LEVEL) or "info").lower()
     streams: list[IO[str]] = [stream or sys.stderr]
+    owned: list[IO[str]] = []
     path = os.environ.get(ENV_LOG_FILE) if log_file is None else log_file
     if path:
-        streams.append(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - lives for the process
+        owned.append(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - closed on reconfigure
     with _config_lock:
-        _sink = _Sink(_LEVELS.get(level_name, _LEVELS["info"]), streams)
+        previous = _sink
+        _sink = _Sink(_LEVELS.get(level_name, _LEVELS["info"]), streams + owned, owned)
+    if previous is not None:
+        previous.close()
 
 
 def _configure_default() -> _Sink:
