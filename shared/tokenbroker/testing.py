@@ -95,7 +95,7 @@ class FakeTokenServer:
         if grant_type == "refresh_token":
             if self.clients.get(client_id or "") != secret:
                 return self._error("invalid_client", 401)
-            return self._refresh_grant(form["refresh_token"], client_id or "")
+            return self._refresh_grant(form["refresh_token"], client_id or "", form.get("scope"))
         if grant_type == "client_credentials":
             if self.clients.get(client_id or "") != secret:
                 return self._error("invalid_client", 401)
@@ -115,21 +115,24 @@ class FakeTokenServer:
             body["refresh_token"] = refresh
         return self._json(200, body)
 
-    def _refresh_grant(self, token: str, client_id: str) -> HttpResponse:
+    def _refresh_grant(self, token: str, client_id: str, scope: str | None) -> HttpResponse:
         if token in self._consumed:
             self._consumed[token].alive = False  # re-use detected: revoke the grant
             return self._error("invalid_grant")
         grant = self._refresh.get(token)
         if grant is None or not grant.alive or grant.client_id != client_id:
             return self._error("invalid_grant")
+        # RFC 6749 §6: a refresh may ask for a subset of the granted scope, never more.
+        if scope is not None and not set(scope.split()) <= set(grant.scope.split()):
+            return self._error("invalid_scope")
         if not self.rotate:
-            return self._token(grant.scope, refresh=None)
+            return self._token(scope or grant.scope, refresh=None)
         new = "rt-" + secrets.token_urlsafe(24)
         self.issued.append(new)
         del self._refresh[token]
         self._consumed[token] = grant
         self._refresh[new] = grant
-        return self._token(grant.scope, refresh=new)
+        return self._token(scope or grant.scope, refresh=new)
 
 
 def unreachable() -> TransportError:
