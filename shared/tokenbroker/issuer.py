@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Protocol
 
 from tokenbroker.clock import Clock, SystemClock, isoformat
@@ -108,6 +109,23 @@ class IssuedToken:
     connection: str
     token_type: str = "Bearer"  # noqa: S105 - RFC 6750 token type
 
+    @cached_property
+    def _rendered(self) -> tuple[bytes, bytes]:
+        """The response body around ``expires_in`` (the only part that changes between
+        answers from the cache), rendered once per token."""
+        marker = -987654321
+        body = self.to_json(self.expires_at)
+        body["expires_in"] = marker
+        text = json.dumps(body, separators=(",", ":")).encode()
+        before, _, after = text.partition(str(marker).encode())
+        return before, after
+
+    def render(self, now: datetime) -> bytes:
+        """The JSON response body for an answer given at ``now``."""
+        before, after = self._rendered
+        remaining = max(0, int((self.expires_at - now).total_seconds()))
+        return before + str(remaining).encode() + after
+
     def to_json(self, now: datetime) -> dict[str, Any]:
         """The response body: the one place the token value is written out."""
         return {
@@ -177,6 +195,8 @@ class TokenIssuer:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._cache: OrderedDict[tuple[str, tuple[str, ...] | None], _Cached] = OrderedDict()
         self._lock = threading.Lock()
+        self._requests: dict[bytes, TokenRequest] = {}
+        self._grants: dict[tuple[str, TokenRequest], Any] = {}
         self.secret_reads = 0
         self.issued = 0
         self.log = get_logger(component="issuer")
@@ -185,10 +205,8 @@ class TokenIssuer:
 
     async def issue(self, authorization: str | None, body: bytes) -> IssuedToken:
         caller = self.verifier.verify_authorization(authorization)
-        request = TokenRequest.parse(body)
-        grant = self.policy.authorize(
-            caller.email, request.connection, request.scopes, request.min_ttl_seconds
-        )
+        request = self._parse(body)
+        grant = self._authorize(caller.email, request)
         scopes: tuple[str, ...] | None = tuple(grant.scopes) if grant.scopes is not None else None
         key = (request.connection, scopes)
         now = self.clock.now()
@@ -212,6 +230,30 @@ class TokenIssuer:
             expires_at=isoformat(token.expires_at),
         )
         return token
+
+    def _parse(self, body: bytes) -> TokenRequest:
+        """Parsed requests, remembered by their bytes: workers send the same few bodies."""
+        request = self._requests.get(body)
+        if request is None:
+            request = TokenRequest.parse(body)
+            if len(self._requests) >= 4096:
+                self._requests.clear()
+            self._requests[body] = request
+        return request
+
+    def _authorize(self, caller_email: str, request: TokenRequest) -> Any:
+        """Policy decisions, remembered: the policy is immutable once loaded. Denials are
+        not remembered (they raise), so they cost a lookup each time."""
+        key = (caller_email, request)
+        grant = self._grants.get(key)
+        if grant is None:
+            grant = self.policy.authorize(
+                caller_email, request.connection, request.scopes, request.min_ttl_seconds
+            )
+            if len(self._grants) >= 4096:
+                self._grants.clear()
+            self._grants[key] = grant
+        return grant
 
     def _cached(
         self, key: tuple[str, tuple[str, ...] | None], now: datetime, min_ttl: timedelta

@@ -201,3 +201,10 @@ def test_error_rendering_never_leaks_internals() -> None:
     status, body, _ = render_error(ConfigError("/etc/secret path broke"))
     assert status == 500
     assert body == {"error": "server_error", "error_description": "internal error"}
+
+
+def test_rendered_answer_matches_the_json_form_as_time_passes(world: World) -> None:
+    token = world.issue({"connection": "crm"})
+    for step in (0, 1, 899, 2000):
+        now = world.clock.now() + timedelta(seconds=step)
+        assert json.loads(token.render(now)) == token.to_json(now)
