@@ -236,9 +236,10 @@ class TokenIssuer:
         request = self._requests.get(body)
         if request is None:
             request = TokenRequest.parse(body)
-            if len(self._requests) >= 4096:
-                self._requests.clear()
-            self._requests[body] = request
+            if len(body) <= 1024:  # a typical body is ~30 bytes; keep the memo small
+                if len(self._requests) >= 4096:
+                    self._requests.clear()
+                self._requests[body] = request
         return request
 
     def _authorize(self, caller_email: str, request: TokenRequest) -> Any:
