@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import http.server
 import importlib.util
 import json
 import os
@@ -57,7 +56,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -212,33 +210,14 @@ def sign_id_token(key: rsa.RSAPrivateKey) -> str:
 
 @contextlib.contextmanager
 def jwks_server(key: rsa.RSAPrivateKey) -> Iterator[tuple[str, list[str]]]:
-    """The caller tokens' JWK set on 127.0.0.1, with Google's kind of Cache-Control."""
+    """The caller tokens' JWK set on 127.0.0.1 (the ID-token bench's server)."""
+    from idtoken_verify import jwks_server as serve_jwks  # bench/ is on sys.path
+
     numbers = key.public_key().public_numbers()
     jwk = {"kty": "RSA", "kid": KID, "alg": "RS256", "use": "sig"}
     jwk |= {"n": b64_uint(numbers.n), "e": b64_uint(numbers.e)}
-    body = json.dumps({"keys": [jwk]}).encode()
-    hits: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Cache-Control", "public, max-age=3600, must-revalidate")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/oauth2/v3/certs", hits
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_jwks({"keys": [jwk]}) as served:
+        yield served
 
 
 def prepare_state(work: Path) -> dict[str, str]:
