@@ -93,7 +93,7 @@ def plan(registered: int, due_fraction: float) -> tuple[list[str], set[str]]:
 
 def seed(client: Any, collection: str, ids: list[str], due: set[str]) -> float:
     from tokenbroker.adapters.gcp.firestore import stored_document
-    from tokenbroker.model import Connection, ConnectionStatus, GrantType, RefreshState
+    from tokenbroker.kernel.model import Connection, ConnectionStatus, GrantType, RefreshState
 
     rnd = random.Random(7)
     created = datetime(2026, 1, 1, tzinfo=UTC)
@@ -172,8 +172,8 @@ def library_tally() -> Iterator[SnapshotTally]:
 def measure(project: str, chunk_size: int, registered: int, due: set[str]) -> dict[str, Any]:
     """Steps 3-6: one claim_due over the seeded collection, counted, checked, completed."""
     from tokenbroker.adapters.gcp.firestore import FirestoreStateStore
-    from tokenbroker.errors import NotFound
-    from tokenbroker.model import RefreshState
+    from tokenbroker.kernel.errors import NotFound
+    from tokenbroker.kernel.model import RefreshState
 
     store = FirestoreStateStore(project=project, chunk_size=chunk_size)
     with contextlib.suppress(NotFound):

@@ -55,8 +55,8 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 from tests.support.oidc import rsa_public_jwk, sign_rs256  # noqa: E402
 
-from tokenbroker.auth.idtoken import IdTokenVerifier, KeySet  # noqa: E402
-from tokenbroker.log import configure_logging  # noqa: E402
+from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: E402
+from tokenbroker.kernel.log import configure_logging  # noqa: E402
 
 AUDIENCE = "https://europe-west1-proj.cloudfunctions.net/tokenbroker-issuer"
 ISSUER = "https://accounts.google.com"

@@ -72,12 +72,12 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
 from tokenbroker.adapters.embedded import new_key_text  # noqa: E402
-from tokenbroker.connections import ConnectionRegistry  # noqa: E402
-from tokenbroker.log import configure_logging  # noqa: E402
-from tokenbroker.model import ClientAuthMethod, Connection, Credential, GrantType  # noqa: E402
-from tokenbroker.runtime import build_runtime  # noqa: E402
-from tokenbroker.secret import Secret  # noqa: E402
-from tokenbroker.settings import Settings  # noqa: E402
+from tokenbroker.entrypoints.compose import build_runtime  # noqa: E402
+from tokenbroker.entrypoints.settings import Settings  # noqa: E402
+from tokenbroker.kernel.log import configure_logging  # noqa: E402
+from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType  # noqa: E402
+from tokenbroker.kernel.secret import Secret  # noqa: E402
+from tokenbroker.refresh.registry import ConnectionRegistry  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ISSUER_SOURCE = REPO / "functions" / "issuer" / "main.py"

@@ -83,10 +83,10 @@ from typing import Any
 
 import aiohttp
 
-from tokenbroker.acquire import check_material
-from tokenbroker.connections import ConnectionRegistry
-from tokenbroker.log import configure_logging
-from tokenbroker.model import (
+from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.kernel.log import configure_logging
+from tokenbroker.kernel.model import (
     Connection,
     ConnectionStatus,
     Credential,
@@ -94,11 +94,11 @@ from tokenbroker.model import (
     GrantType,
     RefreshState,
 )
+from tokenbroker.kernel.secret import Secret
+from tokenbroker.oauth.acquire import check_material
 from tokenbroker.ports import SecretWrite
-from tokenbroker.refresher import TickSummary
-from tokenbroker.runtime import Runtime, build_runtime
-from tokenbroker.secret import Secret
-from tokenbroker.settings import Settings
+from tokenbroker.refresh.registry import ConnectionRegistry
+from tokenbroker.refresh.tick import TickSummary
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

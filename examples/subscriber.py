@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import os
 
-from tokenbroker.errors import NotFound
-from tokenbroker.model import ConnectionEvent, EventType, StoredCredential
+from tokenbroker.kernel.errors import NotFound
+from tokenbroker.kernel.model import ConnectionEvent, EventType, StoredCredential
 from tokenbroker.ports import SecretStore
-from tokenbroker.runtime import build_runtime
-from tokenbroker.subscriber import subscribe
+from tokenbroker.entrypoints.compose import build_runtime
+from tokenbroker.consumer.subscriber import subscribe
 
 credentials: dict[str, StoredCredential] = {}  # what this worker calls providers with
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenbroker.log import configure_logging
+from tokenbroker.kernel.log import configure_logging
 
 CAPTURE_ENV = "TOKENBROKER_TEST_CAPTURE_DIR"
 

@@ -8,13 +8,14 @@ cloud client libraries and SQLite are); the refresher calls them from a worker t
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from tokenbroker.errors import VersionConflict
-from tokenbroker.model import (
+from tokenbroker.kernel.errors import VersionConflict
+from tokenbroker.kernel.http import HttpResponse
+from tokenbroker.kernel.model import (
     Claim,
     Connection,
     ConnectionEvent,
@@ -24,7 +25,6 @@ from tokenbroker.model import (
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.oauth.transport import TokenEndpoint
 
 __all__ = [
     "ClaimBatch",
@@ -163,3 +163,17 @@ class EventBus(Protocol):
     """Where connection events go. ``publish`` returns once the events are durably accepted."""
 
     def publish(self, events: Sequence[ConnectionEvent]) -> None: ...
+
+
+@runtime_checkable
+class TokenEndpoint(Protocol):
+    """Sends ``application/x-www-form-urlencoded`` POSTs to token endpoints.
+
+    Implementations raise :class:`~.errors.TransportError` when no HTTP answer came
+    (timeout, refused, reset) and return every HTTP answer, whatever its status, unchanged.
+    They never follow redirects.
+    """
+
+    async def post_form(
+        self, url: str, form: Mapping[str, str], *, headers: Mapping[str, str]
+    ) -> HttpResponse: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta, timezone
 
-from tokenbroker.model import (
+from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
     ConnectionEvent,
@@ -15,7 +15,7 @@ from tokenbroker.model import (
     GrantType,
     RefreshState,
 )
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.secret import Secret
 
 #: A fixed "now" for state-store tests; whole seconds plus microseconds on purpose.
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)

@@ -6,7 +6,7 @@ and inspects what came back and what the server received.
 
 * :class:`AiohttpServerRig`: ``AiohttpTokenEndpoint`` against a real aiohttp web server on
   127.0.0.1 (a free port) that answers from the script.
-* :class:`FakeTokenServerRig`: ``tokenbroker.testing.FakeTokenServer``, whose own script
+* :class:`FakeTokenServerRig`: ``adapters.fake_provider.FakeTokenServer``, whose own script
   takes ``HttpResponse`` values and exceptions. It has no wire: a scripted :class:`Answer`
   becomes the ``HttpResponse`` it stands for (header names lower-cased, as ``HttpResponse``
   requires), :class:`Refuse` and :class:`Hang` become the ``TransportError`` a real transport
@@ -25,10 +25,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
+from tokenbroker.adapters.fake_provider import FakeTokenServer, unreachable
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
-from tokenbroker.errors import TransportError
-from tokenbroker.oauth.transport import HttpResponse
-from tokenbroker.testing import FakeTokenServer, unreachable
+from tokenbroker.kernel.errors import TransportError
+from tokenbroker.kernel.http import HttpResponse
 
 T = TypeVar("T")
 

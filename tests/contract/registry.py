@@ -27,7 +27,7 @@ from tokenbroker.adapters.embedded import (
     EmbeddedStateStore,
 )
 from tokenbroker.adapters.memory import MemoryEventBus, MemorySecretStore, MemoryStateStore
-from tokenbroker.model import ConnectionEvent
+from tokenbroker.kernel.model import ConnectionEvent
 from tokenbroker.ports import EventBus, SecretStore, StateStore
 
 from .endpoint_rigs import AiohttpServerRig, EndpointRig, FakeTokenServerRig
@@ -238,7 +238,7 @@ def _read_pubsub(bus: EventBus) -> Sequence[ConnectionEvent]:
     from google.cloud import pubsub_v1
 
     from tokenbroker.adapters.gcp.pubsub import PubSubEventBus
-    from tokenbroker.subscriber import parse_message
+    from tokenbroker.consumer.subscriber import parse_message
 
     assert isinstance(bus, PubSubEventBus)
     subscription = bus.topic.replace("/topics/", "/subscriptions/")

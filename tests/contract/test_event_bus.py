@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tokenbroker.model import ConnectionEvent, EventType
+from tokenbroker.kernel.model import ConnectionEvent, EventType
 from tokenbroker.ports import EventBus
 
 from .builders import event

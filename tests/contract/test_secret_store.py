@@ -8,10 +8,10 @@ from functools import partial
 
 import pytest
 
-from tokenbroker.errors import NotFound, VersionConflict
-from tokenbroker.model import Credential, StoredCredential
+from tokenbroker.kernel.errors import NotFound, VersionConflict
+from tokenbroker.kernel.model import Credential, StoredCredential
+from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import SecretStore, SecretWrite
-from tokenbroker.secret import Secret
 
 from .builders import credential, full_credential
 from .racing import race

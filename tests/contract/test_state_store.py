@@ -8,8 +8,8 @@ from functools import partial
 
 import pytest
 
-from tokenbroker.errors import AlreadyExists, NotFound
-from tokenbroker.model import Claim, ConnectionRecord, ConnectionStatus, Lease, RefreshState
+from tokenbroker.kernel.errors import AlreadyExists, NotFound
+from tokenbroker.kernel.model import Claim, ConnectionRecord, ConnectionStatus, Lease, RefreshState
 from tokenbroker.ports import ClaimBatch, StateStore
 
 from .builders import T0, connection, due_state

@@ -1,4 +1,4 @@
-"""The TokenEndpoint contract (tokenbroker.oauth.transport.TokenEndpoint), for every rig in the
+"""The TokenEndpoint contract (tokenbroker.kernel.http.TokenEndpoint), for every rig in the
 registry: the in-memory FakeTokenServer and AiohttpTokenEndpoint against a real local server.
 
 Contract: every HTTP answer comes back unchanged (status, raw body, header names lower-cased);
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tokenbroker.errors import TransportError
-from tokenbroker.oauth.transport import HttpResponse
+from tokenbroker.kernel.errors import TransportError
+from tokenbroker.kernel.http import HttpResponse
 
 from .endpoint_rigs import CLIENT_TIMEOUT, Answer, EndpointRig, Hang, Post, Refuse, post_once, run
 

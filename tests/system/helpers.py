@@ -6,12 +6,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from tokenbroker.connections import ConnectionRegistry
-from tokenbroker.model import ClientAuthMethod, Connection, Credential, GrantType
-from tokenbroker.refresher import TickSummary
-from tokenbroker.runtime import Runtime, build_runtime
-from tokenbroker.secret import Secret
-from tokenbroker.settings import Settings
+from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
+from tokenbroker.kernel.secret import Secret
+from tokenbroker.refresh.registry import ConnectionRegistry
+from tokenbroker.refresh.tick import TickSummary
 
 
 def embedded_runtime(state_dir: Path, **settings: Any) -> Runtime:

@@ -33,14 +33,14 @@ from tokenbroker.adapters.aws import (
     retain_label,
     version_token,
 )
-from tokenbroker.errors import (
+from tokenbroker.kernel.errors import (
     ConfigError,
     NotFound,
     StoreUnavailable,
     TokenBrokerError,
     VersionConflict,
 )
-from tokenbroker.model import Credential
+from tokenbroker.kernel.model import Credential
 
 pytestmark = pytest.mark.system
 

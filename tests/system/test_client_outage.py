@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.oidc import free_port
-from tokenbroker.client import (
+from tokenbroker.consumer.client import (
     AsyncBrokerClient,
     BreakerState,
     BrokerClient,
@@ -33,8 +33,8 @@ from tokenbroker.client import (
     BrokerUnavailable,
     static_id_token_source,
 )
-from tokenbroker.clock import isoformat
-from tokenbroker.errors import PolicyDenied
+from tokenbroker.kernel.clock import isoformat
+from tokenbroker.kernel.errors import PolicyDenied
 
 pytestmark = pytest.mark.system
 

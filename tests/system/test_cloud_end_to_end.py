@@ -34,11 +34,11 @@ from tests.support.oidc import (
 from tests.system.helpers import registry
 from tests.system.processes import REPO, functions_framework
 from tests.system.test_refresher_function import _scheduler_event
-from tests.unit.test_event_schema import validate as validate_event
-from tokenbroker.model import ClientAuthMethod, Connection, Credential, GrantType
-from tokenbroker.runtime import Runtime, build_runtime
-from tokenbroker.secret import Secret
-from tokenbroker.settings import Settings
+from tests.unit.kernel.test_event_schema import validate as validate_event
+from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
+from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
 

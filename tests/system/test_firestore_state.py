@@ -27,8 +27,8 @@ from tests.contract.racing import race
 from tests.support.emulators import emulator
 from tokenbroker.adapters.gcp.firestore import DEFAULT_COLLECTION, FirestoreStateStore
 from tokenbroker.adapters.memory import MemoryStateStore
-from tokenbroker.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
-from tokenbroker.model import ConnectionStatus, Lease, RefreshState
+from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
+from tokenbroker.kernel.model import ConnectionStatus, Lease, RefreshState
 from tokenbroker.ports import ClaimBatch, StateStore
 
 pytestmark = pytest.mark.system

@@ -43,16 +43,16 @@ from tokenbroker.adapters.gcp.iam_credentials import (
     ImpersonationRequestInvalid,
     ServiceAccountGone,
 )
-from tokenbroker.clock import FakeClock
-from tokenbroker.errors import (
+from tokenbroker.kernel.clock import FakeClock
+from tokenbroker.kernel.errors import (
     BadRequest,
     ConfigError,
     CredentialUnavailable,
     NeedsReauth,
     TokenBrokerError,
 )
-from tokenbroker.retry import RetryPolicy, call_with_retries
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
+from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
 

@@ -35,8 +35,8 @@ from tests.support.oidc import (
     sign_rs256,
     signing_jwks,
 )
-from tokenbroker.auth import Caller, IdTokenVerifier, KeySet
-from tokenbroker.errors import InvalidCallerToken
+from tokenbroker.issue.idtoken import Caller, IdTokenVerifier, KeySet
+from tokenbroker.kernel.errors import InvalidCallerToken
 
 pytestmark = pytest.mark.system
 

@@ -30,8 +30,8 @@ from tests.support.oidc import (
 from tests.system.helpers import add_refresh_connection, embedded_runtime, registry, tick
 from tests.system.processes import REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
-from tokenbroker.model import ClientAuthMethod, Connection, Credential, GrantType
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
+from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
 

@@ -25,9 +25,9 @@ from jsonschema import Draft202012Validator
 
 from tests.support.emulators import emulator
 from tokenbroker.adapters.gcp.pubsub import PubSubEventBus, event_attributes, event_data
-from tokenbroker.errors import StoreUnavailable
-from tokenbroker.model import ConnectionEvent, EventType
-from tokenbroker.subscriber import parse_message, subscribe
+from tokenbroker.consumer.subscriber import parse_message, subscribe
+from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.model import ConnectionEvent, EventType
 
 PROJECT = "tokenbroker-test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -369,8 +369,8 @@ def test_the_example_worker_rereads_on_rotation_and_alerts_on_needs_reauth(
 ) -> None:
     from tests.conftest import save_output
     from tests.system.helpers import embedded_runtime
-    from tokenbroker.model import Credential
-    from tokenbroker.secret import Secret
+    from tokenbroker.kernel.model import Credential
+    from tokenbroker.kernel.secret import Secret
 
     runtime = embedded_runtime(tmp_path)
     for version in (1, 2):
@@ -518,7 +518,7 @@ def test_at_most_max_keys_in_flight_connections_are_unconfirmed_at_once() -> Non
 
 
 def test_a_publisher_without_ordering_is_refused() -> None:
-    from tokenbroker.errors import ConfigError
+    from tokenbroker.kernel.errors import ConfigError
 
     class Unordered(PausingPublisher):
         class Options:
@@ -535,7 +535,7 @@ def test_a_publisher_without_ordering_is_refused() -> None:
 def test_parse_message_reads_push_envelopes_and_refuses_what_is_not_an_event() -> None:
     import base64
 
-    from tokenbroker.subscriber import MalformedEvent
+    from tokenbroker.consumer.subscriber import MalformedEvent
 
     sent = event("c1", 3)
     push = {
@@ -554,7 +554,7 @@ def test_parse_message_reads_push_envelopes_and_refuses_what_is_not_an_event() -
 
 def test_importing_the_adapter_and_helper_does_not_import_the_google_clients() -> None:
     code = (
-        "import sys, tokenbroker.adapters.gcp.pubsub, tokenbroker.subscriber\n"
+        "import sys, tokenbroker.adapters.gcp.pubsub, tokenbroker.consumer.subscriber\n"
         "heavy = [m for m in sys.modules if m.startswith(('google.cloud.pubsub', "
         "'google.api_core', 'google.auth', 'grpc'))]\n"
         "assert not heavy, heavy\n"

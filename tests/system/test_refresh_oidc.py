@@ -25,7 +25,8 @@ from tests.support.oidc import (
     make_service_account,
 )
 from tests.system.helpers import add_refresh_connection, embedded_runtime, outbox, registry, tick
-from tokenbroker.model import (
+from tokenbroker.entrypoints.compose import Runtime
+from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
     ConnectionStatus,
@@ -33,8 +34,7 @@ from tokenbroker.model import (
     EventType,
     GrantType,
 )
-from tokenbroker.runtime import Runtime
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
 

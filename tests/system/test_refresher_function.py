@@ -15,9 +15,9 @@ from tests.support.oidc import RT_BASIC_ID, RT_BASIC_SECRET, OidcServer
 from tests.system.helpers import add_refresh_connection, embedded_runtime, outbox
 from tests.system.processes import REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
-from tokenbroker.model import ClientAuthMethod, EventType
-from tokenbroker.runtime import Runtime
-from tokenbroker.secret import Secret
+from tokenbroker.entrypoints.compose import Runtime
+from tokenbroker.kernel.model import ClientAuthMethod, EventType
+from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
 

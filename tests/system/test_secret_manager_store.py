@@ -13,9 +13,9 @@ from google.api_core import exceptions
 
 from tests.support.secretmanager_server import SecretManagerTestServer
 from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
-from tokenbroker.errors import StoreUnavailable
-from tokenbroker.model import Credential
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.model import Credential
+from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
 T0 = datetime(2026, 6, 1, tzinfo=UTC)

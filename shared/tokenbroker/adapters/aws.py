@@ -88,7 +88,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from tokenbroker.errors import (
+from tokenbroker.kernel.errors import (
     ConfigError,
     CorruptCredential,
     NotFound,
@@ -96,8 +96,8 @@ from tokenbroker.errors import (
     TokenBrokerError,
     VersionConflict,
 )
-from tokenbroker.log import get_logger
-from tokenbroker.model import Credential, StoredCredential
+from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.ports import SecretWrite
 
 T = TypeVar("T")

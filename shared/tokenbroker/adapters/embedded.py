@@ -32,15 +32,15 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tokenbroker.clock import from_epoch, to_epoch
-from tokenbroker.errors import (
+from tokenbroker.kernel.clock import from_epoch, to_epoch
+from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
     StoreUnavailable,
     VersionConflict,
 )
-from tokenbroker.model import (
+from tokenbroker.kernel.model import (
     Claim,
     Connection,
     ConnectionEvent,

@@ -13,8 +13,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
-from tokenbroker.errors import TransportError
-from tokenbroker.oauth.transport import HttpResponse
+from tokenbroker.kernel.errors import TransportError
+from tokenbroker.kernel.http import HttpResponse
 
 MAX_RESPONSE_BYTES = 1 << 20  # a token response is a few KB; refuse to buffer more than 1 MiB
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from tokenbroker.errors import AlreadyExists, NotFound, VersionConflict
-from tokenbroker.model import (
+from tokenbroker.kernel.errors import AlreadyExists, NotFound, VersionConflict
+from tokenbroker.kernel.model import (
     Claim,
     Connection,
     ConnectionEvent,

@@ -1,5 +1,5 @@
 """The issuer function's HTTP layer (ASGI, Starlette requests): routes, body limits, and the
-one place errors become HTTP answers. Everything else lives in :mod:`tokenbroker.issuer`.
+one place errors become HTTP answers. Everything else lives in :mod:`tokenbroker.issue.issuer`.
 
 Served by ``functions-framework --asgi`` (uvicorn): measured ~4x the default gthread mode for
 this workload on one core, and the issuer's hot path is async end to end.
@@ -14,9 +14,10 @@ import json
 import os
 from typing import Any
 
-from tokenbroker.errors import BadRequest, ConfigError, TokenBrokerError
-from tokenbroker.issuer import MAX_BODY_BYTES, TokenIssuer, render_error
-from tokenbroker.log import get_logger
+from tokenbroker.entrypoints.answers import bug_answer, http_answer
+from tokenbroker.issue.issuer import MAX_BODY_BYTES, TokenIssuer
+from tokenbroker.kernel.errors import BadRequest, ConfigError, TokenBrokerError
+from tokenbroker.kernel.log import get_logger
 
 ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"  # noqa: S105 - a variable name
 _issuer: TokenIssuer | None = None
@@ -38,11 +39,11 @@ async def build() -> tuple[TokenIssuer, Any]:
 
 def _assemble() -> tuple[TokenIssuer, Any]:
     from tokenbroker.adapters.http import AiohttpTokenEndpoint  # noqa: PLC0415
-    from tokenbroker.auth.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
-    from tokenbroker.policy import IssuePolicy  # noqa: PLC0415
-    from tokenbroker.relay import Relay  # noqa: PLC0415
-    from tokenbroker.runtime import build_runtime  # noqa: PLC0415
-    from tokenbroker.settings import Settings  # noqa: PLC0415
+    from tokenbroker.entrypoints.compose import build_runtime  # noqa: PLC0415
+    from tokenbroker.entrypoints.settings import Settings  # noqa: PLC0415
+    from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
+    from tokenbroker.issue.policy import IssuePolicy  # noqa: PLC0415
+    from tokenbroker.issue.relay import Relay  # noqa: PLC0415
 
     settings = Settings.from_env()
     if not settings.issuer_audience:
@@ -106,8 +107,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def error_response(error: TokenBrokerError) -> Any:
-    status, body, headers = render_error(error)
-    return _json(body, status, headers)
+    answer = http_answer(error, public=True)
+    return _json(answer.body, answer.status, answer.headers)
 
 
 async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -175,4 +176,5 @@ async def handle(request: Any) -> Any:
         return error_response(error)
     except Exception:  # noqa: BLE001 - last line: log the bug, never leak a trace to the caller
         get_logger(component="issuer-http").exception("unhandled error", path=path)
-        return _json({"error": "server_error", "error_description": "internal error"}, 500)
+        answer = bug_answer()
+        return _json(answer.body, answer.status, answer.headers)

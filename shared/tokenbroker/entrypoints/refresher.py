@@ -18,9 +18,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from tokenbroker.errors import TokenBrokerError
-from tokenbroker.log import get_logger
-from tokenbroker.runtime import Runtime, build_runtime
+from tokenbroker.entrypoints.answers import http_answer
+from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.kernel.errors import TokenBrokerError
+from tokenbroker.kernel.log import get_logger
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
@@ -99,6 +100,6 @@ def handle_http(request: Any) -> tuple[str, int, dict[str, str]]:
         get_logger(component="refresher-function").error(
             "tick failed", error_code=error.code, error=error.message
         )
-        body = {"error": error.code, "error_description": error.message}
-        return json.dumps(body), 503 if error.retryable else 500, headers
+        answer = http_answer(error, public=False)
+        return answer.json(), answer.status, {**headers, **answer.headers}
     return json.dumps(summary), 200, headers

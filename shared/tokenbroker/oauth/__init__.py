@@ -1,6 +1,6 @@
 """OAuth 2.0 protocol code, organised by RFC, independent of storage and scheduling.
 
 As in google-auth's ``oauth2/_client.py``, the protocol functions take the transport (a
-:class:`~tokenbroker.oauth.transport.TokenEndpoint`) as their first argument, so every transport
+:class:`~tokenbroker.kernel.http.TokenEndpoint`) as their first argument, so every transport
 and every test double plugs in the same way.
 """

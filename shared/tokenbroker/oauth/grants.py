@@ -1,7 +1,7 @@
 """The grants tokenbroker performs, one function each, by RFC.
 
 Each takes the transport first and returns a :class:`TokenResponse` or raises a classified
-:class:`~tokenbroker.errors.ProviderError`. None of them retries: retrying is the caller's
+:class:`~tokenbroker.kernel.errors.ProviderError`. None of them retries: retrying is the caller's
 decision, made from ``error.retryable`` alone.
 """
 
@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from tokenbroker.errors import ConfigError
-from tokenbroker.model import ClientAuthMethod
+from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.model import ClientAuthMethod
+from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.token_response import TokenResponse, parse_token_response
-from tokenbroker.oauth.transport import TokenEndpoint
-from tokenbroker.secret import Secret
+from tokenbroker.ports import TokenEndpoint
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"  # RFC 7523 §2.1
 ASSERTION_LIFETIME = 3600  # Google accepts at most one hour (and so do most servers).

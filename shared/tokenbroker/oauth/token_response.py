@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
-from tokenbroker.errors import (
+from tokenbroker.kernel.errors import (
     OAUTH_ERRORS,
     InvalidClient,
     MalformedResponse,
@@ -23,9 +21,9 @@ from tokenbroker.errors import (
     TemporarilyUnavailable,
     UnknownProviderError,
 )
-from tokenbroker.oauth.transport import HttpResponse
-from tokenbroker.redact import scrub
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.http import HttpResponse, parse_retry_after
+from tokenbroker.kernel.redact import scrub
+from tokenbroker.kernel.secret import Secret
 
 # Non-secret fields of a token response worth keeping (Zoho's api_domain, Google's id fields).
 _KEPT_EXTRAS = ("api_domain", "instance_url", "resource")
@@ -45,22 +43,6 @@ class TokenResponse:
             f"TokenResponse(token_type={self.token_type!r}, expires_in={self.expires_in}, "
             f"rotated={self.refresh_token is not None}, scope={self.scope})"
         )
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds: delay-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

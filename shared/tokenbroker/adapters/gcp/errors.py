@@ -6,7 +6,7 @@ INTERNAL and RESOURCE_EXHAUSTED are worth retrying (with backoff); the rest are 
 
 from __future__ import annotations
 
-from tokenbroker.errors import (
+from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,

@@ -101,7 +101,7 @@ complete: 1 + 1), batched up to ``chunk_size`` per commit.
 
 Errors
 ------
-``NotFound`` / ``AlreadyExists`` come from :mod:`tokenbroker.errors`. Firestore unreachable or
+``NotFound`` / ``AlreadyExists`` come from :mod:`~.kernel.errors`. Firestore unreachable or
 overloaded (``ServiceUnavailable``, ``DeadlineExceeded``, ``InternalServerError``,
 ``ResourceExhausted``, too much contention) becomes ``StoreUnavailable`` (retryable); a missing
 index, database or permission becomes ``ConfigError``. No google exception escapes.
@@ -124,14 +124,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from tokenbroker.adapters.gcp.errors import translate
-from tokenbroker.errors import (
+from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
     StoreUnavailable,
     TokenBrokerError,
 )
-from tokenbroker.model import (
+from tokenbroker.kernel.model import (
     Claim,
     Connection,
     ConnectionEvent,

@@ -57,7 +57,7 @@ Why these:
 * **404** means the service account itself is gone (deleted). The broker is fine and every other
   connection still works; *this* connection can never mint a token again until a human acts
   (undeletes the account or re-points the connection) -- the same situation as a revoked grant.
-  So it is :class:`~tokenbroker.errors.NeedsReauth` (HTTP 409 ``needs_reauth``), not a broker-wide
+  So it is :class:`~.errors.NeedsReauth` (HTTP 409 ``needs_reauth``), not a broker-wide
   configuration error, and not retryable.
 * **401** means the broker's own token was refused. google-auth's ``AuthorizedSession`` refreshes
   and retries once on 401 (``google.auth.transport.DEFAULT_REFRESH_STATUS_CODES``,
@@ -80,7 +80,7 @@ Checked before anything is sent (no request on failure): lifetime 1..max (defaul
 scopes a non-empty sequence of whitespace-free strings (never a bare ``str``), and service
 account and delegate emails of the form ``name@domain.gserviceaccount.com`` (which also keeps
 ``/``, ``?``, ``#`` and ``:`` out of the URL path). Token values never reach a message or a log
-line: responses are wrapped in :class:`~tokenbroker.secret.Secret` at once, and error messages
+line: responses are wrapped in :class:`~.secret.Secret` at once, and error messages
 are built from status codes, the service-account email and the (scrubbed) server message.
 """
 
@@ -95,18 +95,18 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from tokenbroker.clock import Clock, SystemClock, isoformat, parse_iso
-from tokenbroker.errors import (
+from tokenbroker.kernel.clock import Clock, SystemClock, isoformat, parse_iso
+from tokenbroker.kernel.errors import (
     BadRequest,
     ConfigError,
     CredentialUnavailable,
     NeedsReauth,
     TokenBrokerError,
 )
-from tokenbroker.log import get_logger
-from tokenbroker.oauth.token_response import parse_retry_after
-from tokenbroker.redact import scrub
-from tokenbroker.secret import Secret
+from tokenbroker.kernel.http import parse_retry_after
+from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.redact import scrub
+from tokenbroker.kernel.secret import Secret
 
 IAM_CREDENTIALS_ENDPOINT = "https://iamcredentials.googleapis.com"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"

@@ -17,7 +17,7 @@ Why the publish path looks the way it does:
 * **Confirmed before returning.** ``publish`` waits for every message's future: the
   ``EventBus`` port promises the events were durably accepted when it returns. Any message not
   confirmed within ``timeout`` turns the whole call into a retryable
-  :class:`~tokenbroker.errors.StoreUnavailable` that names how many failed; google exceptions
+  :class:`~tokenbroker.kernel.errors.StoreUnavailable` that names how many failed; google exceptions
   never leave this module.
 * **Ordering-key pause.** With ordering enabled, a message that fails permanently pauses its
   ordering key in the client: queued and later messages for that key fail until
@@ -52,8 +52,8 @@ from collections.abc import Sequence
 from concurrent import futures as cf
 from typing import Any
 
-from tokenbroker.errors import ConfigError, StoreUnavailable
-from tokenbroker.model import ConnectionEvent
+from tokenbroker.kernel.errors import ConfigError, StoreUnavailable
+from tokenbroker.kernel.model import ConnectionEvent
 
 __all__ = ["PubSubEventBus", "event_attributes", "event_data"]
 

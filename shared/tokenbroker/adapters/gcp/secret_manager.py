@@ -37,8 +37,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from tokenbroker.adapters.gcp.errors import translate
-from tokenbroker.clock import isoformat, parse_iso
-from tokenbroker.errors import (
+from tokenbroker.kernel.clock import isoformat, parse_iso
+from tokenbroker.kernel.errors import (
     AlreadyExists,
     CorruptCredential,
     NotFound,
@@ -46,7 +46,7 @@ from tokenbroker.errors import (
     TokenBrokerError,
     VersionConflict,
 )
-from tokenbroker.model import Credential, StoredCredential
+from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.ports import SecretWrite
 
 T = TypeVar("T")

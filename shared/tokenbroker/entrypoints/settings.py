@@ -1,0 +1,228 @@
+"""Configuration, resolved one way everywhere: explicit argument, then environment, then default.
+
+Settings are read once, when an entry point starts (cold start), never when a library module is
+imported. Every variable name is a constant here and documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.schedule import RefreshPolicy
+from tokenbroker.kernel.secret import Secret
+
+T = TypeVar("T")
+
+ENV_BACKEND = "TOKENBROKER_BACKEND"
+ENV_STATE_DIR = "TOKENBROKER_STATE_DIR"
+ENV_ENCRYPTION_KEY = "TOKENBROKER_ENCRYPTION_KEY"
+ENV_ENCRYPTION_KEY_FILE = "TOKENBROKER_ENCRYPTION_KEY_FILE"
+ENV_PROFILES_FILE = "TOKENBROKER_PROFILES_FILE"
+ENV_TICK_LIMIT = "TOKENBROKER_TICK_LIMIT"
+ENV_CONCURRENCY = "TOKENBROKER_CONCURRENCY"
+ENV_HTTP_TIMEOUT = "TOKENBROKER_HTTP_TIMEOUT_SECONDS"
+ENV_LEASE_TTL = "TOKENBROKER_LEASE_TTL_SECONDS"
+ENV_OVERLAP_FRACTION = "TOKENBROKER_OVERLAP_FRACTION"
+ENV_MIN_LEAD = "TOKENBROKER_MIN_LEAD_SECONDS"
+ENV_JITTER_FRACTION = "TOKENBROKER_JITTER_FRACTION"
+ENV_RETRY_ATTEMPTS = "TOKENBROKER_RETRY_ATTEMPTS"
+ENV_RETRY_BASE_DELAY = "TOKENBROKER_RETRY_BASE_DELAY_SECONDS"
+ENV_RETAINED_VERSIONS = "TOKENBROKER_RETAINED_VERSIONS"
+ENV_SECRET_STORE = "TOKENBROKER_SECRET_STORE"
+ENV_STATE_STORE = "TOKENBROKER_STATE_STORE"
+ENV_EVENT_BUS = "TOKENBROKER_EVENT_BUS"
+ENV_GCP_PROJECT = "TOKENBROKER_GCP_PROJECT"
+ENV_SECRET_PREFIX = "TOKENBROKER_SECRET_PREFIX"
+ENV_FIRESTORE_DATABASE = "TOKENBROKER_FIRESTORE_DATABASE"
+ENV_FIRESTORE_COLLECTION = "TOKENBROKER_FIRESTORE_COLLECTION"
+ENV_PUBSUB_TOPIC = "TOKENBROKER_PUBSUB_TOPIC"
+ENV_AWS_REGION = "TOKENBROKER_AWS_REGION"
+ENV_AWS_ENDPOINT_URL = "TOKENBROKER_AWS_ENDPOINT_URL"
+ENV_AWS_SECRET_PREFIX = "TOKENBROKER_AWS_SECRET_PREFIX"
+ENV_ISSUER_AUDIENCE = "TOKENBROKER_ISSUER_AUDIENCE"
+ENV_ID_TOKEN_ISSUERS = "TOKENBROKER_ID_TOKEN_ISSUERS"
+ENV_ID_TOKEN_KEYS_URL = "TOKENBROKER_ID_TOKEN_KEYS_URL"
+ENV_POLICY_FILE = "TOKENBROKER_POLICY_FILE"
+ENV_IAM_CREDENTIALS_ENDPOINT = "TOKENBROKER_IAM_CREDENTIALS_ENDPOINT"
+
+#: Presets: which adapter serves each port.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    #          secret store      state store  event bus
+    "embedded": ("embedded", "embedded", "outbox"),
+    "memory": ("memory", "memory", "memory"),
+    "gcp": ("secret-manager", "firestore", "pubsub"),
+    # Credentials in AWS Secrets Manager; state and events stay on Firestore and Pub/Sub
+    # (no DynamoDB/SNS adapters yet).
+    "aws": ("aws-secrets-manager", "firestore", "pubsub"),
+}
+SECRET_STORES = ("embedded", "memory", "secret-manager", "aws-secrets-manager")
+STATE_STORES = ("embedded", "memory", "firestore")
+EVENT_BUSES = ("outbox", "memory", "pubsub")
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tokenbroker"
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "embedded"
+    state_dir: Path | None = None
+    encryption_key: Secret | None = None
+    encryption_key_file: Path | None = None
+    profiles_file: Path | None = None
+    tick_limit: int = 10_000
+    concurrency: int = 256
+    http_timeout: float = 10.0
+    lease_ttl_seconds: float = 300.0
+    overlap_fraction: float = 0.5
+    min_lead_seconds: float = 600.0
+    jitter_fraction: float = 0.1
+    retry_attempts: int = 3
+    retry_base_delay: float = 0.5
+    retained_versions: int = 3
+    #: Per-port overrides of the preset (``None``: the preset's choice).
+    secret_store: str | None = None
+    state_store: str | None = None
+    event_bus: str | None = None
+    gcp_project: str | None = None
+    secret_prefix: str = "tokenbroker-"
+    firestore_database: str = "(default)"
+    firestore_collection: str = "tokenbroker_connections"
+    pubsub_topic: str = "tokenbroker-events"
+    aws_region: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_secret_prefix: str = "tokenbroker/"
+    #: The issuer: who may call it (Google ID tokens for this audience) and what they may do.
+    issuer_audience: str | None = None
+    id_token_issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
+    id_token_keys_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    policy_file: Path | None = None
+    iam_credentials_endpoint: str = "https://iamcredentials.googleapis.com"
+
+    @property
+    def adapters(self) -> tuple[str, str, str]:
+        """(secret store, state store, event bus) after overrides."""
+        secrets, state, events = BACKENDS[self.backend]
+        return (self.secret_store or secrets, self.state_store or state, self.event_bus or events)
+
+    @property
+    def project(self) -> str:
+        project = self.gcp_project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        if not project:
+            raise ConfigError(f"{ENV_GCP_PROJECT} (or GOOGLE_CLOUD_PROJECT) is required")
+        return project
+
+    @property
+    def topic_path(self) -> str:
+        if self.pubsub_topic.startswith("projects/"):
+            return self.pubsub_topic
+        return f"projects/{self.project}/topics/{self.pubsub_topic}"
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or default_state_dir()
+
+    def refresh_policy(self) -> RefreshPolicy:
+        return RefreshPolicy(
+            overlap_fraction=self.overlap_fraction,
+            min_lead=timedelta(seconds=self.min_lead_seconds),
+            jitter_fraction=self.jitter_fraction,
+        )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **explicit: Any) -> Settings:
+        """Explicit keyword arguments win over the environment, which wins over defaults.
+        A malformed variable raises :class:`ConfigError` naming it."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, variable, parse in _ENV_FIELDS:
+            if explicit.get(name) is not None:
+                values[name] = explicit[name]
+            elif env.get(variable):
+                values[name] = _parse(variable, env[variable], parse)
+        unknown = set(explicit) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        choices: list[tuple[str | None, Iterable[str], str]] = [
+            (self.backend, BACKENDS, ENV_BACKEND),
+            (self.secret_store, SECRET_STORES, ENV_SECRET_STORE),
+            (self.state_store, STATE_STORES, ENV_STATE_STORE),
+            (self.event_bus, EVENT_BUSES, ENV_EVENT_BUS),
+        ]
+        for value, allowed, variable in choices:
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{variable}: {value!r} is not one of: {', '.join(allowed)}")
+        checks = [
+            (self.tick_limit >= 1, ENV_TICK_LIMIT, "must be at least 1"),
+            (self.concurrency >= 1, ENV_CONCURRENCY, "must be at least 1"),
+            (self.http_timeout > 0, ENV_HTTP_TIMEOUT, "must be positive"),
+            (self.lease_ttl_seconds >= 60, ENV_LEASE_TTL, "must be at least 60"),
+            (0 < self.overlap_fraction < 1, ENV_OVERLAP_FRACTION, "must be between 0 and 1"),
+            (self.min_lead_seconds >= 0, ENV_MIN_LEAD, "must not be negative"),
+            (0 <= self.jitter_fraction < 1, ENV_JITTER_FRACTION, "must be in [0, 1)"),
+            (self.retry_attempts >= 1, ENV_RETRY_ATTEMPTS, "must be at least 1"),
+            (self.retry_base_delay >= 0, ENV_RETRY_BASE_DELAY, "must not be negative"),
+            (self.retained_versions >= 2, ENV_RETAINED_VERSIONS, "must be at least 2"),
+        ]
+        for ok, variable, problem in checks:
+            if not ok:
+                raise ConfigError(f"{variable}: {problem}")
+
+
+def _parse(variable: str, raw: str, parse: Callable[[str], T]) -> T:
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(f"{variable}: cannot parse {raw!r}") from None
+
+
+_ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
+    ("backend", ENV_BACKEND, str.strip),
+    ("state_dir", ENV_STATE_DIR, Path),
+    ("encryption_key", ENV_ENCRYPTION_KEY, Secret),
+    ("encryption_key_file", ENV_ENCRYPTION_KEY_FILE, Path),
+    ("profiles_file", ENV_PROFILES_FILE, Path),
+    ("tick_limit", ENV_TICK_LIMIT, int),
+    ("concurrency", ENV_CONCURRENCY, int),
+    ("http_timeout", ENV_HTTP_TIMEOUT, float),
+    ("lease_ttl_seconds", ENV_LEASE_TTL, float),
+    ("overlap_fraction", ENV_OVERLAP_FRACTION, float),
+    ("min_lead_seconds", ENV_MIN_LEAD, float),
+    ("jitter_fraction", ENV_JITTER_FRACTION, float),
+    ("retry_attempts", ENV_RETRY_ATTEMPTS, int),
+    ("retry_base_delay", ENV_RETRY_BASE_DELAY, float),
+    ("retained_versions", ENV_RETAINED_VERSIONS, int),
+    ("secret_store", ENV_SECRET_STORE, str.strip),
+    ("state_store", ENV_STATE_STORE, str.strip),
+    ("event_bus", ENV_EVENT_BUS, str.strip),
+    ("gcp_project", ENV_GCP_PROJECT, str.strip),
+    ("secret_prefix", ENV_SECRET_PREFIX, str.strip),
+    ("firestore_database", ENV_FIRESTORE_DATABASE, str.strip),
+    ("firestore_collection", ENV_FIRESTORE_COLLECTION, str.strip),
+    ("pubsub_topic", ENV_PUBSUB_TOPIC, str.strip),
+    ("aws_region", ENV_AWS_REGION, str.strip),
+    ("aws_endpoint_url", ENV_AWS_ENDPOINT_URL, str.strip),
+    ("aws_secret_prefix", ENV_AWS_SECRET_PREFIX, str.strip),
+    ("issuer_audience", ENV_ISSUER_AUDIENCE, str.strip),
+    (
+        "id_token_issuers",
+        ENV_ID_TOKEN_ISSUERS,
+        lambda v: tuple(i.strip() for i in v.split(",") if i.strip()),
+    ),
+    ("id_token_keys_url", ENV_ID_TOKEN_KEYS_URL, str.strip),
+    ("policy_file", ENV_POLICY_FILE, Path),
+    ("iam_credentials_endpoint", ENV_IAM_CREDENTIALS_ENDPOINT, str.strip),
+]

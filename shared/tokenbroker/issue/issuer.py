@@ -1,0 +1,453 @@
+"""The token issuer: short-lived, scoped tokens for IAM-authenticated callers.
+
+The hot path (``TokenIssuer.issue``) is: verify the caller's ID token (cached keys), check
+the policy (precomputed lookups), and answer from the instance cache. Secret reads happen only
+on a cache miss or when a newer credential version exists, so at steady state far fewer than 1
+secret read per 100 tokens issued.
+
+How a token is produced depends on the connection, in this order (the broker never hands out
+a master credential: client secrets and refresh tokens never leave it):
+
+1. **Google service account** (``jwt_bearer``, or any connection naming ``service_account``):
+   a new token with exactly the requested scopes and a lifetime bounded by the policy, minted
+   through the IAM Credentials API (``generateAccessToken``), never the broker's own token.
+2. **OAuth connection whose provider can narrow scopes** (RFC 6749 §6: a refresh may request a
+   subset of the granted scope) and does not rotate refresh tokens: a refresh with the narrower
+   ``scope``, cached per (connection, scope set).
+3. **Otherwise**: the connection's current access token, and only to callers the policy grants
+   the connection's full scope (``"*"``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from functools import cached_property
+from typing import Any, Protocol
+
+from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
+from tokenbroker.kernel.errors import (
+    BadRequest,
+    CredentialUnavailable,
+    NeedsReauth,
+    NotFound,
+    PolicyDenied,
+    TokenBrokerError,
+    VersionConflict,
+)
+from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.model import (
+    Connection,
+    ConnectionStatus,
+    GrantType,
+    StoredCredential,
+)
+from tokenbroker.kernel.secret import Secret
+from tokenbroker.oauth.grants import refresh_grant, service_account_info
+from tokenbroker.oauth.profiles import ProviderProfile
+from tokenbroker.ports import SecretStore, StateStore, TokenEndpoint
+
+MAX_BODY_BYTES = 16 * 1024
+DENIED = "caller is not allowed this connection"
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    connection: str
+    scopes: tuple[str, ...] | None = None
+    min_ttl_seconds: int | None = None
+
+    @classmethod
+    def parse(cls, body: bytes) -> TokenRequest:
+        """The JSON body of ``POST /token``; anything else is a 400 that says what is wrong."""
+        if len(body) > MAX_BODY_BYTES:
+            raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("request body must be a JSON object")
+        unknown = sorted(set(data) - {"connection", "scopes", "min_ttl_seconds"})
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+        connection = data.get("connection")
+        if not isinstance(connection, str) or not connection or len(connection) > 63:
+            raise BadRequest("connection: a connection id (string) is required")
+        scopes = data.get("scopes")
+        if scopes is not None:
+            if not isinstance(scopes, list) or not all(
+                isinstance(s, str) and s and " " not in s and len(s) <= 512 for s in scopes
+            ):
+                raise BadRequest("scopes: must be a list of scope strings")
+            if len(scopes) > 64:
+                raise BadRequest("scopes: at most 64")
+        min_ttl = data.get("min_ttl_seconds")
+        if min_ttl is not None and (
+            isinstance(min_ttl, bool) or not isinstance(min_ttl, int) or not 0 <= min_ttl <= 43200
+        ):
+            raise BadRequest("min_ttl_seconds: must be an integer between 0 and 43200")
+        return cls(
+            connection=connection,
+            scopes=tuple(sorted(set(scopes))) if scopes else None,
+            min_ttl_seconds=min_ttl,
+        )
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: Secret
+    expires_at: datetime
+    refresh_after: datetime
+    scope: tuple[str, ...]
+    connection: str
+    token_type: str = "Bearer"  # noqa: S105 - RFC 6750 token type
+
+    @cached_property
+    def _rendered(self) -> tuple[bytes, bytes]:
+        """The response body around ``expires_in`` (the only part that changes between
+        answers from the cache), rendered once per token."""
+        marker = -987654321
+        body = self.to_json(self.expires_at)
+        body["expires_in"] = marker
+        text = json.dumps(body, separators=(",", ":")).encode()
+        before, _, after = text.partition(str(marker).encode())
+        return before, after
+
+    def render(self, now: datetime) -> bytes:
+        """The JSON response body for an answer given at ``now``."""
+        before, after = self._rendered
+        remaining = max(0, int((self.expires_at - now).total_seconds()))
+        return before + str(remaining).encode() + after
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        """The response body: the one place the token value is written out."""
+        return {
+            "access_token": self.access_token.reveal(),
+            "token_type": self.token_type,
+            "expires_at": isoformat(self.expires_at),
+            "expires_in": max(0, int((self.expires_at - now).total_seconds())),
+            "refresh_after": isoformat(self.refresh_after),
+            "scope": " ".join(self.scope),
+            "connection": self.connection,
+        }
+
+
+class CallerVerifier(Protocol):
+    def verify_authorization(self, header: str | None) -> Any: ...
+
+
+class Policy(Protocol):
+    def authorize(
+        self,
+        caller_email: str,
+        connection_id: str,
+        requested_scopes: Sequence[str] | None,
+        min_ttl_seconds: int | None,
+    ) -> Any: ...
+
+
+class Impersonator(Protocol):
+    async def generate_access_token(
+        self, service_account: str, scopes: Sequence[str], lifetime_seconds: int
+    ) -> Any: ...
+
+
+@dataclass
+class _Cached:
+    token: IssuedToken
+    version: int | None
+    checked_at: datetime
+
+
+class TokenIssuer:
+    def __init__(
+        self,
+        *,
+        verifier: CallerVerifier,
+        policy: Policy,
+        state: StateStore,
+        secrets: SecretStore,
+        profiles: Mapping[str, ProviderProfile],
+        impersonator: Impersonator | None = None,
+        endpoint: TokenEndpoint | None = None,
+        clock: Clock | None = None,
+        cache_size: int = 10_000,
+        version_check_seconds: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.policy = policy
+        self.state = state
+        self.secrets = secrets
+        self.profiles = profiles
+        self.impersonator = impersonator
+        self.endpoint = endpoint
+        self.clock = clock or SystemClock()
+        self.cache_size = cache_size
+        self.version_check = timedelta(seconds=version_check_seconds)
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._cache: OrderedDict[tuple[str, tuple[str, ...] | None], _Cached] = OrderedDict()
+        self._lock = threading.Lock()
+        self._requests: dict[bytes, TokenRequest] = {}
+        self._grants: dict[tuple[str, TokenRequest], Any] = {}
+        self.secret_reads = 0
+        self.issued = 0
+        self.log = get_logger(component="issuer")
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def issue(self, authorization: str | None, body: bytes) -> IssuedToken:
+        caller = self.verifier.verify_authorization(authorization)
+        request = self._parse(body)
+        grant = self._authorize(caller.email, request)
+        scopes: tuple[str, ...] | None = tuple(grant.scopes) if grant.scopes is not None else None
+        key = (request.connection, scopes)
+        now = self.clock.now()
+        min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
+        cached = self._cached(key, now, min_ttl)
+        if cached is not None and not await self._stale(key, cached, now):
+            self.issued += 1
+            return cached.token
+        token, version = await self._produce(request.connection, scopes, grant, now, min_ttl)
+        with self._lock:
+            self._cache[key] = _Cached(token, version, now)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self.issued += 1
+        self.log.info(
+            "token issued",
+            caller=caller.email,
+            connection=request.connection,
+            scope=" ".join(token.scope),
+            expires_at=isoformat(token.expires_at),
+        )
+        return token
+
+    def _parse(self, body: bytes) -> TokenRequest:
+        """Parsed requests, remembered by their bytes: workers send the same few bodies."""
+        request = self._requests.get(body)
+        if request is None:
+            request = TokenRequest.parse(body)
+            if len(body) <= 1024:  # a typical body is ~30 bytes; keep the memo small
+                if len(self._requests) >= 4096:
+                    self._requests.clear()
+                self._requests[body] = request
+        return request
+
+    def _authorize(self, caller_email: str, request: TokenRequest) -> Any:
+        """Policy decisions, remembered: the policy is immutable once loaded. Denials are
+        not remembered (they raise), so they cost a lookup each time."""
+        key = (caller_email, request)
+        grant = self._grants.get(key)
+        if grant is None:
+            grant = self.policy.authorize(
+                caller_email, request.connection, request.scopes, request.min_ttl_seconds
+            )
+            if len(self._grants) >= 4096:
+                self._grants.clear()
+            self._grants[key] = grant
+        return grant
+
+    def _cached(
+        self, key: tuple[str, tuple[str, ...] | None], now: datetime, min_ttl: timedelta
+    ) -> _Cached | None:
+        with self._lock:
+            entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if now >= entry.token.refresh_after or entry.token.expires_at - now < min_ttl:
+            return None
+        return entry
+
+    async def _stale(
+        self, key: tuple[str, tuple[str, ...] | None], entry: _Cached, now: datetime
+    ) -> bool:
+        """Whether a newer credential version replaced the one this entry came from. Checked
+        at most every ``version_check_seconds`` per entry, with a state read (not a secret)."""
+        if entry.version is None or now - entry.checked_at < self.version_check:
+            return False
+        import asyncio  # noqa: PLC0415
+
+        record = await asyncio.to_thread(self.state.get, key[0])
+        entry.checked_at = now
+        return record.state.current_version != entry.version
+
+    # -- producing a token ---------------------------------------------------------------------
+
+    async def _produce(
+        self,
+        connection_id: str,
+        scopes: tuple[str, ...] | None,
+        grant: Any,
+        now: datetime,
+        min_ttl: timedelta,
+    ) -> tuple[IssuedToken, int | None]:
+        import asyncio  # noqa: PLC0415
+
+        try:
+            record = await asyncio.to_thread(self.state.get, connection_id)
+        except NotFound:
+            raise PolicyDenied(DENIED) from None  # as for any ungranted connection
+        if record.state.status is ConnectionStatus.NEEDS_REAUTH:
+            raise NeedsReauth(f"connection {connection_id!r} needs re-authorisation")
+        if record.state.status is ConnectionStatus.DISABLED:
+            raise NeedsReauth(f"connection {connection_id!r} is disabled")
+        connection = record.connection
+        profile = self.profiles.get(connection.profile)
+        if profile is None:
+            raise CredentialUnavailable(f"connection {connection_id!r}: unknown profile")
+        max_lifetime = int(grant.max_lifetime_seconds)
+
+        sa_email = connection.params.get("service_account")
+        if sa_email or connection.grant is GrantType.JWT_BEARER:
+            return await self._impersonate(connection, sa_email, scopes, max_lifetime, now), None
+
+        narrow = scopes is not None and set(scopes) != set(connection.scopes)
+        if narrow:
+            if profile.supports_scope_narrowing and not profile.rotates_refresh_tokens:
+                token = await self._narrowed(connection, profile, scopes or (), max_lifetime, now)
+                return token, record.state.current_version
+            raise PolicyDenied(
+                f"connection {connection_id!r} cannot issue narrowed tokens; "
+                "ask for its full scope (requires a full-scope grant)"
+            )
+        if not grant.full_scope_allowed:
+            raise PolicyDenied("scope not allowed: the connection's full scope")
+        stored = await self._read_current(connection_id)
+        credential = stored.credential
+        if credential.access_token is None or credential.expires_at is None:
+            raise CredentialUnavailable(
+                f"connection {connection_id!r} has no access token yet", retry_after=30
+            )
+        if credential.expires_at - now < max(min_ttl, timedelta(seconds=5)):
+            raise CredentialUnavailable(
+                f"connection {connection_id!r}: the current token expires too soon",
+                retry_after=30,
+            )
+        expires_at = min(credential.expires_at, now + timedelta(seconds=max_lifetime))
+        token = IssuedToken(
+            access_token=credential.access_token,
+            token_type=credential.token_type,
+            expires_at=expires_at,
+            refresh_after=self._refresh_after(now, expires_at),
+            scope=credential.scope or connection.scopes,
+            connection=connection_id,
+        )
+        return token, stored.version
+
+    async def _read_current(self, connection_id: str) -> StoredCredential:
+        import asyncio  # noqa: PLC0415
+
+        try:
+            stored = await asyncio.to_thread(self.secrets.get, connection_id)
+        except NotFound:
+            raise CredentialUnavailable(
+                f"connection {connection_id!r} has no credential yet", retry_after=30
+            ) from None
+        except TokenBrokerError as error:
+            if error.retryable:
+                raise CredentialUnavailable(
+                    f"credential store unavailable ({error.code})", retry_after=5
+                ) from None
+            raise
+        self.secret_reads += 1
+        return stored
+
+    def _refresh_after(self, now: datetime, expires_at: datetime) -> datetime:
+        """A jittered hint well before expiry: between 40% and 60% of the remaining life."""
+        remaining = expires_at - now
+        return now + remaining * (0.4 + 0.2 * self.rng.random())
+
+    async def _impersonate(
+        self,
+        connection: Connection,
+        sa_email: str | None,
+        scopes: tuple[str, ...] | None,
+        max_lifetime: int,
+        now: datetime,
+    ) -> IssuedToken:
+        if self.impersonator is None:
+            raise CredentialUnavailable("service-account impersonation is not configured")
+        if not sa_email:
+            stored = await self._read_current(connection.id)
+            if stored.credential.private_key is None:
+                raise CredentialUnavailable(f"connection {connection.id!r} has no key")
+            sa_email = str(service_account_info(stored.credential.private_key)["client_email"])
+        wanted = scopes if scopes is not None else connection.scopes
+        if not wanted:
+            raise BadRequest("scopes: this connection needs explicit scopes")
+        lifetime = min(max_lifetime, 3600)
+        minted = await self.impersonator.generate_access_token(sa_email, wanted, lifetime)
+        return IssuedToken(
+            access_token=minted.access_token,
+            expires_at=minted.expires_at,
+            refresh_after=self._refresh_after(now, minted.expires_at),
+            scope=tuple(wanted),
+            connection=connection.id,
+        )
+
+    async def _narrowed(
+        self,
+        connection: Connection,
+        profile: ProviderProfile,
+        scopes: Sequence[str],
+        max_lifetime: int,
+        now: datetime,
+    ) -> IssuedToken:
+        """RFC 6749 §6 refresh asking for a subset of the granted scope. Only for providers
+        that do not rotate refresh tokens; if one rotates anyway, the new refresh token is
+        stored (compare-and-set) before anything else, so the connection is never lost."""
+        import asyncio  # noqa: PLC0415
+
+        if self.endpoint is None:
+            raise CredentialUnavailable("scope narrowing is not configured")
+        stored = await self._read_current(connection.id)
+        current = stored.credential
+        if current.refresh_token is None:
+            raise CredentialUnavailable(f"connection {connection.id!r} has no refresh token")
+        try:
+            response = await refresh_grant(
+                self.endpoint,
+                profile.token_url_for(connection),
+                refresh_token=current.refresh_token,
+                client_id=connection.client_id,
+                client_secret=current.client_secret,
+                auth_method=profile.auth_method_for(connection),
+                scopes=scopes,
+                error_aliases=profile.error_aliases,
+            )
+        except TokenBrokerError as error:
+            if error.retryable:
+                raise CredentialUnavailable(
+                    f"provider unavailable ({error.code})", retry_after=error.retry_after or 10
+                ) from None
+            raise CredentialUnavailable(f"provider refused ({error.code})") from None
+        if response.refresh_token is not None and response.refresh_token != current.refresh_token:
+            try:
+                await asyncio.to_thread(
+                    self.secrets.put,
+                    connection.id,
+                    replace(current, refresh_token=response.refresh_token),
+                    expected_version=stored.version,
+                )
+            except VersionConflict:
+                self.log.error(
+                    "narrowing refresh rotated a token that lost a race", connection=connection.id
+                )
+        lifetime = response.expires_in or profile.default_lifetime_seconds
+        expires_at = now + timedelta(seconds=min(lifetime, max_lifetime))
+        return IssuedToken(
+            access_token=response.access_token,
+            token_type=response.token_type,
+            expires_at=expires_at,
+            refresh_after=self._refresh_after(now, expires_at),
+            scope=response.scope if response.scope is not None else tuple(scopes),
+            connection=connection.id,
+        )

@@ -1,0 +1,153 @@
+"""One structured logger: JSON lines in the shape Cloud Logging reads, redacted on the way out.
+
+Cloud Logging turns a JSON line on stdout/stderr into a structured entry, taking ``severity``,
+``message`` and ``time`` from it (https://cloud.google.com/logging/docs/structured-logging).
+Every value passes the redaction step: :class:`~tokenbroker.kernel.secret.Secret` values print as
+fingerprints, fields with credential-ish names are dropped to ``[REDACTED]``, and token-shaped
+substrings anywhere (messages, exception text) are replaced.
+
+Written on the standard library rather than structlog: the interface is the same small subset
+(``bind`` and one method per level, keyword fields), and importing structlog costs a cold
+start 30-150 ms (it loads ``rich`` when installed), which every function instance would pay.
+
+Configuration happens on first use or by :func:`configure_logging`, never at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from tokenbroker.kernel.redact import REDACTED, is_sensitive_key, scrub
+from tokenbroker.kernel.secret import Secret
+
+ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
+ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+def redact_value(value: Any, key: str | None = None) -> Any:
+    """``value`` made safe to log. ``key`` is the field name it is logged under, if any."""
+    if isinstance(value, Secret):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if key is not None and is_sensitive_key(key):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {str(k): redact_value(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact_value(v) for v in value]
+    return scrub(value if isinstance(value, str) else str(value))
+
+
+class _Sink:
+    """Writes whole lines to one or more streams under a lock (threads share it)."""
+
+    def __init__(self, level: int, streams: list[IO[str]], owned: list[IO[str]]) -> None:
+        self.level = level
+        self._streams = streams
+        self._owned = owned  # files this sink opened and must close
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for stream in self._owned:
+                stream.close()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            for stream in self._streams:
+                if stream.closed:  # replaced by a reconfiguration while this line was built
+                    continue
+                stream.write(line + "\n")
+                stream.flush()
+
+
+_sink: _Sink | None = None
+_config_lock = threading.Lock()
+
+
+class Logger:
+    """A bound logger: ``log.info("message", field=value)``; ``log.bind(**fields)``."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._fields = dict(fields)
+
+    def bind(self, **fields: Any) -> Logger:
+        return Logger({**self._fields, **fields})
+
+    def _emit(self, level: str, message: str, fields: Mapping[str, Any], exc: bool) -> None:
+        sink = _sink or _configure_default()
+        if _LEVELS[level] < sink.level:
+            return
+        entry: dict[str, Any] = {
+            key: redact_value(value, key) for key, value in {**self._fields, **fields}.items()
+        }
+        if exc and sys.exc_info()[0] is not None:
+            entry["exception"] = scrub("".join(traceback.format_exception(*sys.exc_info())))
+        entry["time"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        entry["severity"] = level.upper()
+        entry["message"] = scrub(message)
+        sink.write(json.dumps(entry, default=str))
+
+    def debug(self, message: str, **fields: Any) -> None:
+        self._emit("debug", message, fields, exc=False)
+
+    def info(self, message: str, **fields: Any) -> None:
+        self._emit("info", message, fields, exc=False)
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self._emit("warning", message, fields, exc=False)
+
+    def error(self, message: str, **fields: Any) -> None:
+        self._emit("error", message, fields, exc=False)
+
+    def exception(self, message: str, **fields: Any) -> None:
+        """An error with the current exception's traceback (scrubbed) in ``exception``."""
+        self._emit("error", message, fields, exc=True)
+
+
+def configure_logging(
+    level: str | None = None,
+    *,
+    stream: IO[str] | None = None,
+    log_file: Path | str | None = None,
+) -> None:
+    """Set up the one logger. ``level`` and ``log_file`` default to the environment
+    (``TOKENBROKER_LOG_LEVEL``, ``TOKENBROKER_LOG_FILE``); output goes to stderr."""
+    global _sink  # noqa: PLW0603 - process-wide logging configuration
+    level_name = (level or os.environ.get(ENV_LOG_LEVEL) or "info").lower()
+    streams: list[IO[str]] = [stream or sys.stderr]
+    owned: list[IO[str]] = []
+    path = os.environ.get(ENV_LOG_FILE) if log_file is None else log_file
+    if path:
+        owned.append(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - closed on reconfigure
+    with _config_lock:
+        previous = _sink
+        _sink = _Sink(_LEVELS.get(level_name, _LEVELS["info"]), streams + owned, owned)
+    if previous is not None:
+        previous.close()
+
+
+def _configure_default() -> _Sink:
+    with _config_lock:
+        configured = _sink
+    if configured is None:
+        configure_logging()
+    assert _sink is not None  # noqa: S101 - set just above
+    return _sink
+
+
+def get_logger(**bound: Any) -> Logger:
+    """The library's logger (configured from the environment on first use)."""
+    return Logger(bound)

@@ -1,0 +1,286 @@
+"""The domain: connections, their credentials, refresh state, leases and events."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from tokenbroker.kernel.clock import isoformat, parse_iso
+from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.secret import Secret
+
+# Fits Secret Manager secret ids ([A-Za-z0-9_-]{1,255}), Firestore document ids and AWS names.
+CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class GrantType(StrEnum):
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant name, RFC 6749 §6
+    CLIENT_CREDENTIALS = "client_credentials"  # RFC 6749 §4.4
+    JWT_BEARER = "jwt_bearer"  # RFC 7523 §2.1, Google service-account keys
+    #: Keyless: the issuer mints tokens for ``params.service_account`` through IAM Credentials.
+    IMPERSONATION = "impersonation"
+    #: A static credential (an API key pair, a header token) used only by the relay.
+    STATIC = "static"
+
+
+#: Grants the refresher never refreshes: nothing at a token endpoint expires.
+UNREFRESHED_GRANTS = frozenset({GrantType.IMPERSONATION, GrantType.STATIC})
+
+
+class ClientAuthMethod(StrEnum):
+    BASIC = "client_secret_basic"  # RFC 6749 §2.3.1, HTTP Basic
+    POST = "client_secret_post"  # RFC 6749 §2.3.1, in the form body
+    NONE = "none"
+
+
+class ConnectionStatus(StrEnum):
+    ACTIVE = "active"
+    NEEDS_REAUTH = "needs_reauth"
+    DISABLED = "disabled"
+
+
+def validate_connection_id(value: str) -> str:
+    if not CONNECTION_ID_RE.match(value):
+        raise ConfigError(
+            f"connection id {value!r} is invalid: use 1-63 lowercase letters, digits, '-' or '_',"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A registered account at a provider: what to refresh and how. Holds no secret."""
+
+    id: str
+    profile: str
+    grant: GrantType
+    client_id: str | None = None
+    scopes: tuple[str, ...] = ()
+    token_url: str | None = None
+    auth_method: ClientAuthMethod | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "profile": self.profile,
+            "grant": self.grant.value,
+            "client_id": self.client_id,
+            "scopes": list(self.scopes),
+            "token_url": self.token_url,
+            "auth_method": self.auth_method.value if self.auth_method else None,
+            "params": dict(self.params),
+            "created_at": isoformat(self.created_at),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Connection:
+        return cls(
+            id=data["id"],
+            profile=data["profile"],
+            grant=GrantType(data["grant"]),
+            client_id=data.get("client_id"),
+            scopes=tuple(data.get("scopes") or ()),
+            token_url=data.get("token_url"),
+            auth_method=ClientAuthMethod(data["auth_method"]) if data.get("auth_method") else None,
+            params=dict(data.get("params") or {}),
+            created_at=parse_iso(data["created_at"]) if data.get("created_at") else None,
+        )
+
+
+_SECRET_FIELDS = ("access_token", "refresh_token", "client_secret", "private_key")
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Everything secret about a connection, stored as one versioned, encrypted unit.
+
+    ``private_key`` holds a Google service-account key file (JSON) for the JWT bearer grant.
+    ``metadata`` holds non-secret facts the provider returned (e.g. Zoho's ``api_domain``).
+    """
+
+    access_token: Secret | None = None
+    refresh_token: Secret | None = None
+    client_secret: Secret | None = None
+    private_key: Secret | None = None
+    token_type: str = "Bearer"  # noqa: S105 - RFC 6750 token type
+    scope: tuple[str, ...] = ()
+    expires_at: datetime | None = None
+    obtained_at: datetime | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def with_token(self, **changes: Any) -> Credential:
+        return replace(self, **changes)
+
+    def to_plaintext(self) -> bytes:
+        """Serialise for encryption. The only place secret values are written out."""
+        body: dict[str, Any] = {
+            name: value.reveal()
+            for name in _SECRET_FIELDS
+            if (value := getattr(self, name)) is not None
+        }
+        body.update(
+            token_type=self.token_type,
+            scope=list(self.scope),
+            expires_at=isoformat(self.expires_at),
+            obtained_at=isoformat(self.obtained_at),
+            metadata=dict(self.metadata),
+        )
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_plaintext(cls, raw: bytes) -> Credential:
+        body = json.loads(raw)
+        return cls(
+            **{name: Secret(body[name]) for name in _SECRET_FIELDS if body.get(name) is not None},
+            token_type=body.get("token_type") or "Bearer",
+            scope=tuple(body.get("scope") or ()),
+            expires_at=parse_iso(body["expires_at"]) if body.get("expires_at") else None,
+            obtained_at=parse_iso(body["obtained_at"]) if body.get("obtained_at") else None,
+            metadata=dict(body.get("metadata") or {}),
+        )
+
+    def secret_values(self) -> list[str]:
+        """Every secret value this credential holds (for leak scans in tests)."""
+        return [v.reveal() for name in _SECRET_FIELDS if (v := getattr(self, name)) is not None]
+
+
+@dataclass(frozen=True)
+class StoredCredential:
+    """A credential as a store holds it: with the version the store assigned."""
+
+    connection_id: str
+    version: int
+    credential: Credential
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RefreshState:
+    """Where a connection stands: the non-secret half of the state store's record."""
+
+    status: ConnectionStatus = ConnectionStatus.ACTIVE
+    expires_at: datetime | None = None
+    next_refresh_at: datetime | None = None
+    last_refresh_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    consecutive_failures: int = 0
+    current_version: int | None = None
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value,
+            "expires_at": isoformat(self.expires_at),
+            "next_refresh_at": isoformat(self.next_refresh_at),
+            "last_refresh_at": isoformat(self.last_refresh_at),
+            "last_attempt_at": isoformat(self.last_attempt_at),
+            "consecutive_failures": self.consecutive_failures,
+            "current_version": self.current_version,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class ConnectionRecord:
+    connection: Connection
+    state: RefreshState
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Exclusive right to refresh one connection until ``expires_at``.
+
+    ``token`` is a fencing token: it grows by one every time the lease is granted, and a commit
+    is accepted only with the newest one, so a holder that stalled past its lease and was
+    overtaken can no longer write (Kleppmann, "How to do distributed locking").
+    """
+
+    connection_id: str
+    holder: str
+    token: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A lease together with the record it was taken on."""
+
+    lease: Lease
+    record: ConnectionRecord
+
+
+class EventType(StrEnum):
+    ROTATED = "credential.rotated"
+    REFRESH_FAILED = "refresh.failed"
+    NEEDS_REAUTH = "connection.needs_reauth"
+    RECOVERED = "connection.recovered"
+
+
+EVENT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """Something that happened to a connection. Never carries token material.
+
+    Delivery is at-least-once; ``idempotency_key`` is the same for every delivery of the same
+    happening, so subscribers de-duplicate on it. The schema is documented in docs/events.md.
+    """
+
+    type: EventType
+    connection_id: str
+    occurred_at: datetime
+    idempotency_key: str
+    version: int | None = None
+    expires_at: datetime | None = None
+    error_code: str | None = None
+    failure_class: str | None = None
+    consecutive_failures: int = 0
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    schema_version: int = EVENT_SCHEMA_VERSION
+
+    @staticmethod
+    def key_for(event_type: EventType, connection_id: str, discriminator: str) -> str:
+        raw = f"{event_type.value}|{connection_id}|{discriminator}".encode()
+        return hashlib.sha256(raw).hexdigest()[:32]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "event_id": self.event_id,
+            "idempotency_key": self.idempotency_key,
+            "type": self.type.value,
+            "connection_id": self.connection_id,
+            "version": self.version,
+            "expires_at": isoformat(self.expires_at),
+            "occurred_at": isoformat(self.occurred_at),
+            "error_code": self.error_code,
+            "failure_class": self.failure_class,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConnectionEvent:
+        return cls(
+            type=EventType(data["type"]),
+            connection_id=data["connection_id"],
+            occurred_at=parse_iso(data["occurred_at"]),
+            idempotency_key=data["idempotency_key"],
+            version=data.get("version"),
+            expires_at=parse_iso(data["expires_at"]) if data.get("expires_at") else None,
+            error_code=data.get("error_code"),
+            failure_class=data.get("failure_class"),
+            consecutive_failures=int(data.get("consecutive_failures") or 0),
+            event_id=data["event_id"],
+            schema_version=int(data.get("schema_version") or EVENT_SCHEMA_VERSION),
+        )

@@ -1,0 +1,590 @@
+"""The refresh tick: lease what is due, refresh it concurrently, commit as results arrive.
+
+Guarantees, in order of importance:
+
+1. **No connection is lost.** A refresh token is only sent while we hold the connection's
+   lease (checked just before sending), so two refreshers never present the same rotating
+   refresh token. A failed refresh never writes a credential. A successful one is written as
+   a new version by compare-and-set on the version it started from.
+2. **A refresh counts as done only once committed**: the secret version, then the state (with
+   the fencing token), then the events. Results are committed in batches as they arrive, so
+   a crash loses at most one batch in flight, never the whole tick.
+3. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
+   (:mod:`~.kernel.retry`), then a backoff until the next tick; permanent ones get none and
+   move the connection to ``needs_reauth`` with exactly one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
+from tokenbroker.kernel.errors import ConfigError, TokenBrokerError, VersionConflict
+from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.model import (
+    UNREFRESHED_GRANTS,
+    Claim,
+    ConnectionEvent,
+    ConnectionStatus,
+    Credential,
+    EventType,
+    Lease,
+    RefreshState,
+    StoredCredential,
+)
+from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
+from tokenbroker.kernel.schedule import RefreshPolicy
+from tokenbroker.oauth.acquire import acquire
+from tokenbroker.oauth.profiles import ProviderProfile
+from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore, TokenEndpoint
+
+T = TypeVar("T")
+
+# Do not start a refresh with less lease time left than this: the request plus retries plus
+# commit must fit, or another refresher could take over and present the same refresh token.
+LEASE_SAFETY_MARGIN = timedelta(seconds=30)
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class TickSummary:
+    """What one tick did. ``due`` counts what was selected plus what others held leases on."""
+
+    due: int = 0
+    claimed: int = 0
+    refreshed: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    skipped_leased: int = 0
+    #: Claimed, but the lease had too little time left to send a refresh token safely.
+    deferred: int = 0
+    lease_lost: int = 0
+    #: Results (refreshed or failed) that could not be committed: the tick then raised.
+    uncommitted: int = 0
+    events_parked: int = 0
+    events_relayed: int = 0
+    events_lost: int = 0
+    needs_reauth: int = 0
+    recovered: int = 0
+    retries: int = 0
+    missing: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.failed or self.missing or self.lease_lost or self.uncommitted or self.events_lost
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "due": self.due,
+            "claimed": self.claimed,
+            "refreshed": self.refreshed,
+            "failed": {
+                "transient": self.failed["transient"],
+                "permanent": self.failed["permanent"],
+            },
+            "skipped_leased": self.skipped_leased,
+            "deferred": self.deferred,
+            "lease_lost": self.lease_lost,
+            "uncommitted": self.uncommitted,
+            "events_parked": self.events_parked,
+            "events_relayed": self.events_relayed,
+            "events_lost": self.events_lost,
+            "needs_reauth": self.needs_reauth,
+            "recovered": self.recovered,
+            "retries": self.retries,
+            "missing": list(self.missing),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    claim: Claim
+    stored: StoredCredential | None
+    credential: Credential | None = None
+    error: TokenBrokerError | None = None
+    attempted_at: datetime | None = None
+
+
+class Refresher:
+    def __init__(
+        self,
+        *,
+        secrets: SecretStore,
+        state: StateStore,
+        events: EventBus,
+        profiles: Mapping[str, ProviderProfile],
+        clock: Clock | None = None,
+        policy: RefreshPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        store_retry: RetryPolicy | None = None,
+        holder: str | None = None,
+        lease_ttl: timedelta = timedelta(minutes=5),
+        concurrency: int = 256,
+        commit_batch: int = 500,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.secrets = secrets
+        self.state = state
+        self.events = events
+        self.profiles = profiles
+        self.clock = clock or SystemClock()
+        self.policy = policy or RefreshPolicy()
+        self.retry = retry or RetryPolicy()
+        #: Store calls get more patience than token requests: their results are irreplaceable.
+        self.store_retry = store_retry or RetryPolicy(attempts=5, base_delay=0.2, max_delay=4.0)
+        self.holder = holder or default_holder()
+        self.lease_ttl = lease_ttl
+        self.concurrency = concurrency
+        self.commit_batch = commit_batch
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._committing: asyncio.Event | None = None
+        self.log = get_logger(component="refresher")
+
+    async def tick(
+        self,
+        endpoint: TokenEndpoint,
+        *,
+        connection_ids: Sequence[str] | None = None,
+        limit: int = 10_000,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> TickSummary:
+        """Refresh what is due (or exactly ``connection_ids``, due or not).
+
+        Raises :class:`StoreUnavailable` (after committing what it could) when results cannot
+        be committed; no refresh token is sent after that point.
+        """
+        started = self.clock.monotonic()
+        now = self.clock.now()
+        summary = TickSummary()
+        await self._relay_parked_events(summary)
+        if connection_ids is None:
+            batch = await self._store(
+                "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
+                limit=limit,
+            )  # fmt: skip
+        else:
+            batch = await self._store(
+                "claim", self.state.claim, connection_ids, now, holder=self.holder,
+                ttl=self.lease_ttl,
+            )  # fmt: skip
+        summary.due = len(batch.claims) + batch.leased_elsewhere
+        summary.claimed = len(batch.claims)
+        summary.skipped_leased = batch.leased_elsewhere
+        summary.missing = list(batch.missing)
+        halted: TokenBrokerError | None = None
+        if batch.claims:
+            stored = await self._store(
+                "read credentials", self.secrets.get_many,
+                [c.lease.connection_id for c in batch.claims],
+            )  # fmt: skip
+            halted = await self._run(endpoint, batch.claims, stored, summary, progress)
+        summary.seconds = self.clock.monotonic() - started
+        if halted is not None:
+            self.log.error(
+                "refresh tick halted: results could not be committed",
+                holder=self.holder,
+                error_code=halted.code,
+                **summary.to_json(),
+            )
+            raise halted
+        self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
+        return summary
+
+    async def _store(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call in a worker thread, retried with backoff while it is retryable.
+
+        While a commit step is retrying, ``self._committing`` is cleared so workers pause:
+        refresh tokens sent now would produce results that may not be storable.
+        """
+
+        def on_retry(attempt: int, error: TokenBrokerError, _wait: float) -> None:
+            if self._committing is not None:
+                self._committing.clear()
+            self.log.warning(
+                "store call retrying", operation=what, attempt=attempt, error_code=error.code
+            )
+
+        result, _ = await call_with_retries(
+            lambda: asyncio.to_thread(fn, *args, **kwargs),
+            self.store_retry,
+            self.clock,
+            self.rng,
+            on_retry,
+        )
+        return result
+
+    async def _run(
+        self,
+        endpoint: TokenEndpoint,
+        claims: list[Claim],
+        stored: Mapping[str, StoredCredential],
+        summary: TickSummary,
+        progress: Callable[[int, int], None] | None,
+    ) -> TokenBrokerError | None:
+        """Refresh concurrently while committing results as they arrive. If committing fails
+        for good, stop sending refresh tokens at once and return the error."""
+        # Bounded: when commits stall, workers block instead of piling up unstored results.
+        queue: asyncio.Queue[_Outcome | None] = asyncio.Queue(
+            maxsize=max(self.commit_batch, self.concurrency)
+        )
+        pending = iter(claims)
+        halt: list[TokenBrokerError] = []
+        committing = self._committing = asyncio.Event()
+        committing.set()
+
+        async def worker() -> None:
+            for claim in pending:
+                await committing.wait()  # paused while a commit is retrying
+                if halt:
+                    return  # nothing could be stored: sending refresh tokens would lose them
+                cid = claim.lease.connection_id
+                outcome = await self._refresh_one(endpoint, claim, stored.get(cid), summary)
+                await queue.put(outcome)
+
+        committer = asyncio.create_task(
+            self._commit_loop(
+                queue, summary, progress, len(claims), halt=halt, committing=committing
+            )
+        )
+        try:
+            workers = [
+                asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(claims)))
+            ]
+            await asyncio.gather(*workers)
+        finally:
+            await queue.put(None)
+            await committer
+        return halt[0] if halt else None
+
+    async def _refresh_one(
+        self,
+        endpoint: TokenEndpoint,
+        claim: Claim,
+        stored: StoredCredential | None,
+        summary: TickSummary,
+    ) -> _Outcome:
+        connection = claim.record.connection
+        now = self.clock.now()
+        if connection.grant in UNREFRESHED_GRANTS:
+            return _Outcome(claim, stored, attempted_at=None)  # nothing expires: leave it
+        if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
+            # Too late to send a refresh token safely; leave it for the next tick.
+            return _Outcome(claim, stored, attempted_at=None)
+        if stored is None:
+            return _Outcome(
+                claim,
+                None,
+                error=ConfigError(f"connection {connection.id!r} has no stored credential"),
+                attempted_at=now,
+            )
+        profile = self.profiles.get(connection.profile)
+        if profile is None:
+            return _Outcome(
+                claim,
+                stored,
+                error=ConfigError(f"connection {connection.id!r}: unknown profile"),
+                attempted_at=now,
+            )
+
+        def on_retry(attempt: int, error: TokenBrokerError, wait: float) -> None:
+            summary.retries += 1
+            self.log.info(
+                "refresh retrying",
+                connection_id=connection.id,
+                attempt=attempt,
+                error_code=error.code,
+                wait_seconds=round(wait, 3),
+            )
+
+        try:
+            credential, _ = await call_with_retries(
+                lambda: acquire(endpoint, connection, profile, stored.credential, self.clock.now()),
+                self.retry,
+                self.clock,
+                self.rng,
+                on_retry,
+            )
+        except TokenBrokerError as error:
+            return _Outcome(claim, stored, error=error, attempted_at=now)
+        return _Outcome(claim, stored, credential=credential, attempted_at=now)
+
+    async def _commit_loop(
+        self,
+        queue: asyncio.Queue[_Outcome | None],
+        summary: TickSummary,
+        progress: Callable[[int, int], None] | None,
+        total: int,
+        *,
+        halt: list[TokenBrokerError],
+        committing: asyncio.Event,
+    ) -> None:
+        done = False
+        committed = 0
+        while not done:
+            first = await queue.get()
+            batch: list[_Outcome] = []
+            if first is None:
+                done = True
+            else:
+                batch.append(first)
+            while len(batch) < self.commit_batch and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+            if not batch:
+                continue
+            try:
+                await self._commit(batch, summary)
+            except TokenBrokerError as error:
+                committing.set()  # release the workers: they see the halt and stop
+                # Keep trying later batches (in-flight refreshes hold rotated tokens that are
+                # nowhere else), but start no new refresh.
+                halt.append(error)
+                summary.uncommitted += len(batch)
+                self.log.error(
+                    "refresh results not committed",
+                    error_code=error.code,
+                    connections=[o.claim.lease.connection_id for o in batch],
+                )
+                continue
+            committing.set()
+            committed += len(batch)
+            if progress is not None:
+                progress(committed, total)
+
+    async def _commit(self, batch: list[_Outcome], summary: TickSummary) -> None:
+        """Secret versions first, then states (fenced), then events. Each step is retried
+        while retryable; a step that fails for good raises."""
+        now = self.clock.now()
+        successes = [o for o in batch if o.credential is not None and o.stored is not None]
+        skipped = [o for o in batch if o.credential is None and o.error is None]
+        failures = [o for o in batch if o.error is not None]
+
+        written: dict[str, int] = {}
+        releases: list[Lease] = [o.claim.lease for o in skipped]
+        if successes:
+            writes = [
+                SecretWrite(o.claim.lease.connection_id, o.credential, o.stored.version)  # type: ignore[arg-type,union-attr]
+                for o in successes
+            ]
+            results = await self._store("write credentials", self.secrets.put_many, writes)
+            for outcome, result in zip(successes, results, strict=True):
+                cid = outcome.claim.lease.connection_id
+                if isinstance(result, VersionConflict):
+                    # Someone re-authorised the connection meanwhile: their version wins.
+                    summary.lease_lost += 1
+                    self.log.warning("refresh discarded: newer version exists", connection_id=cid)
+                    releases.append(outcome.claim.lease)
+                    continue
+                written[cid] = result
+
+        updates: list[tuple[Lease, RefreshState]] = []
+        events: list[list[ConnectionEvent]] = []
+        for outcome in successes:
+            cid = outcome.claim.lease.connection_id
+            if cid in written:
+                state, evs = self._success(outcome, written[cid], now)
+                updates.append((outcome.claim.lease, state))
+                events.append(evs)
+        for outcome in failures:
+            state, evs = self._failure(outcome, now)
+            updates.append((outcome.claim.lease, state))
+            events.append(evs)
+        summary.deferred += len(skipped)
+        for lease in releases:
+            await self._store("release lease", self.state.release, lease)
+
+        accepted = (
+            await self._store("write states", self.state.complete, updates) if updates else []
+        )
+        to_publish: list[ConnectionEvent] = []
+        for (lease, _), evs, ok in zip(updates, events, accepted, strict=True):
+            if not ok:
+                summary.lease_lost += 1
+                self.log.warning(
+                    "refresh state not committed: lease lost", connection_id=lease.connection_id
+                )
+                continue
+            to_publish.extend(evs)
+            self._count(summary, evs)
+        if to_publish:
+            await self._publish(to_publish, summary)
+
+    async def _publish(self, events: list[ConnectionEvent], summary: TickSummary) -> None:
+        """Publish, or park the events in the state store for a later tick to relay: the
+        credentials are committed already, and their announcements must not be lost."""
+        try:
+            await self._store("publish events", self.events.publish, events)
+        except TokenBrokerError as error:
+            self.log.error(
+                "events not published; parking them", error_code=error.code, count=len(events)
+            )
+        else:
+            return
+        try:
+            await self._store("park events", self.state.park_events, events)
+            summary.events_parked += len(events)
+        except TokenBrokerError as error:
+            summary.events_lost += len(events)
+            self.log.error(
+                "events lost: neither published nor parked",
+                error_code=error.code,
+                idempotency_keys=[e.idempotency_key for e in events],
+            )
+
+    async def _relay_parked_events(self, summary: TickSummary) -> None:
+        try:
+            parked = await self._store("read parked events", self.state.parked_events, 1000)
+            if not parked:
+                return
+            await self._store("publish events", self.events.publish, parked)
+            await self._store(
+                "unpark events", self.state.unpark_events, [e.event_id for e in parked]
+            )
+        except TokenBrokerError as error:
+            self.log.warning("parked events not relayed yet", error_code=error.code)
+            return
+        summary.events_relayed += len(parked)
+        self.log.info("parked events relayed", count=len(parked))
+
+    def _count(self, summary: TickSummary, evs: list[ConnectionEvent]) -> None:
+        for event in evs:
+            if event.type is EventType.ROTATED:
+                summary.refreshed += 1
+            elif event.type is EventType.RECOVERED:
+                summary.recovered += 1
+            elif event.type is EventType.NEEDS_REAUTH:
+                summary.needs_reauth += 1
+                summary.failed["permanent"] += 1
+            elif event.type is EventType.REFRESH_FAILED:
+                summary.failed[event.failure_class or "transient"] += 1
+
+    def _success(
+        self, outcome: _Outcome, version: int, now: datetime
+    ) -> tuple[RefreshState, list[ConnectionEvent]]:
+        credential = outcome.credential
+        assert credential is not None  # noqa: S101 - only successes reach here
+        assert credential.expires_at is not None  # noqa: S101
+        assert credential.obtained_at is not None  # noqa: S101
+        previous = outcome.claim.record.state
+        cid = outcome.claim.lease.connection_id
+        state = RefreshState(
+            status=ConnectionStatus.ACTIVE,
+            expires_at=credential.expires_at,
+            next_refresh_at=self.policy.next_refresh_at(
+                credential.obtained_at, credential.expires_at, self.rng
+            ),
+            last_refresh_at=now,
+            last_attempt_at=outcome.attempted_at,
+            consecutive_failures=0,
+            current_version=version,
+            last_error=None,
+        )
+        events = [
+            ConnectionEvent(
+                type=EventType.ROTATED,
+                connection_id=cid,
+                occurred_at=now,
+                idempotency_key=ConnectionEvent.key_for(EventType.ROTATED, cid, f"v{version}"),
+                version=version,
+                expires_at=credential.expires_at,
+            )
+        ]
+        if previous.consecutive_failures or previous.status is ConnectionStatus.NEEDS_REAUTH:
+            events.append(
+                ConnectionEvent(
+                    type=EventType.RECOVERED,
+                    connection_id=cid,
+                    occurred_at=now,
+                    idempotency_key=ConnectionEvent.key_for(
+                        EventType.RECOVERED, cid, f"v{version}"
+                    ),
+                    version=version,
+                    expires_at=credential.expires_at,
+                    consecutive_failures=previous.consecutive_failures,
+                )
+            )
+        self.log.debug(
+            "credential rotated",
+            connection_id=cid,
+            version=version,
+            expires_at=isoformat(credential.expires_at),
+        )
+        return state, events
+
+    def _failure(
+        self, outcome: _Outcome, now: datetime
+    ) -> tuple[RefreshState, list[ConnectionEvent]]:
+        error = outcome.error
+        assert error is not None  # noqa: S101
+        previous = outcome.claim.record.state
+        lease = outcome.claim.lease
+        cid = lease.connection_id
+        failures = previous.consecutive_failures + 1
+        common = {
+            "connection_id": cid,
+            "occurred_at": now,
+            "version": outcome.stored.version if outcome.stored else None,
+            "expires_at": previous.expires_at,
+            "error_code": error.code,
+            "failure_class": error.failure_class,
+            "consecutive_failures": failures,
+        }
+        if error.retryable:
+            state = replace(
+                previous,
+                next_refresh_at=self.policy.retry_at(now, failures, error.retry_after, self.rng),
+                last_attempt_at=outcome.attempted_at,
+                consecutive_failures=failures,
+                last_error=error.code,
+            )
+            event_type = EventType.REFRESH_FAILED
+            self.log.warning(
+                "refresh failed (transient)",
+                connection_id=cid,
+                error_code=error.code,
+                attempts=error.attempts,
+                consecutive_failures=failures,
+                error=error.message,
+                next_refresh_at=isoformat(state.next_refresh_at),
+            )
+        else:
+            state = replace(
+                previous,
+                status=ConnectionStatus.NEEDS_REAUTH,
+                next_refresh_at=None,
+                last_attempt_at=outcome.attempted_at,
+                consecutive_failures=failures,
+                last_error=error.code,
+            )
+            event_type = EventType.NEEDS_REAUTH
+            self.log.error(
+                "refresh failed (permanent): connection needs re-authorisation",
+                connection_id=cid,
+                error_code=error.code,
+                attempts=error.attempts,
+                error=error.message,
+            )
+        event = ConnectionEvent(
+            type=event_type,
+            idempotency_key=ConnectionEvent.key_for(event_type, cid, f"lease{lease.token}"),
+            **common,  # type: ignore[arg-type]
+        )
+        return state, [event]

@@ -1,0 +1,161 @@
+"""Configuration errors name the field; profiles are strict data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.model import Connection, GrantType, validate_connection_id
+from tokenbroker.oauth.profiles import load_profiles, parse_profiles
+
+
+def test_settings_resolve_explicit_then_env_then_default() -> None:
+    env = {"TOKENBROKER_CONCURRENCY": "32", "TOKENBROKER_TICK_LIMIT": "50"}
+    settings = Settings.from_env(env, tick_limit=7)
+    assert settings.tick_limit == 7  # explicit wins
+    assert settings.concurrency == 32  # then the environment
+    assert settings.http_timeout == 10.0  # then the default
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TOKENBROKER_CONCURRENCY": "many"}, "TOKENBROKER_CONCURRENCY"),
+        ({"TOKENBROKER_CONCURRENCY": "0"}, "TOKENBROKER_CONCURRENCY"),
+        ({"TOKENBROKER_OVERLAP_FRACTION": "2"}, "TOKENBROKER_OVERLAP_FRACTION"),
+        ({"TOKENBROKER_BACKEND": "s3"}, "TOKENBROKER_BACKEND"),
+        ({"TOKENBROKER_LEASE_TTL_SECONDS": "5"}, "TOKENBROKER_LEASE_TTL_SECONDS"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(env)
+
+
+def test_builtin_profiles() -> None:
+    profiles = load_profiles()
+    assert {"generic", "google", "zoho"} <= set(profiles)
+    zoho = profiles["zoho"]
+    for dc, host in {
+        "us": "accounts.zoho.com",
+        "eu": "accounts.zoho.eu",
+        "in": "accounts.zoho.in",
+    }.items():
+        connection = Connection(
+            id="z", profile="zoho", grant=GrantType.REFRESH_TOKEN, params={"data_centre": dc}
+        )
+        assert zoho.token_url_for(connection) == f"https://{host}/oauth/v2/token"
+    default = Connection(id="z", profile="zoho", grant=GrantType.REFRESH_TOKEN)
+    assert zoho.token_url_for(default) == "https://accounts.zoho.com/oauth/v2/token"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"p": {"grants": ["refresh_token"], "token_uri": "x"}}, "p.token_uri"),
+        ({"p": {"grants": ["password"]}}, "p.grants[0]"),
+        ({"p": {"grants": "refresh_token"}}, "p.grants"),
+        ({"p": {}}, "p.grants"),
+        (
+            {"p": {"grants": ["refresh_token"], "default_lifetime_seconds": "1h"}},
+            "p.default_lifetime_seconds",
+        ),
+        (
+            {"p": {"grants": ["refresh_token"], "params": {"dc": {"valuez": {}}}}},
+            "p.params.dc.valuez",
+        ),
+    ],
+)
+def test_profile_errors_name_the_field(data: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_profiles(data, "profiles")
+    assert named in str(caught.value)
+
+
+def test_profiles_file_overlays_and_reports_its_path(tmp_path: Path) -> None:
+    extra = tmp_path / "p.toml"
+    extra.write_text(
+        '[omie]\ngrants = ["client_credentials"]\ntoken_url = "https://app.omie.com.br/token"\n'
+    )
+    assert "omie" in load_profiles(extra)
+    extra.write_text("[omie\n")
+    with pytest.raises(ConfigError, match=str(extra)):
+        load_profiles(extra)
+
+
+def test_connection_params_are_checked_against_the_profile() -> None:
+    zoho = load_profiles()["zoho"]
+    with pytest.raises(ConfigError, match="data_centre"):
+        zoho.check_connection(
+            Connection(
+                id="z",
+                profile="zoho",
+                grant=GrantType.REFRESH_TOKEN,
+                params={"data_centre": "mars"},
+            )
+        )
+    with pytest.raises(ConfigError, match="region"):
+        zoho.check_connection(
+            Connection(
+                id="z", profile="zoho", grant=GrantType.REFRESH_TOKEN, params={"region": "eu"}
+            )
+        )
+    with pytest.raises(ConfigError, match="not supported"):
+        zoho.check_connection(Connection(id="z", profile="zoho", grant=GrantType.JWT_BEARER))
+    generic = load_profiles()["generic"]
+    with pytest.raises(ConfigError, match="token_url is required"):
+        generic.check_connection(
+            Connection(id="g", profile="generic", grant=GrantType.REFRESH_TOKEN)
+        )
+
+
+@pytest.mark.parametrize("bad", ["", "UPPER", "-lead", "a/b", "x" * 64, "sp ace"])
+def test_connection_ids_are_validated(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        validate_connection_id(bad)
+
+
+def test_presets_and_per_port_overrides() -> None:
+    assert Settings.from_env({}).adapters == ("embedded", "embedded", "outbox")
+    assert Settings.from_env({"TOKENBROKER_BACKEND": "gcp"}).adapters == (
+        "secret-manager",
+        "firestore",
+        "pubsub",
+    )
+    mixed = Settings.from_env(
+        {"TOKENBROKER_BACKEND": "gcp", "TOKENBROKER_SECRET_STORE": "aws-secrets-manager"}
+    )
+    assert mixed.adapters == ("aws-secrets-manager", "firestore", "pubsub")
+    with pytest.raises(ConfigError, match="TOKENBROKER_EVENT_BUS"):
+        Settings.from_env({"TOKENBROKER_EVENT_BUS": "kafka"})
+
+
+def test_gcp_settings_need_a_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    settings = Settings.from_env({"TOKENBROKER_BACKEND": "gcp"})
+    with pytest.raises(ConfigError, match="TOKENBROKER_GCP_PROJECT"):
+        _ = settings.project
+    named = Settings.from_env({"TOKENBROKER_GCP_PROJECT": "p1", "TOKENBROKER_PUBSUB_TOPIC": "t1"})
+    assert named.topic_path == "projects/p1/topics/t1"
+    full = Settings.from_env({"TOKENBROKER_PUBSUB_TOPIC": "projects/other/topics/x"})
+    assert full.topic_path == "projects/other/topics/x"
+
+
+def test_building_a_gcp_runtime_imports_no_cloud_client_until_used() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tokenbroker.entrypoints.compose import build_runtime\n"
+        "from tokenbroker.entrypoints.settings import Settings\n"
+        "rt = build_runtime(Settings(backend='gcp', gcp_project='p'))\n"
+        "heavy = [m for m in sys.modules if m.startswith(('google.cloud.secretmanager',"
+        " 'google.cloud.firestore', 'google.cloud.pubsub', 'grpc'))]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

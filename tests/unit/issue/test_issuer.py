@@ -1,0 +1,199 @@
+"""The issuer's logic on in-memory stores: modes, caching, invalidation and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tokenbroker.adapters.fake_provider import FakeTokenServer
+from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
+from tokenbroker.entrypoints.answers import http_answer
+from tokenbroker.issue.issuer import TokenIssuer
+from tokenbroker.issue.policy import IssuePolicy
+from tokenbroker.kernel.clock import FakeClock
+from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NeedsReauth, PolicyDenied
+from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
+from tokenbroker.kernel.secret import Secret
+from tokenbroker.oauth.profiles import load_profiles
+from tokenbroker.refresh.registry import ConnectionRegistry
+
+WORKER = "worker@p.iam.gserviceaccount.com"
+POLICY = f"""
+version = 1
+[[grants]]
+callers = ["{WORKER}"]
+connections = ["crm"]
+scopes = ["*"]
+max_lifetime_seconds = 1800
+[[grants]]
+callers = ["{WORKER}"]
+connections = ["gmail"]
+scopes = ["read", "send"]
+"""
+
+
+@dataclass(frozen=True)
+class _Caller:
+    email: str
+
+
+class FakeVerifier:
+    def verify_authorization(self, header: str | None) -> _Caller:
+        from tokenbroker.kernel.errors import InvalidCallerToken
+
+        if not header or not header.startswith("Bearer "):
+            raise InvalidCallerToken("missing bearer token")
+        return _Caller(header.removeprefix("Bearer "))
+
+
+class CountingSecrets(MemorySecretStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, connection_id: str) -> Any:
+        self.reads += 1
+        return super().get(connection_id)
+
+
+class World:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.secrets = CountingSecrets()
+        self.state = MemoryStateStore()
+        self.server = FakeTokenServer(rotate=False)
+        profiles = load_profiles()
+        registry = ConnectionRegistry(
+            secrets=self.secrets, state=self.state, profiles=profiles, clock=self.clock
+        )
+        now = self.clock.now()
+        registry.register(
+            Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
+                       client_id="client", token_url="https://idp.test/token"),
+            Credential(refresh_token=Secret(self.server.seed_refresh_token()),
+                       client_secret=Secret("client-secret"), access_token=Secret("AT-FULL-1"),
+                       obtained_at=now, expires_at=now + timedelta(hours=1), scope=("all",)),
+        )  # fmt: skip
+        self.gmail_rt = self.server.seed_refresh_token(scope="read send admin")
+        registry.register(
+            Connection(id="gmail", profile="google", grant=GrantType.REFRESH_TOKEN,
+                       client_id="client", scopes=("read", "send", "admin"),
+                       token_url="https://google.test/token"),
+            Credential(refresh_token=Secret(self.gmail_rt), client_secret=Secret("client-secret")),
+        )  # fmt: skip
+        self.issuer = TokenIssuer(
+            verifier=FakeVerifier(),
+            policy=IssuePolicy.from_text(POLICY),
+            state=self.state,
+            secrets=self.secrets,
+            profiles=profiles,
+            endpoint=self.server,
+            clock=self.clock,
+            rng=random.Random(1),
+        )
+
+    def issue(self, body: dict[str, Any], caller: str = WORKER) -> Any:
+        return asyncio.run(self.issuer.issue(f"Bearer {caller}", json.dumps(body).encode()))
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def test_full_scope_pass_through_is_bounded_and_cached(world: World) -> None:
+    token = world.issue({"connection": "crm"})
+    assert token.access_token == Secret("AT-FULL-1")
+    assert token.expires_at == world.clock.now() + timedelta(seconds=1800)  # policy bound
+    assert world.clock.now() < token.refresh_after < token.expires_at
+    for _ in range(999):
+        assert world.issue({"connection": "crm"}).access_token == Secret("AT-FULL-1")
+    assert world.secrets.reads / 1000 <= 0.01
+
+
+def test_a_newer_version_invalidates_the_cache(world: World) -> None:
+    world.issue({"connection": "crm"})
+    current = world.secrets.get("crm")
+    now = world.clock.now()
+    version = world.secrets.put(
+        "crm",
+        current.credential.with_token(access_token=Secret("AT-FULL-2"), obtained_at=now,
+                                      expires_at=now + timedelta(hours=1)),
+        expected_version=current.version,
+    )  # fmt: skip
+    record = world.state.get("crm")
+    from dataclasses import replace
+
+    world.state.put_state("crm", replace(record.state, current_version=version))
+    world.clock.advance(31)  # past the version-check interval
+    assert world.issue({"connection": "crm"}).access_token == Secret("AT-FULL-2")
+
+
+def test_narrowing_refresh_asks_for_the_subset_and_caches_per_scope_set(world: World) -> None:
+    read = world.issue({"connection": "gmail", "scopes": ["read"]})
+    assert read.scope == ("read",)
+    assert world.server.requests["refresh_token"] == 1
+    both = world.issue({"connection": "gmail"})  # no scopes: what the policy grants
+    assert both.scope == ("read", "send")
+    assert world.server.requests["refresh_token"] == 2
+    assert (
+        world.issue({"connection": "gmail", "scopes": ["read"]}).access_token == read.access_token
+    )
+    assert world.server.requests["refresh_token"] == 2  # served from the cache
+    # The refresh token never changed hands and still works.
+    assert world.server.grant_alive(world.gmail_rt)
+
+
+@pytest.mark.parametrize(
+    ("body", "caller", "error"),
+    [
+        ({"connection": "gmail", "scopes": ["admin"]}, WORKER, PolicyDenied),  # escalation
+        ({"connection": "gmail", "scopes": ["read", "admin"]}, WORKER, PolicyDenied),
+        ({"connection": "crm"}, "other@p.iam.gserviceaccount.com", PolicyDenied),
+        ({"connection": "ghost"}, WORKER, PolicyDenied),
+        ({"connection": "crm", "min_ttl_seconds": 7200}, WORKER, PolicyDenied),
+        ({"connection": ""}, WORKER, BadRequest),
+        ({"scopes": ["read"]}, WORKER, BadRequest),
+        ({"connection": "crm", "scopes": "read"}, WORKER, BadRequest),
+        ({"connection": "crm", "min_ttl_seconds": True}, WORKER, BadRequest),
+    ],
+)
+def test_denials_and_bad_requests(
+    world: World, body: dict[str, Any], caller: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        world.issue(body, caller)
+
+
+def test_needs_reauth_is_a_409(world: World) -> None:
+    from dataclasses import replace
+
+    record = world.state.get("crm")
+    world.state.put_state("crm", replace(record.state, status=ConnectionStatus.NEEDS_REAUTH))
+    with pytest.raises(NeedsReauth) as caught:
+        world.issue({"connection": "crm"})
+    assert http_answer(caught.value, public=True).status == 409
+
+
+def test_a_token_that_expires_too_soon_is_a_503_with_retry_after(world: World) -> None:
+    world.clock.advance(3600 - 10)
+    with pytest.raises(CredentialUnavailable) as caught:
+        world.issue({"connection": "crm", "min_ttl_seconds": 60})
+    answer = http_answer(caught.value, public=True)
+    status, body, headers = answer.status, answer.body, answer.headers
+    assert status == 503
+    assert body["error"] == "temporarily_unavailable"
+    assert int(headers["Retry-After"]) > 0
+
+
+def test_rendered_answer_matches_the_json_form_as_time_passes(world: World) -> None:
+    token = world.issue({"connection": "crm"})
+    for step in (0, 1, 899, 2000):
+        now = world.clock.now() + timedelta(seconds=step)
+        assert json.loads(token.render(now)) == token.to_json(now)

@@ -1,0 +1,123 @@
+"""Secrets never print themselves; the logger redacts what slips through."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import pytest
+
+from tokenbroker.kernel.errors import InvalidGrant
+from tokenbroker.kernel.log import configure_logging, get_logger, redact_value
+from tokenbroker.kernel.model import Credential
+from tokenbroker.kernel.redact import scrub
+from tokenbroker.kernel.secret import Secret
+
+VALUE = "rt-Zk3mQ9vX2pL7wR4tY8uB1nC6"
+JWT = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ3b3JrZXIifQ.c2lnbmF0dXJlLXZhbHVlLWhlcmU"
+
+
+def test_secret_repr_str_format_show_fingerprint_only() -> None:
+    secret = Secret(VALUE)
+    for rendered in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret):  # noqa: UP031
+        assert VALUE not in rendered
+        assert rendered.startswith("Secret(sha256:")
+    assert secret.reveal() == VALUE
+    assert Secret(VALUE) == secret
+    assert Secret("other") != secret
+
+
+def test_secret_refuses_pickling() -> None:
+    with pytest.raises(TypeError):
+        pickle.dumps(Secret(VALUE))
+
+
+def test_credential_repr_hides_every_secret() -> None:
+    credential = Credential(
+        access_token=Secret(JWT),
+        refresh_token=Secret(VALUE),
+        client_secret=Secret("s3cr3t-Value-123"),
+    )
+    rendered = repr(credential)
+    for value in credential.secret_values():
+        assert value not in rendered
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"token {JWT} end",
+        "ya29.a0AfH6SMBx-Real_Looking_Google_Token",
+        "refresh 1//0gLongGoogleRefreshTokenValue_abcdef",
+        "zoho 1000.8cb99dd3f2a1b4c5d6e7f8091a2b3c4d.9be93f1e2d3c4b5a69788796a5b4c3d2",
+        "Authorization: Bearer abcDEF123456ghi",
+        "opaque kX9aQ2mZ7pL0vB3nC8dE5fG1hJ4kL6mN",
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----",
+    ],
+)
+def test_scrub_removes_token_shaped_text(text: str) -> None:
+    scrubbed = scrub(text)
+    assert "[REDACTED]" in scrubbed
+    for fragment in ("ya29.a0", "1//0g", "8cb99d", "abcDEF123456", "kX9aQ2", "MIIEvQ", "eyJzdWIi"):
+        assert fragment not in scrubbed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "connection crm-eu-01 refreshed to version 12",
+        "idempotency 0123456789abcdef0123456789abcdef",
+        "event 6f1d2c3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f",
+        "https://accounts.zoho.eu/oauth/v2/token",
+    ],
+)
+def test_scrub_leaves_ordinary_text_alone(text: str) -> None:
+    assert scrub(text) == text
+
+
+def test_redact_value_by_key_and_type() -> None:
+    assert redact_value(Secret(VALUE)).startswith("Secret(sha256:")
+    assert redact_value("plain", "refresh_token") == "[REDACTED]"
+    assert redact_value("x", "client_secret") == "[REDACTED]"
+    assert redact_value("Bearer", "token_type") == "Bearer"
+    assert redact_value(3, "expires_in") == 3
+    nested = redact_value({"body": {"access_token": "abc", "ok": [JWT]}})
+    assert nested == {"body": {"access_token": "[REDACTED]", "ok": ["[REDACTED]"]}}
+
+
+def test_logger_writes_cloud_logging_json_and_redacts() -> None:
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream, log_file="")
+    try:
+        log = get_logger(component="test")
+        log.info(
+            "rotated", connection_id="crm", refresh_token=VALUE, secret=Secret(VALUE), note=JWT
+        )
+        try:
+            raise InvalidGrant(f"provider said {JWT}")
+        except InvalidGrant:
+            log.exception("failed")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        configure_logging()
+    assert lines[0]["severity"] == "INFO"
+    assert lines[0]["message"] == "rotated"
+    assert lines[0]["connection_id"] == "crm"
+    assert "time" in lines[0]
+    assert lines[1]["severity"] == "ERROR"
+    assert "InvalidGrant" in lines[1]["exception"]
+    output = stream.getvalue()
+    assert VALUE not in output
+    assert JWT not in output
+
+
+def test_log_level_filters() -> None:
+    stream = io.StringIO()
+    configure_logging("warning", stream=stream, log_file="")
+    try:
+        get_logger().info("hidden")
+        get_logger().warning("shown")
+    finally:
+        configure_logging()
+    assert [json.loads(x)["message"] for x in stream.getvalue().splitlines()] == ["shown"]
