@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 
 from tokenbroker.kernel.clock import Clock
-from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound
+from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound, VersionConflict
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     UNREFRESHED_GRANTS,
@@ -23,6 +22,9 @@ from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.acquire import check_material
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.ports import SecretStore, StateStore
+
+#: ``last_error`` of a record whose registration has not finished (or crashed).
+INCOMPLETE = "registration incomplete"
 
 
 class ConnectionRegistry:
@@ -54,31 +56,74 @@ class ConnectionRegistry:
         return None if connection.grant in UNREFRESHED_GRANTS else self.clock.now()
 
     def register(self, connection: Connection, credential: Credential) -> ConnectionRecord:
-        """Store the first credential version and register the connection, due at once."""
+        """Register the connection and store its first credential version, due at once.
+
+        Two stores, three writes, in an order that a failure or a crash at any point leaves
+        clearable (``remove`` clears every leftover; ``add`` then starts afresh):
+
+        1. ``state.create`` a placeholder -- not due, no version, ``last_error`` says the
+           registration is incomplete. Creating the record is atomic, so it also makes this call
+           the id's only owner: a concurrent ``add`` of the same id gets ``AlreadyExists``.
+        2. ``secrets.put`` the first version. A secret already there belongs to no record (an
+           older broker wrote the secret first and crashed): as the id's owner we destroy it.
+        3. ``state.put_state`` the real state (active, due, pointing at the version).
+
+        A failure (an ``Exception``) after step 1 undoes what was written; a crash cannot, and
+        leaves a visible, not-due placeholder that ``remove`` clears.
+        """
         validate_connection_id(connection.id)
         profile = self.profile_for(connection)
         profile.check_connection(connection)
         check_material(connection, credential)
-        try:
-            self.state.get(connection.id)
-        except NotFound:
-            pass
-        else:
-            raise AlreadyExists(f"connection {connection.id!r} already exists")
         now = self.clock.now()
         connection = replace(connection, created_at=connection.created_at or now)
-        version = self.secrets.put(connection.id, credential, expected_version=None)
-        state = RefreshState(
-            status=ConnectionStatus.ACTIVE,
-            expires_at=credential.expires_at,
-            next_refresh_at=self._first_refresh(connection),
-            current_version=version,
-        )
-        self.state.create(connection, state)
+        placeholder = RefreshState(status=ConnectionStatus.ACTIVE, last_error=INCOMPLETE)
+        try:
+            self.state.create(connection, placeholder)
+        except AlreadyExists:
+            record = self.state.get(connection.id)
+            hint = (
+                " (an earlier add did not finish: remove it first)" if _incomplete(record) else ""
+            )
+            raise AlreadyExists(f"connection {connection.id!r} already exists{hint}") from None
+        try:
+            version = self._put_first(connection.id, credential)
+            state = RefreshState(
+                status=ConnectionStatus.ACTIVE,
+                expires_at=credential.expires_at,
+                next_refresh_at=self._first_refresh(connection),
+                current_version=version,
+            )
+            self.state.put_state(connection.id, state)
+        except Exception:
+            self._undo_register(connection.id)
+            raise
         self.log.info(
             "connection registered", connection_id=connection.id, grant=connection.grant.value
         )
         return ConnectionRecord(connection, state)
+
+    def _put_first(self, connection_id: str, credential: Credential) -> int:
+        try:
+            return self.secrets.put(connection_id, credential, expected_version=None)
+        except VersionConflict:
+            self.log.warning("destroying an orphaned secret", connection_id=connection_id)
+            self.secrets.delete(connection_id)
+            return self.secrets.put(connection_id, credential, expected_version=None)
+
+    def _undo_register(self, connection_id: str) -> None:
+        """Best effort: whatever is left is a placeholder that ``remove`` clears."""
+        for undo in (self.secrets.delete, self.state.delete):
+            try:
+                undo(connection_id)
+            except NotFound:
+                pass
+            except Exception:  # noqa: BLE001 - the original error is the one to raise
+                self.log.warning(
+                    "could not undo a failed registration; remove the connection",
+                    connection_id=connection_id,
+                )
+                return
 
     def reauthorize(
         self,
@@ -127,7 +172,25 @@ class ConnectionRegistry:
         return ConnectionRecord(record.connection, state)
 
     def remove(self, connection_id: str) -> None:
-        self.state.delete(connection_id)
-        with contextlib.suppress(NotFound):
+        """Forget the connection and destroy its secret. The record goes first, so nothing
+        refreshes a connection whose secret is being destroyed; a secret left by a failure or
+        a crash (or by an older broker) is destroyed by the next ``remove``. NotFound only when
+        neither exists."""
+        found = False
+        try:
+            self.state.delete(connection_id)
+            found = True
+        except NotFound:
+            pass
+        try:
             self.secrets.delete(connection_id)
+            found = True
+        except NotFound:
+            pass
+        if not found:
+            raise NotFound(f"connection {connection_id!r} not found")
         self.log.info("connection removed", connection_id=connection_id)
+
+
+def _incomplete(record: ConnectionRecord) -> bool:
+    return record.state.current_version is None and record.state.last_error == INCOMPLETE
