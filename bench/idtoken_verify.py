@@ -55,8 +55,8 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 from tests.support.oidc import rsa_public_jwk, sign_rs256  # noqa: E402
 
+from tokenbroker.entrypoints.compose import start_logging  # noqa: E402
 from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: E402
-from tokenbroker.kernel.log import configure_logging  # noqa: E402
 
 AUDIENCE = "https://europe-west1-proj.cloudfunctions.net/tokenbroker-issuer"
 ISSUER = "https://accounts.google.com"
@@ -216,7 +216,7 @@ def measure(
 
 def run(args: argparse.Namespace) -> int:
     quiet = args.json_only
-    configure_logging("warning")
+    start_logging(level="warning")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwks = {"keys": [rsa_public_jwk(key, KID)]}
     log(f"signing {args.n} tokens ...", quiet=quiet)

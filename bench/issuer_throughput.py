@@ -72,9 +72,8 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
 from tokenbroker.adapters.embedded import new_key_text  # noqa: E402
-from tokenbroker.entrypoints.compose import build_runtime  # noqa: E402
+from tokenbroker.entrypoints.compose import build_runtime, start_logging  # noqa: E402
 from tokenbroker.entrypoints.settings import Settings  # noqa: E402
-from tokenbroker.kernel.log import configure_logging  # noqa: E402
 from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType  # noqa: E402
 from tokenbroker.kernel.secret import Secret  # noqa: E402
 from tokenbroker.refresh.registry import ConnectionRegistry  # noqa: E402
@@ -624,7 +623,7 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one linear script
         if not args.json_only:
             print(message, flush=True)
 
-    configure_logging("warning")  # this process's own (setup) logging
+    start_logging(level="warning")  # this process's own (setup) logging
     use_wrk = shutil.which("wrk") is not None
     pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     if pinned:

@@ -83,9 +83,8 @@ from typing import Any
 
 import aiohttp
 
-from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
 from tokenbroker.entrypoints.settings import Settings
-from tokenbroker.kernel.log import configure_logging
 from tokenbroker.kernel.model import (
     Connection,
     ConnectionStatus,
@@ -612,7 +611,7 @@ def report(
 def run(args: argparse.Namespace) -> int:
     if args.backend == "gcp":
         return run_gcp(args)
-    configure_logging(LOG_LEVEL)
+    start_logging(level=LOG_LEVEL)
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="tokenbroker-bench-"))
     try:
         with provider_process(args.latency_ms) as provider:
@@ -1073,7 +1072,7 @@ def gcp_figures(
 
 
 def run_gcp(args: argparse.Namespace) -> int:
-    configure_logging(LOG_LEVEL)
+    start_logging(level=LOG_LEVEL)
     started = time.perf_counter()
     emulators = start_emulators()
     try:

@@ -33,13 +33,18 @@ def capture_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["TOKENBROKER_LOG_FILE"] = str(directory / "library-log.jsonl")
     os.environ["TOKENBROKER_LOG_LEVEL"] = "debug"
     os.environ[CAPTURE_ENV] = str(directory)
-    configure_logging()
+    restore_session_logging()
     yield directory
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def restore_session_logging() -> None:
+    """The session's logging: debug, to stderr and to the capture file the log scan reads."""
+    configure_logging("debug", log_file=os.environ["TOKENBROKER_LOG_FILE"])
 
 
 def save_output(name: str, *texts: str | bytes) -> None:

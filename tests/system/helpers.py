@@ -21,9 +21,7 @@ def embedded_runtime(state_dir: Path, **settings: Any) -> Runtime:
 
 
 def registry(runtime: Runtime) -> ConnectionRegistry:
-    return ConnectionRegistry(
-        secrets=runtime.secrets, state=runtime.state, profiles=runtime.profiles, clock=runtime.clock
-    )
+    return runtime.registry()
 
 
 def add_refresh_connection(

@@ -14,7 +14,6 @@ import secrets
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
 
 from tokenbroker.adapters.http import MAX_RESPONSE_BYTES
 from tokenbroker.kernel.errors import TransportError
@@ -137,7 +136,3 @@ class FakeTokenServer:
 
 def unreachable() -> TransportError:
     return TransportError("token endpoint unreachable: ClientConnectorError")
-
-
-def parse_form(body: bytes) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(body.decode()).items()}

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tokenbroker.entrypoints.answers import EXIT_FAILURE, exit_code
+from tokenbroker.entrypoints.settings import named_variable
 from tokenbroker.kernel.clock import isoformat
 from tokenbroker.kernel.errors import ConfigError, TokenBrokerError
-from tokenbroker.kernel.log import configure_logging
 from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
@@ -34,15 +33,19 @@ from tokenbroker.kernel.model import (
 )
 from tokenbroker.kernel.secret import Secret
 
+if TYPE_CHECKING:
+    from tokenbroker.entrypoints.compose import Runtime
+    from tokenbroker.refresh.registry import ConnectionRegistry
+
 
 @dataclass
 class _Context:
     json: bool
     options: dict[str, Any]
-    _runtime: Any = None
+    _runtime: Runtime | None = None
 
     @property
-    def runtime(self) -> Any:
+    def runtime(self) -> Runtime:
         if self._runtime is None:
             from tokenbroker.entrypoints.compose import build_runtime  # noqa: PLC0415
             from tokenbroker.entrypoints.settings import Settings  # noqa: PLC0415
@@ -50,13 +53,8 @@ class _Context:
             self._runtime = build_runtime(Settings.from_env(**self.options))
         return self._runtime
 
-    def registry(self) -> Any:
-        from tokenbroker.refresh.registry import ConnectionRegistry  # noqa: PLC0415
-
-        rt = self.runtime
-        return ConnectionRegistry(
-            secrets=rt.secrets, state=rt.state, profiles=rt.profiles, clock=rt.clock
-        )
+    def registry(self) -> ConnectionRegistry:
+        return self.runtime.registry()
 
 
 pass_ctx = click.make_pass_decorator(_Context)
@@ -106,7 +104,7 @@ def _read_secret(file: str | None, env: str | None, what: str) -> Secret | None:
     if file and env:
         raise click.UsageError(f"give {what} by file or by environment variable, not both")
     if env:
-        value = os.environ.get(env)
+        value = named_variable(env)
         if not value:
             raise click.UsageError(f"environment variable {env} (for {what}) is not set")
         return Secret(value.strip())
@@ -147,7 +145,10 @@ def main(
     log_level: str | None,
 ) -> None:
     """tokenbroker: keeps OAuth connections refreshed and hands out short-lived tokens."""
-    configure_logging(log_level or os.environ.get("TOKENBROKER_LOG_LEVEL") or "warning")
+    from tokenbroker.entrypoints.compose import start_logging  # noqa: PLC0415
+
+    with _errors():
+        start_logging(level=log_level, default_level="warning")
     options = {"state_dir": state_dir, "backend": backend}
     click_ctx.obj = _Context(json=as_json, options={k: v for k, v in options.items() if v})
     click_ctx.call_on_close(lambda: click_ctx.obj._runtime and click_ctx.obj._runtime.close())

@@ -13,12 +13,14 @@ from datetime import timedelta
 from typing import Any
 
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
-from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.entrypoints.settings import LogSettings, Settings
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.log import configure_logging
 from tokenbroker.kernel.retry import RetryPolicy
 from tokenbroker.oauth.profiles import ProviderProfile, load_profiles
 from tokenbroker.ports import EventBus, SecretStore, StateStore, TokenEndpoint
+from tokenbroker.refresh.registry import ConnectionRegistry
 from tokenbroker.refresh.tick import Refresher, TickSummary
 
 
@@ -50,6 +52,12 @@ class Runtime:
         options.update(overrides)
         return Refresher(**options)
 
+    def registry(self) -> ConnectionRegistry:
+        """Operator actions on connections (add, reauth, enable/disable, remove)."""
+        return ConnectionRegistry(
+            secrets=self.secrets, state=self.state, profiles=self.profiles, clock=self.clock
+        )
+
     def token_endpoint(self) -> AiohttpTokenEndpoint:
         return AiohttpTokenEndpoint(
             timeout=self.settings.http_timeout, max_connections=self.settings.concurrency
@@ -77,6 +85,13 @@ class Runtime:
         for resource in self.resources:
             resource.close()
         self.resources.clear()
+
+
+def start_logging(*, level: str | None = None, default_level: str = "info") -> LogSettings:
+    """Configure the one logger from the settings (an entry point's first act)."""
+    settings = LogSettings.from_env(level=level, default_level=default_level)
+    configure_logging(settings.level, log_file=settings.file)
+    return settings
 
 
 def build_runtime(settings: Settings | None = None, *, clock: Clock | None = None) -> Runtime:

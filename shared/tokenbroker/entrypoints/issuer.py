@@ -39,12 +39,13 @@ async def build() -> tuple[TokenIssuer, Any]:
 
 def _assemble() -> tuple[TokenIssuer, Any]:
     from tokenbroker.adapters.http import AiohttpTokenEndpoint  # noqa: PLC0415
-    from tokenbroker.entrypoints.compose import build_runtime  # noqa: PLC0415
+    from tokenbroker.entrypoints.compose import build_runtime, start_logging  # noqa: PLC0415
     from tokenbroker.entrypoints.settings import Settings  # noqa: PLC0415
     from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
     from tokenbroker.issue.policy import IssuePolicy  # noqa: PLC0415
     from tokenbroker.issue.relay import Relay  # noqa: PLC0415
 
+    start_logging()
     settings = Settings.from_env()
     if not settings.issuer_audience:
         raise ConfigError("TOKENBROKER_ISSUER_AUDIENCE (the function's URL) is required")

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokenbroker.entrypoints.answers import http_answer
-from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
 from tokenbroker.kernel.errors import TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
@@ -33,6 +33,7 @@ def runtime() -> Runtime:
     if _runtime is None:
         with _lock:
             if _runtime is None:
+                start_logging()
                 _runtime = build_runtime()
     return _runtime
 
@@ -79,6 +80,7 @@ def run_tick(payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 def handle_cloud_event(event: Any) -> dict[str, Any]:
+    runtime()  # configures logging from the settings before the first line
     log = get_logger(component="refresher-function")
     payload = _payload_from_event_data(event.data)
     log.info("tick triggered", trigger="cloudevent", event_type=event["type"], event_id=event["id"])

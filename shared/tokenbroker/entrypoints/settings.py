@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.log import level_threshold
 from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.kernel.secret import Secret
 
@@ -50,6 +51,14 @@ ENV_ID_TOKEN_ISSUERS = "TOKENBROKER_ID_TOKEN_ISSUERS"
 ENV_ID_TOKEN_KEYS_URL = "TOKENBROKER_ID_TOKEN_KEYS_URL"
 ENV_POLICY_FILE = "TOKENBROKER_POLICY_FILE"
 ENV_IAM_CREDENTIALS_ENDPOINT = "TOKENBROKER_IAM_CREDENTIALS_ENDPOINT"
+#: A static access token for the IAM Credentials API (local runs and tests), instead of
+#: Application Default Credentials.
+ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"
+ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
+ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
+#: Google's own variables, read here too so that nothing else reads the environment.
+ENV_GOOGLE_CLOUD_PROJECT = "GOOGLE_CLOUD_PROJECT"
+ENV_XDG_STATE_HOME = "XDG_STATE_HOME"
 
 #: Presets: which adapter serves each port.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -66,9 +75,44 @@ STATE_STORES = ("embedded", "memory", "firestore")
 EVENT_BUSES = ("outbox", "memory", "pubsub")
 
 
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get(ENV_XDG_STATE_HOME) or str(Path.home() / ".local" / "state")
     return Path(base) / "tokenbroker"
+
+
+def named_variable(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The value of a variable the operator named (``--client-secret-env NAME``)."""
+    env = os.environ if env is None else env
+    return env.get(name)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Where the one logger writes, resolved like everything else: explicit, env, default.
+
+    Separate from :class:`Settings` so that a command that needs no backend (``tokenbroker
+    profiles``, ``policy check``) can log before, and without, validating the backend's."""
+
+    level: str
+    file: Path | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        level: str | None = None,
+        default_level: str = "info",
+    ) -> LogSettings:
+        env = os.environ if env is None else env
+        chosen = level or env.get(ENV_LOG_LEVEL) or default_level
+        try:
+            level_threshold(chosen)
+        except ValueError as error:
+            raise ConfigError(f"{ENV_LOG_LEVEL}: {error}") from None
+        file = env.get(ENV_LOG_FILE)
+        return cls(chosen.lower(), Path(file) if file else None)
 
 
 @dataclass(frozen=True)
@@ -106,6 +150,11 @@ class Settings:
     id_token_keys_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     policy_file: Path | None = None
     iam_credentials_endpoint: str = "https://iamcredentials.googleapis.com"
+    iam_access_token: Secret | None = None
+    #: ``GOOGLE_CLOUD_PROJECT``: the project when ``TOKENBROKER_GCP_PROJECT`` is not set.
+    google_cloud_project: str | None = None
+    #: ``XDG_STATE_HOME``: where the default state directory goes.
+    xdg_state_home: Path | None = None
 
     @property
     def adapters(self) -> tuple[str, str, str]:
@@ -115,7 +164,7 @@ class Settings:
 
     @property
     def project(self) -> str:
-        project = self.gcp_project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        project = self.gcp_project or self.google_cloud_project
         if not project:
             raise ConfigError(f"{ENV_GCP_PROJECT} (or GOOGLE_CLOUD_PROJECT) is required")
         return project
@@ -128,7 +177,11 @@ class Settings:
 
     @property
     def resolved_state_dir(self) -> Path:
-        return self.state_dir or default_state_dir()
+        if self.state_dir is not None:
+            return self.state_dir
+        if self.xdg_state_home is not None:
+            return self.xdg_state_home / "tokenbroker"
+        return default_state_dir({})
 
     def refresh_policy(self) -> RefreshPolicy:
         return RefreshPolicy(
@@ -225,4 +278,7 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("id_token_keys_url", ENV_ID_TOKEN_KEYS_URL, str.strip),
     ("policy_file", ENV_POLICY_FILE, Path),
     ("iam_credentials_endpoint", ENV_IAM_CREDENTIALS_ENDPOINT, str.strip),
+    ("iam_access_token", ENV_IAM_ACCESS_TOKEN, Secret),
+    ("google_cloud_project", ENV_GOOGLE_CLOUD_PROJECT, str.strip),
+    ("xdg_state_home", ENV_XDG_STATE_HOME, Path),
 ]

@@ -76,13 +76,6 @@ class VersionConflict(TokenBrokerError):
     http_status = 409
 
 
-class LeaseLost(TokenBrokerError):
-    """Our lease on a connection expired and another holder took it (stale fencing token)."""
-
-    code = "lease_lost"
-    http_status = 409
-
-
 class CorruptCredential(TokenBrokerError):
     """A stored credential whose checksum, envelope or version number does not verify.
 

@@ -10,17 +10,21 @@ Written on the standard library rather than structlog: the interface is the same
 (``bind`` and one method per level, keyword fields), and importing structlog costs a cold
 start 30-150 ms (it loads ``rich`` when installed), which every function instance would pay.
 
-Configuration happens on first use or by :func:`configure_logging`, never at import.
+Configuration happens once, by the entry point (from its settings: ``TOKENBROKER_LOG_LEVEL``,
+``TOKENBROKER_LOG_FILE``), through :func:`configure_logging`; a library used without it logs at
+``info`` on stderr. Never at import, and never from the environment here: the kernel reads no
+process state. :func:`capture_logs` is the test helper (as ``structlog.testing.capture_logs``).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -28,8 +32,7 @@ from typing import IO, Any
 from tokenbroker.kernel.redact import REDACTED, is_sensitive_key, scrub
 from tokenbroker.kernel.secret import Secret
 
-ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
-ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
+#: Level names, lowest first.
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -118,25 +121,48 @@ class Logger:
 
 
 def configure_logging(
-    level: str | None = None,
+    level: str = "info",
     *,
     stream: IO[str] | None = None,
     log_file: Path | str | None = None,
 ) -> None:
-    """Set up the one logger. ``level`` and ``log_file`` default to the environment
-    (``TOKENBROKER_LOG_LEVEL``, ``TOKENBROKER_LOG_FILE``); output goes to stderr."""
+    """Set up the one logger: lines at ``level`` and above to ``stream`` (stderr), and also
+    appended to ``log_file`` when one is given. Raises ValueError for an unknown level."""
     global _sink  # noqa: PLW0603 - process-wide logging configuration
-    level_name = (level or os.environ.get(ENV_LOG_LEVEL) or "info").lower()
+    threshold = level_threshold(level)
     streams: list[IO[str]] = [stream or sys.stderr]
     owned: list[IO[str]] = []
-    path = os.environ.get(ENV_LOG_FILE) if log_file is None else log_file
-    if path:
-        owned.append(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - closed on reconfigure
+    if log_file:
+        owned.append(open(log_file, "a", encoding="utf-8"))  # noqa: SIM115 - closed on reconfigure
     with _config_lock:
         previous = _sink
-        _sink = _Sink(_LEVELS.get(level_name, _LEVELS["info"]), streams + owned, owned)
+        _sink = _Sink(threshold, streams + owned, owned)
     if previous is not None:
         previous.close()
+
+
+def level_threshold(level: str) -> int:
+    """The numeric threshold of a level name (case-insensitive). ValueError when unknown."""
+    try:
+        return _LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r} (one of: {', '.join(_LEVELS)})") from None
+
+
+@contextmanager
+def capture_logs(level: str = "debug") -> Iterator[io.StringIO]:
+    """Everything logged inside the block, as JSON lines in a string buffer; the configuration
+    in force before is restored afterwards (its files stay open)."""
+    global _sink  # noqa: PLW0603 - process-wide logging configuration
+    stream = io.StringIO()
+    with _config_lock:
+        previous = _sink
+        _sink = _Sink(level_threshold(level), [stream], [])
+    try:
+        yield stream
+    finally:
+        with _config_lock:
+            _sink = previous
 
 
 def _configure_default() -> _Sink:
@@ -149,5 +175,5 @@ def _configure_default() -> _Sink:
 
 
 def get_logger(**bound: Any) -> Logger:
-    """The library's logger (configured from the environment on first use)."""
+    """The library's logger (``info`` on stderr until an entry point configures it)."""
     return Logger(bound)

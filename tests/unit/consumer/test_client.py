@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import random
 import threading
 import time
@@ -46,7 +45,7 @@ from tokenbroker.kernel.errors import (
     PolicyDenied,
     TokenBrokerError,
 )
-from tokenbroker.kernel.log import ENV_LOG_FILE, configure_logging
+from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.retry import RetryPolicy
 
 URL = "https://broker.example.run.app"
@@ -188,13 +187,8 @@ def make_async(
 @pytest.fixture
 def log() -> Iterator[io.StringIO]:
     """Everything the library logs during the test, at debug level (build clients after)."""
-    stream = io.StringIO()
-    log_file = os.environ.pop(ENV_LOG_FILE, None)  # capture here only
-    configure_logging("debug", stream=stream)
-    yield stream
-    if log_file is not None:
-        os.environ[ENV_LOG_FILE] = log_file
-    configure_logging()
+    with capture_logs("debug") as stream:
+        yield stream
 
 
 def messages(stream: io.StringIO) -> list[str]:

@@ -159,3 +159,31 @@ def test_building_a_gcp_runtime_imports_no_cloud_client_until_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_log_settings_resolve_explicit_then_env_then_default(tmp_path: Path) -> None:
+    from tokenbroker.entrypoints.settings import LogSettings
+
+    env = {"TOKENBROKER_LOG_LEVEL": "ERROR", "TOKENBROKER_LOG_FILE": str(tmp_path / "x.log")}
+    assert LogSettings.from_env(env, level="debug").level == "debug"
+    assert LogSettings.from_env(env) == LogSettings("error", tmp_path / "x.log")
+    assert LogSettings.from_env({}, default_level="warning") == LogSettings("warning", None)
+
+
+def test_a_bad_log_level_names_the_variable() -> None:
+    from tokenbroker.entrypoints.settings import LogSettings
+
+    with pytest.raises(ConfigError, match=r"TOKENBROKER_LOG_LEVEL.*verbose"):
+        LogSettings.from_env({"TOKENBROKER_LOG_LEVEL": "verbose"})
+
+
+def test_google_and_xdg_variables_are_read_by_settings_only(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"GOOGLE_CLOUD_PROJECT": "proj-1", "XDG_STATE_HOME": str(tmp_path)}
+    )
+    assert settings.project == "proj-1"
+    assert settings.resolved_state_dir == tmp_path / "tokenbroker"
+    explicit = Settings.from_env(
+        {"GOOGLE_CLOUD_PROJECT": "proj-1", "TOKENBROKER_GCP_PROJECT": "proj-2"}
+    )
+    assert explicit.project == "proj-2"

@@ -8,8 +8,9 @@ import pickle
 
 import pytest
 
+from tests.conftest import restore_session_logging
 from tokenbroker.kernel.errors import InvalidGrant
-from tokenbroker.kernel.log import configure_logging, get_logger, redact_value
+from tokenbroker.kernel.log import capture_logs, configure_logging, get_logger, redact_value
 from tokenbroker.kernel.model import Credential
 from tokenbroker.kernel.redact import scrub
 from tokenbroker.kernel.secret import Secret
@@ -87,9 +88,7 @@ def test_redact_value_by_key_and_type() -> None:
 
 
 def test_logger_writes_cloud_logging_json_and_redacts() -> None:
-    stream = io.StringIO()
-    configure_logging("debug", stream=stream, log_file="")
-    try:
+    with capture_logs("debug") as stream:
         log = get_logger(component="test")
         log.info(
             "rotated", connection_id="crm", refresh_token=VALUE, secret=Secret(VALUE), note=JWT
@@ -99,8 +98,6 @@ def test_logger_writes_cloud_logging_json_and_redacts() -> None:
         except InvalidGrant:
             log.exception("failed")
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        configure_logging()
     assert lines[0]["severity"] == "INFO"
     assert lines[0]["message"] == "rotated"
     assert lines[0]["connection_id"] == "crm"
@@ -113,11 +110,25 @@ def test_logger_writes_cloud_logging_json_and_redacts() -> None:
 
 
 def test_log_level_filters() -> None:
-    stream = io.StringIO()
-    configure_logging("warning", stream=stream, log_file="")
-    try:
+    with capture_logs("warning") as stream:
         get_logger().info("hidden")
         get_logger().warning("shown")
-    finally:
-        configure_logging()
     assert [json.loads(x)["message"] for x in stream.getvalue().splitlines()] == ["shown"]
+
+
+def test_capture_logs_restores_the_configuration_in_force() -> None:
+    outer = io.StringIO()
+    configure_logging("info", stream=outer)
+    try:
+        with capture_logs("debug") as inner:
+            get_logger().debug("inside")
+        get_logger().info("after")
+    finally:
+        restore_session_logging()
+    assert [json.loads(x)["message"] for x in inner.getvalue().splitlines()] == ["inside"]
+    assert [json.loads(x)["message"] for x in outer.getvalue().splitlines()] == ["after"]
+
+
+def test_an_unknown_level_is_refused_and_changes_nothing() -> None:
+    with pytest.raises(ValueError, match="verbose"):
+        configure_logging("verbose")
