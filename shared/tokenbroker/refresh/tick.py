@@ -78,6 +78,8 @@ class TickSummary:
     events_parked: int = 0
     events_relayed: int = 0
     events_lost: int = 0
+    #: Connections this tick moved to needs_reauth (a failure of one already there is only
+    #: counted in ``failed``).
     needs_reauth: int = 0
     recovered: int = 0
     retries: int = 0
