@@ -12,6 +12,10 @@ Guarantees, in order of importance:
 3. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
    (:mod:`~.kernel.retry`), then a backoff until the next tick; permanent ones get none and
    move the connection to ``needs_reauth`` with exactly one event.
+
+This module is the orchestration only: leases, concurrent token requests, batched commits,
+events and parked events. What an outcome does to a connection's state and which events
+announce it are pure rules in :mod:`.transitions`, called once per committed outcome.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -34,11 +38,9 @@ from tokenbroker.kernel.model import (
     UNREFRESHED_GRANTS,
     Claim,
     ConnectionEvent,
-    ConnectionStatus,
     Credential,
     EventType,
     Lease,
-    RefreshState,
     StoredCredential,
 )
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
@@ -46,6 +48,7 @@ from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.oauth.acquire import acquire
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore, TokenEndpoint
+from tokenbroker.refresh.transitions import Outcome, Succeeded, Transition, failed, transition
 
 T = TypeVar("T")
 
@@ -75,6 +78,8 @@ class TickSummary:
     events_parked: int = 0
     events_relayed: int = 0
     events_lost: int = 0
+    #: Connections this tick moved to needs_reauth (a failure of one already there is only
+    #: counted in ``failed``).
     needs_reauth: int = 0
     recovered: int = 0
     retries: int = 0
@@ -112,12 +117,15 @@ class TickSummary:
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class _Attempt:
+    """What a worker did with one claim, waiting to be committed."""
+
     claim: Claim
+    #: The credential the attempt started from (``None``: none is stored).
     stored: StoredCredential | None
-    credential: Credential | None = None
-    error: TokenBrokerError | None = None
-    attempted_at: datetime | None = None
+    #: The refreshed credential, the final error, or ``None``: deferred, nothing was sent.
+    result: Credential | TokenBrokerError | None
+    attempted_at: datetime
 
 
 class Refresher:
@@ -239,7 +247,7 @@ class Refresher:
         """Refresh concurrently while committing results as they arrive. If committing fails
         for good, stop sending refresh tokens at once and return the error."""
         # Bounded: when commits stall, workers block instead of piling up unstored results.
-        queue: asyncio.Queue[_Outcome | None] = asyncio.Queue(
+        queue: asyncio.Queue[_Attempt | None] = asyncio.Queue(
             maxsize=max(self.commit_batch, self.concurrency)
         )
         pending = iter(claims)
@@ -253,8 +261,8 @@ class Refresher:
                 if halt:
                     return  # nothing could be stored: sending refresh tokens would lose them
                 cid = claim.lease.connection_id
-                outcome = await self._refresh_one(endpoint, claim, stored.get(cid), summary)
-                await queue.put(outcome)
+                attempt = await self._refresh_one(endpoint, claim, stored.get(cid), summary)
+                await queue.put(attempt)
 
         committer = asyncio.create_task(
             self._commit_loop(
@@ -277,29 +285,21 @@ class Refresher:
         claim: Claim,
         stored: StoredCredential | None,
         summary: TickSummary,
-    ) -> _Outcome:
+    ) -> _Attempt:
         connection = claim.record.connection
         now = self.clock.now()
         if connection.grant in UNREFRESHED_GRANTS:
-            return _Outcome(claim, stored, attempted_at=None)  # nothing expires: leave it
+            return _Attempt(claim, stored, None, now)  # nothing expires: leave it
         if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
             # Too late to send a refresh token safely; leave it for the next tick.
-            return _Outcome(claim, stored, attempted_at=None)
+            return _Attempt(claim, stored, None, now)
         if stored is None:
-            return _Outcome(
-                claim,
-                None,
-                error=ConfigError(f"connection {connection.id!r} has no stored credential"),
-                attempted_at=now,
-            )
+            missing = ConfigError(f"connection {connection.id!r} has no stored credential")
+            return _Attempt(claim, None, missing, now)
         profile = self.profiles.get(connection.profile)
         if profile is None:
-            return _Outcome(
-                claim,
-                stored,
-                error=ConfigError(f"connection {connection.id!r}: unknown profile"),
-                attempted_at=now,
-            )
+            unknown = ConfigError(f"connection {connection.id!r}: unknown profile")
+            return _Attempt(claim, stored, unknown, now)
 
         def on_retry(attempt: int, error: TokenBrokerError, wait: float) -> None:
             summary.retries += 1
@@ -320,12 +320,12 @@ class Refresher:
                 on_retry,
             )
         except TokenBrokerError as error:
-            return _Outcome(claim, stored, error=error, attempted_at=now)
-        return _Outcome(claim, stored, credential=credential, attempted_at=now)
+            return _Attempt(claim, stored, error, now)
+        return _Attempt(claim, stored, credential, now)
 
     async def _commit_loop(
         self,
-        queue: asyncio.Queue[_Outcome | None],
+        queue: asyncio.Queue[_Attempt | None],
         summary: TickSummary,
         progress: Callable[[int, int], None] | None,
         total: int,
@@ -337,7 +337,7 @@ class Refresher:
         committed = 0
         while not done:
             first = await queue.get()
-            batch: list[_Outcome] = []
+            batch: list[_Attempt] = []
             if first is None:
                 done = True
             else:
@@ -369,63 +369,89 @@ class Refresher:
             if progress is not None:
                 progress(committed, total)
 
-    async def _commit(self, batch: list[_Outcome], summary: TickSummary) -> None:
+    async def _commit(self, batch: list[_Attempt], summary: TickSummary) -> None:
         """Secret versions first, then states (fenced), then events. Each step is retried
         while retryable; a step that fails for good raises."""
         now = self.clock.now()
-        successes = [o for o in batch if o.credential is not None and o.stored is not None]
-        skipped = [o for o in batch if o.credential is None and o.error is None]
-        failures = [o for o in batch if o.error is not None]
-
-        written: dict[str, int] = {}
-        releases: list[Lease] = [o.claim.lease for o in skipped]
-        if successes:
-            writes = [
-                SecretWrite(o.claim.lease.connection_id, o.credential, o.stored.version)  # type: ignore[arg-type,union-attr]
-                for o in successes
-            ]
-            results = await self._store("write credentials", self.secrets.put_many, writes)
-            for outcome, result in zip(successes, results, strict=True):
-                cid = outcome.claim.lease.connection_id
-                if isinstance(result, VersionConflict):
-                    # Someone re-authorised the connection meanwhile: their version wins.
-                    summary.lease_lost += 1
-                    self.log.warning("refresh discarded: newer version exists", connection_id=cid)
-                    releases.append(outcome.claim.lease)
-                    continue
-                written[cid] = result
-
-        updates: list[tuple[Lease, RefreshState]] = []
-        events: list[list[ConnectionEvent]] = []
-        for outcome in successes:
-            cid = outcome.claim.lease.connection_id
-            if cid in written:
-                state, evs = self._success(outcome, written[cid], now)
-                updates.append((outcome.claim.lease, state))
-                events.append(evs)
-        for outcome in failures:
-            state, evs = self._failure(outcome, now)
-            updates.append((outcome.claim.lease, state))
-            events.append(evs)
-        summary.deferred += len(skipped)
-        for lease in releases:
+        releases = [a.claim.lease for a in batch if a.result is None]
+        summary.deferred += len(releases)
+        written, discarded = await self._write_credentials(batch, summary)
+        changes = self._transitions(batch, written, now)
+        for lease in releases + discarded:
             await self._store("release lease", self.state.release, lease)
 
+        updates = [(lease, change.state) for lease, _, change in changes]
         accepted = (
             await self._store("write states", self.state.complete, updates) if updates else []
         )
         to_publish: list[ConnectionEvent] = []
-        for (lease, _), evs, ok in zip(updates, events, accepted, strict=True):
+        for (lease, outcome, change), ok in zip(changes, accepted, strict=True):
             if not ok:
                 summary.lease_lost += 1
                 self.log.warning(
                     "refresh state not committed: lease lost", connection_id=lease.connection_id
                 )
                 continue
-            to_publish.extend(evs)
-            self._count(summary, evs)
+            to_publish.extend(change.events)
+            _count(summary, outcome, change.events)
         if to_publish:
             await self._publish(to_publish, summary)
+
+    async def _write_credentials(
+        self, batch: list[_Attempt], summary: TickSummary
+    ) -> tuple[list[tuple[Claim, Succeeded]], list[Lease]]:
+        """Write each refreshed credential by compare-and-set on the version it started from.
+        Returns the successes as committed, and the leases of those a newer version beat."""
+        refreshed = [
+            (a.claim, a.result, a.stored, a.attempted_at)
+            for a in batch
+            if isinstance(a.result, Credential) and a.stored is not None
+        ]
+        if not refreshed:
+            return [], []
+        writes = [
+            SecretWrite(claim.lease.connection_id, credential, stored.version)
+            for claim, credential, stored, _ in refreshed
+        ]
+        results = await self._store("write credentials", self.secrets.put_many, writes)
+        written: list[tuple[Claim, Succeeded]] = []
+        discarded: list[Lease] = []
+        for (claim, credential, _, attempted_at), result in zip(refreshed, results, strict=True):
+            if isinstance(result, VersionConflict):
+                # Someone re-authorised the connection meanwhile: their version wins.
+                summary.lease_lost += 1
+                self.log.warning(
+                    "refresh discarded: newer version exists",
+                    connection_id=claim.lease.connection_id,
+                )
+                discarded.append(claim.lease)
+                continue
+            written.append((claim, _succeeded(credential, result, attempted_at)))
+        return written, discarded
+
+    def _transitions(
+        self, batch: list[_Attempt], written: list[tuple[Claim, Succeeded]], now: datetime
+    ) -> list[tuple[Lease, Outcome, Transition]]:
+        """Each committed success's and each failure's transition, in that order (the order
+        the scheduling jitter is drawn from ``self.rng``)."""
+        changes: list[tuple[Lease, Outcome, Transition]] = []
+        for claim, success in written:
+            change = transition(claim, success, now, self.policy, self.rng)
+            self.log.debug(
+                "credential rotated",
+                connection_id=claim.lease.connection_id,
+                version=success.version,
+                expires_at=isoformat(success.expires_at),
+            )
+            changes.append((claim.lease, success, change))
+        for attempt in batch:
+            if isinstance(error := attempt.result, TokenBrokerError):
+                version = attempt.stored.version if attempt.stored else None
+                failure = failed(error, attempted_at=attempt.attempted_at, version=version)
+                change = transition(attempt.claim, failure, now, self.policy, self.rng)
+                self._log_failure(attempt.claim.lease.connection_id, error, change)
+                changes.append((attempt.claim.lease, failure, change))
+        return changes
 
     async def _publish(self, events: list[ConnectionEvent], summary: TickSummary) -> None:
         """Publish, or park the events in the state store for a later tick to relay: the
@@ -464,127 +490,40 @@ class Refresher:
         summary.events_relayed += len(parked)
         self.log.info("parked events relayed", count=len(parked))
 
-    def _count(self, summary: TickSummary, evs: list[ConnectionEvent]) -> None:
-        for event in evs:
-            if event.type is EventType.ROTATED:
-                summary.refreshed += 1
-            elif event.type is EventType.RECOVERED:
-                summary.recovered += 1
-            elif event.type is EventType.NEEDS_REAUTH:
-                summary.needs_reauth += 1
-                summary.failed["permanent"] += 1
-            elif event.type is EventType.REFRESH_FAILED:
-                summary.failed[event.failure_class or "transient"] += 1
-
-    def _success(
-        self, outcome: _Outcome, version: int, now: datetime
-    ) -> tuple[RefreshState, list[ConnectionEvent]]:
-        credential = outcome.credential
-        assert credential is not None  # noqa: S101 - only successes reach here
-        assert credential.expires_at is not None  # noqa: S101
-        assert credential.obtained_at is not None  # noqa: S101
-        previous = outcome.claim.record.state
-        cid = outcome.claim.lease.connection_id
-        state = RefreshState(
-            status=ConnectionStatus.ACTIVE,
-            expires_at=credential.expires_at,
-            next_refresh_at=self.policy.next_refresh_at(
-                credential.obtained_at, credential.expires_at, self.rng
-            ),
-            last_refresh_at=now,
-            last_attempt_at=outcome.attempted_at,
-            consecutive_failures=0,
-            current_version=version,
-            last_error=None,
-        )
-        events = [
-            ConnectionEvent(
-                type=EventType.ROTATED,
-                connection_id=cid,
-                occurred_at=now,
-                idempotency_key=ConnectionEvent.key_for(EventType.ROTATED, cid, f"v{version}"),
-                version=version,
-                expires_at=credential.expires_at,
-            )
-        ]
-        if previous.consecutive_failures or previous.status is ConnectionStatus.NEEDS_REAUTH:
-            events.append(
-                ConnectionEvent(
-                    type=EventType.RECOVERED,
-                    connection_id=cid,
-                    occurred_at=now,
-                    idempotency_key=ConnectionEvent.key_for(
-                        EventType.RECOVERED, cid, f"v{version}"
-                    ),
-                    version=version,
-                    expires_at=credential.expires_at,
-                    consecutive_failures=previous.consecutive_failures,
-                )
-            )
-        self.log.debug(
-            "credential rotated",
-            connection_id=cid,
-            version=version,
-            expires_at=isoformat(credential.expires_at),
-        )
-        return state, events
-
-    def _failure(
-        self, outcome: _Outcome, now: datetime
-    ) -> tuple[RefreshState, list[ConnectionEvent]]:
-        error = outcome.error
-        assert error is not None  # noqa: S101
-        previous = outcome.claim.record.state
-        lease = outcome.claim.lease
-        cid = lease.connection_id
-        failures = previous.consecutive_failures + 1
-        common = {
+    def _log_failure(self, cid: str, error: TokenBrokerError, change: Transition) -> None:
+        fields = {
             "connection_id": cid,
-            "occurred_at": now,
-            "version": outcome.stored.version if outcome.stored else None,
-            "expires_at": previous.expires_at,
             "error_code": error.code,
-            "failure_class": error.failure_class,
-            "consecutive_failures": failures,
+            "attempts": error.attempts,
+            "error": error.message,
         }
         if error.retryable:
-            state = replace(
-                previous,
-                next_refresh_at=self.policy.retry_at(now, failures, error.retry_after, self.rng),
-                last_attempt_at=outcome.attempted_at,
-                consecutive_failures=failures,
-                last_error=error.code,
-            )
-            event_type = EventType.REFRESH_FAILED
             self.log.warning(
                 "refresh failed (transient)",
-                connection_id=cid,
-                error_code=error.code,
-                attempts=error.attempts,
-                consecutive_failures=failures,
-                error=error.message,
-                next_refresh_at=isoformat(state.next_refresh_at),
+                **fields,
+                consecutive_failures=change.state.consecutive_failures,
+                next_refresh_at=isoformat(change.state.next_refresh_at),
             )
         else:
-            state = replace(
-                previous,
-                status=ConnectionStatus.NEEDS_REAUTH,
-                next_refresh_at=None,
-                last_attempt_at=outcome.attempted_at,
-                consecutive_failures=failures,
-                last_error=error.code,
-            )
-            event_type = EventType.NEEDS_REAUTH
             self.log.error(
-                "refresh failed (permanent): connection needs re-authorisation",
-                connection_id=cid,
-                error_code=error.code,
-                attempts=error.attempts,
-                error=error.message,
+                "refresh failed (permanent): connection needs re-authorisation", **fields
             )
-        event = ConnectionEvent(
-            type=event_type,
-            idempotency_key=ConnectionEvent.key_for(event_type, cid, f"lease{lease.token}"),
-            **common,  # type: ignore[arg-type]
-        )
-        return state, [event]
+
+
+def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> Succeeded:
+    # acquire() stamps both times on every credential it returns.
+    assert credential.obtained_at is not None  # noqa: S101
+    assert credential.expires_at is not None  # noqa: S101
+    return Succeeded(version, credential.obtained_at, credential.expires_at, attempted_at)
+
+
+def _count(summary: TickSummary, outcome: Outcome, events: Sequence[ConnectionEvent]) -> None:
+    if isinstance(outcome, Succeeded):
+        summary.refreshed += 1
+    else:
+        summary.failed[outcome.failure_class] += 1
+    for event in events:
+        if event.type is EventType.RECOVERED:
+            summary.recovered += 1
+        elif event.type is EventType.NEEDS_REAUTH:
+            summary.needs_reauth += 1

@@ -134,6 +134,23 @@ def test_revoked_grant_needs_reauth_with_one_event_and_no_retries(world: World) 
     assert world.tick().due == 0
 
 
+def test_forcing_a_connection_that_needs_reauth_fails_again_without_a_second_event(
+    world: World,
+) -> None:
+    rt = world.add()
+    world.server.revoke(rt)
+    world.tick()
+    summary = world.tick(connection_ids=["c1"])
+    assert world.server.requests["refresh_token"] == 2
+    assert summary.failed["permanent"] == 1
+    assert not summary.ok  # the failure is still reported (exit codes depend on it) ...
+    assert summary.needs_reauth == 0  # ... but the connection did not newly need reauth
+    record = world.state.get("c1")
+    assert record.state.status is ConnectionStatus.NEEDS_REAUTH
+    assert record.state.consecutive_failures == 2
+    assert [e.type for e in world.events.events] == [EventType.NEEDS_REAUTH]
+
+
 def test_transient_failures_retry_with_backoff_then_report(world: World) -> None:
     world.add()
     world.server.script = [
