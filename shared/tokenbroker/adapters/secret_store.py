@@ -52,8 +52,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 Tx = TypeVar("Tx")
 
-#: Current plus two older versions: a consumer that read the previous credential keeps
-#: working through one more rotation.
+#: The current version and the two before it, so a credential a consumer read survives two
+#: more rotations.
 DEFAULT_RETAINED_VERSIONS = 3
 
 #: One write's outcome in ``put_many``: the new version, or the conflict it met.
