@@ -39,7 +39,7 @@ the official Firestore and Pub/Sub emulators (``tests.support.emulators``; a cle
 they are not installed), the Secret Manager test server (``tests/support/secretmanager_server``)
 in a process of its own, a unique project with the events topic and a subscription that keeps
 the messages, and ``build_runtime(Settings(backend="gcp", ...))`` with
-``TOKENBROKER_SECRET_MANAGER_ENDPOINT`` pointing at the test server. Seeding (timed apart, as
+``secret_manager_endpoint`` pointing at the test server. Seeding (timed apart, as
 ``setup_seconds``) writes what ``ConnectionRegistry.register`` would, in bulk: ``put_many`` for
 the secrets and batched Firestore writes of ``stored_document`` (``--seed registry`` registers
 one by one instead). The floor is the same bare aiohttp client. The checks are the same, except
@@ -850,14 +850,12 @@ def gcp_deployment(
 ) -> Iterator[GcpDeployment]:
     from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
-    from tokenbroker.adapters.gcp.secret_manager import ENV_ENDPOINT
-
     project = f"tb-bench-{uuid.uuid4().hex[:10]}"
-    saved = os.environ.get(ENV_ENDPOINT)
-    os.environ[ENV_ENDPOINT] = secret_manager.address
     settings = Settings(
         backend="gcp",
         gcp_project=project,
+        secret_manager_endpoint=secret_manager.address,
+        firestore_emulator_host=emulators["firestore"].host,
         pubsub_topic=GCP_TOPIC,
         tick_limit=args.n,
         concurrency=args.concurrency,
@@ -880,10 +878,6 @@ def gcp_deployment(
         with contextlib.suppress(Exception):
             subscriber.close()
         runtime.close()
-        if saved is None:
-            os.environ.pop(ENV_ENDPOINT, None)
-        else:
-            os.environ[ENV_ENDPOINT] = saved
 
 
 def seed_batch(

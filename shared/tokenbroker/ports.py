@@ -52,17 +52,13 @@ class SecretStore(Protocol):
 
     Versions count up from 1 and only grow (sequential writes add one each; a store may
     leave gaps where a racing writer lost). "Current" is the version the last successful
-    compare-and-set wrote; older versions stay readable
-    for at least ``retained_versions - 1`` rotations so a consumer holding an older access
-    token can still resolve it.
+    compare-and-set wrote, and the only one the port reads; older versions are kept (and
+    listed by ``versions``) for at least ``retained_versions - 1`` rotations, so a consumer
+    still holding an older credential keeps working through the overlap.
     """
 
     def get(self, connection_id: str) -> StoredCredential:
         """The current version. Raises NotFound."""
-        ...
-
-    def get_version(self, connection_id: str, version: int) -> StoredCredential:
-        """A specific version. Raises NotFound when it does not exist or was destroyed."""
         ...
 
     def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:

@@ -148,9 +148,9 @@ def _open_firestore_state(ws: Workspace) -> StateStore:
     from tests.support.emulators import emulator
     from tokenbroker.adapters.gcp.firestore import FirestoreStateStore
 
-    emulator("firestore")
+    host = emulator("firestore").host
     project = ws.once("firestore-project", lambda: f"tb-test-{uuid.uuid4().hex[:12]}")
-    store = FirestoreStateStore(project=project)
+    store = FirestoreStateStore(project=project, emulator_host=host)
     ws.on_close(store.close)
     return store
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-from tokenbroker.kernel.errors import NotFound, VersionConflict
+from tokenbroker.kernel.errors import ConfigError, NotFound, VersionConflict
 from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import SecretStore, SecretWrite
@@ -45,8 +45,6 @@ def _assert_untouched(store: SecretStore, cid: str, versions: list[int], current
 def test_reads_of_an_unknown_connection(secret_store: SecretStore) -> None:
     with pytest.raises(NotFound):
         secret_store.get("nope")
-    with pytest.raises(NotFound):
-        secret_store.get_version("nope", 1)
     assert secret_store.versions("nope") == []
     assert secret_store.get_many(["nope"]) == {}
     assert secret_store.get_many([]) == {}
@@ -62,7 +60,6 @@ def test_put_with_no_expected_version_creates_version_1(secret_store: SecretStor
     assert isinstance(got, StoredCredential)
     assert (got.connection_id, got.version, got.credential) == ("c1", 1, cred)
     assert secret_store.versions("c1") == [1]
-    assert secret_store.get_version("c1", 1).credential == cred
 
 
 def test_create_when_one_exists_conflicts_and_writes_nothing(secret_store: SecretStore) -> None:
@@ -99,9 +96,6 @@ def test_versions_count_up_and_get_returns_the_newest(secret_store: SecretStore)
     assert secret_store.versions("c1") == [1, 2, 3]
     got = secret_store.get("c1")
     assert (got.version, got.credential) == (3, creds[2])
-    for version, cred in enumerate(creds, start=1):
-        assert secret_store.get_version("c1", version).version == version
-        assert secret_store.get_version("c1", version).credential == cred
 
 
 def test_connections_have_independent_version_sequences(secret_store: SecretStore) -> None:
@@ -118,12 +112,8 @@ def test_connections_have_independent_version_sequences(secret_store: SecretStor
 def test_default_retention_keeps_the_newest_three(secret_store: SecretStore) -> None:
     creds = _put_chain(secret_store, "c1", 6)
     assert secret_store.versions("c1") == [4, 5, 6]
-    for version in (1, 2, 3):
-        with pytest.raises(NotFound):
-            secret_store.get_version("c1", version)
-    for version in (4, 5, 6):
-        assert secret_store.get_version("c1", version).credential == creds[version - 1]
-    assert secret_store.get("c1").version == 6
+    got = secret_store.get("c1")
+    assert (got.version, got.credential) == (6, creds[5])
 
 
 @pytest.mark.parametrize("retained", [1, 2, 5])
@@ -137,19 +127,16 @@ def test_retention_keeps_exactly_the_newest_n(
         store.put("c1", creds[-1], expected_version=n - 1 if n > 1 else None)
         newest = list(range(max(1, n - retained + 1), n + 1))
         assert store.versions("c1") == newest
-    for version in range(1, len(creds) + 1):
-        if version in newest:
-            assert store.get_version("c1", version).credential == creds[version - 1]
-        else:
-            with pytest.raises(NotFound):
-                store.get_version("c1", version)
+        got = store.get("c1")
+        assert (got.version, got.credential) == (n, creds[-1])
 
 
-def test_versions_that_never_existed_are_not_found(secret_store: SecretStore) -> None:
-    _put_chain(secret_store, "c1", 2)
-    for version in (0, -1, 3, 100):
-        with pytest.raises(NotFound):
-            secret_store.get_version("c1", version)
+@pytest.mark.parametrize("retained", [0, -1])
+def test_a_retention_below_one_version_is_refused(
+    open_secret_store: OpenSecretStore, retained: int
+) -> None:
+    with pytest.raises(ConfigError):
+        open_secret_store(retained_versions=retained)
 
 
 # --- batch operations ----------------------------------------------------------------------
@@ -197,6 +184,27 @@ def test_put_many_returns_one_result_per_write_and_a_conflict_stops_nothing(
     assert secret_store.versions("c") == []
 
 
+def test_put_many_writes_to_one_connection_in_the_order_given(
+    secret_store: SecretStore,
+) -> None:
+    """A later write in the batch may expect the version an earlier one makes; a stale one
+    after them still conflicts."""
+    creds = [credential(f"a{n}") for n in range(3)]
+    writes = [
+        SecretWrite("a", creds[0], None),
+        SecretWrite("b", credential("b"), None),
+        SecretWrite("a", creds[1], 1),
+        SecretWrite("a", creds[2], 2),
+        SecretWrite("a", credential("stale"), 1),
+    ]
+    results = secret_store.put_many(writes)
+    assert results[:4] == [1, 1, 2, 3]
+    assert isinstance(results[4], VersionConflict)
+    got = secret_store.get("a")
+    assert (got.version, got.credential) == (3, creds[2])
+    assert secret_store.versions("a") == [1, 2, 3]
+
+
 def test_put_many_of_nothing(secret_store: SecretStore) -> None:
     assert secret_store.put_many([]) == []
 
@@ -222,9 +230,6 @@ def test_delete_destroys_every_version(secret_store: SecretStore) -> None:
     secret_store.delete("c1")
     with pytest.raises(NotFound):
         secret_store.get("c1")
-    for version in (1, 2, 3):
-        with pytest.raises(NotFound):
-            secret_store.get_version("c1", version)
     assert secret_store.versions("c1") == []
     assert secret_store.get_many(["c1", "other"]).keys() == {"other"}
     with pytest.raises(NotFound):
@@ -257,7 +262,6 @@ def test_credential_round_trip_preserves_every_field(secret_store: SecretStore) 
     secret_store.put("c1", cred, expected_version=None)
     for got in (
         secret_store.get("c1").credential,
-        secret_store.get_version("c1", 1).credential,
         secret_store.get_many(["c1"])["c1"].credential,
     ):
         assert got == cred

@@ -27,6 +27,8 @@ from tests.contract.racing import race
 from tests.support.emulators import emulator
 from tokenbroker.adapters.gcp.firestore import DEFAULT_COLLECTION, FirestoreStateStore
 from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.entrypoints.compose import build_runtime
+from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
 from tokenbroker.kernel.model import ConnectionStatus, Lease, RefreshState
 from tokenbroker.ports import ClaimBatch, StateStore
@@ -41,12 +43,12 @@ S = timedelta(seconds=1)
 @pytest.fixture
 def open_store() -> Iterator[Callable[..., FirestoreStateStore]]:
     """Open handles (each its own client) on one fresh emulator project."""
-    emulator("firestore")
+    host = emulator("firestore").host
     project = f"tb-sys-{uuid.uuid4().hex[:12]}"
     opened: list[FirestoreStateStore] = []
 
     def open_(**kwargs: Any) -> FirestoreStateStore:
-        store = FirestoreStateStore(project=project, **kwargs)
+        store = FirestoreStateStore(project=project, emulator_host=host, **kwargs)
         opened.append(store)
         return store
 
@@ -70,6 +72,36 @@ def test_module_import_does_not_import_the_client_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_emulator_is_a_setting_passed_in_not_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``FIRESTORE_EMULATOR_HOST`` gone from the process, the store still reaches the
+    emulator: the settings read the variable, the composition root passes it as
+    ``emulator_host``, and neither the adapter nor the client library needs the environment."""
+    host = emulator("firestore").host
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST")
+    project = f"tb-sys-{uuid.uuid4().hex[:12]}"
+    settings = Settings.from_env(
+        {
+            "TOKENBROKER_BACKEND": "memory",
+            "TOKENBROKER_STATE_STORE": "firestore",
+            "TOKENBROKER_GCP_PROJECT": project,
+            "FIRESTORE_EMULATOR_HOST": host,
+        }
+    )
+    assert settings.firestore_emulator_host == host
+    runtime = build_runtime(settings)
+    other = FirestoreStateStore(project=project, emulator_host=host)
+    try:
+        runtime.state.create(connection("c1"), due_state(T0))
+        assert [r.connection.id for r in other.list()] == ["c1"]
+        assert runtime.state.get("c1").state == due_state(T0)
+    finally:
+        other.close()
+        runtime.state.close()  # type: ignore[attr-defined]
+        runtime.close()
 
 
 def test_a_large_claim_runs_in_chunks_earliest_first(

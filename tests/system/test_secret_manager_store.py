@@ -13,6 +13,8 @@ from google.api_core import exceptions
 
 from tests.support.secretmanager_server import SecretManagerTestServer
 from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
+from tokenbroker.entrypoints.compose import build_runtime
+from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.errors import StoreUnavailable
 from tokenbroker.kernel.model import Credential
 from tokenbroker.kernel.secret import Secret
@@ -71,7 +73,11 @@ def test_previous_version_stays_enabled_through_its_overlap_then_is_disabled(
     v1 = store.put("c1", credential(0), expected_version=None)  # valid until T0+1h
     v2 = store.put("c1", credential(1), expected_version=v1)  # at T0+30m: v1 still valid
     assert states(server, store) == {1: "ENABLED", 2: "ENABLED"}
-    assert store.get_version("c1", v1).credential.access_token == Secret("at-0")
+    # A consumer that read v1 from Secret Manager can still read it.
+    old = server.client().access_secret_version(
+        request={"name": f"{store.secret_name('c1')}/versions/{v1}"}
+    )
+    assert Credential.from_plaintext(old.payload.data).access_token == Secret("at-0")
     v3 = store.put("c1", credential(2), expected_version=v2)  # at T0+1h: v1 expired
     assert states(server, store) == {1: "DISABLED", 2: "ENABLED", 3: "ENABLED"}
     store.put("c1", credential(3), expected_version=v3)  # retention 3 destroys v1
@@ -136,3 +142,28 @@ def test_a_store_outage_during_update_is_reported_and_the_orphan_destroyed(
         down.put("c1", credential(1), expected_version=v1)
     assert good.get("c1").version == v1
     assert states(server, good) == {1: "ENABLED", 2: "DESTROYED"}
+
+
+def test_the_test_server_is_a_setting_passed_in_not_read_from_the_environment(
+    server: SecretManagerTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter reads no environment: the settings read
+    ``TOKENBROKER_SECRET_MANAGER_ENDPOINT`` and the composition root passes it as ``endpoint``."""
+    monkeypatch.delenv("TOKENBROKER_SECRET_MANAGER_ENDPOINT", raising=False)
+    project = f"p-{uuid.uuid4().hex[:8]}"
+    settings = Settings.from_env(
+        {
+            "TOKENBROKER_BACKEND": "memory",
+            "TOKENBROKER_SECRET_STORE": "secret-manager",
+            "TOKENBROKER_GCP_PROJECT": project,
+            "TOKENBROKER_SECRET_MANAGER_ENDPOINT": server.address,
+        }
+    )
+    assert settings.secret_manager_endpoint == server.address
+    runtime = build_runtime(settings)
+    try:
+        assert runtime.secrets.put("c1", credential(0), expected_version=None) == 1
+        seen = SecretManagerSecretStore(server.client(), project=project).get("c1")
+        assert seen.credential.refresh_token == Secret("rt-0")
+    finally:
+        runtime.close()

@@ -7,7 +7,7 @@ Layout
   ``aws/secretsmanager`` key).
 * Version *n* has the ``VersionId`` :func:`version_token` ``(connection_id, n)``. Secrets
   Manager uses the ``ClientRequestToken`` of ``PutSecretValue`` as the ``VersionId``, so
-  ``get_version(n)`` is one ``GetSecretValue(VersionId=...)``, and a retried write (by
+  version *n* is one ``GetSecretValue(VersionId=...)`` away, and a retried write (by
   botocore after a timeout, or by us after a crash) is idempotent: "If you call this
   operation with a ClientRequestToken that matches an existing version's VersionId, and you
   specify the same secret data, the operation succeeds but does nothing. However, if the
@@ -61,7 +61,7 @@ VersionId stays taken (versions are immutable), so a later write of that number 
 :class:`CorruptCredential` rather than conflicting for ever: an operator re-authorises.
 
 API calls (each is one billed request, https://aws.amazon.com/secrets-manager/pricing/):
-per read (``get``, ``get_version``) 1 GetSecretValue; ``versions`` 1 ListSecretVersionIds;
+per read (``get``) 1 GetSecretValue; ``versions`` 1 ListSecretVersionIds;
 per refresh (``put``) 2 GetSecretValue + 1 PutSecretValue + 2 UpdateSecretVersionStage
 (+1 with ``retained_versions=1``); first version: CreateSecret + PutSecretValue +
 GetSecretValue; ``delete``: DescribeSecret + DeleteSecret. A writer that loses a race pays
@@ -88,6 +88,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, VersionedSecretStore
 from tokenbroker.kernel.errors import (
     ConfigError,
     CorruptCredential,
@@ -101,6 +102,7 @@ from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.ports import SecretWrite
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 CURRENT = "AWSCURRENT"
 PREVIOUS = "AWSPREVIOUS"
@@ -286,8 +288,12 @@ class _Version:
         return CURRENT in self.stages or (LATEST not in self.stages and self.retained)
 
 
-class AwsSecretsManagerStore:
+class AwsSecretsManagerStore(VersionedSecretStore):
     """The SecretStore port on AWS Secrets Manager (see the module docstring for the layout).
+
+    The commit protocol (a rotation whose every label move is a compare-and-set) is this
+    class's own ``_commit``; the decisions and ``get``/``get_many``/``put_many`` come from
+    :class:`VersionedSecretStore`, the latter two on a short-lived thread pool.
 
     ``delete`` destroys the secret at once (``ForceDeleteWithoutRecovery``): the contract
     says every version is gone. A deployment that prefers AWS's 7-30 day recovery window
@@ -301,7 +307,7 @@ class AwsSecretsManagerStore:
         region: str | None = None,
         endpoint_url: str | None = None,
         prefix: str = "tokenbroker/",
-        retained_versions: int = 3,
+        retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         kms_key_id: str | None = None,
     ) -> None:
         if not 1 <= retained_versions <= MAX_RETAINED_VERSIONS:
@@ -313,8 +319,8 @@ class AwsSecretsManagerStore:
             raise ConfigError(
                 f"AWS secret prefix {prefix!r} may only contain letters, digits and /_+=.@-"
             )
+        super().__init__(retained_versions)
         self.prefix = prefix
-        self.retained_versions = retained_versions
         self.kms_key_id = kms_key_id
         self._client = client
         self._region = region
@@ -499,39 +505,18 @@ class AwsSecretsManagerStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def get(self, connection_id: str) -> StoredCredential:
-        try:
-            return self._head(connection_id)[1]
-        except NotFound:
-            raise NotFound(f"no credential for connection {connection_id!r}") from None
+    def _read_current(self, connection_id: str) -> StoredCredential:
+        return self._head(connection_id)[1]
 
-    def get_version(self, connection_id: str, version: int) -> StoredCredential:
-        missing = NotFound(f"connection {connection_id!r} has no version {version}")
-        if version < 1:
-            raise missing
-        name = self.secret_name(connection_id)
-        for _ in range(_ROUNDS):
-            try:
-                found = self._read(name, version_id=version_token(connection_id, version))
-            except NotFound:
-                raise missing from None
-            if found.committed:
-                return self._decode(connection_id, found)
-            if LATEST not in found.stages:
-                raise missing  # deprecated, or abandoned by a failed rotation
-            self._settle(connection_id, found)
-        raise StoreUnavailable(f"connection {connection_id!r} kept changing while it was read")
-
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
-        def one(connection_id: str) -> StoredCredential | None:
-            try:
-                return self._head(connection_id)[1]
-            except NotFound:
-                return None
-
-        ids = list(dict.fromkeys(connection_ids))
-        found = _concurrently(one, ids)
-        return {cid: stored for cid, stored in zip(ids, found, strict=True) if stored}
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> builtins.list[R]:
+        """``fn`` over ``items`` on a short-lived pool (boto3 clients are thread-safe); the
+        first exception propagates once all have run."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(
+            min(_WORKERS, len(items)), thread_name_prefix="aws-secrets"
+        ) as pool:
+            return list(pool.map(fn, items))
 
     def versions(self, connection_id: str) -> builtins.list[int]:
         """Readable versions: the current one and those older that still carry a retain
@@ -557,15 +542,14 @@ class AwsSecretsManagerStore:
                     f"connection {connection_id!r}: the current version was not written by"
                     " tokenbroker"
                 )
-            floor = top - self.retained_versions
             readable: builtins.list[int] = []
             for found in listed:
                 number = _version_of(connection_id, found.version_id)
                 if number is None or (not found.retained and number != top):
                     continue
-                if floor < number <= top and found.committed:
+                if self._is_retained(number, top) and found.committed:
                     readable.append(number)
-                elif number <= floor:
+                elif number <= self._retention_floor(top):
                     for label in sorted(found.stages):
                         if label.startswith(RETAIN):
                             self._drop_label(name, label, found.version_id)
@@ -574,9 +558,9 @@ class AwsSecretsManagerStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def put(
-        self, connection_id: str, credential: Credential, *, expected_version: int | None
-    ) -> int:
+    def _commit(self, write: SecretWrite) -> int:
+        connection_id, credential = write.connection_id, write.credential
+        expected_version = write.expected_version
         if expected_version is None:
             return self._create(connection_id, credential)
         name = self.secret_name(connection_id)
@@ -585,16 +569,10 @@ class AwsSecretsManagerStore:
         try:
             head, stored = self._head(connection_id)
         except NotFound:
-            raise VersionConflict(
-                f"connection {connection_id!r}: no credential, expected v{expected_version}"
-            ) from None
-        if stored.version != expected_version:
-            if stored.version == new and head.secret_string == body:
-                return new  # this very write, finished by a reader after we stopped
-            raise VersionConflict(
-                f"connection {connection_id!r}: current version is {stored.version}, "
-                f"expected {expected_version}"
-            )
+            raise self._conflict(connection_id, None, expected_version) from None
+        if stored.version == new and head.secret_string == body:
+            return new  # this very write, finished by a reader after we stopped
+        self._check_expected(connection_id, stored.version, expected_version)
         new_id = version_token(connection_id, new)
         stages = [PENDING, LATEST, retain_label(new, self.retained_versions)]
         try:
@@ -666,9 +644,7 @@ class AwsSecretsManagerStore:
             raise VersionConflict(f"connection {connection_id!r} was deleted") from None
         if stored.version == new and head.secret_string == body:
             return new
-        raise VersionConflict(
-            f"connection {connection_id!r}: current version is {stored.version}, expected {new - 1}"
-        )
+        raise self._conflict(connection_id, stored.version, new - 1)
 
     def _create(self, connection_id: str, credential: Credential) -> int:
         """The first version. An empty secret first, then its first value: PutSecretValue
@@ -696,9 +672,7 @@ class AwsSecretsManagerStore:
             else:
                 if stored.version == 1 and head.secret_string == body:
                     return 1
-                raise VersionConflict(
-                    f"connection {connection_id!r} already has a credential (v{stored.version})"
-                ) from None
+                raise self._conflict(connection_id, stored.version, None) from None
         except SecretsManagerRefused as refused:
             if refused.aws_code == "InvalidRequestException":  # name still being deleted
                 raise StoreUnavailable(refused.message, retryable=True) from None
@@ -711,29 +685,6 @@ class AwsSecretsManagerStore:
             raise VersionConflict(f"connection {connection_id!r} was created concurrently")
         return 1
 
-    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
-        """Writes to different connections run concurrently; writes to the same connection
-        run in the order given (a later one may expect the version an earlier one made)."""
-        by_connection: dict[str, builtins.list[int]] = {}
-        for index, write in enumerate(writes):
-            by_connection.setdefault(write.connection_id, []).append(index)
-        results: builtins.list[int | VersionConflict] = [0] * len(writes)
-
-        def run(indices: builtins.list[int]) -> None:
-            for index in indices:
-                write = writes[index]
-                try:
-                    results[index] = self.put(
-                        write.connection_id,
-                        write.credential,
-                        expected_version=write.expected_version,
-                    )
-                except VersionConflict as conflict:
-                    results[index] = conflict
-
-        _concurrently(run, list(by_connection.values()))
-        return results
-
     def delete(self, connection_id: str) -> None:
         """DescribeSecret first: a forced DeleteSecret of a missing secret succeeds
         (https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_DeleteSecret.html)."""
@@ -741,16 +692,7 @@ class AwsSecretsManagerStore:
         try:
             described = self._call("describe_secret", SecretId=name)
         except NotFound:
-            raise NotFound(f"no credential for connection {connection_id!r}") from None
+            raise self._missing(connection_id) from None
         if described.get("DeletedDate"):
             raise NotFound(f"connection {connection_id!r} is already scheduled for deletion")
         self._call("delete_secret", SecretId=name, ForceDeleteWithoutRecovery=True)
-
-
-def _concurrently(fn: Callable[[T], Any], items: Sequence[T]) -> builtins.list[Any]:
-    """``fn`` over ``items`` on a short-lived pool (boto3 clients are thread-safe); the
-    first exception propagates once all have run."""
-    if len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(min(_WORKERS, len(items)), thread_name_prefix="aws-secrets") as pool:
-        return list(pool.map(fn, items))

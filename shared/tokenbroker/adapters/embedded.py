@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,13 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
 from tokenbroker.kernel.clock import from_epoch, to_epoch
 from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
     StoreUnavailable,
-    VersionConflict,
 )
 from tokenbroker.kernel.model import (
     Claim,
@@ -51,7 +51,7 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import ClaimBatch, SecretWrite
+from tokenbroker.ports import ClaimBatch
 
 DB_NAME = "tokenbroker.db"
 KEY_FILE_NAME = "encryption.key"
@@ -455,13 +455,16 @@ class EmbeddedStateStore:
             )
 
 
-class EmbeddedSecretStore:
+class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
     """Versions sealed with AES-GCM; the associated data binds each blob to its connection
-    and version, so a blob copied to another row does not decrypt."""
+    and version, so a blob copied to another row does not decrypt. A ``BEGIN IMMEDIATE``
+    transaction is the compare-and-set's transaction, serialised across processes."""
 
-    def __init__(self, db: EmbeddedDatabase, retained_versions: int = 3) -> None:
+    def __init__(
+        self, db: EmbeddedDatabase, retained_versions: int = DEFAULT_RETAINED_VERSIONS
+    ) -> None:
+        super().__init__(retained_versions)
         self._db = db
-        self.retained_versions = retained_versions
 
     @staticmethod
     def _context(connection_id: str, version: int) -> str:
@@ -480,25 +483,17 @@ class EmbeddedSecretStore:
             connection_id, version, Credential.from_plaintext(plaintext), from_epoch(created)
         )
 
-    def get(self, connection_id: str) -> StoredCredential:
-        found = self.get_many([connection_id])
+    # -- reads -----------------------------------------------------------------------------
+
+    def _read_current(self, connection_id: str) -> StoredCredential:
+        found = self._read_current_many([connection_id])
         if connection_id not in found:
-            raise NotFound(f"no credential for connection {connection_id!r}")
+            raise self._missing(connection_id)
         return found[connection_id]
 
-    def get_version(self, connection_id: str, version: int) -> StoredCredential:
-        rows = self._db.read(
-            "SELECT created_at, sealed FROM secret_versions WHERE connection_id=? AND version=?",
-            (connection_id, version),
-        )
-        if not rows:
-            raise NotFound(f"connection {connection_id!r} has no version {version}")
-        return self._unseal(connection_id, version, rows[0][0], rows[0][1])
-
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, StoredCredential]:
         found: dict[str, StoredCredential] = {}
-        ids = list(dict.fromkeys(connection_ids))
-        for chunk in _chunks(ids):
+        for chunk in _chunks(connection_ids):
             marks = ",".join("?" * len(chunk))
             rows = self._db.read(
                 "SELECT v.connection_id, v.version, v.created_at, v.sealed FROM secrets s "  # noqa: S608 - only "?" placeholders are interpolated
@@ -510,55 +505,6 @@ class EmbeddedSecretStore:
                 found[cid] = self._unseal(cid, version, created, sealed)
         return found
 
-    def _put(self, cur: sqlite3.Cursor, write: SecretWrite, now: float) -> int:
-        row = cur.execute(
-            "SELECT current_version FROM secrets WHERE connection_id = ?", (write.connection_id,)
-        ).fetchone()
-        current = row[0] if row else None
-        if current != write.expected_version:
-            raise VersionConflict(
-                f"connection {write.connection_id!r}: current version is {current}, "
-                f"expected {write.expected_version}"
-            )
-        version = (current or 0) + 1
-        sealed = self._db.seal(
-            write.credential.to_plaintext(), self._context(write.connection_id, version)
-        )
-        cur.execute(
-            "INSERT INTO secret_versions (connection_id, version, created_at, sealed) "
-            "VALUES (?, ?, ?, ?)",
-            (write.connection_id, version, now, sealed),
-        )
-        cur.execute(
-            "INSERT INTO secrets (connection_id, current_version) VALUES (?, ?) "
-            "ON CONFLICT (connection_id) DO UPDATE SET current_version = excluded.current_version",
-            (write.connection_id, version),
-        )
-        cur.execute(
-            "DELETE FROM secret_versions WHERE connection_id = ? AND version <= ?",
-            (write.connection_id, version - self.retained_versions),
-        )
-        return version
-
-    def put(
-        self, connection_id: str, credential: Credential, *, expected_version: int | None
-    ) -> int:
-        with self._db.transaction() as cur:
-            return self._put(
-                cur, SecretWrite(connection_id, credential, expected_version), time.time()
-            )
-
-    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
-        results: builtins.list[int | VersionConflict] = []
-        now = time.time()
-        with self._db.transaction() as cur:
-            for write in writes:
-                try:
-                    results.append(self._put(cur, write, now))
-                except VersionConflict as conflict:
-                    results.append(conflict)
-        return results
-
     def versions(self, connection_id: str) -> builtins.list[int]:
         rows = self._db.read(
             "SELECT version FROM secret_versions WHERE connection_id = ? ORDER BY version",
@@ -566,11 +512,43 @@ class EmbeddedSecretStore:
         )
         return [r[0] for r in rows]
 
+    # -- the transaction's primitives --------------------------------------------------------
+
+    def _transaction(self) -> AbstractContextManager[sqlite3.Cursor]:
+        return self._db.transaction()
+
+    def _current_version(self, tx: sqlite3.Cursor, connection_id: str) -> int | None:
+        row = tx.execute(
+            "SELECT current_version FROM secrets WHERE connection_id = ?", (connection_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def _add_version(
+        self, tx: sqlite3.Cursor, connection_id: str, version: int, credential: Credential
+    ) -> None:
+        sealed = self._db.seal(credential.to_plaintext(), self._context(connection_id, version))
+        tx.execute(
+            "INSERT INTO secret_versions (connection_id, version, created_at, sealed) "
+            "VALUES (?, ?, ?, ?)",
+            (connection_id, version, time.time(), sealed),
+        )
+        tx.execute(
+            "INSERT INTO secrets (connection_id, current_version) VALUES (?, ?) "
+            "ON CONFLICT (connection_id) DO UPDATE SET current_version = excluded.current_version",
+            (connection_id, version),
+        )
+
+    def _destroy_through(self, tx: sqlite3.Cursor, connection_id: str, floor: int) -> None:
+        tx.execute(
+            "DELETE FROM secret_versions WHERE connection_id = ? AND version <= ?",
+            (connection_id, floor),
+        )
+
     def delete(self, connection_id: str) -> None:
         with self._db.transaction() as cur:
             cur.execute("DELETE FROM secrets WHERE connection_id = ?", (connection_id,))
             if cur.rowcount == 0:
-                raise NotFound(f"no credential for connection {connection_id!r}")
+                raise self._missing(connection_id)
             cur.execute("DELETE FROM secret_versions WHERE connection_id = ?", (connection_id,))
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from tokenbroker.kernel.errors import AlreadyExists, NotFound, VersionConflict
+from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
+from tokenbroker.kernel.errors import AlreadyExists, NotFound
 from tokenbroker.kernel.model import (
     Claim,
     Connection,
@@ -24,80 +26,69 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import ClaimBatch, SecretWrite
-
-DEFAULT_RETAINED_VERSIONS = 3
+from tokenbroker.ports import ClaimBatch
 
 
-class MemorySecretStore:
+@dataclass
+class _SecretVault:
+    """Everything a MemorySecretStore holds; its lock hands it to one writer at a time."""
+
+    versions: dict[str, dict[int, StoredCredential]] = field(default_factory=dict)
+    latest: dict[str, int] = field(default_factory=dict)
+
+
+class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
+    """Versions in dicts; the transaction is the lock around them."""
+
     def __init__(self, retained_versions: int = DEFAULT_RETAINED_VERSIONS) -> None:
+        super().__init__(retained_versions)
         self._lock = threading.Lock()
-        self._versions: dict[str, dict[int, StoredCredential]] = {}
-        self._latest: dict[str, int] = {}
-        self.retained_versions = retained_versions
+        self._vault = _SecretVault()
 
-    def get(self, connection_id: str) -> StoredCredential:
-        with self._lock:
-            if connection_id not in self._latest:
-                raise NotFound(f"no credential for connection {connection_id!r}")
-            return self._versions[connection_id][self._latest[connection_id]]
+    def _read_current(self, connection_id: str) -> StoredCredential:
+        with self._transaction() as vault:
+            if connection_id not in vault.latest:
+                raise self._missing(connection_id)
+            return vault.versions[connection_id][vault.latest[connection_id]]
 
-    def get_version(self, connection_id: str, version: int) -> StoredCredential:
-        with self._lock:
-            found = self._versions.get(connection_id, {}).get(version)
-            if found is None:
-                raise NotFound(f"connection {connection_id!r} has no version {version}")
-            return found
-
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
-        with self._lock:
+    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, StoredCredential]:
+        with self._transaction() as vault:
             return {
-                cid: self._versions[cid][self._latest[cid]]
+                cid: vault.versions[cid][vault.latest[cid]]
                 for cid in connection_ids
-                if cid in self._latest
+                if cid in vault.latest
             }
 
-    def _put_locked(self, write: SecretWrite) -> int:
-        current = self._latest.get(write.connection_id)
-        if current != write.expected_version:
-            raise VersionConflict(
-                f"connection {write.connection_id!r}: current version is {current}, "
-                f"expected {write.expected_version}"
-            )
-        version = (current or 0) + 1
-        versions = self._versions.setdefault(write.connection_id, {})
-        versions[version] = StoredCredential(write.connection_id, version, write.credential)
-        self._latest[write.connection_id] = version
-        for old in [v for v in versions if v <= version - self.retained_versions]:
+    @contextmanager
+    def _transaction(self) -> Iterator[_SecretVault]:
+        with self._lock:
+            yield self._vault
+
+    def _current_version(self, tx: _SecretVault, connection_id: str) -> int | None:
+        return tx.latest.get(connection_id)
+
+    def _add_version(
+        self, tx: _SecretVault, connection_id: str, version: int, credential: Credential
+    ) -> None:
+        versions = tx.versions.setdefault(connection_id, {})
+        versions[version] = StoredCredential(connection_id, version, credential)
+        tx.latest[connection_id] = version
+
+    def _destroy_through(self, tx: _SecretVault, connection_id: str, floor: int) -> None:
+        versions = tx.versions[connection_id]
+        for old in [v for v in versions if v <= floor]:
             del versions[old]
-        return version
-
-    def put(
-        self, connection_id: str, credential: Credential, *, expected_version: int | None
-    ) -> int:
-        with self._lock:
-            return self._put_locked(SecretWrite(connection_id, credential, expected_version))
-
-    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
-        results: builtins.list[int | VersionConflict] = []
-        with self._lock:
-            for write in writes:
-                try:
-                    results.append(self._put_locked(write))
-                except VersionConflict as conflict:
-                    results.append(conflict)
-        return results
 
     def versions(self, connection_id: str) -> builtins.list[int]:
-        with self._lock:
-            return sorted(self._versions.get(connection_id, {}))
+        with self._transaction() as vault:
+            return sorted(vault.versions.get(connection_id, {}))
 
     def delete(self, connection_id: str) -> None:
-        with self._lock:
-            if connection_id not in self._latest:
-                raise NotFound(f"no credential for connection {connection_id!r}")
-            del self._latest[connection_id]
-            del self._versions[connection_id]
+        with self._transaction() as vault:
+            if connection_id not in vault.latest:
+                raise self._missing(connection_id)
+            del vault.latest[connection_id]
+            del vault.versions[connection_id]
 
 
 class MemoryStateStore:

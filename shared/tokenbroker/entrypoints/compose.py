@@ -144,6 +144,7 @@ def _secret_store(kind: str, settings: Settings, embedded_db: Callable[[], Any])
             project=settings.project,
             prefix=settings.secret_prefix,
             retained_versions=settings.retained_versions,
+            endpoint=settings.secret_manager_endpoint,
         )
     if kind == "aws-secrets-manager":
         from tokenbroker.adapters.aws import AwsSecretsManagerStore  # noqa: PLC0415
@@ -173,6 +174,7 @@ def _state_store(kind: str, settings: Settings, embedded_db: Callable[[], Any]) 
             project=settings.project,
             database=settings.firestore_database,
             collection=settings.firestore_collection,
+            emulator_host=settings.firestore_emulator_host,
         )
     raise ConfigError(f"state store {kind!r} is not available")
 

@@ -59,6 +59,11 @@ ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
 #: Google's own variables, read here too so that nothing else reads the environment.
 ENV_GOOGLE_CLOUD_PROJECT = "GOOGLE_CLOUD_PROJECT"
 ENV_XDG_STATE_HOME = "XDG_STATE_HOME"
+#: ``host:port`` of a Secret Manager test server (insecure channel); never in production.
+ENV_SECRET_MANAGER_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
+#: The Firestore emulator's ``host:port``: Google's own variable, which the client library
+#: also reads by itself (https://cloud.google.com/firestore/docs/emulator).
+ENV_FIRESTORE_EMULATOR_HOST = "FIRESTORE_EMULATOR_HOST"
 
 #: Presets: which adapter serves each port.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -140,6 +145,9 @@ class Settings:
     secret_prefix: str = "tokenbroker-"
     firestore_database: str = "(default)"
     firestore_collection: str = "tokenbroker_connections"
+    #: Test servers in place of the real services (``None``: the real ones).
+    secret_manager_endpoint: str | None = None
+    firestore_emulator_host: str | None = None
     pubsub_topic: str = "tokenbroker-events"
     aws_region: str | None = None
     aws_endpoint_url: str | None = None
@@ -265,6 +273,8 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("secret_prefix", ENV_SECRET_PREFIX, str.strip),
     ("firestore_database", ENV_FIRESTORE_DATABASE, str.strip),
     ("firestore_collection", ENV_FIRESTORE_COLLECTION, str.strip),
+    ("secret_manager_endpoint", ENV_SECRET_MANAGER_ENDPOINT, str.strip),
+    ("firestore_emulator_host", ENV_FIRESTORE_EMULATOR_HOST, str.strip),
     ("pubsub_topic", ENV_PUBSUB_TOPIC, str.strip),
     ("aws_region", ENV_AWS_REGION, str.strip),
     ("aws_endpoint_url", ENV_AWS_ENDPOINT_URL, str.strip),

@@ -114,7 +114,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import os
 import random
 import threading
 import time
@@ -151,7 +150,8 @@ FENCING_SUFFIX = "_fencing"
 PARKED_SUFFIX = "_parked_events"
 #: The document holding the last sequence number given to a parked event.
 PARKED_SEQUENCE = "_sequence"
-EMULATOR_HOST_ENV = "FIRESTORE_EMULATOR_HOST"  # read by the client library itself
+#: The project the client library itself falls back to on the emulator.
+EMULATOR_PROJECT = "google-cloud-firestore-emulator"
 
 #: Documents per transaction: under the historical 500-writes-per-commit limit, and small enough
 #: that one transaction's locks stay short.
@@ -313,8 +313,12 @@ class FirestoreStateStore:
     """Connection registry, refresh state and fenced leases in one Firestore collection.
 
     ``client``: a ``google.cloud.firestore.Client``; when ``None`` one is built on first use
-    for ``project`` and ``database`` (with ``FIRESTORE_EMULATOR_HOST`` set it talks to the
-    emulator, with anonymous credentials so no Application Default Credentials are looked up).
+    for ``project`` and ``database``: on the real service, or, given ``emulator_host``
+    (``host:port``, tests and local runs only), on the Firestore emulator there, with anonymous
+    credentials so no Application Default Credentials are looked up. The composition root
+    passes ``emulator_host`` from its settings; this class reads no environment (the client
+    library still honours ``FIRESTORE_EMULATOR_HOST`` by itself, as documented at
+    https://cloud.google.com/firestore/docs/emulator#connect_to_the_emulator).
 
     ``documents_read`` counts every document snapshot this handle has read (query results and
     gets, including gets of documents that do not exist); ``aggregations_run`` counts ``count()``
@@ -330,6 +334,7 @@ class FirestoreStateStore:
         database: str = "(default)",
         collection: str = DEFAULT_COLLECTION,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        emulator_host: str | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ConfigError("chunk_size must be at least 1")
@@ -337,6 +342,7 @@ class FirestoreStateStore:
         self._owns_client = client is None
         self._project = project
         self._database = database
+        self._emulator_host = emulator_host or None
         self.collection_name = collection
         self.chunk_size = chunk_size
         self._client_lock = threading.Lock()
@@ -360,14 +366,26 @@ class FirestoreStateStore:
         with _translated("client setup"):
             from google.cloud import firestore  # noqa: PLC0415 - heavy, lazily
 
-            credentials = None
-            if os.environ.get(EMULATOR_HOST_ENV):
-                from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415 - heavy, lazily
+            if self._emulator_host is None:
+                return firestore.Client(project=self._project, database=self._database)
+            from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415 - heavy, lazily
 
-                credentials = AnonymousCredentials()
-            return firestore.Client(
-                project=self._project, database=self._database, credentials=credentials
+            client = firestore.Client(
+                project=self._project or EMULATOR_PROJECT,
+                database=self._database,
+                credentials=AnonymousCredentials(),
             )
+            # The library has no public switch for the emulator but its environment variable,
+            # which it copies into this attribute in its constructor and reads from there only,
+            # on first use (insecure channel, emulator metadata). Setting it before any call
+            # does what the variable does, without this process's environment.
+            if not hasattr(client, "_emulator_host"):
+                raise ConfigError(
+                    "this google-cloud-firestore cannot be pointed at an emulator explicitly;"
+                    " set FIRESTORE_EMULATOR_HOST instead"
+                )
+            client._emulator_host = self._emulator_host
+            return client
 
     def close(self) -> None:
         """Close the client's channel, if this handle built the client."""

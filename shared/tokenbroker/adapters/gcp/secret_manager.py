@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from tokenbroker.adapters.gcp.errors import translate
+from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, VersionedSecretStore
 from tokenbroker.kernel.clock import isoformat, parse_iso
 from tokenbroker.kernel.errors import (
     AlreadyExists,
@@ -50,19 +50,20 @@ from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.ports import SecretWrite
 
 T = TypeVar("T")
+R = TypeVar("R")
 
-ENV_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
 CURRENT = "tokenbroker-current"
 EXPIRES = "tokenbroker-expires-v"
 LABELS = {"managed-by": "tokenbroker"}
 
 
 def make_client(endpoint: str | None = None) -> Any:
-    """The official client: Application Default Credentials, or an insecure channel to
-    ``endpoint`` (``host:port``, tests and local runs only)."""
+    """The official client: the real service with Application Default Credentials, or, given
+    ``endpoint`` (``host:port``, tests and local runs only), an insecure channel to it. The
+    composition root passes ``endpoint`` from its settings; nothing here reads the
+    environment."""
     from google.cloud import secretmanager_v1  # noqa: PLC0415 - heavy, lazily
 
-    endpoint = endpoint or os.environ.get(ENV_ENDPOINT)
     if not endpoint:
         return secretmanager_v1.SecretManagerServiceClient()
     import grpc  # noqa: PLC0415
@@ -86,20 +87,30 @@ def _crc32c(data: bytes) -> int:
     return int(google_crc32c.value(data))
 
 
-class SecretManagerSecretStore:
+class SecretManagerSecretStore(VersionedSecretStore):
+    """The SecretStore port on Secret Manager (see the module docstring for the layout).
+
+    ``client``: a ``SecretManagerServiceClient``; when ``None`` one is built on first use,
+    for the real service, or for ``endpoint`` (``host:port`` of a test server) when given.
+    The commit protocol (the service numbers versions; an etag compare-and-set on the
+    annotations makes one current) is this class's own ``_commit``; the decisions and
+    ``get``/``get_many``/``put_many`` come from :class:`VersionedSecretStore`, the latter two
+    on a pool of ``concurrency`` threads.
+    """
+
     def __init__(
         self,
         client: Any = None,
         *,
         project: str,
         prefix: str = "tokenbroker-",
-        retained_versions: int = 3,
+        retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         endpoint: str | None = None,
         concurrency: int = 16,
     ) -> None:
+        super().__init__(retained_versions)
         self.project = project
         self.prefix = prefix
-        self.retained_versions = retained_versions
         self._client = client
         self._endpoint = endpoint
         self._lock = threading.Lock()
@@ -130,11 +141,16 @@ class SecretManagerSecretStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> builtins.list[R]:
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
+
     def _current_version(self, connection_id: str) -> tuple[Any, int]:
         secret = self._fetch_secret(connection_id)
         current = self._current_of(secret)
         if current is None:
-            raise NotFound(f"no credential for connection {connection_id!r}")
+            raise self._missing(connection_id)
         return secret, current
 
     def _access(self, connection_id: str, version: int) -> StoredCredential:
@@ -154,25 +170,9 @@ class SecretManagerSecretStore:
             )
         return StoredCredential(connection_id, version, Credential.from_plaintext(payload.data))
 
-    def get(self, connection_id: str) -> StoredCredential:
+    def _read_current(self, connection_id: str) -> StoredCredential:
         _, current = self._current_version(connection_id)
         return self._access(connection_id, current)
-
-    def get_version(self, connection_id: str, version: int) -> StoredCredential:
-        if version < 1:
-            raise NotFound(f"connection {connection_id!r} has no version {version}")
-        return self._access(connection_id, version)
-
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
-        def one(cid: str) -> StoredCredential | None:
-            try:
-                return self.get(cid)
-            except NotFound:
-                return None
-
-        ids = list(dict.fromkeys(connection_ids))
-        found = self._pool.map(one, ids)
-        return {cid: stored for cid, stored in zip(ids, found, strict=True) if stored}
 
     def versions(self, connection_id: str) -> builtins.list[int]:
         try:
@@ -220,28 +220,21 @@ class SecretManagerSecretStore:
         raw = secret.annotations.get(CURRENT)
         return int(raw) if raw else None
 
-    def put(
-        self, connection_id: str, credential: Credential, *, expected_version: int | None
-    ) -> int:
+    def _commit(self, write: SecretWrite) -> int:
+        connection_id, credential = write.connection_id, write.credential
+        expected_version = write.expected_version
         secret = self._known.get(connection_id)
         if secret is None or self._current_of(secret) != expected_version:
             try:
                 secret = self._fetch_secret(connection_id)
             except NotFound:
                 if expected_version is not None:
-                    raise VersionConflict(
-                        f"connection {connection_id!r}: no credential, expected v{expected_version}"
-                    ) from None
+                    raise self._conflict(connection_id, None, expected_version) from None
                 try:
                     secret = self._create_secret(connection_id)
                 except AlreadyExists:  # created concurrently: compete through the etag below
                     secret = self._fetch_secret(connection_id)
-        current = self._current_of(secret)
-        if current != expected_version:
-            raise VersionConflict(
-                f"connection {connection_id!r}: current version is {current}, "
-                f"expected {expected_version}"
-            )
+        self._check_expected(connection_id, self._current_of(secret), expected_version)
         data = credential.to_plaintext()
         added = self._call(
             "add secret version",
@@ -257,7 +250,7 @@ class SecretManagerSecretStore:
                 self.client.disable_secret_version,
                 name=f"{secret.name}/versions/{old}",
             )
-        doomed = version - self.retained_versions
+        doomed = self._retention_floor(version)  # one write destroys one version
         if doomed >= 1:
             self._quietly(
                 "destroy secret version",
@@ -318,7 +311,7 @@ class SecretManagerSecretStore:
                     keep[key] = value
                 continue
             tracked = int(key.removeprefix(EXPIRES))
-            if tracked <= version - self.retained_versions:
+            if tracked <= self._retention_floor(version):
                 continue  # destroyed by retention
             if now is not None and value and parse_iso(value) <= now:
                 expired.append(tracked)
@@ -332,17 +325,6 @@ class SecretManagerSecretStore:
         """Housekeeping that must not fail a committed write; a later write retries it."""
         with contextlib.suppress(NotFound, VersionConflict, StoreUnavailable):
             self._call(what, fn, **request)
-
-    def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
-        def one(write: SecretWrite) -> int | VersionConflict:
-            try:
-                return self.put(
-                    write.connection_id, write.credential, expected_version=write.expected_version
-                )
-            except VersionConflict as conflict:
-                return conflict
-
-        return list(self._pool.map(one, writes))
 
     def delete(self, connection_id: str) -> None:
         self._known.pop(connection_id, None)

@@ -1,0 +1,229 @@
+"""What every SecretStore adapter shares, written once: a template method.
+
+The port's rules (:class:`tokenbroker.ports.SecretStore`) are the same on every backend: a
+write is a compare-and-set on the current version; versions count up; the newest
+``retained_versions`` are kept; ``put_many`` is independent compare-and-set writes, one result
+each; ``get_many`` leaves absent connections out; a missing credential is one ``NotFound``.
+:class:`VersionedSecretStore` owns those rules and each adapter implements only its raw I/O,
+as aws-powertools does for its storage (``utilities/parameters/base.py``: ``BaseProvider``
+owns caching and transforms, a provider implements ``_get``/``_get_multiple``;
+``idempotency/persistence/base.py``: ``BasePersistenceLayer`` owns the record rules, a layer
+implements ``_get_record``/``_put_record``/``_update_record``/``_delete_record``).
+
+Two shapes of commit, because the backends really differ there:
+
+* :class:`TransactionalSecretStore` (memory, embedded): the backend offers a local transaction
+  (a lock; SQLite's ``BEGIN IMMEDIATE``). The base reads the current version, decides the
+  compare-and-set, numbers the new version, writes it and destroys what retention drops, all
+  inside one transaction; a subclass supplies the transaction and four primitives.
+* Remote stores (Secret Manager, AWS Secrets Manager) implement :meth:`_commit` themselves:
+  Secret Manager numbers versions itself and commits with an etag compare-and-set on the
+  secret's annotations; AWS commits by moving staging labels, each move a compare-and-set, and
+  its VersionId is the number. Forcing either into the transactional shape would hide the
+  steps that make them crash-safe. They still take every decision from the rules here
+  (:meth:`_check_expected`, :meth:`_conflict`, :meth:`_retention_floor`,
+  :meth:`_is_retained`) and inherit ``get``, ``get_many`` and ``put_many``, which run their
+  per-connection work through :meth:`_map` (a thread pool there).
+
+Hooks, by who must implement them:
+
+==========================  ==============================================================
+every store                 ``_read_current``, ``_commit``, ``versions``, ``delete``
+optional                    ``_read_current_many`` (a batch read), ``_map`` (concurrency)
+transactional stores        ``_transaction``, ``_current_version``, ``_add_version``,
+                            ``_destroy_through`` (and no ``_commit``: the base has it)
+==========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Generic, TypeVar
+
+from tokenbroker.kernel.errors import ConfigError, NotFound, VersionConflict
+from tokenbroker.kernel.model import Credential, StoredCredential
+from tokenbroker.ports import SecretWrite
+
+__all__ = ["DEFAULT_RETAINED_VERSIONS", "TransactionalSecretStore", "VersionedSecretStore"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+Tx = TypeVar("Tx")
+
+#: The current version and the two before it, so a credential a consumer read survives two
+#: more rotations.
+DEFAULT_RETAINED_VERSIONS = 3
+
+#: One write's outcome in ``put_many``: the new version, or the conflict it met.
+WriteResult = int | VersionConflict
+
+
+class VersionedSecretStore(ABC):
+    """The SecretStore port's rules; subclasses implement the I/O (see the module docstring)."""
+
+    def __init__(self, retained_versions: int = DEFAULT_RETAINED_VERSIONS) -> None:
+        if retained_versions < 1:
+            raise ConfigError(f"retained_versions must be at least 1, got {retained_versions}")
+        self.retained_versions = retained_versions
+
+    # -- the rules -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _missing(connection_id: str) -> NotFound:
+        return NotFound(f"no credential for connection {connection_id!r}")
+
+    @staticmethod
+    def _conflict(connection_id: str, current: int | None, expected: int | None) -> VersionConflict:
+        """The refusal of a write that expected ``expected`` where ``current`` is."""
+        if current is None:
+            return VersionConflict(
+                f"connection {connection_id!r}: no credential, expected v{expected}"
+            )
+        if expected is None:
+            return VersionConflict(
+                f"connection {connection_id!r} already has a credential (v{current})"
+            )
+        return VersionConflict(
+            f"connection {connection_id!r}: current version is {current}, expected {expected}"
+        )
+
+    def _check_expected(
+        self, connection_id: str, current: int | None, expected: int | None
+    ) -> None:
+        """The compare-and-set decision: a write goes ahead only on the version it expects."""
+        if current != expected:
+            raise self._conflict(connection_id, current, expected)
+
+    def _retention_floor(self, newest: int) -> int:
+        """Once ``newest`` is current, versions at or below this number are destroyed."""
+        return newest - self.retained_versions
+
+    def _is_retained(self, version: int, newest: int) -> bool:
+        """Whether ``version`` is among the newest ``retained_versions`` up to ``newest``."""
+        return self._retention_floor(newest) < version <= newest
+
+    # -- the port ------------------------------------------------------------------------------
+
+    def get(self, connection_id: str) -> StoredCredential:
+        try:
+            return self._read_current(connection_id)
+        except NotFound:
+            raise self._missing(connection_id) from None
+
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+        return self._read_current_many(list(dict.fromkeys(connection_ids)))
+
+    def put(
+        self, connection_id: str, credential: Credential, *, expected_version: int | None
+    ) -> int:
+        return self._commit(SecretWrite(connection_id, credential, expected_version))
+
+    def put_many(self, writes: Sequence[SecretWrite]) -> list[WriteResult]:
+        """Writes to different connections may run at once (:meth:`_map`); writes to the same
+        connection run in the order given, since a later one may expect the version an earlier
+        one made. A conflict is that write's result and stops no other write."""
+        by_connection: dict[str, list[int]] = {}
+        for index, write in enumerate(writes):
+            by_connection.setdefault(write.connection_id, []).append(index)
+        results: list[WriteResult] = [0] * len(writes)
+
+        def run(indices: list[int]) -> None:
+            for index in indices:
+                try:
+                    results[index] = self._commit(writes[index])
+                except VersionConflict as conflict:
+                    results[index] = conflict
+
+        self._map(run, list(by_connection.values()))
+        return results
+
+    @abstractmethod
+    def versions(self, connection_id: str) -> list[int]:
+        """Readable versions, oldest first; empty when the connection has none."""
+
+    @abstractmethod
+    def delete(self, connection_id: str) -> None:
+        """Destroy every version; NotFound when there is none."""
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _read_current(self, connection_id: str) -> StoredCredential:
+        """The current version as stored. Raises NotFound (any message: ``get`` words it)."""
+
+    @abstractmethod
+    def _commit(self, write: SecretWrite) -> int:
+        """Add a version if the current one is ``write.expected_version``; the new number.
+        Raises VersionConflict otherwise (decided with :meth:`_check_expected`)."""
+
+    def _read_current_many(self, connection_ids: list[str]) -> dict[str, StoredCredential]:
+        """Current versions of distinct ids, absent ones left out: one :meth:`_read_current`
+        each, through :meth:`_map`. Override with a batch read where the backend has one."""
+
+        def one(connection_id: str) -> StoredCredential | None:
+            try:
+                return self._read_current(connection_id)
+            except NotFound:
+                return None
+
+        found = self._map(one, connection_ids)
+        return {
+            cid: stored
+            for cid, stored in zip(connection_ids, found, strict=True)
+            if stored is not None
+        }
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items``, results in order; the first exception propagates. One after
+        another here; remote stores override it with a thread pool."""
+        return [fn(item) for item in items]
+
+
+class TransactionalSecretStore(VersionedSecretStore, Generic[Tx]):
+    """A store whose backend gives a local transaction ``Tx``: the whole compare-and-set,
+    numbering and retention run inside it, here, so the primitives stay plain I/O."""
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Tx]:
+        """Serialise against every other writer of the same storage (other handles, other
+        processes); commit on a normal exit, roll back on an exception."""
+
+    @abstractmethod
+    def _current_version(self, tx: Tx, connection_id: str) -> int | None:
+        """The current version's number, ``None`` when the connection has no credential."""
+
+    @abstractmethod
+    def _add_version(
+        self, tx: Tx, connection_id: str, version: int, credential: Credential
+    ) -> None:
+        """Store ``credential`` as ``version`` and make it the current one."""
+
+    @abstractmethod
+    def _destroy_through(self, tx: Tx, connection_id: str, floor: int) -> None:
+        """Destroy the connection's versions numbered ``floor`` or lower."""
+
+    def _commit_in(self, tx: Tx, write: SecretWrite) -> int:
+        current = self._current_version(tx, write.connection_id)
+        self._check_expected(write.connection_id, current, write.expected_version)
+        version = (current or 0) + 1
+        self._add_version(tx, write.connection_id, version, write.credential)
+        self._destroy_through(tx, write.connection_id, self._retention_floor(version))
+        return version
+
+    def _commit(self, write: SecretWrite) -> int:
+        with self._transaction() as tx:
+            return self._commit_in(tx, write)
+
+    def put_many(self, writes: Sequence[SecretWrite]) -> list[WriteResult]:
+        """All writes in one transaction (one commit, one fsync for SQLite), in the order
+        given; each is still its own compare-and-set."""
+        results: list[WriteResult] = []
+        with self._transaction() as tx:
+            for write in writes:
+                try:
+                    results.append(self._commit_in(tx, write))
+                except VersionConflict as conflict:
+                    results.append(conflict)
+        return results
