@@ -18,6 +18,7 @@ from tokenbroker.issue.policy import (
     Inject,
     IssuePolicy,
 )
+from tokenbroker.issue.policy_file import load_policy, parse_policy_text
 from tokenbroker.kernel.errors import BadRequest, ConfigError, PolicyDenied
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "policy.toml"
@@ -76,14 +77,14 @@ header_value = "client_secret"
 
 @pytest.fixture(scope="module")
 def policy() -> IssuePolicy:
-    return IssuePolicy.from_text(BASE)
+    return parse_policy_text(BASE)
 
 
 # --- loading ----------------------------------------------------------------------------------
 
 
 def test_the_example_file_loads() -> None:
-    loaded = IssuePolicy.load(EXAMPLE)
+    loaded = load_policy(EXAMPLE)
     summary = loaded.summary()
     assert (summary.grants, summary.relays) == (4, 3)
     assert loaded.source == str(EXAMPLE)
@@ -108,7 +109,7 @@ def test_base_fixture_loads_and_normalises(policy: IssuePolicy) -> None:
 
 
 def test_an_empty_policy_is_valid_and_denies_everything() -> None:
-    for empty in (IssuePolicy.from_text("version = 1\n"), IssuePolicy.deny_all()):
+    for empty in (parse_policy_text("version = 1\n"), IssuePolicy.deny_all()):
         with pytest.raises(PolicyDenied, match=DENIED):
             empty.authorize(CRM, "zoho-eu", None, None)
         with pytest.raises(PolicyDenied, match=RELAY_DENIED):
@@ -117,7 +118,7 @@ def test_an_empty_policy_is_valid_and_denies_everything() -> None:
 
 def test_callers_are_lower_cased() -> None:
     text = BASE.replace("crm-sync@acme-prod", "CRM-Sync@ACME-prod")
-    loaded = IssuePolicy.from_text(text)
+    loaded = parse_policy_text(text)
     assert loaded.authorize(CRM.upper(), "zoho-eu", None, None).connection_id == "zoho-eu"
 
 
@@ -478,7 +479,7 @@ INVALID = [
 )
 def test_every_validation_error_names_the_field(text: str, named: str, line: int | None) -> None:
     with pytest.raises(ConfigError) as caught:
-        IssuePolicy.from_text(text, source="policy.toml")
+        parse_policy_text(text, source="policy.toml")
     message = caught.value.message
     assert message.startswith("policy.toml: "), message
     assert named in message, message
@@ -497,14 +498,14 @@ def test_every_validation_error_names_the_field(text: str, named: str, line: int
 )
 def test_toml_syntax_errors_name_the_line(text: str, line: int) -> None:
     with pytest.raises(ConfigError) as caught:
-        IssuePolicy.from_text(text, source="p.toml")
+        parse_policy_text(text, source="p.toml")
     assert caught.value.message.startswith("p.toml: invalid TOML: ")
     assert re.search(rf"\(at line {line}, column \d+\)", caught.value.message)
 
 
 def test_load_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"policy file .*nope\.toml: No such file"):
-        IssuePolicy.load(tmp_path / "nope.toml")
+        load_policy(tmp_path / "nope.toml")
 
 
 def test_policy_is_immutable(policy: IssuePolicy) -> None:
@@ -831,7 +832,7 @@ def test_header_injection_fields(policy: IssuePolicy) -> None:
         "Authorization-Token",
         CredentialField.CLIENT_SECRET,
     )
-    default = IssuePolicy.from_text(_replace('header_value = "client_secret"\n', ""))
+    default = parse_policy_text(_replace('header_value = "client_secret"\n', ""))
     assert default.relays[1].header_value is CredentialField.ACCESS_TOKEN
     omie = policy.relays[0]
     assert (omie.header, omie.header_value) == (None, None)
@@ -841,7 +842,7 @@ def test_relays_for_and_reserved_headers(policy: IssuePolicy) -> None:
     assert [r.name for r in policy.relays_for(BILLING)] == ["omie-clients", "sige"]
     assert [r.name for r in policy.relays_for(CRM)] == ["sige"]
     assert policy.relays_for("stranger@evil.com") == ()
-    bearer = IssuePolicy.load(EXAMPLE).relay(BILLING, "zoho-books-invoices", "GET", "invoices/1")
+    bearer = load_policy(EXAMPLE).relay(BILLING, "zoho-books-invoices", "GET", "invoices/1")
     assert bearer.credential_headers == {"authorization"}
 
 
@@ -849,7 +850,7 @@ def test_http_base_url_only_for_loopback() -> None:
     local = _replace(
         'base_url = "https://app.omie.com.br/api/v1/"', 'base_url = "http://127.0.0.1:8099/api"'
     )
-    route = IssuePolicy.from_text(local).relays[0]
+    route = parse_policy_text(local).relays[0]
     assert route.base_url == "http://127.0.0.1:8099/api/"
     assert route.url_for("geral/clientes/x") == "http://127.0.0.1:8099/api/geral/clientes/x"
 
