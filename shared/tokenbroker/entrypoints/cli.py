@@ -504,10 +504,10 @@ def policy_group() -> None:
 @pass_ctx
 def policy_check(ctx: _Context, file: Path, as_json: bool) -> None:
     """Validate a policy file: exit 0 when valid, 2 with the line/field at fault otherwise."""
-    from tokenbroker.issue.policy import IssuePolicy  # noqa: PLC0415
+    from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
 
     with _errors():
-        summary = IssuePolicy.load(file).summary()
+        summary = load_policy(file).summary()
     ctx.json = ctx.json or as_json
     _emit(
         ctx,
@@ -526,22 +526,14 @@ def policy_explain(
     ctx: _Context, file: Path, caller: str, connection_id: str | None, as_json: bool
 ) -> None:
     """What a caller may do: its connections, scopes, lifetimes and relays."""
-    from tokenbroker.issue.policy import IssuePolicy  # noqa: PLC0415
+    from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
 
     with _errors():
-        loaded = IssuePolicy.load(file)
+        loaded = load_policy(file)
     if "@" not in caller:
         raise click.BadParameter("expected an email address", param_hint="--caller")
-    allowances = [
-        a
-        for cid, a in sorted(loaded.allowances(caller).items())
-        if connection_id is None or cid == connection_id
-    ]
-    relays = [
-        r
-        for r in loaded.relays_for(caller)
-        if connection_id is None or connection_id in (r.connection, r.name)
-    ]
+    explained = loaded.explain(caller, connection_id)
+    allowances, relays = explained.connections, explained.relays
     connections: list[dict[str, Any]] = [
         {
             "connection": a.connection_id,
@@ -551,7 +543,7 @@ def policy_explain(
         for a in allowances
     ]
     data = {
-        "caller": caller.lower(),
+        "caller": explained.caller,
         "connections": connections,
         "relays": [
             {

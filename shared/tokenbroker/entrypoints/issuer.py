@@ -42,7 +42,7 @@ def _assemble() -> tuple[TokenIssuer, Any]:
     from tokenbroker.entrypoints.compose import build_runtime, start_logging  # noqa: PLC0415
     from tokenbroker.entrypoints.settings import Settings  # noqa: PLC0415
     from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
-    from tokenbroker.issue.policy import IssuePolicy  # noqa: PLC0415
+    from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
     from tokenbroker.issue.relay import Relay  # noqa: PLC0415
 
     start_logging()
@@ -52,7 +52,7 @@ def _assemble() -> tuple[TokenIssuer, Any]:
     if settings.policy_file is None:
         raise ConfigError("TOKENBROKER_POLICY_FILE is required (deny-by-default policy)")
     runtime = build_runtime(settings)
-    policy = IssuePolicy.load(settings.policy_file)
+    policy = load_policy(settings.policy_file)
     verifier = IdTokenVerifier(
         audience=settings.issuer_audience,
         issuers=settings.id_token_issuers,

@@ -1,11 +1,14 @@
 """The issuer's policy: which callers may use which connections, scopes, lifetimes and relays.
 
-A policy is a TOML file versioned with the deployment (format: ``docs/policy.md``). It is read
-once, validated strictly (unknown fields are errors; every error names the field path and, when
-it can be found, the line), and turned into precomputed lookups, so a decision on the hot path
-is a couple of dictionary reads.
+This module holds the rules as values (:class:`GrantRule`, :class:`RelayRoute`, gathered in an
+:class:`IssuePolicy`) and the decisions taken on them (:meth:`IssuePolicy.authorize` answers a
+:class:`TokenGrant`, :meth:`IssuePolicy.relay` a :class:`RelayRoute`, :meth:`IssuePolicy.explain`
+an :class:`Explanation`): values in, values out, no I/O. Reading the policy file (format:
+``docs/policy.md``) is :mod:`tokenbroker.issue.policy_file`, which produces these values; the
+rules are precomputed into lookups when built, so a decision on the hot path is a couple of
+dictionary reads.
 
-Deny by default: a caller, connection, scope, method or path that no entry names is refused.
+Deny by default: a caller, connection, scope, method or path that no rule names is refused.
 Refusals for connections and relays do not say whether the connection or relay exists (the
 same :data:`DENIED` / :data:`RELAY_DENIED` message for both), so callers cannot enumerate them.
 """
@@ -13,26 +16,22 @@ same :data:`DENIED` / :data:`RELAY_DENIED` message for both), so callers cannot 
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
-from tokenbroker.kernel.errors import BadRequest, ConfigError, PolicyDenied
-from tokenbroker.kernel.fields import FieldReader, parse_enum
-from tokenbroker.kernel.model import CONNECTION_ID_RE
+from tokenbroker.kernel.errors import BadRequest, PolicyDenied
 
-POLICY_VERSION = 1
 #: Upper bound on any token lifetime the policy can grant (and the default): one hour, which
 #: is also the most Google's ``generateAccessToken`` issues without an org-policy exception.
 MAX_LIFETIME_SECONDS = 3600
 MIN_LIFETIME_SECONDS = 60
 MAX_RELAY_BODY_BYTES = 32 * 1024 * 1024  # Cloud Functions / Cloud Run request size limit
+DEFAULT_RELAY_BODY_BYTES = 1024 * 1024
 MAX_RELAY_TIMEOUT_SECONDS = 300
+DEFAULT_RELAY_TIMEOUT_SECONDS = 30
 MAX_RELAY_PATH_CHARS = 2048
 
 #: The one refusal for a connection the caller may not use, whether or not it exists.
@@ -40,6 +39,7 @@ DENIED = "caller is not allowed this connection"
 #: The one refusal for a relay the caller may not use, whether or not it exists.
 RELAY_DENIED = "caller is not allowed this relay"
 
+#: The scope that stands for the connection's full scope (a token that was not narrowed).
 FULL_SCOPE = "*"
 
 
@@ -54,7 +54,9 @@ class HttpMethod(StrEnum):
     DELETE = "DELETE"
 
 
-_BODY_METHODS = frozenset({HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH})
+#: The methods whose requests carry a body (RFC 9110 §9.3): the only ones ``inject = "body"``
+#: can put a credential into.
+BODY_METHODS = frozenset({HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH})
 
 
 class Inject(StrEnum):
@@ -77,14 +79,14 @@ class CredentialField(StrEnum):
 # --- caller identities -------------------------------------------------------------------------
 
 _LOCAL = r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*"
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = rf"(?:{_LABEL}\.)+{_LABEL}"
-_EMAIL_RE = re.compile(rf"({_LOCAL})@({_DOMAIN})")
-_DOMAIN_RE = re.compile(_DOMAIN)
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"  # RFC 1035 §2.3.1, lower-cased
+#: A lower-case DNS name of two labels or more: the domain of a caller, or of a ``*@`` pattern.
+DOMAIN_RE = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}")
+_EMAIL_RE = re.compile(rf"({_LOCAL})@({DOMAIN_RE.pattern})")
 _MAX_EMAIL = 254  # RFC 5321 §4.5.3.1.3 path limit, less the angle brackets
 
 
-def _caller_key(email: object) -> tuple[str, str] | None:
+def caller_key(email: object) -> tuple[str, str] | None:
     """``(email, domain)`` for a well-formed caller email (lower-cased), else ``None``.
 
     Checked on every request too: ``a@b@acme.com`` must not match ``*@acme.com``.
@@ -96,59 +98,29 @@ def _caller_key(email: object) -> tuple[str, str] | None:
     return (email, match.group(2)) if match else None
 
 
-def _parse_caller(value: str, where: str) -> str:
-    """An exact email, or ``*@domain`` for every identity in that domain. Lower-cased."""
-    pattern = value.lower()
-    if pattern.startswith("*@"):
-        if not _DOMAIN_RE.fullmatch(pattern[2:]):
-            raise ConfigError(f"{where}: {value!r} is not '*@' followed by a domain")
-        return pattern
-    if "*" in pattern:
-        raise ConfigError(
-            f"{where}: {value!r}: the only wildcard is a whole domain, written '*@domain'"
-        )
-    if len(pattern) > _MAX_EMAIL or not _EMAIL_RE.fullmatch(pattern):
-        raise ConfigError(f"{where}: {value!r} is not an email address")
-    return pattern
-
-
 def _split_callers(patterns: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
-    """(exact emails, wildcard domains)."""
+    """(exact emails, wildcard domains) of lower-cased caller patterns."""
     exact = {p for p in patterns if not p.startswith("*@")}
     domains = {p[2:] for p in patterns if p.startswith("*@")}
     return frozenset(exact), frozenset(domains)
 
 
-# --- relay paths and URLs ------------------------------------------------------------------------
+def is_scope(value: object) -> bool:
+    """RFC 6749 §3.3 scope-token: printable ASCII except space, ``"`` and ``\\``."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 512
+        and all("!" <= ch <= "~" and ch not in '"\\' for ch in value)
+    )
+
+
+# --- relay paths ---------------------------------------------------------------------------------
 
 #: RFC 3986 §3.3 ``pchar`` characters besides unreserved ones; kept as they are when requoting.
-_SUB_DELIMS = "!$&'()*+,;=:@"
-_PATH_SAFE = _SUB_DELIMS + "-._~"
+SUB_DELIMS = "!$&'()*+,;=:@"
+_PATH_SAFE = SUB_DELIMS + "-._~"
 _REQUOTE_SAFE = _PATH_SAFE + "%"
 _PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_LITERAL_PATH_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]+")
-_HOST_RE = re.compile(rf"localhost|{_DOMAIN}|\d{{1,3}}(?:\.\d{{1,3}}){{3}}|\[[0-9a-f:.]+\]")
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
-_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 token
-#: Headers a relay must never set from a credential: framing, routing and hop-by-hop ones.
-_RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "cookie",
-        "forwarded",
-    }
-)
-_BODY_FIELD_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PATH_NOT_ALLOWED = "path not allowed"
 
 
@@ -195,55 +167,7 @@ def _within(decoded_path: str, prefix: str) -> bool:
     return decoded_path == prefix or decoded_path.startswith(prefix + "/")
 
 
-def _parse_prefix(value: str, where: str) -> str:
-    if value.startswith("/"):
-        raise ConfigError(f"{where}: {value!r}: write the path relative to base_url, no leading /")
-    if not _LITERAL_PATH_RE.fullmatch(value):
-        raise ConfigError(
-            f"{where}: {value!r}: use literal path characters (letters, digits, - . _ ~ "
-            f"{_SUB_DELIMS} /); no percent-encoding, spaces, ?, # or \\"
-        )
-    parts = value.split("/")
-    if any(p in (".", "..") for p in parts):
-        raise ConfigError(f"{where}: {value!r}: dot segments ('.', '..') are not allowed")
-    if any(not p for p in parts[:-1]):
-        raise ConfigError(f"{where}: {value!r}: empty segments ('//') are not allowed")
-    if ":" in parts[0]:
-        raise ConfigError(f"{where}: {value!r}: the first segment cannot contain ':'")
-    return value
-
-
-def _parse_base_url(value: str, where: str) -> str:
-    """The canonical base URL: lower-case scheme and host, a path ending with ``/``."""
-    if any(not ("!" <= ch <= "~") or ch == "\\" for ch in value):
-        raise ConfigError(f"{where}: spaces, control, non-ASCII characters and \\ are not allowed")
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {value!r} is not a URL ({exc})") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("https", "http"):
-        raise ConfigError(f"{where}: {value!r}: must be an https:// URL")
-    if "@" in parts.netloc:
-        raise ConfigError(f"{where}: must not contain user information (user:password@)")
-    if parts.query or parts.fragment or "?" in value or "#" in value:
-        raise ConfigError(f"{where}: must not have a query or fragment")
-    host = (parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc).lower()
-    if not host or not _HOST_RE.fullmatch(host):
-        raise ConfigError(f"{where}: {value!r} has no valid host name")
-    if scheme == "http" and host not in _LOOPBACK_HOSTS:
-        raise ConfigError(f"{where}: {value!r}: must be https (http only for localhost)")
-    path = parts.path or "/"
-    if path != "/":
-        _parse_prefix(path[1:], where)  # literal characters only, no dot or empty segments
-    if not path.endswith("/"):
-        path += "/"
-    netloc = f"{host}:{port}" if port is not None else host
-    return f"{scheme}://{netloc}{path}"
-
-
-# --- the parsed policy ----------------------------------------------------------------------------
+# --- the rules ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -280,7 +204,8 @@ class ConnectionAllowance:
 
 @dataclass(frozen=True)
 class GrantRule:
-    """One ``[[grants]]`` entry as written."""
+    """One ``[[grants]]`` entry: ``callers`` are lower-cased patterns (an exact email, or
+    ``*@domain``), ``scopes`` the scopes they may ask for, or ``("*",)`` for the full scope."""
 
     callers: tuple[str, ...]
     connections: tuple[str, ...]
@@ -300,7 +225,11 @@ class GrantRule:
 @dataclass(frozen=True)
 class RelayRoute:
     """One ``[[relays]]`` entry: a fixed upstream base URL the broker calls for a caller, with
-    the connection's credential injected, limited to some methods and path prefixes."""
+    the connection's credential injected, limited to some methods and path prefixes.
+
+    ``base_url`` is canonical (lower-case scheme and host, a path ending with ``/``) and
+    ``path_prefixes`` are literal paths relative to it, as the file reader produces them.
+    """
 
     name: str
     connection: str
@@ -315,8 +244,8 @@ class RelayRoute:
     body_fields: Mapping[str, CredentialField] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
-    max_body_bytes: int = 1024 * 1024
-    timeout_seconds: int = 30
+    max_body_bytes: int = DEFAULT_RELAY_BODY_BYTES
+    timeout_seconds: int = DEFAULT_RELAY_TIMEOUT_SECONDS
     description: str = ""
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _domains: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -336,7 +265,7 @@ class RelayRoute:
         return frozenset({self.header.lower()}) if self.header else frozenset()
 
     def allows_caller(self, caller_email: str) -> bool:
-        key = _caller_key(caller_email)
+        key = caller_key(caller_email)
         return key is not None and (key[0] in self._exact or key[1] in self._domains)
 
     def check(self, method: str, path: str) -> str:
@@ -345,19 +274,13 @@ class RelayRoute:
         without the query string."""
         if method not in self.methods:
             raise PolicyDenied(f"method not allowed: {method[:16]!r}")
-        _, decoded = _segments(path)
-        joined = "/".join(decoded)
-        if not any(_within(joined, prefix) for prefix in self.path_prefixes):
-            raise PolicyDenied(_PATH_NOT_ALLOWED)
-        return joined
+        return self._allowed_path(path)[1]
 
     def url_for(self, path: str, query: str | None = None) -> str:
         """The upstream URL for a relative ``path`` (raw, percent-encoded) and optional raw
         ``query``. Checks the path prefix again and refuses any result whose scheme, host or
         port differs from ``base_url``, or whose path left it."""
-        raw, decoded = _segments(path)
-        if not any(_within("/".join(decoded), prefix) for prefix in self.path_prefixes):
-            raise PolicyDenied(_PATH_NOT_ALLOWED)
+        raw, _ = self._allowed_path(path)
         url = self.base_url + "/".join(quote(s, safe=_REQUOTE_SAFE) for s in raw)
         if query:
             if any(not ("!" <= ch <= "~") or ch in "#\\" for ch in query) or _PERCENT_RE.search(
@@ -374,6 +297,14 @@ class RelayRoute:
         ):
             raise PolicyDenied(_PATH_NOT_ALLOWED)
         return url
+
+    def _allowed_path(self, path: str) -> tuple[tuple[str, ...], str]:
+        """(raw segments, decoded path) of a path below one of the prefixes; else a refusal."""
+        raw, decoded = _segments(path)
+        joined = "/".join(decoded)
+        if not any(_within(joined, prefix) for prefix in self.path_prefixes):
+            raise PolicyDenied(_PATH_NOT_ALLOWED)
+        return raw, joined
 
 
 @dataclass(frozen=True)
@@ -392,12 +323,23 @@ class PolicySummary:
         }
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """What one caller may do (``tokenbroker policy explain``): its allowances, sorted by
+    connection id, and its relays in policy order. Both empty: nothing (deny by default)."""
+
+    caller: str
+    connections: tuple[ConnectionAllowance, ...]
+    relays: tuple[RelayRoute, ...]
+
+
 _NO_ALLOWANCES: Mapping[str, ConnectionAllowance] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
 class IssuePolicy:
-    """A loaded policy: the rules as written plus precomputed, read-only lookups."""
+    """The rules as written plus precomputed, read-only lookups. Immutable; ``source`` names
+    where the rules came from (the policy file, for messages)."""
 
     grants: tuple[GrantRule, ...] = ()
     relays: tuple[RelayRoute, ...] = ()
@@ -416,22 +358,22 @@ class IssuePolicy:
     )
 
     def __post_init__(self) -> None:
-        by_domain: dict[str, dict[str, ConnectionAllowance]] = {}
         by_caller: dict[str, dict[str, ConnectionAllowance]] = {}
+        by_domain: dict[str, dict[str, ConnectionAllowance]] = {}
         for rule in self.grants:
             exact, domains = _split_callers(rule.callers)
             for table, keys in ((by_caller, exact), (by_domain, domains)):
                 for key in keys:
-                    _merge_into(table.setdefault(key, {}), rule)
+                    allowances = table.setdefault(key, {})
+                    for connection_id in rule.connections:
+                        _add(allowances, rule.allowance(connection_id))
+        # Grants that match one caller add up, exact and domain ones alike: merge them now so
+        # a request is one lookup.
         for email, allowances in by_caller.items():
             for allowance in by_domain.get(email.rpartition("@")[2], {}).values():
-                known = allowances.get(allowance.connection_id)
-                allowances[allowance.connection_id] = (
-                    known.merged(allowance) if known else allowance
-                )
-        freeze = _freeze_allowances
-        object.__setattr__(self, "_by_caller", freeze(by_caller))
-        object.__setattr__(self, "_by_domain", freeze(by_domain))
+                _add(allowances, allowance)
+        object.__setattr__(self, "_by_caller", _freeze(by_caller))
+        object.__setattr__(self, "_by_domain", _freeze(by_domain))
         object.__setattr__(
             self, "_relay_by_name", MappingProxyType({r.name: r for r in self.relays})
         )
@@ -444,60 +386,16 @@ class IssuePolicy:
             MappingProxyType({k: tuple(v) for k, v in by_connection.items()}),
         )
 
-    # -- loading -------------------------------------------------------------------------------
-
     @classmethod
     def deny_all(cls) -> IssuePolicy:
         """The policy with no entries: every request is refused."""
         return cls()
 
-    @classmethod
-    def load(cls, path: Path | str) -> IssuePolicy:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"policy file {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"policy file {path}: not UTF-8 text") from None
-        return cls.from_text(text, source=str(path))
-
-    @classmethod
-    def from_text(cls, text: str, source: str = "policy.toml") -> IssuePolicy:
-        """Parse and validate. Errors read ``<source>: <field path>: <problem> (line N)``."""
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:  # its message carries "(at line L, column C)"
-            raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-        try:
-            return cls.from_mapping(data, source=source)
-        except ConfigError as error:
-            line = _locate(text, error.message)
-            suffix = f" (line {line})" if line else ""
-            raise ConfigError(f"{source}: {error.message}{suffix}") from None
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "policy") -> IssuePolicy:
-        """Validate already-parsed data; error messages name the field path only."""
-        lists = ("grants", "relays")
-        reader = FieldReader({k: v for k, v in data.items() if k not in lists}, "")
-        version = reader.integer("version")
-        if version != POLICY_VERSION:
-            raise ConfigError(
-                f"version: unsupported policy version {version} (this broker reads "
-                f"version {POLICY_VERSION})"
-            )
-        reader.finish()
-        grants = tuple(_parse_grant(body, where) for where, body in _tables(data, "grants"))
-        relays = tuple(_parse_relay(body, where) for where, body in _tables(data, "relays"))
-        _check_relay_names(relays)
-        return cls(grants=grants, relays=relays, source=source)
-
     # -- decisions -----------------------------------------------------------------------------
 
     def allowances(self, caller_email: str) -> Mapping[str, ConnectionAllowance]:
         """Connection -> what this caller may do with it (empty when nothing)."""
-        key = _caller_key(caller_email)
+        key = caller_key(caller_email)
         if key is None:
             return _NO_ALLOWANCES
         email, domain = key
@@ -574,6 +472,23 @@ class IssuePolicy:
 
     # -- reporting -----------------------------------------------------------------------------
 
+    def explain(self, caller_email: str, connection_id: str | None = None) -> Explanation:
+        """What ``caller_email`` may do; with ``connection_id``, only with that connection (or
+        the relay of that name)."""
+        return Explanation(
+            caller=caller_email.lower(),
+            connections=tuple(
+                allowance
+                for cid, allowance in sorted(self.allowances(caller_email).items())
+                if connection_id is None or cid == connection_id
+            ),
+            relays=tuple(
+                route
+                for route in self.relays_for(caller_email)
+                if connection_id is None or connection_id in (route.connection, route.name)
+            ),
+        )
+
     def summary(self) -> PolicySummary:
         callers = {c for g in self.grants for c in g.callers}
         callers.update(c for r in self.relays for c in r.callers)
@@ -587,11 +502,15 @@ class IssuePolicy:
         )
 
 
-def _merge_into(table: dict[str, ConnectionAllowance], rule: GrantRule) -> None:
-    for connection_id in rule.connections:
-        allowance = rule.allowance(connection_id)
-        known = table.get(connection_id)
-        table[connection_id] = known.merged(allowance) if known else allowance
+def _add(table: dict[str, ConnectionAllowance], allowance: ConnectionAllowance) -> None:
+    known = table.get(allowance.connection_id)
+    table[allowance.connection_id] = known.merged(allowance) if known else allowance
+
+
+def _freeze(
+    table: dict[str, dict[str, ConnectionAllowance]],
+) -> Mapping[str, Mapping[str, ConnectionAllowance]]:
+    return MappingProxyType({k: MappingProxyType(v) for k, v in table.items()})
 
 
 def _granted_scopes(
@@ -604,7 +523,7 @@ def _granted_scopes(
         return None if allowance.full_scope_allowed else tuple(sorted(allowance.scopes))
     wanted: set[str] = set()
     for scope in requested:
-        if not _is_scope(scope) or scope == FULL_SCOPE:
+        if not is_scope(scope) or scope == FULL_SCOPE:
             raise BadRequest(f"scopes: {str(scope)[:64]!r} is not a scope")
         wanted.add(scope)
     if not allowance.full_scope_allowed:
@@ -612,267 +531,3 @@ def _granted_scopes(
             if scope not in allowance.scopes:
                 raise PolicyDenied(f"scope not allowed: {scope}")
     return tuple(sorted(wanted))
-
-
-def _freeze_allowances(
-    table: dict[str, dict[str, ConnectionAllowance]],
-) -> Mapping[str, Mapping[str, ConnectionAllowance]]:
-    return MappingProxyType({k: MappingProxyType(v) for k, v in table.items()})
-
-
-# --- parsing --------------------------------------------------------------------------------------
-
-
-def _is_scope(value: object) -> bool:
-    """RFC 6749 §3.3 scope-token: printable ASCII except space, ``"`` and ``\\``."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= 512
-        and all("!" <= ch <= "~" and ch not in '"\\' for ch in value)
-    )
-
-
-def _tables(data: Mapping[str, Any], name: str) -> list[tuple[str, object]]:
-    value = data.get(name, [])
-    if not isinstance(value, list):
-        raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
-    return [(f"{name}[{i}]", body) for i, body in enumerate(value)]
-
-
-def _strings(data: Mapping[str, Any], name: str, where: str) -> list[tuple[str, str]]:
-    """A required, non-empty list of non-empty strings without duplicates, as (path, value)."""
-    path = f"{where}.{name}"
-    if name not in data:
-        raise ConfigError(f"{path}: required field is missing")
-    value = data[name]
-    if not isinstance(value, list):
-        raise ConfigError(f"{path}: expected a list of strings")
-    if not value:
-        raise ConfigError(f"{path}: list at least one (an empty list would allow nothing)")
-    seen: dict[str, int] = {}
-    items: list[tuple[str, str]] = []
-    for index, item in enumerate(value):
-        item_path = f"{path}[{index}]"
-        if not isinstance(item, str) or not item:
-            raise ConfigError(f"{item_path}: expected a non-empty string")
-        if item in seen:
-            raise ConfigError(f"{item_path}: {item!r} is already listed at {path}[{seen[item]}]")
-        seen[item] = index
-        items.append((item_path, item))
-    return items
-
-
-def _connection_id(value: str, where: str) -> str:
-    if not CONNECTION_ID_RE.match(value):
-        raise ConfigError(
-            f"{where}: {value!r} is not a valid id (1-63 lowercase letters, digits, '-' or '_',"
-            " starting with a letter or digit)"
-        )
-    return value
-
-
-def _callers(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
-    patterns: dict[str, str] = {}
-    for path, value in _strings(data, "callers", where):
-        pattern = _parse_caller(value, path)
-        if pattern in patterns:
-            raise ConfigError(f"{path}: {value!r} is already listed at {patterns[pattern]}")
-        patterns[pattern] = path
-    return tuple(patterns)
-
-
-_GRANT_LISTS = ("callers", "connections", "scopes")
-
-
-def _parse_grant(body: object, where: str) -> GrantRule:
-    if not isinstance(body, Mapping):
-        raise ConfigError(f"{where}: expected a table ([[grants]])")
-    reader = FieldReader({k: v for k, v in body.items() if k not in _GRANT_LISTS}, where)
-    lifetime = reader.integer(
-        "max_lifetime_seconds", MAX_LIFETIME_SECONDS, minimum=MIN_LIFETIME_SECONDS
-    )
-    if lifetime > MAX_LIFETIME_SECONDS:
-        raise ConfigError(f"{where}.max_lifetime_seconds: must be at most {MAX_LIFETIME_SECONDS}")
-    description = reader.text("description", "")
-    reader.finish()
-    callers = _callers(body, where)
-    connections = tuple(
-        _connection_id(value, path) for path, value in _strings(body, "connections", where)
-    )
-    scopes: list[str] = []
-    for path, value in _strings(body, "scopes", where):
-        if not _is_scope(value):
-            raise ConfigError(
-                f"{path}: {value!r} is not a scope (printable ASCII, no spaces, quotes or "
-                "backslashes; list each scope separately)"
-            )
-        scopes.append(value)
-    if FULL_SCOPE in scopes and len(scopes) > 1:
-        raise ConfigError(
-            f"{where}.scopes: '*' already allows every scope; list it alone or not at all"
-        )
-    return GrantRule(
-        callers=callers,
-        connections=connections,
-        scopes=tuple(scopes),
-        max_lifetime_seconds=lifetime,
-        description=description,
-    )
-
-
-_RELAY_LISTS = ("callers", "methods", "path_prefixes")
-
-
-def _parse_relay(body: object, where: str) -> RelayRoute:
-    if not isinstance(body, Mapping):
-        raise ConfigError(f"{where}: expected a table ([[relays]])")
-    reader = FieldReader({k: v for k, v in body.items() if k not in _RELAY_LISTS}, where)
-    name = _connection_id(reader.text("name"), reader.path("name"))
-    connection = _connection_id(reader.text("connection"), reader.path("connection"))
-    base_url = _parse_base_url(reader.text("base_url"), reader.path("base_url"))
-    inject: Inject = reader.choice("inject", Inject)
-    header = _header(reader, inject)
-    header_value: CredentialField | None = None
-    if inject is Inject.HEADER:
-        header_value = reader.choice("header_value", CredentialField, CredentialField.ACCESS_TOKEN)
-    else:
-        _unused(reader, "header_value", inject)
-    body_raw = reader.strings("body_fields", None)
-    max_body = reader.integer("max_body_bytes", 1024 * 1024, minimum=0)
-    if max_body > MAX_RELAY_BODY_BYTES:
-        raise ConfigError(f"{where}.max_body_bytes: must be at most {MAX_RELAY_BODY_BYTES}")
-    timeout = reader.integer("timeout_seconds", 30, minimum=1)
-    if timeout > MAX_RELAY_TIMEOUT_SECONDS:
-        raise ConfigError(f"{where}.timeout_seconds: must be at most {MAX_RELAY_TIMEOUT_SECONDS}")
-    description = reader.text("description", "")
-    reader.finish()
-
-    callers = _callers(body, where)
-    methods = frozenset(
-        parse_enum(HttpMethod, value, path) for path, value in _strings(body, "methods", where)
-    )
-    prefixes = tuple(
-        _parse_prefix(value, path) for path, value in _strings(body, "path_prefixes", where)
-    )
-    body_fields = _body_fields(body_raw, f"{where}.body_fields", inject)
-    if inject is Inject.BODY and not methods <= _BODY_METHODS:
-        bodiless = ", ".join(sorted(m.value for m in methods - _BODY_METHODS))
-        raise ConfigError(
-            f'{where}.methods: inject = "body" needs a request body; {bodiless} has none'
-        )
-    return RelayRoute(
-        name=name,
-        connection=connection,
-        callers=callers,
-        base_url=base_url,
-        methods=methods,
-        path_prefixes=prefixes,
-        inject=inject,
-        header=header,
-        header_value=header_value,
-        body_fields=body_fields,
-        max_body_bytes=max_body,
-        timeout_seconds=timeout,
-        description=description,
-    )
-
-
-def _unused(reader: FieldReader, name: str, inject: Inject) -> None:
-    if reader.text(name, None) is not None:
-        raise ConfigError(
-            f"{reader.path(name)}: not used when inject = {inject.value!r}; remove it"
-        )
-
-
-def _header(reader: FieldReader, inject: Inject) -> str | None:
-    if inject is not Inject.HEADER:
-        _unused(reader, "header", inject)
-        return None
-    name: str = reader.text("header")
-    where = reader.path("header")
-    if not _HEADER_NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: {name!r} is not a valid header name")
-    if name.lower() in _RESERVED_HEADERS:
-        raise ConfigError(f"{where}: {name!r} cannot carry a credential")
-    return name
-
-
-def _body_fields(
-    raw: dict[str, str] | None, where: str, inject: Inject
-) -> dict[str, CredentialField]:
-    if raw is None:
-        if inject is Inject.BODY:
-            raise ConfigError(f"{where}: required when inject = {inject.value!r}")
-        return {}
-    if inject is not Inject.BODY:
-        raise ConfigError(f"{where}: not used when inject = {inject.value!r}; remove it")
-    if not raw:
-        raise ConfigError(f"{where}: list at least one")
-    for name in raw:
-        if not _BODY_FIELD_RE.fullmatch(name):
-            raise ConfigError(f"{where}.{name}: field names are 1-64 letters, digits, '_' or '-'")
-    return {k: parse_enum(CredentialField, v, f"{where}.{k}") for k, v in raw.items()}
-
-
-def _check_relay_names(relays: Sequence[RelayRoute]) -> None:
-    names: dict[str, int] = {}
-    for index, route in enumerate(relays):
-        if route.name in names:
-            raise ConfigError(
-                f"relays[{index}].name: {route.name!r} is already the name of "
-                f"relays[{names[route.name]}]"
-            )
-        names[route.name] = index
-    for index, route in enumerate(relays):
-        for other in relays:
-            if other is not route and other.connection == route.name:
-                raise ConfigError(
-                    f"relays[{index}].name: {route.name!r} is the connection of relay "
-                    f"{other.name!r}; a relay name must not also be another relay's connection "
-                    "id (relays are looked up by either)"
-                )
-
-
-# --- line numbers for semantic errors -------------------------------------------------------------
-
-_PATH_RE = re.compile(
-    r"^(?:unknown field\(s\): )?(?P<path>[A-Za-z_][\w-]*(?:\[\d+\])?(?:\.[\w-]+)?)"
-)
-
-
-def _locate(text: str, message: str) -> int | None:
-    """Best-effort 1-based line of the field an error names (tomllib keeps no positions).
-
-    Finds the ``[[grants]]``/``[[relays]]`` header of the indexed table, then the first line in
-    it that assigns the field; falls back to the header line. ``None`` when not found (e.g. for
-    tables written inline).
-    """
-    match = _PATH_RE.match(message)
-    if not match:
-        return None
-    head, _, key = match.group("path").partition(".")
-    table, _, index_text = head.partition("[")
-    lines = text.splitlines()
-    header_re = re.compile(r"^\s*\[")
-    if not index_text:  # a top-level field: look before the first table header
-        key = table
-        start, end = 0, next((i for i, ln in enumerate(lines) if header_re.match(ln)), len(lines))
-        header_line = None
-    else:
-        index = int(index_text.rstrip("]"))
-        own = re.compile(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]")
-        headers = [i for i, ln in enumerate(lines) if own.match(ln)]
-        if index >= len(headers):
-            return None
-        start = headers[index] + 1
-        end = next((i for i in range(start, len(lines)) if header_re.match(lines[i])), len(lines))
-        header_line = headers[index] + 1
-    if key:
-        assign = re.compile(rf"""^\s*["']?{re.escape(key)}["']?\s*=""")
-        for i in range(start, end):
-            if assign.match(lines[i]):
-                return i + 1
-        if header_line is None:  # an unknown top-level table: its header
-            own = re.compile(rf"^\s*\[\[?\s*{re.escape(key)}\s*[\].]")
-            return next((i + 1 for i, ln in enumerate(lines) if own.match(ln)), None)
-    return header_line

@@ -15,7 +15,7 @@ from tokenbroker.adapters.fake_provider import FakeTokenServer
 from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
 from tokenbroker.entrypoints.answers import http_answer
 from tokenbroker.issue.issuer import TokenIssuer
-from tokenbroker.issue.policy import IssuePolicy
+from tokenbroker.issue.policy_file import parse_policy_text
 from tokenbroker.kernel.clock import FakeClock
 from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NeedsReauth, PolicyDenied
 from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
@@ -89,7 +89,7 @@ class World:
         )  # fmt: skip
         self.issuer = TokenIssuer(
             verifier=FakeVerifier(),
-            policy=IssuePolicy.from_text(POLICY),
+            policy=parse_policy_text(POLICY),
             state=self.state,
             secrets=self.secrets,
             profiles=profiles,
