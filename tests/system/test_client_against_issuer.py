@@ -68,20 +68,6 @@ class IssuerProcess:
 def issuer(tmp_path: Path, oidc_server: OidcServer) -> Iterator[IssuerProcess]:
     key = new_key_text()
     state_dir = tmp_path / "state"
-    runtime = embedded_runtime(state_dir, encryption_key=Secret(key))
-    now = datetime.now(UTC)
-    registry(runtime).register(
-        Connection(
-            id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN, client_id="c",
-            token_url=oidc_server.token_url,
-        ),
-        Credential(
-            refresh_token=Secret("rt-never-used"), client_secret=Secret("s"),
-            access_token=Secret("at-short-lived-Zq81Xv"), obtained_at=now,
-            expires_at=now + timedelta(seconds=LIFETIME),
-        ),
-    )  # fmt: skip
-    runtime.close()
     policy = tmp_path / "policy.toml"
     policy.write_text(
         f'version = 1\n[[grants]]\ncallers = ["{WORKER}"]\nconnections = ["crm"]\nscopes = ["*"]\n'
@@ -96,6 +82,23 @@ def issuer(tmp_path: Path, oidc_server: OidcServer) -> Iterator[IssuerProcess]:
     }
     process = IssuerProcess(env, free_port(), tmp_path / "issuer.out")
     process.start()
+    # Registered once the issuer is up: the short lifetime counts from there, not from before
+    # a process start that takes seconds on a loaded machine (the issuer opens the store on
+    # its first token request).
+    runtime = embedded_runtime(state_dir, encryption_key=Secret(key))
+    now = datetime.now(UTC)
+    registry(runtime).register(
+        Connection(
+            id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN, client_id="c",
+            token_url=oidc_server.token_url,
+        ),
+        Credential(
+            refresh_token=Secret("rt-never-used"), client_secret=Secret("s"),
+            access_token=Secret("at-short-lived-Zq81Xv"), obtained_at=now,
+            expires_at=now + timedelta(seconds=LIFETIME),
+        ),
+    )  # fmt: skip
+    runtime.close()
     yield process
     process.stop()
     from tests.conftest import save_output
