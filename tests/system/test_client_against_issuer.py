@@ -19,7 +19,7 @@ from tests.support.oidc import OidcServer, free_port, sign_rs256, signing_jwks
 from tests.system.helpers import embedded_runtime, registry
 from tests.system.processes import BIN, REPO
 from tokenbroker.adapters.embedded import new_key_text
-from tokenbroker.consumer.client import BrokerClient, BrokerUnavailable
+from tokenbroker.consumer import BrokerClient, BrokerUnavailable
 from tokenbroker.kernel.model import Connection, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 
