@@ -162,13 +162,18 @@ class Flow(Generic[T]):
         return cast(T, self._result)
 
     def _advance(self, answer: object, error: BaseException | None) -> None:
-        if self._steps is None:
+        steps = self._steps
+        if steps is None:
             raise RuntimeError("the core has finished")
         try:
-            if error is None:
-                self.effect = self._steps.send(answer)
-            else:
-                self.effect = self._steps.throw(error)
+            self.effect = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
-            self.effect = None
+            self._finish()
             self._result = done.value
+        except BaseException:
+            self._finish()
+            raise
+
+    def _finish(self) -> None:
+        self._steps = None
+        self.effect = None

@@ -88,12 +88,13 @@ class _ThreadIO:
 
     def claim(self, effect: Claim) -> Release | None:
         with self._locks_guard:
-            lock = self._locks.get(effect.key) or self._locks.setdefault(
-                effect.key, threading.Lock()
-            )
-        taken = (
-            lock.acquire(timeout=effect.timeout) if effect.wait else lock.acquire(blocking=False)
-        )
+            lock = self._locks.get(effect.key)
+            if lock is None:
+                lock = self._locks[effect.key] = threading.Lock()
+        if effect.wait:
+            taken = lock.acquire(timeout=effect.timeout)
+        else:
+            taken = lock.acquire(blocking=False)
         return lock.release if taken else None
 
     def id_token(self, effect: GetIdToken) -> str:
@@ -111,11 +112,11 @@ class _ThreadIO:
     def post(self, effect: Post) -> Reply | NoReply:
         import httpx  # noqa: PLC0415 - loaded by BrokerClient()
 
+        request = self.http.stream(
+            "POST", effect.url, content=effect.body, headers=effect.headers, timeout=effect.timeout
+        )
         try:
-            with self.http.stream(
-                "POST", effect.url, content=effect.body, headers=effect.headers,
-                timeout=effect.timeout,
-            ) as response:  # fmt: skip
+            with request as response:
                 body = ReplyBody(response.status_code, response.headers.get("retry-after"))
                 for chunk in response.iter_bytes():
                     if not body.take(chunk):
