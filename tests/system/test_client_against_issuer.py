@@ -96,11 +96,35 @@ def issuer(tmp_path: Path, oidc_server: OidcServer) -> Iterator[IssuerProcess]:
     }
     process = IssuerProcess(env, free_port(), tmp_path / "issuer.out")
     process.start()
+    # The token's LIFETIME counts from when the issuer is up: its start can take seconds on a
+    # loaded machine, and it serves no token with under 5 s left.
+    store_access_token(env, "at-short-lived-Zq81Xv", timedelta(seconds=LIFETIME))
     yield process
     process.stop()
     from tests.conftest import save_output
 
     save_output("client-against-issuer", process.log.read_bytes())
+
+
+def store_access_token(env: dict[str, str], value: str, lifetime: timedelta) -> None:
+    """Give the connection a new access token expiring ``lifetime`` from now, as a refresh
+    would (the issuer reads the store on every request)."""
+    runtime = embedded_runtime(
+        Path(env["TOKENBROKER_STATE_DIR"]),
+        encryption_key=Secret(env["TOKENBROKER_ENCRYPTION_KEY"]),
+    )
+    try:
+        now = datetime.now(UTC)
+        current = runtime.secrets.get("crm")
+        runtime.secrets.put(
+            "crm",
+            current.credential.with_token(
+                access_token=Secret(value), obtained_at=now, expires_at=now + lifetime
+            ),
+            expected_version=current.version,
+        )
+    finally:
+        runtime.close()
 
 
 def id_token(oidc: OidcServer) -> str:
@@ -131,21 +155,7 @@ def test_client_rides_out_an_issuer_outage_until_hard_expiry_and_recovers(
         with pytest.raises(BrokerUnavailable):
             client.token("crm")
         # The broker comes back; the connection gets a fresh token (here: store a new one).
-        runtime = embedded_runtime(
-            Path(issuer.env["TOKENBROKER_STATE_DIR"]),
-            encryption_key=Secret(issuer.env["TOKENBROKER_ENCRYPTION_KEY"]),
-        )
-        now = datetime.now(UTC)
-        current = runtime.secrets.get("crm")
-        runtime.secrets.put(
-            "crm",
-            current.credential.with_token(
-                access_token=Secret("at-after-outage-Pw42Lm"), obtained_at=now,
-                expires_at=now + timedelta(hours=1),
-            ),
-            expected_version=current.version,
-        )  # fmt: skip
-        runtime.close()
+        store_access_token(issuer.env, "at-after-outage-Pw42Lm", timedelta(hours=1))
         issuer.start()
         deadline = time.monotonic() + 10
         while True:  # the breaker lets a trial through after breaker_reset_seconds
