@@ -19,7 +19,7 @@ from tests.support.oidc import OidcServer, free_port, sign_rs256, signing_jwks
 from tests.system.helpers import embedded_runtime, registry
 from tests.system.processes import BIN, REPO
 from tokenbroker.adapters.embedded import new_key_text
-from tokenbroker.consumer.client import BrokerClient, BrokerUnavailable
+from tokenbroker.consumer import BrokerClient, BrokerUnavailable
 from tokenbroker.kernel.model import Connection, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 
@@ -68,23 +68,6 @@ class IssuerProcess:
 def issuer(tmp_path: Path, oidc_server: OidcServer) -> Iterator[IssuerProcess]:
     key = new_key_text()
     state_dir = tmp_path / "state"
-    policy = tmp_path / "policy.toml"
-    policy.write_text(
-        f'version = 1\n[[grants]]\ncallers = ["{WORKER}"]\nconnections = ["crm"]\nscopes = ["*"]\n'
-    )
-    env = {
-        "TOKENBROKER_STATE_DIR": str(state_dir),
-        "TOKENBROKER_ENCRYPTION_KEY": key,
-        "TOKENBROKER_POLICY_FILE": str(policy),
-        "TOKENBROKER_ISSUER_AUDIENCE": AUDIENCE,
-        "TOKENBROKER_ID_TOKEN_ISSUERS": oidc_server.issuer,
-        "TOKENBROKER_ID_TOKEN_KEYS_URL": oidc_server.jwks_url,
-    }
-    process = IssuerProcess(env, free_port(), tmp_path / "issuer.out")
-    process.start()
-    # Registered once the issuer is up: the short lifetime counts from there, not from before
-    # a process start that takes seconds on a loaded machine (the issuer opens the store on
-    # its first token request).
     runtime = embedded_runtime(state_dir, encryption_key=Secret(key))
     now = datetime.now(UTC)
     registry(runtime).register(
@@ -99,11 +82,49 @@ def issuer(tmp_path: Path, oidc_server: OidcServer) -> Iterator[IssuerProcess]:
         ),
     )  # fmt: skip
     runtime.close()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'version = 1\n[[grants]]\ncallers = ["{WORKER}"]\nconnections = ["crm"]\nscopes = ["*"]\n'
+    )
+    env = {
+        "TOKENBROKER_STATE_DIR": str(state_dir),
+        "TOKENBROKER_ENCRYPTION_KEY": key,
+        "TOKENBROKER_POLICY_FILE": str(policy),
+        "TOKENBROKER_ISSUER_AUDIENCE": AUDIENCE,
+        "TOKENBROKER_ID_TOKEN_ISSUERS": oidc_server.issuer,
+        "TOKENBROKER_ID_TOKEN_KEYS_URL": oidc_server.jwks_url,
+    }
+    process = IssuerProcess(env, free_port(), tmp_path / "issuer.out")
+    process.start()
+    # The token's LIFETIME counts from when the issuer is up: its start can take seconds on a
+    # loaded machine, and it serves no token with under 5 s left.
+    store_access_token(env, "at-short-lived-Zq81Xv", timedelta(seconds=LIFETIME))
     yield process
     process.stop()
     from tests.conftest import save_output
 
     save_output("client-against-issuer", process.log.read_bytes())
+
+
+def store_access_token(env: dict[str, str], value: str, lifetime: timedelta) -> None:
+    """Give the connection a new access token expiring ``lifetime`` from now, as a refresh
+    would (the issuer reads the store on every request)."""
+    runtime = embedded_runtime(
+        Path(env["TOKENBROKER_STATE_DIR"]),
+        encryption_key=Secret(env["TOKENBROKER_ENCRYPTION_KEY"]),
+    )
+    try:
+        now = datetime.now(UTC)
+        current = runtime.secrets.get("crm")
+        runtime.secrets.put(
+            "crm",
+            current.credential.with_token(
+                access_token=Secret(value), obtained_at=now, expires_at=now + lifetime
+            ),
+            expected_version=current.version,
+        )
+    finally:
+        runtime.close()
 
 
 def id_token(oidc: OidcServer) -> str:
@@ -134,21 +155,7 @@ def test_client_rides_out_an_issuer_outage_until_hard_expiry_and_recovers(
         with pytest.raises(BrokerUnavailable):
             client.token("crm")
         # The broker comes back; the connection gets a fresh token (here: store a new one).
-        runtime = embedded_runtime(
-            Path(issuer.env["TOKENBROKER_STATE_DIR"]),
-            encryption_key=Secret(issuer.env["TOKENBROKER_ENCRYPTION_KEY"]),
-        )
-        now = datetime.now(UTC)
-        current = runtime.secrets.get("crm")
-        runtime.secrets.put(
-            "crm",
-            current.credential.with_token(
-                access_token=Secret("at-after-outage-Pw42Lm"), obtained_at=now,
-                expires_at=now + timedelta(hours=1),
-            ),
-            expected_version=current.version,
-        )  # fmt: skip
-        runtime.close()
+        store_access_token(issuer.env, "at-after-outage-Pw42Lm", timedelta(hours=1))
         issuer.start()
         deadline = time.monotonic() + 10
         while True:  # the breaker lets a trial through after breaker_reset_seconds

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.oidc import free_port
-from tokenbroker.consumer.client import (
+from tokenbroker.consumer import (
     AsyncBrokerClient,
     BreakerState,
     BrokerClient,

@@ -79,7 +79,7 @@ def test_the_client_extra_installs_no_web_server_or_backend(client_env: Path) ->
 
 def test_the_consumer_imports_and_the_broker_does_not(client_env: Path) -> None:
     probe = (
-        "import sys, tokenbroker.consumer.client as c\n"
+        "import sys, tokenbroker.consumer as c\n"
         "assert c.BrokerClient and c.AsyncBrokerClient\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'aiohttp', 'starlette', 'flask', 'click', 'cryptography', 'google'} "

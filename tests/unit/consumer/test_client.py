@@ -1,23 +1,33 @@
-"""The consumer client against an in-process broker (``httpx.MockTransport``) on a FakeClock."""
+"""The consumer client (both shells) against an in-process broker (``httpx.MockTransport``)
+on a FakeClock."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
-import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tokenbroker.consumer.client import (
+from tests.unit.consumer.fakes import (
+    LIFETIME,
+    MARGIN,
+    REFRESH_AFTER,
+    URL,
+    FakeBroker,
+    IdTokens,
+    messages,
+    move_to,
+    refusal,
+    state_of,
+)
+from tokenbroker.consumer import (
     AsyncBrokerClient,
     BreakerState,
     BrokerAccessDenied,
@@ -28,13 +38,8 @@ from tokenbroker.consumer.client import (
     BrokerRequestError,
     BrokerToken,
     BrokerUnavailable,
-    CircuitBreaker,
-    GoogleIdTokenSource,
     IdTokenError,
-    StaticIdTokenSource,
     Unavailability,
-    default_id_token_source,
-    jwt_expiry,
 )
 from tokenbroker.kernel.clock import FakeClock, isoformat
 from tokenbroker.kernel.errors import (
@@ -45,163 +50,7 @@ from tokenbroker.kernel.errors import (
     PolicyDenied,
     TokenBrokerError,
 )
-from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.retry import RetryPolicy
-
-URL = "https://broker.example.run.app"
-LIFETIME = 3600
-REFRESH_AFTER = 1800
-MARGIN = 10  # the client's default expiry_margin_seconds
-
-
-# --- an in-process broker that speaks the /token contract ----------------------------------
-
-
-class FakeBroker:
-    """The issuer's ``POST /token`` contract. ``script`` answers (responses or exceptions)
-    are used first, one per request; ``down`` refuses connections like a stopped server."""
-
-    def __init__(self, clock: FakeClock, *, lifetime: int = LIFETIME, hint: int = REFRESH_AFTER):
-        self.clock = clock
-        self.lifetime = lifetime
-        self.hint = hint
-        self.down = False
-        self.script: list[httpx.Response | Exception] = []
-        self.requests: list[httpx.Request] = []
-        self.issued: list[str] = []
-        self.gate: threading.Event | None = None  # when set, requests wait for it (real time)
-        self.latency = 0.0  # real seconds
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.gate is not None:
-            assert self.gate.wait(10)
-        if self.latency:
-            time.sleep(self.latency)
-        if self.script:
-            step = self.script.pop(0)
-            if isinstance(step, Exception):
-                raise step
-            return step
-        if self.down:
-            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
-        return self.issue(json.loads(request.content))
-
-    def issue(self, body: dict[str, Any]) -> httpx.Response:
-        value = f"access-value-{len(self.issued):04d}-lowercase-only"  # not redacted by shape
-        self.issued.append(value)
-        now = self.clock.now()
-        return httpx.Response(
-            200,
-            json={
-                "access_token": value,
-                "token_type": "Bearer",
-                "expires_at": isoformat(now + timedelta(seconds=self.lifetime)),
-                "expires_in": self.lifetime,
-                "refresh_after": isoformat(now + timedelta(seconds=self.hint)),
-                "scope": " ".join(body.get("scopes") or ["default.read"]),
-                "connection": body["connection"],
-            },
-            headers={"Cache-Control": "no-store"},
-        )
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(r.content) for r in self.requests]
-
-    def auth_headers(self) -> list[str]:
-        return [r.headers["authorization"] for r in self.requests]
-
-
-def refusal(status: int, error: str, retry_after: str | None = None) -> httpx.Response:
-    headers = {"Retry-After": retry_after} if retry_after is not None else {}
-    if status == 401:
-        headers["WWW-Authenticate"] = f'Bearer realm="tokenbroker", error="{error}"'
-    return httpx.Response(
-        status, json={"error": error, "error_description": f"fake: {error}"}, headers=headers
-    )
-
-
-class IdTokens:
-    """An ID-token source with a cache that the client can invalidate (as google-auth's)."""
-
-    def __init__(self) -> None:
-        self.generation = 0
-        self.calls: list[str] = []
-        self.invalidated = 0
-        self.failure: Exception | None = None
-
-    def __call__(self, audience: str, /) -> str:
-        self.calls.append(audience)
-        if self.failure is not None:
-            raise self.failure
-        return f"id-token-generation-{self.generation}"
-
-    def invalidate(self, audience: str) -> None:  # noqa: ARG002 - one audience in these tests
-        self.invalidated += 1
-        self.generation += 1
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def broker(clock: FakeClock) -> FakeBroker:
-    return FakeBroker(clock)
-
-
-@pytest.fixture
-def ids() -> IdTokens:
-    return IdTokens()
-
-
-@pytest.fixture
-def make(clock: FakeClock, broker: FakeBroker, ids: IdTokens) -> Callable[..., BrokerClient]:
-    def build(**options: Any) -> BrokerClient:
-        options.setdefault("id_token_source", ids)
-        return BrokerClient(
-            URL, clock=clock, transport=httpx.MockTransport(broker), rng=random.Random(7), **options
-        )
-
-    return build
-
-
-@pytest.fixture
-def make_async(
-    clock: FakeClock, broker: FakeBroker, ids: IdTokens
-) -> Callable[..., AsyncBrokerClient]:
-    def build(handler: Any = None, **options: Any) -> AsyncBrokerClient:
-        options.setdefault("id_token_source", ids)
-        return AsyncBrokerClient(
-            URL,
-            clock=clock,
-            transport=httpx.MockTransport(handler or broker),
-            rng=random.Random(7),
-            **options,
-        )
-
-    return build
-
-
-@pytest.fixture
-def log() -> Iterator[io.StringIO]:
-    """Everything the library logs during the test, at debug level (build clients after)."""
-    with capture_logs("debug") as stream:
-        yield stream
-
-
-def messages(stream: io.StringIO) -> list[str]:
-    return [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
-
-
-def state_of(client: BrokerClient | AsyncBrokerClient) -> BreakerState:
-    return client.breaker_state
-
-
-def move_to(clock: FakeClock, when: datetime) -> None:
-    clock.advance((when - clock.now()).total_seconds())
-
 
 # --- caching ------------------------------------------------------------------------------
 
@@ -641,31 +490,6 @@ def test_refusals_count_as_a_live_broker(
     assert state_of(client) is BreakerState.CLOSED
 
 
-def test_circuit_breaker_states(clock: FakeClock) -> None:
-    moves: list[tuple[BreakerState, BreakerState]] = []
-    breaker = CircuitBreaker(2, 10, clock, on_change=lambda a, b, _: moves.append((a, b)))
-    assert breaker.allow()
-    breaker.failed()
-    assert breaker.allow()
-    breaker.failed()
-    assert breaker.state is BreakerState.OPEN
-    assert not breaker.allow()
-    assert breaker.retry_in() == 10
-    clock.advance(10)
-    assert breaker.allow()  # the one trial
-    assert not breaker.allow()  # others wait for its outcome
-    breaker.abandoned()  # cancelled: the next caller gets the trial
-    assert breaker.allow()
-    breaker.succeeded()
-    assert breaker.retry_in() == 0
-    assert breaker.allow() and breaker.allow()
-    assert moves == [
-        (BreakerState.CLOSED, BreakerState.OPEN),
-        (BreakerState.OPEN, BreakerState.HALF_OPEN),
-        (BreakerState.HALF_OPEN, BreakerState.CLOSED),
-    ]
-
-
 # --- concurrency ----------------------------------------------------------------------------
 
 
@@ -775,111 +599,6 @@ def test_misconfigured_identity_is_raised(
     ids.failure = None  # fixed: the cached token was not thrown away
     broker.down = True
     assert client.token("c").access_token.reveal() == broker.issued[0]
-
-
-def _jwt(claims: dict[str, Any]) -> str:
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
-
-
-def test_static_source_token_file_and_expiry(tmp_path: Path, clock: FakeClock) -> None:
-    live = _jwt({"exp": int((clock.now() + timedelta(hours=1)).timestamp())})
-    assert jwt_expiry(live) == clock.now() + timedelta(hours=1)
-    assert jwt_expiry("opaque") is None
-    source = StaticIdTokenSource(live, clock=clock)
-    assert source("aud") == live
-    assert live not in repr(source)
-
-    path = tmp_path / "id-token"
-    path.write_text(live + "\n")
-    from_file = StaticIdTokenSource(path=path, clock=clock)
-    assert from_file("aud") == live
-    path.write_text("rotated-value")
-    assert from_file("aud") == "rotated-value"  # re-read on every call
-
-    clock.advance(3600)
-    with pytest.raises(IdTokenError, match="expired"):
-        source("aud")
-    with pytest.raises(IdTokenError, match="cannot read"):
-        StaticIdTokenSource(path=tmp_path / "missing")("aud")
-    with pytest.raises(ConfigError):
-        StaticIdTokenSource()
-    with pytest.raises(ConfigError):
-        StaticIdTokenSource("x", path=path)
-
-
-def test_default_source_resolution(tmp_path: Path) -> None:
-    assert isinstance(default_id_token_source({"TOKENBROKER_ID_TOKEN": "t"}), StaticIdTokenSource)
-    path = tmp_path / "tok"
-    path.write_text("from-file")
-    from_file = default_id_token_source({"TOKENBROKER_ID_TOKEN_FILE": str(path)})
-    assert from_file("aud") == "from-file"
-    assert isinstance(default_id_token_source({}), GoogleIdTokenSource)
-
-
-class _FakeIdCredentials:
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.token: str | None = None
-        self.expiry: datetime | None = None
-        self.refreshes = 0
-
-    def refresh(self, request: Any) -> None:  # noqa: ARG002 - google-auth's signature
-        self.refreshes += 1
-        self.token = f"google-id-{self.refreshes}"
-        self.expiry = (self.clock.now() + timedelta(hours=1)).replace(tzinfo=None)  # naive UTC
-
-
-def test_google_source_caches_until_five_minutes_before_expiry(
-    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
-) -> None:
-    from google.oauth2 import id_token
-
-    made: list[tuple[str, _FakeIdCredentials]] = []
-
-    def fetch(audience: str, request: Any = None) -> _FakeIdCredentials:
-        credentials = _FakeIdCredentials(clock)
-        made.append((audience, credentials))
-        return credentials
-
-    monkeypatch.setattr(id_token, "fetch_id_token_credentials", fetch)
-    source = GoogleIdTokenSource(clock=clock)
-    assert source(URL) == "google-id-1"
-    clock.advance(3600 - 301)
-    assert source(URL) == "google-id-1"
-    clock.advance(2)
-    assert source(URL) == "google-id-2"
-    assert len(made) == 1  # credentials are built once per audience, then refreshed
-    source.invalidate(URL)
-    assert source(URL) == "google-id-1"  # new credentials after an invalidate
-    assert [audience for audience, _ in made] == [URL, URL]
-
-
-def test_google_source_errors_keep_their_retryability(
-    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
-) -> None:
-    from google.auth import exceptions
-    from google.oauth2 import id_token
-
-    failures: list[Exception] = [
-        exceptions.DefaultCredentialsError("Neither metadata server or valid service account"),
-        exceptions.RefreshError(exceptions.TransportError("metadata unreachable")),
-        exceptions.TransportError("metadata unreachable"),
-    ]
-
-    def fetch(audience: str, request: Any = None) -> Any:
-        raise failures.pop(0)
-
-    monkeypatch.setattr(id_token, "fetch_id_token_credentials", fetch)
-    source = GoogleIdTokenSource(clock=clock)
-    outcomes = []
-    for _ in range(3):
-        with pytest.raises(IdTokenError) as raised:
-            source(URL)
-        outcomes.append(raised.value.retryable)
-    assert outcomes == [False, True, True]
 
 
 # --- configuration --------------------------------------------------------------------------
