@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
 from tokenbroker.entrypoints.settings import LogSettings, Settings
@@ -22,6 +22,11 @@ from tokenbroker.oauth.profiles import ProviderProfile, load_profiles
 from tokenbroker.ports import EventBus, SecretStore, StateStore, TokenEndpoint
 from tokenbroker.refresh.registry import ConnectionRegistry
 from tokenbroker.refresh.tick import Refresher, TickSummary
+
+if TYPE_CHECKING:
+    from tokenbroker.adapters.embedded import EmbeddedDatabase
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -98,98 +103,136 @@ def build_runtime(settings: Settings | None = None, *, clock: Clock | None = Non
     """Build the adapters the settings select (a preset, then per-port overrides)."""
     settings = settings or Settings.from_env()
     profiles = load_profiles(settings.profiles_file)
-    resources: list[Any] = []
-    opened: dict[str, Any] = {}
-
-    def embedded_db() -> Any:
-        if "db" not in opened:
-            from tokenbroker.adapters.embedded import EmbeddedDatabase  # noqa: PLC0415
-
-            key = settings.encryption_key
-            opened["db"] = EmbeddedDatabase(
-                settings.resolved_state_dir,
-                key=key.reveal() if key else None,
-                key_file=settings.encryption_key_file,
-            )
-            resources.append(opened["db"])
-        return opened["db"]
-
+    adapters = _Adapters(settings)
     secret_kind, state_kind, events_kind = settings.adapters
     try:
-        secrets = _secret_store(secret_kind, settings, embedded_db)
-        state = _state_store(state_kind, settings, embedded_db)
-        events = _event_bus(events_kind, settings, embedded_db)
+        secrets = _pick(SECRET_STORES, "secret store", secret_kind)(adapters)
+        state = _pick(STATE_STORES, "state store", state_kind)(adapters)
+        events = _pick(EVENT_BUSES, "event bus", events_kind)(adapters)
     except BaseException:
-        for resource in resources:
-            resource.close()
+        adapters.close()
         raise
-    return Runtime(settings, secrets, state, events, profiles, clock or SystemClock(), resources)
+    return Runtime(
+        settings, secrets, state, events, profiles, clock or SystemClock(), adapters.resources
+    )
 
 
-def _secret_store(kind: str, settings: Settings, embedded_db: Callable[[], Any]) -> SecretStore:
-    if kind == "memory":
+class _Adapters:
+    """One factory method per (port, adapter), each importing its adapter only when chosen, so a
+    function pays only for the backend it uses. The embedded database is opened once and shared
+    by the embedded secret store, state store and outbox."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.resources: list[Any] = []
+        self._db: EmbeddedDatabase | None = None
+
+    def close(self) -> None:
+        for resource in self.resources:
+            resource.close()
+
+    def embedded_db(self) -> EmbeddedDatabase:
+        if self._db is None:
+            from tokenbroker.adapters.embedded import EmbeddedDatabase  # noqa: PLC0415
+
+            key = self.settings.encryption_key
+            self._db = EmbeddedDatabase(
+                self.settings.resolved_state_dir,
+                key=key.reveal() if key else None,
+                key_file=self.settings.encryption_key_file,
+            )
+            self.resources.append(self._db)
+        return self._db
+
+    def memory_secrets(self) -> SecretStore:
         from tokenbroker.adapters.memory import MemorySecretStore  # noqa: PLC0415
 
-        return MemorySecretStore(settings.retained_versions)
-    if kind == "embedded":
+        return MemorySecretStore(self.settings.retained_versions)
+
+    def embedded_secrets(self) -> SecretStore:
         from tokenbroker.adapters.embedded import EmbeddedSecretStore  # noqa: PLC0415
 
-        return EmbeddedSecretStore(embedded_db(), settings.retained_versions)
-    if kind == "secret-manager":
+        return EmbeddedSecretStore(self.embedded_db(), self.settings.retained_versions)
+
+    def secret_manager(self) -> SecretStore:
         from tokenbroker.adapters.gcp.secret_manager import (  # noqa: PLC0415
             SecretManagerSecretStore,
         )
 
         return SecretManagerSecretStore(
-            project=settings.project,
-            prefix=settings.secret_prefix,
-            retained_versions=settings.retained_versions,
-            endpoint=settings.secret_manager_endpoint,
+            project=self.settings.project,
+            prefix=self.settings.secret_prefix,
+            retained_versions=self.settings.retained_versions,
+            endpoint=self.settings.secret_manager_endpoint,
         )
-    if kind == "aws-secrets-manager":
+
+    def aws_secrets_manager(self) -> SecretStore:
         from tokenbroker.adapters.aws import AwsSecretsManagerStore  # noqa: PLC0415
 
         return AwsSecretsManagerStore(
-            region=settings.aws_region,
-            endpoint_url=settings.aws_endpoint_url,
-            prefix=settings.aws_secret_prefix,
-            retained_versions=settings.retained_versions,
+            region=self.settings.aws_region,
+            endpoint_url=self.settings.aws_endpoint_url,
+            prefix=self.settings.aws_secret_prefix,
+            retained_versions=self.settings.retained_versions,
         )
-    raise ConfigError(f"secret store {kind!r} is not available")
 
-
-def _state_store(kind: str, settings: Settings, embedded_db: Callable[[], Any]) -> StateStore:
-    if kind == "memory":
+    def memory_state(self) -> StateStore:
         from tokenbroker.adapters.memory import MemoryStateStore  # noqa: PLC0415
 
         return MemoryStateStore()
-    if kind == "embedded":
+
+    def embedded_state(self) -> StateStore:
         from tokenbroker.adapters.embedded import EmbeddedStateStore  # noqa: PLC0415
 
-        return EmbeddedStateStore(embedded_db())
-    if kind == "firestore":
+        return EmbeddedStateStore(self.embedded_db())
+
+    def firestore(self) -> StateStore:
         from tokenbroker.adapters.gcp.firestore import FirestoreStateStore  # noqa: PLC0415
 
         return FirestoreStateStore(
-            project=settings.project,
-            database=settings.firestore_database,
-            collection=settings.firestore_collection,
-            emulator_host=settings.firestore_emulator_host,
+            project=self.settings.project,
+            database=self.settings.firestore_database,
+            collection=self.settings.firestore_collection,
+            emulator_host=self.settings.firestore_emulator_host,
         )
-    raise ConfigError(f"state store {kind!r} is not available")
 
-
-def _event_bus(kind: str, settings: Settings, embedded_db: Callable[[], Any]) -> EventBus:
-    if kind == "memory":
+    def memory_events(self) -> EventBus:
         from tokenbroker.adapters.memory import MemoryEventBus  # noqa: PLC0415
 
         return MemoryEventBus()
-    if kind == "outbox":
+
+    def outbox(self) -> EventBus:
         from tokenbroker.adapters.embedded import EmbeddedOutbox  # noqa: PLC0415
 
-        return EmbeddedOutbox(embedded_db())
-    if kind == "pubsub":
+        return EmbeddedOutbox(self.embedded_db())
+
+    def pubsub(self) -> EventBus:
         from tokenbroker.adapters.gcp.pubsub import PubSubEventBus  # noqa: PLC0415
 
-        return PubSubEventBus(settings.topic_path)
-    raise ConfigError(f"event bus {kind!r} is not available")
+        return PubSubEventBus(self.settings.topic_path)
+
+
+#: Adapter names (as settings spell them) -> factories, per port.
+SECRET_STORES: dict[str, Callable[[_Adapters], SecretStore]] = {
+    "memory": _Adapters.memory_secrets,
+    "embedded": _Adapters.embedded_secrets,
+    "secret-manager": _Adapters.secret_manager,
+    "aws-secrets-manager": _Adapters.aws_secrets_manager,
+}
+STATE_STORES: dict[str, Callable[[_Adapters], StateStore]] = {
+    "memory": _Adapters.memory_state,
+    "embedded": _Adapters.embedded_state,
+    "firestore": _Adapters.firestore,
+}
+EVENT_BUSES: dict[str, Callable[[_Adapters], EventBus]] = {
+    "memory": _Adapters.memory_events,
+    "outbox": _Adapters.outbox,
+    "pubsub": _Adapters.pubsub,
+}
+
+
+def _pick(factories: Mapping[str, T], port: str, kind: str) -> T:
+    try:
+        return factories[kind]
+    except KeyError:
+        raise ConfigError(f"{port} {kind!r} is not available") from None
