@@ -25,7 +25,7 @@ import random
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any, Protocol
@@ -38,7 +38,6 @@ from tokenbroker.kernel.errors import (
     NotFound,
     PolicyDenied,
     TokenBrokerError,
-    VersionConflict,
 )
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
@@ -401,11 +400,19 @@ class TokenIssuer:
         max_lifetime: int,
         now: datetime,
     ) -> IssuedToken:
-        """RFC 6749 §6 refresh asking for a subset of the granted scope. Only for providers
-        that do not rotate refresh tokens; if one rotates anyway, the new refresh token is
-        stored (compare-and-set) before anything else, so the connection is never lost."""
-        import asyncio  # noqa: PLC0415
+        """RFC 6749 §6 refresh asking for a subset of the granted scope ("MUST NOT include
+        any scope not originally granted"). Only for providers whose profile says they do not
+        rotate refresh tokens (RFC 6749 §6: the server "MAY issue a new refresh token").
 
+        If one rotates anyway, the new refresh token is **not** stored: the issuer is a read
+        path and never writes credentials. Only the refresher, holding the connection's lease,
+        may write (its fencing token is what keeps two writers from interleaving; a
+        compare-and-set from here would race the leased refresher outside any lease, and a
+        burst of callers would become a burst of writes). The caller still gets its token;
+        an error line naming the connection (never the token) tells the operator that the
+        profile's ``rotates_refresh_tokens = false`` is wrong for this provider, whose stored
+        refresh token may now be spent. Issue 8 routes narrowing refreshes through the lease.
+        """
         if self.endpoint is None:
             raise CredentialUnavailable("scope narrowing is not configured")
         stored = await self._read_current(connection.id)
@@ -430,17 +437,12 @@ class TokenIssuer:
                 ) from None
             raise CredentialUnavailable(f"provider refused ({error.code})") from None
         if response.refresh_token is not None and response.refresh_token != current.refresh_token:
-            try:
-                await asyncio.to_thread(
-                    self.secrets.put,
-                    connection.id,
-                    replace(current, refresh_token=response.refresh_token),
-                    expected_version=stored.version,
-                )
-            except VersionConflict:
-                self.log.error(
-                    "narrowing refresh rotated a token that lost a race", connection=connection.id
-                )
+            self.log.error(
+                "narrowing refresh rotated the refresh token; not stored (only the leased "
+                "refresher writes credentials): fix the profile's rotates_refresh_tokens",
+                connection=connection.id,
+                profile=profile.name,
+            )
         lifetime = response.expires_in or profile.default_lifetime_seconds
         expires_at = now + timedelta(seconds=min(lifetime, max_lifetime))
         return IssuedToken(
