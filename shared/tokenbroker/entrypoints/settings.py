@@ -50,6 +50,7 @@ ENV_ID_TOKEN_ISSUERS = "TOKENBROKER_ID_TOKEN_ISSUERS"
 ENV_ID_TOKEN_KEYS_URL = "TOKENBROKER_ID_TOKEN_KEYS_URL"
 ENV_POLICY_FILE = "TOKENBROKER_POLICY_FILE"
 ENV_IAM_CREDENTIALS_ENDPOINT = "TOKENBROKER_IAM_CREDENTIALS_ENDPOINT"
+ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"
 
 #: Presets: which adapter serves each port.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -106,6 +107,9 @@ class Settings:
     id_token_keys_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     policy_file: Path | None = None
     iam_credentials_endpoint: str = "https://iamcredentials.googleapis.com"
+    #: Local runs and tests only: the broker's own token for IAM (else Application Default
+    #: Credentials).
+    iam_access_token: Secret | None = None
 
     @property
     def adapters(self) -> tuple[str, str, str]:
@@ -225,4 +229,5 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("id_token_keys_url", ENV_ID_TOKEN_KEYS_URL, str.strip),
     ("policy_file", ENV_POLICY_FILE, Path),
     ("iam_credentials_endpoint", ENV_IAM_CREDENTIALS_ENDPOINT, str.strip),
+    ("iam_access_token", ENV_IAM_ACCESS_TOKEN, Secret),
 ]

@@ -28,8 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
+from tokenbroker.issue.policy import IssuePolicy, TokenGrant
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
 from tokenbroker.kernel.errors import (
     BadRequest,
@@ -49,7 +50,7 @@ from tokenbroker.kernel.model import (
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.grants import refresh_grant, service_account_info
 from tokenbroker.oauth.profiles import ProviderProfile
-from tokenbroker.ports import SecretStore, StateStore, TokenEndpoint
+from tokenbroker.ports import CallerVerifier, Impersonator, SecretStore, StateStore, TokenEndpoint
 
 MAX_BODY_BYTES = 16 * 1024
 DENIED = "caller is not allowed this connection"
@@ -137,26 +138,6 @@ class IssuedToken:
         }
 
 
-class CallerVerifier(Protocol):
-    def verify_authorization(self, header: str | None) -> Any: ...
-
-
-class Policy(Protocol):
-    def authorize(
-        self,
-        caller_email: str,
-        connection_id: str,
-        requested_scopes: Sequence[str] | None,
-        min_ttl_seconds: int | None,
-    ) -> Any: ...
-
-
-class Impersonator(Protocol):
-    async def generate_access_token(
-        self, service_account: str, scopes: Sequence[str], lifetime_seconds: int
-    ) -> Any: ...
-
-
 @dataclass
 class _Cached:
     token: IssuedToken
@@ -169,7 +150,7 @@ class TokenIssuer:
         self,
         *,
         verifier: CallerVerifier,
-        policy: Policy,
+        policy: IssuePolicy,
         state: StateStore,
         secrets: SecretStore,
         profiles: Mapping[str, ProviderProfile],
@@ -194,7 +175,7 @@ class TokenIssuer:
         self._cache: OrderedDict[tuple[str, tuple[str, ...] | None], _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
-        self._grants: dict[tuple[str, TokenRequest], Any] = {}
+        self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
         self.secret_reads = 0
         self.issued = 0
         self.log = get_logger(component="issuer")
@@ -205,7 +186,7 @@ class TokenIssuer:
         caller = self.verifier.verify_authorization(authorization)
         request = self._parse(body)
         grant = self._authorize(caller.email, request)
-        scopes: tuple[str, ...] | None = tuple(grant.scopes) if grant.scopes is not None else None
+        scopes = grant.scopes
         key = (request.connection, scopes)
         now = self.clock.now()
         min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
@@ -240,7 +221,7 @@ class TokenIssuer:
                 self._requests[body] = request
         return request
 
-    def _authorize(self, caller_email: str, request: TokenRequest) -> Any:
+    def _authorize(self, caller_email: str, request: TokenRequest) -> TokenGrant:
         """Policy decisions, remembered: the policy is immutable once loaded. Denials are
         not remembered (they raise), so they cost a lookup each time."""
         key = (caller_email, request)
@@ -284,7 +265,7 @@ class TokenIssuer:
         self,
         connection_id: str,
         scopes: tuple[str, ...] | None,
-        grant: Any,
+        grant: TokenGrant,
         now: datetime,
         min_ttl: timedelta,
     ) -> tuple[IssuedToken, int | None]:
@@ -302,7 +283,7 @@ class TokenIssuer:
         profile = self.profiles.get(connection.profile)
         if profile is None:
             raise CredentialUnavailable(f"connection {connection_id!r}: unknown profile")
-        max_lifetime = int(grant.max_lifetime_seconds)
+        max_lifetime = grant.max_lifetime_seconds
 
         sa_email = connection.params.get("service_account")
         if sa_email or connection.grant is GrantType.JWT_BEARER:

@@ -7,8 +7,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from tokenbroker.issue.policy import IssuePolicy
 from tokenbroker.kernel.clock import FakeClock
 from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NeedsReauth, PolicyDenied
 from tokenbroker.kernel.log import configure_logging
-from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
+from tokenbroker.kernel.model import Caller, Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.profiles import load_profiles
 from tokenbroker.refresh.registry import ConnectionRegistry
@@ -41,18 +40,18 @@ scopes = ["read", "send"]
 """
 
 
-@dataclass(frozen=True)
-class _Caller:
-    email: str
-
-
 class FakeVerifier:
-    def verify_authorization(self, header: str | None) -> _Caller:
+    """A CallerVerifier whose bearer token is the caller's email."""
+
+    def verify_authorization(self, header: str | None) -> Caller:
         from tokenbroker.kernel.errors import InvalidCallerToken
 
         if not header or not header.startswith("Bearer "):
             raise InvalidCallerToken("missing bearer token")
-        return _Caller(header.removeprefix("Bearer "))
+        email = header.removeprefix("Bearer ")
+        return Caller(
+            email, f"sub-{email}", "https://issuer.test", datetime(2099, 1, 1, tzinfo=UTC)
+        )
 
 
 class CountingSecrets(MemorySecretStore):
