@@ -277,12 +277,12 @@ class Relay:
 def _scrubbed(answer: HttpResponse, injected: Iterable[str]) -> HttpResponse:
     """The answer without hop-by-hop and cookie headers, every injected value replaced by
     ``[REDACTED]`` in the body and the header values, in each form an echo may take: as sent,
-    JSON-escaped (a JSON body quoting the request) and percent-encoded (a URL or form)."""
+    JSON-escaped once (a JSON answer quoting a value) or twice (quoting the JSON request body
+    as a string), and percent-encoded (a URL or a form)."""
     forms: set[str] = set()
     for value in injected:
-        forms.add(value)
-        forms.add(json.dumps(value)[1:-1])
-        forms.add(quote(value, safe=""))
+        once = json.dumps(value)[1:-1]
+        forms.update((value, once, json.dumps(once)[1:-1], quote(value, safe="")))
     ordered = sorted((f for f in forms if f), key=len, reverse=True)
     body = answer.body
     for form in ordered:

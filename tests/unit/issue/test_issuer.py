@@ -7,11 +7,12 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from tests.unit.issue.fakes import FakeVerifier
 from tokenbroker.adapters.fake_provider import FakeTokenServer
 from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
 from tokenbroker.entrypoints.answers import http_answer
@@ -20,7 +21,7 @@ from tokenbroker.issue.policy import IssuePolicy
 from tokenbroker.kernel.clock import FakeClock
 from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NeedsReauth, PolicyDenied
 from tokenbroker.kernel.log import configure_logging
-from tokenbroker.kernel.model import Caller, Connection, ConnectionStatus, Credential, GrantType
+from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.profiles import load_profiles
 from tokenbroker.refresh.registry import ConnectionRegistry
@@ -38,20 +39,6 @@ callers = ["{WORKER}"]
 connections = ["gmail"]
 scopes = ["read", "send"]
 """
-
-
-class FakeVerifier:
-    """A CallerVerifier whose bearer token is the caller's email."""
-
-    def verify_authorization(self, header: str | None) -> Caller:
-        from tokenbroker.kernel.errors import InvalidCallerToken
-
-        if not header or not header.startswith("Bearer "):
-            raise InvalidCallerToken("missing bearer token")
-        email = header.removeprefix("Bearer ")
-        return Caller(
-            email, f"sub-{email}", "https://issuer.test", datetime(2099, 1, 1, tzinfo=UTC)
-        )
 
 
 class CountingSecrets(MemorySecretStore):
