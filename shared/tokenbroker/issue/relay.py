@@ -45,12 +45,12 @@ from tokenbroker.kernel.errors import (
     TokenBrokerError,
     TransportError,
 )
-from tokenbroker.kernel.http import HttpResponse, OutboundRequest
+from tokenbroker.kernel.http import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, OutboundRequest
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Caller, Credential
 from tokenbroker.ports import CallerVerifier, RelayTransport, SecretStore, StateStore
 
-MAX_RESPONSE_BYTES = 10 * 1024 * 1024
+MAX_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES
 CACHE_SECONDS = 30.0
 REDACTED = b"[REDACTED]"
 #: What a route may inject. Refresh tokens are never sent anywhere but the token endpoint.
@@ -93,6 +93,10 @@ class RelayPermit:
 
 
 class Relay:
+    """The relay's decisions for one policy. ``transport`` sends (the aiohttp adapter when
+    deployed, a recording one in tests); credentials are read from ``secrets`` at most once per
+    :data:`CACHE_SECONDS` per connection, client ids from ``state`` once."""
+
     def __init__(
         self,
         *,
