@@ -112,9 +112,10 @@ STATS = os.environ["BENCH_ISSUER_STATS"]
 def _counters():
     from tokenbroker.entrypoints import issuer as entry
 
-    built = entry._issuer
-    if built is None:
+    service = entry._service
+    if service is None:
         return None
+    built = service.issuer
     verifier = built.verifier
     return {{
         "pid": os.getpid(),

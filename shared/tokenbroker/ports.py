@@ -3,6 +3,10 @@
 Each port has one contract test suite (``tests/contract``) that every adapter must pass:
 in-memory, embedded (SQLite), and the cloud adapters. Store methods are synchronous (the
 cloud client libraries and SQLite are); the refresher calls them from a worker thread.
+
+The issuer's outside systems are ports too (:class:`CallerVerifier`, :class:`Impersonator`,
+:class:`RelayTransport`), typed with kernel values only, so the type checker follows the
+security path from the caller's header to the token handed out.
 """
 
 from __future__ import annotations
@@ -14,21 +18,26 @@ from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from tokenbroker.kernel.errors import VersionConflict
-from tokenbroker.kernel.http import HttpResponse
+from tokenbroker.kernel.http import HttpResponse, OutboundRequest
 from tokenbroker.kernel.model import (
+    Caller,
     Claim,
     Connection,
     ConnectionEvent,
     ConnectionRecord,
     Credential,
     Lease,
+    MintedToken,
     RefreshState,
     StoredCredential,
 )
 
 __all__ = [
+    "CallerVerifier",
     "ClaimBatch",
     "EventBus",
+    "Impersonator",
+    "RelayTransport",
     "SecretStore",
     "SecretWrite",
     "StateStore",
@@ -173,3 +182,55 @@ class TokenEndpoint(Protocol):
     async def post_form(
         self, url: str, form: Mapping[str, str], *, headers: Mapping[str, str]
     ) -> HttpResponse: ...
+
+
+# --- the issuer's outside systems ---------------------------------------------------------------
+
+
+@runtime_checkable
+class CallerVerifier(Protocol):
+    """Who is calling the issuer, from the request's ``Authorization`` header.
+
+    Returns the verified :class:`~.model.Caller`, or raises
+    :class:`~.errors.InvalidCallerToken` (HTTP 401 ``invalid_token``, RFC 6750 §3.1) for a
+    missing, malformed, forged or expired credential, and
+    :class:`~.errors.CredentialUnavailable` (503, retryable) when it cannot decide right now
+    (no verification keys): the caller's credential may be good. Synchronous: on the hot path
+    verification is CPU work over cached keys (``issue/idtoken.py``).
+    """
+
+    def verify_authorization(self, header: str | None) -> Caller: ...
+
+
+@runtime_checkable
+class Impersonator(Protocol):
+    """Mints short-lived access tokens for Google service accounts by keyless impersonation
+    (IAM Credentials ``generateAccessToken``,
+    https://cloud.google.com/iam/docs/reference/credentials/rest/v1/projects.serviceAccounts/generateAccessToken).
+
+    The token carries exactly ``scopes`` and lives ``lifetime_seconds``. Raises a
+    :class:`~.errors.BadRequest` for a request that cannot be granted, a
+    :class:`~.errors.ConfigError` when the broker may not impersonate the account, a
+    :class:`~.errors.NeedsReauth` when the account is gone, and a retryable
+    :class:`~.errors.CredentialUnavailable` when the service cannot answer now.
+    """
+
+    async def generate_access_token(
+        self, service_account: str, scopes: Sequence[str], lifetime_seconds: int
+    ) -> MintedToken: ...
+
+
+@runtime_checkable
+class RelayTransport(Protocol):
+    """Sends the issuer's relay requests to provider APIs, exactly as decided.
+
+    Never follows redirects: a 3xx comes back as it is (following one would send the
+    injected credential wherever the provider, or an attacker who controls it, points).
+    Returns every HTTP answer, whatever its status, with header names lower-cased and the
+    body decoded (``Content-Encoding`` undone, so the relay can scrub it). Raises
+    :class:`~.errors.TransportError` when no complete answer came: refused, reset or timed out
+    (``request.timeout_seconds`` bounds the whole exchange), or a body larger than
+    ``request.max_response_bytes`` (never buffered beyond that).
+    """
+
+    async def send(self, request: OutboundRequest) -> HttpResponse: ...

@@ -37,7 +37,6 @@ from tokenbroker.adapters.gcp.iam_credentials import (
     IamCredentials,
     IamCredentialsError,
     IamUnavailable,
-    ImpersonatedToken,
     ImpersonationDenied,
     ImpersonationMisconfigured,
     ImpersonationRequestInvalid,
@@ -51,6 +50,7 @@ from tokenbroker.kernel.errors import (
     NeedsReauth,
     TokenBrokerError,
 )
+from tokenbroker.kernel.model import MintedToken
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.secret import Secret
 
@@ -91,10 +91,10 @@ def mint(
     lifetime: Any = 900,
     delegates: Sequence[str] = (),
     **options: Any,
-) -> ImpersonatedToken:
+) -> MintedToken:
     options.setdefault("authorizer", broker_token)
 
-    async def go() -> ImpersonatedToken:
+    async def go() -> MintedToken:
         async with IamCredentials(endpoint=server.url, **options) as client:
             return await client.generate_access_token(service_account, scopes, lifetime, delegates)
 
@@ -351,7 +351,7 @@ def test_transient_failures_compose_with_the_retry_policy(iam: IamCredentialsTes
     iam.faults([Fault(503, retry_after="2"), Fault(429, retry_after="3")])
     clock = FakeClock()
 
-    async def go() -> tuple[ImpersonatedToken, int]:
+    async def go() -> tuple[MintedToken, int]:
         async with IamCredentials(endpoint=iam.url, authorizer=broker_token) as client:
             return await call_with_retries(
                 lambda: client.generate_access_token(SA, [DRIVE_RO], 600),
@@ -427,7 +427,7 @@ def test_delegation_chain_each_link_needs_token_creator(iam: IamCredentialsTestS
 
 
 def test_concurrent_calls_share_one_session(iam: IamCredentialsTestServer) -> None:
-    async def go() -> tuple[list[ImpersonatedToken], bool]:
+    async def go() -> tuple[list[MintedToken], bool]:
         async with IamCredentials(endpoint=iam.url, authorizer=broker_token) as client:
             first = await client.generate_access_token(SA, [DRIVE_RO], 299)
             session = client._session

@@ -10,10 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
-from tokenbroker.entrypoints.settings import LogSettings, Settings
+from tokenbroker.entrypoints.settings import (
+    ENV_ISSUER_AUDIENCE,
+    ENV_POLICY_FILE,
+    LogSettings,
+    Settings,
+)
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.log import configure_logging
@@ -25,6 +30,9 @@ from tokenbroker.refresh.tick import Refresher, TickSummary
 
 if TYPE_CHECKING:
     from tokenbroker.adapters.embedded import EmbeddedDatabase
+    from tokenbroker.adapters.gcp.iam_credentials import IamCredentials
+    from tokenbroker.issue.issuer import TokenIssuer
+    from tokenbroker.issue.relay import Relay
 
 T = TypeVar("T")
 
@@ -97,6 +105,96 @@ def start_logging(*, level: str | None = None, default_level: str = "info") -> L
     settings = LogSettings.from_env(level=level, default_level=default_level)
     configure_logging(settings.level, log_file=settings.file)
     return settings
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class IssuerService:
+    """What the issuer function serves with, and what it must close on shutdown."""
+
+    issuer: TokenIssuer
+    relay: Relay
+    runtime: Runtime
+    #: HTTP sessions (IAM Credentials, the token endpoint, the relay's transport).
+    sessions: list[_Closable] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        for session in self.sessions:
+            await session.aclose()
+        self.runtime.close()
+
+
+def build_issuer(settings: Settings | None = None) -> IssuerService:
+    """The issuer and the relay over the runtime's stores, the caller verifier (Google ID
+    tokens, keys fetched now, in this thread, not on the event loop), IAM Credentials and the
+    HTTP transports. Requires an audience and a policy file: the policy denies by default."""
+    from tokenbroker.adapters.http import (  # noqa: PLC0415
+        AiohttpRelayTransport,
+        AiohttpTokenEndpoint,
+    )
+    from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
+    from tokenbroker.issue.issuer import TokenIssuer  # noqa: PLC0415
+    from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
+    from tokenbroker.issue.relay import Relay  # noqa: PLC0415
+
+    settings = settings or Settings.from_env()
+    if not settings.issuer_audience:
+        raise ConfigError(f"{ENV_ISSUER_AUDIENCE} (the function's URL) is required")
+    if settings.policy_file is None:
+        raise ConfigError(f"{ENV_POLICY_FILE} is required (deny-by-default policy)")
+    policy = load_policy(settings.policy_file)
+    runtime = build_runtime(settings)
+    try:
+        verifier = IdTokenVerifier(
+            audience=settings.issuer_audience,
+            issuers=settings.id_token_issuers,
+            keys=KeySet(settings.id_token_keys_url, clock=runtime.clock),
+            clock=runtime.clock,
+        )
+        verifier.keys.refresh()
+    except BaseException:
+        runtime.close()
+        raise
+    impersonator = _iam_credentials(settings)
+    endpoint = AiohttpTokenEndpoint(timeout=settings.http_timeout)
+    transport = AiohttpRelayTransport()
+    issuer = TokenIssuer(
+        verifier=verifier,
+        policy=policy,
+        state=runtime.state,
+        secrets=runtime.secrets,
+        profiles=runtime.profiles,
+        impersonator=impersonator,
+        endpoint=endpoint,
+        clock=runtime.clock,
+    )
+    relay = Relay(
+        verifier=verifier,
+        policy=policy,
+        secrets=runtime.secrets,
+        transport=transport,
+        state=runtime.state,
+        clock=runtime.clock,
+    )
+    return IssuerService(issuer, relay, runtime, [impersonator, endpoint, transport])
+
+
+def _iam_credentials(settings: Settings) -> IamCredentials:
+    """IAM Credentials, authorised as the broker: Application Default Credentials, or (local
+    runs and tests) the static token ``TOKENBROKER_IAM_ACCESS_TOKEN``."""
+    from tokenbroker.adapters.gcp.iam_credentials import IamCredentials  # noqa: PLC0415
+
+    static = settings.iam_access_token
+    if static is None:
+        return IamCredentials(endpoint=settings.iam_credentials_endpoint)
+
+    async def authorizer() -> str:
+        return static.reveal()
+
+    return IamCredentials(endpoint=settings.iam_credentials_endpoint, authorizer=authorizer)
 
 
 def build_runtime(settings: Settings | None = None, *, clock: Clock | None = None) -> Runtime:

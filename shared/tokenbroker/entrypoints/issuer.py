@@ -1,5 +1,7 @@
 """The issuer function's HTTP layer (ASGI, Starlette requests): routes, body limits, and the
-one place errors become HTTP answers. Everything else lives in :mod:`tokenbroker.issue.issuer`.
+one place errors become HTTP answers. Everything else lives in the issue wing:
+:mod:`tokenbroker.issue.issuer` (tokens) and :mod:`tokenbroker.issue.relay` (the relay), which
+take and return plain values.
 
 Served by ``functions-framework --asgi`` (uvicorn): measured ~4x the default gthread mode for
 this workload on one core, and the issuer's hot path is async end to end.
@@ -11,92 +13,60 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.issue.issuer import MAX_BODY_BYTES, TokenIssuer
-from tokenbroker.kernel.errors import BadRequest, ConfigError, TokenBrokerError
+from tokenbroker.kernel.errors import BadRequest, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
-ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"  # noqa: S105 - a variable name
-_issuer: TokenIssuer | None = None
-_relay: Any = None
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from tokenbroker.entrypoints.compose import IssuerService
+    from tokenbroker.issue.relay import Relay
+
+
+_service: IssuerService | None = None
 _lock = asyncio.Lock()
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-async def build() -> tuple[TokenIssuer, Any]:
-    """The instance's issuer, built on the first request (cold start) and reused."""
-    global _issuer, _relay
-    if _issuer is None:
+async def build() -> tuple[TokenIssuer, Relay]:
+    """The instance's issuer and relay, built on the first request (cold start) and reused."""
+    global _service  # noqa: PLW0603 - one per function instance, by design
+    service = _service
+    if service is None:
         async with _lock:
-            if _issuer is None:
-                _issuer, _relay = await asyncio.to_thread(_assemble)
-    assert _issuer is not None  # noqa: S101 - assigned just above
-    return _issuer, _relay
+            service = _service  # built by whoever held the lock before us?
+            if service is None:
+                service = _service = await asyncio.to_thread(_assemble)
+    return service.issuer, service.relay
 
 
-def _assemble() -> tuple[TokenIssuer, Any]:
-    from tokenbroker.adapters.http import AiohttpTokenEndpoint  # noqa: PLC0415
-    from tokenbroker.entrypoints.compose import build_runtime, start_logging  # noqa: PLC0415
-    from tokenbroker.entrypoints.settings import Settings  # noqa: PLC0415
-    from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
-    from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
-    from tokenbroker.issue.relay import Relay  # noqa: PLC0415
+def _assemble() -> IssuerService:
+    from tokenbroker.entrypoints.compose import build_issuer, start_logging  # noqa: PLC0415
 
     start_logging()
-    settings = Settings.from_env()
-    if not settings.issuer_audience:
-        raise ConfigError("TOKENBROKER_ISSUER_AUDIENCE (the function's URL) is required")
-    if settings.policy_file is None:
-        raise ConfigError("TOKENBROKER_POLICY_FILE is required (deny-by-default policy)")
-    runtime = build_runtime(settings)
-    policy = load_policy(settings.policy_file)
-    verifier = IdTokenVerifier(
-        audience=settings.issuer_audience,
-        issuers=settings.id_token_issuers,
-        keys=KeySet(settings.id_token_keys_url, clock=runtime.clock),
-        clock=runtime.clock,
-    )
-    verifier.keys.refresh()  # fetch the keys now, in this thread, not on the event loop
-    impersonator = _iam(settings)
-    issuer = TokenIssuer(
-        verifier=verifier,
-        policy=policy,
-        state=runtime.state,
-        secrets=runtime.secrets,
-        profiles=runtime.profiles,
-        impersonator=impersonator,
-        endpoint=AiohttpTokenEndpoint(timeout=settings.http_timeout),
-        clock=runtime.clock,
-    )
-    relay = Relay(
-        verifier=verifier,
-        policy=policy,
-        secrets=runtime.secrets,
-        state=runtime.state,
-        clock=runtime.clock,
-    )
-    return issuer, relay
+    return build_issuer()
 
 
-def _iam(settings: Any) -> Any:
-    """IAM Credentials, authorised as the broker: Application Default Credentials, or (local
-    runs and tests) the access token in ``TOKENBROKER_IAM_ACCESS_TOKEN``."""
-    from tokenbroker.adapters.gcp.iam_credentials import IamCredentials  # noqa: PLC0415
-
-    static = os.environ.get(ENV_IAM_ACCESS_TOKEN)
-    if not static:
-        return IamCredentials(endpoint=settings.iam_credentials_endpoint)
-
-    async def authorizer() -> str:
-        return static
-
-    return IamCredentials(endpoint=settings.iam_credentials_endpoint, authorizer=authorizer)
+async def shutdown() -> None:
+    """Close what the instance opened (HTTP sessions, the stores) and forget it: the next
+    request builds afresh. A server's shutdown hook; also what tests call between event loops,
+    since an HTTP session belongs to the loop that opened it."""
+    global _service
+    async with _lock:
+        service, _service = _service, None
+    if service is not None:
+        await service.aclose()
 
 
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+def _json(
+    body: Mapping[str, object], status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
     from starlette.responses import Response  # noqa: PLC0415
 
     return Response(
@@ -107,12 +77,12 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def error_response(error: TokenBrokerError) -> Any:
+def error_response(error: TokenBrokerError) -> Response:
     answer = http_answer(error, public=True)
     return _json(answer.body, answer.status, answer.headers)
 
 
-async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request body, refused past ``limit`` bytes. Read from the ASGI channel directly:
     a token request arrives in one message, and Starlette's stream wrapper costs more than the
     rest of the cached path."""
@@ -132,14 +102,16 @@ async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body"):
             break
+    if not chunks:
+        return b""
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _healthz(_: Any) -> Any:
+async def _healthz(_: Request) -> Response:
     return _json({"status": "ok"})
 
 
-async def _token(request: Any) -> Any:
+async def _token(request: Request) -> Response:
     from starlette.responses import Response  # noqa: PLC0415
 
     content_type = request.headers.get("content-type", "")
@@ -151,17 +123,33 @@ async def _token(request: Any) -> Any:
     return Response(token.render(issuer.clock.now()), 200, _NO_STORE, media_type="application/json")
 
 
-async def _relay_route(request: Any) -> Any:
+async def _relay_route(request: Request) -> Response:
+    """Authorise first, then read the body (with the route's limit), then forward."""
+    from starlette.responses import Response  # noqa: PLC0415
+
     _, relay = await build()
-    return await relay.handle(request)
+    # The raw (still percent-encoded) path: the policy refuses encoded tricks itself.
+    raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    target = raw_path.partition(b"?")[0].decode("latin-1").removeprefix("/relay/")
+    permit = relay.authorize(request.headers.get("authorization"), request.method, target)
+    body = await read_body(request, permit.max_body_bytes)
+    query: bytes = request.scope.get("query_string") or b""
+    answer = await relay.forward(
+        permit, query=query.decode("latin-1") or None, headers=request.headers.items(), body=body
+    )
+    return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
 
 
-_ROUTES = {"/healthz": (("GET", "HEAD"), _healthz), "/token": (("POST",), _token)}
+_Endpoint = Callable[["Request"], Awaitable["Response"]]
+_ROUTES: dict[str, tuple[tuple[str, ...], _Endpoint]] = {
+    "/healthz": (("GET", "HEAD"), _healthz),
+    "/token": (("POST",), _token),
+}
 
 
-async def handle(request: Any) -> Any:
+async def handle(request: Request) -> Response:
     """Every request to the issuer function."""
-    path = request.scope["path"]
+    path: str = request.scope["path"]
     try:
         if path.startswith("/relay/"):
             return await _relay_route(request)

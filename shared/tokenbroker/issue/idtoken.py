@@ -78,6 +78,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import ConfigError, CredentialUnavailable, InvalidCallerToken
 from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.model import Caller
 
 #: Google's two spellings of its ID token issuer (google-auth ``id_token._GOOGLE_ISSUERS``).
 GOOGLE_ISSUERS: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
@@ -122,16 +123,6 @@ _HEADER_CACHE_SIZE = 64
 _MAX_HEADER_B64 = (MAX_HEADER_BYTES * 4 + 2) // 3
 _MAX_AGE_RE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,10})\"?", re.IGNORECASE)
 _LOOPBACK_HOSTS = frozenset({"localhost"})
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: the service account an ID token vouches for."""
-
-    email: str  # lower-cased
-    subject: str
-    issuer: str
-    expires_at: datetime
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ import random
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
+from tokenbroker.issue.policy import IssuePolicy, TokenGrant
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
 from tokenbroker.kernel.errors import (
     BadRequest,
@@ -38,7 +39,6 @@ from tokenbroker.kernel.errors import (
     NotFound,
     PolicyDenied,
     TokenBrokerError,
-    VersionConflict,
 )
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
@@ -50,7 +50,7 @@ from tokenbroker.kernel.model import (
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.grants import refresh_grant, service_account_info
 from tokenbroker.oauth.profiles import ProviderProfile
-from tokenbroker.ports import SecretStore, StateStore, TokenEndpoint
+from tokenbroker.ports import CallerVerifier, Impersonator, SecretStore, StateStore, TokenEndpoint
 
 MAX_BODY_BYTES = 16 * 1024
 DENIED = "caller is not allowed this connection"
@@ -138,26 +138,6 @@ class IssuedToken:
         }
 
 
-class CallerVerifier(Protocol):
-    def verify_authorization(self, header: str | None) -> Any: ...
-
-
-class Policy(Protocol):
-    def authorize(
-        self,
-        caller_email: str,
-        connection_id: str,
-        requested_scopes: Sequence[str] | None,
-        min_ttl_seconds: int | None,
-    ) -> Any: ...
-
-
-class Impersonator(Protocol):
-    async def generate_access_token(
-        self, service_account: str, scopes: Sequence[str], lifetime_seconds: int
-    ) -> Any: ...
-
-
 @dataclass
 class _Cached:
     token: IssuedToken
@@ -170,7 +150,7 @@ class TokenIssuer:
         self,
         *,
         verifier: CallerVerifier,
-        policy: Policy,
+        policy: IssuePolicy,
         state: StateStore,
         secrets: SecretStore,
         profiles: Mapping[str, ProviderProfile],
@@ -195,7 +175,7 @@ class TokenIssuer:
         self._cache: OrderedDict[tuple[str, tuple[str, ...] | None], _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
-        self._grants: dict[tuple[str, TokenRequest], Any] = {}
+        self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
         self.secret_reads = 0
         self.issued = 0
         self.log = get_logger(component="issuer")
@@ -206,7 +186,7 @@ class TokenIssuer:
         caller = self.verifier.verify_authorization(authorization)
         request = self._parse(body)
         grant = self._authorize(caller.email, request)
-        scopes: tuple[str, ...] | None = tuple(grant.scopes) if grant.scopes is not None else None
+        scopes = grant.scopes
         key = (request.connection, scopes)
         now = self.clock.now()
         min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
@@ -241,7 +221,7 @@ class TokenIssuer:
                 self._requests[body] = request
         return request
 
-    def _authorize(self, caller_email: str, request: TokenRequest) -> Any:
+    def _authorize(self, caller_email: str, request: TokenRequest) -> TokenGrant:
         """Policy decisions, remembered: the policy is immutable once loaded. Denials are
         not remembered (they raise), so they cost a lookup each time."""
         key = (caller_email, request)
@@ -285,7 +265,7 @@ class TokenIssuer:
         self,
         connection_id: str,
         scopes: tuple[str, ...] | None,
-        grant: Any,
+        grant: TokenGrant,
         now: datetime,
         min_ttl: timedelta,
     ) -> tuple[IssuedToken, int | None]:
@@ -303,7 +283,7 @@ class TokenIssuer:
         profile = self.profiles.get(connection.profile)
         if profile is None:
             raise CredentialUnavailable(f"connection {connection_id!r}: unknown profile")
-        max_lifetime = int(grant.max_lifetime_seconds)
+        max_lifetime = grant.max_lifetime_seconds
 
         sa_email = connection.params.get("service_account")
         if sa_email or connection.grant is GrantType.JWT_BEARER:
@@ -401,11 +381,19 @@ class TokenIssuer:
         max_lifetime: int,
         now: datetime,
     ) -> IssuedToken:
-        """RFC 6749 §6 refresh asking for a subset of the granted scope. Only for providers
-        that do not rotate refresh tokens; if one rotates anyway, the new refresh token is
-        stored (compare-and-set) before anything else, so the connection is never lost."""
-        import asyncio  # noqa: PLC0415
+        """RFC 6749 §6 refresh asking for a subset of the granted scope ("MUST NOT include
+        any scope not originally granted"). Only for providers whose profile says they do not
+        rotate refresh tokens (RFC 6749 §6: the server "MAY issue a new refresh token").
 
+        If one rotates anyway, the new refresh token is **not** stored: the issuer is a read
+        path and never writes credentials. Only the refresher, holding the connection's lease,
+        may write (its fencing token is what keeps two writers from interleaving; a
+        compare-and-set from here would race the leased refresher outside any lease, and a
+        burst of callers would become a burst of writes). The caller still gets its token;
+        an error line naming the connection (never the token) tells the operator that the
+        profile's ``rotates_refresh_tokens = false`` is wrong for this provider, whose stored
+        refresh token may now be spent. Issue 8 routes narrowing refreshes through the lease.
+        """
         if self.endpoint is None:
             raise CredentialUnavailable("scope narrowing is not configured")
         stored = await self._read_current(connection.id)
@@ -430,17 +418,12 @@ class TokenIssuer:
                 ) from None
             raise CredentialUnavailable(f"provider refused ({error.code})") from None
         if response.refresh_token is not None and response.refresh_token != current.refresh_token:
-            try:
-                await asyncio.to_thread(
-                    self.secrets.put,
-                    connection.id,
-                    replace(current, refresh_token=response.refresh_token),
-                    expected_version=stored.version,
-                )
-            except VersionConflict:
-                self.log.error(
-                    "narrowing refresh rotated a token that lost a race", connection=connection.id
-                )
+            self.log.error(
+                "narrowing refresh rotated the refresh token; not stored (only the leased "
+                "refresher writes credentials): fix the profile's rotates_refresh_tokens",
+                connection=connection.id,
+                profile=profile.name,
+            )
         lifetime = response.expires_in or profile.default_lifetime_seconds
         expires_at = now + timedelta(seconds=min(lifetime, max_lifetime))
         return IssuedToken(

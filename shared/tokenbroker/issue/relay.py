@@ -7,11 +7,23 @@ for the methods and path prefixes the policy allows. It is never an open proxy:
 
 * the target host is fixed by the policy; the caller's path cannot change it (checked again
   after joining);
-* hop-by-hop headers (RFC 9110 §7.6.1), ``Host``, cookies, ``Forwarded``/``X-Forwarded-*`` and
-  the caller's own ``Authorization`` are dropped;
+* hop-by-hop headers (RFC 9110 §7.6.1), ``Host``, cookies, ``Forwarded``/``X-Forwarded-*``,
+  the caller's own ``Authorization`` and any header the route sets from the credential are
+  dropped, so a caller can neither forward its ID token nor pre-empt the injected value;
+* ``Accept-Encoding`` is the transport's: the answer must arrive in an encoding it decodes,
+  or the injected secret could not be scrubbed from it;
 * redirects are never followed (a 3xx goes back to the caller as is);
 * request and response sizes and the time are bounded;
-* a provider that echoes the injected secret back gets it replaced by ``[REDACTED]``.
+* a provider that echoes the injected secret back (in the body or a header, raw, JSON-escaped
+  or percent-encoded) gets it replaced by ``[REDACTED]``.
+
+Values in, values out (the sans-I/O shape of h11): :meth:`Relay.authorize` decides who may call
+which route from plain strings, :meth:`Relay.forward` builds the
+:class:`~tokenbroker.kernel.http.OutboundRequest`, sends it through the
+:class:`~tokenbroker.ports.RelayTransport` port and returns the scrubbed answer as an
+:class:`~tokenbroker.kernel.http.HttpResponse`. Reading the request and writing the answer are
+the HTTP edge's job (``entrypoints/issuer.py``); the two steps let it read the body only after
+the caller is authenticated and authorised, with the route's own size limit.
 """
 
 from __future__ import annotations
@@ -19,18 +31,28 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from urllib.parse import quote
 
+from tokenbroker.issue.policy import IssuePolicy, RelayRoute
 from tokenbroker.kernel.clock import Clock, SystemClock
-from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NotFound, TokenBrokerError
+from tokenbroker.kernel.errors import (
+    BadRequest,
+    CredentialUnavailable,
+    NotFound,
+    TokenBrokerError,
+    TransportError,
+)
+from tokenbroker.kernel.http import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, OutboundRequest
 from tokenbroker.kernel.log import get_logger
-from tokenbroker.kernel.model import Credential
-from tokenbroker.ports import SecretStore
+from tokenbroker.kernel.model import Caller, Credential
+from tokenbroker.ports import CallerVerifier, RelayTransport, SecretStore, StateStore
 
-MAX_RESPONSE_BYTES = 10 * 1024 * 1024
+MAX_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES
 CACHE_SECONDS = 30.0
+REDACTED = b"[REDACTED]"
 #: What a route may inject. Refresh tokens are never sent anywhere but the token endpoint.
 INJECTABLE = frozenset({"access_token", "client_secret", "client_id"})
 
@@ -39,7 +61,7 @@ _DROP_REQUEST = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
         "trailer", "transfer-encoding", "upgrade", "host", "authorization", "cookie",
         "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
-        "content-length", "x-cloud-trace-context", "traceparent",
+        "content-length", "x-cloud-trace-context", "traceparent", "accept-encoding",
     }
 )  # fmt: skip
 _DROP_RESPONSE = frozenset(
@@ -50,28 +72,173 @@ _DROP_RESPONSE = frozenset(
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class RelayPermit:
+    """A relay call the policy allows: who asked, the route chosen, and the request line.
+
+    Issued by :meth:`Relay.authorize` before the request body is read, so a body is only
+    ever buffered for an authenticated, authorised caller and only up to its route's
+    ``max_body_bytes``.
+    """
+
+    caller: Caller
+    route: RelayRoute
+    method: str
+    #: The raw (still percent-encoded) path below the route, without the query.
+    path: str
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.route.max_body_bytes
+
+
 class Relay:
+    """The relay's decisions for one policy. ``transport`` sends (the aiohttp adapter when
+    deployed, a recording one in tests); credentials are read from ``secrets`` at most once per
+    :data:`CACHE_SECONDS` per connection, client ids from ``state`` once."""
+
     def __init__(
         self,
         *,
-        verifier: Any,
-        policy: Any,
+        verifier: CallerVerifier,
+        policy: IssuePolicy,
         secrets: SecretStore,
+        transport: RelayTransport,
+        state: StateStore | None = None,
         clock: Clock | None = None,
         client_ids: Mapping[str, str] | None = None,
-        state: Any = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.verifier = verifier
         self.policy = policy
         self.secrets = secrets
+        self.transport = transport
         self.state = state
         self.clock = clock or SystemClock()
+        self.max_response_bytes = max_response_bytes
         self._client_ids = dict(client_ids or {})
         self._cache: dict[str, tuple[Credential, datetime]] = {}
         self._lock = threading.Lock()
-        self._session: Any = None
         self.secret_reads = 0
         self.log = get_logger(component="relay")
+
+    # -- deciding --------------------------------------------------------------------------------
+
+    def authorize(self, authorization: str | None, method: str, target: str) -> RelayPermit:
+        """Who is calling and which route serves ``method`` on ``target``, or the refusal.
+
+        ``target`` is the raw (percent-encoded) request path below ``/relay/``:
+        ``{relay name or connection}/{path}``, without the query. The policy refuses encoded
+        tricks itself; the raw form is what it must see.
+        """
+        caller = self.verifier.verify_authorization(authorization)
+        name, _, path = target.partition("/")
+        route = self.policy.relay(caller.email, name, method, path)
+        return RelayPermit(caller=caller, route=route, method=method, path=path)
+
+    async def relay(
+        self,
+        authorization: str | None,
+        method: str,
+        target: str,
+        *,
+        query: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> HttpResponse:
+        """:meth:`authorize` then :meth:`forward`, for a request whose body is already read."""
+        permit = self.authorize(authorization, method, target)
+        return await self.forward(permit, query=query, headers=headers, body=body)
+
+    async def forward(
+        self,
+        permit: RelayPermit,
+        *,
+        query: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> HttpResponse:
+        """Inject the credential, send, and return the provider's answer, scrubbed.
+
+        ``headers`` are the caller's, as (name, value) pairs in any case; ``query`` the raw
+        query string (no ``?``). The answer keeps the provider's status (a 3xx included) and
+        its end-to-end headers.
+        """
+        route = permit.route
+        if len(body) > route.max_body_bytes:
+            raise BadRequest(f"request body larger than {route.max_body_bytes} bytes")
+        credential = await self._credential(route.connection)
+        outbound, injected = await self._outbound(permit, query, headers, body, credential)
+        try:
+            answer = await self.transport.send(outbound)
+        except TransportError as error:
+            self.log.warning(
+                "relay got no answer",
+                caller=permit.caller.email,
+                route=route.name,
+                connection=route.connection,
+                error=error.message,
+            )
+            raise CredentialUnavailable(f"provider {error.message}", retry_after=5) from None
+        scrubbed = _scrubbed(answer, injected)
+        self.log.info(
+            "relayed",
+            caller=permit.caller.email,
+            route=route.name,
+            connection=route.connection,
+            method=permit.method,
+            status=answer.status,
+        )
+        return scrubbed
+
+    async def _outbound(
+        self,
+        permit: RelayPermit,
+        query: str | None,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        credential: Credential,
+    ) -> tuple[OutboundRequest, list[str]]:
+        """The request as it goes on the wire, and the credential values put into it."""
+        route = permit.route
+        dropped = _DROP_REQUEST | route.credential_headers
+        sent = {k: v for k, v in headers if k.lower() not in dropped}
+        injected: list[str] = []
+        if route.inject == "bearer":
+            token = await self._value(route, "access_token", credential)
+            sent["Authorization"] = f"Bearer {token}"
+            injected.append(token)
+        elif route.inject == "header":
+            if route.header is None:  # the policy requires one; refuse rather than send bare
+                raise CredentialUnavailable(f"relay {route.name!r} names no header")
+            value = await self._value(route, route.header_value or "access_token", credential)
+            sent[route.header] = value
+            injected.append(value)
+        elif route.inject == "body":
+            try:
+                payload = json.loads(body or b"{}")
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest("relay body must be a JSON object") from None
+            if not isinstance(payload, dict):
+                raise BadRequest("relay body must be a JSON object")
+            for field, attribute in route.body_fields.items():
+                value = await self._value(route, attribute, credential)
+                payload[field] = value
+                injected.append(value)
+            body = json.dumps(payload).encode()
+            sent = {k: v for k, v in sent.items() if k.lower() != "content-type"}
+            sent["Content-Type"] = "application/json"
+        request = OutboundRequest(
+            method=permit.method,
+            url=route.url_for(permit.path, query=query or None),
+            headers=sent,
+            body=body,
+            timeout_seconds=float(route.timeout_seconds),
+            max_response_bytes=self.max_response_bytes,
+        )
+        return request, injected
+
+    # -- the credential ----------------------------------------------------------------------------
 
     async def _credential(self, connection_id: str) -> Credential:
         now = self.clock.now()
@@ -98,7 +265,7 @@ class Relay:
             self._client_ids[connection_id] = record.connection.client_id or ""
         return self._client_ids.get(connection_id) or None
 
-    async def _value(self, route: Any, attribute: str, credential: Credential) -> str:
+    async def _value(self, route: RelayRoute, attribute: str, credential: Credential) -> str:
         if attribute not in INJECTABLE:
             raise CredentialUnavailable(f"relay {route.name!r} may not inject {attribute!r}")
         if attribute == "client_id":
@@ -110,88 +277,26 @@ class Relay:
             raise CredentialUnavailable(f"connection {route.connection!r} has no {attribute}")
         return value
 
-    async def handle(self, request: Any) -> Any:
-        from starlette.responses import Response  # noqa: PLC0415
 
-        from tokenbroker.entrypoints.issuer import read_body  # noqa: PLC0415
-
-        caller = self.verifier.verify_authorization(request.headers.get("authorization"))
-        # The raw (still percent-encoded) path: the policy refuses encoded tricks itself.
-        raw_path = request.scope.get("raw_path") or request.url.path.encode()
-        rest = raw_path.decode("latin-1").removeprefix("/relay/")
-        connection_id, _, path = rest.partition("/")
-        route = self.policy.relay(caller.email, connection_id, request.method, path)
-        body = await read_body(request, route.max_body_bytes)
-        credential = await self._credential(route.connection)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
-        injected: list[str] = []
-        if route.inject == "bearer":
-            token = await self._value(route, "access_token", credential)
-            headers["Authorization"] = f"Bearer {token}"
-            injected.append(token)
-        elif route.inject == "header":
-            value = await self._value(route, route.header_value or "access_token", credential)
-            headers[route.header] = value
-            injected.append(value)
-        elif route.inject == "body":
-            try:
-                payload = json.loads(body or b"{}")
-            except ValueError:
-                raise BadRequest("relay body must be a JSON object") from None
-            if not isinstance(payload, dict):
-                raise BadRequest("relay body must be a JSON object")
-            for field, attribute in route.body_fields.items():
-                value = await self._value(route, attribute, credential)
-                payload[field] = value
-                injected.append(value)
-            body = json.dumps(payload).encode()
-            headers["Content-Type"] = "application/json"
-        url = route.url_for(path, query=request.url.query or None)
-        status, response_headers, content = await self._forward(
-            request.method, url, headers, body, route.timeout_seconds
-        )
-        for value in injected:
-            content = content.replace(value.encode(), b"[REDACTED]")
-        self.log.info(
-            "relayed",
-            caller=caller.email,
-            route=route.name,
-            connection=route.connection,
-            method=request.method,
-            status=status,
-        )
-        return Response(content, status_code=status, headers=response_headers)
-
-    async def _forward(
-        self, method: str, url: str, headers: dict[str, str], body: bytes, seconds: float
-    ) -> tuple[int, dict[str, str], bytes]:
-        import aiohttp  # noqa: PLC0415
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=True)
-        try:
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=seconds),
-            ) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > MAX_RESPONSE_BYTES:
-                        raise CredentialUnavailable("provider response too large")
-                    chunks.append(chunk)
-                kept = {
-                    k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE
-                }
-                return response.status, kept, b"".join(chunks)
-        except TimeoutError:
-            raise CredentialUnavailable("provider timed out", retry_after=5) from None
-        except aiohttp.ClientError as exc:
-            raise CredentialUnavailable(
-                f"provider unreachable: {type(exc).__name__}", retry_after=5
-            ) from None
+def _scrubbed(answer: HttpResponse, injected: Iterable[str]) -> HttpResponse:
+    """The answer without hop-by-hop and cookie headers, every injected value replaced by
+    ``[REDACTED]`` in the body and the header values, in each form an echo may take: as sent,
+    JSON-escaped once (a JSON answer quoting a value) or twice (quoting the JSON request body
+    as a string), and percent-encoded (a URL or a form)."""
+    forms: set[str] = set()
+    for value in injected:
+        once = json.dumps(value)[1:-1]
+        forms.update((value, once, json.dumps(once)[1:-1], quote(value, safe="")))
+    ordered = sorted((f for f in forms if f), key=len, reverse=True)
+    body = answer.body
+    for form in ordered:
+        body = body.replace(form.encode(), REDACTED)
+    headers: dict[str, str] = {}
+    for name, value in answer.headers.items():
+        if name.lower() in _DROP_RESPONSE:
+            continue
+        kept = value
+        for form in ordered:
+            kept = kept.replace(form, REDACTED.decode())
+        headers[name] = kept
+    return HttpResponse(status=answer.status, body=body, headers=headers)

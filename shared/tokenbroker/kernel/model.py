@@ -1,4 +1,5 @@
-"""The domain: connections, their credentials, refresh state, leases and events."""
+"""The domain: connections, their credentials, refresh state, leases and events; the issuer's
+callers and the tokens minted for them."""
 
 from __future__ import annotations
 
@@ -284,3 +285,27 @@ class ConnectionEvent:
             event_id=data["event_id"],
             schema_version=int(data.get("schema_version") or EVENT_SCHEMA_VERSION),
         )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling the issuer: the identity a verified credential vouches for.
+
+    For a Google ID token (the only kind the broker accepts today) ``email`` is the calling
+    service account, lower-cased; ``subject`` and ``issuer`` are the token's ``sub`` and ``iss``
+    (OpenID Connect Core §2), and ``expires_at`` its ``exp``.
+    """
+
+    email: str
+    subject: str
+    issuer: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class MintedToken:
+    """An access token minted for one request by impersonation (IAM Credentials
+    ``generateAccessToken``): exactly the requested scopes, a bounded lifetime, never stored."""
+
+    access_token: Secret
+    expires_at: datetime

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from tests.unit.issue.fakes import FakeVerifier
 from tokenbroker.adapters.fake_provider import FakeTokenServer
 from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
 from tokenbroker.entrypoints.answers import http_answer
@@ -18,6 +20,7 @@ from tokenbroker.issue.issuer import TokenIssuer
 from tokenbroker.issue.policy_file import parse_policy_text
 from tokenbroker.kernel.clock import FakeClock
 from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NeedsReauth, PolicyDenied
+from tokenbroker.kernel.log import configure_logging
 from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.profiles import load_profiles
@@ -36,20 +39,6 @@ callers = ["{WORKER}"]
 connections = ["gmail"]
 scopes = ["read", "send"]
 """
-
-
-@dataclass(frozen=True)
-class _Caller:
-    email: str
-
-
-class FakeVerifier:
-    def verify_authorization(self, header: str | None) -> _Caller:
-        from tokenbroker.kernel.errors import InvalidCallerToken
-
-        if not header or not header.startswith("Bearer "):
-            raise InvalidCallerToken("missing bearer token")
-        return _Caller(header.removeprefix("Bearer "))
 
 
 class CountingSecrets(MemorySecretStore):
@@ -197,3 +186,41 @@ def test_rendered_answer_matches_the_json_form_as_time_passes(world: World) -> N
     for step in (0, 1, 899, 2000):
         now = world.clock.now() + timedelta(seconds=step)
         assert json.loads(token.render(now)) == token.to_json(now)
+
+
+@pytest.fixture
+def log() -> Iterator[io.StringIO]:
+    """What the library logs during the test (debug level); the session capture file still
+    gets every line for the end-of-session leak scan."""
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream)
+    yield stream
+    configure_logging()
+
+
+def test_a_narrowing_refresh_that_rotates_writes_nothing_and_still_answers(
+    world: World, log: io.StringIO
+) -> None:
+    """The issuer's read path never writes credentials: only a leased refresher may. A
+    provider that rotates on a narrowing refresh (its profile says it does not) leaves the
+    store as it was; the operator learns of it from an error naming the connection."""
+    world.server.rotate = True  # the provider rotates after all
+    before = world.secrets.get("gmail")
+    versions = world.secrets.versions("gmail")
+    token = world.issue({"connection": "gmail", "scopes": ["read"]})
+
+    assert token.scope == ("read",)  # the caller is still answered
+    assert token.access_token.reveal() in world.server.issued
+    after = world.secrets.get("gmail")
+    assert after.version == before.version
+    assert world.secrets.versions("gmail") == versions  # no new version
+    assert after.credential == before.credential
+    assert world.state.get("gmail").state.current_version == before.version
+    rotated = [t for t in world.server.issued if t.startswith("rt-") and t != world.gmail_rt]
+    assert rotated, "the fake provider rotated"
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    errors = [line for line in lines if line["severity"] == "ERROR"]
+    assert [e["connection"] for e in errors] == ["gmail"]
+    assert "rotat" in errors[0]["message"]
+    for value in world.server.issued:
+        assert value not in log.getvalue()

@@ -90,8 +90,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -105,6 +104,7 @@ from tokenbroker.kernel.errors import (
 )
 from tokenbroker.kernel.http import parse_retry_after
 from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.model import MintedToken
 from tokenbroker.kernel.redact import scrub
 from tokenbroker.kernel.secret import Secret
 
@@ -181,15 +181,6 @@ class ServiceAccountGone(IamCredentialsError, NeedsReauth):
 
 class IamUnavailable(IamCredentialsError, CredentialUnavailable):
     """IAM Credentials could not answer usefully right now; worth retrying."""
-
-
-# --- the result --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImpersonatedToken:
-    access_token: Secret
-    expires_at: datetime
 
 
 # --- the broker's own token ----------------------------------------------------------------------
@@ -281,7 +272,8 @@ class ApplicationDefaultAuthorizer:
 
 
 class IamCredentials:
-    """``generateAccessToken`` over aiohttp: one session, created on first use inside the
+    """The :class:`~tokenbroker.ports.Impersonator` port on IAM Credentials
+    ``generateAccessToken`` over aiohttp: one session, created on first use inside the
     running loop (so construct it anywhere, use it in one loop, ``aclose()`` it there).
 
     ``authorizer`` returns the broker's own bearer token (default:
@@ -340,7 +332,7 @@ class IamCredentials:
         scopes: Sequence[str],
         lifetime_seconds: int,
         delegates: Sequence[str] = (),
-    ) -> ImpersonatedToken:
+    ) -> MintedToken:
         """A token for ``service_account`` with exactly ``scopes``, valid ``lifetime_seconds``."""
         scope_list = _checked_scopes(scopes)
         lifetime = self._checked_lifetime(lifetime_seconds)
@@ -448,7 +440,7 @@ class IamCredentials:
                 f"IAM Credentials unreachable minting a token for {email}: {type(exc).__name__}"
             ) from None
 
-    def _token(self, raw: bytes, status: int, email: str, lifetime: int) -> ImpersonatedToken:
+    def _token(self, raw: bytes, status: int, email: str, lifetime: int) -> MintedToken:
         data = _json_object(raw)
         what = f"IAM Credentials answered HTTP {status} for {email}"
         if data is None:
@@ -477,7 +469,7 @@ class IamCredentials:
                 lifetime_seconds=lifetime,
                 expires_at=isoformat(expires_at),
             )
-        return ImpersonatedToken(access_token=Secret(access_token), expires_at=expires_at)
+        return MintedToken(access_token=Secret(access_token), expires_at=expires_at)
 
 
 # --- validation ----------------------------------------------------------------------------------

@@ -1,0 +1,240 @@
+"""The refresher function in process: ``functions/refresher/main.py`` through
+``functions_framework.create_app(...).test_client()``, for both targets.
+
+``refresh_http`` (Cloud Scheduler's HTTP target) and ``refresh`` (a CloudEvent: Scheduler ->
+Pub/Sub -> Eventarc) run a real tick over the embedded backend against a token endpoint on
+127.0.0.1. What the platform sees matters: a 5xx makes Scheduler or Eventarc try again, so a
+store outage must be one (503 with Retry-After on HTTP), a bad trigger must not (400/405), and
+a configuration error is a 500 that names the variable to fix (an operator surface).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import functions_framework
+import pytest
+
+from tests.support.provider_api import ProviderApi
+from tokenbroker.adapters.embedded import new_key_text
+from tokenbroker.adapters.fake_provider import FakeTokenServer
+from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.entrypoints import refresher
+from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.kernel.clock import FakeClock
+from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.model import Connection, ConnectionEvent, Credential, GrantType
+from tokenbroker.kernel.secret import Secret
+from tokenbroker.ports import ClaimBatch
+from tokenbroker.refresh.registry import ConnectionRegistry
+
+SOURCE = str(Path(__file__).resolve().parents[3] / "functions" / "refresher" / "main.py")
+
+
+class UnavailableState(MemoryStateStore):
+    """A state store in an outage: every read the tick needs fails, retryably."""
+
+    def _down(self) -> StoreUnavailable:
+        return StoreUnavailable("state store unavailable", retry_after=7)
+
+    def parked_events(self, *_: object, **__: object) -> list[ConnectionEvent]:
+        raise self._down()
+
+    def claim_due(self, *_: object, **__: object) -> ClaimBatch:
+        raise self._down()
+
+    def claim(self, *_: object, **__: object) -> ClaimBatch:
+        raise self._down()
+
+
+class Broker:
+    """The embedded backend shared by the test and the function, and the provider."""
+
+    def __init__(self, state_dir: Path, api: ProviderApi, token_server: FakeTokenServer) -> None:
+        self.key = new_key_text()
+        self.state_dir = state_dir
+        self.token_server = token_server
+        self.runtime = build_runtime(
+            Settings(backend="embedded", state_dir=state_dir, encryption_key=Secret(self.key))
+        )
+        registry = ConnectionRegistry(
+            secrets=self.runtime.secrets, state=self.runtime.state,
+            profiles=self.runtime.profiles, clock=self.runtime.clock,
+        )  # fmt: skip
+        for cid in ("crm", "erp"):
+            registry.register(
+                Connection(id=cid, profile="generic", grant=GrantType.REFRESH_TOKEN,
+                           client_id="client", token_url=f"{api.url}/oauth/token"),
+                Credential(refresh_token=Secret(token_server.seed_refresh_token()),
+                           client_secret=Secret("client-secret")),
+            )  # fmt: skip
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "TOKENBROKER_BACKEND": "embedded",
+            "TOKENBROKER_STATE_DIR": str(self.state_dir),
+            "TOKENBROKER_ENCRYPTION_KEY": self.key,
+            "TOKENBROKER_HTTP_TIMEOUT_SECONDS": "5",
+        }
+
+    def versions(self) -> dict[str, int]:
+        return {cid: self.runtime.secrets.get(cid).version for cid in ("crm", "erp")}
+
+
+@pytest.fixture
+def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
+    token_server = FakeTokenServer()
+    with ProviderApi(token_server=token_server).in_thread() as api:
+        broker = Broker(tmp_path / "state", api, token_server)
+        for name, value in broker.env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(refresher, "_runtime", None)  # a cold start per test
+        try:
+            yield broker
+        finally:
+            built = refresher._runtime
+            if built is not None:
+                built.close()
+            broker.runtime.close()
+
+
+@pytest.fixture
+def outage(monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    """The instance's runtime, with its state store down (a FakeClock: retries do not wait)."""
+    runtime = replace(
+        build_runtime(Settings(backend="memory")), state=UnavailableState(), clock=FakeClock()
+    )
+    monkeypatch.setattr(refresher, "_runtime", runtime)
+    return runtime
+
+
+def client(target: str) -> Any:
+    return functions_framework.create_app(target, SOURCE).test_client()
+
+
+def pubsub_event(payload: object | None) -> tuple[dict[str, str], bytes]:
+    """A binary-mode CloudEvent as Eventarc delivers a Pub/Sub message from Cloud Scheduler."""
+    data = base64.b64encode(json.dumps(payload).encode()).decode() if payload is not None else ""
+    body = {
+        "message": {"data": data, "messageId": "1", "publishTime": "2026-11-27T10:00:00Z"},
+        "subscription": "projects/p/subscriptions/refresher",
+    }
+    headers = {
+        "ce-id": str(uuid.uuid4()),
+        "ce-specversion": "1.0",
+        "ce-source": "//pubsub.googleapis.com/projects/p/topics/refresh-tick",
+        "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+        "Content-Type": "application/json",
+    }
+    return headers, json.dumps(body).encode()
+
+
+# --- refresh_http --------------------------------------------------------------------------------
+
+
+def test_http_post_runs_the_tick_its_payload_asks_for(broker: Broker) -> None:
+    response = client("refresh_http").post("/", json={"connections": ["crm"]})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    summary = response.get_json()
+    assert (summary["claimed"], summary["refreshed"], summary["missing"]) == (1, 1, [])
+    assert broker.versions() == {"crm": 2, "erp": 1}  # only what was named
+
+
+def test_http_post_without_a_payload_refreshes_what_is_due(broker: Broker) -> None:
+    response = client("refresh_http").post("/")
+    assert response.status_code == 200, response.text
+    assert response.get_json()["refreshed"] == 2
+    assert broker.versions() == {"crm": 2, "erp": 2}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_http_other_methods_are_405(broker: Broker, method: str) -> None:
+    response = client("refresh_http").open("/", method=method)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.get_json()["error"] == "invalid_request"
+    assert broker.versions() == {"crm": 1, "erp": 1}
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"tick"'])
+def test_http_a_body_that_is_not_a_json_object_is_400(broker: Broker, body: bytes) -> None:
+    response = client("refresh_http").post("/", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": "invalid_request", "error_description": "body must be a JSON object",
+    }  # fmt: skip
+    assert broker.versions() == {"crm": 1, "erp": 1}
+
+
+def test_http_a_store_outage_is_503_with_retry_after(outage: Runtime) -> None:
+    response = client("refresh_http").post("/", json={})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "7"  # what the store said
+    assert response.get_json()["error"] == "store_unavailable"
+    assert outage.clock.sleeps  # retried (without waiting) before giving up
+
+
+def test_http_a_configuration_error_is_500_naming_the_variable(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENBROKER_TICK_LIMIT", "0")
+    response = client("refresh_http").post("/", json={})
+    assert response.status_code == 500
+    body = response.get_json()
+    assert body["error"] == "invalid_config"
+    assert "TOKENBROKER_TICK_LIMIT" in body["error_description"]
+    assert "Traceback" not in response.text
+
+
+# --- refresh (CloudEvent) -------------------------------------------------------------------------
+
+
+def test_cloudevent_runs_the_tick_its_pubsub_payload_asks_for(broker: Broker) -> None:
+    headers, body = pubsub_event({"connections": ["erp"]})
+    response = client("refresh").post("/", headers=headers, data=body)
+    assert response.status_code == 200, response.text
+    assert broker.versions() == {"crm": 1, "erp": 2}
+
+
+def test_cloudevent_with_no_payload_refreshes_what_is_due(broker: Broker) -> None:
+    headers, body = pubsub_event(None)
+    assert client("refresh").post("/", headers=headers, data=body).status_code == 200
+    assert broker.versions() == {"crm": 2, "erp": 2}
+
+
+def test_cloudevent_get_is_405(broker: Broker) -> None:
+    assert client("refresh").get("/").status_code == 405
+    assert broker.versions() == {"crm": 1, "erp": 1}
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("application/json", b'{"connections": ["crm"]}', 400),  # JSON, but no CloudEvent
+        ("text/plain", b"tick", 415),
+    ],
+)
+def test_cloudevent_a_body_that_is_no_cloudevent_is_refused(
+    broker: Broker, content_type: str, body: bytes, status: int
+) -> None:
+    response = client("refresh").post("/", headers={"Content-Type": content_type}, data=body)
+    assert response.status_code == status
+    assert broker.versions() == {"crm": 1, "erp": 1}
+
+
+def test_cloudevent_a_store_outage_fails_the_invocation_so_eventarc_retries(
+    outage: Runtime,
+) -> None:
+    headers, body = pubsub_event({})
+    response = client("refresh").post("/", headers=headers, data=body)
+    assert response.status_code == 500
+    assert "state store unavailable" not in response.text  # the framework's bare crash answer

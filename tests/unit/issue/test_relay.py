@@ -1,0 +1,563 @@
+"""The relay in process: its decisions on a recording in-memory RelayTransport, and the real
+aiohttp transport against a provider API on 127.0.0.1.
+
+What is proved: each injection kind puts the credential where the route says and nowhere
+else; the caller's ID token, cookies, hop-by-hop and forwarding headers (and any header the
+route sets itself) never reach the provider; redirects are handed back, not followed;
+oversize and slow answers are refused; the injected secret never comes back to the caller;
+policy denials and path tricks send nothing at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import pytest
+
+from tests.support.provider_api import ProviderApi
+from tests.unit.issue.fakes import FakeVerifier, RecordingTransport
+from tokenbroker.adapters.http import AiohttpRelayTransport
+from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
+from tokenbroker.entrypoints.answers import http_answer
+from tokenbroker.issue.policy import (
+    RELAY_DENIED,
+    CredentialField,
+    HttpMethod,
+    Inject,
+    IssuePolicy,
+    RelayRoute,
+)
+from tokenbroker.issue.relay import Relay
+from tokenbroker.kernel.clock import FakeClock
+from tokenbroker.kernel.errors import (
+    BadRequest,
+    CredentialUnavailable,
+    InvalidCallerToken,
+    PolicyDenied,
+    TransportError,
+)
+from tokenbroker.kernel.http import HttpResponse, OutboundRequest
+from tokenbroker.kernel.model import Connection, Credential, GrantType
+from tokenbroker.kernel.secret import Secret
+from tokenbroker.oauth.profiles import load_profiles
+from tokenbroker.ports import RelayTransport
+from tokenbroker.refresh.registry import ConnectionRegistry
+
+T = TypeVar("T")
+
+BILLING = "billing@p.iam.gserviceaccount.com"
+WORKER = "crm-sync@p.iam.gserviceaccount.com"
+STRANGER = "someone@elsewhere.iam.gserviceaccount.com"
+OMIE_KEY = "omie-app-key-123"
+OMIE_SECRET = "omie-app-secret\\XYZ+987/"  # '\\', '+' and '/' change under JSON or URL escaping
+SIGE_TOKEN = "sige-header-token-Q1w2E3"
+CRM_TOKEN = "AT-crm-live-4f9a"
+RECORDED_BASE = "https://api.provider.test/api/"
+
+
+def bearer(email: str) -> str:
+    return f"Bearer {email}"
+
+
+def routes(base_url: str) -> tuple[RelayRoute, ...]:
+    return (
+        RelayRoute(
+            name="omie-clients",
+            connection="omie",
+            callers=(BILLING,),
+            base_url=base_url,
+            methods=frozenset({HttpMethod.POST}),
+            path_prefixes=("geral/clientes",),
+            inject=Inject.BODY,
+            body_fields={
+                "app_key": CredentialField.CLIENT_ID,
+                "app_secret": CredentialField.CLIENT_SECRET,
+            },
+            max_body_bytes=4096,
+        ),
+        RelayRoute(
+            name="sige",
+            connection="sige",
+            callers=(BILLING,),
+            base_url=base_url,
+            methods=frozenset({HttpMethod.GET, HttpMethod.POST}),
+            path_prefixes=("pedidos", "gzip", "big", "slow"),
+            inject=Inject.HEADER,
+            header="X-Api-Token",
+            header_value=CredentialField.CLIENT_SECRET,
+            timeout_seconds=1,
+        ),
+        RelayRoute(
+            name="crm-api",
+            connection="crm",
+            callers=("*@p.iam.gserviceaccount.com",),
+            base_url=base_url,
+            methods=frozenset({HttpMethod.GET}),
+            path_prefixes=("v2/", "redirect"),
+            inject=Inject.BEARER,
+        ),
+    )
+
+
+class World:
+    """Three connections (a body-injected API key pair, a header token, an OAuth access
+    token), their relays, and a Relay over the given transport."""
+
+    def __init__(
+        self, transport: RelayTransport, base_url: str = RECORDED_BASE, **options: Any
+    ) -> None:
+        self.clock = FakeClock()
+        self.secrets = MemorySecretStore()
+        self.state = MemoryStateStore()
+        self.transport = transport
+        registry = ConnectionRegistry(
+            secrets=self.secrets, state=self.state, profiles=load_profiles(), clock=self.clock
+        )
+        now = self.clock.now()
+        registry.register(
+            Connection(id="omie", profile="generic", grant=GrantType.STATIC, client_id=OMIE_KEY),
+            Credential(client_secret=Secret(OMIE_SECRET)),
+        )
+        registry.register(
+            Connection(id="sige", profile="generic", grant=GrantType.STATIC),
+            Credential(client_secret=Secret(SIGE_TOKEN)),
+        )
+        registry.register(
+            Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
+                       client_id="client", token_url="https://idp.test/token"),
+            Credential(refresh_token=Secret("rt-crm"), client_secret=Secret("cs-crm"),
+                       access_token=Secret(CRM_TOKEN), expires_at=now + timedelta(hours=1)),
+        )  # fmt: skip
+        self.relay = Relay(
+            verifier=FakeVerifier(),
+            policy=IssuePolicy(relays=routes(base_url)),
+            secrets=self.secrets,
+            transport=transport,
+            state=self.state,
+            clock=self.clock,
+            **options,
+        )
+
+
+def run(coroutine: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coroutine
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def recorded() -> tuple[World, RecordingTransport]:
+    transport = RecordingTransport()
+    return World(transport), transport
+
+
+def relay(world: World, method: str, target: str, **options: Any) -> HttpResponse:
+    authorization = options.pop("authorization", bearer(BILLING))
+    return run(world.relay.relay(authorization, method, target, **options))
+
+
+# --- decisions, on the recording transport --------------------------------------------------
+
+
+def test_body_injection_merges_the_credential_into_the_callers_json(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    answer = relay(
+        world, "POST", "omie/geral/clientes/",
+        headers=[("content-type", "application/json; charset=utf-8"), ("accept", "*/*")],
+        body=b'{"call": "ListarClientes", "app_secret": "caller-guess"}',
+    )  # fmt: skip
+    assert answer.status == 200
+    (sent,) = transport.sent
+    assert sent.method == "POST"
+    assert sent.url == RECORDED_BASE + "geral/clientes/"
+    assert json.loads(sent.body) == {
+        "call": "ListarClientes", "app_key": OMIE_KEY, "app_secret": OMIE_SECRET,
+    }  # fmt: skip
+    content_types = [v for k, v in sent.headers.items() if k.lower() == "content-type"]
+    assert content_types == ["application/json"]  # one, the relay's
+    assert sent.headers["accept"] == "*/*"
+    assert sent.timeout_seconds == 30
+    # The echo carried both values; the caller gets neither.
+    assert OMIE_SECRET.encode() not in answer.body
+    assert OMIE_KEY.encode() not in answer.body
+    assert b"[REDACTED]" in answer.body
+
+
+def test_body_injection_needs_a_json_object(recorded: tuple[World, RecordingTransport]) -> None:
+    world, transport = recorded
+    for body in (b"not json", b"[1, 2]", b'"text"', b"\xff\xfe"):
+        with pytest.raises(BadRequest):
+            relay(world, "POST", "omie/geral/clientes/", body=body)
+    assert transport.sent == []
+
+
+def test_header_injection_replaces_whatever_the_caller_sent_under_that_name(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    relay(
+        world, "GET", "sige/pedidos/42", query="page=2&size=10",
+        headers=[("x-api-token", "caller-forged"), ("X-API-TOKEN", "again"), ("accept", "json")],
+    )  # fmt: skip
+    (sent,) = transport.sent
+    tokens = [v for k, v in sent.headers.items() if k.lower() == "x-api-token"]
+    assert tokens == [SIGE_TOKEN]
+    assert sent.url == RECORDED_BASE + "pedidos/42?page=2&size=10"
+    assert sent.body == b""
+    assert sent.timeout_seconds == 1
+
+
+def test_bearer_injection_replaces_the_callers_id_token(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    answer = relay(
+        world, "GET", "crm/v2/contacts", authorization=bearer(WORKER),
+        headers=[("authorization", bearer(WORKER))],
+    )  # fmt: skip
+    (sent,) = transport.sent
+    authorizations = [v for k, v in sent.headers.items() if k.lower() == "authorization"]
+    assert authorizations == [f"Bearer {CRM_TOKEN}"]
+    assert CRM_TOKEN.encode() not in answer.body
+
+
+def test_hop_by_hop_cookie_forwarding_and_tracing_headers_are_dropped(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    dropped = [
+        ("connection", "keep-alive, x-secret-hop"), ("keep-alive", "timeout=5"), ("te", "trailers"),
+        ("trailer", "x-checksum"), ("transfer-encoding", "chunked"), ("upgrade", "h2c"),
+        ("proxy-authorization", "Basic abc"), ("proxy-authenticate", "Basic"),
+        ("host", "evil.example"), ("cookie", "session=caller"), ("forwarded", "for=1.2.3.4"),
+        ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "http"), ("content-length", "999"),
+        ("x-cloud-trace-context", "abc/1"), ("traceparent", "00-abc-def-01"),
+        ("accept-encoding", "br, zstd"), ("authorization", bearer(BILLING)),
+    ]  # fmt: skip
+    kept = [("accept", "application/json"), ("user-agent", "worker/1.0"), ("x-request-id", "r1")]
+    relay(world, "GET", "sige/pedidos/", headers=dropped + kept)
+    (sent,) = transport.sent
+    names = {k.lower() for k in sent.headers}
+    assert names == {"accept", "user-agent", "x-request-id", "x-api-token"}
+
+
+def test_the_answer_loses_hop_by_hop_and_cookie_headers_and_every_echo_of_the_secret(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    once = json.dumps(OMIE_SECRET)[1:-1]
+    echoes = [OMIE_SECRET, once, json.dumps(once)[1:-1], quote(OMIE_SECRET, safe="")]
+    assert len(set(echoes)) == 4  # the forms differ for this secret
+    body = b" ".join(b"echo=" + form.encode() for form in [*echoes, OMIE_KEY])
+    transport.script.append(
+        HttpResponse(
+            201,
+            body,
+            {
+                "content-type": "text/plain", "set-cookie": "s=1", "connection": "close",
+                "content-length": "12", "content-encoding": "gzip", "transfer-encoding": "chunked",
+                "location": f"https://api.provider.test/x?app_secret={echoes[3]}",
+                "x-request-id": "r1",
+            },
+        )
+    )  # fmt: skip
+    answer = relay(world, "POST", "omie/geral/clientes/", body=b"{}")
+    assert answer.status == 201
+    assert set(answer.headers) == {"content-type", "location", "x-request-id"}
+    assert answer.headers["location"] == "https://api.provider.test/x?app_secret=[REDACTED]"
+    assert answer.body == b" ".join([b"echo=[REDACTED]"] * 5)
+
+
+def test_a_redirect_is_handed_back_as_it_is(recorded: tuple[World, RecordingTransport]) -> None:
+    world, transport = recorded
+    transport.script.append(HttpResponse(302, b"", {"location": "https://evil.example/steal"}))
+    answer = relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+    assert (answer.status, answer.headers["location"]) == (302, "https://evil.example/steal")
+    assert len(transport.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "caller"),
+    [
+        ("POST", "nope/geral/clientes/", BILLING),  # no such relay or connection
+        ("POST", "omie/geral/clientes/", STRANGER),  # caller not on the route
+        ("POST", "omie/geral/clientes/", WORKER),  # same domain, but the route lists one email
+        ("GET", "omie/geral/clientes/", BILLING),  # method not listed
+        ("DELETE", "crm/v2/contacts", WORKER),
+        ("get", "crm/v2/contacts", WORKER),  # methods are case-sensitive (RFC 9110 §9.1)
+        ("POST", "omie/financas/contas/", BILLING),  # prefix not listed
+        ("POST", "omie/geral/clientesX", BILLING),  # prefixes match whole segments
+        ("POST", "omie/geral/clientes/../../admin", BILLING),
+        ("POST", "omie/geral/clientes/%2e%2e/%2e%2e/admin", BILLING),
+        ("POST", "omie/geral/clientes/..%2f..%2fadmin", BILLING),
+        ("POST", "omie/geral/clientes/a%2fb", BILLING),  # encoded slash
+        ("POST", "omie/geral/clientes/a%5cb", BILLING),  # encoded backslash
+        ("POST", "omie/geral/clientes/%252e%252e/admin", BILLING),  # double encoding
+        ("POST", "omie//evil.example/geral/clientes/", BILLING),  # network-path reference
+        ("POST", "omie/https:%2f%2fevil.example/geral/clientes/", BILLING),
+        ("POST", "omie/geral/clientes/a\\b", BILLING),
+        ("POST", "omie/geral/clientes/a\x00b", BILLING),
+    ],
+)
+def test_policy_denials_and_path_tricks_send_nothing(
+    recorded: tuple[World, RecordingTransport], method: str, target: str, caller: str
+) -> None:
+    world, transport = recorded
+    with pytest.raises(PolicyDenied) as caught:
+        relay(world, method, target, authorization=bearer(caller), body=b"{}")
+    assert http_answer(caught.value, public=True).status == 403
+    assert transport.sent == []
+
+
+def test_unknown_relays_and_strangers_are_refused_alike(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, _ = recorded
+    messages = set()
+    for target, caller in (("nope/geral/clientes/", BILLING), ("omie/geral/clientes/", STRANGER)):
+        with pytest.raises(PolicyDenied) as caught:
+            world.relay.authorize(bearer(caller), "POST", target)
+        messages.add(caught.value.message)
+    assert messages == {RELAY_DENIED}
+
+
+def test_a_query_with_tricks_is_refused(recorded: tuple[World, RecordingTransport]) -> None:
+    world, transport = recorded
+    for query in ("a=1#frag", "a=%zz", "a=b\\c"):
+        with pytest.raises(PolicyDenied):
+            relay(world, "GET", "sige/pedidos/", query=query)
+    assert transport.sent == []
+
+
+def test_the_caller_is_verified_before_anything_else(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    for authorization in (None, "", "Basic dXNlcjpwdw=="):
+        with pytest.raises(InvalidCallerToken):
+            relay(world, "POST", "nope/anything", authorization=authorization)
+    assert transport.sent == []
+
+
+def test_a_body_over_the_routes_limit_is_refused_before_sending(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    permit = world.relay.authorize(bearer(BILLING), "POST", "omie/geral/clientes/")
+    assert permit.max_body_bytes == 4096
+    with pytest.raises(BadRequest):
+        run(world.relay.forward(permit, body=b"{" + b" " * 4096 + b"}"))
+    assert transport.sent == []
+
+
+def test_no_answer_is_a_503_with_retry_after(recorded: tuple[World, RecordingTransport]) -> None:
+    world, transport = recorded
+    transport.script.append(TransportError("unreachable: ClientConnectorError"))
+    with pytest.raises(CredentialUnavailable) as caught:
+        relay(world, "GET", "sige/pedidos/")
+    answer = http_answer(caught.value, public=True)
+    assert (answer.status, answer.headers["Retry-After"]) == (503, "5")
+    assert "unreachable" in answer.body["error_description"]
+
+
+def test_a_missing_credential_is_a_503_and_nothing_is_sent(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    world.secrets.delete("sige")
+    with pytest.raises(CredentialUnavailable):
+        relay(world, "GET", "sige/pedidos/")
+    assert transport.sent == []
+
+
+def test_the_credential_is_read_once_per_cache_period(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, _ = recorded
+    for _ in range(5):
+        relay(world, "GET", "sige/pedidos/")
+    assert world.relay.secret_reads == 1
+    world.clock.advance(31)
+    relay(world, "GET", "sige/pedidos/")
+    assert world.relay.secret_reads == 2
+
+
+def test_an_outbound_request_does_not_print_what_it_carries() -> None:
+    request = OutboundRequest(
+        "POST", "https://api.test/x", headers={"X-Api-Token": SIGE_TOKEN}, body=OMIE_SECRET.encode()
+    )
+    assert SIGE_TOKEN not in repr(request)
+    assert OMIE_SECRET not in repr(request)
+
+
+# --- the real aiohttp transport, against a provider API on 127.0.0.1 -----------------------------
+
+
+def on_the_wire(test: Callable[[World, ProviderApi], Awaitable[None]], **options: Any) -> None:
+    """Run ``test`` with a World whose relays point at a live provider API."""
+
+    async def main() -> None:
+        async with ProviderApi().running() as api:
+            transport = AiohttpRelayTransport()
+            try:
+                await test(World(transport, f"{api.url}/api/", **options), api)
+            finally:
+                await transport.aclose()
+
+    asyncio.run(main())
+
+
+def test_on_the_wire_injection_and_dropped_headers() -> None:
+    async def test(world: World, api: ProviderApi) -> None:
+        caller_headers = [
+            ("authorization", bearer(BILLING)), ("cookie", "a=b"), ("x-forwarded-for", "1.2.3.4"),
+            ("x-api-token", "forged"), ("accept-encoding", "br"), ("x-request-id", "r1"),
+        ]  # fmt: skip
+        body = await world.relay.relay(
+            bearer(BILLING), "POST", "omie/geral/clientes/", headers=caller_headers,
+            body=b'{"call": "ListarClientes"}',
+        )  # fmt: skip
+        header = await world.relay.relay(
+            bearer(BILLING), "GET", "sige/pedidos/a%20b~c", query="q=1", headers=caller_headers
+        )
+        bearer_answer = await world.relay.relay(
+            bearer(WORKER), "GET", "crm/v2/contacts", headers=caller_headers
+        )
+        omie, sige, crm = api.received
+        assert omie.raw_path == "/api/geral/clientes/"
+        assert json.loads(omie.body) == {
+            "call": "ListarClientes", "app_key": OMIE_KEY, "app_secret": OMIE_SECRET,
+        }  # fmt: skip
+        # The provider echoed the request body inside its JSON: scrubbed, however escaped.
+        assert json.loads(json.loads(body.body)["body"]) == {
+            "call": "ListarClientes", "app_key": "[REDACTED]", "app_secret": "[REDACTED]",
+        }  # fmt: skip
+        assert omie.header("content-type") == ["application/json"]
+        assert sige.raw_path == "/api/pedidos/a%20b~c"  # as the policy built it, not requoted
+        assert sige.query == "q=1"
+        assert sige.header("x-api-token") == [SIGE_TOKEN]
+        assert crm.header("authorization") == [f"Bearer {CRM_TOKEN}"]
+        for received in (omie, sige, crm):
+            assert received.header("cookie") == []
+            assert received.header("x-forwarded-for") == []
+            assert received.header("accept-encoding") != ["br"]  # the transport's own
+            assert received.header("x-request-id") == ["r1"]
+        assert omie.header("authorization") == sige.header("authorization") == []
+        for answer, secret in (
+            (body, OMIE_SECRET),
+            (header, SIGE_TOKEN),
+            (bearer_answer, CRM_TOKEN),
+        ):
+            assert answer.status == 200
+            assert secret.encode() not in answer.body
+            assert "set-cookie" not in answer.headers
+            assert secret not in json.dumps(dict(answer.headers))
+        assert bearer_answer.headers["x-echo-authorization"] == "Bearer [REDACTED]"
+
+    on_the_wire(test)
+
+
+def test_on_the_wire_a_compressed_echo_is_decoded_and_scrubbed() -> None:
+    async def test(world: World, api: ProviderApi) -> None:
+        answer = await world.relay.relay(bearer(BILLING), "GET", "sige/gzip")
+        assert api.received[-1].header("accept-encoding")  # the transport asked for what it reads
+        assert "content-encoding" not in answer.headers
+        echo = json.loads(answer.body)  # decoded, so it could be scrubbed
+        assert echo["headers"]["x-api-token"] == "[REDACTED]"
+        assert SIGE_TOKEN.encode() not in gzip.compress(answer.body) + answer.body
+
+    on_the_wire(test)
+
+
+def test_on_the_wire_redirects_are_not_followed() -> None:
+    async def test(world: World, api: ProviderApi) -> None:
+        answer = await world.relay.relay(bearer(WORKER), "GET", "crm/redirect")
+        assert answer.status == 302
+        assert answer.headers["location"] == "/stolen"
+        assert api.paths() == ["/api/redirect"]  # nobody went to /stolen with the token
+
+    on_the_wire(test)
+
+
+def test_on_the_wire_an_oversize_answer_is_refused() -> None:
+    async def test(world: World, api: ProviderApi) -> None:
+        with pytest.raises(CredentialUnavailable) as caught:
+            await world.relay.relay(bearer(BILLING), "GET", "sige/big", query="bytes=300000")
+        assert "larger than 200000 bytes" in caught.value.message
+        small = await world.relay.relay(bearer(BILLING), "GET", "sige/big", query="bytes=150000")
+        assert len(small.body) == 150000
+
+    on_the_wire(test, max_response_bytes=200_000)
+
+
+def test_on_the_wire_a_slow_provider_times_out() -> None:
+    async def test(world: World, api: ProviderApi) -> None:
+        with pytest.raises(CredentialUnavailable) as caught:
+            await world.relay.relay(bearer(BILLING), "GET", "sige/slow", query="seconds=5")
+        assert "no answer within 1s" in caught.value.message  # the route's timeout_seconds
+
+    on_the_wire(test)
+
+
+def test_the_aiohttp_transport_alone_keeps_its_promises() -> None:
+    """The RelayTransport port as aiohttp implements it: every status returned as is, no
+    redirect followed, a bounded body, a bounded time, and TransportError for no answer."""
+
+    async def main() -> None:
+        async with ProviderApi().running() as api, AiohttpRelayTransport() as transport:
+            assert isinstance(transport, RelayTransport)
+            redirect = await transport.send(OutboundRequest("GET", f"{api.url}/redirect"))
+            assert (redirect.status, redirect.headers["location"]) == (302, "/stolen")
+            echo = await transport.send(
+                OutboundRequest("PUT", f"{api.url}/x", {"X-A": "1"}, b"payload")
+            )
+            sent = json.loads(echo.body)
+            assert (sent["method"], sent["body"], sent["headers"]["x-a"]) == (
+                "PUT",
+                "payload",
+                "1",
+            )
+            with pytest.raises(TransportError, match="larger than 1000 bytes"):
+                await transport.send(
+                    OutboundRequest("GET", f"{api.url}/big?bytes=5000", max_response_bytes=1000)
+                )
+            with pytest.raises(TransportError, match=r"no answer within 0\.2s"):
+                await transport.send(
+                    OutboundRequest("GET", f"{api.url}/slow?seconds=3", timeout_seconds=0.2)
+                )
+            # Bound but never listening: connecting is refused, and no one else can take it.
+            with socket.socket() as dead:
+                dead.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{dead.getsockname()[1]}/x"
+                with pytest.raises(TransportError, match="unreachable"):
+                    await transport.send(OutboundRequest("GET", url, timeout_seconds=2))
+            assert api.paths() == ["/redirect", "/x", "/big", "/slow"]
+
+    asyncio.run(main())
+
+
+def test_the_aiohttp_transport_belongs_to_one_event_loop() -> None:
+    transport = AiohttpRelayTransport()
+
+    async def use(api_url: str) -> int:
+        return (await transport.send(OutboundRequest("GET", f"{api_url}/x"))).status
+
+    async def first() -> None:
+        async with ProviderApi().running() as api:
+            assert await use(api.url) == 200
+            with pytest.raises(RuntimeError, match="second event loop"):
+                await asyncio.to_thread(asyncio.run, use(api.url))
+            await transport.aclose()
+
+    asyncio.run(first())
