@@ -7,6 +7,7 @@ HTTP, in this order:
   whoever called can try again and should wait first;
 * otherwise the error's own ``http_status`` (400-599; anything else is a bug and becomes 500);
 * the body is OAuth-style (RFC 6749 §5.2): ``{"error": code, "error_description": message}``;
+* ``405`` carries ``Allow`` (RFC 9110 §15.5.6);
 * ``401`` carries ``WWW-Authenticate: Bearer ... error="invalid_token"`` (RFC 6750 §3.1);
 * on a **public** surface (the issuer, whose callers are workers) a 5xx other than 503 says only
   ``server_error``/``internal error``: configuration paths and backend details stay in the log.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from tokenbroker.kernel.errors import BadRequest, ConfigError, TokenBrokerError
+from tokenbroker.kernel.errors import BadRequest, ConfigError, MethodNotAllowed, TokenBrokerError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -55,6 +56,8 @@ def http_answer(error: TokenBrokerError, *, public: bool) -> HttpAnswer:
         headers["WWW-Authenticate"] = (
             f'Bearer realm="tokenbroker", error="invalid_token", error_description="{description}"'
         )
+    if isinstance(error, MethodNotAllowed):
+        headers["Allow"] = ", ".join(error.allowed)
     if status == 503:
         seconds = (
             error.retry_after if error.retry_after is not None else DEFAULT_RETRY_AFTER_SECONDS

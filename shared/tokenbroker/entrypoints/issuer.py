@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.issue.issuer import MAX_BODY_BYTES, TokenIssuer
-from tokenbroker.kernel.errors import BadRequest, TokenBrokerError
+from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, NotFound, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
 if TYPE_CHECKING:
@@ -147,20 +147,23 @@ _ROUTES: dict[str, tuple[tuple[str, ...], _Endpoint]] = {
 }
 
 
+def _route(path: str, method: str) -> _Endpoint:
+    route = _ROUTES.get(path)
+    if route is None:
+        raise NotFound("no such route")
+    methods, endpoint = route
+    if method not in methods:
+        raise MethodNotAllowed(methods)
+    return endpoint
+
+
 async def handle(request: Request) -> Response:
     """Every request to the issuer function."""
     path: str = request.scope["path"]
     try:
         if path.startswith("/relay/"):
             return await _relay_route(request)
-        route = _ROUTES.get(path)
-        if route is None:
-            return _json({"error": "not_found", "error_description": "no such route"}, 404)
-        methods, endpoint = route
-        if request.method not in methods:
-            body = {"error": "invalid_request", "error_description": f"use {methods[0]}"}
-            return _json(body, 405, {"Allow": ", ".join(methods)})
-        return await endpoint(request)
+        return await _route(path, request.method)(request)
     except TokenBrokerError as error:
         return error_response(error)
     except Exception:  # noqa: BLE001 - last line: log the bug, never leak a trace to the caller

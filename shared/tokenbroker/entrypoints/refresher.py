@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenbroker.entrypoints.answers import http_answer
 from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
-from tokenbroker.kernel.errors import TokenBrokerError
+from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
 _runtime: Runtime | None = None
@@ -89,19 +89,18 @@ def handle_cloud_event(event: Any) -> dict[str, Any]:
 
 def handle_http(request: Any) -> tuple[str, int, dict[str, str]]:
     headers = {"Content-Type": "application/json"}
-    if request.method != "POST":
-        body = {"error": "invalid_request", "error_description": "use POST"}
-        return json.dumps(body), 405, {**headers, "Allow": "POST"}
-    payload = request.get_json(silent=True) if request.data else None
-    if request.data and not isinstance(payload, Mapping):
-        body = {"error": "invalid_request", "error_description": "body must be a JSON object"}
-        return json.dumps(body), 400, headers
     try:
+        if request.method != "POST":
+            raise MethodNotAllowed(("POST",))
+        payload = request.get_json(silent=True) if request.data else None
+        if request.data and not isinstance(payload, Mapping):
+            raise BadRequest("body must be a JSON object")
         summary = run_tick(payload)
     except TokenBrokerError as error:
-        get_logger(component="refresher-function").error(
-            "tick failed", error_code=error.code, error=error.message
-        )
+        if not isinstance(error, BadRequest | MethodNotAllowed):
+            get_logger(component="refresher-function").error(
+                "tick failed", error_code=error.code, error=error.message
+            )
         answer = http_answer(error, public=False)
         return answer.json(), answer.status, {**headers, **answer.headers}
     return json.dumps(summary), 200, headers

@@ -104,6 +104,17 @@ class BadRequest(TokenBrokerError):
     http_status = 400
 
 
+class MethodNotAllowed(TokenBrokerError):
+    """The route exists but not for this HTTP method (HTTP 405 with ``Allow``)."""
+
+    code = "invalid_request"
+    http_status = 405
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        super().__init__(f"use {allowed[0]}")
+        self.allowed = allowed
+
+
 class InvalidCallerToken(TokenBrokerError):
     """The caller's ID token is missing, malformed, forged, expired or for another audience.
 

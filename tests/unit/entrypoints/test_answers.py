@@ -91,3 +91,10 @@ def test_exit_codes() -> None:
     assert exit_code(errors.BadRequest("x")) == EXIT_USAGE
     assert exit_code(errors.NotFound("x")) == EXIT_FAILURE
     assert exit_code(errors.StoreUnavailable("x")) == EXIT_FAILURE
+
+
+def test_405_names_the_allowed_methods() -> None:
+    answer = http_answer(errors.MethodNotAllowed(("GET", "HEAD")), public=True)
+    assert answer.status == 405
+    assert answer.headers["Allow"] == "GET, HEAD"
+    assert answer.body == {"error": "invalid_request", "error_description": "use GET"}
