@@ -19,6 +19,7 @@ from tokenbroker.entrypoints.settings import (
     LogSettings,
     Settings,
 )
+from tokenbroker.kernel import failpoints
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.log import configure_logging
@@ -101,9 +102,11 @@ class Runtime:
 
 
 def start_logging(*, level: str | None = None, default_level: str = "info") -> LogSettings:
-    """Configure the one logger from the settings (an entry point's first act)."""
+    """An entry point's first act: configure the one logger from the settings (and arm the
+    fault suite's failpoints when, and only when, it asked for them)."""
     settings = LogSettings.from_env(level=level, default_level=default_level)
     configure_logging(settings.level, log_file=settings.file)
+    failpoints.arm(settings.failpoints)
     return settings
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.failpoints import check as arm_check
 from tokenbroker.kernel.log import level_threshold
 from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.kernel.secret import Secret
@@ -55,6 +56,8 @@ ENV_IAM_CREDENTIALS_ENDPOINT = "TOKENBROKER_IAM_CREDENTIALS_ENDPOINT"
 #: Application Default Credentials.
 ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"
 ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
+#: Test-only: failpoints to arm (``kernel/failpoints.py``); unset in production.
+ENV_FAILPOINTS = "TOKENBROKER_FAILPOINTS"
 ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
 #: Google's own variables, read here too so that nothing else reads the environment.
 ENV_GOOGLE_CLOUD_PROJECT = "GOOGLE_CLOUD_PROJECT"
@@ -94,13 +97,16 @@ def named_variable(name: str, env: Mapping[str, str] | None = None) -> str | Non
 
 @dataclass(frozen=True)
 class LogSettings:
-    """Where the one logger writes, resolved like everything else: explicit, env, default.
+    """How the process starts: where the one logger writes (and, for the fault suite only, which
+    failpoints are armed), resolved like everything else: explicit, env, default.
 
     Separate from :class:`Settings` so that a command that needs no backend (``tokenbroker
     profiles``, ``policy check``) can log before, and without, validating the backend's."""
 
     level: str
     file: Path | None = None
+    #: Failpoints to arm (the fault suite only).
+    failpoints: str | None = None
 
     @classmethod
     def from_env(
@@ -117,7 +123,12 @@ class LogSettings:
         except ValueError as error:
             raise ConfigError(f"{ENV_LOG_LEVEL}: {error}") from None
         file = env.get(ENV_LOG_FILE)
-        return cls(chosen.lower(), Path(file) if file else None)
+        failpoints = env.get(ENV_FAILPOINTS) or None
+        try:
+            arm_check(failpoints)
+        except ValueError as error:
+            raise ConfigError(f"{ENV_FAILPOINTS}: {error}") from None
+        return cls(chosen.lower(), Path(file) if file else None, failpoints)
 
 
 @dataclass(frozen=True)
