@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
 from tokenbroker.kernel.errors import ConfigError, TokenBrokerError, VersionConflict
+from tokenbroker.kernel.failpoints import failpoint
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     UNREFRESHED_GRANTS,
@@ -190,6 +191,8 @@ class Refresher:
                 "claim", self.state.claim, connection_ids, now, holder=self.holder,
                 ttl=self.lease_ttl,
             )  # fmt: skip
+        if batch.claims:
+            failpoint("lease.claimed")
         summary.due = len(batch.claims) + batch.leased_elsewhere
         summary.claimed = len(batch.claims)
         summary.skipped_leased = batch.leased_elsewhere
@@ -321,6 +324,7 @@ class Refresher:
             )
         except TokenBrokerError as error:
             return _Attempt(claim, stored, error, now)
+        failpoint("answer.received")
         return _Attempt(claim, stored, credential, now)
 
     async def _commit_loop(
@@ -384,6 +388,8 @@ class Refresher:
         accepted = (
             await self._store("write states", self.state.complete, updates) if updates else []
         )
+        if updates:
+            failpoint("state.committed")
         to_publish: list[ConnectionEvent] = []
         for (lease, outcome, change), ok in zip(changes, accepted, strict=True):
             if not ok:
@@ -414,6 +420,7 @@ class Refresher:
             for claim, credential, stored, _ in refreshed
         ]
         results = await self._store("write credentials", self.secrets.put_many, writes)
+        failpoint("secret.written")
         written: list[tuple[Claim, Succeeded]] = []
         discarded: list[Lease] = []
         for (claim, credential, _, attempted_at), result in zip(refreshed, results, strict=True):
@@ -463,6 +470,7 @@ class Refresher:
                 "events not published; parking them", error_code=error.code, count=len(events)
             )
         else:
+            failpoint("events.published")
             return
         try:
             await self._store("park events", self.state.park_events, events)
