@@ -33,6 +33,10 @@ from tokenbroker.kernel.model import (
 )
 
 __all__ = [
+    "MAX_BUDGET_KEY_LENGTH",
+    "MAX_BUDGET_LIMIT",
+    "MAX_BUDGET_WINDOW",
+    "BudgetDecision",
     "CallerVerifier",
     "ClaimBatch",
     "EventBus",
@@ -161,6 +165,46 @@ class StateStore(Protocol):
     def unpark_events(self, event_ids: Sequence[str]) -> None:
         """Forget parked events once published (unknown ids are ignored)."""
         ...
+
+    # Token-endpoint budgets: how many requests a provider lets one refresh token (or client,
+    # or endpoint) make in a window, counted here so every refresher on this store, in every
+    # process and instance, spends the same budget (refresh/budget.py decides the key).
+
+    def take_budget(
+        self, key: str, *, limit: int, window: timedelta, now: datetime, cost: int = 1
+    ) -> BudgetDecision:
+        """Spend ``cost`` of the budget ``key`` if that keeps what was spent in the sliding
+        window ``(now - window, now]`` at or under ``limit``, atomically across every handle on
+        this store; otherwise spend nothing and say when enough will have aged out.
+
+        A take occupies ``[now, now + window)`` (one ending exactly at ``now`` has aged out).
+        Takes stamped later than ``now`` (a host whose clock runs ahead) count until they age
+        out. Calls for one key should pass the same ``window``: a shorter one forgets older
+        takes. Raises ConfigError for an argument out of bounds (``limit`` outside
+        ``1..MAX_BUDGET_LIMIT``, ``window`` outside ``(0, MAX_BUDGET_WINDOW]``, ``cost``
+        outside ``1..limit``, a naive or out-of-range ``now``, an empty key or one longer than
+        ``MAX_BUDGET_KEY_LENGTH``); nothing is spent then."""
+        ...
+
+
+#: Bounds of :meth:`StateStore.take_budget`'s arguments. A budget keeps one entry per take
+#: still in its window, so ``limit`` bounds what one key stores (one Firestore document).
+MAX_BUDGET_LIMIT = 10_000
+MAX_BUDGET_WINDOW = timedelta(days=31)
+MAX_BUDGET_KEY_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """What :meth:`StateStore.take_budget` decided."""
+
+    granted: bool
+    #: Spent in the window ending at ``now``: this take included when granted; when denied,
+    #: what stood in the way.
+    used: int
+    #: Denied: the earliest moment the same take would be granted if nobody takes meanwhile
+    #: (always after ``now``). ``None`` when granted.
+    frees_at: datetime | None = None
 
 
 @runtime_checkable

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 import pytest
 
-from tokenbroker.kernel.errors import AlreadyExists, NotFound
+from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound
 from tokenbroker.kernel.model import Claim, ConnectionRecord, ConnectionStatus, Lease, RefreshState
-from tokenbroker.ports import ClaimBatch, StateStore
+from tokenbroker.ports import (
+    MAX_BUDGET_LIMIT,
+    MAX_BUDGET_WINDOW,
+    BudgetDecision,
+    ClaimBatch,
+    StateStore,
+)
 
 from .builders import T0, connection, due_state
 from .racing import race
@@ -441,3 +447,178 @@ def test_racing_claim_due_never_grants_a_connection_twice(
             assert all(c.lease.holder == f"h{n}" for c in batch.claims)  # type: ignore[union-attr]
         leases = [c.lease for b in batches for c in b.claims]  # type: ignore[union-attr]
         assert setup.complete([(lease, due_state(now)) for lease in leases]) == [True] * due
+
+
+# --- token-endpoint budgets ----------------------------------------------------------------
+
+WINDOW = timedelta(minutes=10)
+US = timedelta(microseconds=1)
+
+
+def _take(
+    store: StateStore, key: str, now: datetime, *, limit: int = 3, cost: int = 1
+) -> BudgetDecision:
+    return store.take_budget(key, limit=limit, window=WINDOW, now=now, cost=cost)
+
+
+def test_a_budget_grants_up_to_its_limit_then_says_when_a_slot_frees(
+    state_store: StateStore,
+) -> None:
+    granted = [_take(state_store, "zoho:rt:a", T0 + n * S) for n in range(3)]
+    assert [(d.granted, d.used, d.frees_at) for d in granted] == [
+        (True, 1, None),
+        (True, 2, None),
+        (True, 3, None),
+    ]
+    denied = _take(state_store, "zoho:rt:a", T0 + 5 * S)
+    assert denied == BudgetDecision(granted=False, used=3, frees_at=T0 + WINDOW)
+
+
+def test_a_denial_spends_nothing(state_store: StateStore) -> None:
+    for n in range(3):
+        _take(state_store, "k", T0 + n * S)
+    for n in range(20):  # a refresher asking again and again does not push the slot back
+        assert _take(state_store, "k", T0 + (10 + n) * S).frees_at == T0 + WINDOW
+    # Exactly when the first take ages out, one slot is free -- and only one.
+    assert _take(state_store, "k", T0 + WINDOW).granted
+    assert _take(state_store, "k", T0 + WINDOW).frees_at == T0 + S + WINDOW
+
+
+def test_the_window_slides_to_the_microsecond(state_store: StateStore) -> None:
+    """A take occupies [at, at + window): one microsecond before that ends it still counts
+    (as a lease expiring exactly at ``now`` has expired)."""
+    assert _take(state_store, "k", T0, limit=1).granted
+    assert _take(state_store, "k", T0 + WINDOW - US, limit=1) == BudgetDecision(
+        granted=False, used=1, frees_at=T0 + WINDOW
+    )
+    assert _take(state_store, "k", T0 + WINDOW, limit=1).granted
+    assert not _take(state_store, "k", T0 + 2 * WINDOW - US, limit=1).granted
+
+
+def test_budgets_of_different_keys_are_independent(state_store: StateStore) -> None:
+    for n in range(3):
+        assert _take(state_store, "zoho:rt:a", T0 + n * S).granted
+    assert not _take(state_store, "zoho:rt:a", T0 + 3 * S).granted
+    assert _take(state_store, "zoho:rt:b", T0 + 3 * S).granted
+    assert _take(state_store, "zoho:rt:a2", T0 + 3 * S).granted  # not a prefix match
+
+
+def test_a_take_of_several_slots_is_all_or_nothing(state_store: StateStore) -> None:
+    for n in range(4):
+        assert _take(state_store, "k", T0 + n * S, limit=10, cost=2).granted  # 8 of 10
+    # 3 more would make 11: denied until the oldest take (2 slots) ages out (6 + 3 <= 10).
+    assert _take(state_store, "k", T0 + 10 * S, limit=10, cost=3) == BudgetDecision(
+        granted=False, used=8, frees_at=T0 + WINDOW
+    )
+    assert _take(state_store, "k", T0 + 10 * S, limit=10, cost=2) == BudgetDecision(
+        granted=True, used=10, frees_at=None
+    )
+    # Now 10 of 10: a take of 5 needs the three oldest takes (6 slots) gone.
+    assert _take(state_store, "k", T0 + 11 * S, limit=10, cost=5) == BudgetDecision(
+        granted=False, used=10, frees_at=T0 + 2 * S + WINDOW
+    )
+    assert _take(state_store, "k", T0 + 2 * S + WINDOW, limit=10, cost=5).granted
+
+
+def test_a_take_from_a_clock_behind_the_others_still_counts_theirs(
+    state_store: StateStore,
+) -> None:
+    """Two hosts whose clocks disagree share one budget: takes stamped "in the future" by the
+    host that runs ahead still count for the host that runs behind, until they age out."""
+    ahead = T0 + timedelta(minutes=2)
+    for n in range(3):
+        assert _take(state_store, "k", ahead + n * S).granted
+    assert _take(state_store, "k", T0) == BudgetDecision(
+        granted=False, used=3, frees_at=ahead + WINDOW
+    )
+    assert not _take(state_store, "k", ahead + WINDOW - US).granted
+    assert _take(state_store, "k", ahead + WINDOW).granted
+
+
+def test_a_budget_is_shared_by_every_handle(open_state_store: OpenStateStore) -> None:
+    first, second = open_state_store(), open_state_store()
+    assert _take(first, "k", T0).granted
+    assert _take(second, "k", T0 + S).granted
+    assert _take(first, "k", T0 + 2 * S).granted
+    assert _take(second, "k", T0 + 3 * S) == BudgetDecision(
+        granted=False, used=3, frees_at=T0 + WINDOW
+    )
+
+
+def test_awkward_keys_are_kept_apart(state_store: StateStore) -> None:
+    keys = [
+        "a/b",
+        "a",
+        "a\\b",
+        "../..",
+        "__name__",
+        "' OR 1=1 --",
+        "ü\u2603 \x00",
+        "x" * 1000,
+        "x" * 999,
+    ]
+    for key in keys:
+        assert _take(state_store, key, T0, limit=1).granted, key
+    for key in keys:
+        assert not _take(state_store, key, T0 + S, limit=1).granted, key
+
+
+def test_an_old_budget_starts_over_once_its_window_has_passed(state_store: StateStore) -> None:
+    for n in range(3):
+        _take(state_store, "k", T0 + n * S)
+    later = T0 + timedelta(days=3)
+    decisions = [_take(state_store, "k", later + n * S) for n in range(4)]
+    assert [d.used for d in decisions] == [1, 2, 3, 3]
+    assert decisions[-1].frees_at == later + WINDOW
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": -1}, "limit"),
+        ({"limit": MAX_BUDGET_LIMIT + 1}, "limit"),
+        ({"window": timedelta(0)}, "window"),
+        ({"window": -WINDOW}, "window"),
+        ({"window": MAX_BUDGET_WINDOW + US}, "window"),
+        ({"cost": 0}, "cost"),
+        ({"cost": -2}, "cost"),
+        ({"cost": 4}, "cost"),  # more than the limit: it could never be granted
+        ({"now": datetime(2026, 3, 1, 12, 0)}, "now"),  # naive: whose clock?
+        ({"now": datetime.max.replace(tzinfo=T0.tzinfo)}, "now"),
+        ({"key": ""}, "key"),
+        ({"key": "k" * 2000}, "key"),
+    ],
+)
+def test_absurd_budget_arguments_are_refused_and_spend_nothing(
+    state_store: StateStore, change: dict[str, object], names: str
+) -> None:
+    args: dict[str, object] = {"key": "k", "limit": 3, "window": WINDOW, "now": T0, "cost": 1}
+    args.update(change)
+    key = args.pop("key")
+    with pytest.raises(ConfigError, match=names):
+        state_store.take_budget(key, **args)  # type: ignore[arg-type]
+    assert [_take(state_store, "k", T0 + S).used for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("handles", ["one-handle", "a-handle-each"])
+def test_racing_takers_never_exceed_the_limit(
+    open_state_store: OpenStateStore, handles: str
+) -> None:
+    """Takers race for one budget at the same instant, each on its own handle with
+    "a-handle-each" (for embedded its own SQLite connection, as a second process would have; for
+    Firestore its own client, as a second instance would). Exactly ``limit`` are granted."""
+    racers, per_racer, limit = 4, 4, 10
+    setup = open_state_store()
+    stores = [setup if handles == "one-handle" else open_state_store() for _ in range(racers)]
+
+    def taker(store: StateStore) -> list[BudgetDecision]:
+        return [_take(store, "shared", T0, limit=limit) for _ in range(per_racer)]
+
+    results = race([partial(taker, store) for store in stores])
+    assert all(isinstance(r, list) for r in results), results
+    decisions = [d for r in results for d in r]  # type: ignore[union-attr]
+    assert sum(d.granted for d in decisions) == limit
+    assert all(d.used <= limit for d in decisions)
+    assert all(d.frees_at == T0 + WINDOW for d in decisions if not d.granted)
+    assert not _take(setup, "shared", T0 + WINDOW - US, limit=limit).granted

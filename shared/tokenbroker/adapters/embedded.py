@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tokenbroker.adapters import budget_log
 from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
 from tokenbroker.kernel.clock import from_epoch, to_epoch
 from tokenbroker.kernel.errors import (
@@ -51,7 +52,7 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import ClaimBatch
+from tokenbroker.ports import BudgetDecision, ClaimBatch
 
 DB_NAME = "tokenbroker.db"
 KEY_FILE_NAME = "encryption.key"
@@ -107,6 +108,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     type TEXT NOT NULL,
     body TEXT NOT NULL
 );
+-- Token-endpoint budgets (StateStore.take_budget): one row per key, its takes still in the
+-- window as JSON [[at_us, cost], ...]; expires_at_us: when the last of them ages out.
+CREATE TABLE IF NOT EXISTS budgets (
+    key TEXT PRIMARY KEY,
+    takes TEXT NOT NULL,
+    expires_at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS budgets_expiry ON budgets (expires_at_us);
 """
 
 
@@ -453,6 +462,33 @@ class EmbeddedStateStore:
             cur.executemany(
                 "DELETE FROM parked_events WHERE event_id = ?", [(i,) for i in event_ids]
             )
+
+    def take_budget(
+        self, key: str, *, limit: int, window: timedelta, now: datetime, cost: int = 1
+    ) -> BudgetDecision:
+        """Read the key's takes, decide and write them back in one ``BEGIN IMMEDIATE``
+        transaction: it holds the database's write lock from the read on, so racing takers in
+        other processes on the same file are serialised and never both see the last slot.
+
+        A grant also deletes the rows of budgets whose every take aged out more than
+        ``budget_log.GC_GRACE`` ago (an index range scan), so keys of refresh tokens long
+        rotated away do not accumulate.
+        """
+        budget_log.check_arguments(key, limit=limit, window=window, now=now, cost=cost)
+        with self._db.transaction() as cur:
+            row = cur.execute("SELECT takes FROM budgets WHERE key = ?", (key,)).fetchone()
+            stored = budget_log.parse_takes_json(row[0], key) if row else []
+            result = budget_log.take(stored, limit=limit, window=window, now=now, cost=cost)
+            if result.must_write:
+                cur.execute(
+                    "INSERT INTO budgets (key, takes, expires_at_us) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET takes = excluded.takes, "
+                    "expires_at_us = excluded.expires_at_us",
+                    (key, json.dumps(result.takes), result.expires_at),
+                )
+                cutoff = budget_log.micros(now) - budget_log.GC_GRACE_MICROS
+                cur.execute("DELETE FROM budgets WHERE expires_at_us <= ?", (cutoff,))
+            return result.decision
 
 
 class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+from tokenbroker.adapters import budget_log
 from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
 from tokenbroker.kernel.errors import AlreadyExists, NotFound
 from tokenbroker.kernel.model import (
@@ -26,7 +27,7 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import ClaimBatch
+from tokenbroker.ports import BudgetDecision, ClaimBatch
 
 
 @dataclass
@@ -98,6 +99,9 @@ class MemoryStateStore:
         self._leases: dict[str, Lease] = {}
         self._fencing: dict[str, int] = {}
         self._parked: dict[str, ConnectionEvent] = {}
+        self._budgets: dict[str, builtins.list[budget_log.Take]] = {}
+        self._budget_expiry: dict[str, int] = {}
+        self._budgets_after_sweep = 64
 
     def create(self, connection: Connection, state: RefreshState) -> None:
         with self._lock:
@@ -202,6 +206,31 @@ class MemoryStateStore:
         with self._lock:
             for event_id in event_ids:
                 self._parked.pop(event_id, None)
+
+    def take_budget(
+        self, key: str, *, limit: int, window: timedelta, now: datetime, cost: int = 1
+    ) -> BudgetDecision:
+        """The sliding-window log of the key's takes; the lock makes each take atomic."""
+        budget_log.check_arguments(key, limit=limit, window=window, now=now, cost=cost)
+        with self._lock:
+            result = budget_log.take(
+                self._budgets.get(key, []), limit=limit, window=window, now=now, cost=cost
+            )
+            if result.must_write:
+                self._budgets[key] = result.takes
+                self._budget_expiry[key] = result.expires_at
+                if len(self._budgets) >= 2 * self._budgets_after_sweep:
+                    self._sweep_budgets(budget_log.micros(now))
+            return result.decision
+
+    def _sweep_budgets(self, now_us: int) -> None:
+        """Forget budgets whose every take aged out a grace period ago (keys of refresh tokens
+        long rotated away). Run when the number of keys has doubled since the last sweep, so
+        its cost is spread over the takes that grew it."""
+        cutoff = now_us - budget_log.GC_GRACE_MICROS
+        for key in [k for k, expiry in self._budget_expiry.items() if expiry <= cutoff]:
+            del self._budgets[key], self._budget_expiry[key]
+        self._budgets_after_sweep = max(len(self._budgets), 64)
 
 
 class MemoryEventBus:

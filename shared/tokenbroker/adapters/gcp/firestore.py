@@ -25,6 +25,29 @@ Events the bus could not take are parked in ``<collection>_parked_events``, one 
 event (named by a hash of its id; ``seq`` from a sequence document in the same collection gives
 the oldest-first order).
 
+Token-endpoint budgets (``take_budget``) live in ``<collection>_budgets``, one document per
+budget key, named by the SHA-256 of the key (any key makes a valid document name)::
+
+    key         string     the budget key, checked on read
+    takes       array      {at: int, cost: int} per take still in the window, oldest first
+                           (``at`` in microseconds since the epoch: exact window boundaries)
+    expires_at  timestamp  when the last take has aged out, plus ``budget_log.GC_GRACE``
+
+A take is one transaction on that one document: read it, decide (:mod:`..budget_log`), and
+on a grant write it back; a denial writes nothing. Serializable isolation makes racing takers
+on any number of instances see each other's takes, so a budget is never over-spent. Documents
+of keys nobody takes from any more (refresh tokens rotated away) are deleted by a TTL policy on
+``expires_at`` (https://cloud.google.com/firestore/docs/ttl; ``terraform/README.md``).
+
+Scaling: the takes of one key serialise on its document. Firestore sustains about one write
+per second on a single document
+(https://cloud.google.com/firestore/docs/best-practices#high_read_write_and_delete_rates_to_a_narrow_document_range);
+beyond that, contention surfaces as ABORTED, retried with jittered backoff (``_transact``) and
+then ``StoreUnavailable``. A per-refresh-token budget has one taker at a time (the connection's
+lease holder), so it never contends. A budget shared by many connections (per client, per
+endpoint) is bounded by that rate; to go beyond it, take ``cost=k`` once for a batch of ``k``
+refreshes, or split the limit over several keys (exact, at the price of fragmentation).
+
 Selecting due connections
 -------------------------
 ``claim_due`` is one query, run inside a transaction::
@@ -94,6 +117,7 @@ release         1                                                     0 or 1
 park_events     k + 1 (the sequence document)                         k new + 1
 parked_events   the events returned (an empty query bills 1)          0
 unpark_events   0                                                     k deletes
+take_budget     1                                                     1 if granted, else 0
 ==============  ====================================================  ========================
 
 One refresh therefore costs about 2 document reads and 2 writes of state (claim: 1 + 1;
@@ -122,6 +146,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from tokenbroker.adapters import budget_log
 from tokenbroker.adapters.gcp.errors import translate
 from tokenbroker.kernel.errors import (
     AlreadyExists,
@@ -139,7 +164,7 @@ from tokenbroker.kernel.model import (
     Lease,
     RefreshState,
 )
-from tokenbroker.ports import ClaimBatch
+from tokenbroker.ports import BudgetDecision, ClaimBatch
 
 __all__ = ["DEFAULT_COLLECTION", "FirestoreStateStore", "stored_document"]
 
@@ -148,6 +173,7 @@ T = TypeVar("T")
 DEFAULT_COLLECTION = "tokenbroker_connections"
 FENCING_SUFFIX = "_fencing"
 PARKED_SUFFIX = "_parked_events"
+BUDGETS_SUFFIX = "_budgets"
 #: The document holding the last sequence number given to a parked event.
 PARKED_SEQUENCE = "_sequence"
 #: The project the client library itself falls back to on the emulator.
@@ -706,3 +732,46 @@ class FirestoreStateStore:
                 for event_id in part:
                     batch.delete(self._parked(event_id))
                 batch.commit()
+
+    # -- token-endpoint budgets ------------------------------------------------------------
+
+    def _budget(self, key: str) -> Any:
+        """A budget's document, named by a hash of its key (see the module docstring)."""
+        budgets = self.client.collection(self.collection_name + BUDGETS_SUFFIX)
+        return budgets.document(hashlib.sha256(key.encode()).hexdigest())
+
+    def take_budget(
+        self, key: str, *, limit: int, window: timedelta, now: datetime, cost: int = 1
+    ) -> BudgetDecision:
+        """One transaction on the key's document: read the takes, decide, write on a grant."""
+        budget_log.check_arguments(key, limit=limit, window=window, now=now, cost=cost)
+        ref = self._budget(key)
+
+        def body(transaction: Any) -> BudgetDecision:
+            (snap,) = self._read(transaction.get(ref))
+            stored: builtins.list[budget_log.Take] = []
+            if snap.exists:
+                if snap.get("key") != key:
+                    raise ConfigError(f"budget {key!r}: its document holds another key")
+                raw = snap.get("takes")
+                pairs = (
+                    [[t.get("at"), t.get("cost")] if isinstance(t, dict) else t for t in raw]
+                    if isinstance(raw, builtins.list)
+                    else raw
+                )
+                stored = budget_log.parse_takes(pairs, key)
+            result = budget_log.take(stored, limit=limit, window=window, now=now, cost=cost)
+            if result.must_write:
+                expires = budget_log.from_micros(result.expires_at) + budget_log.GC_GRACE
+                transaction.set(
+                    ref,
+                    {
+                        "key": key,
+                        "takes": [{"at": at, "cost": c} for at, c in result.takes],
+                        "expires_at": expires,
+                    },
+                )
+            return result.decision
+
+        with _translated("take_budget"):
+            return self._transact(body)
