@@ -6,6 +6,8 @@ import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.fields import FieldReader
 from tokenbroker.kernel.model import UNREFRESHED_GRANTS, ClientAuthMethod, Connection, GrantType
+from tokenbroker.ports import MAX_BUDGET_LIMIT, MAX_BUDGET_WINDOW
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,29 @@ class ProfileParam:
     default: str | None = None
     #: When set, the connection's value must be a key here and the template gets the mapped value.
     values: Mapping[str, str] | None = None
+
+
+class BudgetScope(StrEnum):
+    """What a provider counts its token-endpoint limit against (``refresh/budget.py`` turns
+    it into a budget key)."""
+
+    #: Each refresh token (Zoho: "up to ten access tokens in a span of ten minutes" per
+    #: refresh token). Connections sharing one refresh token share its budget.
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a scope name
+    #: Each OAuth client (``client_id``) at one token endpoint.
+    CLIENT = "client"
+    #: Each token endpoint, whoever calls it (one Zoho data centre's accounts server).
+    ENDPOINT = "endpoint"
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """At most ``limit`` token requests in any span of ``window``, counted ``per`` scope
+    across every refresher sharing the state store (``StateStore.take_budget``)."""
+
+    per: BudgetScope
+    limit: int
+    window: timedelta
 
 
 @dataclass(frozen=True)
@@ -35,6 +61,8 @@ class ProviderProfile:
     supports_scope_narrowing: bool = False
     error_aliases: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, ProfileParam] = field(default_factory=dict)
+    #: The provider's documented limit on token requests, if it has one.
+    budget: TokenBudget | None = None
 
     def resolve_params(self, given: Mapping[str, str], where: str = "params") -> dict[str, str]:
         """The connection's params checked against this profile, defaults filled in."""
@@ -109,9 +137,26 @@ def _parse_param(data: object, where: str) -> ProfileParam:
     return param
 
 
+def _parse_budget(data: object, where: str) -> TokenBudget:
+    reader = FieldReader(data, where)
+    per = reader.choice("per", BudgetScope)
+    limit = reader.integer("limit", minimum=1)
+    if limit > MAX_BUDGET_LIMIT:
+        raise ConfigError(f"{reader.path('limit')}: must be at most {MAX_BUDGET_LIMIT}")
+    seconds = reader.integer("window_seconds", minimum=1)
+    if seconds > MAX_BUDGET_WINDOW.total_seconds():
+        raise ConfigError(
+            f"{reader.path('window_seconds')}: must be at most "
+            f"{int(MAX_BUDGET_WINDOW.total_seconds())} ({MAX_BUDGET_WINDOW.days} days)"
+        )
+    reader.finish()
+    return TokenBudget(per=per, limit=limit, window=timedelta(seconds=seconds))
+
+
 def parse_profile(name: str, data: object, where: str) -> ProviderProfile:
     reader = FieldReader(data, where)
     params_table = reader.table("params", {})
+    budget_table = reader.table("budget", None)
     profile = ProviderProfile(
         name=name,
         description=reader.text("description", ""),
@@ -123,6 +168,7 @@ def parse_profile(name: str, data: object, where: str) -> ProviderProfile:
         supports_scope_narrowing=reader.flag("supports_scope_narrowing", False),
         error_aliases=reader.strings("error_aliases", {}),
         params={k: _parse_param(v, f"{where}.params.{k}") for k, v in params_table.items()},
+        budget=None if budget_table is None else _parse_budget(budget_table, f"{where}.budget"),
     )
     reader.finish()
     if not profile.grants:
