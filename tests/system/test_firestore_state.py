@@ -387,3 +387,52 @@ def test_the_index_file_defines_an_index_for_every_query_the_adapter_runs(
         assert any(_serves(fields, need) for fields in indexes), need
     for fields in indexes:
         assert any(_serves(fields, need) for need in needs), fields
+
+
+# --- token-endpoint budgets ----------------------------------------------------------------
+
+WINDOW = timedelta(minutes=10)
+
+
+def _budget_doc(store: FirestoreStateStore, key: str) -> Any:
+    return store._budget(key)
+
+
+def test_a_budget_is_one_document_and_a_denial_reads_it_and_writes_nothing(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    store = open_store()
+    for n in range(2):
+        assert store.take_budget("zoho:k", limit=2, window=WINDOW, now=T0 + n * S).granted
+    doc = _budget_doc(store, "zoho:k").get().to_dict()
+    assert doc["key"] == "zoho:k"
+    assert [t["cost"] for t in doc["takes"]] == [1, 1]
+    assert doc["takes"][1]["at"] - doc["takes"][0]["at"] == 1_000_000  # microseconds
+    # The TTL field: the last take's end, plus the grace a lagging host may still need.
+    assert doc["expires_at"] == T0 + S + WINDOW + timedelta(hours=1)
+    reads, transactions = store.documents_read, store.transactions_run
+    assert not store.take_budget("zoho:k", limit=2, window=WINDOW, now=T0 + 2 * S).granted
+    assert (store.documents_read - reads, store.transactions_run - transactions) == (1, 1)
+    assert _budget_doc(store, "zoho:k").get().to_dict() == doc
+
+
+@pytest.mark.parametrize(
+    "tampered",
+    [
+        {"key": "someone-else"},
+        {"takes": "ten"},
+        {"takes": [{"at": "1", "cost": 1}]},
+        {"takes": [{"at": 1}]},
+        {"takes": [{"at": 1, "cost": 0}]},
+        {"takes": [{"when": 1, "cost": 1}]},
+        {"takes": [7]},
+    ],
+)
+def test_a_tampered_budget_document_is_refused_not_guessed_at(
+    open_store: Callable[..., FirestoreStateStore], tampered: dict[str, Any]
+) -> None:
+    store = open_store()
+    store.take_budget("k", limit=5, window=WINDOW, now=T0)
+    _budget_doc(store, "k").update(tampered)
+    with pytest.raises(ConfigError, match="budget 'k'"):
+        store.take_budget("k", limit=5, window=WINDOW, now=T0)

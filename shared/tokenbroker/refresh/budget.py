@@ -9,19 +9,21 @@ the limit with a refusal rather than a token. Zoho documents, for its accounts s
   (https://www.zoho.com/accounts/protocol/oauth/web-apps/access-token-expiry.html; the same
   text for devices, https://www.zoho.com/accounts/protocol/oauth/devices/refresh-access-token.html).
   This is the budget the ``zoho`` profile declares (``per = "refresh_token"``, 10 per 600 s).
-* Zoho CRM's "Token Validity" page adds a cap of active access tokens per refresh token (15 in
-  API v8; older versions and other Zoho products say 30) -- the oldest is invalidated, which
-  no refresh schedule of ours comes near -- and, for refresh tokens, "a maximum of 20 refresh
-  tokens in a span of 10 minutes per client ID" (API v3), the 21st deleting the first
-  (https://www.zoho.com/crm/developer/docs/api/v8/token-validity.html). Refresh tokens are
-  created by the authorization-code exchange, which the refresher never makes, so that limit
-  is not a refresh budget.
-* Zoho's own developer forum ("Kaizen #43 - Tokens and Limitations", help.zoho.com) says the
-  answer over the limit keeps HTTP status 200 with the message "Access Denied".
+* Zoho CRM's "Token Validity" pages repeat the ten per ten minutes per refresh token, cap the
+  active access tokens per refresh token (15 in API v8, the oldest invalidated; other Zoho
+  products say 30) -- no refresh schedule of ours comes near that -- and limit refresh tokens
+  to "a maximum of 20 refresh tokens in a span of 10 minutes per client ID", the 21st
+  deleting the first (https://www.zoho.com/crm/developer/docs/api/v3/token-validity.html).
+  Refresh tokens come from the authorization-code exchange, which the refresher never makes,
+  so that limit is not a refresh budget.
+* Zoho's developer forum ("Kaizen #43 - Tokens and Limitations",
+  https://help.zoho.com/portal/en/community/topic/kaizen-43-tokens-and-limitations) says the
+  answer over a limit keeps HTTP status 200 with the message "Access Denied".
 
-Not documented: whether the ten minutes are a sliding or a fixed window (and where a fixed one
-starts), whether the count is per data centre, whether refused or failed requests count, and
-any ``Retry-After``. So the budget is counted conservatively: every request sent counts,
+Not documented: whether the ten minutes slide or are fixed ("blocked for the rest of the ten
+minutes" suggests a fixed window opened by the first token, but not where it starts), whether
+a data centre counts apart, whether refused or failed requests count, and any ``Retry-After``
+on the refusal. So the budget is counted conservatively: every request sent counts,
 whatever its answer, and the window slides (:mod:`tokenbroker.adapters.budget_log`: at most
 ``limit`` in *any* span of ``window``, which is at least as strict as any fixed window).
 

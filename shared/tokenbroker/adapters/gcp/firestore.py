@@ -37,16 +37,19 @@ A take is one transaction on that one document: read it, decide (:mod:`..budget_
 on a grant write it back; a denial writes nothing. Serializable isolation makes racing takers
 on any number of instances see each other's takes, so a budget is never over-spent. Documents
 of keys nobody takes from any more (refresh tokens rotated away) are deleted by a TTL policy on
-``expires_at`` (https://cloud.google.com/firestore/docs/ttl; ``terraform/README.md``).
+``expires_at`` (https://cloud.google.com/firestore/docs/ttl; see ``terraform/README.md``).
 
-Scaling: the takes of one key serialise on its document. Firestore sustains about one write
-per second on a single document
-(https://cloud.google.com/firestore/docs/best-practices#high_read_write_and_delete_rates_to_a_narrow_document_range);
-beyond that, contention surfaces as ABORTED, retried with jittered backoff (``_transact``) and
-then ``StoreUnavailable``. A per-refresh-token budget has one taker at a time (the connection's
-lease holder), so it never contends. A budget shared by many connections (per client, per
-endpoint) is bounded by that rate; to go beyond it, take ``cost=k`` once for a batch of ``k``
-refreshes, or split the limit over several keys (exact, at the price of fragmentation).
+Scaling: the takes of one key serialise on its document. Firestore names "a document
+receiving too many updates per second" and overlapping transactions as the causes of ABORTED
+and advises reducing the write rate to individual documents
+(https://cloud.google.com/firestore/docs/understand-error-codes); here ABORTED is retried with
+jittered backoff (``_transact``), then becomes ``StoreUnavailable``. A per-refresh-token
+budget has one taker at a time (the connection's lease holder), so it never contends. A
+budget shared by many connections (per client, per endpoint) is bounded by one document's
+update rate -- a handful of takes per second; on the emulator, which settles each lock
+conflict by a ~2 s timeout, four racing takers on one key manage about one take per second.
+To go beyond that, take ``cost=k`` once for a batch of ``k`` refreshes, or split the limit
+over several keys (exact, at the price of fragmenting it).
 
 Selecting due connections
 -------------------------
