@@ -105,8 +105,9 @@ def test_client_credentials_sends_scope_and_resource() -> None:
     _, form, headers = endpoint.calls[0]
     assert form == {"grant_type": "client_credentials", "scope": "a b", "resource": "urn:api"}
     assert headers["Authorization"].startswith("Basic ")
-    # No expires_in: the profile's default lifetime applies.
-    assert result.expires_at == NOW + timedelta(seconds=3600)
+    # No expires_in and an opaque token: the profile's default lifetime applies, which for
+    # the generic profile (nothing documented) is a conservative 15 minutes.
+    assert result.expires_at == NOW + timedelta(seconds=900)
     assert result.scope == ("a", "b")
 
 
