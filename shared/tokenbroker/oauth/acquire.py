@@ -51,6 +51,9 @@ async def acquire(
     token_url = profile.token_url_for(connection)
     params = profile.resolve_params(connection.params)
     rules = profile.answer_rules
+    # Every secret stored for the connection, scrubbed by value from the provider's text (the
+    # grants add what they send themselves).
+    known = (current.access_token, current.refresh_token, current.client_secret)
     response: TokenResponse
     if connection.grant is GrantType.REFRESH_TOKEN:
         if current.refresh_token is None:
@@ -64,6 +67,7 @@ async def acquire(
             auth_method=profile.auth_method_for(connection),
             rules=rules,
             now=now,
+            known_secrets=known,
         )
     elif connection.grant is GrantType.CLIENT_CREDENTIALS:
         if current.client_secret is None or not connection.client_id:
@@ -78,6 +82,7 @@ async def acquire(
             extra={k: params[k] for k in _FORM_PARAMS if k in params},
             rules=rules,
             now=now,
+            known_secrets=known,
         )
     elif connection.grant is GrantType.JWT_BEARER:
         if current.private_key is None:
@@ -91,6 +96,7 @@ async def acquire(
             issued_at=now.timestamp(),
             rules=rules,
             now=now,
+            known_secrets=known,
         )
     else:
         raise ConfigError(

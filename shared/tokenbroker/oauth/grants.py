@@ -6,8 +6,10 @@ decision, made from ``error.retryable`` (and, for a rotating refresh token, ``er
 
 ``rules`` are the provider profile's
 :attr:`~tokenbroker.oauth.profiles.ProviderProfile.answer_rules` (``error_aliases`` alone is the
-older shorthand); ``now`` is the caller's clock, for the
-lifetime of a JWT access token whose answer states none.
+older shorthand); ``now`` is the caller's clock, for the lifetime of a JWT access token whose
+answer states none. ``known_secrets`` are the connection's other secrets (the stored access
+token, say): together with everything the grant itself sends (refresh token, client secret,
+key, assertion) they are scrubbed by value from whatever text the provider answers with.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.model import ClientAuthMethod
+from tokenbroker.kernel.redact import is_sensitive_key
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.token_response import AnswerRules, TokenResponse, parse_token_response
 from tokenbroker.ports import TokenEndpoint
@@ -58,11 +61,21 @@ async def _token_request(
     error_aliases: Mapping[str, str] | None,
     rules: AnswerRules | None,
     now: datetime | None,
+    known_secrets: Iterable[Secret | None],
 ) -> TokenResponse:
+    # Whatever credential material was sent is known too: the form's tokens, secrets and
+    # assertions, and the Authorization header.
+    sent = [v for k, v in (*form.items(), *headers.items()) if is_sensitive_key(k) and v]
     response = await endpoint.post_form(
         token_url, form, headers={"Accept": "application/json", **headers}
     )
-    return parse_token_response(response, error_aliases=error_aliases, rules=rules, now=now)
+    return parse_token_response(
+        response,
+        error_aliases=error_aliases,
+        rules=rules,
+        known_secrets=[*known_secrets, *map(Secret, sent)],
+        now=now,
+    )
 
 
 async def refresh_grant(
@@ -78,6 +91,7 @@ async def refresh_grant(
     error_aliases: Mapping[str, str] | None = None,
     rules: AnswerRules | None = None,
     now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 6749 §6. ``scopes``, when given, must be a subset of the original grant's."""
     headers, form = client_authentication(auth_method, client_id, client_secret)
@@ -86,7 +100,14 @@ async def refresh_grant(
         form["scope"] = " ".join(scopes)
     form.update(extra or {})
     return await _token_request(
-        endpoint, token_url, form, headers, error_aliases=error_aliases, rules=rules, now=now
+        endpoint,
+        token_url,
+        form,
+        headers,
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[refresh_token, client_secret, *known_secrets],
     )
 
 
@@ -102,6 +123,7 @@ async def client_credentials_grant(
     error_aliases: Mapping[str, str] | None = None,
     rules: AnswerRules | None = None,
     now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 6749 §4.4. ``extra`` carries e.g. an RFC 8707 ``resource``."""
     headers, form = client_authentication(auth_method, client_id, client_secret)
@@ -110,7 +132,14 @@ async def client_credentials_grant(
         form["scope"] = " ".join(scopes)
     form.update(extra or {})
     return await _token_request(
-        endpoint, token_url, form, headers, error_aliases=error_aliases, rules=rules, now=now
+        endpoint,
+        token_url,
+        form,
+        headers,
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[client_secret, *known_secrets],
     )
 
 
@@ -176,6 +205,7 @@ async def jwt_bearer_grant(
     error_aliases: Mapping[str, str] | None = None,
     rules: AnswerRules | None = None,
     now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 7523 §2.1: exchange a self-signed assertion for an access token. No client auth."""
     info = service_account_info(key_file)
@@ -184,5 +214,12 @@ async def jwt_bearer_grant(
     )
     form = {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
     return await _token_request(
-        endpoint, token_url, form, {}, error_aliases=error_aliases, rules=rules, now=now
+        endpoint,
+        token_url,
+        form,
+        {},
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[key_file, Secret(info["private_key"]), *known_secrets],
     )

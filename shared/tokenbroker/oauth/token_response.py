@@ -9,6 +9,11 @@ anything else sees it: whatever the body, the result is a :class:`TokenResponse`
 are usable as they are, or a :class:`~tokenbroker.kernel.errors.ProviderError` -- never another
 exception. Each error also says whether the answer is *ambiguous* (the provider may have spent
 the refresh token) and keeps a new refresh token that an unusable answer carried.
+
+Provider text (error codes and descriptions, kept extras, scopes) is scrubbed here of every
+secret known for the exchange -- what the caller passes in ``known_secrets`` and the tokens
+of the answer itself -- by value and by shape (:class:`~tokenbroker.kernel.redact.Scrubber`),
+so an echoed refresh token never reaches a message, a log line, an event or a stored value.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -34,7 +39,7 @@ from tokenbroker.kernel.errors import (
     UnknownProviderError,
 )
 from tokenbroker.kernel.http import HttpResponse, parse_retry_after
-from tokenbroker.kernel.redact import scrub
+from tokenbroker.kernel.redact import Scrubber, is_sensitive_key
 from tokenbroker.kernel.secret import Secret
 
 #: The longest access-token lifetime believed. RFC 6749 §5.1 gives ``expires_in`` no upper
@@ -154,10 +159,19 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _text(value: object, limit: int) -> str:
-    """A provider's value as scrubbed, bounded text for a message."""
+def _text(value: object, limit: int, scrubber: Scrubber) -> str:
+    """A provider's value as scrubbed, bounded text for a message. Cut after scrubbing, from
+    a window long enough that no secret starting inside the limit is split."""
     text = value if isinstance(value, str) else _describe(value)
-    return scrub(text[: limit + MAX_TOKEN_CHARS])[:limit]
+    window = limit + max(MAX_TOKEN_CHARS, scrubber.longest)
+    return scrubber(text[:window])[:limit]
+
+
+def _answer_secrets(data: Mapping[str, Any] | None) -> list[str]:
+    """The credential values in an answer (its tokens), to scrub from the answer's own text."""
+    if data is None:
+        return []
+    return [v for k, v in data.items() if isinstance(v, str) and is_sensitive_key(str(k))]
 
 
 def _describe(value: object) -> str:
@@ -188,19 +202,22 @@ def _error_from_body(
     status: int,
     retry_after: float | None,
     rules: AnswerRules,
+    scrubber: Scrubber,
 ) -> ProviderError:
     raw = data.get("error")
     raw_code = raw if isinstance(raw, str) else _describe(raw)
+    shown_code = _text(raw_code, _ERROR_CODE_CHARS, scrubber)
     description_raw = data.get("error_description")
     description = description_raw if isinstance(description_raw, str) else ""
-    shown_description = _text(description_raw, _DESCRIPTION_CHARS) if description_raw else ""
+    shown_description = (
+        _text(description_raw, _DESCRIPTION_CHARS, scrubber) if description_raw else ""
+    )
     detail = f": {shown_description}" if shown_description else ""
     if rules.throttle is not None and rules.throttle.matches(raw_code, description):
         # A documented refusal, not a judgement on the grant: nothing was issued or spent.
         wait = retry_after if retry_after is not None else rules.throttle.retry_after_seconds
         return TemporarilyUnavailable(
-            f"token endpoint throttled the request (HTTP {status}, error "
-            f"{_text(raw_code, _ERROR_CODE_CHARS)!r}){detail}",
+            f"token endpoint throttled the request (HTTP {status}, error {shown_code!r}){detail}",
             status=status,
             retry_after=float(wait),
             ambiguous=False,
@@ -216,8 +233,7 @@ def _error_from_body(
     cls = OAUTH_ERRORS.get(code)
     if cls is None:
         return UnknownProviderError(
-            f"token endpoint answered error {_text(raw_code, _ERROR_CODE_CHARS)!r} "
-            f"(HTTP {status}){detail}",
+            f"token endpoint answered error {shown_code!r} (HTTP {status}){detail}",
             status=status,
             retry_after=retry_after,
             **ambiguity,
@@ -235,12 +251,15 @@ def parse_token_response(
     *,
     error_aliases: Mapping[str, str] | None = None,
     rules: AnswerRules | None = None,
+    known_secrets: Iterable[Secret | None] = (),
     now: datetime | None = None,
 ) -> TokenResponse:
     """A usable :class:`TokenResponse`, or the :class:`ProviderError` that describes why not.
 
     ``rules`` are the profile's (``error_aliases`` alone is a shorthand for rules with only
-    those); ``now`` is when the answer arrived, for a JWT's ``exp``.
+    those); ``known_secrets`` every secret of the exchange (what was sent, what is stored),
+    scrubbed from the provider's text by value; ``now`` is when the answer arrived, for a
+    JWT's ``exp``.
 
     A ``refresh_token`` field that is present but unusable (empty, blank, not ``1*VSCHAR``)
     is RFC 6749 §6's "the server issued a new refresh token" with no token to keep. With a
@@ -254,6 +273,7 @@ def parse_token_response(
     status = response.status
     retry_after = parse_retry_after(response.headers.get("retry-after"), now)
     data = _json_object(response.body)
+    scrubber = Scrubber(known_secrets).including(_answer_secrets(data))
 
     if 200 <= status < 300:
         if data is None:
@@ -262,11 +282,11 @@ def parse_token_response(
             )
         if data.get("error"):
             # Some providers (Zoho) report failures with HTTP 200. Never store these.
-            raise _error_from_body(data, status, retry_after, rules)
-        return _token_from_body(data, status, rules, now or datetime.now(UTC))
+            raise _error_from_body(data, status, retry_after, rules, scrubber)
+        return _token_from_body(data, status, rules, scrubber, now or datetime.now(UTC))
 
     if data is not None and data.get("error"):
-        error = _error_from_body(data, status, retry_after, rules)
+        error = _error_from_body(data, status, retry_after, rules, scrubber)
         if (status >= 500 or status == 429) and not error.retryable:
             # Whatever code it carries, a 5xx/429 is the server's trouble, not the grant's.
             transient = TemporarilyUnavailable if status in (429, 503) else ProviderServerError
@@ -293,7 +313,11 @@ def parse_token_response(
 
 
 def _token_from_body(
-    data: Mapping[str, Any], status: int, rules: AnswerRules, now: datetime
+    data: Mapping[str, Any],
+    status: int,
+    rules: AnswerRules,
+    scrubber: Scrubber,
+    now: datetime,
 ) -> TokenResponse:
     warnings: list[str] = []
     refresh_token = _issued_refresh_token(data, status, rules, warnings)
@@ -323,12 +347,12 @@ def _token_from_body(
 
     scope_raw = data.get("scope")
     scope = (
-        tuple(scrub(s) for s in scope_raw.split())
+        tuple(scrubber(s) for s in scope_raw.split())
         if isinstance(scope_raw, str) and len(scope_raw) <= _MAX_TEXT_CHARS
         else None
     )
     extras = {
-        k: scrub(v)
+        k: scrubber(v)
         for k in _KEPT_EXTRAS
         if isinstance(v := data.get(k), str) and len(v) <= _MAX_TEXT_CHARS
     }

@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 import pytest
 
@@ -458,3 +459,56 @@ def test_any_answer_is_a_token_or_a_classified_error() -> None:
     assert failures and lifetimes  # both kinds were exercised
     assert all(e.retry_after is None or 0 <= e.retry_after <= 3600 for e in failures)
     assert all(1 <= lifetime <= MAX_LIFETIME for lifetime in lifetimes)
+
+
+# --- redaction by value at the boundary ---------------------------------------------------------
+
+# A refresh token no shape rule recognises (32 hex digits, like a UUID's hex).
+HEX_RT = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [HEX_RT, quote(HEX_RT + "/x", safe=""), json.dumps(HEX_RT + "/x")[1:-1].replace("/", "\\/")],
+)
+def test_a_known_secret_echoed_in_the_description_is_scrubbed(echo: str) -> None:
+    known = [Secret(HEX_RT), Secret(HEX_RT + "/x")]
+    body = {"error": "invalid_grant", "error_description": f"refresh token {echo} is revoked"}
+    with pytest.raises(errors.InvalidGrant) as caught:
+        parse_token_response(_resp(400, body), known_secrets=known, now=NOW)
+    assert HEX_RT not in str(caught.value)
+    assert "is revoked" in str(caught.value)
+
+
+def test_a_known_secret_echoed_as_the_error_code_is_scrubbed() -> None:
+    with pytest.raises(errors.UnknownProviderError) as caught:
+        parse_token_response(
+            _resp(400, {"error": f"bad_token:{HEX_RT}"}), known_secrets=[Secret(HEX_RT)]
+        )
+    assert HEX_RT not in str(caught.value)
+
+
+def test_the_answers_own_tokens_are_scrubbed_from_its_text() -> None:
+    """A rejected 200 whose description echoes the new refresh token it carries: the token is
+    kept on the error, never in its message."""
+    new_rt = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+    body = {
+        "error": "server_error",
+        "error_description": f"issued {new_rt}",
+        "refresh_token": new_rt,
+    }
+    with pytest.raises(errors.ProviderServerError) as caught:
+        parse_token_response(_resp(200, body), now=NOW)
+    assert caught.value.refresh_token == Secret(new_rt)
+    assert new_rt not in str(caught.value)
+
+
+def test_kept_extras_and_scope_never_hold_a_known_secret() -> None:
+    at = "0123456789abcdef0123456789abcdef"
+    token = parse_token_response(
+        _resp(200, {"access_token": at, "api_domain": f"https://x/{at}", "scope": f"a {HEX_RT}"}),
+        known_secrets=[Secret(HEX_RT)],
+        now=NOW,
+    )
+    assert at not in json.dumps(dict(token.extras))
+    assert HEX_RT not in " ".join(token.scope or ())
