@@ -64,6 +64,8 @@ _VSCHAR = re.compile(r"[\x20-\x7e]+")
 # RFC 6749 §7.1: token_type is a type name; it becomes an HTTP auth-scheme (RFC 9110 §11.1,
 # a token of tchar), so nothing else is accepted.
 _TOKEN_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+# Integers beyond this are not exact as floats (and far beyond any date).
+_MAX_EXACT_FLOAT = 2**53
 # ``expires_in`` sent as a JSON string ("3600"): ASCII decimals only.
 _DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 # Non-secret fields of a token response worth keeping (Zoho's api_domain, Salesforce's
@@ -448,7 +450,11 @@ def _jwt_lifetime(access_token: str, now: datetime) -> int | None:
     except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    if isinstance(exp, int) and abs(exp) > _MAX_EXACT_FLOAT:
+        return None  # too large to be a date (and to become a float)
+    if not math.isfinite(exp):
         return None
     remaining = exp - now.timestamp()
     if not 1 <= remaining <= MAX_LIFETIME_SECONDS:

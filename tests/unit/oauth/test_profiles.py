@@ -16,6 +16,7 @@ import pytest
 from tokenbroker.kernel import errors
 from tokenbroker.kernel.errors import ConfigError, TokenBrokerError
 from tokenbroker.kernel.http import HttpResponse
+from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.model import Connection, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.acquire import acquire
@@ -321,3 +322,35 @@ def test_the_builtin_file_has_no_unknown_fields_and_cites_its_sources() -> None:
     for name in ("google", "zoho", "okta"):
         assert "https://" in str(data[name].get("description"))
     assert "zoho.com/crm/developer/docs/api/v8/token-validity" in raw
+
+
+def test_a_blank_refresh_token_from_zoho_keeps_the_stored_one_with_a_warning() -> None:
+    """Zoho does not rotate (its profile says so): a blank ``refresh_token`` in an otherwise
+    good answer leaves the stored one in force, and the oddity is logged -- not silent."""
+    connection = Connection(id="z", profile="zoho", grant=GrantType.REFRESH_TOKEN, client_id="c")
+    credential = Credential(refresh_token=Secret("1000.rt"), client_secret=Secret("cs"))
+    answer = _resp(200, {"access_token": "at-new", "expires_in": 3600, "refresh_token": "  "})
+    with capture_logs("warning") as logs:
+        result = asyncio.run(acquire(Answering(answer), connection, ZOHO, credential, NOW))
+    assert result.refresh_token == Secret("1000.rt")
+    assert result.access_token == Secret("at-new")
+    line = json.loads(logs.getvalue().splitlines()[0])
+    assert line["severity"] == "WARNING"
+    assert line["connection_id"] == "z"
+    assert "refresh_token" in line["warning"]
+
+
+def test_a_blank_refresh_token_from_a_rotating_provider_is_an_ambiguous_failure() -> None:
+    connection = Connection(
+        id="o",
+        profile="okta",
+        grant=GrantType.REFRESH_TOKEN,
+        client_id="c",
+        params={"domain": "acme.okta.com"},
+    )
+    credential = Credential(refresh_token=Secret("rt-old"), client_secret=Secret("cs"))
+    answer = _resp(200, {"access_token": "at-new", "expires_in": 3600, "refresh_token": ""})
+    with pytest.raises(errors.MalformedResponse) as caught:
+        asyncio.run(acquire(Answering(answer), connection, PROFILES["okta"], credential, NOW))
+    assert caught.value.ambiguous is True
+    assert caught.value.refresh_token is None

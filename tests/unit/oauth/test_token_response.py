@@ -236,6 +236,8 @@ def test_missing_expires_in_uses_a_jwt_access_tokens_exp() -> None:
         {"exp": int(NOW.timestamp()) - 5},  # already expired (or our clock is ahead)
         {"exp": int(NOW.timestamp())},
         {"exp": 1e15},
+        {"exp": 10**400},  # an int too large for a float
+        {"exp": -(10**400)},
         {"exp": float("inf")},
         {"exp": True},
         {"exp": "1777777777"},
@@ -421,6 +423,12 @@ def _bodies(rng: random.Random) -> Iterator[bytes]:
         "eyJhbGciOiJub25lIn0.eyJleHAiOjF9.",
         "9" * 30,
         "Infinity",
+        10**400,
+        -(10**30),
+        *(
+            _jwt({"exp": exp})
+            for exp in (10**400, -1, 1e308, "x", None, int(NOW.timestamp()) + 120)
+        ),
     ]
     names = [
         "access_token",
