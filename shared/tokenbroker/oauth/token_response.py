@@ -441,8 +441,19 @@ def _jwt_lifetime(access_token: str, now: datetime) -> int | None:
     and the value only schedules the next refresh. Bounded like ``expires_in``; an ``exp`` in
     the past (or our clock ahead) is not believed either.
     """
+    exp = _jwt_exp(access_token)
+    if exp is None:
+        return None
+    remaining = exp - now.timestamp()
+    if not 1 <= remaining <= MAX_LIFETIME_SECONDS:
+        return None
+    return int(remaining)
+
+
+def _jwt_exp(access_token: str) -> float | None:
+    """The ``exp`` claim of a JWS compact serialisation (RFC 7515 §7.1), when it is a date."""
     parts = access_token.split(".")
-    if len(parts) != 3 or not parts[1]:  # JWS compact serialisation (RFC 7515 §7.1)
+    if len(parts) != 3 or not parts[1]:
         return None
     try:
         payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
@@ -454,9 +465,4 @@ def _jwt_lifetime(access_token: str, now: datetime) -> int | None:
         return None
     if isinstance(exp, int) and abs(exp) > _MAX_EXACT_FLOAT:
         return None  # too large to be a date (and to become a float)
-    if not math.isfinite(exp):
-        return None
-    remaining = exp - now.timestamp()
-    if not 1 <= remaining <= MAX_LIFETIME_SECONDS:
-        return None
-    return int(remaining)
+    return float(exp) if math.isfinite(exp) else None
