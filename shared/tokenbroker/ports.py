@@ -219,8 +219,9 @@ class TokenEndpoint(Protocol):
     """Sends ``application/x-www-form-urlencoded`` POSTs to token endpoints.
 
     Implementations raise :class:`~.errors.TransportError` when no HTTP answer came
-    (timeout, refused, reset) and return every HTTP answer, whatever its status, unchanged.
-    They never follow redirects.
+    (timeout, refused, reset) -- with ``ambiguous=False`` only when the request certainly
+    never left (refused, DNS failure, no connection) -- and return every HTTP answer,
+    whatever its status, unchanged. They never follow redirects.
     """
 
     async def post_form(

@@ -83,6 +83,7 @@ def test_a_body_over_1_mib_is_a_transport_error(endpoint_rig: EndpointRig, size:
     with pytest.raises(TransportError) as caught:
         post_once(endpoint_rig)
     assert caught.value.retryable is True
+    assert caught.value.ambiguous is True  # an answer came: the request was processed
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
@@ -103,6 +104,8 @@ def test_connection_refused_is_a_retryable_transport_error(endpoint_rig: Endpoin
     with pytest.raises(TransportError) as caught:
         post_once(endpoint_rig)
     assert caught.value.retryable is True
+    # Nothing was sent, so nothing can have been spent: safe to retry even a rotating token.
+    assert caught.value.ambiguous is False
     if endpoint_rig.wire:
         assert endpoint_rig.received == []
 
@@ -113,6 +116,8 @@ def test_a_timeout_is_a_retryable_transport_error(endpoint_rig: EndpointRig) -> 
     with pytest.raises(TransportError) as caught:
         post_once(endpoint_rig)
     assert caught.value.retryable is True
+    # The request went out: the provider may have processed it (and rotated the token).
+    assert caught.value.ambiguous is True
     assert time.monotonic() - started < CLIENT_TIMEOUT + 5  # gave up; did not wait it out
 
 

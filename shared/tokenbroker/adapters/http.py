@@ -122,6 +122,12 @@ class AiohttpTokenEndpoint(_AiohttpClient):
                         "token endpoint response exceeds 1 MiB", status=response.status
                     )
                 return _answer(response, content)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Refused, DNS failure, no connection in time: the request never left, so nothing
+            # can have been spent (TransportError.ambiguous, kernel/errors.py).
+            raise TransportError(
+                f"token endpoint unreachable: {type(exc).__name__}", ambiguous=False
+            ) from None
         except TimeoutError:
             raise TransportError(f"token endpoint timed out after {self.timeout}s") from None
         except aiohttp.ClientError as exc:

@@ -8,6 +8,11 @@ Every failure the broker can meet is a :class:`TokenBrokerError`. Each carries:
 * ``retryable`` -- whether trying the same thing again later can succeed. This single flag
   decides retries everywhere: nothing else inspects exception types to decide.
 * ``http_status`` -- how the error maps to an HTTP answer, in the one place that renders them.
+* ``ambiguous`` -- whether the other side may have *acted* on the request although no usable
+  answer came back (a timeout after sending, a 200 that is not a token response). For a
+  rotating refresh token this is the difference between "try again" and "the token may be
+  spent": retrying with the same token may be reuse, which such providers punish by revoking
+  the grant (RFC 9700 §4.14.2). ``retryable`` still says whether trying again can work at all.
 
 Messages never contain credential material: they are built from codes, ids and counts only.
 (Modelled on google-auth's ``GoogleAuthError(retryable=...)`` and authlib's per-error classes.)
@@ -15,7 +20,10 @@ Messages never contain credential material: they are built from codes, ids and c
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from tokenbroker.kernel.secret import Secret
 
 
 class TokenBrokerError(Exception):
@@ -24,6 +32,7 @@ class TokenBrokerError(Exception):
     code: ClassVar[str] = "server_error"
     http_status: ClassVar[int] = 500
     default_retryable: ClassVar[bool] = False
+    default_ambiguous: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -31,10 +40,13 @@ class TokenBrokerError(Exception):
         *,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        ambiguous: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = self.default_retryable if retryable is None else retryable
+        #: The other side may have acted on the request (see the module docstring).
+        self.ambiguous = self.default_ambiguous if ambiguous is None else ambiguous
         #: Seconds the other side asked us to wait (``Retry-After``), when it said so.
         self.retry_after = retry_after
         #: How many attempts were made before this error was final (set by the retry loop).
@@ -155,7 +167,13 @@ class CredentialUnavailable(TokenBrokerError):
 
 
 class ProviderError(TokenBrokerError):
-    """The token endpoint refused or failed a grant."""
+    """The token endpoint refused or failed a grant.
+
+    ``refresh_token`` is set when an unusable answer nevertheless carried a new refresh token
+    (a 200 without an access token, with ``expires_in: 0``, with an error body...). A rotating
+    provider has then probably retired the old one (RFC 6749 §6), so the new one is the only
+    copy of the grant: the caller should keep it even though the answer failed.
+    """
 
     code = "provider_error"
     http_status = 502
@@ -167,10 +185,14 @@ class ProviderError(TokenBrokerError):
         status: int | None = None,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        ambiguous: bool | None = None,
+        refresh_token: Secret | None = None,
     ) -> None:
-        super().__init__(message, retryable=retryable, retry_after=retry_after)
+        super().__init__(message, retryable=retryable, retry_after=retry_after, ambiguous=ambiguous)
         #: HTTP status the provider answered with (``None`` when no answer came).
         self.status = status
+        #: A new refresh token the failed answer carried (never printed: it is a ``Secret``).
+        self.refresh_token = refresh_token
 
 
 class InvalidRequest(ProviderError):
@@ -224,20 +246,30 @@ class ProviderServerError(ProviderError):
 
 
 class TransportError(ProviderError):
-    """No answer: timeout, refused or reset connection, DNS failure."""
+    """No answer: timeout, refused or reset connection, DNS failure.
+
+    Ambiguous unless the transport knows the request never left (refused connection, DNS
+    failure: it passes ``ambiguous=False``): a timeout or a reset after sending may have been
+    processed by the provider.
+    """
 
     code = "transport_error"
     default_retryable = True
+    default_ambiguous = True
 
 
 class MalformedResponse(ProviderError):
-    """A 200 that is not a usable token response (not JSON, no ``access_token``...).
+    """A 200 that is not a usable token response (not JSON, no ``access_token``,
+    ``expires_in: 0``, an unusable ``refresh_token``...).
 
-    Retryable: it is most often a proxy or maintenance page. It is never stored.
+    Retryable: it is most often a proxy or maintenance page. It is never stored. Ambiguous: a
+    success status says the request was processed, so a rotating refresh token may be spent
+    (a new one it carried is on ``refresh_token``).
     """
 
     code = "malformed_response"
     default_retryable = True
+    default_ambiguous = True
 
 
 OAUTH_ERRORS: dict[str, type[ProviderError]] = {

@@ -68,13 +68,33 @@ class FieldReader:
         return value
 
     @_defaulting
-    def integer(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> Any:
+    def integer(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> Any:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{self.path(name)}: expected an integer")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self.path(name)}: must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self.path(name)}: must be at most {maximum}")
         return value
+
+    @_defaulting
+    def texts(self, name: str, default: Any = _MISSING) -> tuple[str, ...]:
+        """A list of non-empty strings."""
+        value = self._get(name, default)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{self.path(name)}: expected a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError(f"{self.path(name)}[{i}]: expected a non-empty string")
+        return tuple(value)
 
     @_defaulting
     def choice(self, name: str, kind: type[E], default: Any = _MISSING) -> Any:

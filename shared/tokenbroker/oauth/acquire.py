@@ -5,11 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from tokenbroker.kernel.errors import ConfigError
+from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Connection, Credential, GrantType
 from tokenbroker.oauth.grants import client_credentials_grant, jwt_bearer_grant, refresh_grant
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import TokenEndpoint
+
+_log = get_logger(component="acquire")
 
 # Connection params that are sent as extra form fields with client_credentials.
 _FORM_PARAMS = ("resource", "audience")
@@ -41,11 +44,16 @@ async def acquire(
 
     The static material (client secret, key file) is carried forward. When a refresh response
     omits ``refresh_token`` the old one is kept (RFC 6749 §6: the server MAY issue a new one);
-    when it includes one, the old one is dropped and never used again.
+    when it includes one, the old one is dropped and never used again. The new version's
+    expiry is the answer's bounded lifetime (``expires_in``, else a JWT's ``exp``, else the
+    profile's default: :attr:`~tokenbroker.oauth.token_response.TokenResponse.lifetime_seconds`).
     """
     token_url = profile.token_url_for(connection)
     params = profile.resolve_params(connection.params)
-    aliases = profile.error_aliases
+    rules = profile.answer_rules
+    # Every secret stored for the connection, scrubbed by value from the provider's text (the
+    # grants add what they send themselves).
+    known = (current.access_token, current.refresh_token, current.client_secret)
     response: TokenResponse
     if connection.grant is GrantType.REFRESH_TOKEN:
         if current.refresh_token is None:
@@ -57,7 +65,9 @@ async def acquire(
             client_id=connection.client_id,
             client_secret=current.client_secret,
             auth_method=profile.auth_method_for(connection),
-            error_aliases=aliases,
+            rules=rules,
+            now=now,
+            known_secrets=known,
         )
     elif connection.grant is GrantType.CLIENT_CREDENTIALS:
         if current.client_secret is None or not connection.client_id:
@@ -70,7 +80,9 @@ async def acquire(
             auth_method=profile.auth_method_for(connection),
             scopes=connection.scopes,
             extra={k: params[k] for k in _FORM_PARAMS if k in params},
-            error_aliases=aliases,
+            rules=rules,
+            now=now,
+            known_secrets=known,
         )
     elif connection.grant is GrantType.JWT_BEARER:
         if current.private_key is None:
@@ -82,13 +94,19 @@ async def acquire(
             scopes=connection.scopes,
             subject=params.get("subject"),
             issued_at=now.timestamp(),
-            error_aliases=aliases,
+            rules=rules,
+            now=now,
+            known_secrets=known,
         )
     else:
         raise ConfigError(
             f"connection {connection.id!r}: {connection.grant.value} is not refreshed"
         )
-    lifetime = response.expires_in or profile.default_lifetime_seconds
+    for warning in response.warnings:
+        _log.warning(
+            "token answer was odd but usable", connection_id=connection.id, warning=warning
+        )
+    lifetime = response.lifetime_seconds
     return current.with_token(
         access_token=response.access_token,
         refresh_token=response.refresh_token or current.refresh_token,

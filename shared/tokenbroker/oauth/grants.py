@@ -2,7 +2,14 @@
 
 Each takes the transport first and returns a :class:`TokenResponse` or raises a classified
 :class:`~tokenbroker.kernel.errors.ProviderError`. None of them retries: retrying is the caller's
-decision, made from ``error.retryable`` alone.
+decision, made from ``error.retryable`` (and, for a rotating refresh token, ``error.ambiguous``).
+
+``rules`` are the provider profile's
+:attr:`~tokenbroker.oauth.profiles.ProviderProfile.answer_rules` (``error_aliases`` alone is the
+older shorthand); ``now`` is the caller's clock, for the lifetime of a JWT access token whose
+answer states none. ``known_secrets`` are the connection's other secrets (the stored access
+token, say): together with everything the grant itself sends (refresh token, client secret,
+key, assertion) they are scrubbed by value from whatever text the provider answers with.
 """
 
 from __future__ import annotations
@@ -10,14 +17,16 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.model import ClientAuthMethod
+from tokenbroker.kernel.redact import is_sensitive_key
 from tokenbroker.kernel.secret import Secret
-from tokenbroker.oauth.token_response import TokenResponse, parse_token_response
+from tokenbroker.oauth.token_response import AnswerRules, TokenResponse, parse_token_response
 from tokenbroker.ports import TokenEndpoint
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"  # RFC 7523 §2.1
@@ -48,12 +57,25 @@ async def _token_request(
     token_url: str,
     form: dict[str, str],
     headers: Mapping[str, str],
+    *,
     error_aliases: Mapping[str, str] | None,
+    rules: AnswerRules | None,
+    now: datetime | None,
+    known_secrets: Iterable[Secret | None],
 ) -> TokenResponse:
+    # Whatever credential material was sent is known too: the form's tokens, secrets and
+    # assertions, and the Authorization header.
+    sent = [v for k, v in (*form.items(), *headers.items()) if is_sensitive_key(k) and v]
     response = await endpoint.post_form(
         token_url, form, headers={"Accept": "application/json", **headers}
     )
-    return parse_token_response(response, error_aliases=error_aliases)
+    return parse_token_response(
+        response,
+        error_aliases=error_aliases,
+        rules=rules,
+        known_secrets=[*known_secrets, *map(Secret, sent)],
+        now=now,
+    )
 
 
 async def refresh_grant(
@@ -67,6 +89,9 @@ async def refresh_grant(
     scopes: Sequence[str] = (),
     extra: Mapping[str, str] | None = None,
     error_aliases: Mapping[str, str] | None = None,
+    rules: AnswerRules | None = None,
+    now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 6749 §6. ``scopes``, when given, must be a subset of the original grant's."""
     headers, form = client_authentication(auth_method, client_id, client_secret)
@@ -74,7 +99,16 @@ async def refresh_grant(
     if scopes:
         form["scope"] = " ".join(scopes)
     form.update(extra or {})
-    return await _token_request(endpoint, token_url, form, headers, error_aliases)
+    return await _token_request(
+        endpoint,
+        token_url,
+        form,
+        headers,
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[refresh_token, client_secret, *known_secrets],
+    )
 
 
 async def client_credentials_grant(
@@ -87,6 +121,9 @@ async def client_credentials_grant(
     scopes: Sequence[str] = (),
     extra: Mapping[str, str] | None = None,
     error_aliases: Mapping[str, str] | None = None,
+    rules: AnswerRules | None = None,
+    now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 6749 §4.4. ``extra`` carries e.g. an RFC 8707 ``resource``."""
     headers, form = client_authentication(auth_method, client_id, client_secret)
@@ -94,7 +131,16 @@ async def client_credentials_grant(
     if scopes:
         form["scope"] = " ".join(scopes)
     form.update(extra or {})
-    return await _token_request(endpoint, token_url, form, headers, error_aliases)
+    return await _token_request(
+        endpoint,
+        token_url,
+        form,
+        headers,
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[client_secret, *known_secrets],
+    )
 
 
 def service_account_info(key_file: Secret) -> dict[str, Any]:
@@ -157,6 +203,9 @@ async def jwt_bearer_grant(
     subject: str | None = None,
     issued_at: float | None = None,
     error_aliases: Mapping[str, str] | None = None,
+    rules: AnswerRules | None = None,
+    now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 7523 §2.1: exchange a self-signed assertion for an access token. No client auth."""
     info = service_account_info(key_file)
@@ -164,4 +213,13 @@ async def jwt_bearer_grant(
         info, audience=token_url, scopes=scopes, subject=subject, issued_at=issued_at
     )
     form = {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
-    return await _token_request(endpoint, token_url, form, {}, error_aliases)
+    return await _token_request(
+        endpoint,
+        token_url,
+        form,
+        {},
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[key_file, Secret(info["private_key"]), *known_secrets],
+    )

@@ -8,7 +8,8 @@ the limit with a refusal rather than a token. Zoho documents, for its accounts s
   the ten minutes."
   (https://www.zoho.com/accounts/protocol/oauth/web-apps/access-token-expiry.html; the same
   text for devices, https://www.zoho.com/accounts/protocol/oauth/devices/refresh-access-token.html).
-  This is the budget the ``zoho`` profile declares (``per = "refresh_token"``, 10 per 600 s).
+  The ``zoho`` profile's budget (``scope = "refresh_token"``) stays below that documented
+  limit (8 per 600 s; ``oauth/profiles.toml``).
 * Zoho CRM's "Token Validity" pages repeat the ten per ten minutes per refresh token, cap the
   active access tokens per refresh token (15 in API v8, the oldest invalidated; other Zoho
   products say 30) -- no refresh schedule of ours comes near that -- and limit refresh tokens
@@ -119,7 +120,7 @@ def budget_request(
     budget = profile.budget
     if budget is None:
         return None
-    match budget.per:
+    match budget.scope:
         case BudgetScope.REFRESH_TOKEN:
             token = credential.refresh_token
             if token:
@@ -129,13 +130,13 @@ def budget_request(
         case BudgetScope.CLIENT:
             endpoint = _endpoint(profile.token_url_for(connection))
             digest = _digest("client", endpoint, connection.client_id or "")
-        case BudgetScope.ENDPOINT:
+        case BudgetScope.TOKEN_ENDPOINT:
             digest = _digest("endpoint", _endpoint(profile.token_url_for(connection)))
     return BudgetRequest(
-        key=f"{budget.per.value}:{digest}",
-        scope=budget.per,
-        limit=budget.limit,
-        window=budget.window,
+        key=f"{budget.scope.value}:{digest}",
+        scope=budget.scope,
+        limit=budget.requests,
+        window=timedelta(seconds=budget.per_seconds),
     )
 
 
