@@ -62,7 +62,8 @@ Databases written before integrity (schema 1) are migrated on the first open wit
 every row is authenticated as it is then (tampering done before the upgrade is adopted), and
 the blobs are sealed again under the new binding, all in one transaction. A marker (sealed
 with the key) records that the database is authenticated; a database whose rows are
-authenticated but whose marker is missing refuses to open instead of migrating again.
+authenticated but whose marker is missing refuses to open instead of migrating again. Stop
+older brokers sharing the file before upgrading: what they write afterwards is refused.
 
 SQLite errors
 -------------

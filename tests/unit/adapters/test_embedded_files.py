@@ -329,7 +329,12 @@ def shared_tmp() -> Iterator[Path]:
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run a child as another user")
 @pytest.mark.parametrize(
     "setup",
-    ["unreadable-directory", "read-only-directory", "read-only-database"],
+    [
+        "unreadable-directory",
+        "read-only-directory",
+        "read-only-database",
+        "writable-database-in-a-read-only-directory",  # no room for its -wal and -shm
+    ],
 )
 def test_state_this_user_cannot_use_is_a_clear_config_error(
     shared_tmp: Path, open_db: OpenDb, setup: str
@@ -349,9 +354,12 @@ def test_state_this_user_cannot_use_is_a_clear_config_error(
             os.chown(path, NOBODY, NOBODY)
         if setup == "unreadable-directory":
             state.chmod(0o000)
-        else:
+        elif setup == "read-only-database":
             for path in state.iterdir():
                 path.chmod(0o400)
+        else:
+            os.chown(state, 0, 0)
+            state.chmod(0o755)
     before = _tree(state)
     done = _open_as_nobody(state, KEY_TEXT)
     assert done.returncode == 2, done.stdout + done.stderr
