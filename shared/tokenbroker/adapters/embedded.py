@@ -550,9 +550,10 @@ class EmbeddedDatabase:
                 key, key_file, encrypted="key_check" in meta or holds_data, create=create
             )
             self._aead = AESGCM(raw_key)
-            self._mac_key = HKDF(
+            mac_key = HKDF(
                 algorithm=SHA256(), length=32, salt=None, info=_INTEGRITY_KDF_INFO
             ).derive(raw_key)
+            self._mac = hmac.new(mac_key, digestmod=hashlib.sha256)
             self._key, self.key_source = raw_key, source
             self._check_key_and_integrity(cur, meta, holds_data=holds_data)
 
@@ -675,8 +676,9 @@ class EmbeddedDatabase:
         return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context.encode())
 
     def _tag(self, *fields: str | int | None) -> bytes:
-        message = json.dumps(fields, separators=(",", ":")).encode()
-        return hmac.new(self._mac_key, message, hashlib.sha256).digest()
+        mac = self._mac.copy()  # keyed once at open; a copy per message
+        mac.update(_encode_fields(fields))
+        return mac.digest()
 
     def _verify(self, tag: object, *fields: object) -> bool:
         if not isinstance(tag, bytes) or not all(
@@ -780,9 +782,24 @@ class EmbeddedDatabase:
 def credential_context(connection_id: str, incarnation: str, version: int) -> str:
     """AES-GCM associated data of a credential blob: its connection, secret incarnation and
     version (a blob moved to another of any of the three does not decrypt)."""
-    return json.dumps(
-        ["tokenbroker:credential:v2", connection_id, incarnation, version], separators=(",", ":")
-    )
+    return _encode_fields(
+        ("tokenbroker:credential:v2", connection_id, incarnation, version)
+    ).decode()
+
+
+def _encode_fields(fields: Sequence[str | int | None]) -> bytes:
+    """An unambiguous encoding of a tuple of fields (each typed and length-prefixed), for what
+    is authenticated: no two different tuples encode alike."""
+    out = bytearray()
+    for value in fields:
+        if value is None:
+            out += b"n;"
+        elif isinstance(value, int):
+            out += b"i%d;" % value
+        else:
+            raw = value.encode()
+            out += b"s%d:%b;" % (len(raw), raw)
+    return bytes(out)
 
 
 def _dt(value: float | None) -> datetime | None:
