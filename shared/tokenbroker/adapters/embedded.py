@@ -1,13 +1,89 @@
 """The embedded default: everything in one SQLite file, credentials encrypted with AES-GCM.
 
-For running tokenbroker with no cloud account. One state directory holds ``tokenbroker.db``
-and, unless a key is given in the environment, ``encryption.key`` (created on first run with
-mode 0600). The database keeps a key check value: a key that cannot decrypt it is refused at
-start, before anything is read or written, so a wrong key can never shadow or corrupt data.
+For running tokenbroker with no cloud account. One state directory (created 0700) holds
+``tokenbroker.db`` (created 0600, and so are SQLite's ``-wal`` and ``-shm`` beside it) and,
+unless a key is given in the environment, ``encryption.key`` (created on first run with mode
+0600). The database keeps a key check value: a key that cannot decrypt it is refused at start,
+before anything is read or written, so a wrong key can never shadow or corrupt data.
 
 Durability: WAL journal with ``synchronous=FULL``; a write returns only after it is on disk.
 Several processes may share the file: claims and writes run in ``BEGIN IMMEDIATE``
 transactions, so two refreshers can never lease the same connection.
+
+Files
+-----
+Refused at open, with a ``ConfigError`` naming the path (nothing is created, followed or
+changed on the way): a state directory, database or key file that is a symbolic link (whoever
+can change the link decides which state or which key is used); a key file that is not a
+regular file, is not owned by the user running tokenbroker, or that other users can access; a
+state directory that is a file or that this user cannot use. ``create=False`` (opening for a
+read: ``status``, ``profiles``) never creates a directory, a database or a key: missing state
+is ``ConfigError("no tokenbroker state at PATH ...")``. A database left readable by others
+by an older release is made 0600 on open.
+
+Integrity: threat model
+-----------------------
+The adversary can read and write the database file (a copied backup, a shared volume, a loose
+permission) but does not hold the key, and cannot run code as the broker's user. AES-GCM keeps
+every credential confidential and detects any change to a blob; its associated data binds the
+blob to its connection, its version and its *incarnation* (a random id given to each new
+secret, so a secret deleted and created again never accepts the old one's blobs). What decides
+behaviour is authenticated too, with HMAC-SHA256 under a key derived from the data key (HKDF,
+RFC 5869, with its own label, so the two uses of the key never mix):
+
+* the current-version pointer, over (connection, incarnation, owner, version): a pointer moved
+  back to an older retained version, or an old pointer row pasted back, is refused -- and so is
+  any version stored above the pointer (the rollback leaves the newer blob behind);
+* the connection's configuration (the whole registered record: ``token_url``, ``client_id``,
+  scopes, auth method, params, profile, grant), over (connection id, the registration's
+  incarnation, the stored text): an edited, swapped or replayed record is refused;
+* which registration a credential belongs to (its *owner*: the connection's incarnation when
+  its first version was written): the whole secret of an earlier registration of the same id,
+  restored after the connection was removed and added again, is refused.
+
+A refusal is :class:`CorruptCredential` for that connection alone: never a silent use of the
+edited value, never a failure of the others. Every read that hands a credential out checks the
+pointer, the blob and -- when the connection is registered here -- its configuration and
+ownership, so a credential is never handed out for use with an edited ``token_url``; ``get``
+of a connection checks its configuration. Listings (``list``, claims) return rows as stored:
+they decide nothing on their own, the credential read that follows refuses. A write never
+builds on a pointer that does not verify. ``delete`` checks nothing, so an operator can always
+remove a corrupt connection and add it again.
+
+Not protected: availability (rows or the file can be deleted); the refresh state, schedule,
+leases and fencing counters, and the events (plain columns: editing them can make the broker
+refresh early, late or not at all, never send a credential elsewhere); and a *consistent*
+rollback of every row of a connection, or of the whole file, to an earlier genuine copy --
+nothing inside the file can tell an old genuine copy from the current one, so keep backups as
+safe as the key. A listing can race with an edit: a record read by a claim, edited back before
+the credential read, is not caught (the window is one tick's claim-to-read time).
+
+Databases written before integrity (schema 1) are migrated on the first open with the key:
+every row is authenticated as it is then (tampering done before the upgrade is adopted), and
+the blobs are sealed again under the new binding, all in one transaction. A marker (sealed
+with the key) records that the database is authenticated; a database whose rows are
+authenticated but whose marker is missing refuses to open instead of migrating again. Stop
+older brokers sharing the file before upgrading: what they write afterwards is refused.
+
+SQLite errors
+-------------
+Every ``sqlite3.Error`` is translated where it leaves :class:`EmbeddedDatabase`. At open (the
+CLI exits 2): ``ConfigError`` naming the path and what is wrong -- except a lock held
+elsewhere, ``StoreUnavailable``. During operation, by primary result code
+(https://www.sqlite.org/rescode.html):
+
+==================================================  ==========================================
+``BUSY``, ``LOCKED`` (a lock held past the bound)    ``StoreUnavailable``, retryable
+``FULL`` (disk or size limit), ``IOERR``, ``NOMEM``  ``StoreUnavailable``, retryable: it may
+``INTERRUPT``, ``PROTOCOL``, ``SCHEMA``              clear without anyone changing the store
+``READONLY``, ``PERM``, ``AUTH``, ``CANTOPEN``       ``StoreFault``, not retryable: an operator
+``CORRUPT``, ``NOTADB``, ``FORMAT``                  must act (permissions, a restore)
+anything else (``CONSTRAINT``, ``MISUSE``, ...)      ``StoreFault``, not retryable
+==================================================  ==========================================
+
+Waiting is bounded: a write lock held by another process ends, after ``lock_timeout`` seconds
+(SQLite's busy timeout), in ``StoreUnavailable``; the in-process lock that serialises this
+database's threads is taken with the same bound, so queued threads never wait one timeout each.
 """
 
 from __future__ import annotations
@@ -15,8 +91,11 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import errno
 import hashlib
+import hmac
 import json
+import math
 import os
 import secrets as _random
 import sqlite3
@@ -24,13 +103,15 @@ import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tokenbroker.adapters import budget_log
 from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
@@ -38,8 +119,11 @@ from tokenbroker.kernel.clock import from_epoch, to_epoch
 from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
+    CorruptCredential,
     NotFound,
+    StoreFault,
     StoreUnavailable,
+    TokenBrokerError,
 )
 from tokenbroker.kernel.model import (
     Claim,
@@ -58,9 +142,17 @@ DB_NAME = "tokenbroker.db"
 KEY_FILE_NAME = "encryption.key"
 KEY_BYTES = 32  # AES-256-GCM
 NONCE_BYTES = 12  # NIST SP 800-38D recommends 96-bit nonces
+TAG_BYTES = 16  # AES-GCM's authentication tag
 _KEY_CHECK_PLAINTEXT = b"tokenbroker key check v1"
+#: Sealed into ``meta`` once every row is authenticated (see "Integrity" above).
+_INTEGRITY_MARKER = b"tokenbroker integrity v1"
+_INTEGRITY_KDF_INFO = b"tokenbroker:embedded:integrity:v1"
+INCARNATION_BYTES = 16
+#: A key file is 44 characters of base64; anything much larger is not one (and is not read).
+MAX_KEY_FILE_BYTES = 1024
+#: Seconds a write waits for a lock held elsewhere before it fails (retryably).
+DEFAULT_LOCK_TIMEOUT = 30.0
 _CHUNK = 500  # stays under SQLite's host-parameter limit
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS connections (
@@ -119,6 +211,44 @@ CREATE INDEX IF NOT EXISTS budgets_expiry ON budgets (expires_at_us);
 """
 
 
+#: Columns that authenticate rows (module docstring, "Integrity"), added to the tables above
+#: with ALTER TABLE, so a schema-1 database gains them in place.
+_INTEGRITY_COLUMNS = (
+    ("connections", "incarnation", "TEXT"),
+    ("connections", "config_mac", "BLOB"),
+    ("secrets", "incarnation", "TEXT"),
+    ("secrets", "owner", "TEXT"),
+    ("secrets", "pointer_mac", "BLOB"),
+)
+
+#: SQLite primary result code -> (what is wrong, retryable). The module docstring's table.
+_RESULT_CODES: dict[int, tuple[str, bool]] = {
+    sqlite3.SQLITE_BUSY: ("locked by another process", True),
+    sqlite3.SQLITE_LOCKED: ("locked by another connection", True),
+    sqlite3.SQLITE_FULL: ("the disk (or the database's size limit) is full", True),
+    sqlite3.SQLITE_IOERR: ("an I/O error", True),
+    sqlite3.SQLITE_NOMEM: ("out of memory", True),
+    sqlite3.SQLITE_INTERRUPT: ("interrupted", True),
+    sqlite3.SQLITE_PROTOCOL: ("a file-locking protocol error", True),
+    sqlite3.SQLITE_SCHEMA: ("the schema changed under a statement", True),
+    sqlite3.SQLITE_READONLY: ("the database file or its directory is read-only", False),
+    sqlite3.SQLITE_PERM: ("permission denied", False),
+    sqlite3.SQLITE_AUTH: ("access denied", False),
+    sqlite3.SQLITE_CANTOPEN: ("the file cannot be opened", False),
+    sqlite3.SQLITE_CORRUPT: ("the database file is corrupt", False),
+    sqlite3.SQLITE_NOTADB: ("the file is not a database", False),
+    sqlite3.SQLITE_FORMAT: ("the database format is not understood", False),
+    sqlite3.SQLITE_CONSTRAINT: ("a constraint failed", False),
+}
+_DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FORMAT})
+_LOCKED = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _result_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def key_fingerprint(key: bytes) -> str:
     return "sha256:" + hashlib.sha256(key).hexdigest()[:12]
 
@@ -139,87 +269,412 @@ def new_key_text() -> str:
     return base64.urlsafe_b64encode(_random.token_bytes(KEY_BYTES)).decode()
 
 
+def new_incarnation() -> str:
+    """A random id for one registration (or one secret): rows of an earlier one never match."""
+    return _random.token_hex(INCARNATION_BYTES)
+
+
+def _refuse_link(path: Path, what: str, hint: str) -> ConfigError:
+    return ConfigError(
+        f"{what} {path} is a symbolic link; refusing it (whoever can change the link decides"
+        f" what is used): {hint}"
+    )
+
+
+_KEY_LINK_HINT = "point to the file itself, or set TOKENBROKER_ENCRYPTION_KEY"
+
+
 def _read_key_file(path: Path) -> bytes:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
-            f"run: chmod 600 {path}"
-        )
-    return decode_key(path.read_text(), f"key file {path}")
-
-
-def _create_key_file(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = new_key_text()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """The key in ``path``, which must be a regular file of this user's that nobody else can
+    access. Opened without following links and without blocking (a FIFO), read bounded."""
+    try:
+        before = os.lstat(path)
+        if stat.S_ISLNK(before.st_mode):
+            raise _refuse_link(path, "key file", _KEY_LINK_HINT)
+        if not stat.S_ISREG(before.st_mode):
+            raise ConfigError(f"key file {path} is not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse_link(path, "key file", _KEY_LINK_HINT) from None
+        raise ConfigError(f"key file {path}: cannot read it ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)  # the file opened, not whatever the path names by now
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"key file {path} is not a regular file")
+        user = os.geteuid()
+        if info.st_uid != user:
+            raise ConfigError(
+                f"key file {path} is owned by uid {info.st_uid}, not by the user running"
+                f" tokenbroker (uid {user}); run: chown {user} {path}"
+            )
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"key file {path} is readable by other users (mode "
+                f"{stat.S_IMODE(info.st_mode):o}); run: chmod 600 {path}"
+            )
+        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"key file {path}: cannot read it ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"key file {path} is too large to be a key ({info.st_size} bytes)")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError(f"key file {path}: not valid base64") from None
     return decode_key(text, f"key file {path}")
 
 
+def _create_key_file(path: Path) -> bytes:
+    """A new key, written 0600 whatever the umask, never through a link (``O_EXCL`` with
+    ``O_NOFOLLOW``: a link already there is an error, not a place to write)."""
+    text = new_key_text()
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(fd, 0o600)
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise ConfigError(f"key file {path}: cannot create it ({exc.strerror})") from None
+    return decode_key(text, f"key file {path}")
+
+
+def _no_state(state_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"no tokenbroker state at {state_dir} (nothing was created): check the state directory"
+        " (--state-dir / TOKENBROKER_STATE_DIR), or register a connection first"
+    )
+
+
+def _prepare_state_dir(state_dir: Path, *, create: bool) -> None:
+    """The state directory exists, is a real directory (not a link), or is created 0700."""
+    try:
+        try:
+            info = os.lstat(state_dir)
+        except FileNotFoundError:
+            if not create:
+                raise _no_state(state_dir) from None
+            with suppress(FileExistsError):  # another process made it meanwhile
+                state_dir.mkdir(parents=True, mode=0o700)
+                os.chmod(state_dir, 0o700)  # exactly, whatever the umask
+            info = os.lstat(state_dir)
+    except OSError as exc:
+        raise ConfigError(f"state directory {state_dir}: cannot use it ({exc.strerror})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise _refuse_link(
+            state_dir, "state directory", "point the state directory at the real one"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"state directory {state_dir} is not a directory")
+
+
+_FILES_HINT = "the state directory must hold the files themselves"
+
+
+def _existing_file(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; if it does, it must be a regular file and not a link."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot open the tokenbroker state at {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise _refuse_link(path, what, _FILES_HINT)
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file")
+    return True
+
+
+def _private_file(path: Path, *, create: bool, what: str) -> bool:
+    """Make sure ``path`` is a regular file (never a link) readable by its owner only;
+    create it 0600 when ``create``. False when it does not exist (and was not created)."""
+    if not _existing_file(path, what) and not create:
+        return False
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        return False  # removed meanwhile
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse_link(path, what, _FILES_HINT) from None
+        raise ConfigError(
+            f"cannot open the tokenbroker state at {path}: {exc.strerror} (the file or its"
+            " directory is read-only, or not this user's)"
+        ) from None
+    try:
+        info = os.fstat(fd)  # the file opened, not whatever the path names by now
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            os.fchmod(fd, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the tokenbroker state at {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return True
+
+
 class EmbeddedDatabase:
-    """The shared SQLite connection, its lock and the cipher."""
+    """The shared SQLite connection, its lock, the cipher and the integrity key.
+
+    ``create=False`` opens existing state only (for reads): no directory, database or key is
+    ever created. ``lock_timeout`` bounds every wait for a lock, in this process or another.
+    """
 
     def __init__(
-        self, state_dir: Path, *, key: str | None = None, key_file: Path | None = None
+        self,
+        state_dir: Path,
+        *,
+        key: str | None = None,
+        key_file: Path | None = None,
+        create: bool = True,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
+        if not (math.isfinite(lock_timeout) and 0 < lock_timeout <= 3600):
+            raise ConfigError(f"lock_timeout must be between 0 and 3600 s, got {lock_timeout}")
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.state_dir / DB_NAME
+        self.lock_timeout = lock_timeout
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=30, isolation_level=None, check_same_thread=False
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.executescript(_SCHEMA)
+        self._opening = True  # errors are ConfigError (the CLI's exit 2) until open
+        # Key material that is there is checked before anything is created: a refused key
+        # leaves no directory or database behind.
+        if key is not None:
+            decode_key(key, "TOKENBROKER_ENCRYPTION_KEY")
+        elif os.path.lexists(given := key_file or self.state_dir / KEY_FILE_NAME):
+            _read_key_file(given)
+        _prepare_state_dir(self.state_dir, create=create)
+        if not _private_file(self.path, create=create, what="database"):
+            raise _no_state(self.state_dir)
+        for suffix in ("-wal", "-shm"):  # left loose by an older release, or by hand
+            _private_file(Path(f"{self.path}{suffix}"), create=False, what="database file")
+        self._conn = self._connect()
         try:
-            self._key, self.key_source = self._resolve_key(key, key_file)
-            self._aead = AESGCM(self._key)
-            self._verify_or_record_key()
+            self._set_up(key, key_file, create=create)
         except BaseException:
             self._conn.close()
             raise
+        self._opening = False
 
-    # -- key handling ----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        # mode=rw: SQLite never creates the file itself (it was created 0600 above; its -wal
+        # and -shm take that mode from it).
+        uri = f"{self.path.absolute().as_uri()}?mode=rw"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self.lock_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._fault(exc) from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(self.lock_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._fault(exc) from None
+        return conn
 
-    def _has_key_check(self) -> bool:
-        row = self._conn.execute("SELECT 1 FROM meta WHERE key = 'key_check'").fetchone()
-        return row is not None
+    # -- errors ----------------------------------------------------------------------------
 
-    def _resolve_key(self, key: str | None, key_file: Path | None) -> tuple[bytes, str]:
+    def _fault(self, exc: sqlite3.Error) -> TokenBrokerError:
+        """The tokenbroker error for a SQLite one (the table in the module docstring)."""
+        code = _result_code(exc)
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        reason, retryable = (
+            _RESULT_CODES.get(code, ("failed", False)) if code else ("failed", False)
+        )
+        if self._opening:
+            if code in _LOCKED:
+                return StoreUnavailable(
+                    f"cannot open the tokenbroker state at {self.path}: {reason} for more than"
+                    f" {self.lock_timeout:g} s ({name}); try again"
+                )
+            if code in _DAMAGED:
+                return ConfigError(
+                    f"{self.path} is not a tokenbroker database ({reason}, {name}): restore it"
+                    " from a backup, or use another state directory (nothing was changed)"
+                )
+            return ConfigError(
+                f"cannot open the tokenbroker state at {self.path}: {reason} ({name})"
+            )
+        message = f"embedded database {self.path}: {reason} ({name}: {exc})"
+        return StoreUnavailable(message) if retryable else StoreFault(message)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This database's thread lock, waited for no longer than a SQLite lock would be."""
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            raise StoreUnavailable(
+                f"embedded database {self.path}: locked by another thread of this process for"
+                f" more than {self.lock_timeout:g} s"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _rollback(self) -> None:
+        """Undo an open transaction, if SQLite has not already (it does after some errors).
+        Never raises: the error that led here is the one to report."""
+        with suppress(sqlite3.Error):
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+
+    # -- key handling and integrity ----------------------------------------------------------
+
+    def _set_up(self, key: str | None, key_file: Path | None, *, create: bool) -> None:
+        """One transaction, so processes opening the same new state at once take turns: the
+        integrity columns, the key (found or created), its check, and a schema-1 migration."""
+        with self.transaction() as cur:
+            for table, column, kind in _INTEGRITY_COLUMNS:
+                columns = {row[1] for row in cur.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            meta = dict(
+                cur.execute("SELECT key, value FROM meta WHERE key IN ('key_check', 'integrity')")
+            )
+            holds_data = bool(
+                cur.execute(
+                    "SELECT EXISTS (SELECT 1 FROM connections) OR EXISTS (SELECT 1 FROM secrets)"
+                    " OR EXISTS (SELECT 1 FROM secret_versions)"
+                ).fetchone()[0]
+            )
+            raw_key, source = self._resolve_key(
+                key, key_file, encrypted="key_check" in meta or holds_data, create=create
+            )
+            self._aead = AESGCM(raw_key)
+            mac_key = HKDF(
+                algorithm=SHA256(), length=32, salt=None, info=_INTEGRITY_KDF_INFO
+            ).derive(raw_key)
+            self._mac = hmac.new(mac_key, digestmod=hashlib.sha256)
+            self._key, self.key_source = raw_key, source
+            self._check_key_and_integrity(cur, meta, holds_data=holds_data)
+
+    def _resolve_key(
+        self, key: str | None, key_file: Path | None, *, encrypted: bool, create: bool
+    ) -> tuple[bytes, str]:
         if key is not None:
             return decode_key(key, "TOKENBROKER_ENCRYPTION_KEY"), "TOKENBROKER_ENCRYPTION_KEY"
         path = key_file or self.state_dir / KEY_FILE_NAME
-        if path.exists():
+        if os.path.lexists(path):  # a dangling link too: refused, never written through
             return _read_key_file(path), f"key file {path}"
-        if self._has_key_check():
+        if encrypted:
             raise ConfigError(
                 f"the state in {self.state_dir} is encrypted, but key file {path} is missing and"
                 " TOKENBROKER_ENCRYPTION_KEY is not set; restore the key (nothing was changed)"
             )
+        if not create:
+            raise ConfigError(
+                f"no encryption key for the state in {self.state_dir}: key file {path} is missing"
+                " and TOKENBROKER_ENCRYPTION_KEY is not set (nothing was created)"
+            )
         return _create_key_file(path), f"key file {path} (created)"
 
-    def _verify_or_record_key(self) -> None:
-        with self.transaction() as cur:
-            row = cur.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
-            if row is None:
-                sealed = self.seal(_KEY_CHECK_PLAINTEXT, "key-check")
-                cur.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (sealed,))
-                return
-        try:
-            matches = self.open(row[0], "key-check") == _KEY_CHECK_PLAINTEXT
-        except InvalidTag:
-            matches = False
-        if not matches:
+    def _check_key_and_integrity(
+        self, cur: sqlite3.Cursor, meta: dict[str, Any], *, holds_data: bool
+    ) -> None:
+        check = meta.get("key_check")
+        if check is None:
+            if holds_data:
+                raise ConfigError(
+                    f"the state in {self.state_dir} holds data but its key check is missing: the"
+                    " database was tampered with or damaged; refusing to start (nothing was"
+                    " changed)"
+                )
+            cur.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("key_check", self.seal(_KEY_CHECK_PLAINTEXT, "key-check")),
+                    ("integrity", self.seal(_INTEGRITY_MARKER, "integrity")),
+                ],
+            )
+            return
+        if not self._opens_to(check, "key-check", _KEY_CHECK_PLAINTEXT):
             raise ConfigError(
                 f"the encryption key from {self.key_source} ({key_fingerprint(self._key)}) does "
                 f"not decrypt the existing state in {self.state_dir}; refusing to start. Use the "
                 "key this state was created with (nothing was changed)"
+            )
+        marker = meta.get("integrity")
+        if marker is None:
+            self._migrate_schema_1(cur)
+            cur.execute(
+                "INSERT INTO meta (key, value) VALUES ('integrity', ?)",
+                (self.seal(_INTEGRITY_MARKER, "integrity"),),
+            )
+        elif not self._opens_to(marker, "integrity", _INTEGRITY_MARKER):
+            raise ConfigError(
+                f"the integrity marker in {self.path} does not verify: the database was tampered"
+                " with; refusing to start (nothing was changed)"
+            )
+
+    def _opens_to(self, sealed: object, context: str, expected: bytes) -> bool:
+        if not isinstance(sealed, bytes) or len(sealed) < NONCE_BYTES + TAG_BYTES:
+            return False
+        try:
+            return self.open(sealed, context) == expected
+        except InvalidTag:
+            return False
+
+    def _migrate_schema_1(self, cur: sqlite3.Cursor) -> None:
+        """Authenticate a database written before integrity, in place (module docstring)."""
+        (sealed_rows,) = cur.execute(
+            "SELECT (SELECT count(*) FROM connections WHERE incarnation IS NOT NULL"
+            " OR config_mac IS NOT NULL) + (SELECT count(*) FROM secrets WHERE incarnation IS"
+            " NOT NULL OR owner IS NOT NULL OR pointer_mac IS NOT NULL)"
+        ).fetchone()
+        if sealed_rows:
+            raise ConfigError(
+                f"the integrity marker of {self.path} is missing, yet its rows are authenticated:"
+                " the database was tampered with or partly restored; refusing to start (nothing"
+                " was changed). Restore the whole file from one backup"
+            )
+        owners: dict[str, str] = {}
+        for cid, body in cur.execute("SELECT id, body FROM connections").fetchall():
+            owners[cid] = new_incarnation()
+            cur.execute(
+                "UPDATE connections SET incarnation = ?, config_mac = ? WHERE id = ?",
+                (owners[cid], self.connection_tag(cid, owners[cid], body), cid),
+            )
+        pointers = cur.execute("SELECT connection_id, current_version FROM secrets").fetchall()
+        for cid, current in pointers:
+            incarnation, owner = new_incarnation(), owners.get(cid)
+            versions = cur.execute(
+                "SELECT version, sealed FROM secret_versions WHERE connection_id = ?", (cid,)
+            ).fetchall()
+            for version, sealed in versions:
+                try:
+                    plaintext = self.open(sealed, f"tokenbroker:credential:v1:{cid}:{version}")
+                except (InvalidTag, ValueError, TypeError):
+                    continue  # stays undecryptable: CorruptCredential when read, that one only
+                cur.execute(
+                    "UPDATE secret_versions SET sealed = ? WHERE connection_id = ? AND version = ?",
+                    (
+                        self.seal(plaintext, credential_context(cid, incarnation, version)),
+                        cid,
+                        version,
+                    ),
+                )
+            cur.execute(
+                "UPDATE secrets SET incarnation = ?, owner = ?, pointer_mac = ?"
+                " WHERE connection_id = ?",
+                (incarnation, owner, self.pointer_tag(cid, incarnation, owner, current), cid),
             )
 
     def seal(self, plaintext: bytes, context: str) -> bytes:
@@ -229,34 +684,131 @@ class EmbeddedDatabase:
     def open(self, sealed: bytes, context: str) -> bytes:
         return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context.encode())
 
+    def _tag(self, *fields: str | int | None) -> bytes:
+        mac = self._mac.copy()  # keyed once at open; a copy per message
+        mac.update(_encode_fields(fields))
+        return mac.digest()
+
+    def _verify(self, tag: object, *fields: object) -> bool:
+        if not isinstance(tag, bytes) or not all(
+            f is None or type(f) in (str, int) for f in fields
+        ):
+            return False  # a column edited to another type is an edit like any other
+        return hmac.compare_digest(tag, self._tag(*fields))  # type: ignore[arg-type]
+
+    def connection_tag(self, connection_id: str, incarnation: str, body: str) -> bytes:
+        """Authenticates a connection's stored configuration for one registration."""
+        return self._tag("connection", connection_id, incarnation, body)
+
+    def pointer_tag(
+        self, connection_id: str, incarnation: str, owner: str | None, version: int
+    ) -> bytes:
+        """Authenticates a secret's current-version pointer and which registration owns it."""
+        return self._tag("secret-pointer", connection_id, incarnation, owner, version)
+
+    def check_pointer(
+        self,
+        connection_id: str,
+        *,
+        version: object,
+        incarnation: object,
+        owner: object,
+        tag: object,
+        newest: object,
+    ) -> int:
+        """The pointer's version if the row verifies and nothing newer is stored; else
+        CorruptCredential (a pointer moved back leaves the newer version behind)."""
+        fields = ("secret-pointer", connection_id, incarnation, owner, version)
+        if not (isinstance(version, int) and isinstance(incarnation, str)) or not self._verify(
+            tag, *fields
+        ):
+            raise CorruptCredential(
+                f"credential {connection_id!r}: its current-version pointer does not verify"
+                " (edited, or rolled back); it is not used"
+            )
+        if newest is not None and (not isinstance(newest, int) or newest > version):
+            raise CorruptCredential(
+                f"credential {connection_id!r}: a version above the current one (v{version}) is"
+                " stored: the pointer was rolled back; it is not used"
+            )
+        return version
+
+    def check_connection(
+        self, connection_id: str, incarnation: object, tag: object, body: object
+    ) -> str:
+        """The stored configuration text if it verifies for this id; else CorruptCredential."""
+        if not (isinstance(incarnation, str) and isinstance(body, str)) or not self._verify(
+            tag, "connection", connection_id, incarnation, body
+        ):
+            raise CorruptCredential(
+                f"connection {connection_id!r}: its stored configuration does not verify"
+                " (edited, swapped or replayed); it is not used. Remove the connection and add"
+                " it again"
+            )
+        return body
+
     # -- transactions ----------------------------------------------------------------------
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
-        """A write transaction (``BEGIN IMMEDIATE``): serialised across processes."""
-        with self._lock:
-            cur = self._conn.cursor()
+        """A write transaction (``BEGIN IMMEDIATE``): serialised across processes. A SQLite
+        error inside it rolls it back and leaves translated (module docstring)."""
+        with self._exclusive():
             try:
+                cur = self._conn.cursor()
                 cur.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"embedded database is busy: {exc}") from None
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise self._fault(exc) from None
             try:
                 yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            else:
                 cur.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise self._fault(exc) from None
+            except BaseException:
+                self._rollback()
+                raise
             finally:
-                cur.close()
+                with suppress(sqlite3.Error):
+                    cur.close()
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+        with self._exclusive():
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._fault(exc) from None
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            try:
+                self._conn.close()
+            except sqlite3.Error as exc:
+                raise self._fault(exc) from None
+
+
+def credential_context(connection_id: str, incarnation: str, version: int) -> str:
+    """AES-GCM associated data of a credential blob: its connection, secret incarnation and
+    version (a blob moved to another of any of the three does not decrypt)."""
+    return _encode_fields(
+        ("tokenbroker:credential:v2", connection_id, incarnation, version)
+    ).decode()
+
+
+def _encode_fields(fields: Sequence[str | int | None]) -> bytes:
+    """An unambiguous encoding of a tuple of fields (each typed and length-prefixed), for what
+    is authenticated: no two different tuples encode alike."""
+    out = bytearray()
+    for value in fields:
+        if value is None:
+            out += b"n;"
+        elif isinstance(value, int):
+            out += b"i%d;" % value
+        else:
+            raw = value.encode()
+            out += b"s%d:%b;" % (len(raw), raw)
+    return bytes(out)
 
 
 def _dt(value: float | None) -> datetime | None:
@@ -312,27 +864,42 @@ class EmbeddedStateStore:
         self._db = db
 
     def create(self, connection: Connection, state: RefreshState) -> None:
-        try:
-            with self._db.transaction() as cur:
+        """A new registration: a new incarnation, and the stored configuration authenticated
+        for it (module docstring, "Integrity")."""
+        body = json.dumps(connection.to_json())
+        incarnation = new_incarnation()
+        tag = self._db.connection_tag(connection.id, incarnation, body)
+        with self._db.transaction() as cur:
+            try:
                 cur.execute(
-                    f"INSERT INTO connections (id, body, {_STATE_COLUMNS}, lease_token) "  # noqa: S608
+                    f"INSERT INTO connections (id, body, {_STATE_COLUMNS}, lease_token, "  # noqa: S608
+                    "incarnation, config_mac) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT lease_token FROM "
-                    "retired_fencing WHERE connection_id = ?), 0))",
+                    "retired_fencing WHERE connection_id = ?), 0), ?, ?)",
                     (
                         connection.id,
-                        json.dumps(connection.to_json()),
+                        body,
                         *_state_params(state),
                         connection.id,
+                        incarnation,
+                        tag,
                     ),
                 )
-        except sqlite3.IntegrityError:
-            raise AlreadyExists(f"connection {connection.id!r} already exists") from None
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"connection {connection.id!r} already exists") from None
 
     def get(self, connection_id: str) -> ConnectionRecord:
-        rows = self._db.read(f"{_RECORD_SELECT} WHERE id = ?", (connection_id,))
+        """The record, its configuration verified: CorruptCredential if it was edited."""
+        rows = self._db.read(
+            f"SELECT incarnation, config_mac, body, {_STATE_COLUMNS} FROM connections "  # noqa: S608
+            "WHERE id = ?",
+            (connection_id,),
+        )
         if not rows:
             raise NotFound(f"connection {connection_id!r} not found")
-        return _record(rows[0])
+        incarnation, tag, body = rows[0][:3]
+        self._db.check_connection(connection_id, incarnation, tag, body)
+        return _record(rows[0][2:])
 
     def list(self) -> builtins.list[ConnectionRecord]:
         return [_record(r) for r in self._db.read(f"{_RECORD_SELECT} ORDER BY id")]
@@ -491,10 +1058,27 @@ class EmbeddedStateStore:
             return result.decision
 
 
+#: The current version of each secret, with everything needed to verify it: the pointer row,
+#: the blob, the newest version stored, and the connection's record when it is registered here.
+_CURRENT_SELECT = (
+    "SELECT s.connection_id, s.current_version, s.incarnation, s.owner, s.pointer_mac,"
+    " v.created_at, v.sealed,"
+    " (SELECT max(m.version) FROM secret_versions m WHERE m.connection_id = s.connection_id),"
+    " c.incarnation, c.config_mac, c.body"
+    " FROM secrets s"
+    " LEFT JOIN secret_versions v"
+    " ON v.connection_id = s.connection_id AND v.version = s.current_version"
+    " LEFT JOIN connections c ON c.id = s.connection_id"
+)
+
+
 class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
-    """Versions sealed with AES-GCM; the associated data binds each blob to its connection
-    and version, so a blob copied to another row does not decrypt. A ``BEGIN IMMEDIATE``
-    transaction is the compare-and-set's transaction, serialised across processes."""
+    """Versions sealed with AES-GCM; the associated data binds each blob to its connection,
+    its secret's incarnation and its version, so a blob copied to another row, or kept from a
+    deleted secret, does not decrypt. The pointer to the current version is authenticated, and
+    bound to the registration that owns the secret (module docstring, "Integrity"). A
+    ``BEGIN IMMEDIATE`` transaction is the compare-and-set's transaction, serialised across
+    processes."""
 
     def __init__(
         self, db: EmbeddedDatabase, retained_versions: int = DEFAULT_RETAINED_VERSIONS
@@ -502,22 +1086,47 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         super().__init__(retained_versions)
         self._db = db
 
-    @staticmethod
-    def _context(connection_id: str, version: int) -> str:
-        return f"tokenbroker:credential:v1:{connection_id}:{version}"
-
     def _unseal(
-        self, connection_id: str, version: int, created: float, sealed: bytes
+        self, connection_id: str, incarnation: str, version: int, created: object, sealed: object
     ) -> StoredCredential:
+        if sealed is None:
+            raise CorruptCredential(
+                f"credential {connection_id!r}: its current version v{version} is missing;"
+                " it is not used"
+            )
+        context = credential_context(connection_id, incarnation, version)
         try:
-            plaintext = self._db.open(sealed, self._context(connection_id, version))
-        except InvalidTag:
-            raise ConfigError(
-                f"credential {connection_id!r} v{version} does not decrypt with the configured key"
-            ) from None
+            plaintext = self._db.open(sealed, context) if isinstance(sealed, bytes) else None
+        except (InvalidTag, ValueError):  # ValueError: too short to hold a nonce
+            plaintext = None
+        if plaintext is None:
+            raise CorruptCredential(
+                f"credential {connection_id!r} v{version} does not decrypt with the configured"
+                " key (tampered with, or moved from another connection, version or"
+                " registration); it is not used"
+            )
+        created_at = from_epoch(created) if type(created) in (int, float) else None  # type: ignore[arg-type]
         return StoredCredential(
-            connection_id, version, Credential.from_plaintext(plaintext), from_epoch(created)
+            connection_id, version, Credential.from_plaintext(plaintext), created_at
         )
+
+    def _verified_current(self, row: Sequence[Any]) -> StoredCredential:
+        """One row of :data:`_CURRENT_SELECT`, verified (module docstring, "Integrity")."""
+        cid, version, incarnation, owner, tag, created, sealed, newest = row[:8]
+        conn_incarnation, conn_tag, body = row[8:]
+        version = self._db.check_pointer(
+            cid, version=version, incarnation=incarnation, owner=owner, tag=tag, newest=newest
+        )
+        if body is not None or conn_incarnation is not None or conn_tag is not None:
+            # Registered here: never hand the credential out beside an edited configuration,
+            # nor one that a previous registration of the same id left (or had restored).
+            self._db.check_connection(cid, conn_incarnation, conn_tag, body)
+            if owner is not None and owner != conn_incarnation:
+                raise CorruptCredential(
+                    f"credential {cid!r} belongs to an earlier registration of the connection;"
+                    " it is not used. Remove the connection and add it again"
+                )
+        return self._unseal(cid, incarnation, version, created, sealed)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -532,13 +1141,11 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         for chunk in _chunks(connection_ids):
             marks = ",".join("?" * len(chunk))
             rows = self._db.read(
-                "SELECT v.connection_id, v.version, v.created_at, v.sealed FROM secrets s "  # noqa: S608 - only "?" placeholders are interpolated
-                "JOIN secret_versions v ON v.connection_id = s.connection_id "
-                f"AND v.version = s.current_version WHERE s.connection_id IN ({marks})",
+                f"{_CURRENT_SELECT} WHERE s.connection_id IN ({marks})",
                 tuple(chunk),
             )
-            for cid, version, created, sealed in rows:
-                found[cid] = self._unseal(cid, version, created, sealed)
+            for row in rows:
+                found[row[0]] = self._verified_current(row)
         return found
 
     def versions(self, connection_id: str) -> builtins.list[int]:
@@ -554,24 +1161,56 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         return self._db.transaction()
 
     def _current_version(self, tx: sqlite3.Cursor, connection_id: str) -> int | None:
+        """The verified pointer: a write never builds on one that was edited or rolled back."""
         row = tx.execute(
-            "SELECT current_version FROM secrets WHERE connection_id = ?", (connection_id,)
+            "SELECT current_version, incarnation, owner, pointer_mac, (SELECT max(version) FROM"
+            " secret_versions WHERE connection_id = ?) FROM secrets WHERE connection_id = ?",
+            (connection_id, connection_id),
         ).fetchone()
-        return row[0] if row else None
+        if row is None:
+            return None
+        version, incarnation, owner, tag, newest = row
+        return self._db.check_pointer(
+            connection_id,
+            version=version,
+            incarnation=incarnation,
+            owner=owner,
+            tag=tag,
+            newest=newest,
+        )
 
     def _add_version(
         self, tx: sqlite3.Cursor, connection_id: str, version: int, credential: Credential
     ) -> None:
-        sealed = self._db.seal(credential.to_plaintext(), self._context(connection_id, version))
+        row = tx.execute(
+            "SELECT incarnation, owner FROM secrets WHERE connection_id = ?", (connection_id,)
+        ).fetchone()
+        if row is None:
+            # A new secret: a new incarnation, owned by the registration it is written for.
+            registered = tx.execute(
+                "SELECT incarnation FROM connections WHERE id = ?", (connection_id,)
+            ).fetchone()
+            incarnation, owner = new_incarnation(), registered[0] if registered else None
+        else:
+            incarnation, owner = row  # verified by _current_version in this transaction
+        context = credential_context(connection_id, incarnation, version)
+        sealed = self._db.seal(credential.to_plaintext(), context)
         tx.execute(
             "INSERT INTO secret_versions (connection_id, version, created_at, sealed) "
             "VALUES (?, ?, ?, ?)",
             (connection_id, version, time.time(), sealed),
         )
         tx.execute(
-            "INSERT INTO secrets (connection_id, current_version) VALUES (?, ?) "
-            "ON CONFLICT (connection_id) DO UPDATE SET current_version = excluded.current_version",
-            (connection_id, version),
+            "INSERT INTO secrets (connection_id, current_version, incarnation, owner, pointer_mac)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (connection_id) DO UPDATE SET"
+            " current_version = excluded.current_version, pointer_mac = excluded.pointer_mac",
+            (
+                connection_id,
+                version,
+                incarnation,
+                owner,
+                self._db.pointer_tag(connection_id, incarnation, owner, version),
+            ),
         )
 
     def _destroy_through(self, tx: sqlite3.Cursor, connection_id: str, floor: int) -> None:

@@ -99,11 +99,27 @@ class CorruptCredential(TokenBrokerError):
 
 
 class StoreUnavailable(TokenBrokerError):
-    """A backing store could not be reached. Worth retrying."""
+    """A backing store could not be reached, or cannot take the work right now (busy, locked
+    by another process, disk full). Worth retrying."""
 
     code = "store_unavailable"
     http_status = 503
     default_retryable = True
+
+
+class StoreFault(StoreUnavailable):
+    """A backing store answered, but cannot do the work until someone acts on it: its file is
+    read-only or corrupt, permission is denied, its schema is damaged.
+
+    Not retryable: the same call fails the same way until an operator fixes the store. A kind
+    of :class:`StoreUnavailable` (as the cloud adapters' non-retryable store errors are), so
+    whatever stops work on an unavailable store -- nothing whose answer must be stored, such as
+    a rotating refresh token, may be presented -- stops it here too.
+    """
+
+    code = "store_fault"
+    http_status = 500
+    default_retryable = False
 
 
 # --- the issuer's answers to callers (RFC 6749 §5.2 / RFC 6750 §3.1 names) ----------------------
