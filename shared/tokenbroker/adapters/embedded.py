@@ -155,11 +155,24 @@ class EmbeddedDatabase:
     """The shared SQLite connection, its lock and the cipher."""
 
     def __init__(
-        self, state_dir: Path, *, key: str | None = None, key_file: Path | None = None
+        self,
+        state_dir: Path,
+        *,
+        key: str | None = None,
+        key_file: Path | None = None,
+        create: bool = True,
     ) -> None:
+        """Open the state in ``state_dir``; with ``create=False`` only an existing one: a
+        mistyped directory is refused (``ConfigError``) and neither it nor a key is created."""
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.state_dir / DB_NAME
+        self._create = create
+        if not create and not self.path.is_file():
+            raise ConfigError(
+                f"state directory {self.state_dir}: no tokenbroker state here ({DB_NAME} not "
+                "found); nothing was created"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
@@ -192,6 +205,11 @@ class EmbeddedDatabase:
             raise ConfigError(
                 f"the state in {self.state_dir} is encrypted, but key file {path} is missing and"
                 " TOKENBROKER_ENCRYPTION_KEY is not set; restore the key (nothing was changed)"
+            )
+        if not self._create:
+            raise ConfigError(
+                f"key file {path} is missing and TOKENBROKER_ENCRYPTION_KEY is not set; "
+                "nothing was created"
             )
         return _create_key_file(path), f"key file {path} (created)"
 
