@@ -497,6 +497,8 @@ def _first_refresh(ctx: _Context, record: ConnectionRecord) -> None:
     data: dict[str, Any] = {**_record_json(after), "refresh": summary.to_json()}
     if not summary.failed or after.state.current_version != registered:
         _emit(ctx, {**data, "registered": True}, lambda: _describe(after, runtime.clock.now()))
+        if summary.skipped_leased:
+            click.echo(f"{cid}: another refresher holds it and is refreshing it now", err=True)
         if not summary.ok:
             sys.exit(EXIT_FAILURE)
         return

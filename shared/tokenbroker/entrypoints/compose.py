@@ -264,6 +264,8 @@ class _Adapters:
                 # Whatever the store's own checks did not name (a state directory that is a
                 # file or unreadable, a database that is not one): the field, never a traceback.
                 reason = getattr(error, "strerror", None) or str(error)
+                if isinstance(error, FileExistsError | NotADirectoryError):
+                    reason = "it (or a parent) is a file, not a directory"
                 raise ConfigError(
                     f"{STATE_DIR_FIELD}: cannot open the state in {state_dir}: {reason}"
                 ) from None

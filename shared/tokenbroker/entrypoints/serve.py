@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import math
 import signal
 import socket
 from collections.abc import Callable
@@ -129,6 +130,8 @@ async def serve(
     :class:`LoopDied` when the refresh loop ends by itself."""
     from aiohttp import web  # noqa: PLC0415
 
+    if not (math.isfinite(interval) and interval > 0):
+        raise ConfigError("interval: must be a positive, finite number of seconds")
     log = get_logger(component="serve")
     tick_lock = asyncio.Lock()
     health = LoopHealth.start(interval, runtime.clock.monotonic(), max_tick_age)

@@ -27,7 +27,7 @@ from tokenbroker.entrypoints.health import LoopHealth, TickCrashed
 from tokenbroker.entrypoints.serve import LoopDied, serve
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.clock import FakeClock
-from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.errors import ConfigError, StoreUnavailable
 from tokenbroker.kernel.log import capture_logs
 from tokenbroker.ports import ClaimBatch
 
@@ -122,7 +122,12 @@ def test_healthz_is_503_with_age_and_code_while_ticks_fail_and_200_once_they_suc
                 200, "ok", None,
             )  # fmt: skip
             state.fault = lambda: StoreUnavailable("state store down")
-            body = (await poll(session, url, lambda p: p.status == 503)).body
+            # (503 may come before the first failure is recorded: a tick that keeps retrying
+            # is stale too)
+            failing = await poll(
+                session, url, lambda p: p.status == 503 and p.body["failed_ticks"] >= 1
+            )
+            body = failing.body
             assert body["status"] == "stale"
             assert body["last_error"] == "store_unavailable"
             assert body["consecutive_failures"] >= 1
@@ -219,3 +224,12 @@ def test_loop_health_counts_from_the_start_until_a_first_success() -> None:
     assert body["last_success_age_seconds"] == 30.5
     assert (body["failed_ticks"], body["crashed_ticks"]) == (2, 1)
     assert (body["consecutive_failures"], body["last_error"]) == (2, "store_unavailable")
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("nan"), float("inf")])
+def test_serve_refuses_an_interval_that_would_spin_or_never_tick(
+    runtime: Runtime, interval: float
+) -> None:
+    with pytest.raises(ConfigError, match="interval"):
+        asyncio.run(serve(runtime, port=0, interval=interval, duration=1))
+    assert runtime.clock.sleeps == []  # nothing ran
