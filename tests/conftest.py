@@ -13,10 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tokenbroker.kernel.log import configure_logging
 
 CAPTURE_ENV = "TOKENBROKER_TEST_CAPTURE_DIR"
+
+# Property tests explore new examples on every local run; in CI the same examples every run,
+# so a landing is decided by the change and not by the draw (a failure found locally becomes a
+# fixed case). Hypothesis's own database of failures is kept out of the repository.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.register_profile("dev")
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.system
 
 class Cli:
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.env = {**os.environ, "TOKENBROKER_STATE_DIR": str(state_dir)}
         self.env.pop("TOKENBROKER_ENCRYPTION_KEY", None)
         self.outputs: list[str] = []
@@ -173,25 +175,39 @@ def test_exit_codes_and_errors(cli: Cli, oidc: OidcServer, tmp_path: Path) -> No
     bad_profile = cli("profiles", env={"TOKENBROKER_PROFILES_FILE": str(profiles)})
     assert bad_profile.returncode == 2
     assert "acme.token_uri" in bad_profile.stderr
-    # Unknown connection: 1, a one-line error, no traceback.
-    missing = cli("show", "nope")
-    assert missing.returncode == 1
-    assert missing.stderr.startswith("error:")
-    assert "Traceback" not in missing.stderr
+    # No state yet: every command but add says so (2) and creates nothing.
+    no_state = cli("show", "nope")
+    assert no_state.returncode == 2
+    assert "no tokenbroker state" in no_state.stderr
+    assert not cli.state_dir.exists()
     # Invalid connection material: 2.
     no_token = cli(
         "add", "x", "--grant", "refresh_token", "--client-id", "c", "--token-url", oidc.token_url
     )
     assert no_token.returncode == 2
     assert "needs a refresh token" in no_token.stderr
-    # A revoked refresh token: registered, first refresh fails permanently, exit 1.
+    assert not cli.state_dir.exists()
+    # A revoked refresh token: the first refresh fails permanently, exit 1, and the connection
+    # is removed again (nothing registered, so the corrected add can simply be run again).
     revoked = cli.add_refresh_connection(oidc, "dead", revoke=True)
     assert revoked.returncode == 1
-    assert json.loads(revoked.stdout)["state"]["status"] == "needs_reauth"
+    assert "Traceback" not in revoked.stderr
+    assert "nothing was registered" in revoked.stderr
+    body = json.loads(revoked.stdout)
+    assert body["state"]["status"] == "needs_reauth"
+    assert body["registered"] is False
+    assert json.loads(cli("--json", "list").stdout) == []
+    assert cli.add_refresh_connection(oidc, "dead").returncode == 0
+    # Unknown connection: 1, a one-line error, no traceback.
+    missing = cli("show", "nope")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error:")
+    assert "Traceback" not in missing.stderr
 
 
 def test_wrong_encryption_key_is_refused(cli: Cli, oidc: OidcServer) -> None:
-    assert cli("status").returncode == 0  # creates the state and its key file
+    # add creates the state and its key file
+    assert cli.add_refresh_connection(oidc, "crm", "--no-refresh").returncode == 0
     from tokenbroker.adapters.embedded import new_key_text
 
     refused = cli("status", env={"TOKENBROKER_ENCRYPTION_KEY": new_key_text()})
@@ -222,7 +238,8 @@ def test_serve_runs_the_loop_and_the_http_endpoints(cli: Cli, oidc: OidcServer) 
         deadline = time.monotonic() + 20
         while True:
             try:
-                assert httpx.get(url + "/healthz", timeout=1).json() == {"status": "ok"}
+                health = httpx.get(url + "/healthz", timeout=1)
+                assert (health.status_code, health.json()["status"]) == (200, "ok")
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "serve did not start"
@@ -244,7 +261,8 @@ def test_serve_runs_the_loop_and_the_http_endpoints(cli: Cli, oidc: OidcServer) 
 
 
 def test_reauth_brings_a_needs_reauth_connection_back(cli: Cli, oidc: OidcServer) -> None:
-    dead = cli.add_refresh_connection(oidc, "crm", revoke=True)
+    assert cli.add_refresh_connection(oidc, "crm", "--no-refresh", revoke=True).returncode == 0
+    dead = cli("refresh", "crm")  # the grant was revoked: needs_reauth
     assert dead.returncode == 1
     assert cli("--json", "show", "crm").stdout.count('"needs_reauth"') == 1
     fresh = oidc.obtain_refresh_token(RT_BASIC_ID, RT_BASIC_SECRET)
@@ -259,3 +277,71 @@ def test_reauth_brings_a_needs_reauth_connection_back(cli: Cli, oidc: OidcServer
     types = [e["type"] for e in json.loads(cli("--json", "events").stdout)]
     assert types == ["connection.needs_reauth", "credential.rotated", "connection.recovered"]
     assert fresh["refresh_token"] not in "\n".join(cli.outputs)
+
+
+def test_serve_healthz_turns_503_while_its_loop_is_stuck_on_the_store(
+    cli: Cli, oidc: OidcServer
+) -> None:
+    """A real ``serve`` whose embedded store is write-locked by another process (as a backup
+    tool or a stuck refresher would): the loop cannot tick, the process stays up, and
+    ``/healthz`` says so within three intervals, with the age of the last success; once the
+    lock is gone the loop catches up and the probe is green again."""
+    import signal
+    import sqlite3
+    import time
+
+    import httpx
+
+    from tests.support.oidc import free_port
+
+    assert cli.add_refresh_connection(oidc, "crm", "--no-refresh").returncode == 0
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "tokenbroker"), "serve", "--port", str(port), "--interval", "1"],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    def health() -> httpx.Response | None:
+        try:
+            return httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            return None
+
+    def wait_for(
+        check: Callable[[httpx.Response], bool], seconds: float, what: str
+    ) -> httpx.Response:
+        deadline = time.monotonic() + seconds
+        while True:
+            answer = health()
+            if answer is not None and check(answer):
+                return answer
+            assert proc.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, f"{what}: {answer and answer.text}"
+            time.sleep(0.2)
+
+    lock = sqlite3.connect(cli.state_dir / "tokenbroker.db", timeout=30, isolation_level=None)
+    try:
+        ok = wait_for(lambda a: a.status_code == 200 and a.json()["ticks"] >= 1, 30, "healthy")
+        assert ok.json()["last_error"] is None
+        lock.execute("BEGIN EXCLUSIVE")  # every write transaction of the loop now waits
+        stale = wait_for(
+            lambda a: a.status_code == 503 and (a.json()["tick_running_seconds"] or 0) > 0,
+            15,
+            "stale while locked",
+        )  # the tick hangs on the lock: running, not dead
+        body = stale.json()
+        assert body["status"] == "stale"
+        assert body["last_success_age_seconds"] > body["max_age_seconds"] == 3.0
+        lock.execute("ROLLBACK")
+        wait_for(lambda a: a.status_code == 200, 30, "healthy again")
+    finally:
+        lock.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=40)
+        save_output("serve-stuck", out, err)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err

@@ -4,19 +4,30 @@ Secrets are read from a file, standard input (``-``) or a named environment vari
 from a command-line argument (arguments are visible in ``ps`` and shell history).
 Exit codes: 0 ok, 1 a failure (a refresh failed, a connection was not found), 2 bad usage or
 configuration.
+
+Bad input never gets further than the message that names it: every option and secret is
+checked (sizes bounded, control characters refused, token endpoints https) before anything is
+opened, and no error, expected or not, prints a traceback. Only ``add`` creates state: every
+other command opens an existing state directory or says that there is none, so a mistyped
+``--state-dir`` creates neither a directory nor a key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import math
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -24,37 +35,72 @@ from tokenbroker.entrypoints.answers import EXIT_FAILURE, exit_code
 from tokenbroker.entrypoints.settings import named_variable
 from tokenbroker.kernel.clock import isoformat
 from tokenbroker.kernel.errors import ConfigError, TokenBrokerError
+from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
     ConnectionRecord,
     Credential,
     GrantType,
+    validate_connection_id,
 )
 from tokenbroker.kernel.secret import Secret
 
 if TYPE_CHECKING:
     from tokenbroker.entrypoints.compose import Runtime
+    from tokenbroker.entrypoints.settings import Settings
+    from tokenbroker.oauth.profiles import ProviderProfile
     from tokenbroker.refresh.registry import ConnectionRegistry
+
+#: A refresh token or client secret is far smaller (Google's are ~100 bytes, a JWT-shaped token
+#: a few KB); a Google service-account key file is ~2.4 KB. Input beyond is refused unread.
+MAX_TOKEN_BYTES = 16 * 1024
+MAX_KEY_FILE_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 1024
+MAX_URL_CHARS = 2048
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+#: RFC 6749 appendix A: client_id, client_secret and refresh tokens are ``*VSCHAR``
+#: (``%x20-7E``); a scope token is ``1*( %x21 / %x23-5B / %x5D-7E )`` (section 3.3).
+_VSCHAR = re.compile(r"[\x20-\x7e]*")
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass
 class _Context:
     json: bool
     options: dict[str, Any]
+    _settings: Settings | None = None
     _runtime: Runtime | None = None
 
     @property
-    def runtime(self) -> Runtime:
-        if self._runtime is None:
-            from tokenbroker.entrypoints.compose import build_runtime  # noqa: PLC0415
+    def settings(self) -> Settings:
+        if self._settings is None:
             from tokenbroker.entrypoints.settings import Settings  # noqa: PLC0415
 
-            self._runtime = build_runtime(Settings.from_env(**self.options))
+            self._settings = Settings.from_env(**self.options)
+        return self._settings
+
+    def profiles(self) -> Mapping[str, ProviderProfile]:
+        """The provider profiles, without opening (or creating) any state."""
+        from tokenbroker.oauth.profiles import load_profiles  # noqa: PLC0415
+
+        return load_profiles(self.settings.profiles_file)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime over existing state (never created here: see :meth:`open`)."""
+        return self.open(create=False)
+
+    def open(self, *, create: bool) -> Runtime:
+        if self._runtime is None:
+            from tokenbroker.entrypoints.compose import build_runtime  # noqa: PLC0415
+
+            self._runtime = build_runtime(self.settings, create=create)
         return self._runtime
 
-    def registry(self) -> ConnectionRegistry:
-        return self.runtime.registry()
+    def registry(self, *, create: bool = False) -> ConnectionRegistry:
+        return self.open(create=create).registry()
 
 
 pass_ctx = click.make_pass_decorator(_Context)
@@ -62,12 +108,75 @@ pass_ctx = click.make_pass_decorator(_Context)
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Map library errors to messages and exit codes; never a traceback for expected errors."""
+    """Map every error to a message and an exit code: never a traceback. Library errors carry
+    their own message (it names the field); anything else is a bug, said in one line, with the
+    traceback in the log at debug level (``--log-level debug``)."""
     try:
         yield
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise  # click's own: usage errors (2), aborts (1), explicit exits
     except TokenBrokerError as error:
         click.echo(f"error: {error.message}", err=True)
         sys.exit(exit_code(error))
+    except Exception as bug:  # a bug: one line here, the traceback in the log  # noqa: BLE001
+        get_logger(component="cli").debug(
+            "unexpected exception", exception_type=type(bug).__name__,
+            traceback=traceback.format_exc(),
+        )  # fmt: skip
+        click.echo(
+            f"error: unexpected {type(bug).__name__} (a bug in tokenbroker; run again with "
+            "--log-level debug for the details)",
+            err=True,
+        )
+        sys.exit(EXIT_FAILURE)
+
+
+class _Commands(click.Group):
+    """The command group, with every command run inside the one error mapping."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _errors():
+            return super().invoke(ctx)
+
+
+class _Seconds(click.ParamType[float]):
+    """A finite number of seconds within bounds: ``inf``, ``nan`` and ``-1`` are refused
+    (click's ``FloatRange`` lets ``nan`` through, and ``--interval 0`` ticked without pause)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float, *, open_low: bool = False) -> None:
+        self.low, self.high, self.open_low = low, high, open_low
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{_shown(value)} is not a number of seconds", param, ctx)
+        low = "more than" if self.open_low else "at least"
+        too_low = number <= self.low if self.open_low else number < self.low
+        if not math.isfinite(number) or too_low or number > self.high:
+            self.fail(
+                f"{_shown(value)}: must be a finite number of seconds, {low} {self.low:g} and "
+                f"at most {self.high:g}",
+                param,
+                ctx,
+            )
+        return number
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _option_error(option: str, problem: str) -> click.BadParameter:
+    return click.BadParameter(problem, param_hint=f"'{option}'")
 
 
 def _expires_in(expires_at: datetime | None, now: datetime) -> str:
@@ -100,29 +209,136 @@ def _emit(ctx: _Context, data: Any, human: Callable[[], str]) -> None:
     click.echo(json.dumps(data, indent=2) if ctx.json else human())
 
 
-def _read_secret(file: str | None, env: str | None, what: str) -> Secret | None:
+@dataclass(frozen=True)
+class _SecretInput:
+    """Where one secret may come from, and what shape it must have."""
+
+    what: str
+    file_option: str
+    env_option: str | None = None
+    #: A service-account key file (JSON, several lines) rather than a one-line token.
+    key_file: bool = False
+
+
+_REFRESH_TOKEN = _SecretInput("the refresh token", "--refresh-token-file", "--refresh-token-env")
+_CLIENT_SECRET = _SecretInput("the client secret", "--client-secret-file", "--client-secret-env")
+_KEY_FILE = _SecretInput("the service account key", "--service-account-key-file", key_file=True)
+
+
+def _read_secret(source: _SecretInput, file: str | None, env: str | None) -> Secret | None:
+    """The secret from its file, stdin or named variable, checked: bounded in size, UTF-8, and
+    for a token one line of printable ASCII (RFC 6749 appendix A: ``VSCHAR``). Messages name
+    the option and the problem, never the value."""
     if file and env:
-        raise click.UsageError(f"give {what} by file or by environment variable, not both")
+        raise click.UsageError(f"give {source.what} by file or by environment variable, not both")
+    limit = MAX_KEY_FILE_BYTES if source.key_file else MAX_TOKEN_BYTES
     if env:
+        option = f"{source.env_option} {env}"
         value = named_variable(env)
         if not value:
-            raise click.UsageError(f"environment variable {env} (for {what}) is not set")
-        return Secret(value.strip())
-    if file:
-        if file == "-":
-            value = sys.stdin.read()
-        else:
-            try:
-                value = Path(file).read_text()
-            except OSError as exc:
-                raise click.UsageError(f"cannot read {what} from {file}: {exc.strerror}") from None
-        if not value.strip():
-            raise click.UsageError(f"{what} from {file} is empty")
-        return Secret(value.strip())
-    return None
+            raise click.UsageError(f"environment variable {env} (for {source.what}) is not set")
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the environment (surrogate escapes)
+            raise _option_error(option, f"{source.what} is not UTF-8 text") from None
+    elif file:
+        option = f"{source.file_option} {file}"
+        raw = _read_bounded(file, limit, option, source.what)
+    else:
+        return None
+    return Secret(_checked_secret(raw, limit, option, source))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _read_bounded(file: str, limit: int, option: str, what: str) -> bytes:
+    if file == "-":
+        return sys.stdin.buffer.read(limit + 1)
+    try:
+        with Path(file).open("rb") as handle:
+            return handle.read(limit + 1)
+    except OSError as exc:
+        raise _option_error(option, f"cannot read {what}: {exc.strerror or exc}") from None
+
+
+def _checked_secret(raw: bytes, limit: int, option: str, source: _SecretInput) -> str:
+    what = source.what
+    if len(raw) > limit:
+        raise _option_error(option, f"{what} is larger than {limit // 1024} KiB; refused unread")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _option_error(option, f"{what} is not UTF-8 text (binary input?)") from None
+    value = text.strip()
+    if not value:
+        raise _option_error(option, f"{what} is empty")
+    if source.key_file:
+        if any(not c.isprintable() and c not in "\n\r\t" for c in value):
+            raise _option_error(option, f"{what} contains control characters")
+        from tokenbroker.oauth.grants import service_account_info  # noqa: PLC0415
+
+        try:
+            service_account_info(Secret(value))
+        except ConfigError as error:
+            raise _option_error(option, error.message) from None
+        return value
+    if "\n" in value or "\r" in value:
+        raise _option_error(option, f"{what} spans several lines; give the value alone")
+    if not _VSCHAR.fullmatch(value):
+        raise _option_error(
+            option,
+            f"{what} contains control or non-ASCII characters (RFC 6749 appendix A allows "
+            "printable ASCII only); the value is not shown",
+        )
+    return value
+
+
+def _checked_text(option: str, value: str | None, pattern: re.Pattern[str]) -> str | None:
+    """A non-secret option: bounded, and matching its grammar (messages may quote it, escaped)."""
+    if value is None:
+        return None
+    if not value or len(value) > MAX_TEXT_CHARS:
+        raise _option_error(option, f"must be 1 to {MAX_TEXT_CHARS} characters")
+    if not pattern.fullmatch(value):
+        raise _option_error(option, f"{_shown(value)} has characters it may not contain")
+    return value
+
+
+def _checked_token_url(url: str | None) -> str | None:
+    """The token endpoint: ``https`` (RFC 6749 section 3.2 requires TLS: it receives client
+    secrets and refresh tokens), plain ``http`` only to a loopback address; no user info (it
+    would be stored and shown as a credential in the clear) and no fragment (section 3.2)."""
+    option = "--token-url"
+    if url is None:
+        return None
+    if len(url) > MAX_URL_CHARS or not url.isprintable() or any(c.isspace() for c in url):
+        raise _option_error(
+            option, f"must be a URL of at most {MAX_URL_CHARS} characters, without spaces"
+        )
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError as error:
+        raise _option_error(option, f"{_shown(url)} is not a valid URL ({error})") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise _option_error(option, f"{_shown(url)} is not an http(s) URL with a host")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise _option_error(option, "must use https (http is allowed for loopback hosts only)")
+    if parts.username is not None or parts.password is not None:
+        raise _option_error(option, "must not carry user info (a credential in the URL)")
+    if parts.fragment or url.endswith("#"):
+        raise _option_error(option, "must not have a fragment (RFC 6749 section 3.2)")
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Embedded state directory.")
 @click.option(
     "--backend",
@@ -147,8 +363,7 @@ def main(
     """tokenbroker: keeps OAuth connections refreshed and hands out short-lived tokens."""
     from tokenbroker.entrypoints.compose import start_logging  # noqa: PLC0415
 
-    with _errors():
-        start_logging(level=log_level, default_level="warning")
+    start_logging(level=log_level, default_level="warning")
     options = {"state_dir": state_dir, "backend": backend}
     click_ctx.obj = _Context(json=as_json, options={k: v for k, v in options.items() if v})
     click_ctx.call_on_close(lambda: click_ctx.obj._runtime and click_ctx.obj._runtime.close())
@@ -176,7 +391,8 @@ def main(
 @click.option("--no-refresh", is_flag=True, help="Register only; do not refresh now.")
 @pass_ctx
 def add(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
-    """Register a connection (and refresh it once, to prove it works)."""
+    """Register a connection and refresh it once, to prove it works: if that refresh fails,
+    the connection is removed again (nothing is registered); --no-refresh registers only."""
     stdin_uses = [
         k
         for k in ("client_secret_file", "refresh_token_file", "service_account_key_file")
@@ -184,44 +400,139 @@ def add(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     ]
     if len(stdin_uses) > 1:
         raise click.UsageError("only one secret can be read from standard input")
+    connection = _connection_from_options(connection_id, opts)
+    credential = Credential(
+        client_secret=_read_secret(
+            _CLIENT_SECRET, opts["client_secret_file"], opts["client_secret_env"]
+        ),
+        refresh_token=_read_secret(
+            _REFRESH_TOKEN, opts["refresh_token_file"], opts["refresh_token_env"]
+        ),
+        private_key=_read_secret(_KEY_FILE, opts["service_account_key_file"], None),
+    )
+    _check_registration(ctx.profiles(), connection, credential)
+    # Everything is checked: only now is state opened, and created if there is none.
+    record = ctx.registry(create=True).register(connection, credential)
+    if opts["no_refresh"]:
+        _emit(
+            ctx,
+            {**_record_json(record), "registered": True},
+            lambda: _describe(record, ctx.runtime.clock.now()),
+        )
+        return
+    _first_refresh(ctx, record)
+
+
+def _connection_from_options(connection_id: str, opts: Mapping[str, Any]) -> Connection:
+    """The connection the options describe, every field checked before anything is opened."""
+    if len(connection_id) > 63:
+        raise _option_error("CONNECTION_ID", "must be at most 63 characters")
+    validate_connection_id(connection_id)
     params: dict[str, str] = {}
     for item in opts["params"]:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise click.UsageError(f"--param expects NAME=VALUE, got {item!r}")
+            raise click.UsageError(f"--param expects NAME=VALUE, got {_shown(item)}")
+        if not _PARAM_NAME.fullmatch(name):
+            raise _option_error("--param", f"{_shown(name)} is not a parameter name")
+        if len(value) > MAX_TEXT_CHARS or not value.isprintable() or value != value.strip():
+            raise _option_error(
+                f"--param {name}", f"the value must be printable text of at most {MAX_TEXT_CHARS}"
+                " characters, without surrounding spaces",
+            )  # fmt: skip
         params[name] = value
     scopes = tuple(s for chunk in opts["scopes"] for s in chunk.split())
-    credential = Credential(
-        client_secret=_read_secret(
-            opts["client_secret_file"], opts["client_secret_env"], "the client secret"
-        ),
-        refresh_token=_read_secret(
-            opts["refresh_token_file"], opts["refresh_token_env"], "the refresh token"
-        ),
-        private_key=_read_secret(opts["service_account_key_file"], None, "the service account key"),
+    if len(scopes) > 100:
+        raise _option_error("--scope", "at most 100 scopes")
+    for scope in scopes:
+        _checked_text("--scope", scope, _SCOPE_TOKEN)
+    return Connection(
+        id=connection_id,
+        profile=_checked_text("--profile", opts["profile"], _PARAM_NAME) or "generic",
+        grant=GrantType(opts["grant"]),
+        client_id=_checked_text("--client-id", opts["client_id"], _VSCHAR),
+        scopes=scopes,
+        token_url=_checked_token_url(opts["token_url"]),
+        auth_method=ClientAuthMethod(opts["auth_method"]) if opts["auth_method"] else None,
+        params=params,
     )
-    with _errors():
-        connection = Connection(
-            id=connection_id,
-            profile=opts["profile"],
-            grant=GrantType(opts["grant"]),
-            client_id=opts["client_id"],
-            scopes=scopes,
-            token_url=opts["token_url"],
-            auth_method=ClientAuthMethod(opts["auth_method"]) if opts["auth_method"] else None,
-            params=params,
+
+
+def _check_registration(
+    profiles: Mapping[str, ProviderProfile], connection: Connection, credential: Credential
+) -> None:
+    """What the registry checks, done before any state is opened, so refused input leaves a
+    state directory as it was, or absent."""
+    from tokenbroker.oauth.acquire import check_material  # noqa: PLC0415
+
+    profile = profiles.get(connection.profile)
+    if profile is None:
+        known = ", ".join(sorted(profiles))
+        raise ConfigError(
+            f"profile: {connection.profile!r} is not a known profile (known: {known})"
         )
-        record = ctx.registry().register(connection, credential)
-        summary = None
-        if not opts["no_refresh"]:
-            summary = asyncio.run(ctx.runtime.tick(connection_ids=[connection_id]))
-            record = ctx.runtime.state.get(connection_id)
-    data = _record_json(record)
-    if summary is not None:
-        data["refresh"] = summary.to_json()
-    _emit(ctx, data, lambda: _describe(record, ctx.runtime.clock.now()))
-    if summary is not None and not summary.ok:
-        sys.exit(EXIT_FAILURE)
+    profile.check_connection(connection)
+    check_material(connection, credential)
+
+
+def _first_refresh(ctx: _Context, record: ConnectionRecord) -> None:
+    """The proof that a new connection works, and what happens when it does not.
+
+    A refresh that the provider refused (or could not answer) removes the connection again:
+    ``add`` either proves the material or registers nothing, so the corrected command can simply
+    be run again (keeping it would answer that with ``already_exists``, and a wrong token URL or
+    client id cannot be fixed by ``reauth``). The operator still holds the material given, so
+    removing it loses nothing. It is kept whenever it may hold something the operator does not:
+    a new credential version was committed (the provider rotated the refresh token), or another
+    refresher holds its lease and is refreshing it now."""
+    cid = record.connection.id
+    registered = record.state.current_version
+    runtime = ctx.runtime
+    try:
+        summary = asyncio.run(runtime.tick(connection_ids=[cid]))
+    except TokenBrokerError as error:
+        _undo_add(ctx, cid, registered, error.code)
+        raise
+    after = runtime.state.get(cid)
+    data: dict[str, Any] = {**_record_json(after), "refresh": summary.to_json()}
+    if not summary.failed or after.state.current_version != registered:
+        _emit(ctx, {**data, "registered": True}, lambda: _describe(after, runtime.clock.now()))
+        if summary.skipped_leased:
+            click.echo(f"{cid}: another refresher holds it and is refreshing it now", err=True)
+        if not summary.ok:
+            sys.exit(EXIT_FAILURE)
+        return
+    reason = after.state.last_error or "refresh failed"
+    removed = _undo_add(ctx, cid, registered, reason)
+    if ctx.json:
+        click.echo(json.dumps({**data, "registered": not removed}, indent=2))
+    if removed:
+        click.echo(
+            f"error: the first refresh of {cid} failed ({reason}), so nothing was registered. "
+            "Check the credentials and settings and run add again (add --no-refresh registers "
+            "without this proof).",
+            err=True,
+        )
+    sys.exit(EXIT_FAILURE)
+
+
+def _undo_add(ctx: _Context, cid: str, registered: int | None, reason: str) -> bool:
+    """Remove the connection ``add`` just registered, unless a newer credential version than
+    the registered one exists (which only a refresh can have written). True when removed."""
+    runtime = ctx.runtime
+    try:
+        if runtime.secrets.get(cid).version != registered:
+            click.echo(f"{cid}: a refreshed credential exists; the connection is kept", err=True)
+            return False
+        ctx.registry().remove(cid)
+    except TokenBrokerError as error:
+        click.echo(
+            f"error: the first refresh of {cid} failed ({reason}) and the connection could not "
+            f"be removed again ({error.code}): run `tokenbroker remove {cid}`",
+            err=True,
+        )
+        return False
+    return True
 
 
 def _describe(record: ConnectionRecord, now: datetime) -> str:
@@ -249,8 +560,7 @@ def _describe(record: ConnectionRecord, now: datetime) -> str:
 @pass_ctx
 def list_(ctx: _Context) -> None:
     """List connections."""
-    with _errors():
-        records = ctx.runtime.state.list()
+    records = ctx.runtime.state.list()
     _emit(
         ctx,
         [_record_json(r) for r in records],
@@ -274,8 +584,7 @@ def list_(ctx: _Context) -> None:
 @pass_ctx
 def show(ctx: _Context, connection_id: str) -> None:
     """Show one connection (never its secrets)."""
-    with _errors():
-        record = ctx.runtime.state.get(connection_id)
+    record = ctx.runtime.state.get(connection_id)
     _emit(ctx, _record_json(record), lambda: _describe(record, ctx.runtime.clock.now()))
 
 
@@ -287,8 +596,7 @@ def remove(ctx: _Context, connection_id: str, yes: bool) -> None:
     """Remove a connection and destroy its stored credentials."""
     if not yes and not click.confirm(f"Remove {connection_id} and destroy its credentials?"):
         sys.exit(EXIT_FAILURE)
-    with _errors():
-        ctx.registry().remove(connection_id)
+    ctx.registry().remove(connection_id)
     _emit(ctx, {"removed": connection_id}, lambda: f"removed {connection_id}")
 
 
@@ -302,24 +610,24 @@ def remove(ctx: _Context, connection_id: str, yes: bool) -> None:
 @pass_ctx
 def reauth(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     """Store new credential material for a connection (e.g. after needs_reauth)."""
+    stdin_uses = [k for k in opts if k.endswith("_file") and opts[k] == "-"]
+    if len(stdin_uses) > 1:
+        raise click.UsageError("only one secret can be read from standard input")
     changes = {
         "refresh_token": _read_secret(
-            opts["refresh_token_file"], opts["refresh_token_env"], "the refresh token"
+            _REFRESH_TOKEN, opts["refresh_token_file"], opts["refresh_token_env"]
         ),
         "client_secret": _read_secret(
-            opts["client_secret_file"], opts["client_secret_env"], "the client secret"
+            _CLIENT_SECRET, opts["client_secret_file"], opts["client_secret_env"]
         ),
-        "private_key": _read_secret(
-            opts["service_account_key_file"], None, "the service account key"
-        ),
+        "private_key": _read_secret(_KEY_FILE, opts["service_account_key_file"], None),
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         raise click.UsageError("give at least one new secret")
-    with _errors():
-        record = ctx.registry().reauthorize(connection_id, **changes)
-        summary = asyncio.run(ctx.runtime.tick(connection_ids=[connection_id]))
-        record = ctx.runtime.state.get(connection_id)
+    record = ctx.registry().reauthorize(connection_id, **changes)
+    summary = asyncio.run(ctx.runtime.tick(connection_ids=[connection_id]))
+    record = ctx.runtime.state.get(connection_id)
     _emit(
         ctx,
         {**_record_json(record), "refresh": summary.to_json()},
@@ -334,8 +642,7 @@ def reauth(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
 @pass_ctx
 def disable(ctx: _Context, connection_id: str) -> None:
     """Stop refreshing a connection (its credentials are kept)."""
-    with _errors():
-        record = ctx.registry().set_enabled(connection_id, False)
+    record = ctx.registry().set_enabled(connection_id, False)
     _emit(ctx, _record_json(record), lambda: f"disabled {connection_id}")
 
 
@@ -344,8 +651,7 @@ def disable(ctx: _Context, connection_id: str) -> None:
 @pass_ctx
 def enable(ctx: _Context, connection_id: str) -> None:
     """Resume refreshing a disabled connection (due at once)."""
-    with _errors():
-        record = ctx.registry().set_enabled(connection_id, True)
+    record = ctx.registry().set_enabled(connection_id, True)
     _emit(ctx, _record_json(record), lambda: f"enabled {connection_id}")
 
 
@@ -358,19 +664,18 @@ def refresh(ctx: _Context, connection_ids: tuple[str, ...], all_: bool, due: boo
     """Refresh what is due, everything (--all), or the named connections."""
     if sum([bool(connection_ids), all_, due]) > 1:
         raise click.UsageError("give connection ids, --all or --due, not several")
-    with _errors():
-        ids: list[str] | None = list(connection_ids) or None
-        if all_:
-            ids = [r.connection.id for r in ctx.runtime.state.list()]
-        show_bar = not ctx.json and sys.stderr.isatty()
-        with click.progressbar(length=0, label="refreshing", file=sys.stderr) as bar:
+    ids: list[str] | None = list(connection_ids) or None
+    if all_:
+        ids = [r.connection.id for r in ctx.runtime.state.list()]
+    show_bar = not ctx.json and sys.stderr.isatty()
+    with click.progressbar(length=0, label="refreshing", file=sys.stderr) as bar:
 
-            def progress(done: int, total: int) -> None:
-                if show_bar:
-                    bar.length = total
-                    bar.update(done - bar.pos)
+        def progress(done: int, total: int) -> None:
+            if show_bar:
+                bar.length = total
+                bar.update(done - bar.pos)
 
-            summary = asyncio.run(ctx.runtime.tick(connection_ids=ids, progress=progress))
+        summary = asyncio.run(ctx.runtime.tick(connection_ids=ids, progress=progress))
     data = summary.to_json()
     _emit(
         ctx,
@@ -391,9 +696,8 @@ def refresh(ctx: _Context, connection_ids: tuple[str, ...], all_: bool, due: boo
 @pass_ctx
 def status(ctx: _Context) -> None:
     """A table of every connection's health."""
-    with _errors():
-        records = ctx.runtime.state.list()
-        now = ctx.runtime.clock.now()
+    records = ctx.runtime.state.list()
+    now = ctx.runtime.clock.now()
     rows = [
         [
             r.connection.id,
@@ -413,15 +717,14 @@ def status(ctx: _Context) -> None:
 
 @main.command()
 @click.option("--connection", "connection_id", help="Only this connection's events.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @pass_ctx
 def events(ctx: _Context, connection_id: str | None, limit: int) -> None:
     """Events from the local outbox (embedded backend)."""
-    with _errors():
-        outbox = ctx.runtime.events
-        if not hasattr(outbox, "read"):
-            raise ConfigError("this backend has no local outbox to read")
-        rows = outbox.read(connection_id=connection_id, limit=1_000_000)[-limit:]
+    outbox = ctx.runtime.events
+    if not hasattr(outbox, "read"):
+        raise ConfigError("this backend has no local outbox to read")
+    rows = outbox.read(connection_id=connection_id, limit=1_000_000)[-limit:]
     _emit(
         ctx,
         [e.to_json() for _, e in rows],
@@ -446,8 +749,7 @@ def events(ctx: _Context, connection_id: str | None, limit: int) -> None:
 @pass_ctx
 def profiles(ctx: _Context) -> None:
     """The provider profiles available."""
-    with _errors():
-        found = ctx.runtime.profiles
+    found = ctx.profiles()  # opens no state: there may be none yet
     _emit(
         ctx,
         {
@@ -466,28 +768,61 @@ def profiles(ctx: _Context) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True)
-@click.option("--interval", default=60.0, show_default=True, help="Seconds between ticks.")
-@click.option("--duration", type=float, help="Stop after this many seconds.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="TCP port (0: any free port).",
+)
+@click.option(
+    "--interval",
+    type=_Seconds(1, 86_400),
+    default=60.0,
+    show_default=True,
+    help="Seconds between ticks (1 to 86400).",
+)
+@click.option(
+    "--max-tick-age",
+    type=_Seconds(1, 7 * 86_400),
+    help="GET /healthz answers 503 once the last successful tick is older (default: 3 intervals).",
+)
+@click.option(
+    "--duration",
+    type=_Seconds(0, 366 * 86_400, open_low=True),
+    help="Stop after this many seconds.",
+)
 @pass_ctx
-def serve(ctx: _Context, host: str, port: int, interval: float, duration: float | None) -> None:
-    """Run locally: the refresh loop on a schedule and the HTTP endpoints."""
+def serve(
+    ctx: _Context,
+    *,
+    host: str,
+    port: int,
+    interval: float,
+    max_tick_age: float | None,
+    duration: float | None,
+) -> None:
+    """Run locally: the refresh loop on a schedule and the HTTP endpoints.
+
+    Exits 1 if the refresh loop ever stops; GET /healthz reports whether it keeps succeeding."""
     from tokenbroker.entrypoints.serve import serve as run  # noqa: PLC0415
 
-    with _errors():
-        runtime = ctx.runtime
-        asyncio.run(
-            run(
-                runtime,
-                host=host,
-                port=port,
-                interval=interval,
-                duration=duration,
-                on_ready=lambda addr: click.echo(
-                    f"serving on http://{addr[0]}:{addr[1]}", err=True
-                ),
-            )
+    if max_tick_age is not None and max_tick_age < interval:
+        raise _option_error("--max-tick-age", "must be at least --interval")
+    if not host or len(host) > 255 or not host.isprintable():
+        raise _option_error("--host", "must be a host name or address")
+    runtime = ctx.runtime
+    asyncio.run(
+        run(
+            runtime,
+            host=host,
+            port=port,
+            interval=interval,
+            duration=duration,
+            max_tick_age=max_tick_age,
+            on_ready=lambda addr: click.echo(f"serving on http://{addr[0]}:{addr[1]}", err=True),
         )
+    )
 
 
 # --- policy -------------------------------------------------------------------------------------
@@ -506,8 +841,7 @@ def policy_check(ctx: _Context, file: Path, as_json: bool) -> None:
     """Validate a policy file: exit 0 when valid, 2 with the line/field at fault otherwise."""
     from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
 
-    with _errors():
-        summary = load_policy(file).summary()
+    summary = load_policy(file).summary()
     ctx.json = ctx.json or as_json
     _emit(
         ctx,
@@ -528,8 +862,7 @@ def policy_explain(
     """What a caller may do: its connections, scopes, lifetimes and relays."""
     from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
 
-    with _errors():
-        loaded = load_policy(file)
+    loaded = load_policy(file)
     if "@" not in caller:
         raise click.BadParameter("expected an email address", param_hint="--caller")
     explained = loaded.explain(caller, connection_id)

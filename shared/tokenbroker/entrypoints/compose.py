@@ -7,6 +7,7 @@ Adapters are imported here lazily, per backend, so a function pays only for what
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
 from tokenbroker.entrypoints.settings import (
     ENV_ISSUER_AUDIENCE,
+    ENV_LOG_FILE,
     ENV_POLICY_FILE,
+    STATE_DIR_FIELD,
     LogSettings,
     Settings,
 )
@@ -105,7 +108,12 @@ def start_logging(*, level: str | None = None, default_level: str = "info") -> L
     """An entry point's first act: configure the one logger from the settings (and arm the
     fault suite's failpoints when, and only when, it asked for them)."""
     settings = LogSettings.from_env(level=level, default_level=default_level)
-    configure_logging(settings.level, log_file=settings.file)
+    try:
+        configure_logging(settings.level, log_file=settings.file)
+    except OSError as error:  # a missing directory, a directory, no permission
+        raise ConfigError(
+            f"{ENV_LOG_FILE}: cannot append to {settings.file}: {error.strerror or error}"
+        ) from None
     failpoints.arm(settings.failpoints)
     return settings
 
@@ -200,11 +208,17 @@ def _iam_credentials(settings: Settings) -> IamCredentials:
     return IamCredentials(endpoint=settings.iam_credentials_endpoint, authorizer=authorizer)
 
 
-def build_runtime(settings: Settings | None = None, *, clock: Clock | None = None) -> Runtime:
-    """Build the adapters the settings select (a preset, then per-port overrides)."""
+def build_runtime(
+    settings: Settings | None = None, *, clock: Clock | None = None, create: bool = True
+) -> Runtime:
+    """Build the adapters the settings select (a preset, then per-port overrides).
+
+    ``create=False`` opens only state that exists: the embedded backend then refuses a state
+    directory without a database (a mistyped ``--state-dir``) instead of creating one and a
+    key. Only ``tokenbroker add`` creates state."""
     settings = settings or Settings.from_env()
     profiles = load_profiles(settings.profiles_file)
-    adapters = _Adapters(settings)
+    adapters = _Adapters(settings, create=create)
     secret_kind, state_kind, events_kind = settings.adapters
     try:
         secrets = _pick(SECRET_STORES, "secret store", secret_kind)(adapters)
@@ -223,8 +237,9 @@ class _Adapters:
     function pays only for the backend it uses. The embedded database is opened once and shared
     by the embedded secret store, state store and outbox."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, create: bool = True) -> None:
         self.settings = settings
+        self.create = create
         self.resources: list[Any] = []
         self._db: EmbeddedDatabase | None = None
 
@@ -237,11 +252,23 @@ class _Adapters:
             from tokenbroker.adapters.embedded import EmbeddedDatabase  # noqa: PLC0415
 
             key = self.settings.encryption_key
-            self._db = EmbeddedDatabase(
-                self.settings.resolved_state_dir,
-                key=key.reveal() if key else None,
-                key_file=self.settings.encryption_key_file,
-            )
+            state_dir = self.settings.resolved_state_dir
+            try:
+                self._db = EmbeddedDatabase(
+                    state_dir,
+                    key=key.reveal() if key else None,
+                    key_file=self.settings.encryption_key_file,
+                    create=self.create,
+                )
+            except (OSError, sqlite3.Error) as error:
+                # Whatever the store's own checks did not name (a state directory that is a
+                # file or unreadable, a database that is not one): the field, never a traceback.
+                reason = getattr(error, "strerror", None) or str(error)
+                if isinstance(error, FileExistsError | NotADirectoryError):
+                    reason = "it (or a parent) is a file, not a directory"
+                raise ConfigError(
+                    f"{STATE_DIR_FIELD}: cannot open the state in {state_dir}: {reason}"
+                ) from None
             self.resources.append(self._db)
         return self._db
 

@@ -4,9 +4,12 @@ Triggers: a CloudEvent (Cloud Scheduler -> Pub/Sub -> Eventarc, or any CloudEven
 HTTP POST (Cloud Scheduler's HTTP target). An optional JSON payload narrows the tick:
 ``{"connections": ["id", ...]}`` or ``{"limit": 500}``.
 
-Per-connection failures are part of a successful tick (they are recorded and announced); only
-a failure of the broker's own infrastructure (a store that cannot be reached) makes the
-invocation fail, so the platform retries it.
+Per-connection failures are part of a successful tick (they are recorded and announced). A tick
+that fails makes the invocation fail, so that Cloud Scheduler (or Eventarc) retries it and its
+failed runs can alert (see :mod:`.health`): a store that cannot be reached (503 with
+``Retry-After``), results left uncommitted or events lost (503 ``tick_incomplete``), an
+unexpected exception (500 ``internal_error``, the traceback in the log, never in the answer).
+Every tick logs one ``tick summary`` line with ``ok``, the counts and the seconds.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from tokenbroker.entrypoints.answers import http_answer
+from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
+from tokenbroker.entrypoints.health import observed_tick
 from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
@@ -74,33 +78,54 @@ def _payload_from_event_data(data: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def run_tick(payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    summary = asyncio.run(runtime().tick(**_options(payload)))
-    return summary.to_json()
+def _started() -> Runtime:
+    """The runtime; a configuration that cannot start is logged (the answer names it too)."""
+    try:
+        return runtime()
+    except TokenBrokerError as error:
+        get_logger(component="refresher-function").error(
+            "refresher cannot start", error_code=error.code, error=error.message
+        )
+        raise
+
+
+def run_tick(payload: Mapping[str, Any] | None = None, *, trigger: str = "http") -> dict[str, Any]:
+    """One tick as the payload narrows it; raises the :class:`TokenBrokerError` that failed it."""
+    result = asyncio.run(observed_tick(_started(), trigger=trigger, **_options(payload)))
+    if isinstance(result, TokenBrokerError):
+        raise result
+    return result.to_json()
 
 
 def handle_cloud_event(event: Any) -> dict[str, Any]:
-    runtime()  # configures logging from the settings before the first line
+    """Raises when the tick fails: the framework then answers 500 and Eventarc redelivers."""
+    _started()  # configures logging from the settings before the first line
     log = get_logger(component="refresher-function")
     payload = _payload_from_event_data(event.data)
     log.info("tick triggered", trigger="cloudevent", event_type=event["type"], event_id=event["id"])
-    return run_tick(payload)
+    return run_tick(payload, trigger="cloudevent")
+
+
+def _http_payload(request: Any) -> Mapping[str, Any] | None:
+    if request.method != "POST":
+        raise MethodNotAllowed(("POST",))
+    payload = request.get_json(silent=True) if request.data else None
+    if request.data and not isinstance(payload, Mapping):
+        raise BadRequest("body must be a JSON object")
+    return payload
 
 
 def handle_http(request: Any) -> tuple[str, int, dict[str, str]]:
     headers = {"Content-Type": "application/json"}
+    log = get_logger(component="refresher-function")
     try:
-        if request.method != "POST":
-            raise MethodNotAllowed(("POST",))
-        payload = request.get_json(silent=True) if request.data else None
-        if request.data and not isinstance(payload, Mapping):
-            raise BadRequest("body must be a JSON object")
-        summary = run_tick(payload)
+        summary = run_tick(_http_payload(request))
     except TokenBrokerError as error:
-        if not isinstance(error, BadRequest | MethodNotAllowed):
-            get_logger(component="refresher-function").error(
-                "tick failed", error_code=error.code, error=error.message
-            )
+        # A failed tick is logged by its summary line; a refused trigger needs no line.
         answer = http_answer(error, public=False)
-        return answer.json(), answer.status, {**headers, **answer.headers}
-    return json.dumps(summary), 200, headers
+    except Exception:  # a bug outside the tick: logged with its traceback, never shown
+        log.exception("refresher invocation crashed")
+        answer = bug_answer()
+    else:
+        return json.dumps(summary), 200, headers
+    return answer.json(), answer.status, {**headers, **answer.headers}

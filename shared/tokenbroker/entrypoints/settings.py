@@ -6,6 +6,7 @@ imported. Every variable name is a constant here and documented in the README.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -67,6 +68,8 @@ ENV_SECRET_MANAGER_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
 #: The Firestore emulator's ``host:port``: Google's own variable, which the client library
 #: also reads by itself (https://cloud.google.com/firestore/docs/emulator).
 ENV_FIRESTORE_EMULATOR_HOST = "FIRESTORE_EMULATOR_HOST"
+#: How messages name the embedded state directory: the variable, or the CLI's flag.
+STATE_DIR_FIELD = f"state directory ({ENV_STATE_DIR} or --state-dir)"
 
 #: Presets: which adapter serves each port.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -236,29 +239,87 @@ class Settings:
         ]
         for value, allowed, variable in choices:
             if value is not None and value not in allowed:
-                raise ConfigError(f"{variable}: {value!r} is not one of: {', '.join(allowed)}")
-        checks = [
-            (self.tick_limit >= 1, ENV_TICK_LIMIT, "must be at least 1"),
-            (self.concurrency >= 1, ENV_CONCURRENCY, "must be at least 1"),
-            (self.http_timeout > 0, ENV_HTTP_TIMEOUT, "must be positive"),
-            (self.lease_ttl_seconds >= 60, ENV_LEASE_TTL, "must be at least 60"),
-            (0 < self.overlap_fraction < 1, ENV_OVERLAP_FRACTION, "must be between 0 and 1"),
-            (self.min_lead_seconds >= 0, ENV_MIN_LEAD, "must not be negative"),
-            (0 <= self.jitter_fraction < 1, ENV_JITTER_FRACTION, "must be in [0, 1)"),
-            (self.retry_attempts >= 1, ENV_RETRY_ATTEMPTS, "must be at least 1"),
-            (self.retry_base_delay >= 0, ENV_RETRY_BASE_DELAY, "must not be negative"),
-            (self.retained_versions >= 2, ENV_RETAINED_VERSIONS, "must be at least 2"),
-        ]
-        for ok, variable, problem in checks:
-            if not ok:
-                raise ConfigError(f"{variable}: {problem}")
+                known = ", ".join(allowed)
+                raise ConfigError(f"{variable}: {_shown(value)} is not one of: {known}")
+        for bound in BOUNDS:
+            bound.check(getattr(self, bound.field))
 
 
 def _parse(variable: str, raw: str, parse: Callable[[str], T]) -> T:
     try:
         return parse(raw)
     except ValueError:
-        raise ConfigError(f"{variable}: cannot parse {raw!r}") from None
+        raise ConfigError(f"{variable}: cannot parse {_shown(raw)}") from None
+
+
+def _shown(raw: object) -> str:
+    """A setting's value as an error message quotes it: a repr (control characters escaped),
+    cut short, so a megabyte of garbage in a variable gives a one-line message."""
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range a numeric setting must lie in (closed unless ``open_low``), and why.
+
+    Every numeric setting has one, upper bound included: a value parsed from the environment can
+    be ``inf``, ``nan`` or ``1e308`` (Python's ``float`` accepts them all), and each of those
+    turns into a loop that never ends, a sleep that never wakes or a lease nobody can take over.
+    """
+
+    field: str
+    variable: str
+    low: float
+    high: float
+    why: str
+    open_low: bool = False
+    open_high: bool = False
+
+    def check(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self.variable}: must be a number, got {_shown(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.variable}: must be a finite number, got {_shown(value)}")
+        below = value <= self.low if self.open_low else value < self.low
+        above = value >= self.high if self.open_high else value > self.high
+        if below or above:
+            raise ConfigError(
+                f"{self.variable}: must be in {self.range_text} ({self.why}), got {_shown(value)}"
+            )
+
+    @property
+    def range_text(self) -> str:
+        """The range in interval notation, as messages and the README write it: ``[1, 1024]``."""
+        low = f"{'(' if self.open_low else '['}{_number(self.low)}"
+        return f"{low}, {_number(self.high)}{')' if self.open_high else ']'}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+#: The documented range of every numeric setting (README, "Configuration").
+BOUNDS: tuple[Bound, ...] = (
+    Bound("tick_limit", ENV_TICK_LIMIT, 1, 100_000, "connections claimed per tick"),
+    Bound("concurrency", ENV_CONCURRENCY, 1, 1024, "token requests in flight, one socket each"),
+    Bound("http_timeout", ENV_HTTP_TIMEOUT, 0, 120, "seconds per token request", open_low=True),
+    Bound("lease_ttl_seconds", ENV_LEASE_TTL, 60, 3600, "a crashed holder blocks this long"),
+    Bound(
+        "overlap_fraction",
+        ENV_OVERLAP_FRACTION,
+        0,
+        1,
+        "of a token's lifetime",
+        open_low=True,
+        open_high=True,
+    ),
+    Bound("min_lead_seconds", ENV_MIN_LEAD, 0, 86_400, "at most a day before expiry"),
+    Bound("jitter_fraction", ENV_JITTER_FRACTION, 0, 1, "of a token's lifetime", open_high=True),
+    Bound("retry_attempts", ENV_RETRY_ATTEMPTS, 1, 10, "attempts per connection per tick"),
+    Bound("retry_base_delay", ENV_RETRY_BASE_DELAY, 0, 60, "seconds of backoff base"),
+    Bound("retained_versions", ENV_RETAINED_VERSIONS, 2, 100, "credential versions kept"),
+)
 
 
 _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [

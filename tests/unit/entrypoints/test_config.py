@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from tokenbroker.entrypoints.settings import Settings
+from tokenbroker.entrypoints.settings import BOUNDS, Settings
 from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.model import Connection, GrantType, validate_connection_id
 from tokenbroker.oauth.profiles import load_profiles, parse_profiles
@@ -187,3 +188,38 @@ def test_google_and_xdg_variables_are_read_by_settings_only(tmp_path: Path) -> N
         {"GOOGLE_CLOUD_PROJECT": "proj-1", "TOKENBROKER_GCP_PROJECT": "proj-2"}
     )
     assert explicit.project == "proj-2"
+
+
+@pytest.mark.parametrize(
+    "value", ["inf", "-inf", "nan", "NaN", "1e309", "1e15", "99999999999999999999", "-1e308"]
+)
+@pytest.mark.parametrize("variable", [b.variable for b in BOUNDS])
+def test_every_numeric_setting_refuses_non_finite_and_huge_values(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable) as caught:
+        Settings.from_env({variable: value})
+    assert "\n" not in caught.value.message
+
+
+def test_every_numeric_setting_has_a_bound_and_its_defaults_lie_within() -> None:
+    numeric = {
+        f.name for f in fields(Settings) if f.type in ("int", "float") or f.type in (int, float)
+    }
+    assert numeric == {b.field for b in BOUNDS}
+    Settings.from_env({})  # every default passes its own bound
+    for bound in BOUNDS:
+        edge = float(bound.high if not bound.open_high else bound.high / 2)
+        Settings.from_env({bound.variable: str(int(edge) if edge.is_integer() else edge)})
+
+
+def test_a_huge_malformed_value_is_not_echoed_in_full() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"TOKENBROKER_CONCURRENCY": "x" * 100_000})
+    assert len(caught.value.message) < 200
+
+
+def test_the_readme_documents_every_bound() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    for bound in BOUNDS:
+        assert f"| `{bound.variable}` | {bound.range_text} |" in readme, bound.variable

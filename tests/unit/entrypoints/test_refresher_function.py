@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,13 @@ import pytest
 from tests.support.provider_api import ProviderApi
 from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.adapters.fake_provider import FakeTokenServer
-from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.adapters.memory import MemoryEventBus, MemoryStateStore
 from tokenbroker.entrypoints import refresher
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.clock import FakeClock
 from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.model import Connection, ConnectionEvent, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import ClaimBatch
@@ -238,3 +239,122 @@ def test_cloudevent_a_store_outage_fails_the_invocation_so_eventarc_retries(
     response = client("refresh").post("/", headers=headers, data=body)
     assert response.status_code == 500
     assert "state store unavailable" not in response.text  # the framework's bare crash answer
+
+
+# --- a failed tick fails the invocation; every tick logs one summary line ------------------------
+
+
+class BuggyState(MemoryStateStore):
+    """A state store with a bug: claiming raises ``ValueError`` (not a broker error)."""
+
+    def claim_due(self, *_: object, **__: object) -> ClaimBatch:
+        raise ValueError("boom: a bug")
+
+
+class NoParking(MemoryStateStore):
+    """Parked events cannot be stored (non-retryable, so the test does not wait)."""
+
+    def park_events(self, *_: object, **__: object) -> None:
+        raise StoreUnavailable("cannot park", retryable=False)
+
+
+class DownBus(MemoryEventBus):
+    def publish(self, *_: object, **__: object) -> None:
+        raise StoreUnavailable("bus down", retryable=False)
+
+
+def summary_lines(logs: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in logs.splitlines()]
+    return [line for line in lines if line["message"] == "tick summary"]
+
+
+@pytest.fixture
+def preset(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Runtime]:
+    """Install a memory runtime (with some adapters swapped) as the instance's runtime."""
+
+    def install(**adapters: Any) -> Runtime:
+        runtime = replace(build_runtime(Settings(backend="memory")), **adapters)
+        monkeypatch.setattr(refresher, "_runtime", runtime)
+        return runtime
+
+    return install
+
+
+@pytest.fixture
+def provider() -> Iterator[tuple[ProviderApi, FakeTokenServer]]:
+    server = FakeTokenServer()
+    with ProviderApi(token_server=server).in_thread() as api:
+        yield api, server
+
+
+def register(runtime: Runtime, api: ProviderApi, server: FakeTokenServer) -> None:
+    runtime.registry().register(
+        Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
+                   client_id="client", token_url=f"{api.url}/oauth/token"),
+        Credential(refresh_token=Secret(server.seed_refresh_token()),
+                   client_secret=Secret("client-secret")),
+    )  # fmt: skip
+
+
+def test_http_a_tick_that_raises_a_bug_is_500_and_logged_with_its_traceback(
+    preset: Callable[..., Runtime],
+) -> None:
+    preset(state=BuggyState())
+    with capture_logs() as logs:
+        response = client("refresh_http").post("/", json={})
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "internal_error"
+    assert "boom" not in response.text and "Traceback" not in response.text
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    (crash,) = [line for line in lines if line["message"].startswith("tick crashed")]
+    assert "ValueError: boom: a bug" in crash["exception"]
+    (summary,) = summary_lines(logs.getvalue())
+    assert (summary["ok"], summary["error_code"], summary["trigger"]) == (
+        False, "internal_error", "http",
+    )  # fmt: skip
+
+
+def test_cloudevent_a_tick_that_raises_a_bug_fails_the_invocation(
+    preset: Callable[..., Runtime],
+) -> None:
+    preset(state=BuggyState())
+    headers, body = pubsub_event({})
+    with capture_logs() as logs:
+        response = client("refresh").post("/", headers=headers, data=body)
+    assert response.status_code == 500  # Eventarc redelivers
+    (summary,) = summary_lines(logs.getvalue())
+    assert (summary["ok"], summary["trigger"]) == (False, "cloudevent")
+
+
+def test_http_a_tick_that_loses_events_is_503_so_the_scheduler_retries_and_alerts(
+    preset: Callable[..., Runtime], provider: tuple[ProviderApi, FakeTokenServer]
+) -> None:
+    runtime = preset(state=NoParking(), events=DownBus())
+    register(runtime, *provider)
+    with capture_logs() as logs:
+        response = client("refresh_http").post("/", json={})
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert response.get_json()["error"] == "tick_incomplete"
+    assert "event" in response.get_json()["error_description"]
+    (summary,) = summary_lines(logs.getvalue())
+    assert (summary["ok"], summary["refreshed"], summary["events_lost"]) == (False, 1, 1)
+    assert runtime.secrets.get("crm").version == 2  # the refresh itself is kept
+
+
+def test_every_tick_logs_one_summary_line_with_ok_counts_and_seconds(
+    preset: Callable[..., Runtime], provider: tuple[ProviderApi, FakeTokenServer]
+) -> None:
+    runtime = preset()
+    register(runtime, *provider)
+    with capture_logs() as logs:
+        first = client("refresh_http").post("/", json={})
+        second = client("refresh_http").post("/", json={})
+    assert (first.status_code, second.status_code) == (200, 200)
+    one, two = summary_lines(logs.getvalue())
+    assert (one["ok"], one["due"], one["refreshed"]) == (True, 1, 1)
+    assert (two["ok"], two["due"], two["refreshed"]) == (True, 0, 0)
+    for line in (one, two):
+        assert line["severity"] == "INFO"
+        assert isinstance(line["seconds"], float)
+        assert set(line["failed"]) == {"transient", "permanent"}
