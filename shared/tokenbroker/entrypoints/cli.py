@@ -313,8 +313,8 @@ def _checked_token_url(url: str | None) -> str | None:
         raise _option_error(
             option, f"must be a URL of at most {MAX_URL_CHARS} characters, without spaces"
         )
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)  # raises for a malformed IPv6 literal ("https://[::1/")
         host, _ = parts.hostname, parts.port
     except ValueError as error:
         raise _option_error(option, f"{_shown(url)} is not a valid URL ({error})") from None

@@ -189,33 +189,37 @@ def bad_secret(draw: st.DrawFn) -> Attempt:
     return Attempt(args, which, env=env, stdin=raw, secret=head)
 
 
-@st.composite
-def bad_token_url(draw: st.DrawFn) -> Attempt:
-    host = draw(st.from_regex(r"[a-z]{3,10}\.(com|example|internal)", fullmatch=True))
-    url = draw(
-        st.sampled_from(
-            [
-                f"ftp://{host}/token",
-                f"file:///etc/{host}",
-                "javascript:alert(1)",
-                f"gopher://{host}/",
-                f"http://{host}/token",  # plain http to a remote host
-                "http://10.0.0.1/token",
-                f"https://user:pass@{host}/token",
-                f"https://{host}/token#frag",
-                f"https://{host}/to ken",
-                f"https://{host}/\x00token",
-                f"https://{host}:99999/token",
-                "https:///token",
-                "https://[::1/token",
-                "https://" + "a" * 3000 + ".com/",
-                host,
-            ]
-        )
-    )
+def bad_token_urls(host: str) -> list[str]:
+    return [
+        f"ftp://{host}/token",
+        f"file:///etc/{host}",
+        "javascript:alert(1)",
+        f"gopher://{host}/",
+        f"http://{host}/token",  # plain http to a remote host
+        "http://10.0.0.1/token",
+        f"https://user:pass@{host}/token",
+        f"https://{host}/token#frag",
+        f"https://{host}/to ken",
+        f"https://{host}/\x00token",
+        f"https://{host}:99999/token",
+        "https:///token",
+        "https://[::1/token",
+        "https://[zz]/token",
+        "https://" + "a" * 3000 + ".com/",
+        host,
+    ]
+
+
+def token_url_attempt(url: str) -> Attempt:
     args = ["add", "crm2", "--grant", "client_credentials", "--client-id", "client",
             "--client-secret-env", "S", "--token-url", url]  # fmt: skip
     return Attempt(args, "--token-url", env={"S": CLIENT_SECRET})
+
+
+@st.composite
+def bad_token_url(draw: st.DrawFn) -> Attempt:
+    host = draw(st.from_regex(r"[a-z]{3,10}\.(com|example|internal)", fullmatch=True))
+    return token_url_attempt(draw(st.sampled_from(bad_token_urls(host))))
 
 
 @st.composite
@@ -296,6 +300,25 @@ def test_malformed_input_is_refused_cleanly_and_changes_nothing(
         shutil.rmtree(state.parent, ignore_errors=True)
 
 
+@pytest.mark.parametrize("url", bad_token_urls("oauth.example"))
+def test_every_kind_of_bad_token_url_is_refused(tmp_path: Path, url: str) -> None:
+    attempt = token_url_attempt(url)
+    result = invoke(["--state-dir", str(tmp_path / "s"), *attempt.args], env=attempt.env)
+    assert_refused(result, "--token-url")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "url", ["https://oauth.example/token?tenant=a", "http://127.0.0.1:8080/t", "http://[::1]/t",
+            "http://localhost/t", "https://oauth.example:8443/o/token"],
+)  # fmt: skip
+def test_good_token_urls_are_accepted(tmp_path: Path, url: str) -> None:
+    attempt = token_url_attempt(url)
+    added = invoke(["--state-dir", str(tmp_path / "s"), *attempt.args, "--no-refresh"],
+                   env=attempt.env)  # fmt: skip
+    assert added.exit_code == 0, added.output
+
+
 # --- the same, as real processes ---------------------------------------------------------------
 
 
@@ -352,6 +375,36 @@ def test_commands_that_read_create_no_state(tmp_path: Path) -> None:
     empty.mkdir()
     assert_refused(invoke(["--state-dir", str(empty), "status"]), "no tokenbroker state")
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        [
+            "add",
+            "crm",
+            "--grant",
+            "client_credentials",
+            "--client-id",
+            "c",
+            "--client-secret-env",
+            "S",
+            "--token-url",
+            FAKE_URL,
+            "--no-refresh",
+        ],
+    ],
+)
+@pytest.mark.parametrize("where", ["a" * 300, "file/state", "a/" * 2100])
+def test_a_state_directory_that_cannot_be_one_is_named(
+    tmp_path: Path, where: str, command: list[str]
+) -> None:
+    (tmp_path / "file").write_text("a file\n")
+    state = tmp_path / where
+    result = invoke(["--state-dir", str(state), *command], env={"S": CLIENT_SECRET})
+    assert_refused(result, "state directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_a_variable_that_names_no_readable_secret_is_refused_by_name(tmp_path: Path) -> None:
