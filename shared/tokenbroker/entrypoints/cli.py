@@ -314,7 +314,7 @@ def _checked_token_url(url: str | None) -> str | None:
             option, f"must be a URL of at most {MAX_URL_CHARS} characters, without spaces"
         )
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url)  # raises for a malformed IPv6 literal ("https://[::1/")
         host, _ = parts.hostname, parts.port
     except ValueError as error:
         raise _option_error(option, f"{_shown(url)} is not a valid URL ({error})") from None

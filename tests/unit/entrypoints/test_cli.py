@@ -142,20 +142,25 @@ def bad_log_setting(draw: st.DrawFn) -> Attempt:
     return Attempt(["profiles"], "TOKENBROKER_LOG_FILE", env={"TOKENBROKER_LOG_FILE": missing})
 
 
+SERVE_OPTIONS = [
+    (option, value)
+    for option, values in [
+        ("--interval", ["-1", "0", "0.5", "nan", "inf", "-inf", "1e9", "often", ""]),
+        ("--port", ["-1", "65536", "100000", "http", "8080.5", ""]),
+        ("--duration", ["0", "-1", "nan", "inf", "1e12", "soon"]),
+        ("--max-tick-age", ["0", "nan", "inf", "-3", "1e12"]),
+    ]
+    for value in values
+]
+
+
+def serve_attempt(option: str, value: str) -> Attempt:
+    return Attempt(["serve", option, value], option)
+
+
 @st.composite
 def bad_serve_option(draw: st.DrawFn) -> Attempt:
-    option, values = draw(
-        st.sampled_from(
-            [
-                ("--interval", ["-1", "0", "0.5", "nan", "inf", "-inf", "1e9", "often", ""]),
-                ("--port", ["-1", "65536", "100000", "http", "8080.5", ""]),
-                ("--duration", ["0", "-1", "nan", "inf", "1e12", "soon"]),
-                ("--max-tick-age", ["0", "nan", "inf", "-3", "1e12"]),
-            ]
-        )
-    )
-    value = draw(st.sampled_from(values))
-    return Attempt(["serve", option, value], option)
+    return serve_attempt(*draw(st.sampled_from(SERVE_OPTIONS)))
 
 
 @st.composite
@@ -189,73 +194,83 @@ def bad_secret(draw: st.DrawFn) -> Attempt:
     return Attempt(args, which, env=env, stdin=raw, secret=head)
 
 
-@st.composite
-def bad_token_url(draw: st.DrawFn) -> Attempt:
-    host = draw(st.from_regex(r"[a-z]{3,10}\.(com|example|internal)", fullmatch=True))
-    url = draw(
-        st.sampled_from(
-            [
-                f"ftp://{host}/token",
-                f"file:///etc/{host}",
-                "javascript:alert(1)",
-                f"gopher://{host}/",
-                f"http://{host}/token",  # plain http to a remote host
-                "http://10.0.0.1/token",
-                f"https://user:pass@{host}/token",
-                f"https://{host}/token#frag",
-                f"https://{host}/to ken",
-                f"https://{host}/\x00token",
-                f"https://{host}:99999/token",
-                "https:///token",
-                "https://[::1/token",
-                "https://" + "a" * 3000 + ".com/",
-                host,
-            ]
-        )
-    )
+def bad_token_urls(host: str) -> list[str]:
+    return [
+        f"ftp://{host}/token",
+        f"file:///etc/{host}",
+        "javascript:alert(1)",
+        f"gopher://{host}/",
+        f"http://{host}/token",  # plain http to a remote host
+        "http://10.0.0.1/token",
+        f"https://user:pass@{host}/token",
+        f"https://{host}/token#frag",
+        f"https://{host}/to ken",
+        f"https://{host}/\x00token",
+        f"https://{host}:99999/token",
+        "https:///token",
+        "https://[::1/token",
+        "https://[zz]/token",
+        "https://" + "a" * 3000 + ".com/",
+        host,
+    ]
+
+
+def token_url_attempt(url: str) -> Attempt:
     args = ["add", "crm2", "--grant", "client_credentials", "--client-id", "client",
             "--client-secret-env", "S", "--token-url", url]  # fmt: skip
     return Attempt(args, "--token-url", env={"S": CLIENT_SECRET})
 
 
 @st.composite
-def bad_connection_field(draw: st.DrawFn) -> Attempt:
+def bad_token_url(draw: st.DrawFn) -> Attempt:
+    host = draw(st.from_regex(r"[a-z]{3,10}\.(com|example|internal)", fullmatch=True))
+    return token_url_attempt(draw(st.sampled_from(bad_token_urls(host))))
+
+
+CONNECTION_FIELDS = [
+    ("Upper", ["--client-id", "c"], "connection id"),
+    ("a/b", ["--client-id", "c"], "connection id"),
+    ("x" * 200, ["--client-id", "c"], "CONNECTION_ID"),
+    ("ok", ["--client-id", "c\x1b[31m"], "--client-id"),
+    ("ok", ["--client-id", "c" * 5000], "--client-id"),
+    ("ok", ["--client-id", "c", "--scope", 'a"b'], "--scope"),
+    ("ok", ["--client-id", "c", "--scope", "a\\b"], "--scope"),
+    ("ok", ["--client-id", "c", "--scope", "a\x00b"], "--scope"),
+    ("ok", ["--client-id", "c", "--scope", " ".join(f"s{i}" for i in range(101))], "--scope"),
+    ("ok", ["--client-id", "c", "--param", "x y=1"], "--param"),
+    ("ok", ["--client-id", "c", "--param", "resource=a\nb"], "--param resource"),
+    ("ok", ["--client-id", "c", "--param", "resource= padded"], "--param resource"),
+    ("ok", ["--client-id", "c", "--param", "nope"], "--param"),
+    ("ok", ["--client-id", "c", "--param", "region=eu"], "region"),
+    ("ok", ["--client-id", "c", "--profile", "no-such"], "profile"),
+    ("ok", ["--client-id", "c", "--profile", "../x"], "--profile"),
+    ("ok", [], "client_id"),
+]
+
+
+def connection_attempt(cid: str, extra: list[str], named: str) -> Attempt:
     base = ["--grant", "client_credentials", "--client-secret-env", "S", "--token-url", FAKE_URL]
-    cid, extra, named = draw(
-        st.sampled_from(
-            [
-                ("Upper", ["--client-id", "c"], "connection id"),
-                ("a/b", ["--client-id", "c"], "connection id"),
-                ("x" * 200, ["--client-id", "c"], "CONNECTION_ID"),
-                ("ok", ["--client-id", "c\x1b[31m"], "--client-id"),
-                ("ok", ["--client-id", "c" * 5000], "--client-id"),
-                ("ok", ["--client-id", "c", "--scope", 'a"b'], "--scope"),
-                ("ok", ["--client-id", "c", "--scope", "a\\b"], "--scope"),
-                ("ok", ["--client-id", "c", "--scope", "a\x00b"], "--scope"),
-                ("ok", ["--client-id", "c", "--param", "x y=1"], "--param"),
-                ("ok", ["--client-id", "c", "--param", "resource=a\nb"], "--param resource"),
-                ("ok", ["--client-id", "c", "--param", "nope"], "--param"),
-                ("ok", ["--client-id", "c", "--profile", "no-such"], "profile"),
-                ("ok", ["--client-id", "c", "--profile", "../x"], "--profile"),
-                ("ok", [], "client_id"),
-            ]
-        )
-    )
     return Attempt(["add", cid, *base, *extra], named, env={"S": CLIENT_SECRET})
+
+
+@st.composite
+def bad_connection_field(draw: st.DrawFn) -> Attempt:
+    return connection_attempt(*draw(st.sampled_from(CONNECTION_FIELDS)))
+
+
+STATEFUL_COMMANDS = [
+    ["status"], ["list"], ["show", "crm"], ["refresh"], ["refresh", "--all"], ["refresh", "crm"],
+    ["events"], ["disable", "crm"], ["enable", "crm"], ["remove", "crm", "--yes"],
+    ["reauth", "crm", "--client-secret-env", "S"], ["serve", "--port", "0", "--duration", "1"],
+]  # fmt: skip
 
 
 @st.composite
 def command_on_missing_state(draw: st.DrawFn) -> Attempt:
     """Any command but ``add`` and ``profiles``/``policy``, on a state directory that is not
     there (a typo), is broken, or holds no database: refused, and nothing created."""
-    command = draw(
-        st.sampled_from(
-            [["status"], ["list"], ["show", "crm"], ["refresh"], ["refresh", "--all"],
-             ["events"], ["disable", "crm"], ["remove", "crm", "--yes"],
-             ["serve", "--port", "0", "--duration", "1"]]
-        )
-    )  # fmt: skip
-    return Attempt(command, "state", before_state=False)
+    command = draw(st.sampled_from(STATEFUL_COMMANDS))
+    return Attempt(command, "state", env={"S": CLIENT_SECRET}, before_state=False)
 
 
 ATTEMPTS = st.one_of(
@@ -294,6 +309,50 @@ def test_malformed_input_is_refused_cleanly_and_changes_nothing(
         assert snapshot(state) == before
     finally:
         shutil.rmtree(state.parent, ignore_errors=True)
+
+
+FIXED_ATTEMPTS = [
+    *(serve_attempt(*case) for case in SERVE_OPTIONS),
+    *(connection_attempt(*case) for case in CONNECTION_FIELDS),
+    *(token_url_attempt(url) for url in bad_token_urls("oauth.example")),
+    *(Attempt(command, "state", env={"S": CLIENT_SECRET}, before_state=False)
+      for command in STATEFUL_COMMANDS),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["absent", "existing", "corrupt"])
+def test_every_listed_case_is_refused_cleanly(template: Path, kind: str) -> None:
+    """What the property test samples from, every case once (it may miss a case in a run)."""
+    for attempt in FIXED_ATTEMPTS:
+        state = fresh_copy(template, "absent" if not attempt.before_state and kind == "existing"
+                           else kind)  # fmt: skip
+        try:
+            before = snapshot(state)
+            result = invoke(["--state-dir", str(state), *attempt.args], env=attempt.env)
+            named = attempt.named if attempt.before_state else "state directory"
+            assert_refused(result, named)
+            assert snapshot(state) == before, attempt.args
+        finally:
+            shutil.rmtree(state.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("url", bad_token_urls("oauth.example"))
+def test_every_kind_of_bad_token_url_is_refused(tmp_path: Path, url: str) -> None:
+    attempt = token_url_attempt(url)
+    result = invoke(["--state-dir", str(tmp_path / "s"), *attempt.args], env=attempt.env)
+    assert_refused(result, "--token-url")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "url", ["https://oauth.example/token?tenant=a", "http://127.0.0.1:8080/t", "http://[::1]/t",
+            "http://localhost/t", "https://oauth.example:8443/o/token"],
+)  # fmt: skip
+def test_good_token_urls_are_accepted(tmp_path: Path, url: str) -> None:
+    attempt = token_url_attempt(url)
+    added = invoke(["--state-dir", str(tmp_path / "s"), *attempt.args, "--no-refresh"],
+                   env=attempt.env)  # fmt: skip
+    assert added.exit_code == 0, added.output
 
 
 # --- the same, as real processes ---------------------------------------------------------------
@@ -352,6 +411,36 @@ def test_commands_that_read_create_no_state(tmp_path: Path) -> None:
     empty.mkdir()
     assert_refused(invoke(["--state-dir", str(empty), "status"]), "no tokenbroker state")
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        [
+            "add",
+            "crm",
+            "--grant",
+            "client_credentials",
+            "--client-id",
+            "c",
+            "--client-secret-env",
+            "S",
+            "--token-url",
+            FAKE_URL,
+            "--no-refresh",
+        ],
+    ],
+)
+@pytest.mark.parametrize("where", ["a" * 300, "file/state", "a/" * 2100])
+def test_a_state_directory_that_cannot_be_one_is_named(
+    tmp_path: Path, where: str, command: list[str]
+) -> None:
+    (tmp_path / "file").write_text("a file\n")
+    state = tmp_path / where
+    result = invoke(["--state-dir", str(state), *command], env={"S": CLIENT_SECRET})
+    assert_refused(result, "state directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_a_variable_that_names_no_readable_secret_is_refused_by_name(tmp_path: Path) -> None:
