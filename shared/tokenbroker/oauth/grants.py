@@ -94,11 +94,10 @@ async def refresh_grant(
     known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 6749 §6. ``scopes``, when given, must be a subset of the original grant's."""
-    headers, form = client_authentication(auth_method, client_id, client_secret)
-    form.update(grant_type="refresh_token", refresh_token=refresh_token.reveal())
-    if scopes:
-        form["scope"] = " ".join(scopes)
-    form.update(extra or {})
+    grant = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+    headers, form = _grant_form(
+        auth_method, client_id, client_secret, grant, scopes=scopes, extra=extra
+    )
     return await _token_request(
         endpoint,
         token_url,
@@ -126,11 +125,10 @@ async def client_credentials_grant(
     known_secrets: Iterable[Secret | None] = (),
 ) -> TokenResponse:
     """RFC 6749 §4.4. ``extra`` carries e.g. an RFC 8707 ``resource``."""
-    headers, form = client_authentication(auth_method, client_id, client_secret)
-    form["grant_type"] = "client_credentials"
-    if scopes:
-        form["scope"] = " ".join(scopes)
-    form.update(extra or {})
+    grant = {"grant_type": "client_credentials"}
+    headers, form = _grant_form(
+        auth_method, client_id, client_secret, grant, scopes=scopes, extra=extra
+    )
     return await _token_request(
         endpoint,
         token_url,
@@ -141,6 +139,25 @@ async def client_credentials_grant(
         now=now,
         known_secrets=[client_secret, *known_secrets],
     )
+
+
+def _grant_form(
+    auth_method: ClientAuthMethod,
+    client_id: str | None,
+    client_secret: Secret | None,
+    grant: Mapping[str, str],
+    *,
+    scopes: Sequence[str],
+    extra: Mapping[str, str] | None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Headers and form of a client-authenticated grant: the client's credentials (RFC 6749
+    §2.3.1), the grant's own fields, ``scope`` when asked, then any extra parameters."""
+    headers, form = client_authentication(auth_method, client_id, client_secret)
+    form.update(grant)
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    form.update(extra or {})
+    return headers, form
 
 
 def service_account_info(key_file: Secret) -> dict[str, Any]:
