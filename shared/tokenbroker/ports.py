@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from tokenbroker.kernel.errors import VersionConflict
+from tokenbroker.kernel.errors import CorruptCredential, VersionConflict
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
 from tokenbroker.kernel.model import (
     Caller,
@@ -25,6 +25,7 @@ from tokenbroker.kernel.model import (
     Connection,
     ConnectionEvent,
     ConnectionRecord,
+    ConnectionStatus,
     Credential,
     Lease,
     MintedToken,
@@ -70,8 +71,14 @@ class SecretStore(Protocol):
         """The current version. Raises NotFound."""
         ...
 
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
-        """Current versions of many connections; absent ones are left out."""
+    def get_many(
+        self, connection_ids: Sequence[str]
+    ) -> dict[str, StoredCredential | CorruptCredential]:
+        """Current versions of many connections; absent ones are left out.
+
+        One bad record never fails the batch: a credential that does not verify or decrypt is
+        that connection's value, a :class:`CorruptCredential`. Only a store that cannot answer
+        at all raises (``StoreUnavailable``)."""
         ...
 
     def put(
@@ -101,6 +108,10 @@ class ClaimBatch:
     leased_elsewhere: int = 0
     #: Named connections that do not exist (``claim`` only).
     missing: builtins.list[str] = field(default_factory=list)
+    #: Named connections not leased because they are not active (``claim`` only): status is
+    #: law -- only ``enable`` or ``reauth`` make a disabled or needs_reauth connection
+    #: refreshable again.
+    inactive: dict[str, ConnectionStatus] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -124,7 +135,11 @@ class StateStore(Protocol):
         ...
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
-        """Overwrite a connection's state outside any lease (operator actions). NotFound."""
+        """Overwrite a connection's state outside any lease (operator actions). NotFound.
+
+        The operator's write wins over any refresh in flight: it retires the live lease (the
+        fencing token grows and the lease is free), so that refresh can neither present its
+        refresh token again nor commit a state over this one."""
         ...
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
@@ -135,7 +150,8 @@ class StateStore(Protocol):
     def claim(
         self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
     ) -> ClaimBatch:
-        """Lease the named connections (any status, due or not) whose lease is free."""
+        """Lease the named active connections (due or not) whose lease is free. Named
+        connections that are not active are reported in ``inactive`` and not leased."""
         ...
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:

@@ -54,6 +54,21 @@ def secret_store(open_secret_store: Callable[..., SecretStore]) -> SecretStore:
     return open_secret_store()
 
 
+@pytest.fixture
+def corrupt_secret(
+    request: pytest.FixtureRequest,
+    open_secret_store: Callable[..., SecretStore],
+    workspace: Workspace,
+) -> Callable[[SecretStore, str], None]:
+    """Damage a connection's current version behind the store's back (skips where the
+    adapter keeps nothing that can rot)."""
+    adapter = SECRET_STORES[request.node.callspec.params["open_secret_store"]]
+    if adapter.corrupt is None:
+        pytest.skip("this adapter keeps no encoded record that could be damaged")
+    corrupt = adapter.corrupt
+    return lambda store, cid: corrupt(workspace, store, cid)
+
+
 # --- StateStore ----------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-from tokenbroker.kernel.errors import ConfigError, NotFound, VersionConflict
+from tokenbroker.kernel.errors import ConfigError, CorruptCredential, NotFound, VersionConflict
 from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import SecretStore, SecretWrite
@@ -149,8 +149,10 @@ def test_get_many_returns_the_current_of_each_and_omits_missing(
     b = _put_chain(secret_store, "b", 1)
     got = secret_store.get_many(["a", "missing", "b", "a"])
     assert set(got) == {"a", "b"}
-    assert (got["a"].connection_id, got["a"].version, got["a"].credential) == ("a", 2, a[1])
-    assert (got["b"].connection_id, got["b"].version, got["b"].credential) == ("b", 1, b[0])
+    ga, gb = got["a"], got["b"]
+    assert isinstance(ga, StoredCredential) and isinstance(gb, StoredCredential)
+    assert (ga.connection_id, ga.version, ga.credential) == ("a", 2, a[1])
+    assert (gb.connection_id, gb.version, gb.credential) == ("b", 1, b[0])
 
 
 def test_get_many_handles_many_ids(secret_store: SecretStore) -> None:
@@ -160,6 +162,24 @@ def test_get_many_handles_many_ids(secret_store: SecretStore) -> None:
     got = secret_store.get_many(ids)
     assert sorted(got) == ids[::2]
     assert all(got[w.connection_id].credential == w.credential for w in writes)
+
+
+def test_get_many_returns_a_bad_record_as_that_connections_value(
+    secret_store: SecretStore, corrupt_secret: Callable[[SecretStore, str], None]
+) -> None:
+    """One record that does not verify or decrypt is that connection's CorruptCredential;
+    the others read as usual (issue 8: one bad record failed a whole tick)."""
+    good = _put_chain(secret_store, "good", 1)
+    _put_chain(secret_store, "bad", 2)
+    corrupt_secret(secret_store, "bad")
+    got = secret_store.get_many(["good", "bad", "missing"])
+    assert set(got) == {"good", "bad"}
+    assert isinstance(got["bad"], CorruptCredential)
+    assert not got["bad"].retryable
+    ok = got["good"]
+    assert isinstance(ok, StoredCredential) and ok.credential == good[0]
+    with pytest.raises(CorruptCredential):
+        secret_store.get("bad")
 
 
 def test_put_many_returns_one_result_per_write_and_a_conflict_stops_nothing(

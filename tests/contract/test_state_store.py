@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
@@ -206,20 +207,54 @@ def test_claim_due_takes_over_expired_leases_with_a_higher_token(state_store: St
 # --- claim(ids) ----------------------------------------------------------------------------
 
 
-def test_claim_ignores_due_ness_and_status(state_store: StateStore) -> None:
+def test_claim_ignores_due_ness(state_store: StateStore) -> None:
     records = {
         "future": _add(state_store, "future", due_state(T0 + timedelta(days=1))),
         "never": _add(state_store, "never", due_state(T0, next_refresh_at=None)),
-        "reauth": _add(state_store, "reauth", due_state(T0, status=ConnectionStatus.NEEDS_REAUTH)),
-        "disabled": _add(state_store, "disabled", due_state(T0, status=ConnectionStatus.DISABLED)),
+        "failing": _add(state_store, "failing", due_state(T0, consecutive_failures=3)),
     }
     batch = state_store.claim(list(records), T0, holder="op", ttl=TTL)
     assert sorted(_ids(batch)) == sorted(records)
-    assert (batch.leased_elsewhere, batch.missing) == (0, [])
+    assert (batch.leased_elsewhere, batch.missing, batch.inactive) == (0, [], {})
     for claim in batch.claims:
         assert claim.record == records[claim.lease.connection_id]
         assert claim.lease.holder == "op"
         assert claim.lease.expires_at == T0 + TTL
+
+
+def test_claim_never_leases_an_inactive_connection_and_says_why(state_store: StateStore) -> None:
+    """Status is law: a disabled or needs_reauth connection is refreshed by no path, named
+    or not (issue 8: ``refresh --all`` re-enabled disabled connections)."""
+    _add(state_store, "reauth", due_state(T0, status=ConnectionStatus.NEEDS_REAUTH))
+    _add(state_store, "disabled", due_state(T0, status=ConnectionStatus.DISABLED))
+    _add(state_store, "active")
+    before = state_store.list()
+    batch = state_store.claim(["reauth", "disabled", "active", "ghost"], T0, holder="op", ttl=TTL)
+    assert _ids(batch) == ["active"]
+    assert batch.inactive == {
+        "reauth": ConnectionStatus.NEEDS_REAUTH,
+        "disabled": ConnectionStatus.DISABLED,
+    }
+    assert (batch.missing, batch.leased_elsewhere) == (["ghost"], 0)
+    assert state_store.list() == before  # nothing leased, nothing written
+    again = state_store.claim(["reauth", "disabled"], T0 + S, holder="other", ttl=TTL)
+    assert (again.claims, again.leased_elsewhere) == ([], 0)
+
+
+def test_put_state_retires_a_live_lease(state_store: StateStore) -> None:
+    """An operator's write wins over a refresh in flight: the refresh's lease can no longer
+    complete, and the connection can be claimed again at once."""
+    record = _add(state_store, "c1")
+    lease = _lease(state_store.claim(["c1"], T0, holder="refresher", ttl=TTL), "c1")
+    disabled = replace(record.state, status=ConnectionStatus.DISABLED)
+    state_store.put_state("c1", disabled)
+    assert state_store.complete([(lease, _written(1))]) == [False]
+    assert state_store.get("c1").state == disabled
+    state_store.put_state("c1", record.state)  # enabled again
+    new = _lease(state_store.claim(["c1"], T0 + S, holder="next", ttl=TTL), "c1")
+    assert new.token > lease.token
+    state_store.release(lease)  # the retired lease frees nothing
+    assert state_store.claim(["c1"], T0 + 2 * S, holder="x", ttl=TTL).leased_elsewhere == 1
 
 
 def test_claim_reports_missing_ids_and_leased_ones(state_store: StateStore) -> None:

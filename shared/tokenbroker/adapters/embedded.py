@@ -26,17 +26,23 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
+from tokenbroker.adapters.secret_store import (
+    DEFAULT_RETAINED_VERSIONS,
+    ReadResult,
+    TransactionalSecretStore,
+)
 from tokenbroker.kernel.clock import from_epoch, to_epoch
 from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
+    CorruptCredential,
     NotFound,
     StoreUnavailable,
 )
@@ -340,11 +346,14 @@ class EmbeddedStateStore:
                 raise NotFound(f"connection {connection_id!r} not found")
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
+        # The operator's write wins: the fencing token grows and the lease is freed, so a
+        # refresh in flight can no longer commit or renew.
         with self._db.transaction() as cur:
             cur.execute(
                 "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
                 "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
-                "current_version=?, last_error=? WHERE id = ?",
+                "current_version=?, last_error=?, lease_token=lease_token+1, "
+                "lease_holder=NULL, lease_expires_at=NULL WHERE id = ?",
                 (*_state_params(state), connection_id),
             )
             if cur.rowcount == 0:
@@ -399,20 +408,26 @@ class EmbeddedStateStore:
         wanted = list(dict.fromkeys(connection_ids))
         at = now.timestamp()
         with self._db.transaction() as cur:
-            found: dict[str, float | None] = {}
+            found: dict[str, tuple[str, float | None]] = {}
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
-                found.update(
-                    cur.execute(
-                        f"SELECT id, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
-                        tuple(chunk),
-                    ).fetchall()
-                )
-            free = [cid for cid in wanted if cid in found and (found[cid] or 0) <= at]
+                for cid, status, expires in cur.execute(
+                    f"SELECT id, status, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
+                    tuple(chunk),
+                ):
+                    found[cid] = (status, expires)
+            inactive = {
+                cid: ConnectionStatus(status)
+                for cid, (status, _) in found.items()
+                if status != ConnectionStatus.ACTIVE.value
+            }
+            present = [cid for cid in wanted if cid in found and cid not in inactive]
+            free = [cid for cid in present if (found[cid][1] or 0) <= at]
             return ClaimBatch(
                 self._grant(cur, free, now, holder, ttl),
-                leased_elsewhere=len(found) - len(free),
+                leased_elsewhere=len(present) - len(free),
                 missing=[cid for cid in wanted if cid not in found],
+                inactive={cid: inactive[cid] for cid in wanted if cid in inactive},
             )
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
@@ -476,7 +491,9 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         try:
             plaintext = self._db.open(sealed, self._context(connection_id, version))
         except InvalidTag:
-            raise ConfigError(
+            # The key itself was verified at start (the key check value), so a row that does
+            # not decrypt was damaged, tampered with or moved: a corrupt record.
+            raise CorruptCredential(
                 f"credential {connection_id!r} v{version} does not decrypt with the configured key"
             ) from None
         return StoredCredential(
@@ -489,10 +506,13 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         found = self._read_current_many([connection_id])
         if connection_id not in found:
             raise self._missing(connection_id)
-        return found[connection_id]
+        value = found[connection_id]
+        if isinstance(value, CorruptCredential):
+            raise value
+        return value
 
-    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, StoredCredential]:
-        found: dict[str, StoredCredential] = {}
+    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, ReadResult]:
+        found: dict[str, ReadResult] = {}
         for chunk in _chunks(connection_ids):
             marks = ",".join("?" * len(chunk))
             rows = self._db.read(
@@ -502,7 +522,9 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
                 tuple(chunk),
             )
             for cid, version, created, sealed in rows:
-                found[cid] = self._unseal(cid, version, created, sealed)
+                value = self._read_value(cid, partial(self._unseal, cid, version, created, sealed))
+                if value is not None:
+                    found[cid] = value
         return found
 
     def versions(self, connection_id: str) -> builtins.list[int]:

@@ -13,7 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
+from tokenbroker.adapters.secret_store import (
+    DEFAULT_RETAINED_VERSIONS,
+    ReadResult,
+    TransactionalSecretStore,
+)
 from tokenbroker.kernel.errors import AlreadyExists, NotFound
 from tokenbroker.kernel.model import (
     Claim,
@@ -51,7 +55,7 @@ class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
                 raise self._missing(connection_id)
             return vault.versions[connection_id][vault.latest[connection_id]]
 
-    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, StoredCredential]:
+    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, ReadResult]:
         with self._transaction() as vault:
             return {
                 cid: vault.versions[cid][vault.latest[cid]]
@@ -131,6 +135,9 @@ class MemoryStateStore:
         with self._lock:
             record = self._get_locked(connection_id)
             self._records[connection_id] = replace(record, state=state)
+            # The operator's write wins: a refresh in flight can no longer commit or renew.
+            self._fencing[connection_id] = self._fencing.get(connection_id, 0) + 1
+            self._leases.pop(connection_id, None)
 
     def _lease_free(self, connection_id: str, now: datetime) -> bool:
         lease = self._leases.get(connection_id)
@@ -165,10 +172,21 @@ class MemoryStateStore:
         with self._lock:
             wanted = list(dict.fromkeys(connection_ids))
             missing = [cid for cid in wanted if cid not in self._records]
-            present = [cid for cid in wanted if cid in self._records]
+            inactive = {
+                cid: self._records[cid].state.status
+                for cid in wanted
+                if cid in self._records
+                and self._records[cid].state.status is not ConnectionStatus.ACTIVE
+            }
+            present = [cid for cid in wanted if cid in self._records and cid not in inactive]
             free = [cid for cid in present if self._lease_free(cid, now)]
             claims = [self._grant(cid, now, holder, ttl) for cid in free]
-            return ClaimBatch(claims, leased_elsewhere=len(present) - len(free), missing=missing)
+            return ClaimBatch(
+                claims,
+                leased_elsewhere=len(present) - len(free),
+                missing=missing,
+                inactive=inactive,
+            )
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         results = []

@@ -3,7 +3,9 @@
 The port's rules (:class:`tokenbroker.ports.SecretStore`) are the same on every backend: a
 write is a compare-and-set on the current version; versions count up; the newest
 ``retained_versions`` are kept; ``put_many`` is independent compare-and-set writes, one result
-each; ``get_many`` leaves absent connections out; a missing credential is one ``NotFound``.
+each; ``get_many`` leaves absent connections out and returns a record that does not verify or
+decode as that connection's :class:`CorruptCredential` (one bad record never fails the batch);
+a missing credential is one ``NotFound``.
 :class:`VersionedSecretStore` owns those rules and each adapter implements only its raw I/O,
 as aws-powertools does for its storage (``utilities/parameters/base.py``: ``BaseProvider``
 owns caching and transforms, a provider implements ``_get``/``_get_multiple``;
@@ -42,11 +44,16 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
-from tokenbroker.kernel.errors import ConfigError, NotFound, VersionConflict
+from tokenbroker.kernel.errors import ConfigError, CorruptCredential, NotFound, VersionConflict
 from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.ports import SecretWrite
 
-__all__ = ["DEFAULT_RETAINED_VERSIONS", "TransactionalSecretStore", "VersionedSecretStore"]
+__all__ = [
+    "DEFAULT_RETAINED_VERSIONS",
+    "ReadResult",
+    "TransactionalSecretStore",
+    "VersionedSecretStore",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,6 +65,12 @@ DEFAULT_RETAINED_VERSIONS = 3
 
 #: One write's outcome in ``put_many``: the new version, or the conflict it met.
 WriteResult = int | VersionConflict
+#: One connection's current version as ``get_many`` returns it.
+ReadResult = StoredCredential | CorruptCredential
+
+#: What decoding a damaged record raises (bad JSON, missing fields, wrong types): the record
+#: is corrupt. Anything else -- a store that cannot answer, a bug -- is not the record's fault.
+_DECODE_ERRORS = (ValueError, KeyError, TypeError)
 
 
 class VersionedSecretStore(ABC):
@@ -107,13 +120,33 @@ class VersionedSecretStore(ABC):
     # -- the port ------------------------------------------------------------------------------
 
     def get(self, connection_id: str) -> StoredCredential:
-        try:
-            return self._read_current(connection_id)
-        except NotFound:
-            raise self._missing(connection_id) from None
+        value = self._read_value(connection_id, lambda: self._read_current(connection_id))
+        if value is None:
+            raise self._missing(connection_id)
+        if isinstance(value, CorruptCredential):
+            raise value
+        return value
 
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, ReadResult]:
         return self._read_current_many(list(dict.fromkeys(connection_ids)))
+
+    @staticmethod
+    def _read_value(connection_id: str, read: Callable[[], StoredCredential]) -> ReadResult | None:
+        """One connection's read with its failure as a value, the rule ``get_many`` keeps on
+        every store: ``None`` when absent, a :class:`CorruptCredential` when the record does
+        not verify or decode. A store that cannot answer still raises: that is not one
+        record's fault, and the whole read is retried."""
+        try:
+            return read()
+        except NotFound:
+            return None
+        except CorruptCredential as corrupt:
+            return corrupt
+        except _DECODE_ERRORS as exc:
+            return CorruptCredential(
+                f"connection {connection_id!r}: the stored credential does not decode"
+                f" ({type(exc).__name__})"
+            )
 
     def put(
         self, connection_id: str, credential: Credential, *, expected_version: int | None
@@ -158,15 +191,13 @@ class VersionedSecretStore(ABC):
         """Add a version if the current one is ``write.expected_version``; the new number.
         Raises VersionConflict otherwise (decided with :meth:`_check_expected`)."""
 
-    def _read_current_many(self, connection_ids: list[str]) -> dict[str, StoredCredential]:
-        """Current versions of distinct ids, absent ones left out: one :meth:`_read_current`
-        each, through :meth:`_map`. Override with a batch read where the backend has one."""
+    def _read_current_many(self, connection_ids: list[str]) -> dict[str, ReadResult]:
+        """Current versions of distinct ids, absent ones left out, bad ones as values (see
+        :meth:`_read_value`): one :meth:`_read_current` each, through :meth:`_map`. Override
+        with a batch read where the backend has one, keeping the same rule."""
 
-        def one(connection_id: str) -> StoredCredential | None:
-            try:
-                return self._read_current(connection_id)
-            except NotFound:
-                return None
+        def one(connection_id: str) -> ReadResult | None:
+            return self._read_value(connection_id, lambda: self._read_current(connection_id))
 
         found = self._map(one, connection_ids)
         return {

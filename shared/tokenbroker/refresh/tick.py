@@ -12,6 +12,14 @@ Guarantees, in order of importance:
 3. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
    (:mod:`~.kernel.retry`), then a backoff until the next tick; permanent ones get none and
    move the connection to ``needs_reauth`` with exactly one event.
+4. **One connection's trouble is its own.** Any exception while refreshing one connection --
+   a bug, a provider value no rule foresaw, a stored record that does not decrypt -- becomes
+   that connection's failure (an unexpected exception is an ``internal_error``: logged with
+   its traceback, retried with backoff, never ``needs_reauth``), with its lease given back and
+   one event; the tick carries on and commits everything else.
+5. **Status is law.** Only active connections are leased, by any path; a disabled or
+   needs_reauth connection named explicitly is reported as ``inactive`` and left alone. An
+   operator's write during a refresh retires the refresh's lease, so its commit cannot undo it.
 
 This module is the orchestration only: leases, concurrent token requests, batched commits,
 events and parked events. What an outcome does to a connection's state and which events
@@ -32,7 +40,13 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
-from tokenbroker.kernel.errors import ConfigError, TokenBrokerError, VersionConflict
+from tokenbroker.kernel.errors import (
+    ConfigError,
+    CorruptCredential,
+    InternalError,
+    TokenBrokerError,
+    VersionConflict,
+)
 from tokenbroker.kernel.failpoints import failpoint
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
@@ -52,6 +66,9 @@ from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore, To
 from tokenbroker.refresh.transitions import Outcome, Succeeded, Transition, failed, transition
 
 T = TypeVar("T")
+
+#: The jitter source of the dry run that checks a credential can be scheduled.
+_PROBE = random.Random(0)  # noqa: S311 - jitter, not cryptography
 
 # Do not start a refresh with less lease time left than this: the request plus retries plus
 # commit must fit, or another refresher could take over and present the same refresh token.
@@ -85,6 +102,8 @@ class TickSummary:
     recovered: int = 0
     retries: int = 0
     missing: list[str] = field(default_factory=list)
+    #: Named connections left alone because they are not active: id -> status.
+    inactive: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -101,6 +120,7 @@ class TickSummary:
             "failed": {
                 "transient": self.failed["transient"],
                 "permanent": self.failed["permanent"],
+                "internal": self.failed["internal"],
             },
             "skipped_leased": self.skipped_leased,
             "deferred": self.deferred,
@@ -113,6 +133,7 @@ class TickSummary:
             "recovered": self.recovered,
             "retries": self.retries,
             "missing": list(self.missing),
+            "inactive": dict(self.inactive),
             "seconds": round(self.seconds, 3),
         }
 
@@ -122,11 +143,18 @@ class _Attempt:
     """What a worker did with one claim, waiting to be committed."""
 
     claim: Claim
-    #: The credential the attempt started from (``None``: none is stored).
+    #: The credential the attempt started from (``None``: none is stored, or it is corrupt).
     stored: StoredCredential | None
     #: The refreshed credential, the final error, or ``None``: deferred, nothing was sent.
     result: Credential | TokenBrokerError | None
     attempted_at: datetime
+
+    @property
+    def version(self) -> int | None:
+        """The version the attempt started from, as far as anyone knows."""
+        if self.stored is not None:
+            return self.stored.version
+        return self.claim.record.state.current_version
 
 
 class Refresher:
@@ -197,6 +225,11 @@ class Refresher:
         summary.claimed = len(batch.claims)
         summary.skipped_leased = batch.leased_elsewhere
         summary.missing = list(batch.missing)
+        summary.inactive = {cid: status.value for cid, status in batch.inactive.items()}
+        for cid, status in batch.inactive.items():
+            self.log.warning(
+                "not refreshed: the connection is not active", connection_id=cid, status=status
+            )
         halted: TokenBrokerError | None = None
         if batch.claims:
             stored = await self._store(
@@ -243,7 +276,7 @@ class Refresher:
         self,
         endpoint: TokenEndpoint,
         claims: list[Claim],
-        stored: Mapping[str, StoredCredential],
+        stored: Mapping[str, StoredCredential | CorruptCredential],
         summary: TickSummary,
         progress: Callable[[int, int], None] | None,
     ) -> TokenBrokerError | None:
@@ -286,23 +319,40 @@ class Refresher:
         self,
         endpoint: TokenEndpoint,
         claim: Claim,
-        stored: StoredCredential | None,
+        stored: StoredCredential | CorruptCredential | None,
         summary: TickSummary,
     ) -> _Attempt:
-        connection = claim.record.connection
+        """One connection's refresh, whatever happens a value: an unexpected exception is
+        that connection's :class:`InternalError`, never the tick's."""
         now = self.clock.now()
-        if connection.grant in UNREFRESHED_GRANTS:
-            return _Attempt(claim, stored, None, now)  # nothing expires: leave it
-        if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
-            # Too late to send a refresh token safely; leave it for the next tick.
-            return _Attempt(claim, stored, None, now)
-        if stored is None:
-            missing = ConfigError(f"connection {connection.id!r} has no stored credential")
-            return _Attempt(claim, None, missing, now)
-        profile = self.profiles.get(connection.profile)
-        if profile is None:
-            unknown = ConfigError(f"connection {connection.id!r}: unknown profile")
-            return _Attempt(claim, stored, unknown, now)
+        try:
+            return await self._attempt(endpoint, claim, stored, summary, now)
+        except Exception as exc:  # contained to this connection, alerted with its traceback
+            self.log.exception(
+                "refresh failed (internal error): a bug or an unforeseen value",
+                connection_id=claim.lease.connection_id,
+                error_type=type(exc).__name__,
+            )
+            readable = stored if isinstance(stored, StoredCredential) else None
+            internal = InternalError(
+                f"connection {claim.lease.connection_id!r}: unexpected {type(exc).__name__}"
+            )
+            return _Attempt(claim, readable, internal, now)
+
+    async def _attempt(
+        self,
+        endpoint: TokenEndpoint,
+        claim: Claim,
+        stored: StoredCredential | CorruptCredential | None,
+        summary: TickSummary,
+        now: datetime,
+    ) -> _Attempt:
+        connection = claim.record.connection
+        refusal = self._refusal(claim, stored, now)
+        if refusal is not None:
+            return refusal
+        assert isinstance(stored, StoredCredential)  # noqa: S101 - _refusal checked it
+        profile = self.profiles[connection.profile]
 
         def on_retry(attempt: int, error: TokenBrokerError, wait: float) -> None:
             summary.retries += 1
@@ -325,7 +375,37 @@ class Refresher:
         except TokenBrokerError as error:
             return _Attempt(claim, stored, error, now)
         failpoint("answer.received")
+        self._check_storable(credential)
         return _Attempt(claim, stored, credential, now)
+
+    def _refusal(
+        self, claim: Claim, stored: StoredCredential | CorruptCredential | None, now: datetime
+    ) -> _Attempt | None:
+        """Why nothing may be sent for this claim, as its attempt (``None``: go ahead)."""
+        connection = claim.record.connection
+        if isinstance(stored, CorruptCredential):
+            return _Attempt(claim, None, stored, now)  # nothing is sent from a bad record
+        if connection.grant in UNREFRESHED_GRANTS:
+            return _Attempt(claim, stored, None, now)  # nothing expires: leave it
+        if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
+            # Too late to send a refresh token safely; leave it for the next tick.
+            return _Attempt(claim, stored, None, now)
+        if stored is None:
+            missing = ConfigError(f"connection {connection.id!r} has no stored credential")
+            return _Attempt(claim, None, missing, now)
+        if connection.profile not in self.profiles:
+            unknown = ConfigError(f"connection {connection.id!r}: unknown profile")
+            return _Attempt(claim, stored, unknown, now)
+        return None
+
+    def _check_storable(self, credential: Credential) -> None:
+        """Run now what committing the credential will run (serialising it, scheduling its
+        next refresh), so that a value that breaks either fails here, as this connection's
+        error, before anything is written."""
+        assert credential.obtained_at is not None  # noqa: S101 - acquire() stamps both
+        assert credential.expires_at is not None  # noqa: S101
+        self.policy.next_refresh_at(credential.obtained_at, credential.expires_at, _PROBE)
+        credential.to_plaintext()
 
     async def _commit_loop(
         self,
@@ -453,8 +533,7 @@ class Refresher:
             changes.append((claim.lease, success, change))
         for attempt in batch:
             if isinstance(error := attempt.result, TokenBrokerError):
-                version = attempt.stored.version if attempt.stored else None
-                failure = failed(error, attempted_at=attempt.attempted_at, version=version)
+                failure = failed(error, attempted_at=attempt.attempted_at, version=attempt.version)
                 change = transition(attempt.claim, failure, now, self.policy, self.rng)
                 self._log_failure(attempt.claim.lease.connection_id, error, change)
                 changes.append((attempt.claim.lease, failure, change))
@@ -505,7 +584,14 @@ class Refresher:
             "attempts": error.attempts,
             "error": error.message,
         }
-        if error.retryable:
+        if isinstance(error, InternalError):
+            self.log.error(
+                "refresh failed (internal): retried with backoff",
+                **fields,
+                consecutive_failures=change.state.consecutive_failures,
+                next_refresh_at=isoformat(change.state.next_refresh_at),
+            )
+        elif error.retryable:
             self.log.warning(
                 "refresh failed (transient)",
                 **fields,

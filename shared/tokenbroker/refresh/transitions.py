@@ -15,6 +15,10 @@ The rules, as documented for subscribers in docs/events.md:
   preceded it.
 * **Transient failure** (the provider or the network may answer later) -> a backoff before the
   next attempt, one more consecutive failure, one ``refresh.failed``.
+* **Internal failure** (an unexpected exception: a bug, or a provider value no rule foresaw) ->
+  treated like a transient one -- backoff, one more failure, one ``refresh.failed`` -- but with
+  its own ``failure_class`` (``internal``) so that it is alerted and counted apart, and never
+  ``needs_reauth``: the provider refused nothing.
 * **Permanent failure** (RFC 6749 §5.2 ``invalid_grant``, ``invalid_client``, ...; retrying the
   same refresh token cannot help) -> ``needs_reauth`` and no scheduled refresh, announced by
   exactly one ``connection.needs_reauth``. A connection that already needs re-authorisation is
@@ -31,7 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import ClassVar, NamedTuple, assert_never
 
-from tokenbroker.kernel.errors import TokenBrokerError
+from tokenbroker.kernel.errors import InternalError, TokenBrokerError
 from tokenbroker.kernel.model import (
     Claim,
     ConnectionEvent,
@@ -43,6 +47,7 @@ from tokenbroker.kernel.schedule import RefreshPolicy
 
 __all__ = [
     "Failed",
+    "FailedInternal",
     "FailedPermanent",
     "FailedTransient",
     "Outcome",
@@ -92,13 +97,29 @@ class FailedPermanent:
     version: int | None
 
 
-Failed = FailedTransient | FailedPermanent
-Outcome = Succeeded | FailedTransient | FailedPermanent
+@dataclass(frozen=True)
+class FailedInternal:
+    """An unexpected exception while refreshing (:class:`~.errors.InternalError`): retried
+    with backoff like a transient failure, counted and alerted as its own class."""
+
+    failure_class: ClassVar[str] = "internal"
+
+    error_code: str
+    attempted_at: datetime
+    #: The version the attempt started from (``None``: no credential was stored).
+    version: int | None
+    retry_after: float | None = None
+
+
+Failed = FailedTransient | FailedInternal | FailedPermanent
+Outcome = Succeeded | FailedTransient | FailedInternal | FailedPermanent
 
 
 def failed(error: TokenBrokerError, *, attempted_at: datetime, version: int | None) -> Failed:
     """Classify a final error by its ``retryable`` flag, the one flag that decides retries
-    everywhere (:mod:`tokenbroker.kernel.errors`)."""
+    everywhere (:mod:`tokenbroker.kernel.errors`); our own bugs are their own class."""
+    if isinstance(error, InternalError):
+        return FailedInternal(error.code, attempted_at, version)
     if error.retryable:
         return FailedTransient(error.code, attempted_at, version, error.retry_after)
     return FailedPermanent(error.code, attempted_at, version)
@@ -123,7 +144,7 @@ def transition(
     match outcome:
         case Succeeded():
             return _succeeded(claim, outcome, now, policy, rng)
-        case FailedTransient() | FailedPermanent():
+        case FailedTransient() | FailedInternal() | FailedPermanent():
             return _failed(claim, outcome, now, policy, rng)
         case _:
             assert_never(outcome)
@@ -169,7 +190,7 @@ def _failed(
 ) -> Transition:
     previous = claim.record.state
     failures = previous.consecutive_failures + 1
-    if isinstance(outcome, FailedTransient):
+    if isinstance(outcome, FailedTransient | FailedInternal):
         status = previous.status
         next_refresh_at = policy.retry_at(now, failures, outcome.retry_after, rng)
         event_type = EventType.REFRESH_FAILED

@@ -134,20 +134,21 @@ def test_revoked_grant_needs_reauth_with_one_event_and_no_retries(world: World) 
     assert world.tick().due == 0
 
 
-def test_forcing_a_connection_that_needs_reauth_fails_again_without_a_second_event(
+def test_forcing_a_connection_that_needs_reauth_sends_nothing_and_announces_nothing(
     world: World,
 ) -> None:
+    """Status is law (issue 8): the dead refresh token is never presented again; only a
+    re-authorisation makes the connection refreshable."""
     rt = world.add()
     world.server.revoke(rt)
     world.tick()
     summary = world.tick(connection_ids=["c1"])
-    assert world.server.requests["refresh_token"] == 2
-    assert summary.failed["permanent"] == 1
-    assert not summary.ok  # the failure is still reported (exit codes depend on it) ...
-    assert summary.needs_reauth == 0  # ... but the connection did not newly need reauth
+    assert world.server.requests["refresh_token"] == 1
+    assert summary.inactive == {"c1": "needs_reauth"}
+    assert summary.needs_reauth == 0
     record = world.state.get("c1")
     assert record.state.status is ConnectionStatus.NEEDS_REAUTH
-    assert record.state.consecutive_failures == 2
+    assert record.state.consecutive_failures == 1
     assert [e.type for e in world.events.events] == [EventType.NEEDS_REAUTH]
 
 

@@ -493,10 +493,21 @@ class FirestoreStateStore:
             self._transact(body)
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
-        """One write: ``update`` carries an exists precondition, so nothing needs reading."""
+        """One write: ``update`` carries an exists precondition, so nothing needs reading.
+
+        The operator's write wins over a refresh in flight: ``Increment`` grows the fencing
+        token server-side (no read needed) and the lease is freed, so that refresh can neither
+        renew nor commit over this state."""
+        from google.cloud import firestore  # noqa: PLC0415 - heavy, lazily
+
+        fields = {
+            **_state_fields(state),
+            **_LEASE_GIVEN_BACK,
+            "lease_token": firestore.Increment(1),
+        }
         with _translated("put_state"):
             try:
-                self._doc(connection_id).update(_state_fields(state))
+                self._doc(connection_id).update(fields)
             except Exception as exc:
                 if type(exc).__name__ == "NotFound" and _is_google(exc):
                     raise NotFound(f"connection {connection_id!r} not found") from None
@@ -582,29 +593,38 @@ class FirestoreStateStore:
                 snaps = {str(s.id): s for s in self._read(transaction.get_all(refs))}
                 claims: builtins.list[Claim] = []
                 missing: builtins.list[str] = []
+                inactive: dict[str, ConnectionStatus] = {}
                 leased = 0
                 for cid in ids:
                     snap = snaps.get(cid)
                     if snap is None or not snap.exists:
                         missing.append(cid)
+                    elif snap.get("status") != _ACTIVE:
+                        inactive[cid] = ConnectionStatus(snap.get("status"))
                     elif _lease_live(snap.to_dict(), now):
                         leased += 1
                     else:
                         claims.append(self._grant(transaction, snap, now, holder, ttl))
-                return ClaimBatch(claims, leased_elsewhere=leased, missing=missing)
+                return ClaimBatch(
+                    claims, leased_elsewhere=leased, missing=missing, inactive=inactive
+                )
 
             return body
 
         claims: builtins.list[Claim] = []
         missing: builtins.list[str] = []
+        inactive: dict[str, ConnectionStatus] = {}
         leased_elsewhere = 0
         with _translated("claim"):
             for ids in _chunks(list(dict.fromkeys(connection_ids)), self.chunk_size):
                 batch = self._transact(chunk(ids))
                 claims.extend(batch.claims)
                 missing.extend(batch.missing)
+                inactive.update(batch.inactive)
                 leased_elsewhere += batch.leased_elsewhere
-        return ClaimBatch(claims, leased_elsewhere=leased_elsewhere, missing=missing)
+        return ClaimBatch(
+            claims, leased_elsewhere=leased_elsewhere, missing=missing, inactive=inactive
+        )
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         def chunk(
