@@ -116,7 +116,17 @@ class ClaimBatch:
 
 @runtime_checkable
 class StateStore(Protocol):
-    """The connection registry, refresh state, and per-connection leases."""
+    """The connection registry, refresh state, and per-connection leases.
+
+    **Lease time is the store's own clock** (Firestore: the server's time; SQLite: the one
+    host's boot clock; memory: the clock it was given), never a refresher's: a lease is free
+    when it has expired by the store's clock, and a grant or renewal lasts ``ttl`` from the
+    store's now. A refresher whose wall clock is stepped or skewed can therefore neither take
+    a live lease nor stretch its own. The ``now`` the claims take only selects what is due
+    (``next_refresh_at <= now``): a skewed refresher at worst refreshes early or late.
+    ``Lease.expires_at`` is on the store's clock, for information; a holder measures the time
+    it has left on its own monotonic clock from the moment it asked (see ``renew``).
+    """
 
     def create(self, connection: Connection, state: RefreshState) -> None:
         """Register a connection. Raises AlreadyExists."""
@@ -144,7 +154,7 @@ class StateStore(Protocol):
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
         """Lease up to ``limit`` active connections whose ``next_refresh_at <= now`` and whose
-        lease is free or expired, earliest first, atomically."""
+        lease is free or expired (by the store's clock), earliest first, atomically."""
         ...
 
     def claim(
@@ -152,6 +162,19 @@ class StateStore(Protocol):
     ) -> ClaimBatch:
         """Lease the named active connections (due or not) whose lease is free. Named
         connections that are not active are reported in ``inactive`` and not leased."""
+        ...
+
+    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+        """Extend each lease to ``ttl`` from the store's now, only if it is still held with
+        the newest fencing token (an expired lease nobody took since is still ours); one
+        answer per lease: the renewed lease, or ``None`` when it was lost (taken over,
+        completed, released, retired by an operator's write, or the connection deleted).
+
+        A holder renews before every attempt to present a refresh token, and keeps renewing
+        while one is in flight. Because the store starts ``ttl`` no earlier than the call,
+        the holder's own monotonic time at the call plus ``ttl`` is a safe deadline. A store
+        that cannot answer raises ``StoreUnavailable``: "lost" and "cannot tell" are never
+        confused."""
         ...
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:

@@ -16,6 +16,7 @@ import pytest
 
 from tokenbroker.ports import EventBus, SecretStore, StateStore
 
+from .builders import ManualClock
 from .endpoint_rigs import EndpointRig
 from .registry import (
     EVENT_BUSES,
@@ -83,6 +84,12 @@ def open_state_store(
 @pytest.fixture
 def state_store(open_state_store: Callable[[], StateStore]) -> StateStore:
     return open_state_store()
+
+
+@pytest.fixture
+def lease_clock(workspace: Workspace) -> ManualClock:
+    """The clock the state stores of this test keep their leases on."""
+    return workspace.lease_clock
 
 
 # --- EventBus ------------------------------------------------------------------------------

@@ -30,16 +30,19 @@ from tokenbroker.adapters.memory import MemoryEventBus, MemorySecretStore, Memor
 from tokenbroker.kernel.model import ConnectionEvent
 from tokenbroker.ports import EventBus, SecretStore, StateStore
 
+from .builders import ManualClock
 from .endpoint_rigs import AiohttpServerRig, EndpointRig, FakeTokenServerRig
 
 T = TypeVar("T")
 
 
 class Workspace:
-    """Per-test resources for adapter factories."""
+    """Per-test resources for adapter factories. ``lease_clock`` is the clock every state
+    store handle of the test keeps its leases on."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.lease_clock = ManualClock()
         self._stack = ExitStack()
         self._memo: dict[str, Any] = {}
 
@@ -233,14 +236,18 @@ def _open_firestore_state(ws: Workspace) -> StateStore:
 
     host = emulator("firestore").host
     project = ws.once("firestore-project", lambda: f"tb-test-{uuid.uuid4().hex[:12]}")
-    store = FirestoreStateStore(project=project, emulator_host=host)
+    store = FirestoreStateStore(project=project, emulator_host=host, lease_clock=ws.lease_clock)
     ws.on_close(store.close)
     return store
 
 
 STATE_STORES: dict[str, StateStoreAdapter] = {
-    "memory": StateStoreAdapter(open=lambda ws: ws.once("memory-state", MemoryStateStore)),
-    "embedded": StateStoreAdapter(open=lambda ws: EmbeddedStateStore(_embedded_db(ws))),
+    "memory": StateStoreAdapter(
+        open=lambda ws: ws.once("memory-state", lambda: MemoryStateStore(ws.lease_clock))
+    ),
+    "embedded": StateStoreAdapter(
+        open=lambda ws: EmbeddedStateStore(_embedded_db(ws), lease_clock=ws.lease_clock)
+    ),
     "firestore": StateStoreAdapter(open=_open_firestore_state),
 }
 

@@ -25,10 +25,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -116,6 +117,21 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+#: Columns added after the first release: (table, column, declaration). Added to a database
+#: created before them, once, at open.
+_ADDED_COLUMNS = (
+    # The lease clock's epoch (HostLeaseClock: the boot id) of ``lease_expires_at``.
+    ("connections", "lease_epoch", "TEXT"),
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 def key_fingerprint(key: bytes) -> str:
     return "sha256:" + hashlib.sha256(key).hexdigest()[:12]
 
@@ -174,6 +190,7 @@ class EmbeddedDatabase:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
+        _migrate(self._conn)
         try:
             self._key, self.key_source = self._resolve_key(key, key_file)
             self._aead = AESGCM(self._key)
@@ -304,9 +321,55 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[start : start + _CHUNK]
 
 
+class HostLeaseClock:
+    """The embedded store's lease clock: the host's boot clock (``CLOCK_BOOTTIME``).
+
+    Every process sharing a SQLite file runs on one host (SQLite's locking does not work over
+    network file systems, https://www.sqlite.org/useovernet.html), so one host clock serves
+    them all. Not the wall clock: an NTP or manual step of it would make live leases look
+    expired (another refresher takes over while the holder still presents) or stretch dead
+    ones. The boot clock never steps and counts suspended time; ``epoch`` (the kernel's boot
+    id) tells its readings from those of a previous boot, when every holder died anyway.
+    Off Linux it falls back to ``CLOCK_MONOTONIC`` and an epoch derived from the boot time.
+    """
+
+    def __init__(self) -> None:
+        self._clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+        try:
+            self.epoch = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            booted = time.time() - time.clock_gettime(self._clock)
+            self.epoch = f"boot@{round(booted, -1):.0f}"  # stable to ~10 s across processes
+
+    def now(self) -> datetime:
+        """Seconds since boot, as a UTC datetime (1970 plus the uptime): only ever compared
+        with other readings of the same epoch."""
+        return datetime.fromtimestamp(time.clock_gettime(self._clock), UTC)
+
+
+class LeaseClock(Protocol):
+    """What the embedded store reads lease time from (tests give it a manual one)."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    def now(self) -> datetime: ...
+
+
+#: A lease is free: none held, held under another boot's clock, or expired by this one.
+_LEASE_FREE = "(lease_expires_at IS NULL OR lease_epoch IS NOT ? OR lease_expires_at <= ?)"
+_LEASE_LIVE = "(lease_expires_at > ? AND lease_epoch IS ?)"
+
+
 class EmbeddedStateStore:
-    def __init__(self, db: EmbeddedDatabase) -> None:
+    """``lease_clock``: where lease time comes from (default :class:`HostLeaseClock`)."""
+
+    def __init__(self, db: EmbeddedDatabase, *, lease_clock: LeaseClock | None = None) -> None:
         self._db = db
+        self._clock: LeaseClock = lease_clock or HostLeaseClock()
+
+    def _lease_now(self) -> tuple[datetime, str]:
+        return self._clock.now(), self._clock.epoch
 
     def create(self, connection: Connection, state: RefreshState) -> None:
         try:
@@ -360,13 +423,14 @@ class EmbeddedStateStore:
                 raise NotFound(f"connection {connection_id!r} not found")
 
     def _grant(
-        self, cur: sqlite3.Cursor, ids: Sequence[str], now: datetime, holder: str, ttl: timedelta
+        self, cur: sqlite3.Cursor, ids: Sequence[str], holder: str, ttl: timedelta
     ) -> builtins.list[Claim]:
+        now, epoch = self._lease_now()
         expires = now + ttl
         cur.executemany(
             "UPDATE connections SET lease_holder=?, lease_token=lease_token+1, "
-            "lease_expires_at=? WHERE id=?",
-            [(holder, expires.timestamp(), cid) for cid in ids],
+            "lease_expires_at=?, lease_epoch=? WHERE id=?",
+            [(holder, expires.timestamp(), epoch, cid) for cid in ids],
         )
         claims: builtins.list[Claim] = []
         for chunk in _chunks(ids):
@@ -384,51 +448,74 @@ class EmbeddedStateStore:
         return claims
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
-        at = now.timestamp()
+        due = now.timestamp()
         with self._db.transaction() as cur:
+            lease_now, epoch = self._lease_now()
+            at = lease_now.timestamp()
             ids = [
                 r[0]
                 for r in cur.execute(
-                    "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= ?"
-                    " AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
-                    " ORDER BY next_refresh_at, id LIMIT ?",
-                    (at, at, limit),
+                    "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= ?"  # noqa: S608 - constants
+                    f" AND {_LEASE_FREE} ORDER BY next_refresh_at, id LIMIT ?",
+                    (due, epoch, at, limit),
                 )
             ]
             leased = cur.execute(
-                "SELECT count(*) FROM connections WHERE status = 'active' AND "
-                "next_refresh_at <= ? AND lease_expires_at > ?",
-                (at, at),
+                "SELECT count(*) FROM connections WHERE status = 'active' AND "  # noqa: S608 - constants
+                f"next_refresh_at <= ? AND {_LEASE_LIVE}",
+                (due, at, epoch),
             ).fetchone()[0]
-            return ClaimBatch(self._grant(cur, ids, now, holder, ttl), leased_elsewhere=leased)
+            return ClaimBatch(self._grant(cur, ids, holder, ttl), leased_elsewhere=leased)
 
     def claim(
-        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+        self,
+        connection_ids: Sequence[str],
+        now: datetime,  # noqa: ARG002 - the port's signature: a named claim ignores due-ness
+        *,
+        holder: str,
+        ttl: timedelta,
     ) -> ClaimBatch:
         wanted = list(dict.fromkeys(connection_ids))
-        at = now.timestamp()
         with self._db.transaction() as cur:
-            found: dict[str, tuple[str, float | None]] = {}
+            lease_now, epoch = self._lease_now()
+            at = lease_now.timestamp()
+            found: dict[str, tuple[str, bool]] = {}
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
-                for cid, status, expires in cur.execute(
-                    f"SELECT id, status, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
-                    tuple(chunk),
+                for cid, status, live in cur.execute(
+                    f"SELECT id, status, {_LEASE_LIVE} FROM connections WHERE id IN ({marks})",  # noqa: S608
+                    (at, epoch, *chunk),
                 ):
-                    found[cid] = (status, expires)
+                    found[cid] = (status, bool(live))
             inactive = {
                 cid: ConnectionStatus(status)
                 for cid, (status, _) in found.items()
                 if status != ConnectionStatus.ACTIVE.value
             }
             present = [cid for cid in wanted if cid in found and cid not in inactive]
-            free = [cid for cid in present if (found[cid][1] or 0) <= at]
+            free = [cid for cid in present if not found[cid][1]]
             return ClaimBatch(
-                self._grant(cur, free, now, holder, ttl),
+                self._grant(cur, free, holder, ttl),
                 leased_elsewhere=len(present) - len(free),
                 missing=[cid for cid in wanted if cid not in found],
                 inactive={cid: inactive[cid] for cid in wanted if cid in inactive},
             )
+
+    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+        results: builtins.list[Lease | None] = []
+        if not leases:
+            return results
+        with self._db.transaction() as cur:
+            now, epoch = self._lease_now()
+            expires = now + ttl
+            for lease in leases:
+                cur.execute(
+                    "UPDATE connections SET lease_expires_at=?, lease_epoch=? "
+                    "WHERE id = ? AND lease_token = ? AND lease_holder IS NOT NULL",
+                    (expires.timestamp(), epoch, lease.connection_id, lease.token),
+                )
+                results.append(replace(lease, expires_at=expires) if cur.rowcount == 1 else None)
+        return results
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         results = []

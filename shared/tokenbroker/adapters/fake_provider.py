@@ -135,4 +135,4 @@ class FakeTokenServer:
 
 
 def unreachable() -> TransportError:
-    return TransportError("token endpoint unreachable: ClientConnectorError")
+    return TransportError("token endpoint unreachable: ClientConnectorError", request_sent=False)

@@ -122,9 +122,17 @@ class AiohttpTokenEndpoint(_AiohttpClient):
                         "token endpoint response exceeds 1 MiB", status=response.status
                     )
                 return _answer(response, content)
-        except TimeoutError:
-            raise TransportError(f"token endpoint timed out after {self.timeout}s") from None
-        except aiohttp.ClientError as exc:
+        except TimeoutError as exc:
+            # A timeout while connecting sent nothing; any later one may have delivered it.
+            sent = not isinstance(exc, aiohttp.ConnectionTimeoutError)
+            raise TransportError(
+                f"token endpoint timed out after {self.timeout}s", request_sent=sent
+            ) from None
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: not sent
+            raise TransportError(
+                f"token endpoint unreachable: {type(exc).__name__}", request_sent=False
+            ) from None
+        except aiohttp.ClientError as exc:  # reset, disconnected mid-answer: maybe delivered
             raise TransportError(f"token endpoint unreachable: {type(exc).__name__}") from None
 
 

@@ -18,6 +18,7 @@ from tokenbroker.adapters.secret_store import (
     ReadResult,
     TransactionalSecretStore,
 )
+from tokenbroker.kernel.clock import SystemClock, WallClock
 from tokenbroker.kernel.errors import AlreadyExists, NotFound
 from tokenbroker.kernel.model import (
     Claim,
@@ -96,7 +97,11 @@ class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
 
 
 class MemoryStateStore:
-    def __init__(self) -> None:
+    """``clock`` is the store's lease clock (the port's rule: leases run on the store's time,
+    never a refresher's); tests share a fake clock with the refresher or give it its own."""
+
+    def __init__(self, clock: WallClock | None = None) -> None:
+        self._clock: WallClock = clock or SystemClock()
         self._lock = threading.Lock()
         self._records: dict[str, ConnectionRecord] = {}
         self._leases: dict[str, Lease] = {}
@@ -152,6 +157,7 @@ class MemoryStateStore:
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
         with self._lock:
+            at = self._clock.now()
             due = sorted(
                 (
                     r
@@ -162,14 +168,20 @@ class MemoryStateStore:
                 ),
                 key=lambda r: (r.state.next_refresh_at, r.connection.id),
             )
-            free = [r for r in due if self._lease_free(r.connection.id, now)]
-            claims = [self._grant(r.connection.id, now, holder, ttl) for r in free[:limit]]
+            free = [r for r in due if self._lease_free(r.connection.id, at)]
+            claims = [self._grant(r.connection.id, at, holder, ttl) for r in free[:limit]]
             return ClaimBatch(claims, leased_elsewhere=len(due) - len(free))
 
     def claim(
-        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+        self,
+        connection_ids: Sequence[str],
+        now: datetime,  # noqa: ARG002 - the port's signature: a named claim ignores due-ness
+        *,
+        holder: str,
+        ttl: timedelta,
     ) -> ClaimBatch:
         with self._lock:
+            at = self._clock.now()
             wanted = list(dict.fromkeys(connection_ids))
             missing = [cid for cid in wanted if cid not in self._records]
             inactive = {
@@ -179,14 +191,28 @@ class MemoryStateStore:
                 and self._records[cid].state.status is not ConnectionStatus.ACTIVE
             }
             present = [cid for cid in wanted if cid in self._records and cid not in inactive]
-            free = [cid for cid in present if self._lease_free(cid, now)]
-            claims = [self._grant(cid, now, holder, ttl) for cid in free]
+            free = [cid for cid in present if self._lease_free(cid, at)]
+            claims = [self._grant(cid, at, holder, ttl) for cid in free]
             return ClaimBatch(
                 claims,
                 leased_elsewhere=len(present) - len(free),
                 missing=missing,
                 inactive=inactive,
             )
+
+    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+        results: builtins.list[Lease | None] = []
+        with self._lock:
+            at = self._clock.now()
+            for lease in leases:
+                held = self._leases.get(lease.connection_id)
+                if held is None or held.token != lease.token:
+                    results.append(None)
+                    continue
+                renewed = replace(held, expires_at=at + ttl)
+                self._leases[lease.connection_id] = renewed
+                results.append(renewed)
+        return results
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         results = []

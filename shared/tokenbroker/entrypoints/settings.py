@@ -141,7 +141,8 @@ class Settings:
     tick_limit: int = 10_000
     concurrency: int = 256
     http_timeout: float = 10.0
-    lease_ttl_seconds: float = 300.0
+    #: Short, renewed by heartbeat while in use, so a crashed holder's leases free quickly.
+    lease_ttl_seconds: float = 30.0
     overlap_fraction: float = 0.5
     min_lead_seconds: float = 600.0
     jitter_fraction: float = 0.1
@@ -241,7 +242,11 @@ class Settings:
             (self.tick_limit >= 1, ENV_TICK_LIMIT, "must be at least 1"),
             (self.concurrency >= 1, ENV_CONCURRENCY, "must be at least 1"),
             (self.http_timeout > 0, ENV_HTTP_TIMEOUT, "must be positive"),
-            (self.lease_ttl_seconds >= 60, ENV_LEASE_TTL, "must be at least 60"),
+            (
+                20 <= self.lease_ttl_seconds <= 3600,
+                ENV_LEASE_TTL,
+                "must be between 20 and 3600 (longer than the 15 s kept before presenting)",
+            ),
             (0 < self.overlap_fraction < 1, ENV_OVERLAP_FRACTION, "must be between 0 and 1"),
             (self.min_lead_seconds >= 0, ENV_MIN_LEAD, "must not be negative"),
             (0 <= self.jitter_fraction < 1, ENV_JITTER_FRACTION, "must be in [0, 1)"),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from tokenbroker.kernel.secret import Secret
+
 
 class TokenBrokerError(Exception):
     """Root of every error raised by tokenbroker."""
@@ -242,20 +244,54 @@ class ProviderServerError(ProviderError):
 
 
 class TransportError(ProviderError):
-    """No answer: timeout, refused or reset connection, DNS failure."""
+    """No answer: timeout, refused or reset connection, DNS failure.
+
+    ``request_sent`` says whether the request may have reached the server: ``False`` only
+    when it certainly did not (the connection was never established). A request that may
+    have arrived may also have been answered -- and for a provider that rotates refresh
+    tokens, have consumed the token sent -- so its outcome is unknown, never a plain retry.
+    """
 
     code = "transport_error"
     default_retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        request_sent: bool = True,
+    ) -> None:
+        super().__init__(message, status=status, retryable=retryable, retry_after=retry_after)
+        self.request_sent = request_sent
 
 
 class MalformedResponse(ProviderError):
     """A 200 that is not a usable token response (not JSON, no ``access_token``...).
 
-    Retryable: it is most often a proxy or maintenance page. It is never stored.
+    Retryable: it is most often a proxy or maintenance page. It is never stored as a token
+    response -- but when it carries a ``refresh_token`` (a provider that rotated and then
+    answered something we reject), that token is the only one left alive and the refresher
+    keeps it (``refresh_token``).
     """
 
     code = "malformed_response"
     default_retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        refresh_token: Secret | None = None,
+    ) -> None:
+        super().__init__(message, status=status, retryable=retryable, retry_after=retry_after)
+        #: A refresh token that came in the rejected answer, to be salvaged.
+        self.refresh_token = refresh_token
 
 
 OAUTH_ERRORS: dict[str, type[ProviderError]] = {

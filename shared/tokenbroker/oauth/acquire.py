@@ -37,11 +37,24 @@ async def acquire(
     current: Credential,
     now: datetime,
 ) -> Credential:
-    """Run the connection's grant and return the credential to store as the next version.
+    """Run the connection's grant and return the credential to store as the next version
+    (:func:`request_token` then :func:`next_credential`)."""
+    response = await request_token(endpoint, connection, profile, current, now)
+    return next_credential(connection, profile, current, response, now)
 
-    The static material (client secret, key file) is carried forward. When a refresh response
-    omits ``refresh_token`` the old one is kept (RFC 6749 §6: the server MAY issue a new one);
-    when it includes one, the old one is dropped and never used again.
+
+async def request_token(
+    endpoint: TokenEndpoint,
+    connection: Connection,
+    profile: ProviderProfile,
+    current: Credential,
+    now: datetime,
+) -> TokenResponse:
+    """Run the connection's grant: the provider's answer, or the classified error.
+
+    Apart from :func:`next_credential` so that a caller holding the answer still has it --
+    and the refresh token in it, which a rotating provider has already swapped for the one
+    sent -- when building the credential fails.
     """
     token_url = profile.token_url_for(connection)
     params = profile.resolve_params(connection.params)
@@ -88,6 +101,22 @@ async def acquire(
         raise ConfigError(
             f"connection {connection.id!r}: {connection.grant.value} is not refreshed"
         )
+    return response
+
+
+def next_credential(
+    connection: Connection,
+    profile: ProviderProfile,
+    current: Credential,
+    response: TokenResponse,
+    now: datetime,
+) -> Credential:
+    """The credential to store as the next version, from the provider's answer.
+
+    The static material (client secret, key file) is carried forward. When a refresh response
+    omits ``refresh_token`` the old one is kept (RFC 6749 §6: the server MAY issue a new one);
+    when it includes one, the old one is dropped and never used again.
+    """
     lifetime = response.expires_in or profile.default_lifetime_seconds
     return current.with_token(
         access_token=response.access_token,

@@ -3,21 +3,31 @@
 Guarantees, in order of importance:
 
 1. **No connection is lost.** A refresh token is only sent while we hold the connection's
-   lease (checked just before sending), so two refreshers never present the same rotating
-   refresh token. A failed refresh never writes a credential. A successful one is written as
-   a new version by compare-and-set on the version it started from.
-2. **A refresh counts as done only once committed**: the secret version, then the state (with
-   the fencing token), then the events. Results are committed in batches as they arrive, so
-   a crash loses at most one batch in flight, never the whole tick.
-3. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
+   lease with at least ``lease_guard`` of it left, checked by a fenced renewal before every
+   attempt -- retries included -- and kept alive by a heartbeat while the request is in
+   flight (:mod:`.leases`); lease time is the state store's clock, never ours. So two
+   refreshers never present the same rotating refresh token. A failed refresh never writes a
+   credential, except to keep a refresh token the provider sent in an answer we reject (it is
+   the only one left alive). A successful one is written as a new version by compare-and-set
+   on the version it started from.
+2. **An ambiguous answer is never retried with the same token.** For a provider that rotates
+   refresh tokens, a request that may have been answered (a timeout or reset after it was
+   sent, a 200 we reject) may have consumed the token: presenting it again would look like
+   theft and revoke the grant. Such an attempt ends the tick for that connection.
+3. **A refresh counts as done only once committed**: the secret version, then the state (with
+   the fencing token), then the events. Results are committed in batches as they arrive; at
+   most ``max_at_risk`` presented refreshes are ever waiting for their commit, and while a
+   store call is retrying no new refresh token is sent, so a slow or failing store pauses
+   presenting instead of piling up answers it cannot keep.
+4. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
    (:mod:`~.kernel.retry`), then a backoff until the next tick; permanent ones get none and
    move the connection to ``needs_reauth`` with exactly one event.
-4. **One connection's trouble is its own.** Any exception while refreshing one connection --
+5. **One connection's trouble is its own.** Any exception while refreshing one connection --
    a bug, a provider value no rule foresaw, a stored record that does not decrypt -- becomes
    that connection's failure (an unexpected exception is an ``internal_error``: logged with
    its traceback, retried with backoff, never ``needs_reauth``), with its lease given back and
    one event; the tick carries on and commits everything else.
-5. **Status is law.** Only active connections are leased, by any path; a disabled or
+6. **Status is law.** Only active connections are leased, by any path; a disabled or
    needs_reauth connection named explicitly is reported as ``inactive`` and left alone. An
    operator's write during a refresh retires the refresh's lease, so its commit cannot undo it.
 
@@ -29,6 +39,7 @@ announce it are pure rules in :mod:`.transitions`, called once per committed out
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import random
 import socket
@@ -44,7 +55,9 @@ from tokenbroker.kernel.errors import (
     ConfigError,
     CorruptCredential,
     InternalError,
+    MalformedResponse,
     TokenBrokerError,
+    TransportError,
     VersionConflict,
 )
 from tokenbroker.kernel.failpoints import failpoint
@@ -55,24 +68,30 @@ from tokenbroker.kernel.model import (
     ConnectionEvent,
     Credential,
     EventType,
+    GrantType,
     Lease,
     StoredCredential,
 )
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.schedule import RefreshPolicy
-from tokenbroker.oauth.acquire import acquire
+from tokenbroker.oauth.acquire import next_credential, request_token
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore, TokenEndpoint
+from tokenbroker.refresh.leases import LeaseKeeper
 from tokenbroker.refresh.transitions import Outcome, Succeeded, Transition, failed, transition
 
 T = TypeVar("T")
 
+#: Leases are short so that a crashed holder's connections come free within seconds; a live
+#: holder keeps the ones it uses alive by heartbeat (every ``ttl / 3``).
+DEFAULT_LEASE_TTL = timedelta(seconds=30)
+#: Never present a refresh token with less lease than this left: the request (bounded by the
+#: HTTP timeout, 10 s by default) must end before anyone else could take the lease over, even
+#: if every heartbeat after it failed.
+DEFAULT_LEASE_GUARD = timedelta(seconds=15)
+
 #: The jitter source of the dry run that checks a credential can be scheduled.
 _PROBE = random.Random(0)  # noqa: S311 - jitter, not cryptography
-
-# Do not start a refresh with less lease time left than this: the request plus retries plus
-# commit must fit, or another refresher could take over and present the same refresh token.
-LEASE_SAFETY_MARGIN = timedelta(seconds=30)
 
 
 def default_holder() -> str:
@@ -90,9 +109,16 @@ class TickSummary:
     skipped_leased: int = 0
     #: Claimed, but the lease had too little time left to send a refresh token safely.
     deferred: int = 0
+    #: Leases taken over (or retired by an operator's write) before the outcome was committed.
     lease_lost: int = 0
+    #: Renewals the state store could not answer: presenting stopped (an outage, alertable).
+    lease_unavailable: int = 0
     #: Results (refreshed or failed) that could not be committed: the tick then raised.
     uncommitted: int = 0
+    #: Attempts whose outcome is unknown (the answer may have consumed a rotating token).
+    unknown_outcome: int = 0
+    #: Refresh tokens kept from answers that were otherwise rejected.
+    salvaged: int = 0
     events_parked: int = 0
     events_relayed: int = 0
     events_lost: int = 0
@@ -109,7 +135,12 @@ class TickSummary:
     @property
     def ok(self) -> bool:
         return not (
-            self.failed or self.missing or self.lease_lost or self.uncommitted or self.events_lost
+            self.failed
+            or self.missing
+            or self.lease_lost
+            or self.lease_unavailable
+            or self.uncommitted
+            or self.events_lost
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -125,7 +156,10 @@ class TickSummary:
             "skipped_leased": self.skipped_leased,
             "deferred": self.deferred,
             "lease_lost": self.lease_lost,
+            "lease_unavailable": self.lease_unavailable,
             "uncommitted": self.uncommitted,
+            "unknown_outcome": self.unknown_outcome,
+            "salvaged": self.salvaged,
             "events_parked": self.events_parked,
             "events_relayed": self.events_relayed,
             "events_lost": self.events_lost,
@@ -138,6 +172,19 @@ class TickSummary:
         }
 
 
+class _Skip(enum.Enum):
+    """Why an attempt has no outcome to commit."""
+
+    #: Nothing was sent (too little lease left, an unrefreshed grant, presenting halted): the
+    #: lease is given back.
+    DEFERRED = "deferred"
+    #: The lease was taken over or retired: it is not ours to give back.
+    LOST = "lost"
+    #: The state store could not renew the lease: nothing was sent, and the lease will expire
+    #: by itself (giving it back would need the store that is down).
+    UNAVAILABLE = "unavailable"
+
+
 @dataclass(frozen=True)
 class _Attempt:
     """What a worker did with one claim, waiting to be committed."""
@@ -145,9 +192,14 @@ class _Attempt:
     claim: Claim
     #: The credential the attempt started from (``None``: none is stored, or it is corrupt).
     stored: StoredCredential | None
-    #: The refreshed credential, the final error, or ``None``: deferred, nothing was sent.
-    result: Credential | TokenBrokerError | None
+    #: The refreshed credential, the final error, or why there is nothing to commit.
+    result: Credential | TokenBrokerError | _Skip
     attempted_at: datetime
+    #: A credential to store although the attempt failed: the stored one with the refresh
+    #: token a rejected answer carried (the provider already swapped the old one for it).
+    salvage: Credential | None = None
+    #: Whether this attempt holds one of the ``max_at_risk`` permits (released once committed).
+    permit: bool = False
 
     @property
     def version(self) -> int | None:
@@ -155,6 +207,17 @@ class _Attempt:
         if self.stored is not None:
             return self.stored.version
         return self.claim.record.state.current_version
+
+
+@dataclass
+class _Run:
+    """What one tick's workers and committer share."""
+
+    endpoint: TokenEndpoint
+    leases: LeaseKeeper
+    #: Permits to present: at most ``max_at_risk`` refreshes wait for their commit.
+    at_risk: asyncio.Semaphore
+    summary: TickSummary
 
 
 class Refresher:
@@ -170,11 +233,18 @@ class Refresher:
         retry: RetryPolicy | None = None,
         store_retry: RetryPolicy | None = None,
         holder: str | None = None,
-        lease_ttl: timedelta = timedelta(minutes=5),
+        lease_ttl: timedelta = DEFAULT_LEASE_TTL,
+        lease_guard: timedelta = DEFAULT_LEASE_GUARD,
         concurrency: int = 256,
+        max_at_risk: int | None = None,
         commit_batch: int = 500,
         rng: random.Random | None = None,
     ) -> None:
+        if lease_guard >= lease_ttl:
+            raise ConfigError(
+                f"the lease ({lease_ttl.total_seconds():g} s) must be longer than the guard"
+                f" kept before presenting a refresh token ({lease_guard.total_seconds():g} s)"
+            )
         self.secrets = secrets
         self.state = state
         self.events = events
@@ -186,10 +256,14 @@ class Refresher:
         self.store_retry = store_retry or RetryPolicy(attempts=5, base_delay=0.2, max_delay=4.0)
         self.holder = holder or default_holder()
         self.lease_ttl = lease_ttl
+        self.lease_guard = lease_guard
         self.concurrency = concurrency
+        #: At most this many presented refreshes wait for their commit at any time.
+        self.max_at_risk = max_at_risk or concurrency
         self.commit_batch = commit_batch
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._committing: asyncio.Event | None = None
+        self._halt: list[TokenBrokerError] = []
         self.log = get_logger(component="refresher")
 
     async def tick(
@@ -200,15 +274,17 @@ class Refresher:
         limit: int = 10_000,
         progress: Callable[[int, int], None] | None = None,
     ) -> TickSummary:
-        """Refresh what is due (or exactly ``connection_ids``, due or not).
+        """Refresh what is due (or exactly ``connection_ids``, due or not, if active).
 
         Raises :class:`StoreUnavailable` (after committing what it could) when results cannot
-        be committed; no refresh token is sent after that point.
+        be committed or leases cannot be renewed; no refresh token is sent after that point.
         """
         started = self.clock.monotonic()
         now = self.clock.now()
         summary = TickSummary()
+        self._halt = []
         await self._relay_parked_events(summary)
+        asked = self.clock.monotonic()
         if connection_ids is None:
             batch = await self._store(
                 "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
@@ -230,29 +306,38 @@ class Refresher:
             self.log.warning(
                 "not refreshed: the connection is not active", connection_id=cid, status=status
             )
-        halted: TokenBrokerError | None = None
         if batch.claims:
             stored = await self._store(
                 "read credentials", self.secrets.get_many,
                 [c.lease.connection_id for c in batch.claims],
             )  # fmt: skip
-            halted = await self._run(endpoint, batch.claims, stored, summary, progress)
+            leases = LeaseKeeper(
+                batch.claims,
+                renew=self._renew,
+                ttl=self.lease_ttl,
+                clock=self.clock,
+                asked_at=asked,
+                log=self.log,
+            )
+            run = _Run(endpoint, leases, asyncio.Semaphore(self.max_at_risk), summary)
+            async with leases.beating(self.lease_ttl.total_seconds() / 3):
+                await self._run(run, batch.claims, stored, progress)
         summary.seconds = self.clock.monotonic() - started
-        if halted is not None:
+        if self._halt:
             self.log.error(
-                "refresh tick halted: results could not be committed",
+                "refresh tick halted: results could not be committed or leases renewed",
                 holder=self.holder,
-                error_code=halted.code,
+                error_code=self._halt[0].code,
                 **summary.to_json(),
             )
-            raise halted
+            raise self._halt[0]
         self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
         return summary
 
     async def _store(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A store call in a worker thread, retried with backoff while it is retryable.
 
-        While a commit step is retrying, ``self._committing`` is cleared so workers pause:
+        While a store call is retrying, ``self._committing`` is cleared so workers pause:
         refresh tokens sent now would produce results that may not be storable.
         """
 
@@ -263,48 +348,49 @@ class Refresher:
                 "store call retrying", operation=what, attempt=attempt, error_code=error.code
             )
 
-        result, _ = await call_with_retries(
-            lambda: asyncio.to_thread(fn, *args, **kwargs),
-            self.store_retry,
-            self.clock,
-            self.rng,
-            on_retry,
-        )
+        try:
+            result, _ = await call_with_retries(
+                lambda: asyncio.to_thread(fn, *args, **kwargs),
+                self.store_retry,
+                self.clock,
+                self.rng,
+                on_retry,
+            )
+        finally:
+            if self._committing is not None and not self._halt:
+                self._committing.set()
         return result
+
+    async def _renew(self, leases: list[Lease]) -> list[Lease | None]:
+        return await self._store("renew leases", self.state.renew, leases, ttl=self.lease_ttl)
+
+    def _halting(self, error: TokenBrokerError) -> None:
+        """Stop presenting refresh tokens for the rest of the tick."""
+        if not self._halt:
+            self._halt.append(error)
+        if self._committing is not None:
+            self._committing.set()  # release paused workers: they see the halt and stop
 
     async def _run(
         self,
-        endpoint: TokenEndpoint,
+        run: _Run,
         claims: list[Claim],
         stored: Mapping[str, StoredCredential | CorruptCredential],
-        summary: TickSummary,
         progress: Callable[[int, int], None] | None,
-    ) -> TokenBrokerError | None:
-        """Refresh concurrently while committing results as they arrive. If committing fails
-        for good, stop sending refresh tokens at once and return the error."""
-        # Bounded: when commits stall, workers block instead of piling up unstored results.
-        queue: asyncio.Queue[_Attempt | None] = asyncio.Queue(
-            maxsize=max(self.commit_batch, self.concurrency)
-        )
+    ) -> None:
+        """Refresh concurrently while committing results as they arrive. If committing (or
+        renewing) fails for good, stop sending refresh tokens at once."""
+        queue: asyncio.Queue[_Attempt | None] = asyncio.Queue()
         pending = iter(claims)
-        halt: list[TokenBrokerError] = []
         committing = self._committing = asyncio.Event()
         committing.set()
 
         async def worker() -> None:
             for claim in pending:
-                await committing.wait()  # paused while a commit is retrying
-                if halt:
-                    return  # nothing could be stored: sending refresh tokens would lose them
-                cid = claim.lease.connection_id
-                attempt = await self._refresh_one(endpoint, claim, stored.get(cid), summary)
+                attempt = await self._refresh_one(run, claim, stored.get(claim.lease.connection_id))
                 await queue.put(attempt)
 
-        committer = asyncio.create_task(
-            self._commit_loop(
-                queue, summary, progress, len(claims), halt=halt, committing=committing
-            )
-        )
+        committer = asyncio.create_task(self._commit_loop(run, queue, progress, len(claims)))
         try:
             workers = [
                 asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(claims)))
@@ -313,20 +399,20 @@ class Refresher:
         finally:
             await queue.put(None)
             await committer
-        return halt[0] if halt else None
+            self._committing = None
 
     async def _refresh_one(
-        self,
-        endpoint: TokenEndpoint,
-        claim: Claim,
-        stored: StoredCredential | CorruptCredential | None,
-        summary: TickSummary,
+        self, run: _Run, claim: Claim, stored: StoredCredential | CorruptCredential | None
     ) -> _Attempt:
         """One connection's refresh, whatever happens a value: an unexpected exception is
         that connection's :class:`InternalError`, never the tick's."""
         now = self.clock.now()
         try:
-            return await self._attempt(endpoint, claim, stored, summary, now)
+            refusal = self._refusal(claim, stored, now)
+            if refusal is not None:
+                return refusal
+            assert isinstance(stored, StoredCredential)  # noqa: S101 - _refusal checked it
+            return await self._attempts(run, claim, stored)
         except Exception as exc:  # contained to this connection, alerted with its traceback
             self.log.exception(
                 "refresh failed (internal error): a bug or an unforeseen value",
@@ -339,45 +425,6 @@ class Refresher:
             )
             return _Attempt(claim, readable, internal, now)
 
-    async def _attempt(
-        self,
-        endpoint: TokenEndpoint,
-        claim: Claim,
-        stored: StoredCredential | CorruptCredential | None,
-        summary: TickSummary,
-        now: datetime,
-    ) -> _Attempt:
-        connection = claim.record.connection
-        refusal = self._refusal(claim, stored, now)
-        if refusal is not None:
-            return refusal
-        assert isinstance(stored, StoredCredential)  # noqa: S101 - _refusal checked it
-        profile = self.profiles[connection.profile]
-
-        def on_retry(attempt: int, error: TokenBrokerError, wait: float) -> None:
-            summary.retries += 1
-            self.log.info(
-                "refresh retrying",
-                connection_id=connection.id,
-                attempt=attempt,
-                error_code=error.code,
-                wait_seconds=round(wait, 3),
-            )
-
-        try:
-            credential, _ = await call_with_retries(
-                lambda: acquire(endpoint, connection, profile, stored.credential, self.clock.now()),
-                self.retry,
-                self.clock,
-                self.rng,
-                on_retry,
-            )
-        except TokenBrokerError as error:
-            return _Attempt(claim, stored, error, now)
-        failpoint("answer.received")
-        self._check_storable(credential)
-        return _Attempt(claim, stored, credential, now)
-
     def _refusal(
         self, claim: Claim, stored: StoredCredential | CorruptCredential | None, now: datetime
     ) -> _Attempt | None:
@@ -386,10 +433,7 @@ class Refresher:
         if isinstance(stored, CorruptCredential):
             return _Attempt(claim, None, stored, now)  # nothing is sent from a bad record
         if connection.grant in UNREFRESHED_GRANTS:
-            return _Attempt(claim, stored, None, now)  # nothing expires: leave it
-        if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
-            # Too late to send a refresh token safely; leave it for the next tick.
-            return _Attempt(claim, stored, None, now)
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)  # nothing expires: leave it
         if stored is None:
             missing = ConfigError(f"connection {connection.id!r} has no stored credential")
             return _Attempt(claim, None, missing, now)
@@ -398,25 +442,134 @@ class Refresher:
             return _Attempt(claim, stored, unknown, now)
         return None
 
+    async def _attempts(self, run: _Run, claim: Claim, stored: StoredCredential) -> _Attempt:
+        """Present the refresh token until an outcome: each attempt renews the lease first
+        and needs the guard left; an ambiguous answer for a rotating token ends it."""
+        connection = claim.record.connection
+        cid = connection.id
+        profile = self.profiles[connection.profile]
+        rotating = profile.rotates_refresh_tokens and connection.grant is GrantType.REFRESH_TOKEN
+        leases, at_risk, summary = run.leases, run.at_risk, run.summary
+        number = 1
+        while True:
+            await at_risk.acquire()
+            ready = await self._ready(claim, stored, leases, summary)
+            if ready is not None:
+                at_risk.release()
+                return ready
+            attempted_at = self.clock.now()
+            leases.in_flight.add(cid)
+            try:
+                response = await request_token(
+                    run.endpoint, connection, profile, stored.credential, attempted_at
+                )
+            except TokenBrokerError as error:
+                salvage = self._salvage(stored, error)
+                if rotating and _ambiguous(error):
+                    summary.unknown_outcome += 1
+                    self.log.warning(
+                        "refresh outcome unknown: not retried with the same refresh token",
+                        connection_id=cid,
+                        error_code=error.code,
+                    )
+                    return _Attempt(claim, stored, error, attempted_at, salvage, permit=True)
+                wait = self.retry.delay(number, error, self.rng)
+                if wait is None or salvage is not None:
+                    error.attempts = number
+                    return _Attempt(claim, stored, error, attempted_at, salvage, permit=True)
+                leases.in_flight.discard(cid)
+                at_risk.release()
+                summary.retries += 1
+                self.log.info(
+                    "refresh retrying",
+                    connection_id=cid,
+                    attempt=number,
+                    error_code=error.code,
+                    wait_seconds=round(wait, 3),
+                )
+                await self.clock.sleep(wait)
+                number += 1
+                continue
+            failpoint("answer.received")
+            try:
+                credential = next_credential(
+                    connection, profile, stored.credential, response, attempted_at
+                )
+                self._check_storable(credential)
+            except Exception as exc:  # the provider's answer is in hand: keep its token
+                self.log.exception(
+                    "refresh failed (internal error) after the provider answered",
+                    connection_id=cid,
+                    error_type=type(exc).__name__,
+                )
+                internal = InternalError(f"connection {cid!r}: unexpected {type(exc).__name__}")
+                salvage = None
+                if response.refresh_token is not None:
+                    salvage = stored.credential.with_token(refresh_token=response.refresh_token)
+                return _Attempt(claim, stored, internal, attempted_at, salvage, permit=True)
+            return _Attempt(claim, stored, credential, attempted_at, permit=True)
+
+    async def _ready(
+        self, claim: Claim, stored: StoredCredential, leases: LeaseKeeper, summary: TickSummary
+    ) -> _Attempt | None:
+        """Whether a refresh token may be presented now: ``None`` if so, else the attempt
+        that ends here. Waits while a store call is retrying."""
+        cid = claim.lease.connection_id
+        now = self.clock.now()
+        if self._committing is not None:
+            await self._committing.wait()  # paused while a store call is retrying
+        if self._halt:
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        try:
+            lease = await leases.renew(cid)
+        except TokenBrokerError as error:
+            summary.lease_unavailable += 1
+            self.log.error(
+                "lease store unavailable: presenting stopped",
+                connection_id=cid,
+                error_code=error.code,
+            )
+            self._halting(error)
+            return _Attempt(claim, stored, _Skip.UNAVAILABLE, now)
+        if lease is None:
+            self.log.warning("lease lost before presenting: not refreshed", connection_id=cid)
+            return _Attempt(claim, stored, _Skip.LOST, now)
+        if leases.left(cid) < self.lease_guard.total_seconds():
+            self.log.warning(
+                "too little lease left to present a refresh token: deferred",
+                connection_id=cid,
+                seconds_left=round(leases.left(cid), 3),
+            )
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        if self._halt:
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        return None
+
+    @staticmethod
+    def _salvage(stored: StoredCredential, error: TokenBrokerError) -> Credential | None:
+        """The credential to keep from a rejected answer that carried a new refresh token."""
+        token = error.refresh_token if isinstance(error, MalformedResponse) else None
+        if token is None or token == stored.credential.refresh_token:
+            return None
+        return stored.credential.with_token(refresh_token=token)
+
     def _check_storable(self, credential: Credential) -> None:
         """Run now what committing the credential will run (serialising it, scheduling its
         next refresh), so that a value that breaks either fails here, as this connection's
         error, before anything is written."""
-        assert credential.obtained_at is not None  # noqa: S101 - acquire() stamps both
+        assert credential.obtained_at is not None  # noqa: S101 - next_credential stamps both
         assert credential.expires_at is not None  # noqa: S101
         self.policy.next_refresh_at(credential.obtained_at, credential.expires_at, _PROBE)
         credential.to_plaintext()
 
     async def _commit_loop(
         self,
+        run: _Run,
         queue: asyncio.Queue[_Attempt | None],
-        summary: TickSummary,
         progress: Callable[[int, int], None] | None,
         total: int,
-        *,
-        halt: list[TokenBrokerError],
-        committing: asyncio.Event,
     ) -> None:
+        summary = run.summary
         done = False
         committed = 0
         while not done:
@@ -435,32 +588,40 @@ class Refresher:
             if not batch:
                 continue
             try:
-                await self._commit(batch, summary)
+                await self._commit(batch, run.leases, summary)
             except TokenBrokerError as error:
-                committing.set()  # release the workers: they see the halt and stop
                 # Keep trying later batches (in-flight refreshes hold rotated tokens that are
                 # nowhere else), but start no new refresh.
-                halt.append(error)
+                self._halting(error)
                 summary.uncommitted += len(batch)
                 self.log.error(
                     "refresh results not committed",
                     error_code=error.code,
                     connections=[o.claim.lease.connection_id for o in batch],
                 )
-                continue
-            committing.set()
-            committed += len(batch)
-            if progress is not None:
-                progress(committed, total)
+            else:
+                committed += len(batch)
+                if progress is not None:
+                    progress(committed, total)
+            finally:
+                for attempt in batch:
+                    run.leases.in_flight.discard(attempt.claim.lease.connection_id)
+                    if attempt.permit:
+                        run.at_risk.release()
 
-    async def _commit(self, batch: list[_Attempt], summary: TickSummary) -> None:
+    async def _commit(
+        self, batch: list[_Attempt], leases: LeaseKeeper, summary: TickSummary
+    ) -> None:
         """Secret versions first, then states (fenced), then events. Each step is retried
         while retryable; a step that fails for good raises."""
         now = self.clock.now()
-        releases = [a.claim.lease for a in batch if a.result is None]
+        releases = [
+            leases.lease(a.claim.lease.connection_id) for a in batch if a.result is _Skip.DEFERRED
+        ]
         summary.deferred += len(releases)
-        written, discarded = await self._write_credentials(batch, summary)
-        changes = self._transitions(batch, written, now)
+        summary.lease_lost += sum(1 for a in batch if a.result is _Skip.LOST)
+        written, salvaged, discarded = await self._write_credentials(batch, summary)
+        changes = self._transitions(batch, written, salvaged, leases, now)
         for lease in releases + discarded:
             await self._store("release lease", self.state.release, lease)
 
@@ -485,44 +646,64 @@ class Refresher:
 
     async def _write_credentials(
         self, batch: list[_Attempt], summary: TickSummary
-    ) -> tuple[list[tuple[Claim, Succeeded]], list[Lease]]:
-        """Write each refreshed credential by compare-and-set on the version it started from.
-        Returns the successes as committed, and the leases of those a newer version beat."""
-        refreshed = [
-            (a.claim, a.result, a.stored, a.attempted_at)
-            for a in batch
-            if isinstance(a.result, Credential) and a.stored is not None
-        ]
-        if not refreshed:
-            return [], []
-        writes = [
-            SecretWrite(claim.lease.connection_id, credential, stored.version)
-            for claim, credential, stored, _ in refreshed
-        ]
-        results = await self._store("write credentials", self.secrets.put_many, writes)
+    ) -> tuple[list[tuple[_Attempt, Succeeded]], dict[int, int], list[Lease]]:
+        """Write each refreshed (or salvaged) credential by compare-and-set on the version it
+        started from. Returns the successes as committed, the salvaged versions (by the
+        attempt's position in ``batch``), and the leases of refreshes a newer version beat."""
+        writes: list[tuple[int, _Attempt, Credential]] = []
+        for index, attempt in enumerate(batch):
+            if attempt.stored is None:
+                continue
+            if isinstance(attempt.result, Credential):
+                writes.append((index, attempt, attempt.result))
+            elif attempt.salvage is not None:
+                writes.append((index, attempt, attempt.salvage))
+        if not writes:
+            return [], {}, []
+        results = await self._store(
+            "write credentials",
+            self.secrets.put_many,
+            [
+                SecretWrite(a.claim.lease.connection_id, credential, a.stored.version)  # type: ignore[union-attr]
+                for _, a, credential in writes
+            ],
+        )
         failpoint("secret.written")
-        written: list[tuple[Claim, Succeeded]] = []
+        written: list[tuple[_Attempt, Succeeded]] = []
+        salvaged: dict[int, int] = {}
         discarded: list[Lease] = []
-        for (claim, credential, _, attempted_at), result in zip(refreshed, results, strict=True):
+        for (index, attempt, credential), result in zip(writes, results, strict=True):
+            cid = attempt.claim.lease.connection_id
             if isinstance(result, VersionConflict):
                 # Someone re-authorised the connection meanwhile: their version wins.
-                summary.lease_lost += 1
-                self.log.warning(
-                    "refresh discarded: newer version exists",
-                    connection_id=claim.lease.connection_id,
-                )
-                discarded.append(claim.lease)
+                self.log.warning("refresh discarded: newer version exists", connection_id=cid)
+                if isinstance(attempt.result, Credential):
+                    summary.lease_lost += 1
+                    discarded.append(attempt.claim.lease)
                 continue
-            written.append((claim, _succeeded(credential, result, attempted_at)))
-        return written, discarded
+            if isinstance(attempt.result, Credential):
+                written.append((attempt, _succeeded(credential, result, attempt.attempted_at)))
+            else:
+                salvaged[index] = result
+                summary.salvaged += 1
+                self.log.warning(
+                    "kept the refresh token of a rejected answer", connection_id=cid, version=result
+                )
+        return written, salvaged, discarded
 
     def _transitions(
-        self, batch: list[_Attempt], written: list[tuple[Claim, Succeeded]], now: datetime
+        self,
+        batch: list[_Attempt],
+        written: list[tuple[_Attempt, Succeeded]],
+        salvaged: dict[int, int],
+        leases: LeaseKeeper,
+        now: datetime,
     ) -> list[tuple[Lease, Outcome, Transition]]:
         """Each committed success's and each failure's transition, in that order (the order
         the scheduling jitter is drawn from ``self.rng``)."""
         changes: list[tuple[Lease, Outcome, Transition]] = []
-        for claim, success in written:
+        for attempt, success in written:
+            claim = attempt.claim
             change = transition(claim, success, now, self.policy, self.rng)
             self.log.debug(
                 "credential rotated",
@@ -530,13 +711,18 @@ class Refresher:
                 version=success.version,
                 expires_at=isoformat(success.expires_at),
             )
-            changes.append((claim.lease, success, change))
-        for attempt in batch:
+            changes.append((leases.lease(claim.lease.connection_id), success, change))
+        for index, attempt in enumerate(batch):
             if isinstance(error := attempt.result, TokenBrokerError):
-                failure = failed(error, attempted_at=attempt.attempted_at, version=attempt.version)
+                failure = failed(
+                    error,
+                    attempted_at=attempt.attempted_at,
+                    version=attempt.version,
+                    salvaged=salvaged.get(index),
+                )
                 change = transition(attempt.claim, failure, now, self.policy, self.rng)
                 self._log_failure(attempt.claim.lease.connection_id, error, change)
-                changes.append((attempt.claim.lease, failure, change))
+                changes.append((leases.lease(attempt.claim.lease.connection_id), failure, change))
         return changes
 
     async def _publish(self, events: list[ConnectionEvent], summary: TickSummary) -> None:
@@ -604,8 +790,17 @@ class Refresher:
             )
 
 
+def _ambiguous(error: TokenBrokerError) -> bool:
+    """Whether the provider may have acted on the request: it may have been delivered and
+    answered (a timeout or reset once sent), or it was answered with a 200 we reject. For a
+    rotating refresh token either may mean the token is consumed."""
+    if isinstance(error, TransportError):
+        return error.request_sent
+    return isinstance(error, MalformedResponse)
+
+
 def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> Succeeded:
-    # acquire() stamps both times on every credential it returns.
+    # next_credential() stamps both times on every credential it returns.
     assert credential.obtained_at is not None  # noqa: S101
     assert credential.expires_at is not None  # noqa: S101
     return Succeeded(version, credential.obtained_at, credential.expires_at, attempted_at)

@@ -24,8 +24,9 @@ The rules, as documented for subscribers in docs/events.md:
   exactly one ``connection.needs_reauth``. A connection that already needs re-authorisation is
   not announced again: a human has been told, and only a re-authorisation changes anything.
 
-A failure never changes ``current_version`` or ``expires_at``: a failed refresh writes no
-credential, so the one in force is still the previous version.
+A failure never changes ``expires_at``, nor ``current_version`` -- unless the rejected answer
+carried a new refresh token, which is kept as a new version (``salvaged``) holding the same
+access token: a rotating provider has already retired the one we sent.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class FailedTransient:
     version: int | None
     #: Seconds the provider asked us to wait (``Retry-After``, RFC 9110 §10.2.3), if it said.
     retry_after: float | None = None
+    #: The version committed to keep a refresh token the rejected answer carried, if any.
+    salvaged: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,19 +112,29 @@ class FailedInternal:
     #: The version the attempt started from (``None``: no credential was stored).
     version: int | None
     retry_after: float | None = None
+    #: The version committed to keep a refresh token the provider had sent, if any.
+    salvaged: int | None = None
 
 
 Failed = FailedTransient | FailedInternal | FailedPermanent
 Outcome = Succeeded | FailedTransient | FailedInternal | FailedPermanent
 
 
-def failed(error: TokenBrokerError, *, attempted_at: datetime, version: int | None) -> Failed:
+def failed(
+    error: TokenBrokerError,
+    *,
+    attempted_at: datetime,
+    version: int | None,
+    salvaged: int | None = None,
+) -> Failed:
     """Classify a final error by its ``retryable`` flag, the one flag that decides retries
-    everywhere (:mod:`tokenbroker.kernel.errors`); our own bugs are their own class."""
+    everywhere (:mod:`tokenbroker.kernel.errors`); our own bugs are their own class.
+    ``salvaged``: the version that keeps a refresh token the failed answer carried (only a
+    retryable failure can carry one)."""
     if isinstance(error, InternalError):
-        return FailedInternal(error.code, attempted_at, version)
+        return FailedInternal(error.code, attempted_at, version, salvaged=salvaged)
     if error.retryable:
-        return FailedTransient(error.code, attempted_at, version, error.retry_after)
+        return FailedTransient(error.code, attempted_at, version, error.retry_after, salvaged)
     return FailedPermanent(error.code, attempted_at, version)
 
 
@@ -190,11 +203,17 @@ def _failed(
 ) -> Transition:
     previous = claim.record.state
     failures = previous.consecutive_failures + 1
+    current_version = previous.current_version
+    version = outcome.version
     if isinstance(outcome, FailedTransient | FailedInternal):
         status = previous.status
         next_refresh_at = policy.retry_at(now, failures, outcome.retry_after, rng)
         event_type = EventType.REFRESH_FAILED
         announce = True
+        if outcome.salvaged is not None:
+            # The answer was rejected but its refresh token was kept as a new version (the
+            # same access token): that version is the one in force now.
+            current_version = version = outcome.salvaged
     else:
         status = ConnectionStatus.NEEDS_REAUTH
         next_refresh_at = None  # only a re-authorisation schedules it again
@@ -206,6 +225,7 @@ def _failed(
         next_refresh_at=next_refresh_at,
         last_attempt_at=outcome.attempted_at,
         consecutive_failures=failures,
+        current_version=current_version,
         last_error=outcome.error_code,
     )
     if not announce:
@@ -216,7 +236,7 @@ def _failed(
         claim,
         now,
         f"lease{claim.lease.token}",
-        version=outcome.version,
+        version=version,
         expires_at=previous.expires_at,
         error_code=outcome.error_code,
         failure_class=outcome.failure_class,

@@ -32,7 +32,7 @@ class World:
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.secrets = MemorySecretStore()
-        self.state = MemoryStateStore()
+        self.state = MemoryStateStore(self.clock)  # the store's lease clock: the fake one
         self.events = MemoryEventBus()
         self.profiles = load_profiles()
         self.server = FakeTokenServer()
@@ -156,7 +156,9 @@ def test_transient_failures_retry_with_backoff_then_report(world: World) -> None
     world.add()
     world.server.script = [
         HttpResponse(503, b"", {"retry-after": "2"}),
-        TransportError("timeout"),
+        # Never delivered, so safe to retry even with a rotating refresh token (a timeout
+        # after sending is not: see test_lease_discipline.py).
+        TransportError("connection refused", request_sent=False),
         HttpResponse(500, b"oops"),
     ]
     summary = world.tick(world.refresher(retry=RetryPolicy(attempts=3)))
@@ -218,7 +220,8 @@ def test_stale_holder_cannot_commit(world: World) -> None:
     world.add()
     now = world.clock.now()
     first = world.state.claim(["c1"], now, holder="a", ttl=timedelta(minutes=1)).claims[0]
-    later = now + timedelta(minutes=2)
+    world.clock.advance(120)  # the store's clock: the first lease has expired
+    later = world.clock.now()
     second = world.state.claim(["c1"], later, holder="b", ttl=timedelta(minutes=1)).claims[0]
     assert second.lease.token > first.lease.token
     record = world.state.get("c1")

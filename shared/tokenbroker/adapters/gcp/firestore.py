@@ -50,6 +50,14 @@ in-memory and SQLite adapters.
 1,000 index entries (https://cloud.google.com/firestore/pricing), not per document. It runs
 just before the claim, outside its transaction: inside, it would lock every due entry.
 
+Lease time
+----------
+Leases run on Firestore's clock, never a refresher's (:class:`ServerClock`): a document read
+returns the server's ``read_time``; from then on this process's monotonic clock measures the
+time since, re-anchored every few minutes. Expiries written and compared are server time, so
+refreshers on hosts whose clocks disagree, or whose clock is stepped, agree on who holds what.
+(The anchor lags the server by at most one round trip; the holder's guard absorbs it.)
+
 Claiming writes only the lease fields, so ``get`` still returns the record as last written
 (the contract says a claim does not change the record, which rules out hiding a leased
 connection by moving its ``next_refresh_at`` to the lease expiry); ``complete`` writes the new
@@ -90,14 +98,17 @@ claim_due       k claimed, + 1 look-ahead per full chunk, + the ties  k
                 bills 1
 claim(ids)      k named                                               k granted
 complete        k                                                     k accepted
+renew           k                                                     k held
 release         1                                                     0 or 1
 park_events     k + 1 (the sequence document)                         k new + 1
 parked_events   the events returned (an empty query bills 1)          0
 unpark_events   0                                                     k deletes
 ==============  ====================================================  ========================
 
-One refresh therefore costs about 2 document reads and 2 writes of state (claim: 1 + 1;
-complete: 1 + 1), batched up to ``chunk_size`` per commit.
+One refresh therefore costs about 3 document reads and 3 writes of state (claim: 1 + 1;
+renew before presenting: 1 + 1; complete: 1 + 1), batched up to ``chunk_size`` per commit;
+a refresh that waits or retries renews again before each attempt, and every ``ttl / 3``
+while its request is in flight. The server clock costs one read per process every 5 min.
 
 Errors
 ------
@@ -119,10 +130,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from tokenbroker.adapters.gcp.errors import translate
+from tokenbroker.kernel.clock import WallClock
 from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
@@ -150,6 +163,8 @@ FENCING_SUFFIX = "_fencing"
 PARKED_SUFFIX = "_parked_events"
 #: The document holding the last sequence number given to a parked event.
 PARKED_SEQUENCE = "_sequence"
+#: Where :class:`ServerClock` reads the server's time (a document that never needs to exist).
+CLOCK_SUFFIX = "_clock"
 #: The project the client library itself falls back to on the emulator.
 EMULATOR_PROJECT = "google-cloud-firestore-emulator"
 
@@ -306,6 +321,47 @@ def _translated(action: str) -> Iterator[None]:
         raise mapped from exc
 
 
+# --- the server's clock --------------------------------------------------------------------
+
+
+class ServerClock:
+    """Firestore's time as this process knows it, for leases (never the local wall clock).
+
+    A document get answers with the server's ``read_time``
+    (https://cloud.google.com/firestore/docs/reference/rest/v1/projects.databases.documents/batchGet,
+    ``readTime``); from that anchor this process's monotonic clock measures the time since --
+    immune to steps of the local wall clock -- and the anchor is renewed every
+    ``resync_seconds`` (monotonic clocks drift by parts per million). The reading is taken as
+    of the end of the round trip, so it is never ahead of the server.
+    """
+
+    def __init__(self, store: FirestoreStateStore, *, resync_seconds: float = 300.0) -> None:
+        self._store = store
+        self._resync = resync_seconds
+        self._lock = threading.Lock()
+        self._anchor: tuple[datetime, float] | None = None
+
+    def now(self) -> datetime:
+        with self._lock:
+            if self._anchor is None or time.monotonic() - self._anchor[1] > self._resync:
+                self._anchor = self._read_server_time()
+            server, mono = self._anchor
+        return server + timedelta(seconds=time.monotonic() - mono)
+
+    def _read_server_time(self) -> tuple[datetime, float]:
+        store = self._store
+        ref = store.client.collection(store.collection_name + CLOCK_SUFFIX).document("now")
+        with _translated("read the server time"):
+            snap = ref.get()
+        mono = time.monotonic()
+        with store._stats_lock:  # the clock is part of the store
+            store.clock_reads += 1
+        read_time = _utc(snap.read_time)
+        if read_time is None:
+            raise StoreUnavailable("Firestore answered without a read time")
+        return read_time, mono
+
+
 # --- the adapter ---------------------------------------------------------------------------
 
 
@@ -320,10 +376,14 @@ class FirestoreStateStore:
     library still honours ``FIRESTORE_EMULATOR_HOST`` by itself, as documented at
     https://cloud.google.com/firestore/docs/emulator#connect_to_the_emulator).
 
+    ``lease_clock``: where lease time comes from -- by default :class:`ServerClock`, the
+    server's time (tests pass a manual clock).
+
     ``documents_read`` counts every document snapshot this handle has read (query results and
     gets, including gets of documents that do not exist); ``aggregations_run`` counts ``count()``
-    queries and ``transactions_run`` transaction attempts. The first two bound what Firestore
-    bills for reads.
+    queries and ``transactions_run`` transaction attempts; ``clock_reads`` the document reads
+    of the server clock (one per process every five minutes). ``documents_read``,
+    ``aggregations_run`` and ``clock_reads`` bound what Firestore bills for reads.
     """
 
     def __init__(
@@ -335,6 +395,7 @@ class FirestoreStateStore:
         collection: str = DEFAULT_COLLECTION,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         emulator_host: str | None = None,
+        lease_clock: WallClock | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ConfigError("chunk_size must be at least 1")
@@ -350,6 +411,8 @@ class FirestoreStateStore:
         self.documents_read = 0
         self.aggregations_run = 0
         self.transactions_run = 0
+        self.clock_reads = 0
+        self.lease_clock: WallClock = lease_clock or ServerClock(self)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -516,10 +579,10 @@ class FirestoreStateStore:
     # -- leases ----------------------------------------------------------------------------
 
     def _grant(
-        self, transaction: Any, snap: Any, now: datetime, holder: str, ttl: timedelta
+        self, transaction: Any, snap: Any, lease_now: datetime, holder: str, ttl: timedelta
     ) -> Claim:
         token = int(snap.get("lease_token")) + 1
-        expires = now + ttl
+        expires = lease_now + ttl
         transaction.update(
             snap.reference,
             {"lease_holder": holder, "lease_token": token, "lease_expires_at": expires},
@@ -534,32 +597,36 @@ class FirestoreStateStore:
             query = query.where(filter=FieldFilter(field, op, value))
         return query
 
-    def _free_due(self, now: datetime) -> Any:
-        """Active, due, and nobody's lease is live: what ``claim_due`` may take."""
+    def _free_due(self, now: datetime, lease_now: datetime) -> Any:
+        """Active, due by ``now``, and nobody's lease is live by the store's ``lease_now``:
+        what ``claim_due`` may take."""
         return self._where(
-            ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", now)
+            ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", lease_now)
         ).order_by("next_refresh_at")
 
-    def _free_at(self, now: datetime, instant: datetime) -> Any:
+    def _free_at(self, lease_now: datetime, instant: datetime) -> Any:
         """Free connections due at exactly ``instant`` (ties at a chunk's last place)."""
-        return self._where(("next_refresh_at", "==", instant), ("lease_expires_at", "<=", now))
-
-    def _leased_due(self, now: datetime) -> Any:
-        """Active and due, under a live lease: what ``leased_elsewhere`` counts."""
-        return self._where(("next_refresh_at", "<=", now), ("lease_expires_at", ">", now)).order_by(
-            "next_refresh_at"
+        return self._where(
+            ("next_refresh_at", "==", instant), ("lease_expires_at", "<=", lease_now)
         )
+
+    def _leased_due(self, now: datetime, lease_now: datetime) -> Any:
+        """Active and due, under a live lease: what ``leased_elsewhere`` counts."""
+        return self._where(
+            ("next_refresh_at", "<=", now), ("lease_expires_at", ">", lease_now)
+        ).order_by("next_refresh_at")
 
     def queries(self, now: datetime) -> builtins.list[Any]:
         """Every query this adapter runs, to check the shipped index definitions against."""
-        return [self._free_due(now), self._free_at(now, now), self._leased_due(now)]
+        return [self._free_due(now, now), self._free_at(now, now), self._leased_due(now, now)]
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
         def chunk(size: int) -> Callable[[Any], tuple[builtins.list[Claim], bool]]:
             def body(transaction: Any) -> tuple[builtins.list[Claim], bool]:
+                lease_now = self.lease_clock.now()
                 # One more than needed: it tells whether more are due, and whether the last
                 # place taken is shared with connections left out.
-                found = self._read(transaction.get(self._free_due(now).limit(size + 1)))
+                found = self._read(transaction.get(self._free_due(now, lease_now).limit(size + 1)))
                 more = len(found) > size
                 if more:
                     last = _utc(found[size - 1].get("next_refresh_at"))
@@ -568,15 +635,18 @@ class FirestoreStateStore:
                         # reference order by id: read connections due at that instant too.
                         # Bounded: at most ``size`` of them, so a crowd due at one instant
                         # (a bulk import) costs at most twice the due count, not N².
-                        ties = self._read(transaction.get(self._free_at(now, last).limit(size)))
+                        ties = self._read(
+                            transaction.get(self._free_at(lease_now, last).limit(size))
+                        )
                         found = list({s.id: s for s in [*found, *ties]}.values())
                 chosen = sorted(found, key=_due_order)[:size]
-                return [self._grant(transaction, snap, now, holder, ttl) for snap in chosen], more
+                grants = [self._grant(transaction, snap, lease_now, holder, ttl) for snap in chosen]
+                return grants, more
 
             return body
 
         with _translated("claim_due"):
-            leased_elsewhere = self._count(self._leased_due(now))
+            leased_elsewhere = self._count(self._leased_due(now, self.lease_clock.now()))
             claims: builtins.list[Claim] = []
             more = True
             while more and len(claims) < limit:
@@ -585,10 +655,16 @@ class FirestoreStateStore:
         return ClaimBatch(claims, leased_elsewhere=leased_elsewhere)
 
     def claim(
-        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+        self,
+        connection_ids: Sequence[str],
+        now: datetime,  # noqa: ARG002 - the port's signature: a named claim ignores due-ness
+        *,
+        holder: str,
+        ttl: timedelta,
     ) -> ClaimBatch:
         def chunk(ids: Sequence[str]) -> Callable[[Any], ClaimBatch]:
             def body(transaction: Any) -> ClaimBatch:
+                lease_now = self.lease_clock.now()
                 refs = [self._doc(cid) for cid in ids]
                 snaps = {str(s.id): s for s in self._read(transaction.get_all(refs))}
                 claims: builtins.list[Claim] = []
@@ -601,10 +677,10 @@ class FirestoreStateStore:
                         missing.append(cid)
                     elif snap.get("status") != _ACTIVE:
                         inactive[cid] = ConnectionStatus(snap.get("status"))
-                    elif _lease_live(snap.to_dict(), now):
+                    elif _lease_live(snap.to_dict(), lease_now):
                         leased += 1
                     else:
-                        claims.append(self._grant(transaction, snap, now, holder, ttl))
+                        claims.append(self._grant(transaction, snap, lease_now, holder, ttl))
                 return ClaimBatch(
                     claims, leased_elsewhere=leased, missing=missing, inactive=inactive
                 )
@@ -625,6 +701,37 @@ class FirestoreStateStore:
         return ClaimBatch(
             claims, leased_elsewhere=leased_elsewhere, missing=missing, inactive=inactive
         )
+
+    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+        def chunk(part: Sequence[Lease]) -> Callable[[Any], builtins.list[Lease | None]]:
+            def body(transaction: Any) -> builtins.list[Lease | None]:
+                expires = self.lease_clock.now() + ttl
+                ids = list(dict.fromkeys(lease.connection_id for lease in part))
+                snaps = self._read(transaction.get_all([self._doc(cid) for cid in ids]))
+                held = {
+                    str(s.id): s.get("lease_token")
+                    for s in snaps
+                    if s.exists and s.get("lease_holder") is not None
+                }
+                results: builtins.list[Lease | None] = []
+                renewed: set[str] = set()
+                for lease in part:
+                    if held.get(lease.connection_id) != lease.token:
+                        results.append(None)
+                        continue
+                    results.append(replace(lease, expires_at=expires))
+                    renewed.add(lease.connection_id)
+                for cid in renewed:  # one write per document per commit
+                    transaction.update(self._doc(cid), {"lease_expires_at": expires})
+                return results
+
+            return body
+
+        results: builtins.list[Lease | None] = []
+        with _translated("renew"):
+            for part in _chunks(leases, self.chunk_size):
+                results.extend(self._transact(chunk(part)))
+        return results
 
     def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
         def chunk(
