@@ -122,9 +122,9 @@ class VersionedSecretStore(ABC):
     def get(self, connection_id: str) -> StoredCredential:
         value = self._read_value(connection_id, lambda: self._read_current(connection_id))
         if value is None:
-            raise self._missing(connection_id)
+            raise self._missing(connection_id) from None
         if isinstance(value, CorruptCredential):
-            raise value
+            raise value from None
         return value
 
     def get_many(self, connection_ids: Sequence[str]) -> dict[str, ReadResult]:

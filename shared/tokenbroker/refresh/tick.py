@@ -56,6 +56,7 @@ from tokenbroker.kernel.errors import (
     CorruptCredential,
     InternalError,
     MalformedResponse,
+    ProviderError,
     TokenBrokerError,
     TransportError,
     VersionConflict,
@@ -790,13 +791,21 @@ class Refresher:
             )
 
 
+#: Gateway answers (RFC 9110 §15.6.3, §15.6.5): a proxy in front of the provider speaks, and
+#: whether the provider processed the request behind it is unknown.
+_GATEWAY_STATUSES = frozenset({502, 504})
+
+
 def _ambiguous(error: TokenBrokerError) -> bool:
-    """Whether the provider may have acted on the request: it may have been delivered and
-    answered (a timeout or reset once sent), or it was answered with a 200 we reject. For a
-    rotating refresh token either may mean the token is consumed."""
+    """Whether the provider may have acted on the request without our learning the result:
+    it may have been delivered and answered (a timeout or reset once sent, a gateway's 502 or
+    504), or it was answered with a 200 we reject. For a rotating refresh token any of these
+    may mean the token is consumed."""
     if isinstance(error, TransportError):
         return error.request_sent
-    return isinstance(error, MalformedResponse)
+    if isinstance(error, MalformedResponse):
+        return True
+    return isinstance(error, ProviderError) and error.status in _GATEWAY_STATUSES
 
 
 def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> Succeeded:

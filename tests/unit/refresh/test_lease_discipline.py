@@ -290,6 +290,8 @@ def test_the_heartbeat_keeps_a_slow_requests_lease() -> None:
 AMBIGUOUS: dict[str, Callable[[], HttpResponse | Exception]] = {
     "timeout after sending": lambda: TransportError("read timed out"),
     "reset mid-answer": lambda: TransportError("ServerDisconnectedError"),
+    "a gateway's 502": lambda: HttpResponse(502, b"<html>Bad Gateway</html>"),
+    "a gateway's 504": lambda: HttpResponse(504, b""),
     "HTML 200": lambda: HttpResponse(200, b"<html>maintenance</html>"),
     "200 rejected": lambda: HttpResponse(
         200, json.dumps({"access_token": "at", "expires_in": 0}).encode()
