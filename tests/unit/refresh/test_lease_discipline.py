@@ -300,9 +300,7 @@ AMBIGUOUS: dict[str, Callable[[], HttpResponse | Exception]] = {
 
 
 @pytest.mark.parametrize("answer", list(AMBIGUOUS))
-def test_an_ambiguous_answer_for_a_rotating_token_is_not_retried(
-    world: World, answer: str
-) -> None:
+def test_an_ambiguous_answer_for_a_rotating_token_is_not_retried(world: World, answer: str) -> None:
     world.add()
     world.server.script = [AMBIGUOUS[answer]() for _ in range(3)]
     summary = world.tick(world.refresher(retry=RetryPolicy(attempts=3)))
