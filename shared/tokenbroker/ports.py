@@ -12,6 +12,7 @@ security path from the caller's header to the token handed out.
 from __future__ import annotations
 
 import builtins
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from tokenbroker.kernel.model import (
     ConnectionRecord,
     ConnectionStatus,
     Credential,
+    Intent,
     Lease,
     MintedToken,
     RefreshState,
@@ -36,8 +38,12 @@ from tokenbroker.kernel.model import (
 __all__ = [
     "CallerVerifier",
     "ClaimBatch",
+    "CommitOutcome",
+    "Completion",
     "EventBus",
     "Impersonator",
+    "Promotion",
+    "RefreshCommitter",
     "RelayTransport",
     "SecretStore",
     "SecretWrite",
@@ -49,11 +55,34 @@ __all__ = [
 @dataclass(frozen=True)
 class SecretWrite:
     """One compare-and-set write: succeeds only if the current version is ``expected_version``
-    (``None``: the connection has no credential yet)."""
+    (``None``: the connection has no credential yet). ``attempt`` names the refresh attempt a
+    staged write answers (see :meth:`SecretStore.stage`)."""
 
     connection_id: str
     credential: Credential
     expected_version: int | None
+    attempt: str | None = None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Make a staged ``version`` current, only if ``parent`` (the version it was staged on)
+    still is."""
+
+    connection_id: str
+    version: int
+    parent: int | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One refresh outcome for :meth:`StateStore.complete`: the state to write under the
+    lease, and the events announcing it, written to the store's outbox in the same commit
+    (a transactional outbox: no crash point commits a state without its events)."""
+
+    lease: Lease
+    state: RefreshState
+    events: tuple[ConnectionEvent, ...] = ()
 
 
 @runtime_checkable
@@ -90,6 +119,26 @@ class SecretStore(Protocol):
 
     def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
         """Many compare-and-set writes, each independent; one result per write, in order."""
+        ...
+
+    def stage(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
+        """Make each credential durable at once as a *pending* version on top of
+        ``expected_version`` (compare-and-set, as ``put``); one result per write: the pending
+        version's number, or the conflict. A pending version is not current until promoted
+        -- but it is never lost: every read **settles** a pending version whose parent is
+        still current (promotes it, as AWS's staged labels are settled), so an answer staged
+        by a refresher that then died is current for whoever reads next. Staging the same
+        ``attempt`` again is idempotent.
+
+        This is the refresher's durability point for a provider's answer: a rotating provider
+        has already retired the refresh token sent, so the answer must be kept before anything
+        else happens."""
+        ...
+
+    def promote(self, promotions: Sequence[Promotion]) -> builtins.list[int | VersionConflict]:
+        """Make each staged version current if its parent still is (already current: the same
+        answer); retention applies as for ``put``. One result per promotion: the version, or
+        the conflict (the connection moved on: someone wrote a newer version)."""
         ...
 
     def versions(self, connection_id: str) -> builtins.list[int]:
@@ -164,11 +213,22 @@ class StateStore(Protocol):
         connections that are not active are reported in ``inactive`` and not leased."""
         ...
 
-    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
         """Extend each lease to ``ttl`` from the store's now, only if it is still held with
         the newest fencing token (an expired lease nobody took since is still ours); one
         answer per lease: the renewed lease, or ``None`` when it was lost (taken over,
         completed, released, retired by an operator's write, or the connection deleted).
+
+        ``intents`` (aligned with ``leases``; ``None`` entries keep what is recorded) records
+        in the same fenced write the :class:`~.model.Intent` of a refresh about to present a
+        rotating refresh token, stamped with the store's clock (``at``): durable before the
+        request is sent, so a crash leaves a record of what was in flight.
 
         A holder renews before every attempt to present a refresh token, and keeps renewing
         while one is in flight. Because the store starts ``ttl`` no earlier than the call,
@@ -177,17 +237,22 @@ class StateStore(Protocol):
         confused."""
         ...
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
         """Write each new state and release its lease, only if the lease's fencing token is
-        still the newest; one boolean per outcome (False: the lease was lost)."""
+        still the newest; one boolean per outcome (False: the lease was lost). A
+        :class:`Completion`'s events are parked in the same commit (see ``park_events``), so
+        a state is never committed without its announcements; a lost lease writes neither."""
         ...
 
     def release(self, lease: Lease) -> None:
         """Give a lease back without changing state (no-op if it was lost)."""
         ...
 
-    # Events the bus could not take are parked here, durably, and relayed on a later tick:
-    # delivery stays at-least-once even across an event-bus outage.
+    # The outbox: events committed with their state (``complete``) or that the bus could not
+    # take are parked here, durably, and relayed (published, then unparked): delivery stays
+    # at-least-once across a crash at any point and across an event-bus outage.
 
     def park_events(self, events: Sequence[ConnectionEvent]) -> None:
         """Keep events for a later publish (idempotent per ``event_id``)."""
@@ -200,6 +265,36 @@ class StateStore(Protocol):
     def unpark_events(self, event_ids: Sequence[str]) -> None:
         """Forget parked events once published (unknown ids are ignored)."""
         ...
+
+
+class CommitOutcome(enum.Enum):
+    """What :meth:`RefreshCommitter.commit` did with one outcome."""
+
+    #: The staged version (if any) is current, the state written, the events in the outbox.
+    COMMITTED = "committed"
+    #: The lease was lost: the state was not written (a staged version stays for the next
+    #: read to settle, or was promoted already -- either way it is not lost).
+    LEASE_LOST = "lease_lost"
+    #: The staged version lost to a newer one (an operator's re-authorisation): nothing was
+    #: written and the lease was given back.
+    SUPERSEDED = "superseded"
+
+
+@runtime_checkable
+class RefreshCommitter(Protocol):
+    """The commit of refresh outcomes: each staged version promoted (``Promotion``, if any),
+    then its state and events written under its lease (``Completion``).
+
+    On one store with transactions (embedded) this is one transaction per batch: the fencing
+    token is checked in the same commit as the credential write. Across separate stores
+    (Secret Manager + Firestore, AWS + Firestore) it is the promotion, then the fenced state
+    write with its events (``refresh.commit.StoreCommitter``); a crash between the two leaves
+    a current version whose state the next holder catches up from the recorded intent.
+    """
+
+    def commit(
+        self, items: Sequence[tuple[Completion, Promotion | None]]
+    ) -> builtins.list[CommitOutcome]: ...
 
 
 @runtime_checkable

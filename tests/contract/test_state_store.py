@@ -10,10 +10,18 @@ from functools import partial
 import pytest
 
 from tokenbroker.kernel.errors import AlreadyExists, NotFound
-from tokenbroker.kernel.model import Claim, ConnectionRecord, ConnectionStatus, Lease, RefreshState
-from tokenbroker.ports import ClaimBatch, StateStore
+from tokenbroker.kernel.model import (
+    Claim,
+    ConnectionRecord,
+    ConnectionStatus,
+    EventType,
+    Intent,
+    Lease,
+    RefreshState,
+)
+from tokenbroker.ports import ClaimBatch, Completion, StateStore
 
-from .builders import T0, ManualClock, connection, due_state
+from .builders import T0, ManualClock, connection, due_state, event
 from .racing import race
 
 OpenStateStore = Callable[[], StateStore]
@@ -508,6 +516,77 @@ def test_renew_answers_each_lease_in_order(
     assert [r.connection_id if r else None for r in renewed] == ["c", None, "a"]
     assert all(r.expires_at == T0 + 10 * S + 2 * TTL for r in renewed if r)
     assert state_store.renew([], ttl=TTL) == []
+
+
+# --- the intent record and the outbox --------------------------------------------------------
+
+
+def test_renew_records_an_intent_stamped_with_the_stores_clock(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """Before a rotating refresh token is presented, the intent is durable, in the same
+    fenced write as the renewal; ``None`` keeps what is recorded."""
+    _add(state_store, "a")
+    _add(state_store, "b")
+    batch = state_store.claim(["a", "b"], T0, holder="h", ttl=TTL)
+    lease_clock.set(T0 + 5 * S)
+    intent = Intent(attempt="att-1", from_version=1, token=_lease(batch, "a").token)
+    renewed = state_store.renew(
+        [_lease(batch, "a"), _lease(batch, "b")], ttl=TTL, intents=[intent, None]
+    )
+    assert all(renewed)
+    assert state_store.get("a").state.intent == replace(intent, at=T0 + 5 * S)
+    assert state_store.get("b").state.intent is None
+    lease_clock.set(T0 + 6 * S)
+    state_store.renew([_lease(batch, "a")], ttl=TTL)  # a heartbeat keeps the intent
+    assert state_store.get("a").state.intent == replace(intent, at=T0 + 5 * S)
+
+
+def test_a_lost_lease_records_no_intent(state_store: StateStore, lease_clock: ManualClock) -> None:
+    _add(state_store, "c1")
+    stale = _lease(state_store.claim(["c1"], T0, holder="old", ttl=TTL), "c1")
+    lease_clock.set(T0 + TTL)
+    _lease(state_store.claim(["c1"], T0, holder="new", ttl=TTL), "c1")
+    intent = Intent(attempt="late", from_version=1, token=stale.token)
+    assert state_store.renew([stale], ttl=TTL, intents=[intent]) == [None]
+    assert state_store.get("c1").state.intent is None
+
+
+def test_intent_and_at_risk_round_trip(state_store: StateStore) -> None:
+    intent = Intent(attempt="att-9", from_version=4, token=12, at=T0 - S)
+    state = due_state(T0, intent=intent, at_risk=True, last_error="transport_error")
+    record = _add(state_store, "c1", state)
+    assert state_store.get("c1") == record
+    lease = _lease(state_store.claim(["c1"], T0, holder="h", ttl=TTL), "c1")
+    cleared = _written(1)
+    assert (cleared.intent, cleared.at_risk) == (None, False)
+    assert state_store.complete([(lease, cleared)]) == [True]
+    assert state_store.get("c1").state == cleared
+
+
+def test_complete_writes_the_events_with_the_state_and_only_with_it(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """A transactional outbox: the events of an accepted completion are parked in the same
+    commit (and relayed later); a completion whose lease was lost writes neither."""
+    for cid in ("a", "b"):
+        _add(state_store, cid)
+    batch = state_store.claim(["a", "b"], T0, holder="h", ttl=TTL)
+    lease_clock.set(T0 + TTL)
+    _lease(state_store.claim(["b"], T0, holder="other", ttl=TTL), "b")  # b is lost
+    rotated, recovered = event("a", n=1), event("a", EventType.RECOVERED, n=2)
+    lost = event("b", n=3)
+    results = state_store.complete(
+        [
+            Completion(_lease(batch, "a"), _written(1), (rotated, recovered)),
+            Completion(_lease(batch, "b"), _written(2), (lost,)),
+        ]
+    )
+    assert results == [True, False]
+    assert state_store.get("a").state == _written(1)
+    assert state_store.parked_events(10) == [rotated, recovered]
+    state_store.unpark_events([rotated.event_id, recovered.event_id])
+    assert state_store.parked_events(10) == []
 
 
 # --- fencing -------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from tokenbroker.kernel.errors import (
     CorruptCredential,
     NotFound,
     StoreUnavailable,
+    VersionConflict,
 )
 from tokenbroker.kernel.model import (
     Claim,
@@ -54,11 +55,12 @@ from tokenbroker.kernel.model import (
     ConnectionRecord,
     ConnectionStatus,
     Credential,
+    Intent,
     Lease,
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import ClaimBatch
+from tokenbroker.ports import ClaimBatch, CommitOutcome, Completion, Promotion, SecretWrite
 
 DB_NAME = "tokenbroker.db"
 KEY_FILE_NAME = "encryption.key"
@@ -96,6 +98,16 @@ CREATE TABLE IF NOT EXISTS secret_versions (
     sealed BLOB NOT NULL,
     PRIMARY KEY (connection_id, version)
 );
+-- Answers staged before they are current (SecretStore.stage): every read settles them.
+CREATE TABLE IF NOT EXISTS pending_versions (
+    connection_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    parent INTEGER,
+    attempt TEXT,
+    created_at REAL NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (connection_id, version)
+);
 -- Fencing tokens outlive a deleted connection, so a lease taken before a delete can never
 -- match a lease on the re-created connection.
 CREATE TABLE IF NOT EXISTS retired_fencing (
@@ -122,6 +134,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 _ADDED_COLUMNS = (
     # The lease clock's epoch (HostLeaseClock: the boot id) of ``lease_expires_at``.
     ("connections", "lease_epoch", "TEXT"),
+    # A refresh presenting a rotating refresh token whose outcome is not known yet (JSON).
+    ("connections", "intent", "TEXT"),
+    ("connections", "at_risk", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -279,8 +294,10 @@ def _dt(value: float | None) -> datetime | None:
 
 _STATE_COLUMNS = (
     "status, expires_at, next_refresh_at, last_refresh_at, last_attempt_at, "
-    "consecutive_failures, current_version, last_error"
+    "consecutive_failures, current_version, last_error, intent, at_risk"
 )
+#: ``UPDATE connections SET`` clause writing every state column.
+_STATE_SET = ", ".join(f"{name.strip()}=?" for name in _STATE_COLUMNS.split(","))
 
 
 def _state_params(state: RefreshState) -> tuple[Any, ...]:
@@ -293,11 +310,13 @@ def _state_params(state: RefreshState) -> tuple[Any, ...]:
         state.consecutive_failures,
         state.current_version,
         state.last_error,
+        json.dumps(state.intent.to_json()) if state.intent is not None else None,
+        int(state.at_risk),
     )
 
 
 def _record(row: Sequence[Any]) -> ConnectionRecord:
-    body, status, expires, next_at, last_ok, last_try, failures, version, error = row
+    body, status, expires, next_at, last_ok, last_try, failures, version, error, intent, risk = row
     return ConnectionRecord(
         Connection.from_json(json.loads(body)),
         RefreshState(
@@ -309,6 +328,8 @@ def _record(row: Sequence[Any]) -> ConnectionRecord:
             consecutive_failures=failures,
             current_version=version,
             last_error=error,
+            intent=Intent.from_json(json.loads(intent)) if intent else None,
+            at_risk=bool(risk),
         ),
     )
 
@@ -319,6 +340,13 @@ _RECORD_SELECT = f"SELECT body, {_STATE_COLUMNS} FROM connections"  # noqa: S608
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+def _park(cur: sqlite3.Cursor, events: Sequence[ConnectionEvent]) -> None:
+    cur.executemany(
+        "INSERT OR IGNORE INTO parked_events (event_id, body) VALUES (?, ?)",
+        [(e.event_id, json.dumps(e.to_json())) for e in events],
+    )
 
 
 class HostLeaseClock:
@@ -368,6 +396,10 @@ class EmbeddedStateStore:
         self._db = db
         self._clock: LeaseClock = lease_clock or HostLeaseClock()
 
+    @property
+    def db(self) -> EmbeddedDatabase:
+        return self._db
+
     def _lease_now(self) -> tuple[datetime, str]:
         return self._clock.now(), self._clock.epoch
 
@@ -376,7 +408,7 @@ class EmbeddedStateStore:
             with self._db.transaction() as cur:
                 cur.execute(
                     f"INSERT INTO connections (id, body, {_STATE_COLUMNS}, lease_token) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT lease_token FROM "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT lease_token FROM "
                     "retired_fencing WHERE connection_id = ?), 0))",
                     (
                         connection.id,
@@ -413,9 +445,7 @@ class EmbeddedStateStore:
         # refresh in flight can no longer commit or renew.
         with self._db.transaction() as cur:
             cur.execute(
-                "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
-                "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
-                "current_version=?, last_error=?, lease_token=lease_token+1, "
+                f"UPDATE connections SET {_STATE_SET}, lease_token=lease_token+1, "  # noqa: S608
                 "lease_holder=NULL, lease_expires_at=NULL WHERE id = ?",
                 (*_state_params(state), connection_id),
             )
@@ -501,34 +531,52 @@ class EmbeddedStateStore:
                 inactive={cid: inactive[cid] for cid in wanted if cid in inactive},
             )
 
-    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
         results: builtins.list[Lease | None] = []
         if not leases:
             return results
         with self._db.transaction() as cur:
             now, epoch = self._lease_now()
             expires = now + ttl
-            for lease in leases:
+            for lease, intent in zip(leases, intents or [None] * len(leases), strict=True):
+                recorded = json.dumps(replace(intent, at=now).to_json()) if intent else None
                 cur.execute(
-                    "UPDATE connections SET lease_expires_at=?, lease_epoch=? "
+                    "UPDATE connections SET lease_expires_at=?, lease_epoch=?, "
+                    "intent=COALESCE(?, intent) "
                     "WHERE id = ? AND lease_token = ? AND lease_holder IS NOT NULL",
-                    (expires.timestamp(), epoch, lease.connection_id, lease.token),
+                    (expires.timestamp(), epoch, recorded, lease.connection_id, lease.token),
                 )
                 results.append(replace(lease, expires_at=expires) if cur.rowcount == 1 else None)
         return results
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
-        results = []
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
         with self._db.transaction() as cur:
-            for lease, state in outcomes:
-                cur.execute(
-                    "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
-                    "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
-                    "current_version=?, last_error=?, lease_holder=NULL, lease_expires_at=NULL "
-                    "WHERE id = ? AND lease_token = ?",
-                    (*_state_params(state), lease.connection_id, lease.token),
-                )
-                results.append(cur.rowcount == 1)
+            return self.complete_in(cur, outcomes)
+
+    def complete_in(
+        self, cur: sqlite3.Cursor, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
+        """``complete`` inside the caller's transaction (the atomic refresh commit)."""
+        results = []
+        for outcome in outcomes:
+            done = outcome if isinstance(outcome, Completion) else Completion(*outcome)
+            cur.execute(
+                f"UPDATE connections SET {_STATE_SET}, lease_holder=NULL, "  # noqa: S608
+                "lease_expires_at=NULL WHERE id = ? AND lease_token = ?",
+                (*_state_params(done.state), done.lease.connection_id, done.lease.token),
+            )
+            accepted = cur.rowcount == 1
+            if accepted and done.events:
+                _park(cur, done.events)
+            results.append(accepted)
         return results
 
     def release(self, lease: Lease) -> None:
@@ -541,10 +589,7 @@ class EmbeddedStateStore:
 
     def park_events(self, events: Sequence[ConnectionEvent]) -> None:
         with self._db.transaction() as cur:
-            cur.executemany(
-                "INSERT OR IGNORE INTO parked_events (event_id, body) VALUES (?, ?)",
-                [(e.event_id, json.dumps(e.to_json())) for e in events],
-            )
+            _park(cur, events)
 
     def parked_events(self, limit: int) -> builtins.list[ConnectionEvent]:
         rows = self._db.read("SELECT body FROM parked_events ORDER BY seq LIMIT ?", (limit,))
@@ -567,6 +612,14 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
     ) -> None:
         super().__init__(retained_versions)
         self._db = db
+
+    @property
+    def db(self) -> EmbeddedDatabase:
+        return self._db
+
+    def promote_in(self, cur: sqlite3.Cursor, promotion: Promotion) -> int:
+        """A promotion inside the caller's transaction (the atomic refresh commit)."""
+        return self._promote_in(cur, promotion)
 
     @staticmethod
     def _context(connection_id: str, version: int) -> str:
@@ -653,12 +706,138 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
             (connection_id, floor),
         )
 
+    # -- pending versions: sealed bound to their parent and attempt too ---------------------
+
+    @staticmethod
+    def _pending_context(
+        connection_id: str, version: int, parent: int | None, attempt: str | None
+    ) -> str:
+        return f"tokenbroker:pending:v1:{connection_id}:{version}:{parent}:{attempt}"
+
+    def _add_pending(
+        self, tx: sqlite3.Cursor, write: SecretWrite, version: int, parent: int | None
+    ) -> None:
+        cid, attempt = write.connection_id, write.attempt
+        sealed = self._db.seal(
+            write.credential.to_plaintext(), self._pending_context(cid, version, parent, attempt)
+        )
+        tx.execute(
+            "INSERT INTO pending_versions (connection_id, version, parent, attempt, created_at,"
+            " sealed) VALUES (?, ?, ?, ?, ?, ?)",
+            (cid, version, parent, attempt, time.time(), sealed),
+        )
+
+    def _pending(
+        self, tx: sqlite3.Cursor, connection_id: str
+    ) -> builtins.list[tuple[int, int | None, str | None]]:
+        rows = tx.execute(
+            "SELECT version, parent, attempt FROM pending_versions WHERE connection_id = ?"
+            " ORDER BY version",
+            (connection_id,),
+        ).fetchall()
+        return [(version, parent, attempt) for version, parent, attempt in rows]
+
+    def _pending_credential(
+        self, tx: sqlite3.Cursor, connection_id: str, version: int
+    ) -> Credential:
+        parent, attempt, sealed = tx.execute(
+            "SELECT parent, attempt, sealed FROM pending_versions"
+            " WHERE connection_id = ? AND version = ?",
+            (connection_id, version),
+        ).fetchone()
+        context = self._pending_context(connection_id, version, parent, attempt)
+        try:
+            return Credential.from_plaintext(self._db.open(sealed, context))
+        except InvalidTag:
+            raise CorruptCredential(
+                f"staged credential {connection_id!r} v{version} does not decrypt"
+            ) from None
+
+    def _drop_pending(self, tx: sqlite3.Cursor, connection_id: str, version: int) -> None:
+        tx.execute(
+            "DELETE FROM pending_versions WHERE connection_id = ? AND version = ?",
+            (connection_id, version),
+        )
+
+    def _with_pending(self, connection_ids: builtins.list[str]) -> builtins.list[str]:
+        found: set[str] = set()
+        for chunk in _chunks(connection_ids):
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                cid
+                for (cid,) in self._db.read(
+                    "SELECT DISTINCT connection_id FROM pending_versions"  # noqa: S608 - only "?" placeholders
+                    f" WHERE connection_id IN ({marks})",
+                    tuple(chunk),
+                )
+            )
+        return [cid for cid in connection_ids if cid in found]
+
     def delete(self, connection_id: str) -> None:
         with self._db.transaction() as cur:
+            cur.execute("DELETE FROM pending_versions WHERE connection_id = ?", (connection_id,))
+            staged = cur.rowcount
             cur.execute("DELETE FROM secrets WHERE connection_id = ?", (connection_id,))
             if cur.rowcount == 0:
+                if staged:
+                    return  # only a staged first version: gone now
                 raise self._missing(connection_id)
             cur.execute("DELETE FROM secret_versions WHERE connection_id = ?", (connection_id,))
+
+
+class EmbeddedRefreshCommitter:
+    """The refresh commit in one SQLite transaction per batch (:class:`RefreshCommitter`):
+    for each outcome, the fencing token is checked, the staged version promoted, the state
+    written and the events parked -- all of it, or (lease lost) none of it. A staged version
+    left behind by a lost lease is settled by the next read, so the answer is not lost."""
+
+    def __init__(self, secrets: EmbeddedSecretStore, state: EmbeddedStateStore) -> None:
+        if secrets.db is not state.db:
+            raise ConfigError("the atomic refresh commit needs both stores on one database")
+        self._secrets = secrets
+        self._state = state
+        self._db = state.db
+
+    def commit(
+        self, items: Sequence[tuple[Completion, Promotion | None]]
+    ) -> builtins.list[CommitOutcome]:
+        outcomes: builtins.list[CommitOutcome] = []
+        if not items:
+            return outcomes
+        with self._db.transaction() as cur:
+            for completion, promotion in items:
+                lease = completion.lease
+                row = cur.execute(
+                    "SELECT lease_token FROM connections WHERE id = ?", (lease.connection_id,)
+                ).fetchone()
+                if row is None or row[0] != lease.token:
+                    outcomes.append(CommitOutcome.LEASE_LOST)
+                    continue
+                if promotion is not None:
+                    try:
+                        self._secrets.promote_in(cur, promotion)
+                    except VersionConflict:
+                        cur.execute(
+                            "UPDATE connections SET lease_holder=NULL, lease_expires_at=NULL "
+                            "WHERE id = ? AND lease_token = ?",
+                            (lease.connection_id, lease.token),
+                        )
+                        outcomes.append(CommitOutcome.SUPERSEDED)
+                        continue
+                (accepted,) = self._state.complete_in(cur, [completion])
+                outcomes.append(CommitOutcome.COMMITTED if accepted else CommitOutcome.LEASE_LOST)
+        return outcomes
+
+
+def refresh_committer(secrets: object, state: object) -> EmbeddedRefreshCommitter | None:
+    """The atomic committer when both stores are embedded on one database, else ``None``."""
+    if (
+        isinstance(secrets, EmbeddedSecretStore)
+        and isinstance(state, EmbeddedStateStore)
+        and secrets.db is state.db
+    ):
+        return EmbeddedRefreshCommitter(secrets, state)
+    return None
 
 
 class EmbeddedOutbox:

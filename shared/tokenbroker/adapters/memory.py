@@ -27,11 +27,12 @@ from tokenbroker.kernel.model import (
     ConnectionRecord,
     ConnectionStatus,
     Credential,
+    Intent,
     Lease,
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import ClaimBatch
+from tokenbroker.ports import ClaimBatch, Completion, SecretWrite
 
 
 @dataclass
@@ -40,6 +41,10 @@ class _SecretVault:
 
     versions: dict[str, dict[int, StoredCredential]] = field(default_factory=dict)
     latest: dict[str, int] = field(default_factory=dict)
+    #: Staged versions: connection -> version -> (parent, attempt, credential).
+    pending: dict[str, dict[int, tuple[int | None, str | None, Credential]]] = field(
+        default_factory=dict
+    )
 
 
 class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
@@ -84,13 +89,41 @@ class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
         for old in [v for v in versions if v <= floor]:
             del versions[old]
 
+    def _add_pending(
+        self, tx: _SecretVault, write: SecretWrite, version: int, parent: int | None
+    ) -> None:
+        staged = tx.pending.setdefault(write.connection_id, {})
+        staged[version] = (parent, write.attempt, write.credential)
+
+    def _pending(
+        self, tx: _SecretVault, connection_id: str
+    ) -> builtins.list[tuple[int, int | None, str | None]]:
+        staged = tx.pending.get(connection_id, {})
+        return [(v, parent, attempt) for v, (parent, attempt, _) in sorted(staged.items())]
+
+    def _pending_credential(self, tx: _SecretVault, connection_id: str, version: int) -> Credential:
+        return tx.pending[connection_id][version][2]
+
+    def _drop_pending(self, tx: _SecretVault, connection_id: str, version: int) -> None:
+        staged = tx.pending.get(connection_id, {})
+        staged.pop(version, None)
+        if not staged:
+            tx.pending.pop(connection_id, None)
+
+    def _with_pending(self, connection_ids: builtins.list[str]) -> builtins.list[str]:
+        with self._transaction() as vault:
+            return [cid for cid in connection_ids if vault.pending.get(cid)]
+
     def versions(self, connection_id: str) -> builtins.list[int]:
         with self._transaction() as vault:
             return sorted(vault.versions.get(connection_id, {}))
 
     def delete(self, connection_id: str) -> None:
         with self._transaction() as vault:
+            staged = vault.pending.pop(connection_id, None)
             if connection_id not in vault.latest:
+                if staged:
+                    return  # only a staged first version: gone now
                 raise self._missing(connection_id)
             del vault.latest[connection_id]
             del vault.versions[connection_id]
@@ -200,30 +233,47 @@ class MemoryStateStore:
                 inactive=inactive,
             )
 
-    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
         results: builtins.list[Lease | None] = []
         with self._lock:
             at = self._clock.now()
-            for lease in leases:
+            for lease, intent in zip(leases, intents or [None] * len(leases), strict=True):
                 held = self._leases.get(lease.connection_id)
                 if held is None or held.token != lease.token:
                     results.append(None)
                     continue
                 renewed = replace(held, expires_at=at + ttl)
                 self._leases[lease.connection_id] = renewed
+                if intent is not None:
+                    record = self._records[lease.connection_id]
+                    stamped = replace(intent, at=at)
+                    self._records[lease.connection_id] = replace(
+                        record, state=replace(record.state, intent=stamped)
+                    )
                 results.append(renewed)
         return results
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
         results = []
         with self._lock:
-            for lease, state in outcomes:
-                cid = lease.connection_id
-                if cid not in self._records or self._fencing.get(cid) != lease.token:
+            for outcome in outcomes:
+                done = outcome if isinstance(outcome, Completion) else Completion(*outcome)
+                cid = done.lease.connection_id
+                if cid not in self._records or self._fencing.get(cid) != done.lease.token:
                     results.append(False)
                     continue
-                self._records[cid] = replace(self._records[cid], state=state)
+                self._records[cid] = replace(self._records[cid], state=done.state)
                 self._leases.pop(cid, None)
+                for event in done.events:
+                    self._parked.setdefault(event.event_id, event)
                 results.append(True)
         return results
 

@@ -32,6 +32,10 @@ class ProviderProfile:
     description: str = ""
     default_lifetime_seconds: int = 3600
     rotates_refresh_tokens: bool = True
+    #: How long the provider still accepts a refresh token after rotating it (some do, for
+    #: exactly the case of a lost answer). Within it, a refresh whose outcome is unknown is
+    #: retried to recover; 0 (the default, the safe assumption) means reuse is theft.
+    refresh_token_reuse_grace_seconds: int = 0
     supports_scope_narrowing: bool = False
     error_aliases: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, ProfileParam] = field(default_factory=dict)
@@ -120,6 +124,9 @@ def parse_profile(name: str, data: object, where: str) -> ProviderProfile:
         auth_method=reader.choice("auth_method", ClientAuthMethod, ClientAuthMethod.BASIC),
         default_lifetime_seconds=reader.integer("default_lifetime_seconds", 3600, minimum=1),
         rotates_refresh_tokens=reader.flag("rotates_refresh_tokens", True),
+        refresh_token_reuse_grace_seconds=reader.integer(
+            "refresh_token_reuse_grace_seconds", 0, minimum=0
+        ),
         supports_scope_narrowing=reader.flag("supports_scope_narrowing", False),
         error_aliases=reader.strings("error_aliases", {}),
         params={k: _parse_param(v, f"{where}.params.{k}") for k, v in params_table.items()},

@@ -33,7 +33,7 @@ from typing import Generic, TypeVar
 from tokenbroker.kernel.clock import Clock
 from tokenbroker.kernel.errors import TokenBrokerError
 from tokenbroker.kernel.log import Logger
-from tokenbroker.kernel.model import Claim, Lease
+from tokenbroker.kernel.model import Claim, Intent, Lease
 
 __all__ = ["GroupCall", "LeaseKeeper"]
 
@@ -65,10 +65,16 @@ class GroupCall(Generic[I, R]):
             batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
             try:
                 results = await self._call([item for item, _ in batch])
-            except Exception as error:  # noqa: BLE001 - handed to every caller waiting on it
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except BaseException as error:  # handed to every caller waiting on it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise  # the process is going down: let it
                 continue
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
@@ -83,7 +89,7 @@ class LeaseKeeper:
         self,
         claims: Sequence[Claim],
         *,
-        renew: Callable[[list[Lease]], Awaitable[list[Lease | None]]],
+        renew: Callable[[list[tuple[Lease, Intent | None]]], Awaitable[list[Lease | None]]],
         ttl: timedelta,
         clock: Clock,
         asked_at: float,
@@ -98,7 +104,7 @@ class LeaseKeeper:
         self._lost: set[str] = set()
         #: Connections whose request is on the wire or whose outcome is not committed yet.
         self.in_flight: set[str] = set()
-        self._group: GroupCall[Lease, Lease | None] = GroupCall(self._renew)
+        self._group: GroupCall[tuple[Lease, Intent | None], Lease | None] = GroupCall(self._renew)
 
     def lease(self, connection_id: str) -> Lease:
         """The newest lease held on the connection (the claim's, or its latest renewal)."""
@@ -113,13 +119,14 @@ class LeaseKeeper:
     def lost(self, connection_id: str) -> bool:
         return connection_id in self._lost
 
-    async def renew(self, connection_id: str) -> Lease | None:
-        """Renew the connection's lease now (grouped with the other workers' renewals).
-        ``None``: it was lost. Raises what the store raised when it could not answer."""
+    async def renew(self, connection_id: str, intent: Intent | None = None) -> Lease | None:
+        """Renew the connection's lease now (grouped with the other workers' renewals),
+        recording ``intent`` in the same fenced write when given. ``None``: it was lost.
+        Raises what the store raised when it could not answer."""
         if connection_id in self._lost:
             return None
         asked = self._clock.monotonic()
-        lease = await self._group.submit(self._held[connection_id])
+        lease = await self._group.submit((self._held[connection_id], intent))
         self._record(connection_id, lease, asked)
         return lease
 
@@ -141,7 +148,7 @@ class LeaseKeeper:
                 continue
             asked = self._clock.monotonic()
             try:
-                renewed = await self._renew([self._held[c] for c in cids])
+                renewed = await self._renew([(self._held[c], None) for c in cids])
             except TokenBrokerError as error:
                 self._log.warning("lease heartbeat failed", error_code=error.code, leases=len(cids))
                 continue

@@ -14,11 +14,19 @@ Guarantees, in order of importance:
    refresh tokens, a request that may have been answered (a timeout or reset after it was
    sent, a 200 we reject) may have consumed the token: presenting it again would look like
    theft and revoke the grant. Such an attempt ends the tick for that connection.
-3. **A refresh counts as done only once committed**: the secret version, then the state (with
-   the fencing token), then the events. Results are committed in batches as they arrive; at
-   most ``max_at_risk`` presented refreshes are ever waiting for their commit, and while a
-   store call is retrying no new refresh token is sent, so a slow or failing store pauses
-   presenting instead of piling up answers it cannot keep.
+3. **Durable as soon as answered.** Before a rotating refresh token is presented, an
+   :class:`~.model.Intent` is recorded with the lease renewal (one fenced write); the moment
+   the provider answers, the new credential is *staged* -- a pending version, durable, that
+   every later read settles even if this process dies (:meth:`.SecretStore.stage`); stages
+   and renewals of the workers released together are grouped into one store call. The
+   commit then promotes the version, writes the state under the lease and puts the events in
+   the state store's outbox in the same commit (:class:`~.ports.RefreshCommitter`), and the
+   events are relayed from there. At most ``max_at_risk`` presented refreshes are ever
+   waiting for their commit, and while a store call is retrying no new refresh token is sent,
+   so a slow or failing store pauses presenting instead of piling up answers it cannot keep.
+   A connection found with an intent and no outcome is never presented again blindly: see
+   :func:`.transitions.unknown_outcome` (retry within the provider's reuse-grace window, or
+   serve the access token and present once more just before it expires).
 4. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
    (:mod:`~.kernel.retry`), then a backoff until the next tick; permanent ones get none and
    move the connection to ``needs_reauth`` with exactly one event.
@@ -46,7 +54,7 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -70,6 +78,7 @@ from tokenbroker.kernel.model import (
     Credential,
     EventType,
     GrantType,
+    Intent,
     Lease,
     StoredCredential,
 )
@@ -77,9 +86,31 @@ from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.oauth.acquire import next_credential, request_token
 from tokenbroker.oauth.profiles import ProviderProfile
-from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore, TokenEndpoint
-from tokenbroker.refresh.leases import LeaseKeeper
-from tokenbroker.refresh.transitions import Outcome, Succeeded, Transition, failed, transition
+from tokenbroker.oauth.token_response import TokenResponse
+from tokenbroker.ports import (
+    CommitOutcome,
+    Completion,
+    EventBus,
+    Promotion,
+    RefreshCommitter,
+    SecretStore,
+    SecretWrite,
+    StateStore,
+    TokenEndpoint,
+)
+from tokenbroker.refresh.commit import StoreCommitter
+from tokenbroker.refresh.leases import GroupCall, LeaseKeeper
+from tokenbroker.refresh.transitions import (
+    AtRisk,
+    FailedPermanent,
+    Outcome,
+    Plan,
+    Succeeded,
+    Transition,
+    failed,
+    transition,
+    unknown_outcome,
+)
 
 T = TypeVar("T")
 
@@ -118,6 +149,10 @@ class TickSummary:
     uncommitted: int = 0
     #: Attempts whose outcome is unknown (the answer may have consumed a rotating token).
     unknown_outcome: int = 0
+    #: Connections left at risk: an unknown outcome, the access token served meanwhile.
+    at_risk: int = 0
+    #: Answers of earlier attempts found staged (a crashed refresher's) and committed.
+    settled: int = 0
     #: Refresh tokens kept from answers that were otherwise rejected.
     salvaged: int = 0
     events_parked: int = 0
@@ -160,6 +195,8 @@ class TickSummary:
             "lease_unavailable": self.lease_unavailable,
             "uncommitted": self.uncommitted,
             "unknown_outcome": self.unknown_outcome,
+            "at_risk": self.at_risk,
+            "settled": self.settled,
             "salvaged": self.salvaged,
             "events_parked": self.events_parked,
             "events_relayed": self.events_relayed,
@@ -184,6 +221,22 @@ class _Skip(enum.Enum):
     #: The state store could not renew the lease: nothing was sent, and the lease will expire
     #: by itself (giving it back would need the store that is down).
     UNAVAILABLE = "unavailable"
+    #: The answer lost to a newer version (an operator's re-authorisation): given back.
+    SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """An earlier attempt's answer was staged and is current now (its writer died, or its
+    commit lost the lease): commit the state it belongs to, present nothing."""
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """The outcome of ``intent`` is unknown: present nothing until ``until``."""
+
+    intent: Intent
+    until: datetime
 
 
 @dataclass(frozen=True)
@@ -193,12 +246,16 @@ class _Attempt:
     claim: Claim
     #: The credential the attempt started from (``None``: none is stored, or it is corrupt).
     stored: StoredCredential | None
-    #: The refreshed credential, the final error, or why there is nothing to commit.
-    result: Credential | TokenBrokerError | _Skip
+    #: The refreshed credential, the final error, or what else there is to commit.
+    result: Credential | TokenBrokerError | _Skip | _Settled | _Wait
     attempted_at: datetime
     #: A credential to store although the attempt failed: the stored one with the refresh
     #: token a rejected answer carried (the provider already swapped the old one for it).
     salvage: Credential | None = None
+    #: The pending version the answer (or the salvage) was staged as; ``None``: not yet.
+    staged: int | None = None
+    #: The intent recorded before presenting, when the outcome is still unknown after it.
+    intent: Intent | None = None
     #: Whether this attempt holds one of the ``max_at_risk`` permits (released once committed).
     permit: bool = False
 
@@ -208,6 +265,11 @@ class _Attempt:
         if self.stored is not None:
             return self.stored.version
         return self.claim.record.state.current_version
+
+    @property
+    def keeps(self) -> Credential | None:
+        """The credential to make current: the answer, or the salvage."""
+        return self.result if isinstance(self.result, Credential) else self.salvage
 
 
 @dataclass
@@ -219,6 +281,8 @@ class _Run:
     #: Permits to present: at most ``max_at_risk`` refreshes wait for their commit.
     at_risk: asyncio.Semaphore
     summary: TickSummary
+    #: Answers staged as they arrive, grouped into one store call.
+    stager: GroupCall[SecretWrite, int | VersionConflict]
 
 
 class Refresher:
@@ -239,6 +303,7 @@ class Refresher:
         concurrency: int = 256,
         max_at_risk: int | None = None,
         commit_batch: int = 500,
+        committer: RefreshCommitter | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if lease_guard >= lease_ttl:
@@ -262,6 +327,9 @@ class Refresher:
         #: At most this many presented refreshes wait for their commit at any time.
         self.max_at_risk = max_at_risk or concurrency
         self.commit_batch = commit_batch
+        #: Promotes staged versions and writes states with their events (atomically where
+        #: one store holds both: the composition root passes the embedded one).
+        self.committer = committer or StoreCommitter(secrets, state)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._committing: asyncio.Event | None = None
         self._halt: list[TokenBrokerError] = []
@@ -308,6 +376,7 @@ class Refresher:
                 "not refreshed: the connection is not active", connection_id=cid, status=status
             )
         if batch.claims:
+            # Reading settles any answer a crashed refresher staged (see SecretStore.stage).
             stored = await self._store(
                 "read credentials", self.secrets.get_many,
                 [c.lease.connection_id for c in batch.claims],
@@ -320,7 +389,13 @@ class Refresher:
                 asked_at=asked,
                 log=self.log,
             )
-            run = _Run(endpoint, leases, asyncio.Semaphore(self.max_at_risk), summary)
+            run = _Run(
+                endpoint,
+                leases,
+                asyncio.Semaphore(self.max_at_risk),
+                summary,
+                GroupCall(self._stage),
+            )
             async with leases.beating(self.lease_ttl.total_seconds() / 3):
                 await self._run(run, batch.claims, stored, progress)
         summary.seconds = self.clock.monotonic() - started
@@ -362,8 +437,18 @@ class Refresher:
                 self._committing.set()
         return result
 
-    async def _renew(self, leases: list[Lease]) -> list[Lease | None]:
-        return await self._store("renew leases", self.state.renew, leases, ttl=self.lease_ttl)
+    async def _renew(self, items: list[tuple[Lease, Intent | None]]) -> list[Lease | None]:
+        intents = [intent for _, intent in items]
+        return await self._store(
+            "renew leases",
+            self.state.renew,
+            [lease for lease, _ in items],
+            ttl=self.lease_ttl,
+            intents=intents if any(intents) else None,
+        )
+
+    async def _stage(self, writes: list[SecretWrite]) -> list[int | VersionConflict]:
+        return await self._store("stage answers", self.secrets.stage, writes)
 
     def _halting(self, error: TokenBrokerError) -> None:
         """Stop presenting refresh tokens for the rest of the tick."""
@@ -413,6 +498,9 @@ class Refresher:
             if refusal is not None:
                 return refusal
             assert isinstance(stored, StoredCredential)  # noqa: S101 - _refusal checked it
+            known = self._known_outcome(claim, stored, now)
+            if known is not None:
+                return known
             return await self._attempts(run, claim, stored)
         except Exception as exc:  # contained to this connection, alerted with its traceback
             self.log.exception(
@@ -443,9 +531,56 @@ class Refresher:
             return _Attempt(claim, stored, unknown, now)
         return None
 
+    def _known_outcome(
+        self, claim: Claim, stored: StoredCredential, now: datetime
+    ) -> _Attempt | None:
+        """For a connection whose last presentation has no recorded outcome (its intent is
+        still there): the answer was staged and is current now (commit it), or nobody knows
+        (present only if the plan says so). ``None``: present as usual."""
+        intent = claim.record.state.intent
+        if intent is None:
+            return None
+        cid = claim.lease.connection_id
+        if stored.version != intent.from_version:
+            credential = stored.credential
+            if credential.obtained_at is None or credential.expires_at is None:
+                return None  # not an answer (new material stored meanwhile): present as usual
+            self.log.info(
+                "found the answer of an earlier attempt, staged: committing it",
+                connection_id=cid,
+                attempt=intent.attempt,
+                version=stored.version,
+            )
+            return _Attempt(claim, stored, _Settled(), now)
+        profile = self.profiles[claim.record.connection.profile]
+        plan, until = unknown_outcome(
+            intent,
+            store_now=claim.lease.expires_at - self.lease_ttl,  # granted at the store's now
+            now=now,
+            access_expires_at=stored.credential.expires_at,
+            reuse_grace=timedelta(seconds=profile.refresh_token_reuse_grace_seconds),
+        )
+        if plan is Plan.WAIT and until is not None:
+            self.log.warning(
+                "refresh outcome unknown: serving the access token, presenting again at the"
+                " last chance",
+                connection_id=cid,
+                attempt=intent.attempt,
+                present_at=isoformat(until),
+            )
+            return _Attempt(claim, stored, _Wait(intent, until), now)
+        self.log.warning(
+            "presenting a refresh token whose last outcome is unknown (reuse grace, or the"
+            " last step before the access token expires)",
+            connection_id=cid,
+            attempt=intent.attempt,
+        )
+        return None
+
     async def _attempts(self, run: _Run, claim: Claim, stored: StoredCredential) -> _Attempt:
         """Present the refresh token until an outcome: each attempt renews the lease first
-        and needs the guard left; an ambiguous answer for a rotating token ends it."""
+        (recording the intent, for a rotating token) and needs the guard left; the answer is
+        staged at once; an ambiguous answer for a rotating token ends it."""
         connection = claim.record.connection
         cid = connection.id
         profile = self.profiles[connection.profile]
@@ -454,10 +589,18 @@ class Refresher:
         number = 1
         while True:
             await at_risk.acquire()
-            ready = await self._ready(claim, stored, leases, summary)
+            intent = None
+            if rotating:
+                intent = Intent(uuid.uuid4().hex, stored.version, claim.lease.token)
+            ready = await self._ready(claim, stored, leases, summary, intent)
             if ready is not None:
                 at_risk.release()
                 return ready
+            if intent is not None:
+                # As the store stamped it: granted ``ttl`` from the store's now.
+                lease = leases.lease(cid)
+                intent = replace(intent, at=lease.expires_at - self.lease_ttl)
+                failpoint("intent.durable")
             attempted_at = self.clock.now()
             leases.in_flight.add(cid)
             try:
@@ -465,19 +608,15 @@ class Refresher:
                     run.endpoint, connection, profile, stored.credential, attempted_at
                 )
             except TokenBrokerError as error:
-                salvage = self._salvage(stored, error)
-                if rotating and _ambiguous(error):
-                    summary.unknown_outcome += 1
-                    self.log.warning(
-                        "refresh outcome unknown: not retried with the same refresh token",
-                        connection_id=cid,
-                        error_code=error.code,
-                    )
-                    return _Attempt(claim, stored, error, attempted_at, salvage, permit=True)
-                wait = self.retry.delay(number, error, self.rng)
-                if wait is None or salvage is not None:
-                    error.attempts = number
-                    return _Attempt(claim, stored, error, attempted_at, salvage, permit=True)
+                ended = self._after_error(
+                    _Attempt(claim, stored, error, attempted_at, intent=intent, permit=True),
+                    number,
+                    rotating=rotating,
+                    summary=summary,
+                )
+                if isinstance(ended, _Attempt):
+                    return await self._staged(run, ended)
+                wait = ended
                 leases.in_flight.discard(cid)
                 at_risk.release()
                 summary.retries += 1
@@ -492,29 +631,93 @@ class Refresher:
                 number += 1
                 continue
             failpoint("answer.received")
-            try:
-                credential = next_credential(
-                    connection, profile, stored.credential, response, attempted_at
-                )
-                self._check_storable(credential)
-            except Exception as exc:  # the provider's answer is in hand: keep its token
-                self.log.exception(
-                    "refresh failed (internal error) after the provider answered",
-                    connection_id=cid,
-                    error_type=type(exc).__name__,
-                )
-                internal = InternalError(f"connection {cid!r}: unexpected {type(exc).__name__}")
-                salvage = None
-                if response.refresh_token is not None:
-                    salvage = stored.credential.with_token(refresh_token=response.refresh_token)
-                return _Attempt(claim, stored, internal, attempted_at, salvage, permit=True)
-            return _Attempt(claim, stored, credential, attempted_at, permit=True)
+            attempt = self._answered(claim, stored, response, attempted_at)
+            return await self._staged(run, attempt, intent)
+
+    def _after_error(
+        self, attempt: _Attempt, number: int, *, rotating: bool, summary: TickSummary
+    ) -> _Attempt | float:
+        """What an attempt that got an error ends as, or the seconds to wait before the next:
+        an ambiguous answer for a rotating token ends it (keeping its intent); a rejected
+        answer that carried a refresh token ends it (keeping the token)."""
+        error = attempt.result
+        assert isinstance(error, TokenBrokerError)  # noqa: S101 - the caller's exception
+        assert attempt.stored is not None  # noqa: S101
+        salvage = self._salvage(attempt.stored, error)
+        if rotating and _ambiguous(error):
+            summary.unknown_outcome += 1
+            self.log.warning(
+                "refresh outcome unknown: not retried with the same refresh token",
+                connection_id=attempt.claim.lease.connection_id,
+                error_code=error.code,
+            )
+            return replace(attempt, salvage=salvage)
+        wait = self.retry.delay(number, error, self.rng)
+        if wait is None or salvage is not None:
+            error.attempts = number
+            return replace(attempt, salvage=salvage, intent=None)
+        return wait
+
+    def _answered(
+        self, claim: Claim, stored: StoredCredential, response: TokenResponse, at: datetime
+    ) -> _Attempt:
+        """The attempt for a provider's answer: the credential to store, or -- when building
+        it fails (a bug, a value no rule foresaw) -- an internal error that still keeps the
+        answer's refresh token."""
+        connection = claim.record.connection
+        profile = self.profiles[connection.profile]
+        try:
+            credential = next_credential(connection, profile, stored.credential, response, at)
+            self._check_storable(credential)
+        except Exception as exc:  # the provider's answer is in hand: keep its token
+            cid = connection.id
+            self.log.exception(
+                "refresh failed (internal error) after the provider answered",
+                connection_id=cid,
+                error_type=type(exc).__name__,
+            )
+            internal = InternalError(f"connection {cid!r}: unexpected {type(exc).__name__}")
+            salvage = None
+            if response.refresh_token is not None:
+                salvage = stored.credential.with_token(refresh_token=response.refresh_token)
+            return _Attempt(claim, stored, internal, at, salvage, permit=True)
+        return _Attempt(claim, stored, credential, at, permit=True)
+
+    async def _staged(self, run: _Run, attempt: _Attempt, intent: Intent | None = None) -> _Attempt:
+        """The attempt with its answer (or salvaged token) staged: durable now. A stage the
+        store cannot take halts presenting; the commit tries again."""
+        keeps, stored = attempt.keeps, attempt.stored
+        if keeps is None or stored is None:
+            return attempt
+        cid = attempt.claim.lease.connection_id
+        write = SecretWrite(cid, keeps, stored.version, (intent or attempt.intent or _NO).attempt)
+        try:
+            staged = await run.stager.submit(write)
+        except TokenBrokerError as error:
+            self.log.error(
+                "answer not staged: presenting stopped", connection_id=cid, error_code=error.code
+            )
+            self._halting(error)
+            return attempt
+        if isinstance(staged, VersionConflict):
+            self.log.warning("refresh discarded: newer version exists", connection_id=cid)
+            if isinstance(attempt.result, Credential):
+                return replace(attempt, result=_Skip.SUPERSEDED)
+            return replace(attempt, salvage=None)
+        failpoint("secret.written")
+        return replace(attempt, staged=staged)
 
     async def _ready(
-        self, claim: Claim, stored: StoredCredential, leases: LeaseKeeper, summary: TickSummary
+        self,
+        claim: Claim,
+        stored: StoredCredential,
+        leases: LeaseKeeper,
+        summary: TickSummary,
+        intent: Intent | None,
     ) -> _Attempt | None:
         """Whether a refresh token may be presented now: ``None`` if so, else the attempt
-        that ends here. Waits while a store call is retrying."""
+        that ends here. Waits while a store call is retrying; renews the lease, recording
+        ``intent`` in the same write."""
         cid = claim.lease.connection_id
         now = self.clock.now()
         if self._committing is not None:
@@ -522,7 +725,7 @@ class Refresher:
         if self._halt:
             return _Attempt(claim, stored, _Skip.DEFERRED, now)
         try:
-            lease = await leases.renew(cid)
+            lease = await leases.renew(cid, intent)
         except TokenBrokerError as error:
             summary.lease_unavailable += 1
             self.log.error(
@@ -613,31 +816,38 @@ class Refresher:
     async def _commit(
         self, batch: list[_Attempt], leases: LeaseKeeper, summary: TickSummary
     ) -> None:
-        """Secret versions first, then states (fenced), then events. Each step is retried
-        while retryable; a step that fails for good raises."""
+        """Stage what is not staged yet, then one commit: promotions, states (fenced) and
+        their events into the outbox; then relay those events. Each step is retried while
+        retryable; a step that fails for good raises."""
+        batch = await self._stage_leftovers(batch)
         now = self.clock.now()
         releases = [
-            leases.lease(a.claim.lease.connection_id) for a in batch if a.result is _Skip.DEFERRED
+            leases.lease(a.claim.lease.connection_id)
+            for a in batch
+            if a.result in (_Skip.DEFERRED, _Skip.SUPERSEDED)
         ]
-        summary.deferred += len(releases)
-        summary.lease_lost += sum(1 for a in batch if a.result is _Skip.LOST)
-        written, salvaged, discarded = await self._write_credentials(batch, summary)
-        changes = self._transitions(batch, written, salvaged, leases, now)
-        for lease in releases + discarded:
+        summary.deferred += sum(1 for a in batch if a.result is _Skip.DEFERRED)
+        summary.lease_lost += sum(1 for a in batch if a.result in (_Skip.LOST, _Skip.SUPERSEDED))
+        for lease in releases:
             await self._store("release lease", self.state.release, lease)
-
-        updates = [(lease, change.state) for lease, _, change in changes]
-        accepted = (
-            await self._store("write states", self.state.complete, updates) if updates else []
-        )
-        if updates:
-            failpoint("state.committed")
+        changes = self._transitions(batch, leases, now)
+        if not changes:
+            return
+        items = [
+            (Completion(lease, change.state, change.events), promotion)
+            for lease, _, change, promotion in changes
+        ]
+        results = await self._store("commit outcomes", self.committer.commit, items)
+        failpoint("state.committed")
         to_publish: list[ConnectionEvent] = []
-        for (lease, outcome, change), ok in zip(changes, accepted, strict=True):
-            if not ok:
+        for (lease, outcome, change, _), result in zip(changes, results, strict=True):
+            if result is not CommitOutcome.COMMITTED:
                 summary.lease_lost += 1
                 self.log.warning(
-                    "refresh state not committed: lease lost", connection_id=lease.connection_id
+                    "refresh state not committed: lease lost"
+                    if result is CommitOutcome.LEASE_LOST
+                    else "refresh discarded: newer version exists",
+                    connection_id=lease.connection_id,
                 )
                 continue
             to_publish.extend(change.events)
@@ -645,109 +855,142 @@ class Refresher:
         if to_publish:
             await self._publish(to_publish, summary)
 
-    async def _write_credentials(
-        self, batch: list[_Attempt], summary: TickSummary
-    ) -> tuple[list[tuple[_Attempt, Succeeded]], dict[int, int], list[Lease]]:
-        """Write each refreshed (or salvaged) credential by compare-and-set on the version it
-        started from. Returns the successes as committed, the salvaged versions (by the
-        attempt's position in ``batch``), and the leases of refreshes a newer version beat."""
-        writes: list[tuple[int, _Attempt, Credential]] = []
-        for index, attempt in enumerate(batch):
-            if attempt.stored is None:
-                continue
-            if isinstance(attempt.result, Credential):
-                writes.append((index, attempt, attempt.result))
-            elif attempt.salvage is not None:
-                writes.append((index, attempt, attempt.salvage))
-        if not writes:
-            return [], {}, []
-        results = await self._store(
-            "write credentials",
-            self.secrets.put_many,
-            [
-                SecretWrite(a.claim.lease.connection_id, credential, a.stored.version)  # type: ignore[union-attr]
-                for _, a, credential in writes
-            ],
-        )
-        failpoint("secret.written")
-        written: list[tuple[_Attempt, Succeeded]] = []
-        salvaged: dict[int, int] = {}
-        discarded: list[Lease] = []
-        for (index, attempt, credential), result in zip(writes, results, strict=True):
-            cid = attempt.claim.lease.connection_id
+    async def _stage_leftovers(self, batch: list[_Attempt]) -> list[_Attempt]:
+        """Stage the answers a worker could not (the store was failing then)."""
+        waiting = [
+            (n, a)
+            for n, a in enumerate(batch)
+            if a.staged is None and a.keeps is not None and a.stored is not None
+        ]
+        if not waiting:
+            return batch
+        writes = [
+            SecretWrite(a.claim.lease.connection_id, a.keeps, a.stored.version)  # type: ignore[arg-type,union-attr]
+            for _, a in waiting
+        ]
+        results = await self._store("stage answers", self.secrets.stage, writes)
+        batch = list(batch)
+        for (n, attempt), result in zip(waiting, results, strict=True):
             if isinstance(result, VersionConflict):
-                # Someone re-authorised the connection meanwhile: their version wins.
-                self.log.warning("refresh discarded: newer version exists", connection_id=cid)
-                if isinstance(attempt.result, Credential):
-                    summary.lease_lost += 1
-                    discarded.append(attempt.claim.lease)
-                continue
-            if isinstance(attempt.result, Credential):
-                written.append((attempt, _succeeded(credential, result, attempt.attempted_at)))
-            else:
-                salvaged[index] = result
-                summary.salvaged += 1
-                self.log.warning(
-                    "kept the refresh token of a rejected answer", connection_id=cid, version=result
+                skipped = isinstance(attempt.result, Credential)
+                batch[n] = (
+                    replace(attempt, result=_Skip.SUPERSEDED)
+                    if skipped
+                    else replace(attempt, salvage=None)
                 )
-        return written, salvaged, discarded
+            else:
+                batch[n] = replace(attempt, staged=result)
+        return batch
 
     def _transitions(
-        self,
-        batch: list[_Attempt],
-        written: list[tuple[_Attempt, Succeeded]],
-        salvaged: dict[int, int],
-        leases: LeaseKeeper,
-        now: datetime,
-    ) -> list[tuple[Lease, Outcome, Transition]]:
-        """Each committed success's and each failure's transition, in that order (the order
-        the scheduling jitter is drawn from ``self.rng``)."""
-        changes: list[tuple[Lease, Outcome, Transition]] = []
-        for attempt, success in written:
+        self, batch: list[_Attempt], leases: LeaseKeeper, now: datetime
+    ) -> list[tuple[Lease, Outcome, Transition, Promotion | None]]:
+        """Each outcome's transition and the promotion that goes with it (the order the
+        scheduling jitter is drawn from ``self.rng`` is the batch's)."""
+        changes: list[tuple[Lease, Outcome, Transition, Promotion | None]] = []
+        for attempt in batch:
             claim = attempt.claim
-            change = transition(claim, success, now, self.policy, self.rng)
-            self.log.debug(
-                "credential rotated",
-                connection_id=claim.lease.connection_id,
-                version=success.version,
-                expires_at=isoformat(success.expires_at),
-            )
-            changes.append((leases.lease(claim.lease.connection_id), success, change))
-        for index, attempt in enumerate(batch):
-            if isinstance(error := attempt.result, TokenBrokerError):
-                failure = failed(
-                    error,
-                    attempted_at=attempt.attempted_at,
-                    version=attempt.version,
-                    salvaged=salvaged.get(index),
+            cid = claim.lease.connection_id
+            lease = leases.lease(cid)
+            promotion = None
+            if attempt.staged is not None:
+                promotion = Promotion(cid, attempt.staged, attempt.version)
+            outcome = self._outcome(attempt, now)
+            if outcome is None:
+                continue
+            change = transition(claim, outcome, now, self.policy, self.rng)
+            if isinstance(attempt.result, TokenBrokerError):
+                self._log_failure(cid, attempt.result, change)
+            elif isinstance(outcome, Succeeded):
+                self.log.debug(
+                    "credential rotated",
+                    connection_id=cid,
+                    version=outcome.version,
+                    expires_at=isoformat(outcome.expires_at),
                 )
-                change = transition(attempt.claim, failure, now, self.policy, self.rng)
-                self._log_failure(attempt.claim.lease.connection_id, error, change)
-                changes.append((leases.lease(attempt.claim.lease.connection_id), failure, change))
+            changes.append((lease, outcome, change, promotion))
         return changes
 
+    def _outcome(self, attempt: _Attempt, now: datetime) -> Outcome | None:
+        """What the attempt's state transition is made of (``None``: nothing to commit)."""
+        result = attempt.result
+        if isinstance(result, Credential):
+            if attempt.staged is None:
+                return None  # not durable: nothing may point at it (presenting has halted)
+            return _succeeded(result, attempt.staged, attempt.attempted_at)
+        if isinstance(result, _Settled) and attempt.stored is not None:
+            return _succeeded(attempt.stored.credential, attempt.stored.version, now)
+        if isinstance(result, _Wait):
+            return AtRisk(result.intent, result.until, attempt.attempted_at, attempt.version)
+        if not isinstance(result, TokenBrokerError):
+            return None
+        return self._failure(attempt, result, now)
+
+    def _failure(self, attempt: _Attempt, result: TokenBrokerError, now: datetime) -> Outcome:
+        """A failed attempt's outcome; an ambiguous one keeps its intent (see ``_outcome``)."""
+        previous = attempt.claim.record.state
+        if attempt.intent is None:
+            # The failure answered the question: this presentation consumed nothing. An
+            # earlier unknown outcome (the claim's intent) is still unknown.
+            return failed(
+                result,
+                attempted_at=attempt.attempted_at,
+                version=attempt.version,
+                salvaged=attempt.staged,
+                intent=previous.intent if attempt.staged is None else None,
+            )
+        # An ambiguous answer: the token may be spent. Retry within the reuse-grace window;
+        # otherwise serve the access token until the last chance.
+        profile = self.profiles[attempt.claim.record.connection.profile]
+        grace = timedelta(seconds=profile.refresh_token_reuse_grace_seconds)
+        expires_at = attempt.stored.credential.expires_at if attempt.stored else None
+        if attempt.staged is None and not grace:
+            plan, until = unknown_outcome(
+                attempt.intent,
+                store_now=attempt.intent.at or now,
+                now=now,
+                access_expires_at=expires_at,
+                reuse_grace=grace,
+            )
+            if plan is Plan.WAIT and until is not None:
+                return AtRisk(
+                    attempt.intent,
+                    until,
+                    attempt.attempted_at,
+                    attempt.version,
+                    error_code=result.code,
+                    failed_now=True,
+                )
+        retry_at = now + min(grace / 2, timedelta(seconds=30)) if grace else None
+        return failed(
+            result,
+            attempted_at=attempt.attempted_at,
+            version=attempt.version,
+            salvaged=attempt.staged,
+            intent=attempt.intent if attempt.staged is None else None,
+            retry_at=retry_at,
+        )
+
     async def _publish(self, events: list[ConnectionEvent], summary: TickSummary) -> None:
-        """Publish, or park the events in the state store for a later tick to relay: the
-        credentials are committed already, and their announcements must not be lost."""
+        """Relay the events just committed to the outbox: publish, then unpark. If the bus
+        cannot take them they stay parked, and the next tick relays them."""
         try:
             await self._store("publish events", self.events.publish, events)
         except TokenBrokerError as error:
-            self.log.error(
-                "events not published; parking them", error_code=error.code, count=len(events)
-            )
-        else:
-            failpoint("events.published")
-            return
-        try:
-            await self._store("park events", self.state.park_events, events)
             summary.events_parked += len(events)
-        except TokenBrokerError as error:
-            summary.events_lost += len(events)
             self.log.error(
-                "events lost: neither published nor parked",
+                "events not published; parked for the next tick",
                 error_code=error.code,
-                idempotency_keys=[e.idempotency_key for e in events],
+                count=len(events),
             )
+            return
+        failpoint("events.published")
+        try:
+            await self._store(
+                "unpark events", self.state.unpark_events, [e.event_id for e in events]
+            )
+        except TokenBrokerError as error:  # published: a later relay sends them again
+            self.log.warning("published events not unparked yet", error_code=error.code)
 
     async def _relay_parked_events(self, summary: TickSummary) -> None:
         try:
@@ -771,7 +1014,14 @@ class Refresher:
             "attempts": error.attempts,
             "error": error.message,
         }
-        if isinstance(error, InternalError):
+        if change.state.at_risk:
+            self.log.error(
+                "refresh outcome unknown: connection at risk, its access token served until"
+                " the last chance",
+                **fields,
+                present_at=isoformat(change.state.next_refresh_at),
+            )
+        elif isinstance(error, InternalError):
             self.log.error(
                 "refresh failed (internal): retried with backoff",
                 **fields,
@@ -789,6 +1039,10 @@ class Refresher:
             self.log.error(
                 "refresh failed (permanent): connection needs re-authorisation", **fields
             )
+
+
+#: The attempt id of an answer whose presentation recorded no intent.
+_NO = Intent("", None, 0)
 
 
 #: Gateway answers (RFC 9110 §15.6.3, §15.6.5): a proxy in front of the provider speaks, and
@@ -818,8 +1072,12 @@ def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> 
 def _count(summary: TickSummary, outcome: Outcome, events: Sequence[ConnectionEvent]) -> None:
     if isinstance(outcome, Succeeded):
         summary.refreshed += 1
+    elif isinstance(outcome, AtRisk):
+        summary.at_risk += 1
     else:
         summary.failed[outcome.failure_class] += 1
+        if not isinstance(outcome, FailedPermanent) and outcome.salvaged is not None:
+            summary.salvaged += 1
     for event in events:
         if event.type is EventType.RECOVERED:
             summary.recovered += 1

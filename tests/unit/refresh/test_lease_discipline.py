@@ -53,13 +53,15 @@ class JournaledState(MemoryStateStore):
         self.on_renew: Callable[[], None] | None = None
         self.renew_fails = False
 
-    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> list[Lease | None]:
+    def renew(
+        self, leases: Sequence[Lease], *, ttl: timedelta, intents: Any = None
+    ) -> list[Lease | None]:
         self.journal.entries.append("renew")
         if self.renew_fails:
             raise StoreUnavailable("state store down")
         if self.on_renew is not None:
             self.on_renew()
-        return super().renew(leases, ttl=ttl)
+        return super().renew(leases, ttl=ttl, intents=intents)
 
 
 class JournaledEndpoint:
@@ -413,10 +415,10 @@ def test_no_more_than_max_at_risk_refreshes_wait_for_a_slow_store(world: World) 
         def __getattr__(self, name: str) -> Any:
             return getattr(inner, name)
 
-        def put_many(self, writes: Any) -> Any:
+        def stage(self, writes: Any) -> Any:  # where an answer becomes durable
             seen.append(world.server.requests["refresh_token"])
             gate.wait(10)
-            return inner.put_many(writes)
+            return inner.stage(writes)
 
     world.secrets = SlowSecrets()  # type: ignore[assignment]
     world.server.latency = 0.01

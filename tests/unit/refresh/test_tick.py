@@ -271,7 +271,7 @@ class FlakyStore:
 def test_store_hiccups_are_retried_and_nothing_is_lost(world: World) -> None:
     for i in range(5):
         world.add(f"c{i}")
-    world.secrets = FlakyStore(world.secrets, {"put_many"}, failures=2)  # type: ignore[assignment]
+    world.secrets = FlakyStore(world.secrets, {"stage", "promote"}, failures=2)  # type: ignore[assignment]
     summary = world.tick(world.refresher(commit_batch=1))
     assert summary.refreshed == 5
     assert summary.ok
@@ -281,7 +281,7 @@ def test_store_hiccups_are_retried_and_nothing_is_lost(world: World) -> None:
 def test_when_commits_fail_for_good_no_more_refresh_tokens_are_sent(world: World) -> None:
     for i in range(20):
         world.add(f"c{i}")
-    world.secrets = FlakyStore(world.secrets, {"put_many"}, failures=10**6)  # type: ignore[assignment]
+    world.secrets = FlakyStore(world.secrets, {"stage", "promote"}, failures=10**6)  # type: ignore[assignment]
     world.server.latency = 0.002  # a real network round trip lets the committer run
     refresher = world.refresher(concurrency=2, commit_batch=1)
     with pytest.raises(StoreUnavailable):

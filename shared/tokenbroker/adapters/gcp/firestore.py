@@ -149,10 +149,11 @@ from tokenbroker.kernel.model import (
     ConnectionEvent,
     ConnectionRecord,
     ConnectionStatus,
+    Intent,
     Lease,
     RefreshState,
 )
-from tokenbroker.ports import ClaimBatch
+from tokenbroker.ports import ClaimBatch, Completion
 
 __all__ = ["DEFAULT_COLLECTION", "FirestoreStateStore", "stored_document"]
 
@@ -179,7 +180,6 @@ _BACKOFF_MAX_S = 1.0
 #: ``lease_expires_at`` of a connection nobody holds: long expired, and still a timestamp.
 NO_LEASE = datetime(1970, 1, 1, tzinfo=UTC)
 _ACTIVE = ConnectionStatus.ACTIVE.value
-_TIME_FIELDS = ("expires_at", "next_refresh_at", "last_refresh_at", "last_attempt_at")
 _LEASE_GIVEN_BACK: dict[str, Any] = {"lease_holder": None, "lease_expires_at": NO_LEASE}
 
 
@@ -206,6 +206,28 @@ def _utc(value: Any) -> datetime | None:
     )
 
 
+def _intent_fields(intent: Intent | None) -> dict[str, Any] | None:
+    if intent is None:
+        return None
+    return {
+        "attempt": intent.attempt,
+        "from_version": intent.from_version,
+        "token": intent.token,
+        "at": intent.at,
+    }
+
+
+def _intent(data: Any) -> Intent | None:
+    if not data:
+        return None
+    return Intent(
+        attempt=str(data["attempt"]),
+        from_version=data.get("from_version"),
+        token=int(data["token"]),
+        at=_utc(data.get("at")),
+    )
+
+
 def _state_fields(state: RefreshState) -> dict[str, Any]:
     return {
         "status": state.status.value,
@@ -216,17 +238,23 @@ def _state_fields(state: RefreshState) -> dict[str, Any]:
         "consecutive_failures": state.consecutive_failures,
         "current_version": state.current_version,
         "last_error": state.last_error,
+        "intent": _intent_fields(state.intent),
+        "at_risk": state.at_risk,
     }
 
 
 def _state(data: dict[str, Any]) -> RefreshState:
-    times = {name: _utc(data.get(name)) for name in _TIME_FIELDS}
     return RefreshState(
         status=ConnectionStatus(data["status"]),
+        expires_at=_utc(data.get("expires_at")),
+        next_refresh_at=_utc(data.get("next_refresh_at")),
+        last_refresh_at=_utc(data.get("last_refresh_at")),
+        last_attempt_at=_utc(data.get("last_attempt_at")),
         consecutive_failures=int(data.get("consecutive_failures") or 0),
         current_version=data.get("current_version"),
         last_error=data.get("last_error"),
-        **times,
+        intent=_intent(data.get("intent")),
+        at_risk=bool(data.get("at_risk")),
     )
 
 
@@ -267,6 +295,26 @@ def stored_document(
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+#: Writes one commit may carry, under Firestore's 500 (a chunk of completions writes one
+#: document each, one per event and the sequence document).
+_WRITES_PER_COMMIT = 450
+
+
+def _write_chunks(items: Sequence[Completion], size: int) -> Iterator[Sequence[Completion]]:
+    """At most ``size`` completions per chunk, and at most ``_WRITES_PER_COMMIT`` writes."""
+    part: list[Completion] = []
+    writes = 1  # the sequence document
+    for item in items:
+        cost = 1 + len(item.events)
+        if part and (len(part) >= size or writes + cost > _WRITES_PER_COMMIT):
+            yield part
+            part, writes = [], 1
+        part.append(item)
+        writes += cost
+    if part:
+        yield part
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -702,11 +750,22 @@ class FirestoreStateStore:
             claims, leased_elsewhere=leased_elsewhere, missing=missing, inactive=inactive
         )
 
-    def renew(self, leases: Sequence[Lease], *, ttl: timedelta) -> builtins.list[Lease | None]:
-        def chunk(part: Sequence[Lease]) -> Callable[[Any], builtins.list[Lease | None]]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
+        paired = list(zip(leases, intents or [None] * len(leases), strict=True))
+
+        def chunk(
+            part: Sequence[tuple[Lease, Intent | None]],
+        ) -> Callable[[Any], builtins.list[Lease | None]]:
             def body(transaction: Any) -> builtins.list[Lease | None]:
-                expires = self.lease_clock.now() + ttl
-                ids = list(dict.fromkeys(lease.connection_id for lease in part))
+                lease_now = self.lease_clock.now()
+                expires = lease_now + ttl
+                ids = list(dict.fromkeys(lease.connection_id for lease, _ in part))
                 snaps = self._read(transaction.get_all([self._doc(cid) for cid in ids]))
                 held = {
                     str(s.id): s.get("lease_token")
@@ -714,55 +773,87 @@ class FirestoreStateStore:
                     if s.exists and s.get("lease_holder") is not None
                 }
                 results: builtins.list[Lease | None] = []
-                renewed: set[str] = set()
-                for lease in part:
+                writes: dict[str, dict[str, Any]] = {}
+                for lease, intent in part:
                     if held.get(lease.connection_id) != lease.token:
                         results.append(None)
                         continue
                     results.append(replace(lease, expires_at=expires))
-                    renewed.add(lease.connection_id)
-                for cid in renewed:  # one write per document per commit
-                    transaction.update(self._doc(cid), {"lease_expires_at": expires})
-                return results
-
-            return body
-
-        results: builtins.list[Lease | None] = []
-        with _translated("renew"):
-            for part in _chunks(leases, self.chunk_size):
-                results.extend(self._transact(chunk(part)))
-        return results
-
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
-        def chunk(
-            part: Sequence[tuple[Lease, RefreshState]],
-        ) -> Callable[[Any], builtins.list[bool]]:
-            def body(transaction: Any) -> builtins.list[bool]:
-                ids = list(dict.fromkeys(lease.connection_id for lease, _ in part))
-                snaps = self._read(transaction.get_all([self._doc(cid) for cid in ids]))
-                tokens = {str(s.id): s.get("lease_token") for s in snaps if s.exists}
-                writes: dict[str, dict[str, Any]] = {}
-                results: builtins.list[bool] = []
-                for lease, state in part:
-                    # The fencing check: only the newest token granted on this connection may
-                    # write. A deleted connection has none; a re-created one starts above every
-                    # token granted before the delete.
-                    accepted = tokens.get(lease.connection_id) == lease.token
-                    if accepted:
-                        writes[lease.connection_id] = {
-                            **_state_fields(state),
-                            **_LEASE_GIVEN_BACK,
-                        }
-                    results.append(accepted)
+                    fields = writes.setdefault(lease.connection_id, {"lease_expires_at": expires})
+                    if intent is not None:
+                        fields["intent"] = _intent_fields(replace(intent, at=lease_now))
                 for cid, fields in writes.items():  # one write per document per commit
                     transaction.update(self._doc(cid), fields)
                 return results
 
             return body
 
+        results: builtins.list[Lease | None] = []
+        with _translated("renew"):
+            for part in _chunks(paired, self.chunk_size):
+                results.extend(self._transact(chunk(part)))
+        return results
+
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
+        """The fencing check and the state write in one transaction per chunk, with the
+        events of the accepted outcomes parked in the same transaction (the outbox; relayed
+        by the refresher), numbered from the sequence document as ``park_events`` numbers
+        them. Chunks stay under the per-commit write limit."""
+        done = [o if isinstance(o, Completion) else Completion(*o) for o in outcomes]
+
+        def chunk(part: Sequence[Completion]) -> Callable[[Any], builtins.list[bool]]:
+            def body(transaction: Any) -> builtins.list[bool]:
+                ids = list(dict.fromkeys(c.lease.connection_id for c in part))
+                events = {e.event_id: e for c in part for e in c.events}
+                sequence = self._parked(PARKED_SEQUENCE)
+                event_refs = {eid: self._parked(eid) for eid in events}
+                refs = [self._doc(cid) for cid in ids]
+                if events:
+                    refs += [sequence, *event_refs.values()]
+                snaps = {s.reference.path: s for s in self._read(transaction.get_all(refs))}
+                tokens = {
+                    cid: snaps[self._doc(cid).path].get("lease_token")
+                    for cid in ids
+                    if snaps[self._doc(cid).path].exists
+                }
+                writes: dict[str, dict[str, Any]] = {}
+                accepted_events: dict[str, ConnectionEvent] = {}
+                results: builtins.list[bool] = []
+                for completion in part:
+                    lease = completion.lease
+                    # The fencing check: only the newest token granted on this connection may
+                    # write. A deleted connection has none; a re-created one starts above every
+                    # token granted before the delete.
+                    accepted = tokens.get(lease.connection_id) == lease.token
+                    if accepted:
+                        writes[lease.connection_id] = {
+                            **_state_fields(completion.state),
+                            **_LEASE_GIVEN_BACK,
+                        }
+                        for event in completion.events:
+                            accepted_events.setdefault(event.event_id, event)
+                    results.append(accepted)
+                for cid, fields in writes.items():  # one write per document per commit
+                    transaction.update(self._doc(cid), fields)
+                if accepted_events:
+                    seq = snaps[sequence.path]
+                    last = int(seq.get("last")) if seq.exists else 0
+                    for eid, event in accepted_events.items():
+                        if not snaps[event_refs[eid].path].exists:
+                            last += 1
+                            transaction.create(
+                                event_refs[eid], {"seq": last, "event": event.to_json()}
+                            )
+                    transaction.set(sequence, {"last": last})
+                return results
+
+            return body
+
         results: builtins.list[bool] = []
         with _translated("complete"):
-            for part in _chunks(outcomes, self.chunk_size):
+            for part in _write_chunks(done, self.chunk_size):
                 results.extend(self._transact(chunk(part)))
         return results
 
