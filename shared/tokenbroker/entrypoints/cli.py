@@ -403,7 +403,7 @@ def status(ctx: _Context) -> None:
     rows = [
         [
             r.connection.id,
-            r.state.status.value,
+            r.state.status.value + (" (at risk)" if r.state.at_risk else ""),
             _expires_in(r.state.expires_at, now),
             isoformat(r.state.last_refresh_at) or "-",
             str(r.state.consecutive_failures),
