@@ -835,12 +835,12 @@ class Refresher:
             return
         items = [
             (Completion(lease, change.state, change.events), promotion)
-            for lease, _, change, promotion in changes
+            for _, lease, _, change, promotion in changes
         ]
         results = await self._store("commit outcomes", self.committer.commit, items)
         failpoint("state.committed")
         to_publish: list[ConnectionEvent] = []
-        for (lease, outcome, change, _), result in zip(changes, results, strict=True):
+        for (attempt, lease, outcome, change, _), result in zip(changes, results, strict=True):
             if result is not CommitOutcome.COMMITTED:
                 summary.lease_lost += 1
                 self.log.warning(
@@ -852,6 +852,8 @@ class Refresher:
                 continue
             to_publish.extend(change.events)
             _count(summary, outcome, change.events)
+            if isinstance(attempt.result, _Settled):
+                summary.settled += 1
         if to_publish:
             await self._publish(to_publish, summary)
 
@@ -884,10 +886,10 @@ class Refresher:
 
     def _transitions(
         self, batch: list[_Attempt], leases: LeaseKeeper, now: datetime
-    ) -> list[tuple[Lease, Outcome, Transition, Promotion | None]]:
+    ) -> list[tuple[_Attempt, Lease, Outcome, Transition, Promotion | None]]:
         """Each outcome's transition and the promotion that goes with it (the order the
         scheduling jitter is drawn from ``self.rng`` is the batch's)."""
-        changes: list[tuple[Lease, Outcome, Transition, Promotion | None]] = []
+        changes: list[tuple[_Attempt, Lease, Outcome, Transition, Promotion | None]] = []
         for attempt in batch:
             claim = attempt.claim
             cid = claim.lease.connection_id
@@ -908,7 +910,7 @@ class Refresher:
                     version=outcome.version,
                     expires_at=isoformat(outcome.expires_at),
                 )
-            changes.append((lease, outcome, change, promotion))
+            changes.append((attempt, lease, outcome, change, promotion))
         return changes
 
     def _outcome(self, attempt: _Attempt, now: datetime) -> Outcome | None:

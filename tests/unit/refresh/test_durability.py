@@ -232,6 +232,7 @@ def test_a_crash_after_the_answer_was_staged_loses_nothing(world: World) -> None
     summary = world.tick(connection_ids=["c1"])
     assert world.server.requests["refresh_token"] == sent  # nothing presented again
     assert summary.refreshed == 1  # the staged answer, committed
+    assert summary.settled == 1
     stored = world.secrets.get("c1")
     assert stored.version == 3
     assert world.server.grant_alive(stored.credential.refresh_token.reveal())  # type: ignore[union-attr]
