@@ -1,5 +1,7 @@
 """SIGKILL at each step boundary of a refresh, against oidc-provider (which rotates refresh
-tokens and revokes the grant when a used one comes back), on the embedded backend.
+tokens and revokes the grant when a used one comes back), on the embedded backend and on the
+gcp one (Secret Manager test server, Firestore and Pub/Sub emulators; aws at the points where
+its pointer protocol differs).
 
 The refresher is the real ``tokenbroker`` command, killed by its own failpoint
 (``TOKENBROKER_FAILPOINTS``, ``kernel/failpoints.py``) at the first pass of each boundary; then
@@ -15,14 +17,21 @@ import os
 import signal
 import subprocess
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import save_output
+from tests.support.emulators import emulator
 from tests.support.oidc import RT_BASIC_ID, RT_BASIC_SECRET, OidcServer
-from tests.system.helpers import add_refresh_connection, embedded_runtime, outbox, tick
+from tests.system.helpers import add_refresh_connection, outbox, tick
 from tests.system.processes import BIN
+from tokenbroker.entrypoints.compose import Runtime, build_runtime
+from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.model import ClientAuthMethod, ConnectionStatus, EventType
 
 pytestmark = pytest.mark.system
@@ -42,12 +51,110 @@ POINTS = [
 ]
 
 
-@pytest.mark.parametrize("point", POINTS)
+@dataclass
+class Deployment:
+    """One isolated backend: the settings a refresher process gets, and how to read back the
+    events it announced."""
+
+    env: dict[str, str]
+    announced: Callable[[Runtime], set[tuple[str, int]]]
+
+    def runtime(self) -> Runtime:
+        return build_runtime(Settings.from_env({**os.environ, **self.env}))
+
+
+def _rotated(events: list[Any]) -> set[tuple[str, int]]:
+    return {(e.connection_id, e.version) for e in events if e.type is EventType.ROTATED}
+
+
+@pytest.fixture(scope="module")
+def secret_manager() -> Iterator[Any]:
+    from tests.support.secretmanager_server import SecretManagerTestServer
+
+    server = SecretManagerTestServer().start()
+    yield server
+    server.stop()
+
+
+def _deployment(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Deployment:
+    base = {
+        "TOKENBROKER_LEASE_TTL_SECONDS": str(LEASE_TTL),
+        "TOKENBROKER_HTTP_TIMEOUT": "5",
+        "TOKENBROKER_RETRY_BASE_DELAY_SECONDS": "0.05",
+    }
+    if backend == "embedded":
+        env = {**base, "TOKENBROKER_BACKEND": "embedded", "TOKENBROKER_STATE_DIR": str(tmp_path)}
+        return Deployment(env, lambda runtime: _rotated(outbox(runtime)))
+    emulator("firestore")
+    emulator("pubsub")
+    from google.api_core.exceptions import DeadlineExceeded
+    from google.cloud import pubsub_v1
+
+    from tokenbroker.consumer.subscriber import parse_message
+
+    project = f"tb-crash-{uuid.uuid4().hex[:10]}"
+    sm = request.getfixturevalue("secret_manager")
+    env = {
+        **base,
+        "TOKENBROKER_BACKEND": backend,
+        "TOKENBROKER_GCP_PROJECT": project,
+        "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
+        "TOKENBROKER_SECRET_MANAGER_ENDPOINT": sm.address,
+    }
+    if backend == "aws":
+        from tests.support.moto_server import moto_endpoint
+
+        env.update(
+            TOKENBROKER_AWS_ENDPOINT_URL=moto_endpoint(),
+            TOKENBROKER_AWS_REGION="us-east-1",
+            TOKENBROKER_AWS_SECRET_PREFIX=f"{project}/",
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+        )
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # boto3 reads them itself
+            monkeypatch.setenv(name, env[name])
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(project, "tokenbroker-events")
+    publisher.create_topic(name=topic)
+    subscription = subscriber.subscription_path(project, "crash")
+    subscriber.create_subscription(request={"name": subscription, "topic": topic})
+    seen: list[Any] = []
+
+    def announced(_: Runtime) -> set[tuple[str, int]]:
+        while True:  # until a pull comes back empty
+            try:
+                answer = subscriber.pull(
+                    request={"subscription": subscription, "max_messages": 1000},
+                    timeout=2.0,
+                    retry=None,
+                )
+            except DeadlineExceeded:
+                break
+            if not answer.received_messages:
+                break
+            subscriber.acknowledge(
+                request={
+                    "subscription": subscription,
+                    "ack_ids": [m.ack_id for m in answer.received_messages],
+                }
+            )
+            seen.extend(parse_message(m.message) for m in answer.received_messages)
+        return _rotated(seen)
+
+    return Deployment(env, announced)
+
+
+CASES = [("embedded", p) for p in POINTS] + [("gcp", p) for p in POINTS]
+CASES += [("aws", "secret.written"), ("aws", "state.committed")]
+
+
+@pytest.mark.parametrize(("backend", "point"), CASES)
 def test_a_kill_at_each_step_boundary_loses_no_connection(
-    tmp_path: Path, oidc: OidcServer, point: str
+    tmp_path: Path, oidc: OidcServer, backend: str, point: str, request: pytest.FixtureRequest
 ) -> None:
-    state_dir = tmp_path / "state"
-    runtime = embedded_runtime(state_dir)
+    deployment = _deployment(backend, tmp_path / "state", request)
+    runtime = deployment.runtime()
     try:
         for cid in IDS:
             add_refresh_connection(
@@ -59,25 +166,19 @@ def test_a_kill_at_each_step_boundary_loses_no_connection(
         runtime.close()
     oidc.reset_stats()
 
-    env = {
-        **os.environ,
-        "TOKENBROKER_STATE_DIR": str(state_dir),
-        "TOKENBROKER_FAILPOINTS": point,
-        "TOKENBROKER_LEASE_TTL_SECONDS": str(LEASE_TTL),
-        "TOKENBROKER_HTTP_TIMEOUT": "5",
-    }
+    env = {**os.environ, **deployment.env, "TOKENBROKER_FAILPOINTS": point}
     env.pop("TOKENBROKER_ENCRYPTION_KEY", None)
     killed = subprocess.run(
         [str(BIN / "tokenbroker"), "refresh", "--all"],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    save_output(f"crash-{point}", killed.stdout, killed.stderr)
+    save_output(f"crash-{backend}-{point}", killed.stdout, killed.stderr)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
     # The dead holder's leases (those of the connections it had not committed yet) expire by
     # the host's boot clock; until then the stores already hold whatever it made durable.
     time.sleep(LEASE_TTL + 1)
-    runtime = embedded_runtime(state_dir, lease_ttl_seconds=LEASE_TTL)
+    runtime = deployment.runtime()
     try:
         after = tick(runtime, connection_ids=IDS)
         tick(runtime)  # and a plain tick: relays whatever is still parked
@@ -102,9 +203,8 @@ def test_a_kill_at_each_step_boundary_loses_no_connection(
         if point == "secret.written":
             assert any(not s.at_risk for s in records.values())  # the staged one, settled
         # Every committed version was announced (no crash point loses an event).
-        announced = {
-            (e.connection_id, e.version) for e in outbox(runtime) if e.type is EventType.ROTATED
-        }
+        assert runtime.state.parked_events(1000) == []  # the outbox was relayed
+        announced = deployment.announced(runtime)
         for cid, s in records.items():
             assert s.current_version is not None
             for version in range(2, s.current_version + 1):
