@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from tokenbroker.kernel.errors import CorruptCredential, VersionConflict
+from tokenbroker.kernel.errors import CorruptCredential, TokenBrokerError, VersionConflict
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
 from tokenbroker.kernel.model import (
     Caller,
@@ -121,21 +121,24 @@ class SecretStore(Protocol):
         """Many compare-and-set writes, each independent; one result per write, in order."""
         ...
 
-    def stage(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
+    def stage(self, writes: Sequence[SecretWrite]) -> builtins.list[int | TokenBrokerError]:
         """Make each credential durable at once as a *pending* version on top of
         ``expected_version`` (compare-and-set, as ``put``); one result per write: the pending
         version's number, or the conflict. A pending version is not current until promoted
         -- but it is never lost: every read **settles** a pending version whose parent is
         still current (promotes it, as AWS's staged labels are settled), so an answer staged
         by a refresher that then died is current for whoever reads next. Staging the same
-        ``attempt`` again is idempotent.
+        ``attempt`` again is harmless (a remote store may add an identical second version;
+        the read settles one). An error that is one connection's own -- the conflict, a corrupt
+        record, a version the store refuses (AWS's version quota, a burnt version id) -- is that
+        write's result; only a store that cannot answer raises.
 
         This is the refresher's durability point for a provider's answer: a rotating provider
         has already retired the refresh token sent, so the answer must be kept before anything
         else happens."""
         ...
 
-    def promote(self, promotions: Sequence[Promotion]) -> builtins.list[int | VersionConflict]:
+    def promote(self, promotions: Sequence[Promotion]) -> builtins.list[int | TokenBrokerError]:
         """Make each staged version current if its parent still is (already current: the same
         answer); retention applies as for ``put``. One result per promotion: the version, or
         the conflict (the connection moved on: someone wrote a newer version)."""

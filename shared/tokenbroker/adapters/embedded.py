@@ -816,7 +816,7 @@ class EmbeddedRefreshCommitter:
                 if promotion is not None:
                     try:
                         self._secrets.promote_in(cur, promotion)
-                    except VersionConflict:
+                    except (VersionConflict, CorruptCredential):
                         cur.execute(
                             "UPDATE connections SET lease_holder=NULL, lease_expires_at=NULL "
                             "WHERE id = ? AND lease_token = ?",

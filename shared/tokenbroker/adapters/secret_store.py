@@ -52,7 +52,13 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
-from tokenbroker.kernel.errors import ConfigError, CorruptCredential, NotFound, VersionConflict
+from tokenbroker.kernel.errors import (
+    ConfigError,
+    CorruptCredential,
+    NotFound,
+    TokenBrokerError,
+    VersionConflict,
+)
 from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.ports import Promotion, SecretWrite
 
@@ -74,6 +80,9 @@ DEFAULT_RETAINED_VERSIONS = 3
 
 #: One write's outcome in ``put_many``: the new version, or the conflict it met.
 WriteResult = int | VersionConflict
+#: One item's outcome in ``stage``/``promote``: the version, or the error that is that
+#: connection's own (a conflict, a corrupt or refused record).
+ItemResult = int | TokenBrokerError
 #: One connection's current version as ``get_many`` returns it.
 ReadResult = StoredCredential | CorruptCredential
 
@@ -166,23 +175,27 @@ class VersionedSecretStore(ABC):
         """Writes to different connections may run at once (:meth:`_map`); writes to the same
         connection run in the order given, since a later one may expect the version an earlier
         one made. A conflict is that write's result and stops no other write."""
-        return self._each(writes, self._commit)
+        return self._each(writes, self._commit)  # type: ignore[return-value]  # no containment
 
-    def stage(self, writes: Sequence[SecretWrite]) -> list[WriteResult]:
+    def stage(self, writes: Sequence[SecretWrite]) -> list[ItemResult]:
         """Pending versions, one compare-and-set each (as ``put_many`` runs its writes)."""
-        return self._each(writes, self._stage)
+        return self._each(writes, self._stage, contain=True)
 
-    def promote(self, promotions: Sequence[Promotion]) -> list[WriteResult]:
+    def promote(self, promotions: Sequence[Promotion]) -> list[ItemResult]:
         """Staged versions made current, one compare-and-set each."""
-        return self._each(promotions, self._promote)
+        return self._each(promotions, self._promote, contain=True)
 
-    def _each(self, items: Sequence[W], one: Callable[[W], int]) -> list[WriteResult]:
+    def _each(
+        self, items: Sequence[W], one: Callable[[W], int], *, contain: bool = False
+    ) -> list[ItemResult]:
         """``one`` over ``items``: different connections through :meth:`_map`, one connection's
-        items in the order given; a conflict is that item's result and stops nothing else."""
+        items in the order given; a conflict is that item's result and stops nothing else.
+        ``contain``: so is any error that is that connection's own (not retryable: a corrupt
+        record, a refused version), as the port's ``stage``/``promote`` promise."""
         by_connection: dict[str, list[int]] = {}
         for index, item in enumerate(items):
             by_connection.setdefault(item.connection_id, []).append(index)
-        results: list[WriteResult] = [0] * len(items)
+        results: list[ItemResult] = [0] * len(items)
 
         def run(indices: list[int]) -> None:
             for index in indices:
@@ -190,6 +203,10 @@ class VersionedSecretStore(ABC):
                     results[index] = one(items[index])
                 except VersionConflict as conflict:
                     results[index] = conflict
+                except TokenBrokerError as error:
+                    if not contain or error.retryable:
+                        raise
+                    results[index] = error
 
         self._map(run, list(by_connection.values()))
         return results
@@ -362,16 +379,16 @@ class TransactionalSecretStore(VersionedSecretStore, Generic[Tx]):
         with self._transaction() as tx:
             return self._promote_in(tx, promotion)
 
-    def stage(self, writes: Sequence[SecretWrite]) -> list[WriteResult]:
+    def stage(self, writes: Sequence[SecretWrite]) -> list[ItemResult]:
         """All stages in one transaction (one commit, one fsync for SQLite), in order."""
         return self._all_in_one(writes, self._stage_in)
 
-    def promote(self, promotions: Sequence[Promotion]) -> list[WriteResult]:
+    def promote(self, promotions: Sequence[Promotion]) -> list[ItemResult]:
         """All promotions in one transaction, in order."""
         return self._all_in_one(promotions, self._promote_in)
 
-    def _all_in_one(self, items: Sequence[W], one: Callable[[Tx, W], int]) -> list[WriteResult]:
-        results: list[WriteResult] = []
+    def _all_in_one(self, items: Sequence[W], one: Callable[[Tx, W], int]) -> list[ItemResult]:
+        results: list[ItemResult] = []
         if not items:
             return results
         with self._transaction() as tx:
@@ -380,6 +397,8 @@ class TransactionalSecretStore(VersionedSecretStore, Generic[Tx]):
                     results.append(one(tx, item))
                 except VersionConflict as conflict:
                     results.append(conflict)
+                except CorruptCredential as corrupt:  # one bad staged record: its own result
+                    results.append(corrupt)
         return results
 
     def _commit_in(self, tx: Tx, write: SecretWrite) -> int:
@@ -397,4 +416,11 @@ class TransactionalSecretStore(VersionedSecretStore, Generic[Tx]):
     def put_many(self, writes: Sequence[SecretWrite]) -> list[WriteResult]:
         """All writes in one transaction (one commit, one fsync for SQLite), in the order
         given; each is still its own compare-and-set."""
-        return self._all_in_one(writes, self._commit_in)
+        results: list[WriteResult] = []
+        with self._transaction() as tx:
+            for write in writes:
+                try:
+                    results.append(self._commit_in(tx, write))
+                except VersionConflict as conflict:
+                    results.append(conflict)
+        return results

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tokenbroker.kernel.errors import VersionConflict
+from tokenbroker.kernel.errors import TokenBrokerError
 from tokenbroker.ports import (
     CommitOutcome,
     Completion,
@@ -35,10 +35,12 @@ class StoreCommitter:
     def commit(self, items: Sequence[tuple[Completion, Promotion | None]]) -> list[CommitOutcome]:
         promotions = [(index, p) for index, (_, p) in enumerate(items) if p is not None]
         promoted = self.secrets.promote([p for _, p in promotions]) if promotions else []
+        # Not promoted -- a newer version won, or the staged record is refused: the state
+        # is not written (it would point at a version that is not current).
         superseded = {
             index
             for (index, _), result in zip(promotions, promoted, strict=True)
-            if isinstance(result, VersionConflict)
+            if isinstance(result, TokenBrokerError)
         }
         completing = [(i, c) for i, (c, _) in enumerate(items) if i not in superseded]
         accepted = self.state.complete([c for _, c in completing]) if completing else []

@@ -282,7 +282,7 @@ class _Run:
     at_risk: asyncio.Semaphore
     summary: TickSummary
     #: Answers staged as they arrive, grouped into one store call.
-    stager: GroupCall[SecretWrite, int | VersionConflict]
+    stager: GroupCall[SecretWrite, int | TokenBrokerError]
 
 
 class Refresher:
@@ -447,7 +447,7 @@ class Refresher:
             intents=intents if any(intents) else None,
         )
 
-    async def _stage(self, writes: list[SecretWrite]) -> list[int | VersionConflict]:
+    async def _stage(self, writes: list[SecretWrite]) -> list[int | TokenBrokerError]:
         return await self._store("stage answers", self.secrets.stage, writes)
 
     def _halting(self, error: TokenBrokerError) -> None:
@@ -699,13 +699,30 @@ class Refresher:
             )
             self._halting(error)
             return attempt
-        if isinstance(staged, VersionConflict):
+        if isinstance(staged, TokenBrokerError):
+            return self._not_staged(attempt, staged)
+        failpoint("secret.written")
+        if attempt.permit:  # durable now: no longer at risk
+            run.at_risk.release()
+        return replace(attempt, staged=staged, permit=False)
+
+    def _not_staged(self, attempt: _Attempt, error: TokenBrokerError) -> _Attempt:
+        """An answer the secret store refused for this connection: a newer version won (an
+        operator's re-authorisation), or the store will not take this version (a corrupt
+        record, AWS's version quota or a burnt version id) -- that connection's failure,
+        loudly: the provider's new refresh token could not be kept."""
+        cid = attempt.claim.lease.connection_id
+        if isinstance(error, VersionConflict):
             self.log.warning("refresh discarded: newer version exists", connection_id=cid)
             if isinstance(attempt.result, Credential):
                 return replace(attempt, result=_Skip.SUPERSEDED)
             return replace(attempt, salvage=None)
-        failpoint("secret.written")
-        return replace(attempt, staged=staged)
+        self.log.error(
+            "the secret store refused the new credential: the connection needs an operator",
+            connection_id=cid,
+            error_code=error.code,
+        )
+        return replace(attempt, result=error, salvage=None, intent=None)
 
     async def _ready(
         self,
@@ -873,13 +890,8 @@ class Refresher:
         results = await self._store("stage answers", self.secrets.stage, writes)
         batch = list(batch)
         for (n, attempt), result in zip(waiting, results, strict=True):
-            if isinstance(result, VersionConflict):
-                skipped = isinstance(attempt.result, Credential)
-                batch[n] = (
-                    replace(attempt, result=_Skip.SUPERSEDED)
-                    if skipped
-                    else replace(attempt, salvage=None)
-                )
+            if isinstance(result, TokenBrokerError):
+                batch[n] = self._not_staged(attempt, result)
             else:
                 batch[n] = replace(attempt, staged=result)
         return batch

@@ -262,3 +262,35 @@ def test_remove_during_a_refresh_is_not_undone(world: World) -> None:
     _tick(world, endpoint)
     assert world.state.list() == []
     assert world.secrets.versions("c1") == []
+
+
+def test_a_version_the_store_refuses_fails_that_connection_only(world: World) -> None:
+    """AWS refuses a burnt version id, or its version quota is exhausted, after the provider
+    consumed the token (issue 8: one such error failed the whole batch). It is that
+    connection's failure, announced; the others are committed."""
+    from tokenbroker.kernel.errors import CorruptCredential as Refused
+
+    for n in range(4):
+        world.add(f"c{n}")
+    inner = world.secrets
+
+    class Refusing:
+        def __getattr__(self, name: str) -> object:
+            return getattr(inner, name)
+
+        def stage(self, writes: list) -> list:  # type: ignore[type-arg]
+            keep = [w for w in writes if w.connection_id != "c2"]
+            done = iter(inner.stage(keep))
+            return [
+                Refused("version refused") if w.connection_id == "c2" else next(done)
+                for w in writes
+            ]
+
+    world.secrets = Refusing()  # type: ignore[assignment]
+    summary = world.tick()
+    assert summary.refreshed == 3
+    assert summary.failed["permanent"] == 1
+    assert world.state.get("c2").state.last_error == "corrupt_credential"
+    assert [e.type for e in world.events.events if e.connection_id == "c2"] == [
+        EventType.NEEDS_REAUTH
+    ]

@@ -21,9 +21,12 @@ and one tombstone per deleted connection in ``<collection>_fencing`` holding the
 ``lease_token``: a connection re-created under the same id continues the token sequence, so a
 refresher that leased the old one can never commit on the new one.
 
-Events the bus could not take are parked in ``<collection>_parked_events``, one document per
-event (named by a hash of its id; ``seq`` from a sequence document in the same collection gives
-the oldest-first order).
+The outbox is ``<collection>_parked_events``, one document per event (named by a hash of its
+id; ``seq`` from a sequence document in the same collection gives the oldest-first order):
+``complete`` writes the events of the outcomes it accepts there in the same transaction as the
+state, and the refresher relays and deletes them; events the bus could not take stay there for
+the next tick. (The sequence document makes concurrent commits contend; a commit is one
+transaction per batch, so refreshers commit a few times a second at most.)
 
 Selecting due connections
 -------------------------
@@ -97,7 +100,8 @@ claim_due       k claimed, + 1 look-ahead per full chunk, + the ties  k
                 (billed per 1,000 index entries); an empty query
                 bills 1
 claim(ids)      k named                                               k granted
-complete        k                                                     k accepted
+complete        k, + 1 sequence document and 1 per event (the outbox)  k accepted, + 1 per event
+                                                                      and the sequence document
 renew           k                                                     k held
 release         1                                                     0 or 1
 park_events     k + 1 (the sequence document)                         k new + 1
