@@ -12,12 +12,13 @@ security path from the caller's header to the token handed out.
 from __future__ import annotations
 
 import builtins
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from tokenbroker.kernel.errors import VersionConflict
+from tokenbroker.kernel.errors import CorruptCredential, TokenBrokerError, VersionConflict
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
 from tokenbroker.kernel.model import (
     Caller,
@@ -25,7 +26,9 @@ from tokenbroker.kernel.model import (
     Connection,
     ConnectionEvent,
     ConnectionRecord,
+    ConnectionStatus,
     Credential,
+    Intent,
     Lease,
     MintedToken,
     RefreshState,
@@ -39,8 +42,12 @@ __all__ = [
     "BudgetDecision",
     "CallerVerifier",
     "ClaimBatch",
+    "CommitOutcome",
+    "Completion",
     "EventBus",
     "Impersonator",
+    "Promotion",
+    "RefreshCommitter",
     "RelayTransport",
     "SecretStore",
     "SecretWrite",
@@ -52,11 +59,34 @@ __all__ = [
 @dataclass(frozen=True)
 class SecretWrite:
     """One compare-and-set write: succeeds only if the current version is ``expected_version``
-    (``None``: the connection has no credential yet)."""
+    (``None``: the connection has no credential yet). ``attempt`` names the refresh attempt a
+    staged write answers (see :meth:`SecretStore.stage`)."""
 
     connection_id: str
     credential: Credential
     expected_version: int | None
+    attempt: str | None = None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Make a staged ``version`` current, only if ``parent`` (the version it was staged on)
+    still is."""
+
+    connection_id: str
+    version: int
+    parent: int | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One refresh outcome for :meth:`StateStore.complete`: the state to write under the
+    lease, and the events announcing it, written to the store's outbox in the same commit
+    (a transactional outbox: no crash point commits a state without its events)."""
+
+    lease: Lease
+    state: RefreshState
+    events: tuple[ConnectionEvent, ...] = ()
 
 
 @runtime_checkable
@@ -74,8 +104,14 @@ class SecretStore(Protocol):
         """The current version. Raises NotFound."""
         ...
 
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
-        """Current versions of many connections; absent ones are left out."""
+    def get_many(
+        self, connection_ids: Sequence[str]
+    ) -> dict[str, StoredCredential | CorruptCredential]:
+        """Current versions of many connections; absent ones are left out.
+
+        One bad record never fails the batch: a credential that does not verify or decrypt is
+        that connection's value, a :class:`CorruptCredential`. Only a store that cannot answer
+        at all raises (``StoreUnavailable``)."""
         ...
 
     def put(
@@ -87,6 +123,29 @@ class SecretStore(Protocol):
 
     def put_many(self, writes: Sequence[SecretWrite]) -> builtins.list[int | VersionConflict]:
         """Many compare-and-set writes, each independent; one result per write, in order."""
+        ...
+
+    def stage(self, writes: Sequence[SecretWrite]) -> builtins.list[int | TokenBrokerError]:
+        """Make each credential durable at once as a *pending* version on top of
+        ``expected_version`` (compare-and-set, as ``put``); one result per write: the pending
+        version's number, or the conflict. A pending version is not current until promoted
+        -- but it is never lost: every read **settles** a pending version whose parent is
+        still current (promotes it, as AWS's staged labels are settled), so an answer staged
+        by a refresher that then died is current for whoever reads next. Staging the same
+        ``attempt`` again is harmless (a remote store may add an identical second version;
+        the read settles one). An error that is one connection's own -- the conflict, a corrupt
+        record, a version the store refuses (AWS's version quota, a burnt version id) -- is that
+        write's result; only a store that cannot answer raises.
+
+        This is the refresher's durability point for a provider's answer: a rotating provider
+        has already retired the refresh token sent, so the answer must be kept before anything
+        else happens."""
+        ...
+
+    def promote(self, promotions: Sequence[Promotion]) -> builtins.list[int | TokenBrokerError]:
+        """Make each staged version current if its parent still is (already current: the same
+        answer); retention applies as for ``put``. One result per promotion: the version, or
+        the conflict (the connection moved on: someone wrote a newer version)."""
         ...
 
     def versions(self, connection_id: str) -> builtins.list[int]:
@@ -105,11 +164,25 @@ class ClaimBatch:
     leased_elsewhere: int = 0
     #: Named connections that do not exist (``claim`` only).
     missing: builtins.list[str] = field(default_factory=list)
+    #: Named connections not leased because they are not active (``claim`` only): status is
+    #: law -- only ``enable`` or ``reauth`` make a disabled or needs_reauth connection
+    #: refreshable again.
+    inactive: dict[str, ConnectionStatus] = field(default_factory=dict)
 
 
 @runtime_checkable
 class StateStore(Protocol):
-    """The connection registry, refresh state, and per-connection leases."""
+    """The connection registry, refresh state, and per-connection leases.
+
+    **Lease time is the store's own clock** (Firestore: the server's time; SQLite: the one
+    host's boot clock; memory: the clock it was given), never a refresher's: a lease is free
+    when it has expired by the store's clock, and a grant or renewal lasts ``ttl`` from the
+    store's now. A refresher whose wall clock is stepped or skewed can therefore neither take
+    a live lease nor stretch its own. The ``now`` the claims take only selects what is due
+    (``next_refresh_at <= now``): a skewed refresher at worst refreshes early or late.
+    ``Lease.expires_at`` is on the store's clock, for information; a holder measures the time
+    it has left on its own monotonic clock from the moment it asked (see ``renew``).
+    """
 
     def create(self, connection: Connection, state: RefreshState) -> None:
         """Register a connection. Raises AlreadyExists."""
@@ -128,31 +201,65 @@ class StateStore(Protocol):
         ...
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
-        """Overwrite a connection's state outside any lease (operator actions). NotFound."""
+        """Overwrite a connection's state outside any lease (operator actions). NotFound.
+
+        The operator's write wins over any refresh in flight: it retires the live lease (the
+        fencing token grows and the lease is free), so that refresh can neither present its
+        refresh token again nor commit a state over this one."""
         ...
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
         """Lease up to ``limit`` active connections whose ``next_refresh_at <= now`` and whose
-        lease is free or expired, earliest first, atomically."""
+        lease is free or expired (by the store's clock), earliest first, atomically."""
         ...
 
     def claim(
         self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
     ) -> ClaimBatch:
-        """Lease the named connections (any status, due or not) whose lease is free."""
+        """Lease the named active connections (due or not) whose lease is free. Named
+        connections that are not active are reported in ``inactive`` and not leased."""
         ...
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
+        """Extend each lease to ``ttl`` from the store's now, only if it is still held with
+        the newest fencing token (an expired lease nobody took since is still ours); one
+        answer per lease: the renewed lease, or ``None`` when it was lost (taken over,
+        completed, released, retired by an operator's write, or the connection deleted).
+
+        ``intents`` (aligned with ``leases``; ``None`` entries keep what is recorded) records
+        in the same fenced write the :class:`~.model.Intent` of a refresh about to present a
+        rotating refresh token, stamped with the store's clock (``at``): durable before the
+        request is sent, so a crash leaves a record of what was in flight.
+
+        A holder renews before every attempt to present a refresh token, and keeps renewing
+        while one is in flight. Because the store starts ``ttl`` no earlier than the call,
+        the holder's own monotonic time at the call plus ``ttl`` is a safe deadline. A store
+        that cannot answer raises ``StoreUnavailable``: "lost" and "cannot tell" are never
+        confused."""
+        ...
+
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
         """Write each new state and release its lease, only if the lease's fencing token is
-        still the newest; one boolean per outcome (False: the lease was lost)."""
+        still the newest; one boolean per outcome (False: the lease was lost). A
+        :class:`Completion`'s events are parked in the same commit (see ``park_events``), so
+        a state is never committed without its announcements; a lost lease writes neither."""
         ...
 
     def release(self, lease: Lease) -> None:
         """Give a lease back without changing state (no-op if it was lost)."""
         ...
 
-    # Events the bus could not take are parked here, durably, and relayed on a later tick:
-    # delivery stays at-least-once even across an event-bus outage.
+    # The outbox: events committed with their state (``complete``) or that the bus could not
+    # take are parked here, durably, and relayed (published, then unparked): delivery stays
+    # at-least-once across a crash at any point and across an event-bus outage.
 
     def park_events(self, events: Sequence[ConnectionEvent]) -> None:
         """Keep events for a later publish (idempotent per ``event_id``)."""
@@ -205,6 +312,36 @@ class BudgetDecision:
     #: Denied: the earliest moment the same take would be granted if nobody takes meanwhile
     #: (always after ``now``). ``None`` when granted.
     frees_at: datetime | None = None
+
+
+class CommitOutcome(enum.Enum):
+    """What :meth:`RefreshCommitter.commit` did with one outcome."""
+
+    #: The staged version (if any) is current, the state written, the events in the outbox.
+    COMMITTED = "committed"
+    #: The lease was lost: the state was not written (a staged version stays for the next
+    #: read to settle, or was promoted already -- either way it is not lost).
+    LEASE_LOST = "lease_lost"
+    #: The staged version lost to a newer one (an operator's re-authorisation): nothing was
+    #: written and the lease was given back.
+    SUPERSEDED = "superseded"
+
+
+@runtime_checkable
+class RefreshCommitter(Protocol):
+    """The commit of refresh outcomes: each staged version promoted (``Promotion``, if any),
+    then its state and events written under its lease (``Completion``).
+
+    On one store with transactions (embedded) this is one transaction per batch: the fencing
+    token is checked in the same commit as the credential write. Across separate stores
+    (Secret Manager + Firestore, AWS + Firestore) it is the promotion, then the fenced state
+    write with its events (``refresh.commit.StoreCommitter``); a crash between the two leaves
+    a current version whose state the next holder catches up from the recorded intent.
+    """
+
+    def commit(
+        self, items: Sequence[tuple[Completion, Promotion | None]]
+    ) -> builtins.list[CommitOutcome]: ...
 
 
 @runtime_checkable

@@ -23,6 +23,28 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 _serial = itertools.count(1)
 
 
+class ManualClock:
+    """A state store's lease clock in the suites: starts at ``T0``, moved only by the test.
+
+    Stores keep lease time on their own clock (the port's rule), so a test that wants a lease
+    to expire moves this clock, not the ``now`` it passes (which only selects what is due).
+    ``epoch`` is what the embedded store's boot clock would call the current boot.
+    """
+
+    epoch = "contract-suite"
+
+    def __init__(self, start: datetime = T0) -> None:
+        self._now = start
+
+    def now(self) -> datetime:
+        return self._now
+
+    def set(self, at: datetime) -> datetime:
+        """Move the clock to ``at`` and return it (so a call can pass it as its ``now``)."""
+        self._now = at
+        return at
+
+
 def connection(cid: str, **changes: object) -> Connection:
     base: dict[str, object] = {
         "id": cid,

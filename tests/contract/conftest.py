@@ -16,6 +16,7 @@ import pytest
 
 from tokenbroker.ports import EventBus, SecretStore, StateStore
 
+from .builders import ManualClock
 from .endpoint_rigs import EndpointRig
 from .registry import (
     EVENT_BUSES,
@@ -54,6 +55,21 @@ def secret_store(open_secret_store: Callable[..., SecretStore]) -> SecretStore:
     return open_secret_store()
 
 
+@pytest.fixture
+def corrupt_secret(
+    request: pytest.FixtureRequest,
+    open_secret_store: Callable[..., SecretStore],
+    workspace: Workspace,
+) -> Callable[[SecretStore, str], None]:
+    """Damage a connection's current version behind the store's back (skips where the
+    adapter keeps nothing that can rot)."""
+    adapter = SECRET_STORES[request.node.callspec.params["open_secret_store"]]
+    if adapter.corrupt is None:
+        pytest.skip("this adapter keeps no encoded record that could be damaged")
+    corrupt = adapter.corrupt
+    return lambda store, cid: corrupt(workspace, store, cid)
+
+
 # --- StateStore ----------------------------------------------------------------------------
 
 
@@ -68,6 +84,12 @@ def open_state_store(
 @pytest.fixture
 def state_store(open_state_store: Callable[[], StateStore]) -> StateStore:
     return open_state_store()
+
+
+@pytest.fixture
+def lease_clock(workspace: Workspace) -> ManualClock:
+    """The clock the state stores of this test keep their leases on."""
+    return workspace.lease_clock
 
 
 # --- EventBus ------------------------------------------------------------------------------

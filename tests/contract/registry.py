@@ -30,16 +30,19 @@ from tokenbroker.adapters.memory import MemoryEventBus, MemorySecretStore, Memor
 from tokenbroker.kernel.model import ConnectionEvent
 from tokenbroker.ports import EventBus, SecretStore, StateStore
 
+from .builders import ManualClock
 from .endpoint_rigs import AiohttpServerRig, EndpointRig, FakeTokenServerRig
 
 T = TypeVar("T")
 
 
 class Workspace:
-    """Per-test resources for adapter factories."""
+    """Per-test resources for adapter factories. ``lease_clock`` is the clock every state
+    store handle of the test keeps its leases on."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.lease_clock = ManualClock()
         self._stack = ExitStack()
         self._memo: dict[str, Any] = {}
 
@@ -73,6 +76,9 @@ def _embedded_db(ws: Workspace) -> EmbeddedDatabase:
 class SecretStoreAdapter:
     #: ``open(ws, retained_versions)``; ``None`` means "the adapter's default" (3).
     open: Callable[[Workspace, int | None], SecretStore]
+    #: Damage the current version of a connection behind the adapter's back, as disk rot or
+    #: tampering would (``None``: the adapter keeps nothing that can rot, e.g. memory).
+    corrupt: Callable[[Workspace, SecretStore, str], None] | None = None
 
 
 def _memory_secrets(ws: Workspace, retained: int | None) -> SecretStore:
@@ -124,11 +130,91 @@ def _aws_secrets(ws: Workspace, retained: int | None) -> SecretStore:
     return AwsSecretsManagerStore(moto_client(), prefix=prefix, **kwargs)
 
 
+def _corrupt_embedded(ws: Workspace, store: SecretStore, cid: str) -> None:
+    """Flip the last bit of the current version's sealed blob (the AES-GCM tag)."""
+    import sqlite3
+
+    with sqlite3.connect(ws.directory / "embedded-state" / "tokenbroker.db") as raw:
+        (version, sealed) = raw.execute(
+            "SELECT v.version, v.sealed FROM secret_versions v JOIN secrets s ON"
+            " s.connection_id = v.connection_id AND s.current_version = v.version"
+            " WHERE v.connection_id = ?",
+            (cid,),
+        ).fetchone()
+        raw.execute(
+            "UPDATE secret_versions SET sealed = ? WHERE connection_id = ? AND version = ?",
+            (sealed[:-1] + bytes([sealed[-1] ^ 1]), cid, version),
+        )
+
+
+def _corrupt_secret_manager(ws: Workspace, store: SecretStore, cid: str) -> None:
+    """A new version whose payload (with a correct checksum) is not a credential, made
+    current through the annotations, as a buggy or hostile writer would."""
+    import google_crc32c
+
+    from tokenbroker.adapters.gcp.secret_manager import CURRENT, SecretManagerSecretStore
+
+    assert isinstance(store, SecretManagerSecretStore)
+    name = store.secret_name(cid)
+    data = b"not a credential"
+    added = store.client.add_secret_version(
+        request={
+            "parent": name,
+            "payload": {"data": data, "data_crc32c": google_crc32c.value(data)},
+        }
+    )
+    secret = store.client.get_secret(request={"name": name})
+    annotations = {**dict(secret.annotations), CURRENT: added.name.rsplit("/", 1)[1]}
+    store.client.update_secret(
+        request={
+            "secret": {"name": name, "etag": secret.etag, "annotations": annotations},
+            "update_mask": {"paths": ["annotations"]},
+        }
+    )
+    store._known.pop(cid, None)  # the handle must not answer from its memo
+
+
+def _corrupt_aws(ws: Workspace, store: SecretStore, cid: str) -> None:
+    """Overwrite nothing (versions are immutable): point AWSCURRENT at a new version whose
+    envelope's digest does not match."""
+    import json
+
+    from tests.support.moto_server import moto_client
+    from tokenbroker.adapters.aws import (
+        CURRENT,
+        LATEST,
+        AwsSecretsManagerStore,
+        encode_envelope,
+        version_token,
+    )
+
+    from .builders import credential
+
+    assert isinstance(store, AwsSecretsManagerStore)
+    aws = moto_client()
+    name = store.secret_name(cid)
+    head = aws.get_secret_value(SecretId=name, VersionStage=LATEST)
+    number = int(head["VersionId"].split("-")[1]) + 1
+    envelope = json.loads(encode_envelope(number, credential("forged")))
+    envelope["sha256"] = "0" * 64
+    forged = version_token(cid, number)
+    aws.put_secret_value(
+        SecretId=name,
+        ClientRequestToken=forged,
+        SecretString=json.dumps(envelope),
+        VersionStages=[LATEST],
+    )
+    aws.update_secret_version_stage(
+        SecretId=name, VersionStage=CURRENT, MoveToVersionId=forged,
+        RemoveFromVersionId=head["VersionId"],
+    )  # fmt: skip
+
+
 SECRET_STORES: dict[str, SecretStoreAdapter] = {
-    "secret-manager": SecretStoreAdapter(open=_secret_manager),
+    "secret-manager": SecretStoreAdapter(open=_secret_manager, corrupt=_corrupt_secret_manager),
     "memory": SecretStoreAdapter(open=_memory_secrets),
-    "embedded": SecretStoreAdapter(open=_embedded_secrets),
-    "aws": SecretStoreAdapter(open=_aws_secrets),
+    "embedded": SecretStoreAdapter(open=_embedded_secrets, corrupt=_corrupt_embedded),
+    "aws": SecretStoreAdapter(open=_aws_secrets, corrupt=_corrupt_aws),
 }
 
 
@@ -150,14 +236,18 @@ def _open_firestore_state(ws: Workspace) -> StateStore:
 
     host = emulator("firestore").host
     project = ws.once("firestore-project", lambda: f"tb-test-{uuid.uuid4().hex[:12]}")
-    store = FirestoreStateStore(project=project, emulator_host=host)
+    store = FirestoreStateStore(project=project, emulator_host=host, lease_clock=ws.lease_clock)
     ws.on_close(store.close)
     return store
 
 
 STATE_STORES: dict[str, StateStoreAdapter] = {
-    "memory": StateStoreAdapter(open=lambda ws: ws.once("memory-state", MemoryStateStore)),
-    "embedded": StateStoreAdapter(open=lambda ws: EmbeddedStateStore(_embedded_db(ws))),
+    "memory": StateStoreAdapter(
+        open=lambda ws: ws.once("memory-state", lambda: MemoryStateStore(ws.lease_clock))
+    ),
+    "embedded": StateStoreAdapter(
+        open=lambda ws: EmbeddedStateStore(_embedded_db(ws), lease_clock=ws.lease_clock)
+    ),
     "firestore": StateStoreAdapter(open=_open_firestore_state),
 }
 

@@ -8,10 +8,10 @@ from functools import partial
 
 import pytest
 
-from tokenbroker.kernel.errors import ConfigError, NotFound, VersionConflict
+from tokenbroker.kernel.errors import ConfigError, CorruptCredential, NotFound, VersionConflict
 from tokenbroker.kernel.model import Credential, StoredCredential
 from tokenbroker.kernel.secret import Secret
-from tokenbroker.ports import SecretStore, SecretWrite
+from tokenbroker.ports import Promotion, SecretStore, SecretWrite
 
 from .builders import credential, full_credential
 from .racing import race
@@ -149,8 +149,10 @@ def test_get_many_returns_the_current_of_each_and_omits_missing(
     b = _put_chain(secret_store, "b", 1)
     got = secret_store.get_many(["a", "missing", "b", "a"])
     assert set(got) == {"a", "b"}
-    assert (got["a"].connection_id, got["a"].version, got["a"].credential) == ("a", 2, a[1])
-    assert (got["b"].connection_id, got["b"].version, got["b"].credential) == ("b", 1, b[0])
+    ga, gb = got["a"], got["b"]
+    assert isinstance(ga, StoredCredential) and isinstance(gb, StoredCredential)
+    assert (ga.connection_id, ga.version, ga.credential) == ("a", 2, a[1])
+    assert (gb.connection_id, gb.version, gb.credential) == ("b", 1, b[0])
 
 
 def test_get_many_handles_many_ids(secret_store: SecretStore) -> None:
@@ -160,6 +162,24 @@ def test_get_many_handles_many_ids(secret_store: SecretStore) -> None:
     got = secret_store.get_many(ids)
     assert sorted(got) == ids[::2]
     assert all(got[w.connection_id].credential == w.credential for w in writes)
+
+
+def test_get_many_returns_a_bad_record_as_that_connections_value(
+    secret_store: SecretStore, corrupt_secret: Callable[[SecretStore, str], None]
+) -> None:
+    """One record that does not verify or decrypt is that connection's CorruptCredential;
+    the others read as usual (issue 8: one bad record failed a whole tick)."""
+    good = _put_chain(secret_store, "good", 1)
+    _put_chain(secret_store, "bad", 2)
+    corrupt_secret(secret_store, "bad")
+    got = secret_store.get_many(["good", "bad", "missing"])
+    assert set(got) == {"good", "bad"}
+    assert isinstance(got["bad"], CorruptCredential)
+    assert not got["bad"].retryable
+    ok = got["good"]
+    assert isinstance(ok, StoredCredential) and ok.credential == good[0]
+    with pytest.raises(CorruptCredential):
+        secret_store.get("bad")
 
 
 def test_put_many_returns_one_result_per_write_and_a_conflict_stops_nothing(
@@ -352,3 +372,105 @@ def test_exactly_one_of_racing_cas_writes_wins(
         assert first.get("c1").version == won
         assert first.get("c1").credential == creds[winners[0]]
         current = won
+
+
+# --- staged (pending) versions ---------------------------------------------------------------
+
+
+def test_a_staged_version_is_durable_and_settled_by_the_next_read(
+    open_secret_store: OpenSecretStore,
+) -> None:
+    """The refresher stages a provider's answer the moment it arrives and may die before
+    promoting it: whoever reads next finds it current (issue 8: Secret Manager's orphan)."""
+    writer = open_secret_store()
+    first = _put_chain(writer, "c1", 1)[0]
+    answer = credential("answer")
+    (staged,) = writer.stage([SecretWrite("c1", answer, 1, attempt="a1")])
+    assert isinstance(staged, int) and staged > 1
+    reader = open_secret_store()  # another process: the writer is gone
+    got = reader.get("c1")
+    assert (got.version, got.credential) == (staged, answer)
+    assert reader.versions("c1")[-1] == staged
+    assert first != answer
+
+
+def test_get_many_settles_staged_versions_too(open_secret_store: OpenSecretStore) -> None:
+    writer = open_secret_store()
+    _put_chain(writer, "a", 1)
+    _put_chain(writer, "b", 2)
+    answers = {"a": credential("a"), "b": credential("b")}
+    staged = writer.stage(
+        [SecretWrite("a", answers["a"], 1, "x"), SecretWrite("b", answers["b"], 2, "y")]
+    )
+    got = open_secret_store().get_many(["a", "b"])
+    for (cid, answer), version in zip(answers.items(), staged, strict=True):
+        value = got[cid]
+        assert isinstance(value, StoredCredential)
+        assert (value.version, value.credential) == (version, answer)
+
+
+def test_promote_makes_a_staged_version_current_once(secret_store: SecretStore) -> None:
+    _put_chain(secret_store, "c1", 2)
+    answer = credential("answer")
+    (staged,) = secret_store.stage([SecretWrite("c1", answer, 2, attempt="a1")])
+    assert isinstance(staged, int)
+    assert secret_store.promote([Promotion("c1", staged, 2)]) == [staged]
+    assert secret_store.promote([Promotion("c1", staged, 2)]) == [staged]  # already current
+    got = secret_store.get("c1")
+    assert (got.version, got.credential) == (staged, answer)
+    assert staged in secret_store.versions("c1")
+
+
+def test_staging_on_a_version_that_is_not_current_conflicts_and_writes_nothing(
+    secret_store: SecretStore,
+) -> None:
+    creds = _put_chain(secret_store, "c1", 2)
+    results = secret_store.stage(
+        [
+            SecretWrite("c1", credential("stale"), 1, attempt="old"),
+            SecretWrite("missing", credential("m"), 3, attempt="m"),
+            SecretWrite("fresh", credential("f"), None, attempt="f"),
+        ]
+    )
+    assert isinstance(results[0], VersionConflict)
+    assert isinstance(results[1], VersionConflict)
+    assert isinstance(results[2], int)
+    _assert_untouched(secret_store, "c1", [1, 2], creds[1])
+    assert secret_store.versions("missing") == []
+    assert secret_store.get("fresh").version == results[2]
+
+
+def test_a_staged_version_and_a_competing_write_never_both_become_current(
+    secret_store: SecretStore,
+) -> None:
+    """An operator re-authorises while a refresh's answer is staged on the same version:
+    one of the two wins, the other is never current (and its promotion says so)."""
+    _put_chain(secret_store, "c1", 1)
+    answer, operator = credential("answer"), credential("operator")
+    (staged,) = secret_store.stage([SecretWrite("c1", answer, 1, attempt="a1")])
+    assert isinstance(staged, int)
+    try:
+        won = secret_store.put("c1", operator, expected_version=1)
+    except VersionConflict:  # the put settled the staged answer first, then lost to it
+        assert secret_store.get("c1").credential == answer
+        assert secret_store.promote([Promotion("c1", staged, 1)]) == [staged]
+    else:
+        assert isinstance(secret_store.promote([Promotion("c1", staged, 1)])[0], VersionConflict)
+        got = secret_store.get("c1")
+        assert (got.version, got.credential) == (won, operator)
+
+
+def test_a_staged_first_version_and_delete(secret_store: SecretStore) -> None:
+    answer = credential("first")
+    (staged,) = secret_store.stage([SecretWrite("c1", answer, None, attempt="a1")])
+    assert isinstance(staged, int)
+    assert secret_store.get("c1").credential == answer
+    secret_store.delete("c1")
+    assert secret_store.versions("c1") == []
+    with pytest.raises(NotFound):
+        secret_store.get("c1")
+
+
+def test_stage_and_promote_of_nothing(secret_store: SecretStore) -> None:
+    assert secret_store.stage([]) == []
+    assert secret_store.promote([]) == []

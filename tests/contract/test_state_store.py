@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 
 import pytest
 
 from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
-from tokenbroker.kernel.model import Claim, ConnectionRecord, ConnectionStatus, Lease, RefreshState
+from tokenbroker.kernel.model import (
+    Claim,
+    ConnectionRecord,
+    ConnectionStatus,
+    EventType,
+    Intent,
+    Lease,
+    RefreshState,
+)
 from tokenbroker.ports import (
     MAX_BUDGET_LIMIT,
     MAX_BUDGET_WINDOW,
     BudgetDecision,
     ClaimBatch,
+    Completion,
     StateStore,
 )
 
-from .builders import T0, connection, due_state
+from .builders import T0, ManualClock, connection, due_state, event
 from .racing import race
 
 OpenStateStore = Callable[[], StateStore]
@@ -184,24 +194,28 @@ def test_a_claim_carries_the_lease_and_the_record(state_store: StateStore) -> No
     assert state_store.get("c1") == record  # claiming does not change the record
 
 
-def test_claim_due_skips_live_leases_and_counts_them(state_store: StateStore) -> None:
+def test_claim_due_skips_live_leases_and_counts_them(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     for cid in ("a", "b", "c"):
         _add(state_store, cid)
     _add(state_store, "not-due", due_state(T0 + timedelta(hours=1)))
     state_store.claim(["a", "not-due"], T0, holder="other", ttl=TTL)
-    batch = state_store.claim_due(T0 + TTL - S, holder="me", ttl=TTL, limit=10)
+    batch = state_store.claim_due(lease_clock.set(T0 + TTL - S), holder="me", ttl=TTL, limit=10)
     assert sorted(_ids(batch)) == ["b", "c"]
     assert batch.leased_elsewhere == 1  # "not-due" is leased but not due: not counted
-    again = state_store.claim_due(T0 + TTL - S, holder="third", ttl=TTL, limit=10)
+    again = state_store.claim_due(lease_clock.set(T0 + TTL - S), holder="third", ttl=TTL, limit=10)
     assert again.claims == []
     assert again.leased_elsewhere == 3
 
 
-def test_claim_due_takes_over_expired_leases_with_a_higher_token(state_store: StateStore) -> None:
+def test_claim_due_takes_over_expired_leases_with_a_higher_token(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     _add(state_store, "c1")
     old = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
     # A lease whose expiry is exactly now has expired.
-    batch = state_store.claim_due(T0 + TTL, holder="new", ttl=TTL, limit=10)
+    batch = state_store.claim_due(lease_clock.set(T0 + TTL), holder="new", ttl=TTL, limit=10)
     new = _lease(batch, "c1")
     assert batch.leased_elsewhere == 0
     assert new.holder == "new"
@@ -212,27 +226,72 @@ def test_claim_due_takes_over_expired_leases_with_a_higher_token(state_store: St
 # --- claim(ids) ----------------------------------------------------------------------------
 
 
-def test_claim_ignores_due_ness_and_status(state_store: StateStore) -> None:
+def test_claim_ignores_due_ness(state_store: StateStore) -> None:
     records = {
         "future": _add(state_store, "future", due_state(T0 + timedelta(days=1))),
         "never": _add(state_store, "never", due_state(T0, next_refresh_at=None)),
-        "reauth": _add(state_store, "reauth", due_state(T0, status=ConnectionStatus.NEEDS_REAUTH)),
-        "disabled": _add(state_store, "disabled", due_state(T0, status=ConnectionStatus.DISABLED)),
+        "failing": _add(state_store, "failing", due_state(T0, consecutive_failures=3)),
     }
     batch = state_store.claim(list(records), T0, holder="op", ttl=TTL)
     assert sorted(_ids(batch)) == sorted(records)
-    assert (batch.leased_elsewhere, batch.missing) == (0, [])
+    assert (batch.leased_elsewhere, batch.missing, batch.inactive) == (0, [], {})
     for claim in batch.claims:
         assert claim.record == records[claim.lease.connection_id]
         assert claim.lease.holder == "op"
         assert claim.lease.expires_at == T0 + TTL
 
 
-def test_claim_reports_missing_ids_and_leased_ones(state_store: StateStore) -> None:
+def test_claim_never_leases_an_inactive_connection_and_says_why(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """Status is law: a disabled or needs_reauth connection is refreshed by no path, named
+    or not (issue 8: ``refresh --all`` re-enabled disabled connections)."""
+    _add(state_store, "reauth", due_state(T0, status=ConnectionStatus.NEEDS_REAUTH))
+    _add(state_store, "disabled", due_state(T0, status=ConnectionStatus.DISABLED))
+    _add(state_store, "active")
+    before = state_store.list()
+    batch = state_store.claim(["reauth", "disabled", "active", "ghost"], T0, holder="op", ttl=TTL)
+    assert _ids(batch) == ["active"]
+    assert batch.inactive == {
+        "reauth": ConnectionStatus.NEEDS_REAUTH,
+        "disabled": ConnectionStatus.DISABLED,
+    }
+    assert (batch.missing, batch.leased_elsewhere) == (["ghost"], 0)
+    assert state_store.list() == before  # nothing leased, nothing written
+    again = state_store.claim(
+        ["reauth", "disabled"], lease_clock.set(T0 + S), holder="other", ttl=TTL
+    )
+    assert (again.claims, again.leased_elsewhere) == ([], 0)
+
+
+def test_put_state_retires_a_live_lease(state_store: StateStore, lease_clock: ManualClock) -> None:
+    """An operator's write wins over a refresh in flight: the refresh's lease can no longer
+    complete, and the connection can be claimed again at once."""
+    record = _add(state_store, "c1")
+    lease = _lease(state_store.claim(["c1"], T0, holder="refresher", ttl=TTL), "c1")
+    disabled = replace(record.state, status=ConnectionStatus.DISABLED)
+    state_store.put_state("c1", disabled)
+    assert state_store.complete([(lease, _written(1))]) == [False]
+    assert state_store.get("c1").state == disabled
+    state_store.put_state("c1", record.state)  # enabled again
+    new = _lease(state_store.claim(["c1"], lease_clock.set(T0 + S), holder="next", ttl=TTL), "c1")
+    assert new.token > lease.token
+    state_store.release(lease)  # the retired lease frees nothing
+    assert (
+        state_store.claim(["c1"], lease_clock.set(T0 + 2 * S), holder="x", ttl=TTL).leased_elsewhere
+        == 1
+    )
+
+
+def test_claim_reports_missing_ids_and_leased_ones(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     for cid in ("a", "b", "c"):
         _add(state_store, cid)
     held = _lease(state_store.claim(["b"], T0, holder="other", ttl=TTL), "b")
-    batch = state_store.claim(["a", "ghost", "b", "c", "a"], T0 + S, holder="me", ttl=TTL)
+    batch = state_store.claim(
+        ["a", "ghost", "b", "c", "a"], lease_clock.set(T0 + S), holder="me", ttl=TTL
+    )
     assert sorted(_ids(batch)) == ["a", "c"]  # each once, though "a" was named twice
     assert batch.missing == ["ghost"]
     assert batch.leased_elsewhere == 1
@@ -245,59 +304,82 @@ def test_claim_of_nothing(state_store: StateStore) -> None:
     assert (batch.claims, batch.leased_elsewhere, batch.missing) == ([], 0, [])
 
 
-def test_claim_takes_over_an_expired_lease(state_store: StateStore) -> None:
+def test_claim_takes_over_an_expired_lease(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     _add(state_store, "c1")
     old = _lease(state_store.claim(["c1"], T0, holder="a", ttl=TTL), "c1")
-    assert state_store.claim(["c1"], T0 + TTL - S, holder="b", ttl=TTL).leased_elsewhere == 1
-    new = _lease(state_store.claim(["c1"], T0 + TTL, holder="b", ttl=TTL), "c1")
+    assert (
+        state_store.claim(
+            ["c1"], lease_clock.set(T0 + TTL - S), holder="b", ttl=TTL
+        ).leased_elsewhere
+        == 1
+    )
+    new = _lease(state_store.claim(["c1"], lease_clock.set(T0 + TTL), holder="b", ttl=TTL), "c1")
     assert new.token > old.token
 
 
 # --- complete / release --------------------------------------------------------------------
 
 
-def test_complete_with_the_newest_token_writes_and_releases(state_store: StateStore) -> None:
+def test_complete_with_the_newest_token_writes_and_releases(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     record = _add(state_store, "c1")
     lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
     new = _written(1)
     assert state_store.complete([(lease, new)]) == [True]
     assert state_store.get("c1") == ConnectionRecord(record.connection, new)
     # Released: someone else can take it at once, well before the old lease would expire.
-    batch = state_store.claim(["c1"], T0 + S, holder="other", ttl=TTL)
+    batch = state_store.claim(["c1"], lease_clock.set(T0 + S), holder="other", ttl=TTL)
     assert _ids(batch) == ["c1"]
     assert batch.leased_elsewhere == 0
 
 
-def test_complete_releases_for_claim_due_too(state_store: StateStore) -> None:
+def test_complete_releases_for_claim_due_too(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     _add(state_store, "c1")
     lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
     still_due = due_state(T0 - S, consecutive_failures=1, last_error="temporarily_unavailable")
     assert state_store.complete([(lease, still_due)]) == [True]
-    batch = state_store.claim_due(T0 + S, holder="other", ttl=TTL, limit=10)
+    batch = state_store.claim_due(lease_clock.set(T0 + S), holder="other", ttl=TTL, limit=10)
     assert _ids(batch) == ["c1"]
     assert batch.claims[0].record.state == still_due
 
 
 def test_complete_with_a_stale_token_returns_false_and_writes_nothing(
     state_store: StateStore,
+    lease_clock: ManualClock,
 ) -> None:
     _add(state_store, "c1")
     stale = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
-    current = _lease(state_store.claim_due(T0 + TTL, holder="new", ttl=TTL, limit=10), "c1")
+    current = _lease(
+        state_store.claim_due(lease_clock.set(T0 + TTL), holder="new", ttl=TTL, limit=10), "c1"
+    )
     before = state_store.get("c1")
     assert state_store.complete([(stale, _written(1))]) == [False]
     assert state_store.get("c1") == before
     # ... and the stale completion did not release the current holder's lease.
-    assert state_store.claim(["c1"], T0 + TTL + S, holder="x", ttl=TTL).leased_elsewhere == 1
+    assert (
+        state_store.claim(
+            ["c1"], lease_clock.set(T0 + TTL + S), holder="x", ttl=TTL
+        ).leased_elsewhere
+        == 1
+    )
     assert state_store.complete([(current, _written(2))]) == [True]
     assert state_store.get("c1").state == _written(2)
 
 
-def test_complete_reports_each_outcome_in_order(state_store: StateStore) -> None:
+def test_complete_reports_each_outcome_in_order(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     for cid in ("a", "b", "c"):
         _add(state_store, cid)
     first = state_store.claim_due(T0, holder="h1", ttl=TTL, limit=10)
-    second = state_store.claim(["b"], T0 + TTL, holder="h2", ttl=TTL)  # takes b over
+    second = state_store.claim(
+        ["b"], lease_clock.set(T0 + TTL), holder="h2", ttl=TTL
+    )  # takes b over
     results = state_store.complete(
         [
             (_lease(first, "a"), _written(1)),
@@ -323,21 +405,27 @@ def test_complete_on_a_deleted_connection_returns_false(state_store: StateStore)
         state_store.get("c1")
 
 
-def test_release_with_the_matching_token_frees_the_lease(state_store: StateStore) -> None:
+def test_release_with_the_matching_token_frees_the_lease(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     record = _add(state_store, "c1")
     lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
     state_store.release(lease)
     assert state_store.get("c1") == record  # state unchanged
-    batch = state_store.claim_due(T0 + S, holder="other", ttl=TTL, limit=10)
+    batch = state_store.claim_due(lease_clock.set(T0 + S), holder="other", ttl=TTL, limit=10)
     assert _ids(batch) == ["c1"]
 
 
-def test_release_with_a_stale_token_does_nothing(state_store: StateStore) -> None:
+def test_release_with_a_stale_token_does_nothing(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     _add(state_store, "c1")
     stale = _lease(state_store.claim(["c1"], T0, holder="stalled", ttl=TTL), "c1")
-    _lease(state_store.claim(["c1"], T0 + TTL, holder="new", ttl=TTL), "c1")
+    _lease(state_store.claim(["c1"], lease_clock.set(T0 + TTL), holder="new", ttl=TTL), "c1")
     state_store.release(stale)  # no error, and the new holder keeps its lease
-    blocked = state_store.claim_due(T0 + TTL + S, holder="third", ttl=TTL, limit=10)
+    blocked = state_store.claim_due(
+        lease_clock.set(T0 + TTL + S), holder="third", ttl=TTL, limit=10
+    )
     assert blocked.claims == []
     assert blocked.leased_elsewhere == 1
 
@@ -350,10 +438,170 @@ def test_release_of_a_lease_on_a_deleted_connection_is_a_no_op(state_store: Stat
     assert state_store.list() == []
 
 
+# --- lease time and renewal ----------------------------------------------------------------
+
+
+def test_leases_run_on_the_stores_clock_not_the_callers(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """A refresher whose clock is ahead (or behind) by minutes can neither take a live lease
+    nor stretch its own: the store's clock decides (issue 8: a +120 s step lost 10/10)."""
+    _add(state_store, "c1")
+    ahead = T0 + timedelta(days=1)  # the caller's idea of now
+    lease = _lease(state_store.claim_due(ahead, holder="fast", ttl=TTL, limit=10), "c1")
+    assert lease.expires_at == T0 + TTL  # the store's now, not the caller's
+    for skewed in (ahead + 2 * TTL, T0 - timedelta(minutes=2)):
+        assert state_store.claim(["c1"], skewed, holder="x", ttl=TTL).leased_elsewhere == 1
+        stolen = state_store.claim_due(skewed + timedelta(days=2), holder="x", ttl=TTL, limit=10)
+        assert (stolen.claims, stolen.leased_elsewhere) == ([], 1)
+    lease_clock.set(T0 + TTL)  # only the store's time expires it
+    taken = state_store.claim(["c1"], T0 - timedelta(days=1), holder="x", ttl=TTL)
+    assert _ids(taken) == ["c1"]
+
+
+def test_renew_extends_a_held_lease_from_the_stores_now(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    _add(state_store, "c1")
+    lease = _lease(state_store.claim(["c1"], T0, holder="h", ttl=TTL), "c1")
+    lease_clock.set(T0 + 50 * S)
+    (renewed,) = state_store.renew([lease], ttl=TTL)
+    assert renewed is not None
+    assert (renewed.connection_id, renewed.holder, renewed.token) == ("c1", "h", lease.token)
+    assert renewed.expires_at == T0 + 50 * S + TTL
+    lease_clock.set(T0 + TTL + 10 * S)  # past the first expiry, within the renewal
+    assert state_store.claim(["c1"], T0, holder="x", ttl=TTL).leased_elsewhere == 1
+    assert state_store.complete([(renewed, _written(1))]) == [True]  # still the holder
+
+
+def test_renew_of_an_expired_lease_nobody_took_keeps_it(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    _add(state_store, "c1")
+    lease = _lease(state_store.claim(["c1"], T0, holder="h", ttl=TTL), "c1")
+    lease_clock.set(T0 + 2 * TTL)
+    (renewed,) = state_store.renew([lease], ttl=TTL)
+    assert renewed is not None and renewed.token == lease.token
+    assert renewed.expires_at == T0 + 3 * TTL
+    assert state_store.claim(["c1"], T0, holder="x", ttl=TTL).leased_elsewhere == 1
+
+
+def test_renew_of_a_lost_lease_is_none_and_touches_nothing(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """Lost: taken over, completed, released, retired by an operator's write, deleted."""
+    for cid in ("taken", "completed", "released", "retired", "deleted"):
+        _add(state_store, cid)
+    first = state_store.claim(
+        ["taken", "completed", "released", "retired", "deleted"], T0, holder="h", ttl=TTL
+    )
+    lease_clock.set(T0 + TTL)
+    new = _lease(state_store.claim(["taken"], T0, holder="new", ttl=TTL), "taken")
+    assert state_store.complete([(_lease(first, "completed"), _written(1))]) == [True]
+    state_store.release(_lease(first, "released"))
+    state_store.put_state("retired", due_state(T0, status=ConnectionStatus.DISABLED))
+    state_store.delete("deleted")
+    before = state_store.list()
+    lease_clock.set(T0 + TTL + S)
+    leases = [_lease(first, cid) for cid in ("taken", "completed", "released", "retired")]
+    assert state_store.renew([*leases, _lease(first, "deleted")], ttl=TTL) == [None] * 5
+    assert state_store.list() == before
+    # The new holder's lease was not moved by the stale renewal.
+    assert state_store.renew([new], ttl=TTL)[0] is not None
+    assert state_store.claim(["completed"], T0, holder="x", ttl=TTL).claims  # free, not held
+
+
+def test_renew_answers_each_lease_in_order(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    for cid in ("a", "b", "c"):
+        _add(state_store, cid)
+    batch = state_store.claim(["a", "b", "c"], T0, holder="h", ttl=TTL)
+    state_store.release(_lease(batch, "b"))
+    lease_clock.set(T0 + 10 * S)
+    renewed = state_store.renew([_lease(batch, c) for c in ("c", "b", "a")], ttl=2 * TTL)
+    assert [r.connection_id if r else None for r in renewed] == ["c", None, "a"]
+    assert all(r.expires_at == T0 + 10 * S + 2 * TTL for r in renewed if r)
+    assert state_store.renew([], ttl=TTL) == []
+
+
+# --- the intent record and the outbox --------------------------------------------------------
+
+
+def test_renew_records_an_intent_stamped_with_the_stores_clock(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """Before a rotating refresh token is presented, the intent is durable, in the same
+    fenced write as the renewal; ``None`` keeps what is recorded."""
+    _add(state_store, "a")
+    _add(state_store, "b")
+    batch = state_store.claim(["a", "b"], T0, holder="h", ttl=TTL)
+    lease_clock.set(T0 + 5 * S)
+    intent = Intent(attempt="att-1", from_version=1, token=_lease(batch, "a").token)
+    renewed = state_store.renew(
+        [_lease(batch, "a"), _lease(batch, "b")], ttl=TTL, intents=[intent, None]
+    )
+    assert all(renewed)
+    assert state_store.get("a").state.intent == replace(intent, at=T0 + 5 * S)
+    assert state_store.get("b").state.intent is None
+    lease_clock.set(T0 + 6 * S)
+    state_store.renew([_lease(batch, "a")], ttl=TTL)  # a heartbeat keeps the intent
+    assert state_store.get("a").state.intent == replace(intent, at=T0 + 5 * S)
+
+
+def test_a_lost_lease_records_no_intent(state_store: StateStore, lease_clock: ManualClock) -> None:
+    _add(state_store, "c1")
+    stale = _lease(state_store.claim(["c1"], T0, holder="old", ttl=TTL), "c1")
+    lease_clock.set(T0 + TTL)
+    _lease(state_store.claim(["c1"], T0, holder="new", ttl=TTL), "c1")
+    intent = Intent(attempt="late", from_version=1, token=stale.token)
+    assert state_store.renew([stale], ttl=TTL, intents=[intent]) == [None]
+    assert state_store.get("c1").state.intent is None
+
+
+def test_intent_and_at_risk_round_trip(state_store: StateStore) -> None:
+    intent = Intent(attempt="att-9", from_version=4, token=12, at=T0 - S)
+    state = due_state(T0, intent=intent, at_risk=True, last_error="transport_error")
+    record = _add(state_store, "c1", state)
+    assert state_store.get("c1") == record
+    lease = _lease(state_store.claim(["c1"], T0, holder="h", ttl=TTL), "c1")
+    cleared = _written(1)
+    assert (cleared.intent, cleared.at_risk) == (None, False)
+    assert state_store.complete([(lease, cleared)]) == [True]
+    assert state_store.get("c1").state == cleared
+
+
+def test_complete_writes_the_events_with_the_state_and_only_with_it(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """A transactional outbox: the events of an accepted completion are parked in the same
+    commit (and relayed later); a completion whose lease was lost writes neither."""
+    for cid in ("a", "b"):
+        _add(state_store, cid)
+    batch = state_store.claim(["a", "b"], T0, holder="h", ttl=TTL)
+    lease_clock.set(T0 + TTL)
+    _lease(state_store.claim(["b"], T0, holder="other", ttl=TTL), "b")  # b is lost
+    rotated, recovered = event("a", n=1), event("a", EventType.RECOVERED, n=2)
+    lost = event("b", n=3)
+    results = state_store.complete(
+        [
+            Completion(_lease(batch, "a"), _written(1), (rotated, recovered)),
+            Completion(_lease(batch, "b"), _written(2), (lost,)),
+        ]
+    )
+    assert results == [True, False]
+    assert state_store.get("a").state == _written(1)
+    assert state_store.parked_events(10) == [rotated, recovered]
+    state_store.unpark_events([rotated.event_id, recovered.event_id])
+    assert state_store.parked_events(10) == []
+
+
 # --- fencing -------------------------------------------------------------------------------
 
 
-def test_fencing_tokens_strictly_increase_across_grants(state_store: StateStore) -> None:
+def test_fencing_tokens_strictly_increase_across_grants(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     _add(state_store, "c1")
     tokens = []
     now = T0
@@ -367,24 +615,28 @@ def test_fencing_tokens_strictly_increase_across_grants(state_store: StateStore)
 
     lease = _lease(state_store.claim_due(now, holder="c", ttl=TTL, limit=1), "c1")
     tokens.append(lease.token)
-    now += TTL  # expires without being given back
+    now = lease_clock.set(now + TTL)  # expires without being given back
 
     lease = _lease(state_store.claim(["c1"], now, holder="d", ttl=TTL), "c1")
     tokens.append(lease.token)
-    now += TTL
+    now = lease_clock.set(now + TTL)
 
     lease = _lease(state_store.claim_due(now, holder="e", ttl=TTL, limit=1), "c1")
     tokens.append(lease.token)
     assert tokens == sorted(set(tokens)), tokens  # strictly increasing
 
 
-def test_tokens_of_other_connections_do_not_fence_each_other(state_store: StateStore) -> None:
+def test_tokens_of_other_connections_do_not_fence_each_other(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
     _add(state_store, "a")
     _add(state_store, "b")
     batch = state_store.claim_due(T0, holder="h", ttl=TTL, limit=10)
     state_store.release(_lease(batch, "b"))
     for n in range(3):  # b is granted again and again; a's lease stays the newest for a
-        state_store.release(_lease(state_store.claim(["b"], T0 + n * S, holder="x", ttl=TTL), "b"))
+        state_store.release(
+            _lease(state_store.claim(["b"], lease_clock.set(T0 + n * S), holder="x", ttl=TTL), "b")
+        )
     assert state_store.complete([(_lease(batch, "a"), _written(1))]) == [True]
 
 
@@ -403,17 +655,23 @@ def test_a_lease_taken_before_delete_cannot_complete_on_the_recreated_connection
 
 def test_fencing_tokens_keep_increasing_across_delete_and_recreate(
     state_store: StateStore,
+    lease_clock: ManualClock,
 ) -> None:
     _add(state_store, "c1")
     stalled = _lease(state_store.claim_due(T0, holder="stalled", ttl=TTL, limit=10), "c1")
     state_store.delete("c1")
     fresh = _add(state_store, "c1", due_state(T0 - S))
-    current = _lease(state_store.claim_due(T0 + S, holder="new", ttl=TTL, limit=10), "c1")
+    current = _lease(
+        state_store.claim_due(lease_clock.set(T0 + S), holder="new", ttl=TTL, limit=10), "c1"
+    )
     assert current.token > stalled.token
     assert state_store.complete([(stalled, _written(9))]) == [False]
     assert state_store.get("c1") == fresh
     state_store.release(stalled)  # must not free the new holder's lease
-    assert state_store.claim(["c1"], T0 + 2 * S, holder="x", ttl=TTL).leased_elsewhere == 1
+    assert (
+        state_store.claim(["c1"], lease_clock.set(T0 + 2 * S), holder="x", ttl=TTL).leased_elsewhere
+        == 1
+    )
 
 
 # --- races ---------------------------------------------------------------------------------
@@ -421,7 +679,7 @@ def test_fencing_tokens_keep_increasing_across_delete_and_recreate(
 
 @pytest.mark.parametrize("handles", ["one-handle", "a-handle-each"])
 def test_racing_claim_due_never_grants_a_connection_twice(
-    open_state_store: OpenStateStore, handles: str
+    open_state_store: OpenStateStore, handles: str, lease_clock: ManualClock
 ) -> None:
     """Threads claim the same due set at the same instant. With "a-handle-each" every thread
     has its own client (for embedded: its own EmbeddedDatabase on the same directory, as two
@@ -432,7 +690,7 @@ def test_racing_claim_due_never_grants_a_connection_twice(
         _add(setup, f"c{n:03d}", due_state(T0 - n * S))
     stores = [setup if handles == "one-handle" else open_state_store() for _ in range(racers)]
     for round_ in range(rounds):
-        now = T0 + round_ * 2 * TTL  # every earlier lease has expired
+        now = lease_clock.set(T0 + round_ * 2 * TTL)  # every earlier lease has expired
         batches = race(
             [
                 partial(stores[n].claim_due, now, holder=f"h{n}", ttl=TTL, limit=due)

@@ -345,3 +345,27 @@ def test_serve_healthz_turns_503_while_its_loop_is_stuck_on_the_store(
         save_output("serve-stuck", out, err)
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
+
+
+def test_inactive_connections_are_never_refreshed_from_the_cli(cli: Cli, oidc: OidcServer) -> None:
+    """Status is law (issue 8): ``refresh --all`` re-enabled disabled connections and re-sent
+    the dead tokens of needs_reauth ones. Now neither is leased by any path: named, the
+    command says why and exits 1; with --all they are skipped and reported."""
+    assert cli.add_refresh_connection(oidc, "off").returncode == 0
+    assert cli.add_refresh_connection(oidc, "dead", revoke=True).returncode == 1
+    assert cli.add_refresh_connection(oidc, "on").returncode == 0
+    assert cli("disable", "off").returncode == 0
+    named = cli("refresh", "off", "dead")
+    assert named.returncode == 1
+    assert "off (disabled)" in named.stdout and "dead (needs_reauth)" in named.stdout
+    everything = cli("--json", "refresh", "--all")
+    assert everything.returncode == 0, everything.stderr
+    body = json.loads(everything.stdout)
+    assert body["refreshed"] == 1
+    assert body["inactive"] == {"dead": "needs_reauth", "off": "disabled"}
+    states = {s["connection"]: s for s in json.loads(cli("--json", "status").stdout)}
+    assert states["off"]["status"] == "disabled" and states["off"]["current_version"] == 2
+    assert states["dead"]["status"] == "needs_reauth"
+    assert states["dead"]["consecutive_failures"] == 1  # its dead token was sent once, at add
+    types = [e["type"] for e in json.loads(cli("--json", "events", "--connection", "dead").stdout)]
+    assert types == ["connection.needs_reauth"]

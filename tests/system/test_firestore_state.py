@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.contract.builders import T0, connection, due_state, event
+from tests.contract.builders import T0, ManualClock, connection, due_state, event
 from tests.contract.racing import race
 from tests.support.emulators import emulator
 from tokenbroker.adapters.gcp.firestore import DEFAULT_COLLECTION, FirestoreStateStore
@@ -41,13 +41,21 @@ S = timedelta(seconds=1)
 
 
 @pytest.fixture
-def open_store() -> Iterator[Callable[..., FirestoreStateStore]]:
-    """Open handles (each its own client) on one fresh emulator project."""
+def clock() -> ManualClock:
+    """The lease clock of the stores a test opens (leases run on the store's clock)."""
+    return ManualClock()
+
+
+@pytest.fixture
+def open_store(clock: ManualClock) -> Iterator[Callable[..., FirestoreStateStore]]:
+    """Open handles (each its own client) on one fresh emulator project, their leases on
+    ``clock`` (pass ``lease_clock=None`` for the server's clock)."""
     host = emulator("firestore").host
     project = f"tb-sys-{uuid.uuid4().hex[:12]}"
     opened: list[FirestoreStateStore] = []
 
     def open_(**kwargs: Any) -> FirestoreStateStore:
+        kwargs.setdefault("lease_clock", clock)
         store = FirestoreStateStore(project=project, emulator_host=host, **kwargs)
         opened.append(store)
         return store
@@ -105,7 +113,7 @@ def test_the_emulator_is_a_setting_passed_in_not_read_from_the_environment(
 
 
 def test_a_large_claim_runs_in_chunks_earliest_first(
-    open_store: Callable[..., FirestoreStateStore],
+    open_store: Callable[..., FirestoreStateStore], clock: ManualClock
 ) -> None:
     store = open_store(chunk_size=4)
     for n in range(11):
@@ -116,8 +124,9 @@ def test_a_large_claim_runs_in_chunks_earliest_first(
     assert batch.leased_elsewhere == 0
     # A limit that is not a multiple of the chunk size stops exactly at the limit.
     other = open_store(chunk_size=4)
-    assert other.claim_due(T0 + TTL, holder="x", ttl=TTL, limit=6).claims[5].lease.holder == "x"
-    assert other.claim_due(T0 + TTL, holder="y", ttl=TTL, limit=100).leased_elsewhere == 6
+    now = clock.set(T0 + TTL)
+    assert other.claim_due(now, holder="x", ttl=TTL, limit=6).claims[5].lease.holder == "x"
+    assert other.claim_due(now, holder="y", ttl=TTL, limit=100).leased_elsewhere == 6
 
 
 def test_documents_read_grow_with_the_due_set_not_the_registry(
@@ -140,30 +149,52 @@ def test_documents_read_grow_with_the_due_set_not_the_registry(
     assert store.documents_read - before == 5
 
 
+def test_leases_run_on_the_servers_clock(open_store: Callable[..., FirestoreStateStore]) -> None:
+    """By default the lease clock is Firestore's (read_time of a document read, then this
+    process's monotonic clock), never the refresher's wall clock; every handle agrees."""
+    from datetime import UTC, datetime
+
+    a, b = open_store(lease_clock=None), open_store(lease_clock=None)
+    a.create(connection("c1"), due_state(T0))
+    before = datetime.now(UTC)
+    (claim,) = a.claim(["c1"], T0, holder="a", ttl=TTL).claims
+    after = datetime.now(UTC)
+    # The emulator runs on this host, so its clock is ours, to within a round trip.
+    assert before + TTL - 2 * S <= claim.lease.expires_at <= after + TTL + 2 * S
+    assert b.claim(["c1"], T0 + timedelta(days=1), holder="b", ttl=TTL).leased_elsewhere == 1
+    (renewed,) = b.renew([claim.lease], ttl=2 * TTL)
+    assert renewed is not None and renewed.expires_at > claim.lease.expires_at
+    assert a.clock_reads == 1 and b.clock_reads == 1  # once per handle, not per call
+
+
 def test_connections_due_at_the_same_instant_are_taken_by_id(
-    open_store: Callable[..., FirestoreStateStore],
+    open_store: Callable[..., FirestoreStateStore], clock: ManualClock
 ) -> None:
     """Firestore orders equal ``next_refresh_at`` by ``lease_expires_at``; the reference by
     id. An expired lease must not push a connection ahead of its peers."""
-    stores: list[StateStore] = [open_store(chunk_size=2), MemoryStateStore()]
+    stores: list[StateStore] = [open_store(chunk_size=2), MemoryStateStore(clock)]
+    clock.set(T0 - 80 * S)
     for store in stores:
         for cid in ("a", "b", "c", "d"):
             store.create(connection(cid), due_state(T0 - 90 * S))
         store.claim(["c", "d"], T0 - 80 * S, holder="dead", ttl=TTL)  # expired at T0 - 20 s
+    clock.set(T0)
     picks = [_ids(s.claim_due(T0, holder="h", ttl=TTL, limit=3)) for s in stores]
     assert picks == [["a", "b", "c"], ["a", "b", "c"]]
 
 
 def test_an_expired_lease_is_ordered_by_its_refresh_time_like_the_reference(
-    open_store: Callable[..., FirestoreStateStore],
+    open_store: Callable[..., FirestoreStateStore], clock: ManualClock
 ) -> None:
     """A crashed holder's connection keeps its place: it is due since ``next_refresh_at``,
     not since its lease expired (that is when it became claimable again)."""
-    stores: list[StateStore] = [open_store(), MemoryStateStore()]
+    stores: list[StateStore] = [open_store(), MemoryStateStore(clock)]
+    clock.set(T0 - 70 * S)
     for store in stores:
         store.create(connection("crashed"), due_state(T0 - 100 * S))
         store.create(connection("waiting"), due_state(T0 - 50 * S))
         assert _ids(store.claim(["crashed"], T0 - 70 * S, holder="dead", ttl=TTL)) == ["crashed"]
+    clock.set(T0)
     picks = [_ids(s.claim_due(T0, holder="h", ttl=TTL, limit=1)) for s in stores]
     assert picks == [["crashed"], ["crashed"]]
 
@@ -185,12 +216,12 @@ def test_racing_claimers_across_chunks_never_share_a_connection(
 
 
 def test_racing_completions_with_a_takeover_accept_exactly_one_writer(
-    open_store: Callable[..., FirestoreStateStore],
+    open_store: Callable[..., FirestoreStateStore], clock: ManualClock
 ) -> None:
     a, b = open_store(), open_store()
     a.create(connection("c1"), due_state(T0 - S))
     stale = a.claim_due(T0, holder="stalled", ttl=TTL, limit=1).claims[0].lease
-    current = b.claim_due(T0 + TTL, holder="new", ttl=TTL, limit=1).claims[0].lease
+    current = b.claim_due(clock.set(T0 + TTL), holder="new", ttl=TTL, limit=1).claims[0].lease
     written = RefreshState(next_refresh_at=T0 + timedelta(hours=1), current_version=2)
     results = race(
         [partial(a.complete, [(stale, written)]), partial(b.complete, [(current, written)])]
@@ -198,18 +229,19 @@ def test_racing_completions_with_a_takeover_accept_exactly_one_writer(
     assert results == [[False], [True]]
 
 
-def _random_history(seed: int, store: StateStore, steps: int) -> list[object]:
-    """Apply one seeded random sequence of operations; return every answer."""
+def _random_history(seed: int, store: StateStore, steps: int, clock: ManualClock) -> list[object]:
+    """Apply one seeded random sequence of operations; return every answer. ``clock`` is the
+    store's lease clock, moved with the history's time."""
+    clock.set(T0)
     rnd = random.Random(seed)
     ids = [f"c{n}" for n in range(8)]
     leases: list[Lease] = []
     answers: list[object] = []
     now = T0
     for _ in range(steps):
-        now += rnd.choice([S, 10 * S, TTL])
-        op = rnd.choice(
-            ["create", "create", "delete", "put", "due", "due", "claim", "complete", "park"]
-        )
+        now = clock.set(now + rnd.choice([S, 10 * S, TTL]))
+        ops = ["create", "create", "delete", "put", "due", "due", "claim", "complete", "park"]
+        op = rnd.choice([*ops, "renew"])
         cid = rnd.choice(ids)
         state = due_state(
             now + rnd.choice([-30, -1, 0, 1, 30]) * S,
@@ -235,6 +267,9 @@ def _random_history(seed: int, store: StateStore, steps: int) -> list[object]:
                 batch = store.claim(named, now, holder="op", ttl=TTL)
                 leases.extend(c.lease for c in batch.claims)
                 answers.append(batch)
+            elif op == "renew":
+                picked = rnd.sample(leases, min(len(leases), 3))
+                answers.append(store.renew(picked, ttl=rnd.choice([TTL, 2 * TTL])))
             elif op == "park":
                 n = rnd.randrange(8)  # the same event id now and then: parked once
                 store.park_events([replace(event(cid, n=n), event_id=f"e{n}") for _ in range(2)])
@@ -256,10 +291,10 @@ def _random_history(seed: int, store: StateStore, steps: int) -> list[object]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_random_history_gives_the_reference_adapters_answers(
-    open_store: Callable[..., FirestoreStateStore], seed: int
+    open_store: Callable[..., FirestoreStateStore], seed: int, clock: ManualClock
 ) -> None:
-    expected = _random_history(seed, MemoryStateStore(), steps=120)
-    assert _random_history(seed, open_store(chunk_size=2), steps=120) == expected
+    expected = _random_history(seed, MemoryStateStore(clock), steps=120, clock=clock)
+    assert _random_history(seed, open_store(chunk_size=2), steps=120, clock=clock) == expected
 
 
 def test_parked_events_behave_like_the_reference(

@@ -195,9 +195,12 @@ def test_revoked_grant_becomes_needs_reauth_with_one_event_and_no_retries(
     assert oidc.stats()["token_requests"] == 1
 
 
-def test_5xx_and_timeouts_are_retried_with_backoff_then_reported(
+def test_5xx_are_retried_with_backoff_and_a_timeout_after_sending_is_not(
     runtime: Runtime, oidc: OidcServer
 ) -> None:
+    """A 503 or 500 answered the request: nothing was consumed, retry. A timeout once the
+    request was sent may hide an answer that rotated the token (issue 8): never retried with
+    the same token inside the tick."""
     add_refresh_connection(
         runtime,
         oidc,
@@ -210,8 +213,9 @@ def test_5xx_and_timeouts_are_retried_with_backoff_then_reported(
     oidc.set_faults(
         [
             {"kind": "status", "status": 503, "retry_after": "1"},
-            {"kind": "hang", "seconds": 4},  # longer than the 2 s client timeout
             {"kind": "status", "status": 500},
+            {"kind": "hang", "seconds": 4},  # longer than the 2 s client timeout
+            {"kind": "status", "status": 500},  # never reached: not retried after the hang
         ]
     )
     started = time.monotonic()
@@ -219,14 +223,16 @@ def test_5xx_and_timeouts_are_retried_with_backoff_then_reported(
     elapsed = time.monotonic() - started
     assert summary.failed["transient"] == 1, summary.to_json()
     assert summary.retries == 2
+    assert summary.unknown_outcome == 1
     assert elapsed >= 1 + 2  # Retry-After honoured, then the timeout
     stats = oidc.stats()
     assert stats["token_requests"] == 3
     assert stats["faults_served"] == 3
+    oidc.set_faults([])
     record = runtime.state.get("flaky")
     assert record.state.status is ConnectionStatus.ACTIVE
     assert record.state.consecutive_failures == 1
-    assert record.state.last_error == "server_error"
+    assert record.state.last_error == "transport_error"
     assert record.state.next_refresh_at is not None
     assert record.state.next_refresh_at > datetime.now(UTC) + timedelta(seconds=10)
     assert runtime.secrets.get("flaky").version == 1

@@ -95,7 +95,7 @@ def test_http_target_and_bad_requests(tmp_path: Path, oidc: OidcServer) -> None:
             assert response.status_code == 200, response.text
             summary = response.json()
             assert summary["refreshed"] == 1
-            assert summary["failed"] == {"transient": 0, "permanent": 0}
+            assert summary["failed"] == {"transient": 0, "permanent": 0, "internal": 0}
             assert "Traceback" not in response.text
     finally:
         rt.close()

@@ -125,9 +125,12 @@ def test_an_update_that_failed_leaves_no_readable_orphan(server: SecretManagerTe
     assert good.get("c1").credential.refresh_token == Secret("rt-1")
 
 
-def test_a_store_outage_during_update_is_reported_and_the_orphan_destroyed(
+def test_a_store_outage_during_update_is_reported_and_the_staged_version_kept(
     server: SecretManagerTestServer,
 ) -> None:
+    """Issue 8: a second UpdateSecret failure destroyed the only copy of the new refresh
+    token. The added version is staged on the current one: it stays, and the next reader
+    settles it (makes it current)."""
     good = store_on(server)
     v1 = good.put("c1", credential(0), expected_version=None)
 
@@ -140,8 +143,30 @@ def test_a_store_outage_during_update_is_reported_and_the_orphan_destroyed(
     )
     with pytest.raises(StoreUnavailable):
         down.put("c1", credential(1), expected_version=v1)
-    assert good.get("c1").version == v1
-    assert states(server, good) == {1: "ENABLED", 2: "DESTROYED"}
+    assert states(server, good) == {1: "ENABLED", 2: "ENABLED"}  # not destroyed
+    settled = good.get("c1")  # the next reader
+    assert (settled.version, settled.credential.refresh_token) == (2, Secret("rt-1"))
+
+
+def test_a_crash_between_add_and_update_is_settled_by_the_next_read(
+    server: SecretManagerTestServer,
+) -> None:
+    """The writer dies after AddSecretVersion (the stage): the orphan used to be ``latest``
+    and lost; now the next read promotes it, in one extra UpdateSecret."""
+    from tokenbroker.ports import SecretWrite
+
+    writer = store_on(server)
+    v1 = writer.put("c1", credential(0), expected_version=None)
+    (staged,) = writer.stage([SecretWrite("c1", credential(1), v1, attempt="a1")])
+    reader = SecretManagerSecretStore(server.client(), project=writer.project)
+    server.reset_calls()
+    got = reader.get("c1")
+    assert (got.version, got.credential.refresh_token) == (staged, Secret("rt-1"))
+    assert server.calls["UpdateSecret"] == 1
+    server.reset_calls()
+    reader.get("c1")  # settled: back to two calls per read
+    assert (server.calls["GetSecret"], server.calls["AccessSecretVersion"]) == (1, 1)
+    assert server.calls["UpdateSecret"] == 0
 
 
 def test_the_test_server_is_a_setting_passed_in_not_read_from_the_environment(

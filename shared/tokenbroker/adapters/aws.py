@@ -99,7 +99,7 @@ from tokenbroker.kernel.errors import (
 )
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import SecretWrite
+from tokenbroker.ports import Promotion, SecretWrite
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -588,6 +588,53 @@ class AwsSecretsManagerStore(VersionedSecretStore):
             raise VersionConflict(f"connection {connection_id!r} was deleted") from None
         return new if done else self._outcome(connection_id, new, body)
 
+    def _stage(self, write: SecretWrite) -> int:
+        """createSecret alone: the new version with ``AWSPENDING`` and ``tokenbroker-latest``,
+        durable once it returns; reads settle it from then on (see the module docstring)."""
+        connection_id, credential = write.connection_id, write.credential
+        expected_version = write.expected_version
+        if expected_version is None:
+            return self._create(connection_id, credential)  # version 1 is current at once
+        name = self.secret_name(connection_id)
+        new = expected_version + 1
+        body = encode_envelope(new, credential)
+        try:
+            head, stored = self._head(connection_id)
+        except NotFound:
+            raise self._conflict(connection_id, None, expected_version) from None
+        if stored.version == new and head.secret_string == body:
+            return new  # this very write, settled by a reader already
+        self._check_expected(connection_id, stored.version, expected_version)
+        new_id = version_token(connection_id, new)
+        try:
+            self._create_step(
+                name, new_id, body, [PENDING, LATEST, retain_label(new, self.retained_versions)]
+            )
+        except VersionConflict:
+            self._refuse_burnt(connection_id, new_id, new)
+            raise
+        return new
+
+    def _promote(self, promotion: Promotion) -> int:
+        """testSecret and finishSecret: read the staged version back by its VersionId and
+        decode it, then move ``AWSCURRENT`` from its parent (a compare-and-set)."""
+        connection_id, new = promotion.connection_id, promotion.version
+        name = self.secret_name(connection_id)
+        new_id = version_token(connection_id, new)
+        if promotion.parent is None:
+            return self._outcome(connection_id, new, None)  # a first version is current at once
+        parent_id = version_token(connection_id, promotion.parent)
+        try:
+            found = self._read(name, version_id=new_id)
+        except NotFound:
+            raise VersionConflict(f"connection {connection_id!r}: v{new} is gone") from None
+        if CURRENT in found.stages:
+            return new  # settled by a reader meanwhile
+        self._decode(connection_id, found)
+        if self._finish(name, new_id, parent_id):
+            return new
+        return self._outcome(connection_id, new, found.secret_string)
+
     def _create_step(self, name: str, version_id: str, body: str, stages: list[str]) -> None:
         """createSecret: the new version, labelled. Raises VersionConflict when another
         writer already stored different data under the same VersionId."""
@@ -636,13 +683,14 @@ class AwsSecretsManagerStore(VersionedSecretStore):
             raise
         return found.secret_string == body
 
-    def _outcome(self, connection_id: str, new: int, body: str) -> int:
-        """After losing track of our write: did it become the current version?"""
+    def _outcome(self, connection_id: str, new: int, body: str | None) -> int:
+        """After losing track of our write: did it become the current version? (``body``:
+        what we wrote, when we know it.)"""
         try:
             head, stored = self._head(connection_id)
         except NotFound:
             raise VersionConflict(f"connection {connection_id!r} was deleted") from None
-        if stored.version == new and head.secret_string == body:
+        if stored.version == new and body in (None, head.secret_string):
             return new
         raise self._conflict(connection_id, stored.version, new - 1)
 

@@ -104,9 +104,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -114,7 +116,11 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tokenbroker.adapters import budget_log
-from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
+from tokenbroker.adapters.secret_store import (
+    DEFAULT_RETAINED_VERSIONS,
+    ReadResult,
+    TransactionalSecretStore,
+)
 from tokenbroker.kernel.clock import from_epoch, to_epoch
 from tokenbroker.kernel.errors import (
     AlreadyExists,
@@ -124,6 +130,7 @@ from tokenbroker.kernel.errors import (
     StoreFault,
     StoreUnavailable,
     TokenBrokerError,
+    VersionConflict,
 )
 from tokenbroker.kernel.model import (
     Claim,
@@ -132,11 +139,19 @@ from tokenbroker.kernel.model import (
     ConnectionRecord,
     ConnectionStatus,
     Credential,
+    Intent,
     Lease,
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import BudgetDecision, ClaimBatch
+from tokenbroker.ports import (
+    BudgetDecision,
+    ClaimBatch,
+    CommitOutcome,
+    Completion,
+    Promotion,
+    SecretWrite,
+)
 
 DB_NAME = "tokenbroker.db"
 KEY_FILE_NAME = "encryption.key"
@@ -182,6 +197,16 @@ CREATE TABLE IF NOT EXISTS secret_versions (
     sealed BLOB NOT NULL,
     PRIMARY KEY (connection_id, version)
 );
+-- Answers staged before they are current (SecretStore.stage): every read settles them.
+CREATE TABLE IF NOT EXISTS pending_versions (
+    connection_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    parent INTEGER,
+    attempt TEXT,
+    created_at REAL NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (connection_id, version)
+);
 -- Fencing tokens outlive a deleted connection, so a lease taken before a delete can never
 -- match a lease on the re-created connection.
 CREATE TABLE IF NOT EXISTS retired_fencing (
@@ -211,14 +236,20 @@ CREATE INDEX IF NOT EXISTS budgets_expiry ON budgets (expires_at_us);
 """
 
 
-#: Columns that authenticate rows (module docstring, "Integrity"), added to the tables above
-#: with ALTER TABLE, so a schema-1 database gains them in place.
-_INTEGRITY_COLUMNS = (
+#: Columns added after the first release, (table, column, declaration), added to the tables
+#: above with ALTER TABLE so an older database gains them in place: those that authenticate
+#: rows (module docstring, "Integrity"), then the refresh protocol's.
+_ADDED_COLUMNS = (
     ("connections", "incarnation", "TEXT"),
     ("connections", "config_mac", "BLOB"),
     ("secrets", "incarnation", "TEXT"),
     ("secrets", "owner", "TEXT"),
     ("secrets", "pointer_mac", "BLOB"),
+    # The lease clock's epoch (HostLeaseClock: the boot id) of ``lease_expires_at``.
+    ("connections", "lease_epoch", "TEXT"),
+    # A refresh presenting a rotating refresh token whose outcome is not known yet (JSON).
+    ("connections", "intent", "TEXT"),
+    ("connections", "at_risk", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 #: SQLite primary result code -> (what is wrong, retryable). The module docstring's table.
@@ -542,7 +573,7 @@ class EmbeddedDatabase:
         """One transaction, so processes opening the same new state at once take turns: the
         integrity columns, the key (found or created), its check, and a schema-1 migration."""
         with self.transaction() as cur:
-            for table, column, kind in _INTEGRITY_COLUMNS:
+            for table, column, kind in _ADDED_COLUMNS:
                 columns = {row[1] for row in cur.execute(f"PRAGMA table_info({table})")}
                 if column not in columns:
                     cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -817,8 +848,10 @@ def _dt(value: float | None) -> datetime | None:
 
 _STATE_COLUMNS = (
     "status, expires_at, next_refresh_at, last_refresh_at, last_attempt_at, "
-    "consecutive_failures, current_version, last_error"
+    "consecutive_failures, current_version, last_error, intent, at_risk"
 )
+#: ``UPDATE connections SET`` clause writing every state column.
+_STATE_SET = ", ".join(f"{name.strip()}=?" for name in _STATE_COLUMNS.split(","))
 
 
 def _state_params(state: RefreshState) -> tuple[Any, ...]:
@@ -831,11 +864,13 @@ def _state_params(state: RefreshState) -> tuple[Any, ...]:
         state.consecutive_failures,
         state.current_version,
         state.last_error,
+        json.dumps(state.intent.to_json()) if state.intent is not None else None,
+        int(state.at_risk),
     )
 
 
 def _record(row: Sequence[Any]) -> ConnectionRecord:
-    body, status, expires, next_at, last_ok, last_try, failures, version, error = row
+    body, status, expires, next_at, last_ok, last_try, failures, version, error, intent, risk = row
     return ConnectionRecord(
         Connection.from_json(json.loads(body)),
         RefreshState(
@@ -847,6 +882,8 @@ def _record(row: Sequence[Any]) -> ConnectionRecord:
             consecutive_failures=failures,
             current_version=version,
             last_error=error,
+            intent=Intent.from_json(json.loads(intent)) if intent else None,
+            at_risk=bool(risk),
         ),
     )
 
@@ -859,9 +896,66 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[start : start + _CHUNK]
 
 
+def _park(cur: sqlite3.Cursor, events: Sequence[ConnectionEvent]) -> None:
+    cur.executemany(
+        "INSERT OR IGNORE INTO parked_events (event_id, body) VALUES (?, ?)",
+        [(e.event_id, json.dumps(e.to_json())) for e in events],
+    )
+
+
+class HostLeaseClock:
+    """The embedded store's lease clock: the host's boot clock (``CLOCK_BOOTTIME``).
+
+    Every process sharing a SQLite file runs on one host (SQLite's locking does not work over
+    network file systems, https://www.sqlite.org/useovernet.html), so one host clock serves
+    them all. Not the wall clock: an NTP or manual step of it would make live leases look
+    expired (another refresher takes over while the holder still presents) or stretch dead
+    ones. The boot clock never steps and counts suspended time; ``epoch`` (the kernel's boot
+    id) tells its readings from those of a previous boot, when every holder died anyway.
+    Off Linux it falls back to ``CLOCK_MONOTONIC`` and an epoch derived from the boot time.
+    """
+
+    def __init__(self) -> None:
+        self._clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+        try:
+            self.epoch = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            booted = time.time() - time.clock_gettime(self._clock)
+            self.epoch = f"boot@{round(booted, -1):.0f}"  # stable to ~10 s across processes
+
+    def now(self) -> datetime:
+        """Seconds since boot, as a UTC datetime (1970 plus the uptime): only ever compared
+        with other readings of the same epoch."""
+        return datetime.fromtimestamp(time.clock_gettime(self._clock), UTC)
+
+
+class LeaseClock(Protocol):
+    """What the embedded store reads lease time from (tests give it a manual one)."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    def now(self) -> datetime: ...
+
+
+#: A lease is free: none held, held under another boot's clock, or expired by this one.
+_LEASE_FREE = "(lease_expires_at IS NULL OR lease_epoch IS NOT ? OR lease_expires_at <= ?)"
+_LEASE_LIVE = "(lease_expires_at > ? AND lease_epoch IS ?)"
+
+
 class EmbeddedStateStore:
-    def __init__(self, db: EmbeddedDatabase) -> None:
+    """``lease_clock``: where lease time comes from (default :class:`HostLeaseClock`)."""
+
+    def __init__(self, db: EmbeddedDatabase, *, lease_clock: LeaseClock | None = None) -> None:
         self._db = db
+        self._clock: LeaseClock = lease_clock or HostLeaseClock()
+
+    @property
+    def db(self) -> EmbeddedDatabase:
+        return self._db
+
+    def _lease_now(self) -> tuple[datetime, str]:
+        return self._clock.now(), self._clock.epoch
 
     def create(self, connection: Connection, state: RefreshState) -> None:
         """A new registration: a new incarnation, and the stored configuration authenticated
@@ -874,7 +968,7 @@ class EmbeddedStateStore:
                 cur.execute(
                     f"INSERT INTO connections (id, body, {_STATE_COLUMNS}, lease_token, "  # noqa: S608
                     "incarnation, config_mac) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT lease_token FROM "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT lease_token FROM "
                     "retired_fencing WHERE connection_id = ?), 0), ?, ?)",
                     (
                         connection.id,
@@ -916,24 +1010,26 @@ class EmbeddedStateStore:
                 raise NotFound(f"connection {connection_id!r} not found")
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
+        # The operator's write wins: the fencing token grows and the lease is freed, so a
+        # refresh in flight can no longer commit or renew.
         with self._db.transaction() as cur:
             cur.execute(
-                "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
-                "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
-                "current_version=?, last_error=? WHERE id = ?",
+                f"UPDATE connections SET {_STATE_SET}, lease_token=lease_token+1, "  # noqa: S608
+                "lease_holder=NULL, lease_expires_at=NULL WHERE id = ?",
                 (*_state_params(state), connection_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"connection {connection_id!r} not found")
 
     def _grant(
-        self, cur: sqlite3.Cursor, ids: Sequence[str], now: datetime, holder: str, ttl: timedelta
+        self, cur: sqlite3.Cursor, ids: Sequence[str], holder: str, ttl: timedelta
     ) -> builtins.list[Claim]:
+        now, epoch = self._lease_now()
         expires = now + ttl
         cur.executemany(
             "UPDATE connections SET lease_holder=?, lease_token=lease_token+1, "
-            "lease_expires_at=? WHERE id=?",
-            [(holder, expires.timestamp(), cid) for cid in ids],
+            "lease_expires_at=?, lease_epoch=? WHERE id=?",
+            [(holder, expires.timestamp(), epoch, cid) for cid in ids],
         )
         claims: builtins.list[Claim] = []
         for chunk in _chunks(ids):
@@ -951,58 +1047,105 @@ class EmbeddedStateStore:
         return claims
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
-        at = now.timestamp()
+        due = now.timestamp()
         with self._db.transaction() as cur:
+            lease_now, epoch = self._lease_now()
+            at = lease_now.timestamp()
             ids = [
                 r[0]
                 for r in cur.execute(
-                    "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= ?"
-                    " AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
-                    " ORDER BY next_refresh_at, id LIMIT ?",
-                    (at, at, limit),
+                    "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= ?"  # noqa: S608 - constants
+                    f" AND {_LEASE_FREE} ORDER BY next_refresh_at, id LIMIT ?",
+                    (due, epoch, at, limit),
                 )
             ]
             leased = cur.execute(
-                "SELECT count(*) FROM connections WHERE status = 'active' AND "
-                "next_refresh_at <= ? AND lease_expires_at > ?",
-                (at, at),
+                "SELECT count(*) FROM connections WHERE status = 'active' AND "  # noqa: S608 - constants
+                f"next_refresh_at <= ? AND {_LEASE_LIVE}",
+                (due, at, epoch),
             ).fetchone()[0]
-            return ClaimBatch(self._grant(cur, ids, now, holder, ttl), leased_elsewhere=leased)
+            return ClaimBatch(self._grant(cur, ids, holder, ttl), leased_elsewhere=leased)
 
     def claim(
-        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+        self,
+        connection_ids: Sequence[str],
+        now: datetime,  # noqa: ARG002 - the port's signature: a named claim ignores due-ness
+        *,
+        holder: str,
+        ttl: timedelta,
     ) -> ClaimBatch:
         wanted = list(dict.fromkeys(connection_ids))
-        at = now.timestamp()
         with self._db.transaction() as cur:
-            found: dict[str, float | None] = {}
+            lease_now, epoch = self._lease_now()
+            at = lease_now.timestamp()
+            found: dict[str, tuple[str, bool]] = {}
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
-                found.update(
-                    cur.execute(
-                        f"SELECT id, lease_expires_at FROM connections WHERE id IN ({marks})",  # noqa: S608
-                        tuple(chunk),
-                    ).fetchall()
-                )
-            free = [cid for cid in wanted if cid in found and (found[cid] or 0) <= at]
+                for cid, status, live in cur.execute(
+                    f"SELECT id, status, {_LEASE_LIVE} FROM connections WHERE id IN ({marks})",  # noqa: S608
+                    (at, epoch, *chunk),
+                ):
+                    found[cid] = (status, bool(live))
+            inactive = {
+                cid: ConnectionStatus(status)
+                for cid, (status, _) in found.items()
+                if status != ConnectionStatus.ACTIVE.value
+            }
+            present = [cid for cid in wanted if cid in found and cid not in inactive]
+            free = [cid for cid in present if not found[cid][1]]
             return ClaimBatch(
-                self._grant(cur, free, now, holder, ttl),
-                leased_elsewhere=len(found) - len(free),
+                self._grant(cur, free, holder, ttl),
+                leased_elsewhere=len(present) - len(free),
                 missing=[cid for cid in wanted if cid not in found],
+                inactive={cid: inactive[cid] for cid in wanted if cid in inactive},
             )
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
-        results = []
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
+        results: builtins.list[Lease | None] = []
+        if not leases:
+            return results
         with self._db.transaction() as cur:
-            for lease, state in outcomes:
+            now, epoch = self._lease_now()
+            expires = now + ttl
+            for lease, intent in zip(leases, intents or [None] * len(leases), strict=True):
+                recorded = json.dumps(replace(intent, at=now).to_json()) if intent else None
                 cur.execute(
-                    "UPDATE connections SET status=?, expires_at=?, next_refresh_at=?, "
-                    "last_refresh_at=?, last_attempt_at=?, consecutive_failures=?, "
-                    "current_version=?, last_error=?, lease_holder=NULL, lease_expires_at=NULL "
-                    "WHERE id = ? AND lease_token = ?",
-                    (*_state_params(state), lease.connection_id, lease.token),
+                    "UPDATE connections SET lease_expires_at=?, lease_epoch=?, "
+                    "intent=COALESCE(?, intent) "
+                    "WHERE id = ? AND lease_token = ? AND lease_holder IS NOT NULL",
+                    (expires.timestamp(), epoch, recorded, lease.connection_id, lease.token),
                 )
-                results.append(cur.rowcount == 1)
+                results.append(replace(lease, expires_at=expires) if cur.rowcount == 1 else None)
+        return results
+
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
+        with self._db.transaction() as cur:
+            return self.complete_in(cur, outcomes)
+
+    def complete_in(
+        self, cur: sqlite3.Cursor, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
+        """``complete`` inside the caller's transaction (the atomic refresh commit)."""
+        results = []
+        for outcome in outcomes:
+            done = outcome if isinstance(outcome, Completion) else Completion(*outcome)
+            cur.execute(
+                f"UPDATE connections SET {_STATE_SET}, lease_holder=NULL, "  # noqa: S608
+                "lease_expires_at=NULL WHERE id = ? AND lease_token = ?",
+                (*_state_params(done.state), done.lease.connection_id, done.lease.token),
+            )
+            accepted = cur.rowcount == 1
+            if accepted and done.events:
+                _park(cur, done.events)
+            results.append(accepted)
         return results
 
     def release(self, lease: Lease) -> None:
@@ -1015,10 +1158,7 @@ class EmbeddedStateStore:
 
     def park_events(self, events: Sequence[ConnectionEvent]) -> None:
         with self._db.transaction() as cur:
-            cur.executemany(
-                "INSERT OR IGNORE INTO parked_events (event_id, body) VALUES (?, ?)",
-                [(e.event_id, json.dumps(e.to_json())) for e in events],
-            )
+            _park(cur, events)
 
     def parked_events(self, limit: int) -> builtins.list[ConnectionEvent]:
         rows = self._db.read("SELECT body FROM parked_events ORDER BY seq LIMIT ?", (limit,))
@@ -1086,6 +1226,14 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         super().__init__(retained_versions)
         self._db = db
 
+    @property
+    def db(self) -> EmbeddedDatabase:
+        return self._db
+
+    def promote_in(self, cur: sqlite3.Cursor, promotion: Promotion) -> int:
+        """A promotion inside the caller's transaction (the atomic refresh commit)."""
+        return self._promote_in(cur, promotion)
+
     def _unseal(
         self, connection_id: str, incarnation: str, version: int, created: object, sealed: object
     ) -> StoredCredential:
@@ -1134,10 +1282,13 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         found = self._read_current_many([connection_id])
         if connection_id not in found:
             raise self._missing(connection_id)
-        return found[connection_id]
+        value = found[connection_id]
+        if isinstance(value, CorruptCredential):
+            raise value
+        return value
 
-    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, StoredCredential]:
-        found: dict[str, StoredCredential] = {}
+    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, ReadResult]:
+        found: dict[str, ReadResult] = {}
         for chunk in _chunks(connection_ids):
             marks = ",".join("?" * len(chunk))
             rows = self._db.read(
@@ -1145,7 +1296,9 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
                 tuple(chunk),
             )
             for row in rows:
-                found[row[0]] = self._verified_current(row)
+                value = self._read_value(row[0], partial(self._verified_current, row))
+                if value is not None:
+                    found[row[0]] = value
         return found
 
     def versions(self, connection_id: str) -> builtins.list[int]:
@@ -1219,12 +1372,155 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
             (connection_id, floor),
         )
 
+    # -- pending versions: sealed bound to their parent, attempt and incarnation too ----------
+
+    @staticmethod
+    def _pending_context(
+        tx: sqlite3.Cursor,
+        connection_id: str,
+        version: int,
+        parent: int | None,
+        attempt: str | None,
+    ) -> str:
+        """AES-GCM associated data of a pending blob: besides the connection, version, parent
+        and attempt, the incarnation it was staged under -- the secret's (staged on a parent)
+        or the registration's (a first version) -- so a staged row kept from before a delete
+        and re-create, or copied from another row, does not decrypt."""
+        if parent is not None:
+            row = tx.execute(
+                "SELECT incarnation FROM secrets WHERE connection_id = ?", (connection_id,)
+            ).fetchone()
+        else:
+            row = tx.execute(
+                "SELECT incarnation FROM connections WHERE id = ?", (connection_id,)
+            ).fetchone()
+        incarnation = row[0] if row else None
+        fields = ("tokenbroker:pending:v2", connection_id, incarnation, version, parent, attempt)
+        return _encode_fields(fields).decode()
+
+    def _add_pending(
+        self, tx: sqlite3.Cursor, write: SecretWrite, version: int, parent: int | None
+    ) -> None:
+        cid, attempt = write.connection_id, write.attempt
+        context = self._pending_context(tx, cid, version, parent, attempt)
+        sealed = self._db.seal(write.credential.to_plaintext(), context)
+        tx.execute(
+            "INSERT INTO pending_versions (connection_id, version, parent, attempt, created_at,"
+            " sealed) VALUES (?, ?, ?, ?, ?, ?)",
+            (cid, version, parent, attempt, time.time(), sealed),
+        )
+
+    def _pending(
+        self, tx: sqlite3.Cursor, connection_id: str
+    ) -> builtins.list[tuple[int, int | None, str | None]]:
+        rows = tx.execute(
+            "SELECT version, parent, attempt FROM pending_versions WHERE connection_id = ?"
+            " ORDER BY version",
+            (connection_id,),
+        ).fetchall()
+        return [(version, parent, attempt) for version, parent, attempt in rows]
+
+    def _pending_credential(
+        self, tx: sqlite3.Cursor, connection_id: str, version: int
+    ) -> Credential:
+        parent, attempt, sealed = tx.execute(
+            "SELECT parent, attempt, sealed FROM pending_versions"
+            " WHERE connection_id = ? AND version = ?",
+            (connection_id, version),
+        ).fetchone()
+        context = self._pending_context(tx, connection_id, version, parent, attempt)
+        try:
+            return Credential.from_plaintext(self._db.open(sealed, context))
+        except (InvalidTag, ValueError, TypeError):  # ValueError/TypeError: not a sealed blob
+            raise CorruptCredential(
+                f"staged credential {connection_id!r} v{version} does not decrypt"
+            ) from None
+
+    def _drop_pending(self, tx: sqlite3.Cursor, connection_id: str, version: int) -> None:
+        tx.execute(
+            "DELETE FROM pending_versions WHERE connection_id = ? AND version = ?",
+            (connection_id, version),
+        )
+
+    def _with_pending(self, connection_ids: builtins.list[str]) -> builtins.list[str]:
+        found: set[str] = set()
+        for chunk in _chunks(connection_ids):
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                cid
+                for (cid,) in self._db.read(
+                    "SELECT DISTINCT connection_id FROM pending_versions"  # noqa: S608 - only "?" placeholders
+                    f" WHERE connection_id IN ({marks})",
+                    tuple(chunk),
+                )
+            )
+        return [cid for cid in connection_ids if cid in found]
+
     def delete(self, connection_id: str) -> None:
         with self._db.transaction() as cur:
+            cur.execute("DELETE FROM pending_versions WHERE connection_id = ?", (connection_id,))
+            staged = cur.rowcount
             cur.execute("DELETE FROM secrets WHERE connection_id = ?", (connection_id,))
             if cur.rowcount == 0:
+                if staged:
+                    return  # only a staged first version: gone now
                 raise self._missing(connection_id)
             cur.execute("DELETE FROM secret_versions WHERE connection_id = ?", (connection_id,))
+
+
+class EmbeddedRefreshCommitter:
+    """The refresh commit in one SQLite transaction per batch (:class:`RefreshCommitter`):
+    for each outcome, the fencing token is checked, the staged version promoted, the state
+    written and the events parked -- all of it, or (lease lost) none of it. A staged version
+    left behind by a lost lease is settled by the next read, so the answer is not lost."""
+
+    def __init__(self, secrets: EmbeddedSecretStore, state: EmbeddedStateStore) -> None:
+        if secrets.db is not state.db:
+            raise ConfigError("the atomic refresh commit needs both stores on one database")
+        self._secrets = secrets
+        self._state = state
+        self._db = state.db
+
+    def commit(
+        self, items: Sequence[tuple[Completion, Promotion | None]]
+    ) -> builtins.list[CommitOutcome]:
+        outcomes: builtins.list[CommitOutcome] = []
+        if not items:
+            return outcomes
+        with self._db.transaction() as cur:
+            for completion, promotion in items:
+                lease = completion.lease
+                row = cur.execute(
+                    "SELECT lease_token FROM connections WHERE id = ?", (lease.connection_id,)
+                ).fetchone()
+                if row is None or row[0] != lease.token:
+                    outcomes.append(CommitOutcome.LEASE_LOST)
+                    continue
+                if promotion is not None:
+                    try:
+                        self._secrets.promote_in(cur, promotion)
+                    except (VersionConflict, CorruptCredential):
+                        cur.execute(
+                            "UPDATE connections SET lease_holder=NULL, lease_expires_at=NULL "
+                            "WHERE id = ? AND lease_token = ?",
+                            (lease.connection_id, lease.token),
+                        )
+                        outcomes.append(CommitOutcome.SUPERSEDED)
+                        continue
+                (accepted,) = self._state.complete_in(cur, [completion])
+                outcomes.append(CommitOutcome.COMMITTED if accepted else CommitOutcome.LEASE_LOST)
+        return outcomes
+
+
+def refresh_committer(secrets: object, state: object) -> EmbeddedRefreshCommitter | None:
+    """The atomic committer when both stores are embedded on one database, else ``None``."""
+    if (
+        isinstance(secrets, EmbeddedSecretStore)
+        and isinstance(state, EmbeddedStateStore)
+        and secrets.db is state.db
+    ):
+        return EmbeddedRefreshCommitter(secrets, state)
+    return None
 
 
 class EmbeddedOutbox:

@@ -20,6 +20,7 @@ from typing import Any, Self
 from urllib.parse import urlencode
 
 from tokenbroker.kernel.errors import TransportError
+from tokenbroker.kernel.failpoints import failpoint
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
 
 MAX_RESPONSE_BYTES = 1 << 20  # a token response is a few KB; refuse to buffer more than 1 MiB
@@ -116,6 +117,9 @@ class AiohttpTokenEndpoint(_AiohttpClient):
             async with session.post(
                 url, data=body, headers=send_headers, allow_redirects=False
             ) as response:
+                # The provider has acted on the request (its answer's head is here); the body,
+                # and the refresh token in it, is still on the wire.
+                failpoint("request.sent")
                 content = await _read(response, MAX_RESPONSE_BYTES)
                 if content is None:
                     raise TransportError(

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tokenbroker.adapters import budget_log
-from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, TransactionalSecretStore
+from tokenbroker.adapters.secret_store import (
+    DEFAULT_RETAINED_VERSIONS,
+    ReadResult,
+    TransactionalSecretStore,
+)
+from tokenbroker.kernel.clock import SystemClock, WallClock
 from tokenbroker.kernel.errors import AlreadyExists, NotFound
 from tokenbroker.kernel.model import (
     Claim,
@@ -23,11 +28,12 @@ from tokenbroker.kernel.model import (
     ConnectionRecord,
     ConnectionStatus,
     Credential,
+    Intent,
     Lease,
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import BudgetDecision, ClaimBatch
+from tokenbroker.ports import BudgetDecision, ClaimBatch, Completion, SecretWrite
 
 
 @dataclass
@@ -36,6 +42,10 @@ class _SecretVault:
 
     versions: dict[str, dict[int, StoredCredential]] = field(default_factory=dict)
     latest: dict[str, int] = field(default_factory=dict)
+    #: Staged versions: connection -> version -> (parent, attempt, credential).
+    pending: dict[str, dict[int, tuple[int | None, str | None, Credential]]] = field(
+        default_factory=dict
+    )
 
 
 class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
@@ -52,7 +62,7 @@ class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
                 raise self._missing(connection_id)
             return vault.versions[connection_id][vault.latest[connection_id]]
 
-    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, StoredCredential]:
+    def _read_current_many(self, connection_ids: builtins.list[str]) -> dict[str, ReadResult]:
         with self._transaction() as vault:
             return {
                 cid: vault.versions[cid][vault.latest[cid]]
@@ -80,20 +90,52 @@ class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
         for old in [v for v in versions if v <= floor]:
             del versions[old]
 
+    def _add_pending(
+        self, tx: _SecretVault, write: SecretWrite, version: int, parent: int | None
+    ) -> None:
+        staged = tx.pending.setdefault(write.connection_id, {})
+        staged[version] = (parent, write.attempt, write.credential)
+
+    def _pending(
+        self, tx: _SecretVault, connection_id: str
+    ) -> builtins.list[tuple[int, int | None, str | None]]:
+        staged = tx.pending.get(connection_id, {})
+        return [(v, parent, attempt) for v, (parent, attempt, _) in sorted(staged.items())]
+
+    def _pending_credential(self, tx: _SecretVault, connection_id: str, version: int) -> Credential:
+        return tx.pending[connection_id][version][2]
+
+    def _drop_pending(self, tx: _SecretVault, connection_id: str, version: int) -> None:
+        staged = tx.pending.get(connection_id, {})
+        staged.pop(version, None)
+        if not staged:
+            tx.pending.pop(connection_id, None)
+
+    def _with_pending(self, connection_ids: builtins.list[str]) -> builtins.list[str]:
+        with self._transaction() as vault:
+            return [cid for cid in connection_ids if vault.pending.get(cid)]
+
     def versions(self, connection_id: str) -> builtins.list[int]:
         with self._transaction() as vault:
             return sorted(vault.versions.get(connection_id, {}))
 
     def delete(self, connection_id: str) -> None:
         with self._transaction() as vault:
+            staged = vault.pending.pop(connection_id, None)
             if connection_id not in vault.latest:
+                if staged:
+                    return  # only a staged first version: gone now
                 raise self._missing(connection_id)
             del vault.latest[connection_id]
             del vault.versions[connection_id]
 
 
 class MemoryStateStore:
-    def __init__(self) -> None:
+    """``clock`` is the store's lease clock (the port's rule: leases run on the store's time,
+    never a refresher's); tests share a fake clock with the refresher or give it its own."""
+
+    def __init__(self, clock: WallClock | None = None) -> None:
+        self._clock: WallClock = clock or SystemClock()
         self._lock = threading.Lock()
         self._records: dict[str, ConnectionRecord] = {}
         self._leases: dict[str, Lease] = {}
@@ -135,6 +177,9 @@ class MemoryStateStore:
         with self._lock:
             record = self._get_locked(connection_id)
             self._records[connection_id] = replace(record, state=state)
+            # The operator's write wins: a refresh in flight can no longer commit or renew.
+            self._fencing[connection_id] = self._fencing.get(connection_id, 0) + 1
+            self._leases.pop(connection_id, None)
 
     def _lease_free(self, connection_id: str, now: datetime) -> bool:
         lease = self._leases.get(connection_id)
@@ -149,6 +194,7 @@ class MemoryStateStore:
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
         with self._lock:
+            at = self._clock.now()
             due = sorted(
                 (
                     r
@@ -159,31 +205,79 @@ class MemoryStateStore:
                 ),
                 key=lambda r: (r.state.next_refresh_at, r.connection.id),
             )
-            free = [r for r in due if self._lease_free(r.connection.id, now)]
-            claims = [self._grant(r.connection.id, now, holder, ttl) for r in free[:limit]]
+            free = [r for r in due if self._lease_free(r.connection.id, at)]
+            claims = [self._grant(r.connection.id, at, holder, ttl) for r in free[:limit]]
             return ClaimBatch(claims, leased_elsewhere=len(due) - len(free))
 
     def claim(
-        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+        self,
+        connection_ids: Sequence[str],
+        now: datetime,  # noqa: ARG002 - the port's signature: a named claim ignores due-ness
+        *,
+        holder: str,
+        ttl: timedelta,
     ) -> ClaimBatch:
         with self._lock:
+            at = self._clock.now()
             wanted = list(dict.fromkeys(connection_ids))
             missing = [cid for cid in wanted if cid not in self._records]
-            present = [cid for cid in wanted if cid in self._records]
-            free = [cid for cid in present if self._lease_free(cid, now)]
-            claims = [self._grant(cid, now, holder, ttl) for cid in free]
-            return ClaimBatch(claims, leased_elsewhere=len(present) - len(free), missing=missing)
+            inactive = {
+                cid: self._records[cid].state.status
+                for cid in wanted
+                if cid in self._records
+                and self._records[cid].state.status is not ConnectionStatus.ACTIVE
+            }
+            present = [cid for cid in wanted if cid in self._records and cid not in inactive]
+            free = [cid for cid in present if self._lease_free(cid, at)]
+            claims = [self._grant(cid, at, holder, ttl) for cid in free]
+            return ClaimBatch(
+                claims,
+                leased_elsewhere=len(present) - len(free),
+                missing=missing,
+                inactive=inactive,
+            )
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
+        results: builtins.list[Lease | None] = []
+        with self._lock:
+            at = self._clock.now()
+            for lease, intent in zip(leases, intents or [None] * len(leases), strict=True):
+                held = self._leases.get(lease.connection_id)
+                if held is None or held.token != lease.token:
+                    results.append(None)
+                    continue
+                renewed = replace(held, expires_at=at + ttl)
+                self._leases[lease.connection_id] = renewed
+                if intent is not None:
+                    record = self._records[lease.connection_id]
+                    stamped = replace(intent, at=at)
+                    self._records[lease.connection_id] = replace(
+                        record, state=replace(record.state, intent=stamped)
+                    )
+                results.append(renewed)
+        return results
+
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
         results = []
         with self._lock:
-            for lease, state in outcomes:
-                cid = lease.connection_id
-                if cid not in self._records or self._fencing.get(cid) != lease.token:
+            for outcome in outcomes:
+                done = outcome if isinstance(outcome, Completion) else Completion(*outcome)
+                cid = done.lease.connection_id
+                if cid not in self._records or self._fencing.get(cid) != done.lease.token:
                     results.append(False)
                     continue
-                self._records[cid] = replace(self._records[cid], state=state)
+                self._records[cid] = replace(self._records[cid], state=done.state)
                 self._leases.pop(cid, None)
+                for event in done.events:
+                    self._parked.setdefault(event.event_id, event)
                 results.append(True)
         return results
 

@@ -3,7 +3,12 @@
 The port's rules (:class:`tokenbroker.ports.SecretStore`) are the same on every backend: a
 write is a compare-and-set on the current version; versions count up; the newest
 ``retained_versions`` are kept; ``put_many`` is independent compare-and-set writes, one result
-each; ``get_many`` leaves absent connections out; a missing credential is one ``NotFound``.
+each; ``get_many`` leaves absent connections out and returns a record that does not verify or
+decode as that connection's :class:`CorruptCredential` (one bad record never fails the batch);
+a missing credential is one ``NotFound``; ``stage`` adds a *pending* version (durable, not yet
+current) that ``promote`` makes current by compare-and-set on its parent, and that every read
+settles (promotes) when its parent is still current, so a staged answer outlives its writer;
+``put`` is a stage and a promotion.
 :class:`VersionedSecretStore` owns those rules and each adapter implements only its raw I/O,
 as aws-powertools does for its storage (``utilities/parameters/base.py``: ``BaseProvider``
 owns caching and transforms, a provider implements ``_get``/``_get_multiple``;
@@ -16,9 +21,10 @@ Two shapes of commit, because the backends really differ there:
   (a lock; SQLite's ``BEGIN IMMEDIATE``). The base reads the current version, decides the
   compare-and-set, numbers the new version, writes it and destroys what retention drops, all
   inside one transaction; a subclass supplies the transaction and four primitives.
-* Remote stores (Secret Manager, AWS Secrets Manager) implement :meth:`_commit` themselves:
-  Secret Manager numbers versions itself and commits with an etag compare-and-set on the
-  secret's annotations; AWS commits by moving staging labels, each move a compare-and-set, and
+* Remote stores (Secret Manager, AWS Secrets Manager) implement :meth:`_stage` and
+  :meth:`_promote` themselves: Secret Manager numbers versions itself (adding one is the
+  stage) and promotes with an etag compare-and-set on the secret's annotations; AWS stages
+  with ``AWSPENDING`` and promotes by moving staging labels, each move a compare-and-set, and
   its VersionId is the number. Forcing either into the transactional shape would hide the
   steps that make them crash-safe. They still take every decision from the rules here
   (:meth:`_check_expected`, :meth:`_conflict`, :meth:`_retention_floor`,
@@ -28,10 +34,14 @@ Two shapes of commit, because the backends really differ there:
 Hooks, by who must implement them:
 
 ==========================  ==============================================================
-every store                 ``_read_current``, ``_commit``, ``versions``, ``delete``
+every store                 ``_read_current`` (settling), ``versions``, ``delete``
+remote stores               ``_stage``, ``_promote`` (``_commit``: both, or its own)
 optional                    ``_read_current_many`` (a batch read), ``_map`` (concurrency)
 transactional stores        ``_transaction``, ``_current_version``, ``_add_version``,
-                            ``_destroy_through`` (and no ``_commit``: the base has it)
+                            ``_destroy_through``; pending versions: ``_add_pending``,
+                            ``_pending``, ``_pending_credential``, ``_drop_pending``,
+                            ``_with_pending`` (the base has ``_stage``/``_promote``/``_commit``
+                            and the settling)
 ==========================  ==============================================================
 """
 
@@ -42,15 +52,27 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
-from tokenbroker.kernel.errors import ConfigError, NotFound, VersionConflict
+from tokenbroker.kernel.errors import (
+    ConfigError,
+    CorruptCredential,
+    NotFound,
+    TokenBrokerError,
+    VersionConflict,
+)
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import SecretWrite
+from tokenbroker.ports import Promotion, SecretWrite
 
-__all__ = ["DEFAULT_RETAINED_VERSIONS", "TransactionalSecretStore", "VersionedSecretStore"]
+__all__ = [
+    "DEFAULT_RETAINED_VERSIONS",
+    "ReadResult",
+    "TransactionalSecretStore",
+    "VersionedSecretStore",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
 Tx = TypeVar("Tx")
+W = TypeVar("W", SecretWrite, Promotion)
 
 #: The current version and the two before it, so a credential a consumer read survives two
 #: more rotations.
@@ -58,6 +80,15 @@ DEFAULT_RETAINED_VERSIONS = 3
 
 #: One write's outcome in ``put_many``: the new version, or the conflict it met.
 WriteResult = int | VersionConflict
+#: One item's outcome in ``stage``/``promote``: the version, or the error that is that
+#: connection's own (a conflict, a corrupt or refused record).
+ItemResult = int | TokenBrokerError
+#: One connection's current version as ``get_many`` returns it.
+ReadResult = StoredCredential | CorruptCredential
+
+#: What decoding a damaged record raises (bad JSON, missing fields, wrong types): the record
+#: is corrupt. Anything else -- a store that cannot answer, a bug -- is not the record's fault.
+_DECODE_ERRORS = (ValueError, KeyError, TypeError)
 
 
 class VersionedSecretStore(ABC):
@@ -107,13 +138,33 @@ class VersionedSecretStore(ABC):
     # -- the port ------------------------------------------------------------------------------
 
     def get(self, connection_id: str) -> StoredCredential:
-        try:
-            return self._read_current(connection_id)
-        except NotFound:
+        value = self._read_value(connection_id, lambda: self._read_current(connection_id))
+        if value is None:
             raise self._missing(connection_id) from None
+        if isinstance(value, CorruptCredential):
+            raise value from None
+        return value
 
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, StoredCredential]:
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, ReadResult]:
         return self._read_current_many(list(dict.fromkeys(connection_ids)))
+
+    @staticmethod
+    def _read_value(connection_id: str, read: Callable[[], StoredCredential]) -> ReadResult | None:
+        """One connection's read with its failure as a value, the rule ``get_many`` keeps on
+        every store: ``None`` when absent, a :class:`CorruptCredential` when the record does
+        not verify or decode. A store that cannot answer still raises: that is not one
+        record's fault, and the whole read is retried."""
+        try:
+            return read()
+        except NotFound:
+            return None
+        except CorruptCredential as corrupt:
+            return corrupt
+        except _DECODE_ERRORS as exc:
+            return CorruptCredential(
+                f"connection {connection_id!r}: the stored credential does not decode"
+                f" ({type(exc).__name__})"
+            )
 
     def put(
         self, connection_id: str, credential: Credential, *, expected_version: int | None
@@ -124,17 +175,38 @@ class VersionedSecretStore(ABC):
         """Writes to different connections may run at once (:meth:`_map`); writes to the same
         connection run in the order given, since a later one may expect the version an earlier
         one made. A conflict is that write's result and stops no other write."""
+        return self._each(writes, self._commit)  # type: ignore[return-value]  # no containment
+
+    def stage(self, writes: Sequence[SecretWrite]) -> list[ItemResult]:
+        """Pending versions, one compare-and-set each (as ``put_many`` runs its writes)."""
+        return self._each(writes, self._stage, contain=True)
+
+    def promote(self, promotions: Sequence[Promotion]) -> list[ItemResult]:
+        """Staged versions made current, one compare-and-set each."""
+        return self._each(promotions, self._promote, contain=True)
+
+    def _each(
+        self, items: Sequence[W], one: Callable[[W], int], *, contain: bool = False
+    ) -> list[ItemResult]:
+        """``one`` over ``items``: different connections through :meth:`_map`, one connection's
+        items in the order given; a conflict is that item's result and stops nothing else.
+        ``contain``: so is any error that is that connection's own (not retryable: a corrupt
+        record, a refused version), as the port's ``stage``/``promote`` promise."""
         by_connection: dict[str, list[int]] = {}
-        for index, write in enumerate(writes):
-            by_connection.setdefault(write.connection_id, []).append(index)
-        results: list[WriteResult] = [0] * len(writes)
+        for index, item in enumerate(items):
+            by_connection.setdefault(item.connection_id, []).append(index)
+        results: list[ItemResult] = [0] * len(items)
 
         def run(indices: list[int]) -> None:
             for index in indices:
                 try:
-                    results[index] = self._commit(writes[index])
+                    results[index] = one(items[index])
                 except VersionConflict as conflict:
                     results[index] = conflict
+                except TokenBrokerError as error:
+                    if not contain or error.retryable:
+                        raise
+                    results[index] = error
 
         self._map(run, list(by_connection.values()))
         return results
@@ -153,20 +225,30 @@ class VersionedSecretStore(ABC):
     def _read_current(self, connection_id: str) -> StoredCredential:
         """The current version as stored. Raises NotFound (any message: ``get`` words it)."""
 
-    @abstractmethod
     def _commit(self, write: SecretWrite) -> int:
         """Add a version if the current one is ``write.expected_version``; the new number.
-        Raises VersionConflict otherwise (decided with :meth:`_check_expected`)."""
+        Raises VersionConflict otherwise (decided with :meth:`_check_expected`). A stage and
+        its promotion; a backend with a shorter way overrides it."""
+        version = self._stage(write)
+        return self._promote(Promotion(write.connection_id, version, write.expected_version))
 
-    def _read_current_many(self, connection_ids: list[str]) -> dict[str, StoredCredential]:
-        """Current versions of distinct ids, absent ones left out: one :meth:`_read_current`
-        each, through :meth:`_map`. Override with a batch read where the backend has one."""
+    @abstractmethod
+    def _stage(self, write: SecretWrite) -> int:
+        """Add a pending version on top of ``write.expected_version`` (compare-and-set); its
+        number. Idempotent for the same ``write.attempt``."""
 
-        def one(connection_id: str) -> StoredCredential | None:
-            try:
-                return self._read_current(connection_id)
-            except NotFound:
-                return None
+    @abstractmethod
+    def _promote(self, promotion: Promotion) -> int:
+        """Make the pending version current if its parent still is; idempotent when it
+        already is. Raises VersionConflict otherwise."""
+
+    def _read_current_many(self, connection_ids: list[str]) -> dict[str, ReadResult]:
+        """Current versions of distinct ids, absent ones left out, bad ones as values (see
+        :meth:`_read_value`): one :meth:`_read_current` each, through :meth:`_map`. Override
+        with a batch read where the backend has one, keeping the same rule."""
+
+        def one(connection_id: str) -> ReadResult | None:
+            return self._read_value(connection_id, lambda: self._read_current(connection_id))
 
         found = self._map(one, connection_ids)
         return {
@@ -204,8 +286,123 @@ class TransactionalSecretStore(VersionedSecretStore, Generic[Tx]):
     def _destroy_through(self, tx: Tx, connection_id: str, floor: int) -> None:
         """Destroy the connection's versions numbered ``floor`` or lower."""
 
+    @abstractmethod
+    def _add_pending(self, tx: Tx, write: SecretWrite, version: int, parent: int | None) -> None:
+        """Keep ``write.credential`` as pending ``version`` of ``write.attempt``, staged on
+        ``parent``."""
+
+    @abstractmethod
+    def _pending(self, tx: Tx, connection_id: str) -> list[tuple[int, int | None, str | None]]:
+        """The connection's pending versions as (version, parent, attempt), oldest first."""
+
+    @abstractmethod
+    def _pending_credential(self, tx: Tx, connection_id: str, version: int) -> Credential:
+        """The credential of a pending version (CorruptCredential when it does not verify)."""
+
+    @abstractmethod
+    def _drop_pending(self, tx: Tx, connection_id: str, version: int) -> None:
+        """Forget one pending version."""
+
+    @abstractmethod
+    def _with_pending(self, connection_ids: list[str]) -> list[str]:
+        """Which of these connections have pending versions (a read outside any transaction:
+        the cheap check before settling)."""
+
+    # -- pending versions ------------------------------------------------------------------
+
+    def _settle_in(self, tx: Tx, connection_id: str) -> int | None:
+        """Promote the oldest pending version staged on the current one, forget those staged
+        on anything else (their parent is gone: someone else's version won); the current
+        version after it."""
+        current = self._current_version(tx, connection_id)
+        for version, parent, _ in self._pending(tx, connection_id):
+            if parent == current:
+                credential = self._pending_credential(tx, connection_id, version)
+                self._drop_pending(tx, connection_id, version)
+                self._add_version(tx, connection_id, version, credential)
+                self._destroy_through(tx, connection_id, self._retention_floor(version))
+                current = version
+            else:
+                self._drop_pending(tx, connection_id, version)
+        return current
+
+    def _settle(self, connection_ids: list[str]) -> None:
+        """Settle the pending versions of these connections, if any (one transaction)."""
+        waiting = self._with_pending(connection_ids)
+        if waiting:
+            with self._transaction() as tx:
+                for connection_id in waiting:
+                    self._settle_in(tx, connection_id)
+
+    def get(self, connection_id: str) -> StoredCredential:
+        self._settle([connection_id])
+        return super().get(connection_id)
+
+    def get_many(self, connection_ids: Sequence[str]) -> dict[str, ReadResult]:
+        self._settle(list(dict.fromkeys(connection_ids)))
+        return super().get_many(connection_ids)
+
+    def _stage_in(self, tx: Tx, write: SecretWrite) -> int:
+        cid = write.connection_id
+        for version, parent, attempt in self._pending(tx, cid):
+            if write.attempt is not None and (attempt, parent) == (
+                write.attempt,
+                write.expected_version,
+            ):
+                return version  # the same answer staged again (a retried call)
+        current = self._settle_in(tx, cid)
+        self._check_expected(cid, current, write.expected_version)
+        version = (current or 0) + 1
+        self._add_pending(tx, write, version, current)
+        return version
+
+    def _promote_in(self, tx: Tx, promotion: Promotion) -> int:
+        cid = promotion.connection_id
+        current = self._current_version(tx, cid)
+        if current == promotion.version:
+            return current  # settled by a reader meanwhile, or promoted before
+        staged = {version: parent for version, parent, _ in self._pending(tx, cid)}
+        parent = staged.get(promotion.version, -1)
+        if parent != current or promotion.parent != current:
+            raise self._conflict(cid, current, promotion.parent)
+        credential = self._pending_credential(tx, cid, promotion.version)
+        self._drop_pending(tx, cid, promotion.version)
+        self._add_version(tx, cid, promotion.version, credential)
+        self._destroy_through(tx, cid, self._retention_floor(promotion.version))
+        return promotion.version
+
+    def _stage(self, write: SecretWrite) -> int:
+        with self._transaction() as tx:
+            return self._stage_in(tx, write)
+
+    def _promote(self, promotion: Promotion) -> int:
+        with self._transaction() as tx:
+            return self._promote_in(tx, promotion)
+
+    def stage(self, writes: Sequence[SecretWrite]) -> list[ItemResult]:
+        """All stages in one transaction (one commit, one fsync for SQLite), in order."""
+        return self._all_in_one(writes, self._stage_in)
+
+    def promote(self, promotions: Sequence[Promotion]) -> list[ItemResult]:
+        """All promotions in one transaction, in order."""
+        return self._all_in_one(promotions, self._promote_in)
+
+    def _all_in_one(self, items: Sequence[W], one: Callable[[Tx, W], int]) -> list[ItemResult]:
+        results: list[ItemResult] = []
+        if not items:
+            return results
+        with self._transaction() as tx:
+            for item in items:
+                try:
+                    results.append(one(tx, item))
+                except VersionConflict as conflict:
+                    results.append(conflict)
+                except CorruptCredential as corrupt:  # one bad staged record: its own result
+                    results.append(corrupt)
+        return results
+
     def _commit_in(self, tx: Tx, write: SecretWrite) -> int:
-        current = self._current_version(tx, write.connection_id)
+        current = self._settle_in(tx, write.connection_id)
         self._check_expected(write.connection_id, current, write.expected_version)
         version = (current or 0) + 1
         self._add_version(tx, write.connection_id, version, write.credential)

@@ -677,18 +677,24 @@ def refresh(ctx: _Context, connection_ids: tuple[str, ...], all_: bool, due: boo
 
         summary = asyncio.run(ctx.runtime.tick(connection_ids=ids, progress=progress))
     data = summary.to_json()
+    inactive = ", ".join(f"{cid} ({status})" for cid, status in data["inactive"].items())
     _emit(
         ctx,
         data,
         lambda: (
             f"due {data['due']}, refreshed {data['refreshed']}, failed "
-            f"{data['failed']['transient']} transient / {data['failed']['permanent']} permanent, "
-            f"skipped (leased elsewhere) {data['skipped_leased']}"
+            f"{data['failed']['transient']} transient / {data['failed']['permanent']} permanent"
+            + (f" / {data['failed']['internal']} internal" if data["failed"]["internal"] else "")
+            + f", skipped (leased elsewhere) {data['skipped_leased']}"
             + (f", not found: {', '.join(data['missing'])}" if data["missing"] else "")
+            + (f", not active (not refreshed): {inactive}" if inactive else "")
             + f" in {data['seconds']}s"
         ),
     )
-    if not summary.ok:
+    # Status is law: a named connection that is disabled or needs re-authorisation is not
+    # refreshed (enable or reauth it first), and asking for it by name is a failure; --all
+    # means "every connection that may be refreshed" and skips them quietly.
+    if not summary.ok or (connection_ids and summary.inactive):
         sys.exit(EXIT_FAILURE)
 
 
@@ -701,7 +707,7 @@ def status(ctx: _Context) -> None:
     rows = [
         [
             r.connection.id,
-            r.state.status.value,
+            r.state.status.value + (" (at risk)" if r.state.at_risk else ""),
             _expires_in(r.state.expires_at, now),
             isoformat(r.state.last_refresh_at) or "-",
             str(r.state.consecutive_failures),

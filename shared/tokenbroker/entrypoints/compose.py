@@ -28,7 +28,7 @@ from tokenbroker.kernel.errors import ConfigError
 from tokenbroker.kernel.log import configure_logging
 from tokenbroker.kernel.retry import RetryPolicy
 from tokenbroker.oauth.profiles import ProviderProfile, load_profiles
-from tokenbroker.ports import EventBus, SecretStore, StateStore, TokenEndpoint
+from tokenbroker.ports import EventBus, RefreshCommitter, SecretStore, StateStore, TokenEndpoint
 from tokenbroker.refresh.registry import ConnectionRegistry
 from tokenbroker.refresh.tick import Refresher, TickSummary
 
@@ -65,9 +65,20 @@ class Runtime:
             ),
             "lease_ttl": timedelta(seconds=self.settings.lease_ttl_seconds),
             "concurrency": self.settings.concurrency,
+            "committer": self._atomic_committer(),
         }
         options.update(overrides)
         return Refresher(**options)
+
+    def _atomic_committer(self) -> RefreshCommitter | None:
+        """One transaction for the whole refresh commit where both stores share one embedded
+        database (the fencing token checked with the credential write); ``None`` otherwise:
+        the refresher then promotes and completes in order (``refresh.commit``)."""
+        if type(self.state).__module__ != "tokenbroker.adapters.embedded":
+            return None
+        from tokenbroker.adapters.embedded import refresh_committer  # noqa: PLC0415 - lazily
+
+        return refresh_committer(self.secrets, self.state)
 
     def registry(self) -> ConnectionRegistry:
         """Operator actions on connections (add, reauth, enable/disable, remove)."""

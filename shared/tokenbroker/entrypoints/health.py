@@ -58,8 +58,11 @@ def tick_problem(summary: TickSummary) -> str | None:
     problems = []
     if summary.uncommitted:
         problems.append(f"{summary.uncommitted} result(s) not committed")
-    if summary.events_lost:
-        problems.append(f"{summary.events_lost} event(s) neither published nor parked")
+    if summary.events_parked:
+        problems.append(
+            f"{summary.events_parked} event(s) not published (kept in the outbox: a later tick"
+            " relays them)"
+        )
     return "; ".join(problems) or None
 
 

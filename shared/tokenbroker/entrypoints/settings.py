@@ -144,7 +144,8 @@ class Settings:
     tick_limit: int = 10_000
     concurrency: int = 256
     http_timeout: float = 10.0
-    lease_ttl_seconds: float = 300.0
+    #: Short, renewed by heartbeat while in use, so a crashed holder's leases free quickly.
+    lease_ttl_seconds: float = 30.0
     overlap_fraction: float = 0.5
     min_lead_seconds: float = 600.0
     jitter_fraction: float = 0.1
@@ -304,7 +305,13 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("tick_limit", ENV_TICK_LIMIT, 1, 100_000, "connections claimed per tick"),
     Bound("concurrency", ENV_CONCURRENCY, 1, 1024, "token requests in flight, one socket each"),
     Bound("http_timeout", ENV_HTTP_TIMEOUT, 0, 120, "seconds per token request", open_low=True),
-    Bound("lease_ttl_seconds", ENV_LEASE_TTL, 60, 3600, "a crashed holder blocks this long"),
+    Bound(
+        "lease_ttl_seconds",
+        ENV_LEASE_TTL,
+        20,
+        3600,
+        "longer than the 15 s kept before presenting; a crashed holder blocks this long",
+    ),
     Bound(
         "overlap_fraction",
         ENV_OVERLAP_FRACTION,

@@ -13,7 +13,9 @@ a master credential: client secrets and refresh tokens never leave it):
    through the IAM Credentials API (``generateAccessToken``), never the broker's own token.
 2. **OAuth connection whose provider can narrow scopes** (RFC 6749 §6: a refresh may request a
    subset of the granted scope) and does not rotate refresh tokens: a refresh with the narrower
-   ``scope``, cached per (connection, scope set).
+   ``scope``, cached per (connection, scope set). Like every path that presents a refresh
+   token, it holds the connection's lease meanwhile (taken through the state store, as the
+   refresher takes it); while a refresh is in flight the caller is asked to retry shortly.
 3. **Otherwise**: the connection's current access token, and only to callers the policy grants
    the connection's full scope (``"*"``).
 """
@@ -21,8 +23,11 @@ a master credential: client secrets and refresh tokens never leave it):
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,11 +50,13 @@ from tokenbroker.kernel.model import (
     Connection,
     ConnectionStatus,
     GrantType,
+    Lease,
     StoredCredential,
 )
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.grants import refresh_grant, service_account_info
 from tokenbroker.oauth.profiles import ProviderProfile
+from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import CallerVerifier, Impersonator, SecretStore, StateStore, TokenEndpoint
 
 MAX_BODY_BYTES = 16 * 1024
@@ -160,6 +167,7 @@ class TokenIssuer:
         cache_size: int = 10_000,
         version_check_seconds: float = 30.0,
         rng: random.Random | None = None,
+        lease_ttl: timedelta = timedelta(seconds=30),
     ) -> None:
         self.verifier = verifier
         self.policy = policy
@@ -172,6 +180,9 @@ class TokenIssuer:
         self.cache_size = cache_size
         self.version_check = timedelta(seconds=version_check_seconds)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        #: The narrowing refresh's lease on the connection: longer than one request.
+        self.lease_ttl = lease_ttl
+        self.holder = f"issuer:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cache: OrderedDict[tuple[str, tuple[str, ...] | None], _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
@@ -387,15 +398,78 @@ class TokenIssuer:
 
         If one rotates anyway, the new refresh token is **not** stored: the issuer is a read
         path and never writes credentials. Only the refresher, holding the connection's lease,
-        may write (its fencing token is what keeps two writers from interleaving; a
-        compare-and-set from here would race the leased refresher outside any lease, and a
-        burst of callers would become a burst of writes). The caller still gets its token;
-        an error line naming the connection (never the token) tells the operator that the
+        may write (its fencing token is what keeps two writers from interleaving, and a burst
+        of callers must not become a burst of writes). The caller still gets its token; an
+        error line naming the connection (never the token) tells the operator that the
         profile's ``rotates_refresh_tokens = false`` is wrong for this provider, whose stored
-        refresh token may now be spent. Issue 8 routes narrowing refreshes through the lease.
+        refresh token may now be spent.
+
+        The refresh token is presented under the connection's lease (:meth:`_lease`), as the
+        refresher presents it: the two never send it at once.
         """
         if self.endpoint is None:
             raise CredentialUnavailable("scope narrowing is not configured")
+        lease = await self._lease(connection.id, now)
+        try:
+            response = await self._narrowing_refresh(connection, profile, scopes)
+        finally:
+            await self._give_back(lease)
+        lifetime = response.expires_in or profile.default_lifetime_seconds
+        expires_at = now + timedelta(seconds=min(lifetime, max_lifetime))
+        return IssuedToken(
+            access_token=response.access_token,
+            token_type=response.token_type,
+            expires_at=expires_at,
+            refresh_after=self._refresh_after(now, expires_at),
+            scope=response.scope if response.scope is not None else tuple(scopes),
+            connection=connection.id,
+        )
+
+    async def _lease(self, connection_id: str, now: datetime) -> Lease:
+        """The connection's lease for one narrowing refresh, or why not: a refresh is in
+        flight (503, retry shortly), or the connection is not active (status is law)."""
+        import asyncio  # noqa: PLC0415
+
+        try:
+            batch = await asyncio.to_thread(
+                self.state.claim, [connection_id], now, holder=self.holder, ttl=self.lease_ttl
+            )
+        except TokenBrokerError as error:
+            if error.retryable:
+                raise CredentialUnavailable(
+                    f"state store unavailable ({error.code})", retry_after=5
+                ) from None
+            raise
+        if batch.claims:
+            return batch.claims[0].lease
+        if batch.missing:
+            raise PolicyDenied(DENIED)
+        if connection_id in batch.inactive:
+            raise NeedsReauth(
+                f"connection {connection_id!r} is {batch.inactive[connection_id].value}"
+            )
+        raise CredentialUnavailable(
+            f"connection {connection_id!r} is being refreshed; retry shortly", retry_after=2
+        )
+
+    async def _give_back(self, lease: Lease) -> None:
+        import asyncio  # noqa: PLC0415
+
+        try:
+            await asyncio.to_thread(self.state.release, lease)
+        except TokenBrokerError as error:  # it expires by itself after lease_ttl
+            self.log.warning(
+                "narrowing lease not given back",
+                connection=lease.connection_id,
+                error_code=error.code,
+            )
+
+    async def _narrowing_refresh(
+        self, connection: Connection, profile: ProviderProfile, scopes: Sequence[str]
+    ) -> TokenResponse:
+        """The refresh itself, under the lease; the credential is read after taking it (the
+        refresher may have rotated it just before)."""
+        assert self.endpoint is not None  # noqa: S101 - checked by the caller
         stored = await self._read_current(connection.id)
         current = stored.credential
         if current.refresh_token is None:
@@ -424,13 +498,4 @@ class TokenIssuer:
                 connection=connection.id,
                 profile=profile.name,
             )
-        lifetime = response.expires_in or profile.default_lifetime_seconds
-        expires_at = now + timedelta(seconds=min(lifetime, max_lifetime))
-        return IssuedToken(
-            access_token=response.access_token,
-            token_type=response.token_type,
-            expires_at=expires_at,
-            refresh_after=self._refresh_after(now, expires_at),
-            scope=response.scope if response.scope is not None else tuple(scopes),
-            connection=connection.id,
-        )
+        return response

@@ -12,6 +12,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
+class WallClock(Protocol):
+    """Only "now": what a store needs for its lease clock."""
+
+    def now(self) -> datetime:
+        """Current time, timezone-aware UTC."""
+        ...
+
+
 class Clock(Protocol):
     def now(self) -> datetime:
         """Current time, timezone-aware UTC."""

@@ -122,6 +122,24 @@ class StoreFault(StoreUnavailable):
     default_retryable = False
 
 
+class InternalError(TokenBrokerError):
+    """An unexpected exception (a bug, or a value no rule here foresaw) while refreshing one
+    connection, turned into a value so that it stays with that connection.
+
+    Its own failure class, ``internal``: alerted (logged with its traceback), retried with
+    backoff on later ticks (the same refresh token may well work once the bug is fixed), and
+    never a reason for ``needs_reauth`` -- the provider did not refuse anything.
+    """
+
+    code = "internal_error"
+    http_status = 500
+    default_retryable = True
+
+    @property
+    def failure_class(self) -> str:
+        return "internal"
+
+
 # --- the issuer's answers to callers (RFC 6749 §5.2 / RFC 6750 §3.1 names) ----------------------
 
 

@@ -166,6 +166,43 @@ class StoredCredential:
 
 
 @dataclass(frozen=True)
+class Intent:
+    """A refresh about to present a rotating refresh token, made durable before it does.
+
+    Written by the lease holder (fenced by ``token``) just before the request, and cleared by
+    the commit of its outcome. A connection found with an intent and no outcome -- its holder
+    crashed, or the answer never arrived -- may have had its refresh token consumed: the next
+    holder must not present it again blindly (see ``refresh.transitions.unknown_outcome``).
+    ``at`` is the state store's clock when the intent was recorded (the store stamps it).
+    """
+
+    attempt: str
+    #: The credential version whose refresh token is being presented.
+    from_version: int | None
+    #: The fencing token of the lease it is presented under.
+    token: int
+    at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "from_version": self.from_version,
+            "token": self.token,
+            "at": self.at.isoformat() if self.at is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Intent:
+        at = data.get("at")
+        return cls(
+            attempt=str(data["attempt"]),
+            from_version=data.get("from_version"),
+            token=int(data["token"]),
+            at=datetime.fromisoformat(at) if at else None,
+        )
+
+
+@dataclass(frozen=True)
 class RefreshState:
     """Where a connection stands: the non-secret half of the state store's record."""
 
@@ -177,6 +214,12 @@ class RefreshState:
     consecutive_failures: int = 0
     current_version: int | None = None
     last_error: str | None = None
+    #: A presentation of a rotating refresh token whose outcome is not known yet.
+    intent: Intent | None = None
+    #: The outcome of ``intent`` is unknown and the refresh token may be spent: the current
+    #: access token is served until shortly before it expires, when the refresh token is
+    #: presented once more as the last step (announced by ``refresh.at_risk``).
+    at_risk: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -188,6 +231,8 @@ class RefreshState:
             "consecutive_failures": self.consecutive_failures,
             "current_version": self.current_version,
             "last_error": self.last_error,
+            "intent": self.intent.to_json() if self.intent is not None else None,
+            "at_risk": self.at_risk,
         }
 
 
@@ -225,6 +270,9 @@ class EventType(StrEnum):
     REFRESH_FAILED = "refresh.failed"
     NEEDS_REAUTH = "connection.needs_reauth"
     RECOVERED = "connection.recovered"
+    #: The outcome of a rotating refresh is unknown: the access token is served until shortly
+    #: before it expires, then the refresh token is presented once more (docs/events.md).
+    AT_RISK = "refresh.at_risk"
 
 
 EVENT_SCHEMA_VERSION = 1

@@ -40,13 +40,24 @@ async def acquire(
     current: Credential,
     now: datetime,
 ) -> Credential:
-    """Run the connection's grant and return the credential to store as the next version.
+    """Run the connection's grant and return the credential to store as the next version
+    (:func:`request_token` then :func:`next_credential`)."""
+    response = await request_token(endpoint, connection, profile, current, now)
+    return next_credential(connection, current, response, now)
 
-    The static material (client secret, key file) is carried forward. When a refresh response
-    omits ``refresh_token`` the old one is kept (RFC 6749 §6: the server MAY issue a new one);
-    when it includes one, the old one is dropped and never used again. The new version's
-    expiry is the answer's bounded lifetime (``expires_in``, else a JWT's ``exp``, else the
-    profile's default: :attr:`~tokenbroker.oauth.token_response.TokenResponse.lifetime_seconds`).
+
+async def request_token(
+    endpoint: TokenEndpoint,
+    connection: Connection,
+    profile: ProviderProfile,
+    current: Credential,
+    now: datetime,
+) -> TokenResponse:
+    """Run the connection's grant: the provider's answer, or the classified error.
+
+    Apart from :func:`next_credential` so that a caller holding the answer still has it --
+    and the refresh token in it, which a rotating provider has already swapped for the one
+    sent -- when building the credential fails.
     """
     token_url = profile.token_url_for(connection)
     params = profile.resolve_params(connection.params)
@@ -102,6 +113,23 @@ async def acquire(
         raise ConfigError(
             f"connection {connection.id!r}: {connection.grant.value} is not refreshed"
         )
+    return response
+
+
+def next_credential(
+    connection: Connection,
+    current: Credential,
+    response: TokenResponse,
+    now: datetime,
+) -> Credential:
+    """The credential to store as the next version, from the provider's answer.
+
+    The static material (client secret, key file) is carried forward. When a refresh response
+    omits ``refresh_token`` the old one is kept (RFC 6749 §6: the server MAY issue a new one);
+    when it includes one, the old one is dropped and never used again. The new version's
+    expiry is the answer's bounded lifetime (``expires_in``, else a JWT's ``exp``, else the
+    profile's default: :attr:`~tokenbroker.oauth.token_response.TokenResponse.lifetime_seconds`).
+    """
     for warning in response.warnings:
         _log.warning(
             "token answer was odd but usable", connection_id=connection.id, warning=warning

@@ -151,6 +151,9 @@ class ConnectionRegistry:
             status=ConnectionStatus.ACTIVE,
             next_refresh_at=self._first_refresh(record.connection),
             current_version=version,
+            # New material answers any refresh whose outcome was unknown.
+            intent=None,
+            at_risk=False,
         )
         # consecutive_failures is kept: the first successful refresh clears it and announces
         # connection.recovered.

@@ -3,15 +3,41 @@
 Guarantees, in order of importance:
 
 1. **No connection is lost.** A refresh token is only sent while we hold the connection's
-   lease (checked just before sending), so two refreshers never present the same rotating
-   refresh token. A failed refresh never writes a credential. A successful one is written as
-   a new version by compare-and-set on the version it started from.
-2. **A refresh counts as done only once committed**: the secret version, then the state (with
-   the fencing token), then the events. Results are committed in batches as they arrive, so
-   a crash loses at most one batch in flight, never the whole tick.
-3. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
+   lease with at least ``lease_guard`` of it left, checked by a fenced renewal before every
+   attempt -- retries included -- and kept alive by a heartbeat while the request is in
+   flight (:mod:`.leases`); lease time is the state store's clock, never ours. So two
+   refreshers never present the same rotating refresh token. A failed refresh never writes a
+   credential, except to keep a refresh token the provider sent in an answer we reject (it is
+   the only one left alive). A successful one is written as a new version by compare-and-set
+   on the version it started from.
+2. **An ambiguous answer is never retried with the same token.** For a provider that rotates
+   refresh tokens, a request that may have been answered (a timeout or reset after it was
+   sent, a 200 we reject) may have consumed the token: presenting it again would look like
+   theft and revoke the grant. Such an attempt ends the tick for that connection.
+3. **Durable as soon as answered.** Before a rotating refresh token is presented, an
+   :class:`~.model.Intent` is recorded with the lease renewal (one fenced write); the moment
+   the provider answers, the new credential is *staged* -- a pending version, durable, that
+   every later read settles even if this process dies (:meth:`.SecretStore.stage`); stages
+   and renewals of the workers released together are grouped into one store call. The
+   commit then promotes the version, writes the state under the lease and puts the events in
+   the state store's outbox in the same commit (:class:`~.ports.RefreshCommitter`), and the
+   events are relayed from there. At most ``max_at_risk`` presented refreshes are ever
+   waiting for their commit, and while a store call is retrying no new refresh token is sent,
+   so a slow or failing store pauses presenting instead of piling up answers it cannot keep.
+   A connection found with an intent and no outcome is never presented again blindly: see
+   :func:`.transitions.unknown_outcome` (retry within the provider's reuse-grace window, or
+   serve the access token and present once more just before it expires).
+4. **Failures are classified, never swallowed.** Transient ones get bounded jittered retries
    (:mod:`~.kernel.retry`), then a backoff until the next tick; permanent ones get none and
    move the connection to ``needs_reauth`` with exactly one event.
+5. **One connection's trouble is its own.** Any exception while refreshing one connection --
+   a bug, a provider value no rule foresaw, a stored record that does not decrypt -- becomes
+   that connection's failure (an unexpected exception is an ``internal_error``: logged with
+   its traceback, retried with backoff, never ``needs_reauth``), with its lease given back and
+   one event; the tick carries on and commits everything else.
+6. **Status is law.** Only active connections are leased, by any path; a disabled or
+   needs_reauth connection named explicitly is reported as ``inactive`` and left alone. An
+   operator's write during a refresh retires the refresh's lease, so its commit cannot undo it.
 
 This module is the orchestration only: leases, concurrent token requests, batched commits,
 events and parked events. What an outcome does to a connection's state and which events
@@ -21,18 +47,26 @@ announce it are pure rules in :mod:`.transitions`, called once per committed out
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import random
 import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
-from tokenbroker.kernel.errors import ConfigError, TokenBrokerError, VersionConflict
+from tokenbroker.kernel.errors import (
+    ConfigError,
+    CorruptCredential,
+    InternalError,
+    MalformedResponse,
+    TokenBrokerError,
+    VersionConflict,
+)
 from tokenbroker.kernel.failpoints import failpoint
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
@@ -41,21 +75,53 @@ from tokenbroker.kernel.model import (
     ConnectionEvent,
     Credential,
     EventType,
+    GrantType,
+    Intent,
     Lease,
     StoredCredential,
 )
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.schedule import RefreshPolicy
-from tokenbroker.oauth.acquire import acquire
+from tokenbroker.oauth.acquire import next_credential, request_token
 from tokenbroker.oauth.profiles import ProviderProfile
-from tokenbroker.ports import EventBus, SecretStore, SecretWrite, StateStore, TokenEndpoint
-from tokenbroker.refresh.transitions import Outcome, Succeeded, Transition, failed, transition
+from tokenbroker.oauth.token_response import TokenResponse
+from tokenbroker.ports import (
+    CommitOutcome,
+    Completion,
+    EventBus,
+    Promotion,
+    RefreshCommitter,
+    SecretStore,
+    SecretWrite,
+    StateStore,
+    TokenEndpoint,
+)
+from tokenbroker.refresh.commit import StoreCommitter
+from tokenbroker.refresh.leases import GroupCall, LeaseKeeper
+from tokenbroker.refresh.transitions import (
+    AtRisk,
+    FailedPermanent,
+    Outcome,
+    Plan,
+    Succeeded,
+    Transition,
+    failed,
+    transition,
+    unknown_outcome,
+)
 
 T = TypeVar("T")
 
-# Do not start a refresh with less lease time left than this: the request plus retries plus
-# commit must fit, or another refresher could take over and present the same refresh token.
-LEASE_SAFETY_MARGIN = timedelta(seconds=30)
+#: Leases are short so that a crashed holder's connections come free within seconds; a live
+#: holder keeps the ones it uses alive by heartbeat (every ``ttl / 3``).
+DEFAULT_LEASE_TTL = timedelta(seconds=30)
+#: Never present a refresh token with less lease than this left: the request (bounded by the
+#: HTTP timeout, 10 s by default) must end before anyone else could take the lease over, even
+#: if every heartbeat after it failed.
+DEFAULT_LEASE_GUARD = timedelta(seconds=15)
+
+#: The jitter source of the dry run that checks a credential can be scheduled.
+_PROBE = random.Random(0)  # noqa: S311 - jitter, not cryptography
 
 
 def default_holder() -> str:
@@ -73,24 +139,41 @@ class TickSummary:
     skipped_leased: int = 0
     #: Claimed, but the lease had too little time left to send a refresh token safely.
     deferred: int = 0
+    #: Leases taken over (or retired by an operator's write) before the outcome was committed.
     lease_lost: int = 0
+    #: Renewals the state store could not answer: presenting stopped (an outage, alertable).
+    lease_unavailable: int = 0
     #: Results (refreshed or failed) that could not be committed: the tick then raised.
     uncommitted: int = 0
+    #: Attempts whose outcome is unknown (the answer may have consumed a rotating token).
+    unknown_outcome: int = 0
+    #: Connections left at risk: an unknown outcome, the access token served meanwhile.
+    at_risk: int = 0
+    #: Answers of earlier attempts found staged (a crashed refresher's) and committed.
+    settled: int = 0
+    #: Refresh tokens kept from answers that were otherwise rejected.
+    salvaged: int = 0
     events_parked: int = 0
     events_relayed: int = 0
-    events_lost: int = 0
     #: Connections this tick moved to needs_reauth (a failure of one already there is only
     #: counted in ``failed``).
     needs_reauth: int = 0
     recovered: int = 0
     retries: int = 0
     missing: list[str] = field(default_factory=list)
+    #: Named connections left alone because they are not active: id -> status.
+    inactive: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not (
-            self.failed or self.missing or self.lease_lost or self.uncommitted or self.events_lost
+            self.failed
+            or self.missing
+            or self.lease_lost
+            or self.lease_unavailable
+            or self.uncommitted
+            or self.events_parked
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -101,20 +184,55 @@ class TickSummary:
             "failed": {
                 "transient": self.failed["transient"],
                 "permanent": self.failed["permanent"],
+                "internal": self.failed["internal"],
             },
             "skipped_leased": self.skipped_leased,
             "deferred": self.deferred,
             "lease_lost": self.lease_lost,
+            "lease_unavailable": self.lease_unavailable,
             "uncommitted": self.uncommitted,
+            "unknown_outcome": self.unknown_outcome,
+            "at_risk": self.at_risk,
+            "settled": self.settled,
+            "salvaged": self.salvaged,
             "events_parked": self.events_parked,
             "events_relayed": self.events_relayed,
-            "events_lost": self.events_lost,
             "needs_reauth": self.needs_reauth,
             "recovered": self.recovered,
             "retries": self.retries,
             "missing": list(self.missing),
+            "inactive": dict(self.inactive),
             "seconds": round(self.seconds, 3),
         }
+
+
+class _Skip(enum.Enum):
+    """Why an attempt has no outcome to commit."""
+
+    #: Nothing was sent (too little lease left, an unrefreshed grant, presenting halted): the
+    #: lease is given back.
+    DEFERRED = "deferred"
+    #: The lease was taken over or retired: it is not ours to give back.
+    LOST = "lost"
+    #: The state store could not renew the lease: nothing was sent, and the lease will expire
+    #: by itself (giving it back would need the store that is down).
+    UNAVAILABLE = "unavailable"
+    #: The answer lost to a newer version (an operator's re-authorisation): given back.
+    SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """An earlier attempt's answer was staged and is current now (its writer died, or its
+    commit lost the lease): commit the state it belongs to, present nothing."""
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """The outcome of ``intent`` is unknown: present nothing until ``until``."""
+
+    intent: Intent
+    until: datetime
 
 
 @dataclass(frozen=True)
@@ -122,11 +240,45 @@ class _Attempt:
     """What a worker did with one claim, waiting to be committed."""
 
     claim: Claim
-    #: The credential the attempt started from (``None``: none is stored).
+    #: The credential the attempt started from (``None``: none is stored, or it is corrupt).
     stored: StoredCredential | None
-    #: The refreshed credential, the final error, or ``None``: deferred, nothing was sent.
-    result: Credential | TokenBrokerError | None
+    #: The refreshed credential, the final error, or what else there is to commit.
+    result: Credential | TokenBrokerError | _Skip | _Settled | _Wait
     attempted_at: datetime
+    #: A credential to store although the attempt failed: the stored one with the refresh
+    #: token a rejected answer carried (the provider already swapped the old one for it).
+    salvage: Credential | None = None
+    #: The pending version the answer (or the salvage) was staged as; ``None``: not yet.
+    staged: int | None = None
+    #: The intent recorded before presenting, when the outcome is still unknown after it.
+    intent: Intent | None = None
+    #: Whether this attempt holds one of the ``max_at_risk`` permits (released once committed).
+    permit: bool = False
+
+    @property
+    def version(self) -> int | None:
+        """The version the attempt started from, as far as anyone knows."""
+        if self.stored is not None:
+            return self.stored.version
+        return self.claim.record.state.current_version
+
+    @property
+    def keeps(self) -> Credential | None:
+        """The credential to make current: the answer, or the salvage."""
+        return self.result if isinstance(self.result, Credential) else self.salvage
+
+
+@dataclass
+class _Run:
+    """What one tick's workers and committer share."""
+
+    endpoint: TokenEndpoint
+    leases: LeaseKeeper
+    #: Permits to present: at most ``max_at_risk`` refreshes wait for their commit.
+    at_risk: asyncio.Semaphore
+    summary: TickSummary
+    #: Answers staged as they arrive, grouped into one store call.
+    stager: GroupCall[SecretWrite, int | TokenBrokerError]
 
 
 class Refresher:
@@ -142,11 +294,19 @@ class Refresher:
         retry: RetryPolicy | None = None,
         store_retry: RetryPolicy | None = None,
         holder: str | None = None,
-        lease_ttl: timedelta = timedelta(minutes=5),
+        lease_ttl: timedelta = DEFAULT_LEASE_TTL,
+        lease_guard: timedelta = DEFAULT_LEASE_GUARD,
         concurrency: int = 256,
+        max_at_risk: int | None = None,
         commit_batch: int = 500,
+        committer: RefreshCommitter | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        if lease_guard >= lease_ttl:
+            raise ConfigError(
+                f"the lease ({lease_ttl.total_seconds():g} s) must be longer than the guard"
+                f" kept before presenting a refresh token ({lease_guard.total_seconds():g} s)"
+            )
         self.secrets = secrets
         self.state = state
         self.events = events
@@ -158,10 +318,17 @@ class Refresher:
         self.store_retry = store_retry or RetryPolicy(attempts=5, base_delay=0.2, max_delay=4.0)
         self.holder = holder or default_holder()
         self.lease_ttl = lease_ttl
+        self.lease_guard = lease_guard
         self.concurrency = concurrency
+        #: At most this many presented refreshes wait for their commit at any time.
+        self.max_at_risk = max_at_risk or concurrency
         self.commit_batch = commit_batch
+        #: Promotes staged versions and writes states with their events (atomically where
+        #: one store holds both: the composition root passes the embedded one).
+        self.committer = committer or StoreCommitter(secrets, state)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._committing: asyncio.Event | None = None
+        self._halt: list[TokenBrokerError] = []
         self.log = get_logger(component="refresher")
 
     async def tick(
@@ -172,15 +339,17 @@ class Refresher:
         limit: int = 10_000,
         progress: Callable[[int, int], None] | None = None,
     ) -> TickSummary:
-        """Refresh what is due (or exactly ``connection_ids``, due or not).
+        """Refresh what is due (or exactly ``connection_ids``, due or not, if active).
 
         Raises :class:`StoreUnavailable` (after committing what it could) when results cannot
-        be committed; no refresh token is sent after that point.
+        be committed or leases cannot be renewed; no refresh token is sent after that point.
         """
         started = self.clock.monotonic()
         now = self.clock.now()
         summary = TickSummary()
+        self._halt = []
         await self._relay_parked_events(summary)
+        asked = self.clock.monotonic()
         if connection_ids is None:
             batch = await self._store(
                 "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
@@ -197,29 +366,50 @@ class Refresher:
         summary.claimed = len(batch.claims)
         summary.skipped_leased = batch.leased_elsewhere
         summary.missing = list(batch.missing)
-        halted: TokenBrokerError | None = None
+        summary.inactive = {cid: status.value for cid, status in batch.inactive.items()}
+        for cid, status in batch.inactive.items():
+            self.log.warning(
+                "not refreshed: the connection is not active", connection_id=cid, status=status
+            )
         if batch.claims:
+            # Reading settles any answer a crashed refresher staged (see SecretStore.stage).
             stored = await self._store(
                 "read credentials", self.secrets.get_many,
                 [c.lease.connection_id for c in batch.claims],
             )  # fmt: skip
-            halted = await self._run(endpoint, batch.claims, stored, summary, progress)
+            leases = LeaseKeeper(
+                batch.claims,
+                renew=self._renew,
+                ttl=self.lease_ttl,
+                clock=self.clock,
+                asked_at=asked,
+                log=self.log,
+            )
+            run = _Run(
+                endpoint,
+                leases,
+                asyncio.Semaphore(self.max_at_risk),
+                summary,
+                GroupCall(self._stage),
+            )
+            async with leases.beating(self.lease_ttl.total_seconds() / 3):
+                await self._run(run, batch.claims, stored, progress)
         summary.seconds = self.clock.monotonic() - started
-        if halted is not None:
+        if self._halt:
             self.log.error(
-                "refresh tick halted: results could not be committed",
+                "refresh tick halted: results could not be committed or leases renewed",
                 holder=self.holder,
-                error_code=halted.code,
+                error_code=self._halt[0].code,
                 **summary.to_json(),
             )
-            raise halted
+            raise self._halt[0]
         self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
         return summary
 
     async def _store(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A store call in a worker thread, retried with backoff while it is retryable.
 
-        While a commit step is retrying, ``self._committing`` is cleared so workers pause:
+        While a store call is retrying, ``self._committing`` is cleared so workers pause:
         refresh tokens sent now would produce results that may not be storable.
         """
 
@@ -230,48 +420,59 @@ class Refresher:
                 "store call retrying", operation=what, attempt=attempt, error_code=error.code
             )
 
-        result, _ = await call_with_retries(
-            lambda: asyncio.to_thread(fn, *args, **kwargs),
-            self.store_retry,
-            self.clock,
-            self.rng,
-            on_retry,
-        )
+        try:
+            result, _ = await call_with_retries(
+                lambda: asyncio.to_thread(fn, *args, **kwargs),
+                self.store_retry,
+                self.clock,
+                self.rng,
+                on_retry,
+            )
+        finally:
+            if self._committing is not None and not self._halt:
+                self._committing.set()
         return result
+
+    async def _renew(self, items: list[tuple[Lease, Intent | None]]) -> list[Lease | None]:
+        intents = [intent for _, intent in items]
+        return await self._store(
+            "renew leases",
+            self.state.renew,
+            [lease for lease, _ in items],
+            ttl=self.lease_ttl,
+            intents=intents if any(intents) else None,
+        )
+
+    async def _stage(self, writes: list[SecretWrite]) -> list[int | TokenBrokerError]:
+        return await self._store("stage answers", self.secrets.stage, writes)
+
+    def _halting(self, error: TokenBrokerError) -> None:
+        """Stop presenting refresh tokens for the rest of the tick."""
+        if not self._halt:
+            self._halt.append(error)
+        if self._committing is not None:
+            self._committing.set()  # release paused workers: they see the halt and stop
 
     async def _run(
         self,
-        endpoint: TokenEndpoint,
+        run: _Run,
         claims: list[Claim],
-        stored: Mapping[str, StoredCredential],
-        summary: TickSummary,
+        stored: Mapping[str, StoredCredential | CorruptCredential],
         progress: Callable[[int, int], None] | None,
-    ) -> TokenBrokerError | None:
-        """Refresh concurrently while committing results as they arrive. If committing fails
-        for good, stop sending refresh tokens at once and return the error."""
-        # Bounded: when commits stall, workers block instead of piling up unstored results.
-        queue: asyncio.Queue[_Attempt | None] = asyncio.Queue(
-            maxsize=max(self.commit_batch, self.concurrency)
-        )
+    ) -> None:
+        """Refresh concurrently while committing results as they arrive. If committing (or
+        renewing) fails for good, stop sending refresh tokens at once."""
+        queue: asyncio.Queue[_Attempt | None] = asyncio.Queue()
         pending = iter(claims)
-        halt: list[TokenBrokerError] = []
         committing = self._committing = asyncio.Event()
         committing.set()
 
         async def worker() -> None:
             for claim in pending:
-                await committing.wait()  # paused while a commit is retrying
-                if halt:
-                    return  # nothing could be stored: sending refresh tokens would lose them
-                cid = claim.lease.connection_id
-                attempt = await self._refresh_one(endpoint, claim, stored.get(cid), summary)
+                attempt = await self._refresh_one(run, claim, stored.get(claim.lease.connection_id))
                 await queue.put(attempt)
 
-        committer = asyncio.create_task(
-            self._commit_loop(
-                queue, summary, progress, len(claims), halt=halt, committing=committing
-            )
-        )
+        committer = asyncio.create_task(self._commit_loop(run, queue, progress, len(claims)))
         try:
             workers = [
                 asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(claims)))
@@ -280,63 +481,311 @@ class Refresher:
         finally:
             await queue.put(None)
             await committer
-        return halt[0] if halt else None
+            self._committing = None
 
     async def _refresh_one(
-        self,
-        endpoint: TokenEndpoint,
-        claim: Claim,
-        stored: StoredCredential | None,
-        summary: TickSummary,
+        self, run: _Run, claim: Claim, stored: StoredCredential | CorruptCredential | None
     ) -> _Attempt:
-        connection = claim.record.connection
+        """One connection's refresh, whatever happens a value: an unexpected exception is
+        that connection's :class:`InternalError`, never the tick's."""
         now = self.clock.now()
+        try:
+            refusal = self._refusal(claim, stored, now)
+            if refusal is not None:
+                return refusal
+            assert isinstance(stored, StoredCredential)  # noqa: S101 - _refusal checked it
+            known = self._known_outcome(claim, stored, now)
+            if known is not None:
+                return known
+            return await self._attempts(run, claim, stored)
+        except Exception as exc:  # contained to this connection, alerted with its traceback
+            self.log.exception(
+                "refresh failed (internal error): a bug or an unforeseen value",
+                connection_id=claim.lease.connection_id,
+                error_type=type(exc).__name__,
+            )
+            readable = stored if isinstance(stored, StoredCredential) else None
+            internal = InternalError(
+                f"connection {claim.lease.connection_id!r}: unexpected {type(exc).__name__}"
+            )
+            return _Attempt(claim, readable, internal, now)
+
+    def _refusal(
+        self, claim: Claim, stored: StoredCredential | CorruptCredential | None, now: datetime
+    ) -> _Attempt | None:
+        """Why nothing may be sent for this claim, as its attempt (``None``: go ahead)."""
+        connection = claim.record.connection
+        if isinstance(stored, CorruptCredential):
+            return _Attempt(claim, None, stored, now)  # nothing is sent from a bad record
         if connection.grant in UNREFRESHED_GRANTS:
-            return _Attempt(claim, stored, None, now)  # nothing expires: leave it
-        if claim.lease.expires_at - now < LEASE_SAFETY_MARGIN:
-            # Too late to send a refresh token safely; leave it for the next tick.
-            return _Attempt(claim, stored, None, now)
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)  # nothing expires: leave it
         if stored is None:
             missing = ConfigError(f"connection {connection.id!r} has no stored credential")
             return _Attempt(claim, None, missing, now)
-        profile = self.profiles.get(connection.profile)
-        if profile is None:
+        if connection.profile not in self.profiles:
             unknown = ConfigError(f"connection {connection.id!r}: unknown profile")
             return _Attempt(claim, stored, unknown, now)
+        return None
 
-        def on_retry(attempt: int, error: TokenBrokerError, wait: float) -> None:
-            summary.retries += 1
+    def _known_outcome(
+        self, claim: Claim, stored: StoredCredential, now: datetime
+    ) -> _Attempt | None:
+        """For a connection whose last presentation has no recorded outcome (its intent is
+        still there): the answer was staged and is current now (commit it), or nobody knows
+        (present only if the plan says so). ``None``: present as usual."""
+        intent = claim.record.state.intent
+        if intent is None:
+            return None
+        cid = claim.lease.connection_id
+        if stored.version != intent.from_version:
+            credential = stored.credential
+            if credential.obtained_at is None or credential.expires_at is None:
+                return None  # not an answer (new material stored meanwhile): present as usual
             self.log.info(
-                "refresh retrying",
-                connection_id=connection.id,
-                attempt=attempt,
-                error_code=error.code,
-                wait_seconds=round(wait, 3),
+                "found the answer of an earlier attempt, staged: committing it",
+                connection_id=cid,
+                attempt=intent.attempt,
+                version=stored.version,
             )
+            return _Attempt(claim, stored, _Settled(), now)
+        profile = self.profiles[claim.record.connection.profile]
+        plan, until = unknown_outcome(
+            intent,
+            store_now=claim.lease.expires_at - self.lease_ttl,  # granted at the store's now
+            now=now,
+            access_expires_at=stored.credential.expires_at,
+            reuse_grace=timedelta(seconds=profile.refresh_token_reuse_grace_seconds),
+        )
+        if plan is Plan.WAIT and until is not None:
+            self.log.warning(
+                "refresh outcome unknown: serving the access token, presenting again at the"
+                " last chance",
+                connection_id=cid,
+                attempt=intent.attempt,
+                present_at=isoformat(until),
+            )
+            return _Attempt(claim, stored, _Wait(intent, until), now)
+        self.log.warning(
+            "presenting a refresh token whose last outcome is unknown (reuse grace, or the"
+            " last step before the access token expires)",
+            connection_id=cid,
+            attempt=intent.attempt,
+        )
+        return None
 
-        try:
-            credential, _ = await call_with_retries(
-                lambda: acquire(endpoint, connection, profile, stored.credential, self.clock.now()),
-                self.retry,
-                self.clock,
-                self.rng,
-                on_retry,
+    async def _attempts(self, run: _Run, claim: Claim, stored: StoredCredential) -> _Attempt:
+        """Present the refresh token until an outcome: each attempt renews the lease first
+        (recording the intent, for a rotating token) and needs the guard left; the answer is
+        staged at once; an ambiguous answer for a rotating token ends it."""
+        connection = claim.record.connection
+        cid = connection.id
+        profile = self.profiles[connection.profile]
+        rotating = profile.rotates_refresh_tokens and connection.grant is GrantType.REFRESH_TOKEN
+        leases, at_risk, summary = run.leases, run.at_risk, run.summary
+        number = 1
+        while True:
+            await at_risk.acquire()
+            intent = None
+            if rotating:
+                intent = Intent(uuid.uuid4().hex, stored.version, claim.lease.token)
+            ready = await self._ready(claim, stored, leases, summary, intent)
+            if ready is not None:
+                at_risk.release()
+                return ready
+            if intent is not None:
+                # As the store stamped it: granted ``ttl`` from the store's now.
+                lease = leases.lease(cid)
+                intent = replace(intent, at=lease.expires_at - self.lease_ttl)
+                failpoint("intent.durable")
+            attempted_at = self.clock.now()
+            leases.in_flight.add(cid)
+            try:
+                response = await request_token(
+                    run.endpoint, connection, profile, stored.credential, attempted_at
+                )
+            except TokenBrokerError as error:
+                ended = self._after_error(
+                    _Attempt(claim, stored, error, attempted_at, intent=intent, permit=True),
+                    number,
+                    rotating=rotating,
+                    summary=summary,
+                )
+                if isinstance(ended, _Attempt):
+                    return await self._staged(run, ended)
+                wait = ended
+                leases.in_flight.discard(cid)
+                at_risk.release()
+                summary.retries += 1
+                self.log.info(
+                    "refresh retrying",
+                    connection_id=cid,
+                    attempt=number,
+                    error_code=error.code,
+                    wait_seconds=round(wait, 3),
+                )
+                await self.clock.sleep(wait)
+                number += 1
+                continue
+            failpoint("answer.received")
+            attempt = self._answered(claim, stored, response, attempted_at)
+            return await self._staged(run, attempt, intent)
+
+    def _after_error(
+        self, attempt: _Attempt, number: int, *, rotating: bool, summary: TickSummary
+    ) -> _Attempt | float:
+        """What an attempt that got an error ends as, or the seconds to wait before the next:
+        an ambiguous answer for a rotating token ends it (keeping its intent); a rejected
+        answer that carried a refresh token ends it (keeping the token)."""
+        error = attempt.result
+        assert isinstance(error, TokenBrokerError)  # noqa: S101 - the caller's exception
+        assert attempt.stored is not None  # noqa: S101
+        salvage = self._salvage(attempt.stored, error)
+        if rotating and error.ambiguous:
+            summary.unknown_outcome += 1
+            self.log.warning(
+                "refresh outcome unknown: not retried with the same refresh token",
+                connection_id=attempt.claim.lease.connection_id,
+                error_code=error.code,
             )
+            return replace(attempt, salvage=salvage)
+        wait = self.retry.delay(number, error, self.rng)
+        if wait is None or salvage is not None:
+            error.attempts = number
+            return replace(attempt, salvage=salvage, intent=None)
+        return wait
+
+    def _answered(
+        self, claim: Claim, stored: StoredCredential, response: TokenResponse, at: datetime
+    ) -> _Attempt:
+        """The attempt for a provider's answer: the credential to store, or -- when building
+        it fails (a bug, a value no rule foresaw) -- an internal error that still keeps the
+        answer's refresh token."""
+        connection = claim.record.connection
+        try:
+            credential = next_credential(connection, stored.credential, response, at)
+            self._check_storable(credential)
+        except Exception as exc:  # the provider's answer is in hand: keep its token
+            cid = connection.id
+            self.log.exception(
+                "refresh failed (internal error) after the provider answered",
+                connection_id=cid,
+                error_type=type(exc).__name__,
+            )
+            internal = InternalError(f"connection {cid!r}: unexpected {type(exc).__name__}")
+            salvage = None
+            if response.refresh_token is not None:
+                salvage = stored.credential.with_token(refresh_token=response.refresh_token)
+            return _Attempt(claim, stored, internal, at, salvage, permit=True)
+        return _Attempt(claim, stored, credential, at, permit=True)
+
+    async def _staged(self, run: _Run, attempt: _Attempt, intent: Intent | None = None) -> _Attempt:
+        """The attempt with its answer (or salvaged token) staged: durable now. A stage the
+        store cannot take halts presenting; the commit tries again."""
+        keeps, stored = attempt.keeps, attempt.stored
+        if keeps is None or stored is None:
+            return attempt
+        cid = attempt.claim.lease.connection_id
+        write = SecretWrite(cid, keeps, stored.version, (intent or attempt.intent or _NO).attempt)
+        try:
+            staged = await run.stager.submit(write)
         except TokenBrokerError as error:
-            return _Attempt(claim, stored, error, now)
-        failpoint("answer.received")
-        return _Attempt(claim, stored, credential, now)
+            self.log.error(
+                "answer not staged: presenting stopped", connection_id=cid, error_code=error.code
+            )
+            self._halting(error)
+            return attempt
+        if isinstance(staged, TokenBrokerError):
+            return self._not_staged(attempt, staged)
+        failpoint("secret.written")
+        if attempt.permit:  # durable now: no longer at risk
+            run.at_risk.release()
+        return replace(attempt, staged=staged, permit=False)
+
+    def _not_staged(self, attempt: _Attempt, error: TokenBrokerError) -> _Attempt:
+        """An answer the secret store refused for this connection: a newer version won (an
+        operator's re-authorisation), or the store will not take this version (a corrupt
+        record, AWS's version quota or a burnt version id) -- that connection's failure,
+        loudly: the provider's new refresh token could not be kept."""
+        cid = attempt.claim.lease.connection_id
+        if isinstance(error, VersionConflict):
+            self.log.warning("refresh discarded: newer version exists", connection_id=cid)
+            if isinstance(attempt.result, Credential):
+                return replace(attempt, result=_Skip.SUPERSEDED)
+            return replace(attempt, salvage=None)
+        self.log.error(
+            "the secret store refused the new credential: the connection needs an operator",
+            connection_id=cid,
+            error_code=error.code,
+        )
+        return replace(attempt, result=error, salvage=None, intent=None)
+
+    async def _ready(
+        self,
+        claim: Claim,
+        stored: StoredCredential,
+        leases: LeaseKeeper,
+        summary: TickSummary,
+        intent: Intent | None,
+    ) -> _Attempt | None:
+        """Whether a refresh token may be presented now: ``None`` if so, else the attempt
+        that ends here. Waits while a store call is retrying; renews the lease, recording
+        ``intent`` in the same write."""
+        cid = claim.lease.connection_id
+        now = self.clock.now()
+        if self._committing is not None:
+            await self._committing.wait()  # paused while a store call is retrying
+        if self._halt:
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        try:
+            lease = await leases.renew(cid, intent)
+        except TokenBrokerError as error:
+            summary.lease_unavailable += 1
+            self.log.error(
+                "lease store unavailable: presenting stopped",
+                connection_id=cid,
+                error_code=error.code,
+            )
+            self._halting(error)
+            return _Attempt(claim, stored, _Skip.UNAVAILABLE, now)
+        if lease is None:
+            self.log.warning("lease lost before presenting: not refreshed", connection_id=cid)
+            return _Attempt(claim, stored, _Skip.LOST, now)
+        if leases.left(cid) < self.lease_guard.total_seconds():
+            self.log.warning(
+                "too little lease left to present a refresh token: deferred",
+                connection_id=cid,
+                seconds_left=round(leases.left(cid), 3),
+            )
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        if self._halt:
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        return None
+
+    @staticmethod
+    def _salvage(stored: StoredCredential, error: TokenBrokerError) -> Credential | None:
+        """The credential to keep from a rejected answer that carried a new refresh token."""
+        token = error.refresh_token if isinstance(error, MalformedResponse) else None
+        if token is None or token == stored.credential.refresh_token:
+            return None
+        return stored.credential.with_token(refresh_token=token)
+
+    def _check_storable(self, credential: Credential) -> None:
+        """Run now what committing the credential will run (serialising it, scheduling its
+        next refresh), so that a value that breaks either fails here, as this connection's
+        error, before anything is written."""
+        assert credential.obtained_at is not None  # noqa: S101 - next_credential stamps both
+        assert credential.expires_at is not None  # noqa: S101
+        self.policy.next_refresh_at(credential.obtained_at, credential.expires_at, _PROBE)
+        credential.to_plaintext()
 
     async def _commit_loop(
         self,
+        run: _Run,
         queue: asyncio.Queue[_Attempt | None],
-        summary: TickSummary,
         progress: Callable[[int, int], None] | None,
         total: int,
-        *,
-        halt: list[TokenBrokerError],
-        committing: asyncio.Event,
     ) -> None:
+        summary = run.summary
         done = False
         committed = 0
         while not done:
@@ -355,133 +804,202 @@ class Refresher:
             if not batch:
                 continue
             try:
-                await self._commit(batch, summary)
+                await self._commit(batch, run.leases, summary)
             except TokenBrokerError as error:
-                committing.set()  # release the workers: they see the halt and stop
                 # Keep trying later batches (in-flight refreshes hold rotated tokens that are
                 # nowhere else), but start no new refresh.
-                halt.append(error)
+                self._halting(error)
                 summary.uncommitted += len(batch)
                 self.log.error(
                     "refresh results not committed",
                     error_code=error.code,
                     connections=[o.claim.lease.connection_id for o in batch],
                 )
-                continue
-            committing.set()
-            committed += len(batch)
-            if progress is not None:
-                progress(committed, total)
+            else:
+                committed += len(batch)
+                if progress is not None:
+                    progress(committed, total)
+            finally:
+                for attempt in batch:
+                    run.leases.in_flight.discard(attempt.claim.lease.connection_id)
+                    if attempt.permit:
+                        run.at_risk.release()
 
-    async def _commit(self, batch: list[_Attempt], summary: TickSummary) -> None:
-        """Secret versions first, then states (fenced), then events. Each step is retried
-        while retryable; a step that fails for good raises."""
+    async def _commit(
+        self, batch: list[_Attempt], leases: LeaseKeeper, summary: TickSummary
+    ) -> None:
+        """Stage what is not staged yet, then one commit: promotions, states (fenced) and
+        their events into the outbox; then relay those events. Each step is retried while
+        retryable; a step that fails for good raises."""
+        batch = await self._stage_leftovers(batch)
         now = self.clock.now()
-        releases = [a.claim.lease for a in batch if a.result is None]
-        summary.deferred += len(releases)
-        written, discarded = await self._write_credentials(batch, summary)
-        changes = self._transitions(batch, written, now)
-        for lease in releases + discarded:
+        releases = [
+            leases.lease(a.claim.lease.connection_id)
+            for a in batch
+            if a.result in (_Skip.DEFERRED, _Skip.SUPERSEDED)
+        ]
+        summary.deferred += sum(1 for a in batch if a.result is _Skip.DEFERRED)
+        summary.lease_lost += sum(1 for a in batch if a.result in (_Skip.LOST, _Skip.SUPERSEDED))
+        for lease in releases:
             await self._store("release lease", self.state.release, lease)
-
-        updates = [(lease, change.state) for lease, _, change in changes]
-        accepted = (
-            await self._store("write states", self.state.complete, updates) if updates else []
-        )
-        if updates:
-            failpoint("state.committed")
+        changes = self._transitions(batch, leases, now)
+        if not changes:
+            return
+        items = [
+            (Completion(lease, change.state, change.events), promotion)
+            for _, lease, _, change, promotion in changes
+        ]
+        results = await self._store("commit outcomes", self.committer.commit, items)
+        failpoint("state.committed")
         to_publish: list[ConnectionEvent] = []
-        for (lease, outcome, change), ok in zip(changes, accepted, strict=True):
-            if not ok:
+        for (attempt, lease, outcome, change, _), result in zip(changes, results, strict=True):
+            if result is not CommitOutcome.COMMITTED:
                 summary.lease_lost += 1
                 self.log.warning(
-                    "refresh state not committed: lease lost", connection_id=lease.connection_id
+                    "refresh state not committed: lease lost"
+                    if result is CommitOutcome.LEASE_LOST
+                    else "refresh discarded: newer version exists",
+                    connection_id=lease.connection_id,
                 )
                 continue
             to_publish.extend(change.events)
             _count(summary, outcome, change.events)
+            if isinstance(attempt.result, _Settled):
+                summary.settled += 1
         if to_publish:
             await self._publish(to_publish, summary)
 
-    async def _write_credentials(
-        self, batch: list[_Attempt], summary: TickSummary
-    ) -> tuple[list[tuple[Claim, Succeeded]], list[Lease]]:
-        """Write each refreshed credential by compare-and-set on the version it started from.
-        Returns the successes as committed, and the leases of those a newer version beat."""
-        refreshed = [
-            (a.claim, a.result, a.stored, a.attempted_at)
-            for a in batch
-            if isinstance(a.result, Credential) and a.stored is not None
+    async def _stage_leftovers(self, batch: list[_Attempt]) -> list[_Attempt]:
+        """Stage the answers a worker could not (the store was failing then)."""
+        waiting = [
+            (n, a)
+            for n, a in enumerate(batch)
+            if a.staged is None and a.keeps is not None and a.stored is not None
         ]
-        if not refreshed:
-            return [], []
+        if not waiting:
+            return batch
         writes = [
-            SecretWrite(claim.lease.connection_id, credential, stored.version)
-            for claim, credential, stored, _ in refreshed
+            SecretWrite(a.claim.lease.connection_id, a.keeps, a.stored.version)  # type: ignore[arg-type,union-attr]
+            for _, a in waiting
         ]
-        results = await self._store("write credentials", self.secrets.put_many, writes)
-        failpoint("secret.written")
-        written: list[tuple[Claim, Succeeded]] = []
-        discarded: list[Lease] = []
-        for (claim, credential, _, attempted_at), result in zip(refreshed, results, strict=True):
-            if isinstance(result, VersionConflict):
-                # Someone re-authorised the connection meanwhile: their version wins.
-                summary.lease_lost += 1
-                self.log.warning(
-                    "refresh discarded: newer version exists",
-                    connection_id=claim.lease.connection_id,
-                )
-                discarded.append(claim.lease)
-                continue
-            written.append((claim, _succeeded(credential, result, attempted_at)))
-        return written, discarded
+        results = await self._store("stage answers", self.secrets.stage, writes)
+        batch = list(batch)
+        for (n, attempt), result in zip(waiting, results, strict=True):
+            if isinstance(result, TokenBrokerError):
+                batch[n] = self._not_staged(attempt, result)
+            else:
+                batch[n] = replace(attempt, staged=result)
+        return batch
 
     def _transitions(
-        self, batch: list[_Attempt], written: list[tuple[Claim, Succeeded]], now: datetime
-    ) -> list[tuple[Lease, Outcome, Transition]]:
-        """Each committed success's and each failure's transition, in that order (the order
-        the scheduling jitter is drawn from ``self.rng``)."""
-        changes: list[tuple[Lease, Outcome, Transition]] = []
-        for claim, success in written:
-            change = transition(claim, success, now, self.policy, self.rng)
-            self.log.debug(
-                "credential rotated",
-                connection_id=claim.lease.connection_id,
-                version=success.version,
-                expires_at=isoformat(success.expires_at),
-            )
-            changes.append((claim.lease, success, change))
+        self, batch: list[_Attempt], leases: LeaseKeeper, now: datetime
+    ) -> list[tuple[_Attempt, Lease, Outcome, Transition, Promotion | None]]:
+        """Each outcome's transition and the promotion that goes with it (the order the
+        scheduling jitter is drawn from ``self.rng`` is the batch's)."""
+        changes: list[tuple[_Attempt, Lease, Outcome, Transition, Promotion | None]] = []
         for attempt in batch:
-            if isinstance(error := attempt.result, TokenBrokerError):
-                version = attempt.stored.version if attempt.stored else None
-                failure = failed(error, attempted_at=attempt.attempted_at, version=version)
-                change = transition(attempt.claim, failure, now, self.policy, self.rng)
-                self._log_failure(attempt.claim.lease.connection_id, error, change)
-                changes.append((attempt.claim.lease, failure, change))
+            claim = attempt.claim
+            cid = claim.lease.connection_id
+            lease = leases.lease(cid)
+            promotion = None
+            if attempt.staged is not None:
+                promotion = Promotion(cid, attempt.staged, attempt.version)
+            outcome = self._outcome(attempt, now)
+            if outcome is None:
+                continue
+            change = transition(claim, outcome, now, self.policy, self.rng)
+            if isinstance(attempt.result, TokenBrokerError):
+                self._log_failure(cid, attempt.result, change)
+            elif isinstance(outcome, Succeeded):
+                self.log.debug(
+                    "credential rotated",
+                    connection_id=cid,
+                    version=outcome.version,
+                    expires_at=isoformat(outcome.expires_at),
+                )
+            changes.append((attempt, lease, outcome, change, promotion))
         return changes
 
+    def _outcome(self, attempt: _Attempt, now: datetime) -> Outcome | None:
+        """What the attempt's state transition is made of (``None``: nothing to commit)."""
+        result = attempt.result
+        if isinstance(result, Credential):
+            if attempt.staged is None:
+                return None  # not durable: nothing may point at it (presenting has halted)
+            return _succeeded(result, attempt.staged, attempt.attempted_at)
+        if isinstance(result, _Settled) and attempt.stored is not None:
+            return _succeeded(attempt.stored.credential, attempt.stored.version, now)
+        if isinstance(result, _Wait):
+            return AtRisk(result.intent, result.until, attempt.attempted_at, attempt.version)
+        if not isinstance(result, TokenBrokerError):
+            return None
+        return self._failure(attempt, result, now)
+
+    def _failure(self, attempt: _Attempt, result: TokenBrokerError, now: datetime) -> Outcome:
+        """A failed attempt's outcome; an ambiguous one keeps its intent (see ``_outcome``)."""
+        previous = attempt.claim.record.state
+        if attempt.intent is None:
+            # The failure answered the question: this presentation consumed nothing. An
+            # earlier unknown outcome (the claim's intent) is still unknown.
+            return failed(
+                result,
+                attempted_at=attempt.attempted_at,
+                version=attempt.version,
+                salvaged=attempt.staged,
+                intent=previous.intent if attempt.staged is None else None,
+            )
+        # An ambiguous answer: the token may be spent. Retry within the reuse-grace window;
+        # otherwise serve the access token until the last chance.
+        profile = self.profiles[attempt.claim.record.connection.profile]
+        grace = timedelta(seconds=profile.refresh_token_reuse_grace_seconds)
+        expires_at = attempt.stored.credential.expires_at if attempt.stored else None
+        if attempt.staged is None and not grace:
+            plan, until = unknown_outcome(
+                attempt.intent,
+                store_now=attempt.intent.at or now,
+                now=now,
+                access_expires_at=expires_at,
+                reuse_grace=grace,
+            )
+            if plan is Plan.WAIT and until is not None:
+                return AtRisk(
+                    attempt.intent,
+                    until,
+                    attempt.attempted_at,
+                    attempt.version,
+                    error_code=result.code,
+                    failed_now=True,
+                )
+        retry_at = now + min(grace / 2, timedelta(seconds=30)) if grace else None
+        return failed(
+            result,
+            attempted_at=attempt.attempted_at,
+            version=attempt.version,
+            salvaged=attempt.staged,
+            intent=attempt.intent if attempt.staged is None else None,
+            retry_at=retry_at,
+        )
+
     async def _publish(self, events: list[ConnectionEvent], summary: TickSummary) -> None:
-        """Publish, or park the events in the state store for a later tick to relay: the
-        credentials are committed already, and their announcements must not be lost."""
+        """Relay the events just committed to the outbox: publish, then unpark. If the bus
+        cannot take them they stay parked, and the next tick relays them."""
         try:
             await self._store("publish events", self.events.publish, events)
         except TokenBrokerError as error:
-            self.log.error(
-                "events not published; parking them", error_code=error.code, count=len(events)
-            )
-        else:
-            failpoint("events.published")
-            return
-        try:
-            await self._store("park events", self.state.park_events, events)
             summary.events_parked += len(events)
-        except TokenBrokerError as error:
-            summary.events_lost += len(events)
             self.log.error(
-                "events lost: neither published nor parked",
+                "events not published; parked for the next tick",
                 error_code=error.code,
-                idempotency_keys=[e.idempotency_key for e in events],
+                count=len(events),
             )
+            return
+        failpoint("events.published")
+        try:
+            await self._store(
+                "unpark events", self.state.unpark_events, [e.event_id for e in events]
+            )
+        except TokenBrokerError as error:  # published: a later relay sends them again
+            self.log.warning("published events not unparked yet", error_code=error.code)
 
     async def _relay_parked_events(self, summary: TickSummary) -> None:
         try:
@@ -505,7 +1023,21 @@ class Refresher:
             "attempts": error.attempts,
             "error": error.message,
         }
-        if error.retryable:
+        if change.state.at_risk:
+            self.log.error(
+                "refresh outcome unknown: connection at risk, its access token served until"
+                " the last chance",
+                **fields,
+                present_at=isoformat(change.state.next_refresh_at),
+            )
+        elif isinstance(error, InternalError):
+            self.log.error(
+                "refresh failed (internal): retried with backoff",
+                **fields,
+                consecutive_failures=change.state.consecutive_failures,
+                next_refresh_at=isoformat(change.state.next_refresh_at),
+            )
+        elif error.retryable:
             self.log.warning(
                 "refresh failed (transient)",
                 **fields,
@@ -518,8 +1050,12 @@ class Refresher:
             )
 
 
+#: The attempt id of an answer whose presentation recorded no intent.
+_NO = Intent("", None, 0)
+
+
 def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> Succeeded:
-    # acquire() stamps both times on every credential it returns.
+    # next_credential() stamps both times on every credential it returns.
     assert credential.obtained_at is not None  # noqa: S101
     assert credential.expires_at is not None  # noqa: S101
     return Succeeded(version, credential.obtained_at, credential.expires_at, attempted_at)
@@ -528,8 +1064,12 @@ def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> 
 def _count(summary: TickSummary, outcome: Outcome, events: Sequence[ConnectionEvent]) -> None:
     if isinstance(outcome, Succeeded):
         summary.refreshed += 1
+    elif isinstance(outcome, AtRisk):
+        summary.at_risk += 1
     else:
         summary.failed[outcome.failure_class] += 1
+        if not isinstance(outcome, FailedPermanent) and outcome.salvaged is not None:
+            summary.salvaged += 1
     for event in events:
         if event.type is EventType.RECOVERED:
             summary.recovered += 1

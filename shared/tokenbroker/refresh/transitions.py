@@ -15,42 +15,67 @@ The rules, as documented for subscribers in docs/events.md:
   preceded it.
 * **Transient failure** (the provider or the network may answer later) -> a backoff before the
   next attempt, one more consecutive failure, one ``refresh.failed``.
+* **Internal failure** (an unexpected exception: a bug, or a provider value no rule foresaw) ->
+  treated like a transient one -- backoff, one more failure, one ``refresh.failed`` -- but with
+  its own ``failure_class`` (``internal``) so that it is alerted and counted apart, and never
+  ``needs_reauth``: the provider refused nothing.
 * **Permanent failure** (RFC 6749 §5.2 ``invalid_grant``, ``invalid_client``, ...; retrying the
   same refresh token cannot help) -> ``needs_reauth`` and no scheduled refresh, announced by
   exactly one ``connection.needs_reauth``. A connection that already needs re-authorisation is
   not announced again: a human has been told, and only a re-authorisation changes anything.
 
-A failure never changes ``current_version`` or ``expires_at``: a failed refresh writes no
-credential, so the one in force is still the previous version.
+* **Unknown outcome** (a rotating refresh token was presented and the answer never arrived:
+  a timeout after sending, a reset, a gateway error, a crash -- the :class:`~.model.Intent`
+  recorded before presenting is all that is left) -> the token may be spent, so it is never
+  presented again straight away (:func:`unknown_outcome`): within the provider's reuse-grace
+  window a retry may recover; otherwise the connection is **at risk** -- its access token is
+  served until shortly before it expires, when the old refresh token is presented once more as
+  the last step -- announced once by ``refresh.at_risk``.
+
+A failure never changes ``expires_at``, nor ``current_version`` -- unless the rejected answer
+carried a new refresh token, which is kept as a new version (``salvaged``) holding the same
+access token: a rotating provider has already retired the one we sent.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import ClassVar, NamedTuple, assert_never
 
-from tokenbroker.kernel.errors import TokenBrokerError
+from tokenbroker.kernel.errors import InternalError, TokenBrokerError
 from tokenbroker.kernel.model import (
     Claim,
     ConnectionEvent,
     ConnectionStatus,
     EventType,
+    Intent,
     RefreshState,
 )
 from tokenbroker.kernel.schedule import RefreshPolicy
 
 __all__ = [
+    "LAST_CHANCE",
+    "AtRisk",
     "Failed",
+    "FailedInternal",
     "FailedPermanent",
     "FailedTransient",
     "Outcome",
+    "Plan",
     "Succeeded",
     "Transition",
     "failed",
     "transition",
+    "unknown_outcome",
 ]
+
+#: How long before an at-risk connection's access token expires the old refresh token is
+#: presented as the last step (shorter than a tick interval would be wrong: keep ticks at a
+#: minute or less).
+LAST_CHANCE = timedelta(minutes=2)
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,13 @@ class FailedTransient:
     version: int | None
     #: Seconds the provider asked us to wait (``Retry-After``, RFC 9110 §10.2.3), if it said.
     retry_after: float | None = None
+    #: The version committed to keep a refresh token the rejected answer carried, if any.
+    salvaged: int | None = None
+    #: The intent whose outcome is still unknown after this failure (kept in the state), or
+    #: ``None``: the failure answered the question (the token was not consumed).
+    intent: Intent | None = None
+    #: When to try again, if not by the backoff (a retry within a reuse-grace window).
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -92,15 +124,104 @@ class FailedPermanent:
     version: int | None
 
 
-Failed = FailedTransient | FailedPermanent
-Outcome = Succeeded | FailedTransient | FailedPermanent
+@dataclass(frozen=True)
+class FailedInternal:
+    """An unexpected exception while refreshing (:class:`~.errors.InternalError`): retried
+    with backoff like a transient failure, counted and alerted as its own class."""
+
+    failure_class: ClassVar[str] = "internal"
+
+    error_code: str
+    attempted_at: datetime
+    #: The version the attempt started from (``None``: no credential was stored).
+    version: int | None
+    retry_after: float | None = None
+    #: The version committed to keep a refresh token the provider had sent, if any.
+    salvaged: int | None = None
+    intent: Intent | None = None
+    retry_at: datetime | None = None
 
 
-def failed(error: TokenBrokerError, *, attempted_at: datetime, version: int | None) -> Failed:
+@dataclass(frozen=True)
+class AtRisk:
+    """The outcome of ``intent`` is unknown and the refresh token may be spent: keep serving
+    the access token and present the refresh token only at ``until``, as the last step."""
+
+    failure_class: ClassVar[str] = "at_risk"
+
+    intent: Intent
+    until: datetime
+    attempted_at: datetime
+    #: The version in force.
+    version: int | None
+    error_code: str = "unknown_outcome"
+    #: This tick's own presentation failed ambiguously (counted as a failure), rather than
+    #: an earlier one found without an outcome.
+    failed_now: bool = False
+
+
+Failed = FailedTransient | FailedInternal | FailedPermanent
+Outcome = Succeeded | FailedTransient | FailedInternal | FailedPermanent | AtRisk
+
+
+class Plan(enum.Enum):
+    """What to do with a connection whose last presentation's outcome is unknown."""
+
+    #: Present now: within the provider's reuse-grace window (the previous token is still
+    #: accepted for a while after rotation), or as the last step before the access token
+    #: expires.
+    PRESENT = "present"
+    #: Do not present: serve the access token; present at the returned time.
+    WAIT = "wait"
+
+
+def unknown_outcome(
+    intent: Intent,
+    *,
+    store_now: datetime,
+    now: datetime,
+    access_expires_at: datetime | None,
+    reuse_grace: timedelta,
+) -> tuple[Plan, datetime | None]:
+    """The plan for a connection found with ``intent`` and no outcome.
+
+    ``store_now`` is the state store's clock (``intent.at`` is on it); ``now`` and
+    ``access_expires_at`` are wall-clock times. An intent whose age is unknown (no ``at``, or
+    from another clock epoch) is treated as outside any grace window.
+    """
+    age = store_now - intent.at if intent.at is not None else None
+    if reuse_grace > timedelta(0) and age is not None and timedelta(0) <= age <= reuse_grace:
+        return Plan.PRESENT, None
+    if access_expires_at is None:
+        return Plan.PRESENT, None  # nothing to keep serving: the last step is now
+    last_chance = access_expires_at - LAST_CHANCE
+    if now >= last_chance:
+        return Plan.PRESENT, None
+    return Plan.WAIT, last_chance
+
+
+def failed(
+    error: TokenBrokerError,
+    *,
+    attempted_at: datetime,
+    version: int | None,
+    salvaged: int | None = None,
+    intent: Intent | None = None,
+    retry_at: datetime | None = None,
+) -> Failed:
     """Classify a final error by its ``retryable`` flag, the one flag that decides retries
-    everywhere (:mod:`tokenbroker.kernel.errors`)."""
+    everywhere (:mod:`tokenbroker.kernel.errors`); our own bugs are their own class.
+    ``salvaged``: the version that keeps a refresh token the failed answer carried (only a
+    retryable failure can carry one). ``intent``: the presentation whose outcome is still
+    unknown after this failure; ``retry_at``: an earlier retry than the backoff."""
+    if isinstance(error, InternalError):
+        return FailedInternal(
+            error.code, attempted_at, version, salvaged=salvaged, intent=intent, retry_at=retry_at
+        )
     if error.retryable:
-        return FailedTransient(error.code, attempted_at, version, error.retry_after)
+        return FailedTransient(
+            error.code, attempted_at, version, error.retry_after, salvaged, intent, retry_at
+        )
     return FailedPermanent(error.code, attempted_at, version)
 
 
@@ -123,8 +244,10 @@ def transition(
     match outcome:
         case Succeeded():
             return _succeeded(claim, outcome, now, policy, rng)
-        case FailedTransient() | FailedPermanent():
+        case FailedTransient() | FailedInternal() | FailedPermanent():
             return _failed(claim, outcome, now, policy, rng)
+        case AtRisk():
+            return _at_risk(claim, outcome, now)
         case _:
             assert_never(outcome)
 
@@ -149,7 +272,11 @@ def _succeeded(
     key = f"v{outcome.version}"
     version, expires_at = outcome.version, outcome.expires_at
     events = [_event(EventType.ROTATED, claim, now, key, version=version, expires_at=expires_at)]
-    if previous.consecutive_failures or previous.status is ConnectionStatus.NEEDS_REAUTH:
+    if (
+        previous.consecutive_failures
+        or previous.at_risk
+        or previous.status is ConnectionStatus.NEEDS_REAUTH
+    ):
         recovered = _event(
             EventType.RECOVERED,
             claim,
@@ -169,11 +296,22 @@ def _failed(
 ) -> Transition:
     previous = claim.record.state
     failures = previous.consecutive_failures + 1
-    if isinstance(outcome, FailedTransient):
+    current_version = previous.current_version
+    version = outcome.version
+    intent: Intent | None = None
+    if isinstance(outcome, FailedTransient | FailedInternal):
         status = previous.status
-        next_refresh_at = policy.retry_at(now, failures, outcome.retry_after, rng)
+        next_refresh_at = outcome.retry_at or policy.retry_at(
+            now, failures, outcome.retry_after, rng
+        )
         event_type = EventType.REFRESH_FAILED
         announce = True
+        intent = outcome.intent
+        if outcome.salvaged is not None:
+            # The answer was rejected but its refresh token was kept as a new version (the
+            # same access token): that version is the one in force now.
+            current_version = version = outcome.salvaged
+            intent = None  # the question is answered: the kept token is the live one
     else:
         status = ConnectionStatus.NEEDS_REAUTH
         next_refresh_at = None  # only a re-authorisation schedules it again
@@ -185,7 +323,11 @@ def _failed(
         next_refresh_at=next_refresh_at,
         last_attempt_at=outcome.attempted_at,
         consecutive_failures=failures,
+        current_version=current_version,
         last_error=outcome.error_code,
+        intent=intent,
+        # Still at risk while an unknown outcome is outstanding; no longer once answered.
+        at_risk=previous.at_risk and intent is not None,
     )
     if not announce:
         return Transition(state, ())
@@ -195,10 +337,40 @@ def _failed(
         claim,
         now,
         f"lease{claim.lease.token}",
-        version=outcome.version,
+        version=version,
         expires_at=previous.expires_at,
         error_code=outcome.error_code,
         failure_class=outcome.failure_class,
+        consecutive_failures=failures,
+    )
+    return Transition(state, (event,))
+
+
+def _at_risk(claim: Claim, outcome: AtRisk, now: datetime) -> Transition:
+    previous = claim.record.state
+    failures = previous.consecutive_failures + (1 if outcome.failed_now else 0)
+    state = replace(
+        previous,
+        next_refresh_at=outcome.until,
+        last_attempt_at=outcome.attempted_at,
+        consecutive_failures=failures,
+        last_error=outcome.error_code
+        if outcome.failed_now
+        else previous.last_error or outcome.error_code,
+        intent=outcome.intent,
+        at_risk=True,
+    )
+    if previous.at_risk:
+        return Transition(state, ())  # announced when it became at risk
+    # Keyed by the attempt whose outcome is unknown: that is the happening announced.
+    event = _event(
+        EventType.AT_RISK,
+        claim,
+        now,
+        f"attempt{outcome.intent.attempt}",
+        version=outcome.version,
+        expires_at=previous.expires_at,
+        error_code=state.last_error,
         consecutive_failures=failures,
     )
     return Transition(state, (event,))

@@ -251,13 +251,6 @@ class BuggyState(MemoryStateStore):
         raise ValueError("boom: a bug")
 
 
-class NoParking(MemoryStateStore):
-    """Parked events cannot be stored (non-retryable, so the test does not wait)."""
-
-    def park_events(self, *_: object, **__: object) -> None:
-        raise StoreUnavailable("cannot park", retryable=False)
-
-
 class DownBus(MemoryEventBus):
     def publish(self, *_: object, **__: object) -> None:
         raise StoreUnavailable("bus down", retryable=False)
@@ -326,10 +319,12 @@ def test_cloudevent_a_tick_that_raises_a_bug_fails_the_invocation(
     assert (summary["ok"], summary["trigger"]) == (False, "cloudevent")
 
 
-def test_http_a_tick_that_loses_events_is_503_so_the_scheduler_retries_and_alerts(
+def test_http_a_tick_that_cannot_publish_is_503_so_the_scheduler_retries_and_alerts(
     preset: Callable[..., Runtime], provider: tuple[ProviderApi, FakeTokenServer]
 ) -> None:
-    runtime = preset(state=NoParking(), events=DownBus())
+    """The bus is down: the events stay in the outbox (committed with the state), the
+    refresh is kept, and the invocation fails so that the retry relays them and alerts."""
+    runtime = preset(events=DownBus())
     register(runtime, *provider)
     with capture_logs() as logs:
         response = client("refresh_http").post("/", json={})
@@ -338,8 +333,9 @@ def test_http_a_tick_that_loses_events_is_503_so_the_scheduler_retries_and_alert
     assert response.get_json()["error"] == "tick_incomplete"
     assert "event" in response.get_json()["error_description"]
     (summary,) = summary_lines(logs.getvalue())
-    assert (summary["ok"], summary["refreshed"], summary["events_lost"]) == (False, 1, 1)
+    assert (summary["ok"], summary["refreshed"], summary["events_parked"]) == (False, 1, 1)
     assert runtime.secrets.get("crm").version == 2  # the refresh itself is kept
+    assert [e.type.value for e in runtime.state.parked_events(10)] == ["credential.rotated"]
 
 
 def test_every_tick_logs_one_summary_line_with_ok_counts_and_seconds(
@@ -357,4 +353,4 @@ def test_every_tick_logs_one_summary_line_with_ok_counts_and_seconds(
     for line in (one, two):
         assert line["severity"] == "INFO"
         assert isinstance(line["seconds"], float)
-        assert set(line["failed"]) == {"transient", "permanent"}
+        assert set(line["failed"]) == {"transient", "permanent", "internal"}

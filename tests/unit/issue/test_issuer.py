@@ -7,6 +7,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -224,3 +225,46 @@ def test_a_narrowing_refresh_that_rotates_writes_nothing_and_still_answers(
     assert "rotat" in errors[0]["message"]
     for value in world.server.issued:
         assert value not in log.getvalue()
+
+
+# --- the narrowing refresh takes the lease (issue 8) -----------------------------------------
+
+
+def test_a_narrowing_refresh_waits_for_a_refresh_in_flight(world: World) -> None:
+    """Every path that presents a refresh token takes the connection's lease: while the
+    refresher holds it, the issuer sends nothing and asks the caller to retry shortly."""
+    held = world.state.claim(["gmail"], world.clock.now(), holder="refresher", ttl=timedelta(60))
+    assert held.claims
+    with pytest.raises(CredentialUnavailable) as busy:
+        world.issue({"connection": "gmail", "scopes": ["read"]})
+    assert busy.value.retry_after is not None and busy.value.retry_after <= 5
+    assert world.server.requests["refresh_token"] == 0
+    world.state.release(held.claims[0].lease)
+    assert world.issue({"connection": "gmail", "scopes": ["read"]}).scope == ("read",)
+
+
+def test_a_narrowing_refresh_holds_the_lease_while_it_presents_and_gives_it_back(
+    world: World,
+) -> None:
+    seen: list[int] = []
+    server = world.server
+
+    class Watching:
+        async def post_form(self, url: str, form: Any, *, headers: Any) -> Any:
+            other = world.state.claim(["gmail"], world.clock.now(), holder="x", ttl=timedelta(60))
+            seen.append(other.leased_elsewhere)
+            return await server.post_form(url, form, headers=headers)
+
+    world.issuer.endpoint = Watching()  # type: ignore[assignment]
+    world.issue({"connection": "gmail", "scopes": ["read"]})
+    assert seen == [1]  # the refresher could not have taken it meanwhile
+    after = world.state.claim(["gmail"], world.clock.now(), holder="x", ttl=timedelta(60))
+    assert [c.lease.connection_id for c in after.claims] == ["gmail"]  # given back
+
+
+def test_a_narrowing_refresh_of_a_disabled_connection_sends_nothing(world: World) -> None:
+    record = world.state.get("gmail")
+    world.state.put_state("gmail", replace(record.state, status=ConnectionStatus.DISABLED))
+    with pytest.raises(NeedsReauth):
+        world.issue({"connection": "gmail", "scopes": ["read"]})
+    assert world.server.requests["refresh_token"] == 0

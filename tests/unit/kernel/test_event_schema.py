@@ -34,6 +34,10 @@ def test_all_event_types_match_the_schema() -> None:
     world.tick(connection_ids=["flaky"])
     world.server.revoke(rt)
     world.tick(connection_ids=["dead"])
+    world.add("risky")  # refreshed once, then an answer lost on the wire: at risk
+    world.tick(connection_ids=["risky"])
+    world.server.script = [TransportError("read timed out")]
+    world.tick(connection_ids=["risky"])
     emitted = [e.to_json() for e in world.events.events]
     assert {e["type"] for e in emitted} == {t.value for t in EventType}
     for event in emitted:

@@ -32,7 +32,7 @@ class World:
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.secrets = MemorySecretStore()
-        self.state = MemoryStateStore()
+        self.state = MemoryStateStore(self.clock)  # the store's lease clock: the fake one
         self.events = MemoryEventBus()
         self.profiles = load_profiles()
         self.server = FakeTokenServer()
@@ -134,20 +134,21 @@ def test_revoked_grant_needs_reauth_with_one_event_and_no_retries(world: World) 
     assert world.tick().due == 0
 
 
-def test_forcing_a_connection_that_needs_reauth_fails_again_without_a_second_event(
+def test_forcing_a_connection_that_needs_reauth_sends_nothing_and_announces_nothing(
     world: World,
 ) -> None:
+    """Status is law (issue 8): the dead refresh token is never presented again; only a
+    re-authorisation makes the connection refreshable."""
     rt = world.add()
     world.server.revoke(rt)
     world.tick()
     summary = world.tick(connection_ids=["c1"])
-    assert world.server.requests["refresh_token"] == 2
-    assert summary.failed["permanent"] == 1
-    assert not summary.ok  # the failure is still reported (exit codes depend on it) ...
-    assert summary.needs_reauth == 0  # ... but the connection did not newly need reauth
+    assert world.server.requests["refresh_token"] == 1
+    assert summary.inactive == {"c1": "needs_reauth"}
+    assert summary.needs_reauth == 0
     record = world.state.get("c1")
     assert record.state.status is ConnectionStatus.NEEDS_REAUTH
-    assert record.state.consecutive_failures == 2
+    assert record.state.consecutive_failures == 1
     assert [e.type for e in world.events.events] == [EventType.NEEDS_REAUTH]
 
 
@@ -155,7 +156,9 @@ def test_transient_failures_retry_with_backoff_then_report(world: World) -> None
     world.add()
     world.server.script = [
         HttpResponse(503, b"", {"retry-after": "2"}),
-        TransportError("timeout"),
+        # Never delivered, so safe to retry even with a rotating refresh token (a timeout
+        # after sending is not: see test_lease_discipline.py).
+        TransportError("connection refused", ambiguous=False),
         HttpResponse(500, b"oops"),
     ]
     summary = world.tick(world.refresher(retry=RetryPolicy(attempts=3)))
@@ -217,7 +220,8 @@ def test_stale_holder_cannot_commit(world: World) -> None:
     world.add()
     now = world.clock.now()
     first = world.state.claim(["c1"], now, holder="a", ttl=timedelta(minutes=1)).claims[0]
-    later = now + timedelta(minutes=2)
+    world.clock.advance(120)  # the store's clock: the first lease has expired
+    later = world.clock.now()
     second = world.state.claim(["c1"], later, holder="b", ttl=timedelta(minutes=1)).claims[0]
     assert second.lease.token > first.lease.token
     record = world.state.get("c1")
@@ -267,7 +271,7 @@ class FlakyStore:
 def test_store_hiccups_are_retried_and_nothing_is_lost(world: World) -> None:
     for i in range(5):
         world.add(f"c{i}")
-    world.secrets = FlakyStore(world.secrets, {"put_many"}, failures=2)  # type: ignore[assignment]
+    world.secrets = FlakyStore(world.secrets, {"stage", "promote"}, failures=2)  # type: ignore[assignment]
     summary = world.tick(world.refresher(commit_batch=1))
     assert summary.refreshed == 5
     assert summary.ok
@@ -277,7 +281,7 @@ def test_store_hiccups_are_retried_and_nothing_is_lost(world: World) -> None:
 def test_when_commits_fail_for_good_no_more_refresh_tokens_are_sent(world: World) -> None:
     for i in range(20):
         world.add(f"c{i}")
-    world.secrets = FlakyStore(world.secrets, {"put_many"}, failures=10**6)  # type: ignore[assignment]
+    world.secrets = FlakyStore(world.secrets, {"stage", "promote"}, failures=10**6)  # type: ignore[assignment]
     world.server.latency = 0.002  # a real network round trip lets the committer run
     refresher = world.refresher(concurrency=2, commit_batch=1)
     with pytest.raises(StoreUnavailable):

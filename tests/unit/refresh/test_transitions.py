@@ -32,11 +32,13 @@ from tokenbroker.kernel.model import (
     ConnectionStatus,
     EventType,
     GrantType,
+    Intent,
     Lease,
     RefreshState,
 )
 from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.refresh.transitions import (
+    AtRisk,
     FailedPermanent,
     FailedTransient,
     Outcome,
@@ -324,7 +326,7 @@ def random_state(rng: random.Random) -> RefreshState:
 def random_outcome(rng: random.Random, state: RefreshState) -> Outcome:
     attempted = NOW - timedelta(seconds=rng.uniform(0, 600))
     version = maybe(rng, state.current_version or rng.randint(1, 10_000))
-    kind = rng.randrange(3)
+    kind = rng.randrange(4)
     if kind == 0:
         # From one second to a year; now and then zero, or already expired on arrival.
         seconds = rng.choice([0, 1, -rng.uniform(1, 3600), rng.uniform(1, 86_400 * 365)])
@@ -340,6 +342,11 @@ def random_outcome(rng: random.Random, state: RefreshState) -> Outcome:
     if kind == 1:
         retry_after = rng.choice([None, None, rng.uniform(0, 7200)])
         return FailedTransient(code, attempted, version, retry_after)  # type: ignore[arg-type]
+    if kind == 2:
+        # A presentation whose answer never came: at risk until the last chance.
+        intent = Intent(f"att-{rng.randrange(10**6)}", version, rng.randint(1, 10**6), attempted)  # type: ignore[arg-type]
+        until = NOW + timedelta(seconds=rng.uniform(0, 7200))
+        return AtRisk(intent, until, attempted, version, error_code=code, failed_now=True)  # type: ignore[arg-type]
     return FailedPermanent(code, attempted, version)  # type: ignore[arg-type]
 
 
@@ -358,7 +365,7 @@ def random_cases(seed: int) -> list[tuple[Claim, Outcome, Transition]]:
 def cases() -> list[tuple[Claim, Outcome, Transition]]:
     generated = random_cases(seed=20260301)
     kinds = {type(outcome) for _, outcome, _ in generated}
-    assert kinds == {Succeeded, FailedTransient, FailedPermanent}
+    assert kinds == {Succeeded, FailedTransient, FailedPermanent, AtRisk}
     return generated
 
 
@@ -448,9 +455,10 @@ def test_property_every_event_matches_the_schema_and_its_connection(
             if isinstance(outcome, Succeeded):
                 assert (event.version, event.failure_class) == (outcome.version, None)
             else:
+                expected_class = None if isinstance(outcome, AtRisk) else outcome.failure_class
                 assert (event.error_code, event.failure_class) == (
                     outcome.error_code,
-                    outcome.failure_class,
+                    expected_class,
                 )
     assert seen == set(EventType)
 

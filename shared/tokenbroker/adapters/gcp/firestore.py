@@ -21,9 +21,12 @@ and one tombstone per deleted connection in ``<collection>_fencing`` holding the
 ``lease_token``: a connection re-created under the same id continues the token sequence, so a
 refresher that leased the old one can never commit on the new one.
 
-Events the bus could not take are parked in ``<collection>_parked_events``, one document per
-event (named by a hash of its id; ``seq`` from a sequence document in the same collection gives
-the oldest-first order).
+The outbox is ``<collection>_parked_events``, one document per event (named by a hash of its
+id; ``seq`` from a sequence document in the same collection gives the oldest-first order):
+``complete`` writes the events of the outcomes it accepts there in the same transaction as the
+state, and the refresher relays and deletes them; events the bus could not take stay there for
+the next tick. (The sequence document makes concurrent commits contend; a commit is one
+transaction per batch, so refreshers commit a few times a second at most.)
 
 Token-endpoint budgets (``take_budget``) live in ``<collection>_budgets``, one document per
 budget key, named by the SHA-256 of the key (any key makes a valid document name)::
@@ -76,6 +79,14 @@ in-memory and SQLite adapters.
 1,000 index entries (https://cloud.google.com/firestore/pricing), not per document. It runs
 just before the claim, outside its transaction: inside, it would lock every due entry.
 
+Lease time
+----------
+Leases run on Firestore's clock, never a refresher's (:class:`ServerClock`): a document read
+returns the server's ``read_time``; from then on this process's monotonic clock measures the
+time since, re-anchored every few minutes. Expiries written and compared are server time, so
+refreshers on hosts whose clocks disagree, or whose clock is stepped, agree on who holds what.
+(The anchor lags the server by at most one round trip; the holder's guard absorbs it.)
+
 Claiming writes only the lease fields, so ``get`` still returns the record as last written
 (the contract says a claim does not change the record, which rules out hiding a leased
 connection by moving its ``next_refresh_at`` to the lease expiry); ``complete`` writes the new
@@ -115,7 +126,9 @@ claim_due       k claimed, + 1 look-ahead per full chunk, + the ties  k
                 (billed per 1,000 index entries); an empty query
                 bills 1
 claim(ids)      k named                                               k granted
-complete        k                                                     k accepted
+complete        k, + 1 sequence document and 1 per event (the outbox)  k accepted, + 1 per event
+                                                                      and the sequence document
+renew           k                                                     k held
 release         1                                                     0 or 1
 park_events     k + 1 (the sequence document)                         k new + 1
 parked_events   the events returned (an empty query bills 1)          0
@@ -123,8 +136,10 @@ unpark_events   0                                                     k deletes
 take_budget     1                                                     1 if granted, else 0
 ==============  ====================================================  ========================
 
-One refresh therefore costs about 2 document reads and 2 writes of state (claim: 1 + 1;
-complete: 1 + 1), batched up to ``chunk_size`` per commit.
+One refresh therefore costs about 3 document reads and 3 writes of state (claim: 1 + 1;
+renew before presenting: 1 + 1; complete: 1 + 1), batched up to ``chunk_size`` per commit;
+a refresh that waits or retries renews again before each attempt, and every ``ttl / 3``
+while its request is in flight. The server clock costs one read per process every 5 min.
 
 Errors
 ------
@@ -146,11 +161,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from tokenbroker.adapters import budget_log
 from tokenbroker.adapters.gcp.errors import translate
+from tokenbroker.kernel.clock import WallClock
 from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
@@ -164,10 +181,11 @@ from tokenbroker.kernel.model import (
     ConnectionEvent,
     ConnectionRecord,
     ConnectionStatus,
+    Intent,
     Lease,
     RefreshState,
 )
-from tokenbroker.ports import BudgetDecision, ClaimBatch
+from tokenbroker.ports import BudgetDecision, ClaimBatch, Completion
 
 __all__ = ["DEFAULT_COLLECTION", "FirestoreStateStore", "stored_document"]
 
@@ -179,6 +197,8 @@ PARKED_SUFFIX = "_parked_events"
 BUDGETS_SUFFIX = "_budgets"
 #: The document holding the last sequence number given to a parked event.
 PARKED_SEQUENCE = "_sequence"
+#: Where :class:`ServerClock` reads the server's time (a document that never needs to exist).
+CLOCK_SUFFIX = "_clock"
 #: The project the client library itself falls back to on the emulator.
 EMULATOR_PROJECT = "google-cloud-firestore-emulator"
 
@@ -193,7 +213,6 @@ _BACKOFF_MAX_S = 1.0
 #: ``lease_expires_at`` of a connection nobody holds: long expired, and still a timestamp.
 NO_LEASE = datetime(1970, 1, 1, tzinfo=UTC)
 _ACTIVE = ConnectionStatus.ACTIVE.value
-_TIME_FIELDS = ("expires_at", "next_refresh_at", "last_refresh_at", "last_attempt_at")
 _LEASE_GIVEN_BACK: dict[str, Any] = {"lease_holder": None, "lease_expires_at": NO_LEASE}
 
 
@@ -220,6 +239,28 @@ def _utc(value: Any) -> datetime | None:
     )
 
 
+def _intent_fields(intent: Intent | None) -> dict[str, Any] | None:
+    if intent is None:
+        return None
+    return {
+        "attempt": intent.attempt,
+        "from_version": intent.from_version,
+        "token": intent.token,
+        "at": intent.at,
+    }
+
+
+def _intent(data: Any) -> Intent | None:
+    if not data:
+        return None
+    return Intent(
+        attempt=str(data["attempt"]),
+        from_version=data.get("from_version"),
+        token=int(data["token"]),
+        at=_utc(data.get("at")),
+    )
+
+
 def _state_fields(state: RefreshState) -> dict[str, Any]:
     return {
         "status": state.status.value,
@@ -230,17 +271,23 @@ def _state_fields(state: RefreshState) -> dict[str, Any]:
         "consecutive_failures": state.consecutive_failures,
         "current_version": state.current_version,
         "last_error": state.last_error,
+        "intent": _intent_fields(state.intent),
+        "at_risk": state.at_risk,
     }
 
 
 def _state(data: dict[str, Any]) -> RefreshState:
-    times = {name: _utc(data.get(name)) for name in _TIME_FIELDS}
     return RefreshState(
         status=ConnectionStatus(data["status"]),
+        expires_at=_utc(data.get("expires_at")),
+        next_refresh_at=_utc(data.get("next_refresh_at")),
+        last_refresh_at=_utc(data.get("last_refresh_at")),
+        last_attempt_at=_utc(data.get("last_attempt_at")),
         consecutive_failures=int(data.get("consecutive_failures") or 0),
         current_version=data.get("current_version"),
         last_error=data.get("last_error"),
-        **times,
+        intent=_intent(data.get("intent")),
+        at_risk=bool(data.get("at_risk")),
     )
 
 
@@ -281,6 +328,26 @@ def stored_document(
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+#: Writes one commit may carry, under Firestore's 500 (a chunk of completions writes one
+#: document each, one per event and the sequence document).
+_WRITES_PER_COMMIT = 450
+
+
+def _write_chunks(items: Sequence[Completion], size: int) -> Iterator[Sequence[Completion]]:
+    """At most ``size`` completions per chunk, and at most ``_WRITES_PER_COMMIT`` writes."""
+    part: list[Completion] = []
+    writes = 1  # the sequence document
+    for item in items:
+        cost = 1 + len(item.events)
+        if part and (len(part) >= size or writes + cost > _WRITES_PER_COMMIT):
+            yield part
+            part, writes = [], 1
+        part.append(item)
+        writes += cost
+    if part:
+        yield part
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -335,6 +402,47 @@ def _translated(action: str) -> Iterator[None]:
         raise mapped from exc
 
 
+# --- the server's clock --------------------------------------------------------------------
+
+
+class ServerClock:
+    """Firestore's time as this process knows it, for leases (never the local wall clock).
+
+    A document get answers with the server's ``read_time``
+    (https://cloud.google.com/firestore/docs/reference/rest/v1/projects.databases.documents/batchGet,
+    ``readTime``); from that anchor this process's monotonic clock measures the time since --
+    immune to steps of the local wall clock -- and the anchor is renewed every
+    ``resync_seconds`` (monotonic clocks drift by parts per million). The reading is taken as
+    of the end of the round trip, so it is never ahead of the server.
+    """
+
+    def __init__(self, store: FirestoreStateStore, *, resync_seconds: float = 300.0) -> None:
+        self._store = store
+        self._resync = resync_seconds
+        self._lock = threading.Lock()
+        self._anchor: tuple[datetime, float] | None = None
+
+    def now(self) -> datetime:
+        with self._lock:
+            if self._anchor is None or time.monotonic() - self._anchor[1] > self._resync:
+                self._anchor = self._read_server_time()
+            server, mono = self._anchor
+        return server + timedelta(seconds=time.monotonic() - mono)
+
+    def _read_server_time(self) -> tuple[datetime, float]:
+        store = self._store
+        ref = store.client.collection(store.collection_name + CLOCK_SUFFIX).document("now")
+        with _translated("read the server time"):
+            snap = ref.get()
+        mono = time.monotonic()
+        with store._stats_lock:  # the clock is part of the store
+            store.clock_reads += 1
+        read_time = _utc(snap.read_time)
+        if read_time is None:
+            raise StoreUnavailable("Firestore answered without a read time")
+        return read_time, mono
+
+
 # --- the adapter ---------------------------------------------------------------------------
 
 
@@ -349,10 +457,14 @@ class FirestoreStateStore:
     library still honours ``FIRESTORE_EMULATOR_HOST`` by itself, as documented at
     https://cloud.google.com/firestore/docs/emulator#connect_to_the_emulator).
 
+    ``lease_clock``: where lease time comes from -- by default :class:`ServerClock`, the
+    server's time (tests pass a manual clock).
+
     ``documents_read`` counts every document snapshot this handle has read (query results and
     gets, including gets of documents that do not exist); ``aggregations_run`` counts ``count()``
-    queries and ``transactions_run`` transaction attempts. The first two bound what Firestore
-    bills for reads.
+    queries and ``transactions_run`` transaction attempts; ``clock_reads`` the document reads
+    of the server clock (one per process every five minutes). ``documents_read``,
+    ``aggregations_run`` and ``clock_reads`` bound what Firestore bills for reads.
     """
 
     def __init__(
@@ -364,6 +476,7 @@ class FirestoreStateStore:
         collection: str = DEFAULT_COLLECTION,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         emulator_host: str | None = None,
+        lease_clock: WallClock | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ConfigError("chunk_size must be at least 1")
@@ -379,6 +492,8 @@ class FirestoreStateStore:
         self.documents_read = 0
         self.aggregations_run = 0
         self.transactions_run = 0
+        self.clock_reads = 0
+        self.lease_clock: WallClock = lease_clock or ServerClock(self)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -522,10 +637,21 @@ class FirestoreStateStore:
             self._transact(body)
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
-        """One write: ``update`` carries an exists precondition, so nothing needs reading."""
+        """One write: ``update`` carries an exists precondition, so nothing needs reading.
+
+        The operator's write wins over a refresh in flight: ``Increment`` grows the fencing
+        token server-side (no read needed) and the lease is freed, so that refresh can neither
+        renew nor commit over this state."""
+        from google.cloud import firestore  # noqa: PLC0415 - heavy, lazily
+
+        fields = {
+            **_state_fields(state),
+            **_LEASE_GIVEN_BACK,
+            "lease_token": firestore.Increment(1),
+        }
         with _translated("put_state"):
             try:
-                self._doc(connection_id).update(_state_fields(state))
+                self._doc(connection_id).update(fields)
             except Exception as exc:
                 if type(exc).__name__ == "NotFound" and _is_google(exc):
                     raise NotFound(f"connection {connection_id!r} not found") from None
@@ -534,10 +660,10 @@ class FirestoreStateStore:
     # -- leases ----------------------------------------------------------------------------
 
     def _grant(
-        self, transaction: Any, snap: Any, now: datetime, holder: str, ttl: timedelta
+        self, transaction: Any, snap: Any, lease_now: datetime, holder: str, ttl: timedelta
     ) -> Claim:
         token = int(snap.get("lease_token")) + 1
-        expires = now + ttl
+        expires = lease_now + ttl
         transaction.update(
             snap.reference,
             {"lease_holder": holder, "lease_token": token, "lease_expires_at": expires},
@@ -552,32 +678,36 @@ class FirestoreStateStore:
             query = query.where(filter=FieldFilter(field, op, value))
         return query
 
-    def _free_due(self, now: datetime) -> Any:
-        """Active, due, and nobody's lease is live: what ``claim_due`` may take."""
+    def _free_due(self, now: datetime, lease_now: datetime) -> Any:
+        """Active, due by ``now``, and nobody's lease is live by the store's ``lease_now``:
+        what ``claim_due`` may take."""
         return self._where(
-            ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", now)
+            ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", lease_now)
         ).order_by("next_refresh_at")
 
-    def _free_at(self, now: datetime, instant: datetime) -> Any:
+    def _free_at(self, lease_now: datetime, instant: datetime) -> Any:
         """Free connections due at exactly ``instant`` (ties at a chunk's last place)."""
-        return self._where(("next_refresh_at", "==", instant), ("lease_expires_at", "<=", now))
-
-    def _leased_due(self, now: datetime) -> Any:
-        """Active and due, under a live lease: what ``leased_elsewhere`` counts."""
-        return self._where(("next_refresh_at", "<=", now), ("lease_expires_at", ">", now)).order_by(
-            "next_refresh_at"
+        return self._where(
+            ("next_refresh_at", "==", instant), ("lease_expires_at", "<=", lease_now)
         )
+
+    def _leased_due(self, now: datetime, lease_now: datetime) -> Any:
+        """Active and due, under a live lease: what ``leased_elsewhere`` counts."""
+        return self._where(
+            ("next_refresh_at", "<=", now), ("lease_expires_at", ">", lease_now)
+        ).order_by("next_refresh_at")
 
     def queries(self, now: datetime) -> builtins.list[Any]:
         """Every query this adapter runs, to check the shipped index definitions against."""
-        return [self._free_due(now), self._free_at(now, now), self._leased_due(now)]
+        return [self._free_due(now, now), self._free_at(now, now), self._leased_due(now, now)]
 
     def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
         def chunk(size: int) -> Callable[[Any], tuple[builtins.list[Claim], bool]]:
             def body(transaction: Any) -> tuple[builtins.list[Claim], bool]:
+                lease_now = self.lease_clock.now()
                 # One more than needed: it tells whether more are due, and whether the last
                 # place taken is shared with connections left out.
-                found = self._read(transaction.get(self._free_due(now).limit(size + 1)))
+                found = self._read(transaction.get(self._free_due(now, lease_now).limit(size + 1)))
                 more = len(found) > size
                 if more:
                     last = _utc(found[size - 1].get("next_refresh_at"))
@@ -586,15 +716,18 @@ class FirestoreStateStore:
                         # reference order by id: read connections due at that instant too.
                         # Bounded: at most ``size`` of them, so a crowd due at one instant
                         # (a bulk import) costs at most twice the due count, not N².
-                        ties = self._read(transaction.get(self._free_at(now, last).limit(size)))
+                        ties = self._read(
+                            transaction.get(self._free_at(lease_now, last).limit(size))
+                        )
                         found = list({s.id: s for s in [*found, *ties]}.values())
                 chosen = sorted(found, key=_due_order)[:size]
-                return [self._grant(transaction, snap, now, holder, ttl) for snap in chosen], more
+                grants = [self._grant(transaction, snap, lease_now, holder, ttl) for snap in chosen]
+                return grants, more
 
             return body
 
         with _translated("claim_due"):
-            leased_elsewhere = self._count(self._leased_due(now))
+            leased_elsewhere = self._count(self._leased_due(now, self.lease_clock.now()))
             claims: builtins.list[Claim] = []
             more = True
             while more and len(claims) < limit:
@@ -603,68 +736,157 @@ class FirestoreStateStore:
         return ClaimBatch(claims, leased_elsewhere=leased_elsewhere)
 
     def claim(
-        self, connection_ids: Sequence[str], now: datetime, *, holder: str, ttl: timedelta
+        self,
+        connection_ids: Sequence[str],
+        now: datetime,  # noqa: ARG002 - the port's signature: a named claim ignores due-ness
+        *,
+        holder: str,
+        ttl: timedelta,
     ) -> ClaimBatch:
         def chunk(ids: Sequence[str]) -> Callable[[Any], ClaimBatch]:
             def body(transaction: Any) -> ClaimBatch:
+                lease_now = self.lease_clock.now()
                 refs = [self._doc(cid) for cid in ids]
                 snaps = {str(s.id): s for s in self._read(transaction.get_all(refs))}
                 claims: builtins.list[Claim] = []
                 missing: builtins.list[str] = []
+                inactive: dict[str, ConnectionStatus] = {}
                 leased = 0
                 for cid in ids:
                     snap = snaps.get(cid)
                     if snap is None or not snap.exists:
                         missing.append(cid)
-                    elif _lease_live(snap.to_dict(), now):
+                    elif snap.get("status") != _ACTIVE:
+                        inactive[cid] = ConnectionStatus(snap.get("status"))
+                    elif _lease_live(snap.to_dict(), lease_now):
                         leased += 1
                     else:
-                        claims.append(self._grant(transaction, snap, now, holder, ttl))
-                return ClaimBatch(claims, leased_elsewhere=leased, missing=missing)
+                        claims.append(self._grant(transaction, snap, lease_now, holder, ttl))
+                return ClaimBatch(
+                    claims, leased_elsewhere=leased, missing=missing, inactive=inactive
+                )
 
             return body
 
         claims: builtins.list[Claim] = []
         missing: builtins.list[str] = []
+        inactive: dict[str, ConnectionStatus] = {}
         leased_elsewhere = 0
         with _translated("claim"):
             for ids in _chunks(list(dict.fromkeys(connection_ids)), self.chunk_size):
                 batch = self._transact(chunk(ids))
                 claims.extend(batch.claims)
                 missing.extend(batch.missing)
+                inactive.update(batch.inactive)
                 leased_elsewhere += batch.leased_elsewhere
-        return ClaimBatch(claims, leased_elsewhere=leased_elsewhere, missing=missing)
+        return ClaimBatch(
+            claims, leased_elsewhere=leased_elsewhere, missing=missing, inactive=inactive
+        )
 
-    def complete(self, outcomes: Sequence[tuple[Lease, RefreshState]]) -> builtins.list[bool]:
+    def renew(
+        self,
+        leases: Sequence[Lease],
+        *,
+        ttl: timedelta,
+        intents: Sequence[Intent | None] | None = None,
+    ) -> builtins.list[Lease | None]:
+        paired = list(zip(leases, intents or [None] * len(leases), strict=True))
+
         def chunk(
-            part: Sequence[tuple[Lease, RefreshState]],
-        ) -> Callable[[Any], builtins.list[bool]]:
-            def body(transaction: Any) -> builtins.list[bool]:
+            part: Sequence[tuple[Lease, Intent | None]],
+        ) -> Callable[[Any], builtins.list[Lease | None]]:
+            def body(transaction: Any) -> builtins.list[Lease | None]:
+                lease_now = self.lease_clock.now()
+                expires = lease_now + ttl
                 ids = list(dict.fromkeys(lease.connection_id for lease, _ in part))
                 snaps = self._read(transaction.get_all([self._doc(cid) for cid in ids]))
-                tokens = {str(s.id): s.get("lease_token") for s in snaps if s.exists}
+                held = {
+                    str(s.id): s.get("lease_token")
+                    for s in snaps
+                    if s.exists and s.get("lease_holder") is not None
+                }
+                results: builtins.list[Lease | None] = []
                 writes: dict[str, dict[str, Any]] = {}
-                results: builtins.list[bool] = []
-                for lease, state in part:
-                    # The fencing check: only the newest token granted on this connection may
-                    # write. A deleted connection has none; a re-created one starts above every
-                    # token granted before the delete.
-                    accepted = tokens.get(lease.connection_id) == lease.token
-                    if accepted:
-                        writes[lease.connection_id] = {
-                            **_state_fields(state),
-                            **_LEASE_GIVEN_BACK,
-                        }
-                    results.append(accepted)
+                for lease, intent in part:
+                    if held.get(lease.connection_id) != lease.token:
+                        results.append(None)
+                        continue
+                    results.append(replace(lease, expires_at=expires))
+                    fields = writes.setdefault(lease.connection_id, {"lease_expires_at": expires})
+                    if intent is not None:
+                        fields["intent"] = _intent_fields(replace(intent, at=lease_now))
                 for cid, fields in writes.items():  # one write per document per commit
                     transaction.update(self._doc(cid), fields)
                 return results
 
             return body
 
+        results: builtins.list[Lease | None] = []
+        with _translated("renew"):
+            for part in _chunks(paired, self.chunk_size):
+                results.extend(self._transact(chunk(part)))
+        return results
+
+    def complete(
+        self, outcomes: Sequence[Completion | tuple[Lease, RefreshState]]
+    ) -> builtins.list[bool]:
+        """The fencing check and the state write in one transaction per chunk, with the
+        events of the accepted outcomes parked in the same transaction (the outbox; relayed
+        by the refresher), numbered from the sequence document as ``park_events`` numbers
+        them. Chunks stay under the per-commit write limit."""
+        done = [o if isinstance(o, Completion) else Completion(*o) for o in outcomes]
+
+        def chunk(part: Sequence[Completion]) -> Callable[[Any], builtins.list[bool]]:
+            def body(transaction: Any) -> builtins.list[bool]:
+                ids = list(dict.fromkeys(c.lease.connection_id for c in part))
+                events = {e.event_id: e for c in part for e in c.events}
+                sequence = self._parked(PARKED_SEQUENCE)
+                event_refs = {eid: self._parked(eid) for eid in events}
+                refs = [self._doc(cid) for cid in ids]
+                if events:
+                    refs += [sequence, *event_refs.values()]
+                snaps = {s.reference.path: s for s in self._read(transaction.get_all(refs))}
+                tokens = {
+                    cid: snaps[self._doc(cid).path].get("lease_token")
+                    for cid in ids
+                    if snaps[self._doc(cid).path].exists
+                }
+                writes: dict[str, dict[str, Any]] = {}
+                accepted_events: dict[str, ConnectionEvent] = {}
+                results: builtins.list[bool] = []
+                for completion in part:
+                    lease = completion.lease
+                    # The fencing check: only the newest token granted on this connection may
+                    # write. A deleted connection has none; a re-created one starts above every
+                    # token granted before the delete.
+                    accepted = tokens.get(lease.connection_id) == lease.token
+                    if accepted:
+                        writes[lease.connection_id] = {
+                            **_state_fields(completion.state),
+                            **_LEASE_GIVEN_BACK,
+                        }
+                        for event in completion.events:
+                            accepted_events.setdefault(event.event_id, event)
+                    results.append(accepted)
+                for cid, fields in writes.items():  # one write per document per commit
+                    transaction.update(self._doc(cid), fields)
+                if accepted_events:
+                    seq = snaps[sequence.path]
+                    last = int(seq.get("last")) if seq.exists else 0
+                    for eid, event in accepted_events.items():
+                        if not snaps[event_refs[eid].path].exists:
+                            last += 1
+                            transaction.create(
+                                event_refs[eid], {"seq": last, "event": event.to_json()}
+                            )
+                    transaction.set(sequence, {"last": last})
+                return results
+
+            return body
+
         results: builtins.list[bool] = []
         with _translated("complete"):
-            for part in _chunks(outcomes, self.chunk_size):
+            for part in _write_chunks(done, self.chunk_size):
                 results.extend(self._transact(chunk(part)))
         return results
 

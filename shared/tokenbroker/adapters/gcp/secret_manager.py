@@ -14,21 +14,35 @@ Layout (documented in docs/gcp.md):
 an interrupted or losing writer may have added. The current version moves only by
 ``UpdateSecret`` with the etag read before the write, so concurrent writers cannot both win
 (https://cloud.google.com/secret-manager/docs/reference/rpc/google.cloud.secretmanager.v1#updatesecretrequest);
-a loser destroys the version it added.
+a loser -- whose parent is no longer current -- destroys the version it added.
+
+Pending versions, settled like AWS's staged labels: ``AddSecretVersion`` is the *stage* (the
+payload then holds the answer durably: the credential JSON, plus a ``tokenbroker_staged``
+member naming the version it was staged on and the attempt, which credential readers ignore)
+and ``UpdateSecret`` the *promotion*. Every read asks for ``latest`` with the current pointer:
+when ``latest`` is newer than the current version and was staged on it, the read promotes it
+(the same etag compare-and-set) before answering. So a writer that dies -- or whose
+``UpdateSecret`` fails, however often -- between the two calls loses nothing: the next reader
+settles its version (issue 8: the orphan was ``latest``, and a second update failure destroyed
+the only copy of the new refresh token). A staged version is never destroyed while its parent
+is current.
 
 Overlap: when version n is written, older versions stay ENABLED while their access token is
 still valid at n's ``obtained_at`` (a consumer that read them keeps working), and are disabled
 on the first write after their expiry. Versions older than ``retained_versions`` are destroyed.
 
-API calls per refresh (read, then write): GetSecret + AccessSecretVersion, then
-AddSecretVersion + UpdateSecret, plus one DisableSecretVersion and one DestroySecretVersion per
-rotation in steady state. The write reuses the etag the read saw (a stale one costs a re-read).
+API calls per refresh (read, then write): GetSecret + AccessSecretVersion (of ``latest``),
+then AddSecretVersion (the stage) + UpdateSecret (the promotion), plus one
+DisableSecretVersion and one DestroySecretVersion per rotation in steady state. The write
+reuses the etag the read saw (a stale one costs a re-read). Settling a version a dead writer
+staged costs the reader one UpdateSecret.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,14 +60,17 @@ from tokenbroker.kernel.errors import (
     TokenBrokerError,
     VersionConflict,
 )
+from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import SecretWrite
+from tokenbroker.ports import Promotion, SecretWrite
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 CURRENT = "tokenbroker-current"
 EXPIRES = "tokenbroker-expires-v"
+#: The payload member recording what a version was staged on (ignored by credential readers).
+STAGED = "tokenbroker_staged"
 LABELS = {"managed-by": "tokenbroker"}
 
 
@@ -79,6 +96,33 @@ def make_client(endpoint: str | None = None) -> Any:
         channel=channel, credentials=AnonymousCredentials()
     )
     return secretmanager_v1.SecretManagerServiceClient(transport=transport)
+
+
+def _staged_payload(credential: Credential, parent: int | None, attempt: str | None) -> bytes:
+    """The credential JSON with what it was staged on: readers of credentials ignore the
+    extra member, so a consumer reading a version directly still gets a credential."""
+    body = json.loads(credential.to_plaintext())
+    body[STAGED] = {"parent": parent, "attempt": attempt}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+#: What ``_staged_on`` answers for a payload that records no parent (written unstaged).
+UNRECORDED = -1
+
+
+def _staged_on(data: bytes) -> int | None:
+    """The version a payload was staged on: ``None`` for a first version, ``UNRECORDED``
+    when the payload does not say."""
+    try:
+        staged = json.loads(data).get(STAGED)
+    except (ValueError, AttributeError):
+        return UNRECORDED
+    if not isinstance(staged, dict):
+        return UNRECORDED
+    parent = staged.get("parent")
+    if parent is None or isinstance(parent, int):
+        return parent
+    return UNRECORDED
 
 
 def _crc32c(data: bytes) -> int:
@@ -117,6 +161,9 @@ class SecretManagerSecretStore(VersionedSecretStore):
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="secret-manager")
         self._known: dict[str, Any] = {}
         self._known_limit = 100_000
+        #: Credentials staged by this handle, kept for their promotion (saves reading back).
+        self._staged: dict[tuple[str, int], Credential] = {}
+        self.log = get_logger(component="secret-manager")
 
     @property
     def client(self) -> Any:
@@ -153,7 +200,11 @@ class SecretManagerSecretStore(VersionedSecretStore):
             raise self._missing(connection_id)
         return secret, current
 
-    def _access(self, connection_id: str, version: int) -> StoredCredential:
+    def _access(
+        self, connection_id: str, version: int | str
+    ) -> tuple[StoredCredential, int | None]:
+        """A version (a number or ``latest``) and the parent it was staged on (``None``: a
+        first version; ``UNRECORDED``: written before staging existed)."""
         name = f"{self.secret_name(connection_id)}/versions/{version}"
         try:
             response = self._call(
@@ -163,28 +214,64 @@ class SecretManagerSecretStore(VersionedSecretStore):
             raise NotFound(
                 f"connection {connection_id!r} version {version} is not readable"
             ) from None
+        number = int(response.name.rsplit("/", 1)[1])
         payload = response.payload
         if not payload.data_crc32c or _crc32c(payload.data) != payload.data_crc32c:
             raise CorruptCredential(
-                f"connection {connection_id!r} version {version}: payload checksum mismatch"
+                f"connection {connection_id!r} version {number}: payload checksum mismatch"
             )
-        return StoredCredential(connection_id, version, Credential.from_plaintext(payload.data))
+        stored = StoredCredential(connection_id, number, Credential.from_plaintext(payload.data))
+        return stored, _staged_on(payload.data)
 
     def _read_current(self, connection_id: str) -> StoredCredential:
-        _, current = self._current_version(connection_id)
-        return self._access(connection_id, current)
+        """The current version, settling first a version staged on it (``latest``, newer than
+        the current one): one GetSecret and one AccessSecretVersion when there is none."""
+        secret = self._fetch_secret(connection_id)
+        current = self._current_of(secret)
+        try:
+            latest, parent = self._access(connection_id, "latest")
+        except NotFound:  # latest disabled or destroyed (or none): read the current by number
+            if current is None:
+                raise self._missing(connection_id) from None
+            return self._access(connection_id, current)[0]
+        if latest.version == current:
+            return latest
+        if (current is None or latest.version > current) and parent == current:
+            try:
+                secret, to_disable = self._advance(
+                    connection_id, secret, latest.version, latest.credential, None
+                )
+            except (VersionConflict, StoreUnavailable):
+                pass  # someone moved it meanwhile, or cannot tell: re-read below
+            else:
+                self._housekeep(secret, latest.version, to_disable)
+                self.log.info(
+                    "settled a staged credential version",
+                    connection_id=connection_id,
+                    version=latest.version,
+                )
+                return latest
+            current = self._current_of(self._fetch_secret(connection_id))
+            if current == latest.version:
+                return latest
+        if current is None:
+            raise self._missing(connection_id)
+        return self._access(connection_id, current)[0]
 
     def versions(self, connection_id: str) -> builtins.list[int]:
+        """Enabled versions up to the current one (a staged version is not readable yet)."""
         try:
+            current = self._current_of(self._fetch_secret(connection_id))
             pages = self._call(
                 "list secret versions",
                 self.client.list_secret_versions,
                 parent=self.secret_name(connection_id),
                 filter="state:ENABLED",
             )
-            return sorted(int(v.name.rsplit("/", 1)[1]) for v in pages)
+            numbers = sorted(int(v.name.rsplit("/", 1)[1]) for v in pages)
         except NotFound:
             return []
+        return [n for n in numbers if current is not None and n <= current]
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -220,7 +307,9 @@ class SecretManagerSecretStore(VersionedSecretStore):
         raw = secret.annotations.get(CURRENT)
         return int(raw) if raw else None
 
-    def _commit(self, write: SecretWrite) -> int:
+    def _stage(self, write: SecretWrite) -> int:
+        """AddSecretVersion on top of the expected current version (checked against the
+        secret's annotations, usually from the read just before): durable once it returns."""
         connection_id, credential = write.connection_id, write.credential
         expected_version = write.expected_version
         secret = self._known.get(connection_id)
@@ -235,7 +324,7 @@ class SecretManagerSecretStore(VersionedSecretStore):
                 except AlreadyExists:  # created concurrently: compete through the etag below
                     secret = self._fetch_secret(connection_id)
         self._check_expected(connection_id, self._current_of(secret), expected_version)
-        data = credential.to_plaintext()
+        data = _staged_payload(credential, expected_version, write.attempt)
         added = self._call(
             "add secret version",
             self.client.add_secret_version,
@@ -243,31 +332,62 @@ class SecretManagerSecretStore(VersionedSecretStore):
             payload={"data": data, "data_crc32c": _crc32c(data)},
         )
         version = int(added.name.rsplit("/", 1)[1])
-        secret, to_disable = self._advance(connection_id, secret, version, credential, added.name)
+        self._staged[(connection_id, version)] = credential
+        return version
+
+    def _promote(self, promotion: Promotion) -> int:
+        """UpdateSecret moves the current pointer to the staged version (etag compare-and-set
+        on the parent still being current), then the overlap and retention housekeeping."""
+        connection_id, version = promotion.connection_id, promotion.version
+        secret = self._known.get(connection_id)
+        if secret is None or self._current_of(secret) != promotion.parent:
+            secret = self._fetch_secret(connection_id)
+        current = self._current_of(secret)
+        if current == version:
+            self._staged.pop((connection_id, version), None)
+            return version  # settled by a reader meanwhile
+        self._check_expected(connection_id, current, promotion.parent)
+        credential = self._staged.pop((connection_id, version), None)
+        if credential is None:  # staged by another process: read it back
+            credential = self._access(connection_id, version)[0].credential
+        added = f"{secret.name}/versions/{version}"
+        secret, to_disable = self._advance(connection_id, secret, version, credential, added)
+        self._housekeep(secret, version, to_disable)
+        return version
+
+    def _housekeep(self, secret: Any, version: int, to_disable: builtins.list[int]) -> None:
+        """After ``version`` became current: disable the versions whose access token expired,
+        destroy the one retention drops (one write destroys one version)."""
         for old in to_disable:
             self._quietly(
                 "disable secret version",
                 self.client.disable_secret_version,
                 name=f"{secret.name}/versions/{old}",
             )
-        doomed = self._retention_floor(version)  # one write destroys one version
+        doomed = self._retention_floor(version)
         if doomed >= 1:
             self._quietly(
                 "destroy secret version",
                 self.client.destroy_secret_version,
                 name=f"{secret.name}/versions/{doomed}",
             )
-        return version
 
     def _advance(
-        self, connection_id: str, secret: Any, version: int, credential: Credential, added: str
+        self,
+        connection_id: str,
+        secret: Any,
+        version: int,
+        credential: Credential,
+        added: str | None,
     ) -> tuple[Any, builtins.list[int]]:
         """Make ``version`` current with a compare-and-set on the secret's etag.
 
         An etag mismatch is re-checked once: if the current version is still the expected
         one (someone edited labels, or our cached etag was stale) the write is retried. An
-        error with an unknown outcome is settled by reading the secret back. A version that
-        did not become current is destroyed, so it can never be read as a credential.
+        error with an unknown outcome is settled by reading the secret back. A version whose
+        parent is no longer current lost the race and is destroyed (``added``), so it can never
+        be read as a credential; one whose parent still is stays, staged, for the next read to
+        settle: it may hold the only refresh token left alive.
         """
         expected = self._current_of(secret)
         for attempt in range(2):
@@ -288,11 +408,16 @@ class SecretManagerSecretStore(VersionedSecretStore):
                 now_current = self._current_of(secret)
                 if now_current == version:
                     return secret, to_disable  # our update did land
-                if now_current != expected or attempt == 1:
-                    self._quietly(
-                        "destroy secret version", self.client.destroy_secret_version, name=added
-                    )
+                if now_current != expected:  # another version won: ours is an orphan
+                    if added is not None:
+                        self._quietly(
+                            "destroy secret version",
+                            self.client.destroy_secret_version,
+                            name=added,
+                        )
                     raise error from None
+                if attempt == 1:
+                    raise error from None  # still staged on the current one: settled by a read
                 continue
             self._remember(connection_id, updated)
             return updated, to_disable
