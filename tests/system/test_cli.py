@@ -352,7 +352,9 @@ def test_inactive_connections_are_never_refreshed_from_the_cli(cli: Cli, oidc: O
     the dead tokens of needs_reauth ones. Now neither is leased by any path: named, the
     command says why and exits 1; with --all they are skipped and reported."""
     assert cli.add_refresh_connection(oidc, "off").returncode == 0
-    assert cli.add_refresh_connection(oidc, "dead", revoke=True).returncode == 1
+    # Registered without a first refresh, its grant revoked: the first refresh kills it.
+    assert cli.add_refresh_connection(oidc, "dead", "--no-refresh", revoke=True).returncode == 0
+    assert cli("refresh", "dead").returncode == 1
     assert cli.add_refresh_connection(oidc, "on").returncode == 0
     assert cli("disable", "off").returncode == 0
     named = cli("refresh", "off", "dead")
@@ -366,6 +368,6 @@ def test_inactive_connections_are_never_refreshed_from_the_cli(cli: Cli, oidc: O
     states = {s["connection"]: s for s in json.loads(cli("--json", "status").stdout)}
     assert states["off"]["status"] == "disabled" and states["off"]["current_version"] == 2
     assert states["dead"]["status"] == "needs_reauth"
-    assert states["dead"]["consecutive_failures"] == 1  # its dead token was sent once, at add
+    assert states["dead"]["consecutive_failures"] == 1  # its dead token was sent once
     types = [e["type"] for e in json.loads(cli("--json", "events", "--connection", "dead").stdout)]
     assert types == ["connection.needs_reauth"]

@@ -23,6 +23,7 @@ a master credential: client secrets and refresh tokens never leave it):
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -49,11 +50,13 @@ from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     Connection,
     ConnectionStatus,
+    Credential,
     GrantType,
     Lease,
     StoredCredential,
 )
 from tokenbroker.kernel.secret import Secret
+from tokenbroker.oauth.budget import budget_request
 from tokenbroker.oauth.grants import refresh_grant, service_account_info
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.oauth.token_response import TokenResponse
@@ -464,6 +467,35 @@ class TokenIssuer:
                 error_code=error.code,
             )
 
+    async def _spend_budget(
+        self, connection: Connection, profile: ProviderProfile, current: Credential
+    ) -> None:
+        """Take one slot of the provider's token-endpoint budget, the refresher's budget too
+        (the same key, the same state store): over it, the caller is told when to come back
+        and nothing is sent. A budget that cannot be read is never a grant."""
+        import asyncio  # noqa: PLC0415
+
+        request = budget_request(connection, profile, current)
+        if request is None:
+            return
+        now = self.clock.now()
+        try:
+            decision = await asyncio.to_thread(
+                self.state.take_budget, request.key, limit=request.limit,
+                window=request.window, now=now, cost=request.cost,
+            )  # fmt: skip
+        except TokenBrokerError as error:
+            raise CredentialUnavailable(
+                f"state store unavailable ({error.code})", retry_after=5
+            ) from None
+        if not decision.granted:
+            frees_at = decision.frees_at or now + request.window
+            wait = max(1, math.ceil((frees_at - now).total_seconds()))
+            raise CredentialUnavailable(
+                f"connection {connection.id!r}: the provider's token-endpoint budget is spent",
+                retry_after=wait,
+            )
+
     async def _narrowing_refresh(
         self, connection: Connection, profile: ProviderProfile, scopes: Sequence[str]
     ) -> TokenResponse:
@@ -474,6 +506,7 @@ class TokenIssuer:
         current = stored.credential
         if current.refresh_token is None:
             raise CredentialUnavailable(f"connection {connection.id!r} has no refresh token")
+        await self._spend_budget(connection, profile, current)
         try:
             response = await refresh_grant(
                 self.endpoint,

@@ -31,7 +31,8 @@ whatever its answer, and the window slides (:mod:`tokenbroker.adapters.budget_lo
 The budget is spent through the state store (:meth:`~tokenbroker.ports.StateStore.take_budget`)
 so every refresher -- every process, every Cloud Function instance -- shares one count. The
 tick takes one slot just before each request it sends (retries included); this module decides
-the key and, on a denial, the connection's next state. Values in, values out, like
+the key (:mod:`tokenbroker.oauth.budget`, shared with the issuer's narrowing refresh) and, on a
+denial, the connection's next state. Values in, values out, like
 :mod:`.transitions`: no store, no clock, no network.
 
 A denial is never a failure: nothing was sent, so no failure is counted, no error recorded,
@@ -45,16 +46,14 @@ left to expire quietly.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from urllib.parse import urlsplit
 
 from tokenbroker.kernel.clock import isoformat
 from tokenbroker.kernel.log import Logger
-from tokenbroker.kernel.model import Connection, Credential, RefreshState
-from tokenbroker.oauth.profiles import BudgetScope, ProviderProfile
+from tokenbroker.kernel.model import RefreshState
+from tokenbroker.oauth.budget import BudgetRequest, budget_request
 from tokenbroker.ports import BudgetDecision
 
 __all__ = [
@@ -77,67 +76,6 @@ DEFAULT_RETRY_FLOOR = timedelta(minutes=1)
 #: A denial whose slot "frees" at or before now (a store bug, a clock step) still waits this
 #: long, so it can never make a refresh due again at once, tick after tick.
 _MIN_DEFERRAL = timedelta(seconds=1)
-#: Domain separation for the key digests: a budget key is no hash anyone else computes.
-_KEY_CONTEXT = b"tokenbroker token-endpoint budget v1\x00"
-
-
-@dataclass(frozen=True)
-class BudgetRequest:
-    """One slot of a budget to take before sending one token request."""
-
-    key: str
-    scope: BudgetScope
-    limit: int
-    window: timedelta
-    cost: int = 1
-
-
-def _endpoint(url: str) -> str:
-    """A token URL with its scheme and host in lower case (RFC 3986 §6.2.2.1: they are
-    case-insensitive), so spellings of one endpoint share a budget."""
-    parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path}"
-
-
-def _digest(*parts: str) -> str:
-    joined = "\x1f".join(parts).encode()
-    return hashlib.sha256(_KEY_CONTEXT + joined).hexdigest()[:32]
-
-
-def budget_request(
-    connection: Connection, profile: ProviderProfile, credential: Credential
-) -> BudgetRequest | None:
-    """The budget a refresh of ``connection`` spends, or ``None`` when its profile has none.
-
-    Keys are ``<scope>:<digest>``: short, safe in any store, and free of anything secret --
-    the refresh token's digest is a domain-separated SHA-256 (128 bits kept), not the value
-    nor the ``Secret`` fingerprint that logs show. Per refresh token, connections registered
-    with one token share its budget and a re-authorisation starts a fresh one; a connection
-    without a refresh token (another grant) counts on its own. Per client and per endpoint,
-    the endpoint is the connection's token URL, so each Zoho data centre counts apart.
-    Raises ConfigError when the connection's token URL cannot be resolved.
-    """
-    budget = profile.budget
-    if budget is None:
-        return None
-    match budget.scope:
-        case BudgetScope.REFRESH_TOKEN:
-            token = credential.refresh_token
-            if token:
-                digest = _digest("refresh_token", token.reveal())
-            else:
-                digest = _digest("connection", connection.id)
-        case BudgetScope.CLIENT:
-            endpoint = _endpoint(profile.token_url_for(connection))
-            digest = _digest("client", endpoint, connection.client_id or "")
-        case BudgetScope.TOKEN_ENDPOINT:
-            digest = _digest("endpoint", _endpoint(profile.token_url_for(connection)))
-    return BudgetRequest(
-        key=f"{budget.scope.value}:{digest}",
-        scope=budget.scope,
-        limit=budget.requests,
-        window=timedelta(seconds=budget.per_seconds),
-    )
 
 
 class DeferralKind(StrEnum):

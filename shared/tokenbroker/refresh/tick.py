@@ -83,6 +83,7 @@ from tokenbroker.kernel.model import (
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.oauth.acquire import next_credential, request_token
+from tokenbroker.oauth.budget import BudgetRequest, budget_request
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import (
@@ -96,10 +97,12 @@ from tokenbroker.ports import (
     StateStore,
     TokenEndpoint,
 )
+from tokenbroker.refresh.budget import BudgetDeferral, DeferralKind, defer, report
 from tokenbroker.refresh.commit import StoreCommitter
 from tokenbroker.refresh.leases import GroupCall, LeaseKeeper
 from tokenbroker.refresh.transitions import (
     AtRisk,
+    Deferred,
     FailedPermanent,
     Outcome,
     Plan,
@@ -153,6 +156,10 @@ class TickSummary:
     settled: int = 0
     #: Refresh tokens kept from answers that were otherwise rejected.
     salvaged: int = 0
+    #: Deferred because a token-endpoint budget was spent (counted in ``deferred`` too), and
+    #: of those, the ones whose slot frees only after the last safe moment (alerted).
+    over_budget: int = 0
+    over_budget_at_risk: int = 0
     events_parked: int = 0
     events_relayed: int = 0
     #: Connections this tick moved to needs_reauth (a failure of one already there is only
@@ -188,6 +195,8 @@ class TickSummary:
             },
             "skipped_leased": self.skipped_leased,
             "deferred": self.deferred,
+            "over_budget": self.over_budget,
+            "over_budget_at_risk": self.over_budget_at_risk,
             "lease_lost": self.lease_lost,
             "lease_unavailable": self.lease_unavailable,
             "uncommitted": self.uncommitted,
@@ -243,7 +252,7 @@ class _Attempt:
     #: The credential the attempt started from (``None``: none is stored, or it is corrupt).
     stored: StoredCredential | None
     #: The refreshed credential, the final error, or what else there is to commit.
-    result: Credential | TokenBrokerError | _Skip | _Settled | _Wait
+    result: Credential | TokenBrokerError | _Skip | _Settled | _Wait | BudgetDeferral
     attempted_at: datetime
     #: A credential to store although the attempt failed: the stored one with the refresh
     #: token a rejected answer carried (the provider already swapped the old one for it).
@@ -582,9 +591,19 @@ class Refresher:
         profile = self.profiles[connection.profile]
         rotating = profile.rotates_refresh_tokens and connection.grant is GrantType.REFRESH_TOKEN
         leases, at_risk, summary = run.leases, run.at_risk, run.summary
+        try:
+            budget = budget_request(connection, profile, stored.credential)
+        except TokenBrokerError as error:  # its token URL cannot be resolved
+            return _Attempt(claim, stored, error, self.clock.now())
         number = 1
         while True:
             await at_risk.acquire()
+            if budget is not None:
+                # Before the intent: a denied request is never sent, so nothing is unknown.
+                denied = await self._spend(claim, stored, budget)
+                if denied is not None:
+                    at_risk.release()
+                    return denied
             intent = None
             if rotating:
                 intent = Intent(uuid.uuid4().hex, stored.version, claim.lease.token)
@@ -761,6 +780,38 @@ class Refresher:
             return _Attempt(claim, stored, _Skip.DEFERRED, now)
         return None
 
+    async def _spend(
+        self, claim: Claim, stored: StoredCredential, request: BudgetRequest
+    ) -> _Attempt | None:
+        """Take one slot of the connection's token-endpoint budget before one request
+        (:mod:`.budget`): ``None`` when granted, else the attempt that ends here -- deferred
+        to when the slot frees, or, when the budget cannot be read, nothing sent and
+        presenting stopped (an unreadable budget is a store failure, never a grant)."""
+        cid = claim.lease.connection_id
+        if self._committing is not None:
+            await self._committing.wait()
+        now = self.clock.now()
+        if self._halt:
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        try:
+            decision = await self._store(
+                "take budget", self.state.take_budget, request.key, limit=request.limit,
+                window=request.window, now=now, cost=request.cost,
+            )  # fmt: skip
+        except TokenBrokerError as error:
+            self.log.error(
+                "token-endpoint budget unavailable: presenting stopped",
+                connection_id=cid,
+                error_code=error.code,
+            )
+            self._halting(error)
+            return _Attempt(claim, stored, _Skip.DEFERRED, now)
+        if decision.granted:
+            return None
+        deferral = defer(claim.record.state, request, decision, now)
+        report(deferral, cid, self.log)
+        return _Attempt(claim, stored, deferral, now)
+
     @staticmethod
     def _salvage(stored: StoredCredential, error: TokenBrokerError) -> Credential | None:
         """The credential to keep from a rejected answer that carried a new refresh token."""
@@ -929,8 +980,8 @@ class Refresher:
             return _succeeded(result, attempt.staged, attempt.attempted_at)
         if isinstance(result, _Settled) and attempt.stored is not None:
             return _succeeded(attempt.stored.credential, attempt.stored.version, now)
-        if isinstance(result, _Wait):
-            return AtRisk(result.intent, result.until, attempt.attempted_at, attempt.version)
+        if isinstance(result, _Wait | BudgetDeferral):
+            return _not_presented(attempt, result)
         if not isinstance(result, TokenBrokerError):
             return None
         return self._failure(attempt, result, now)
@@ -1054,6 +1105,15 @@ class Refresher:
 _NO = Intent("", None, 0)
 
 
+def _not_presented(attempt: _Attempt, result: _Wait | BudgetDeferral) -> Outcome:
+    """The outcome of an attempt that presented nothing: waiting for an unknown outcome's
+    last chance, or deferred by a spent token-endpoint budget."""
+    if isinstance(result, _Wait):
+        return AtRisk(result.intent, result.until, attempt.attempted_at, attempt.version)
+    assert result.state.next_refresh_at is not None  # noqa: S101 - defer() sets it
+    return Deferred(result.state.next_refresh_at, at_risk=result.kind is DeferralKind.AT_RISK)
+
+
 def _succeeded(credential: Credential, version: int, attempted_at: datetime) -> Succeeded:
     # next_credential() stamps both times on every credential it returns.
     assert credential.obtained_at is not None  # noqa: S101
@@ -1066,6 +1126,11 @@ def _count(summary: TickSummary, outcome: Outcome, events: Sequence[ConnectionEv
         summary.refreshed += 1
     elif isinstance(outcome, AtRisk):
         summary.at_risk += 1
+    elif isinstance(outcome, Deferred):
+        summary.deferred += 1
+        summary.over_budget += 1
+        if outcome.at_risk:
+            summary.over_budget_at_risk += 1
     else:
         summary.failed[outcome.failure_class] += 1
         if not isinstance(outcome, FailedPermanent) and outcome.salvaged is not None:

@@ -59,6 +59,7 @@ from tokenbroker.kernel.schedule import RefreshPolicy
 __all__ = [
     "LAST_CHANCE",
     "AtRisk",
+    "Deferred",
     "Failed",
     "FailedInternal",
     "FailedPermanent",
@@ -160,8 +161,18 @@ class AtRisk:
     failed_now: bool = False
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """Nothing was sent: a token-endpoint budget was spent (:mod:`.budget`). Only when the
+    next refresh is due changes -- no failure is counted, no error recorded, no event."""
+
+    next_refresh_at: datetime
+    #: The slot frees only after the last safe moment before expiry (alerted).
+    at_risk: bool = False
+
+
 Failed = FailedTransient | FailedInternal | FailedPermanent
-Outcome = Succeeded | FailedTransient | FailedInternal | FailedPermanent | AtRisk
+Outcome = Succeeded | FailedTransient | FailedInternal | FailedPermanent | AtRisk | Deferred
 
 
 class Plan(enum.Enum):
@@ -248,6 +259,9 @@ def transition(
             return _failed(claim, outcome, now, policy, rng)
         case AtRisk():
             return _at_risk(claim, outcome, now)
+        case Deferred():
+            state = replace(claim.record.state, next_refresh_at=outcome.next_refresh_at)
+            return Transition(state, ())
         case _:
             assert_never(outcome)
 

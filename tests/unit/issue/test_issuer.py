@@ -268,3 +268,28 @@ def test_a_narrowing_refresh_of_a_disabled_connection_sends_nothing(world: World
     with pytest.raises(NeedsReauth):
         world.issue({"connection": "gmail", "scopes": ["read"]})
     assert world.server.requests["refresh_token"] == 0
+
+
+def test_a_narrowing_refresh_spends_the_token_endpoint_budget_the_refresher_spends(
+    world: World,
+) -> None:
+    """Issue 8, item 8: every path that sends a token request spends the provider's budget,
+    through the same state store. Over it, the caller is asked to come back when the slot
+    frees (503 with Retry-After), and nothing is sent."""
+    from tokenbroker.oauth.profiles import BudgetScope, TokenEndpointBudget
+
+    profiles = dict(world.issuer.profiles)
+    profiles["google"] = replace(
+        profiles["google"],
+        budget=TokenEndpointBudget(requests=1, per_seconds=600, scope=BudgetScope.REFRESH_TOKEN),
+    )
+    world.issuer.profiles = profiles
+    assert world.issue({"connection": "gmail", "scopes": ["read"]}).scope == ("read",)
+    with pytest.raises(CredentialUnavailable) as spent:
+        world.issue({"connection": "gmail", "scopes": ["send"]})
+    assert world.server.requests["refresh_token"] == 1
+    assert spent.value.retry_after is not None and 590 <= spent.value.retry_after <= 600
+    assert http_answer(spent.value, public=True).status == 503
+    # The lease was given back: the refresher is not blocked by a denied caller.
+    after = world.state.claim(["gmail"], world.clock.now(), holder="x", ttl=timedelta(60))
+    assert [c.lease.connection_id for c in after.claims] == ["gmail"]
