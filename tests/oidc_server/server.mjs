@@ -29,7 +29,10 @@
 //
 // Test-control endpoints (JSON): POST/DELETE/GET /test/faults, GET /test/stats,
 // POST /test/stats/reset, POST /test/latency {ms}, POST /test/service-accounts
-// {client_email, public_jwk}.
+// {client_email, public_jwk}, POST /test/grants {client_id, count, scope} (consent without the
+// browser round trips, for suites that need hundreds of connections), POST
+// /test/refresh-tokens {refresh_tokens: [...]} (is each still accepted? the fault suite's
+// test for a lost connection; never consumes anything).
 
 import { appendFileSync, readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -221,6 +224,9 @@ for (const event of ['grant.error', 'revocation.error', 'introspection.error', '
       + `(${err.error_detail ?? err.message})`);
   });
 }
+// The refresh_token grant's reuse detection (lib/actions/grants/refresh_token.js): a consumed
+// token is destroyed and its grant revoked, then this InvalidGrant is thrown.
+const REUSE_DETAIL = 'refresh token already used';
 
 // ---------------------------------------------------------------------------------------------
 // RFC 7523 JWT bearer grant (as Google's token endpoint implements it for service accounts)
@@ -317,12 +323,18 @@ function freshStats() {
     responses_by_status: {}, // "200" -> count (including injected faults)
     invalid_grant: 0, // responses whose JSON error is invalid_grant
     faults_served: 0,
+    // invalid_grant answers caused by presenting a refresh token that was already consumed
+    // (oidc-provider then revokes the whole grant): the figure a racing refresher drives up.
+    refresh_token_reuse: 0,
     in_flight: 0, // POST /token requests being handled right now
     max_in_flight: 0, // highest concurrency seen since the last reset
   };
 }
 let stats = freshStats();
 let faults = [];
+provider.on('grant.error', (ctx, err) => {
+  if (err.error_detail === REUSE_DETAIL) stats.refresh_token_reuse += 1;
+});
 
 function bump(map, key) {
   map[key] = (map[key] ?? 0) + 1;
@@ -477,6 +489,80 @@ provider.use(async (ctx, next) => {
       }
       serviceAccounts.set(body.client_email, body.public_jwk);
       ctx.body = { service_accounts: serviceAccounts.size };
+      return undefined;
+    }
+    case 'POST /test/grants': {
+      // {client_id, count, scope}: what the non-interactive code flow below ends in (a Grant for
+      // the test account with the OIDC and API scopes, and a rotating refresh token bound to
+      // it, as grant_common.js issues it for authorization_code), minus six HTTP round trips
+      // per consent.  The tokens go to the ledger like every other issued token.
+      const body = await readJson(ctx);
+      const client = await provider.Client.find(String(body.client_id ?? ''));
+      const count = Number(body.count ?? 1);
+      if (!client || !client.grantTypeAllowed('refresh_token')
+        || !Number.isInteger(count) || count < 1 || count > 10000) {
+        ctx.status = 400;
+        ctx.body = { error: 'invalid_request', error_description: 'a refresh_token client and 1..10000 count required' };
+        return undefined;
+      }
+      const scopes = String(body.scope ?? 'openid offline_access api:read').split(/\s+/);
+      const oidcScope = scopes.filter((s) => !s.startsWith('api:')).join(' ');
+      const apiScope = scopes.filter((s) => s.startsWith('api:')).join(' ');
+      const issued = [];
+      for (let i = 0; i < count; i += 1) {
+        const grant = new provider.Grant({ accountId: TEST_ACCOUNT, clientId: client.clientId });
+        grant.addOIDCScope(oidcScope);
+        if (apiScope) grant.addResourceScope(API_RESOURCE, apiScope);
+        const grantId = await grant.save();
+        const token = new provider.RefreshToken({
+          accountId: TEST_ACCOUNT,
+          authTime: Math.floor(Date.now() / 1000),
+          claims: {},
+          client,
+          expiresWithSession: false,
+          grantId,
+          gty: 'authorization_code',
+          resource: apiScope ? API_RESOURCE : undefined,
+          rotations: 0,
+          scope: scopes.join(' '),
+        });
+        issued.push(await token.save());
+      }
+      appendFileSync(LEDGER, `${issued.join('\n')}\n`);
+      ctx.body = { refresh_tokens: issued };
+      return undefined;
+    }
+    case 'POST /test/refresh-tokens': {
+      // {refresh_tokens: [...]} -> {tokens: [{found, consumed, expired, grant, active, ...}]}:
+      // would the provider accept each token now?  `active` is what the refresh_token grant
+      // checks (found, not consumed, not expired, grant not revoked); nothing is consumed.
+      const body = await readJson(ctx);
+      const values = Array.isArray(body.refresh_tokens) ? body.refresh_tokens : [];
+      const tokens = [];
+      for (const value of values) {
+        const token = typeof value === 'string' && value
+          ? await provider.RefreshToken.find(value, { ignoreExpiration: true })
+          : undefined;
+        if (!token) {
+          tokens.push({ found: false, consumed: false, expired: false, grant: false, active: false });
+          continue;
+        }
+        const grant = await provider.Grant.find(token.grantId);
+        const consumed = Boolean(token.consumed);
+        const expired = Boolean(token.isExpired);
+        tokens.push({
+          found: true,
+          consumed,
+          expired,
+          grant: Boolean(grant),
+          active: !consumed && !expired && Boolean(grant),
+          rotations: token.rotations ?? 0,
+          gty: token.gty,
+          scope: token.scope,
+          resource: token.resource ?? null,
+        });
+      }
+      ctx.body = { tokens };
       return undefined;
     }
     case 'POST /test/latency': {
