@@ -26,6 +26,7 @@
 //   jwtBearerClientId  optional; id of the public client used for JWT bearer requests
 //   strictClientAuthMethod  default true: a client must authenticate with its registered
 //                    token_endpoint_auth_method (basic vs post), see clientAuthMismatch()
+//   storeSize        entries the in-memory store keeps (default 5,000,000; see `storage`)
 //
 // Test-control endpoints (JSON): POST/DELETE/GET /test/faults, GET /test/stats,
 // POST /test/stats/reset, POST /test/latency {ms}, POST /test/service-accounts
@@ -39,6 +40,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import * as jose from 'jose';
 import Provider, { errors } from 'oidc-provider';
+import MemoryAdapter from 'oidc-provider/lib/adapters/memory_adapter.js';
+import LRU from 'oidc-provider/lib/helpers/lru.js';
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -104,7 +107,14 @@ if (!clients.some((c) => c.client_id === JWT_BEARER_CLIENT_ID)) {
 // Provider
 // ---------------------------------------------------------------------------------------------
 
+// oidc-provider's default in-memory adapter keeps only the 1,000 most recent entries (tokens,
+// grants, sessions...) and silently forgets the rest: past a few hundred refreshes a live
+// refresh token would be "not found" (invalid_grant) as if it had been revoked.  The same
+// adapter over a store that large forgets nothing a test can issue.
+const storage = new LRU({ maxSize: Number(config.storeSize ?? 5_000_000) });
+
 const provider = new Provider(ISSUER, {
+  adapter: (model) => new MemoryAdapter(model, storage),
   clients,
   jwks: config.jwks,
   // Cookies carry the login/consent interaction state across redirects; any fixed key will do.

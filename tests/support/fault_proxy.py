@@ -396,6 +396,7 @@ class FaultProxy:
         self._queue: deque[Fault] = deque()
         self._by_lineage: dict[str, deque[Fault]] = {}
         self._every: Fault | None = None
+        self._latency = 0.0
         self._random: tuple[float, Sequence[Fault], random.Random] | None = None
         self._in_flight_limit: int | None = None
         self._backlog = 0
@@ -462,6 +463,11 @@ class FaultProxy:
         with self._lock:
             self._every = fault
 
+    def latency(self, seconds: float) -> None:
+        """The provider's own processing time, added before forwarding every request (not a
+        fault: it keeps requests on the wire long enough for a kill to catch some there)."""
+        self._latency = seconds
+
     def randomly(self, rate: float, faults: Sequence[Fault], seed: int = 0) -> None:
         """Each otherwise unscripted request gets one of ``faults`` with probability ``rate``."""
         with self._lock:
@@ -485,6 +491,7 @@ class FaultProxy:
             self._by_lineage.clear()
             self._every = None
             self._random = None
+        self._latency = 0.0
         self.capacity(None)
 
     def pending(self) -> int:
@@ -542,6 +549,8 @@ class FaultProxy:
             return await self._local(request, exchange, fault)
         if fault is not None and fault.kind == "slow_before":
             await asyncio.sleep(fault.seconds)
+        if self._latency > 0:
+            await asyncio.sleep(self._latency)
         status_code, headers, body = await self._forward(request, raw)
         parsed = _json_object(body)
         new_token = self.ledger._upstream(exchange, presented, status_code, parsed)

@@ -1030,6 +1030,9 @@ class SecretManagerTestServer:
         self._calls: collections.Counter[str] = collections.Counter()
         self._calls_lock = threading.Lock()
         self._clients: list[secretmanager_v1.SecretManagerServiceClient] = []
+        #: Called as ``observer(method, request, response)`` after every successful call, in
+        #: the handler thread (the fault suite times when each answer first reached a write).
+        self.observers: list[Callable[[str, Any, Any], None]] = []
 
     @property
     def calls(self) -> collections.Counter[str]:
@@ -1048,9 +1051,12 @@ class SecretManagerTestServer:
             with self._calls_lock:
                 self._calls[method] += 1
             try:
-                return implementation(request)
+                response = implementation(request)
             except RpcError as error:
                 context.abort(error.code, error.message)
+            for observer in self.observers:
+                observer(method, request, response)
+            return response
 
         return handle
 
