@@ -242,7 +242,8 @@ class Exchange:
     generation: int | None
     presented: str | None
     fault: str | None = None
-    #: The presented token had been consumed already: a replay the provider punishes.
+    #: The presented token had been consumed already, or another request was presenting it at
+    #: the same time: a replay the provider punishes.
     reuse: bool = False
     forwarded: bool = False
     upstream_status: int | None = None
@@ -266,6 +267,7 @@ class Ledger:
         self._tokens: dict[str, tuple[str, int]] = {}
         self._latest: dict[str, tuple[str, int]] = {}
         self._consumed: set[str] = set()
+        self._presenting: Counter[str] = Counter()
         self._delivered_at: dict[str, float] = {}
         self.exchanges: list[Exchange] = []
 
@@ -305,10 +307,21 @@ class Ledger:
                 lineage=lineage[0] if lineage else None,
                 generation=lineage[1] if lineage else None,
                 presented=fingerprint(refresh_token) if refresh_token else None,
-                reuse=refresh_token in self._consumed if refresh_token else False,
+                # Consumed already, or being presented by another request right now (the
+                # provider serialises the two: one of them is a replay).
+                reuse=bool(refresh_token)
+                and (refresh_token in self._consumed or self._presenting[refresh_token] > 0),
             )
             self.exchanges.append(exchange)
             return exchange
+
+    def _presented(self, refresh_token: str | None, delta: int) -> None:
+        """A presentation of ``refresh_token`` reaches the provider (+1) or is answered (-1)."""
+        if refresh_token:
+            with self._lock:
+                self._presenting[refresh_token] += delta
+                if self._presenting[refresh_token] <= 0:
+                    del self._presenting[refresh_token]
 
     def _upstream(
         self, exchange: Exchange, presented: str | None, status: int, body: Mapping[str, Any]
@@ -549,11 +562,15 @@ class FaultProxy:
             return await self._local(request, exchange, fault)
         if fault is not None and fault.kind == "slow_before":
             await asyncio.sleep(fault.seconds)
-        if self._latency > 0:
-            await asyncio.sleep(self._latency)
-        status_code, headers, body = await self._forward(request, raw)
-        parsed = _json_object(body)
-        new_token = self.ledger._upstream(exchange, presented, status_code, parsed)
+        self.ledger._presented(presented, +1)
+        try:
+            if self._latency > 0:
+                await asyncio.sleep(self._latency)
+            status_code, headers, body = await self._forward(request, raw)
+            parsed = _json_object(body)
+            new_token = self.ledger._upstream(exchange, presented, status_code, parsed)
+        finally:
+            self.ledger._presented(presented, -1)
         if fault is None or fault.kind in {"passthrough", "slow_before"}:
             return await self._answer(
                 request, exchange, status_code, headers, body, carried=new_token
