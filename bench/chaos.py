@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support.chaos_suite import FULL, QUICK, SCENARIOS, run_suite  # noqa: E402
+
 from tokenbroker.kernel.log import configure_logging  # noqa: E402
 
 

@@ -82,13 +82,13 @@ _EXPECTED_TO_FAIL = {
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=_EXPECTED_TO_FAIL[c]) if c in _EXPECTED_TO_FAIL else c
-        for c in PROVIDER_FAULTS
-    ],  # fmt: skip
-)
+_CASES = [
+    pytest.param(c, marks=_EXPECTED_TO_FAIL[c]) if c in _EXPECTED_TO_FAIL else c
+    for c in PROVIDER_FAULTS
+]
+
+
+@pytest.mark.parametrize("case", _CASES)
 def test_provider_fault(suite: SuiteResult, case: str) -> None:
     """No crash, the control connection of the same tick unaffected, the right class, the
     stored credential never overwritten by a bad answer, retries bounded, nothing lost."""
