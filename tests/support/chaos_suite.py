@@ -374,17 +374,20 @@ def _nth(point: str, group: int) -> int:
 def kill_points(ctx: Context, backend: str) -> list[ScenarioResult]:
     points = ctx.size.kill_points_gcp if backend == "gcp" else ctx.size.kill_points_embedded
     result = ScenarioResult(f"kill_points[{backend}]", backend)
-    # One request at a time, each a second on the wire, commits far quicker: where a kill
-    # lands is then the same on every run (the connection answered at ``answer.received``;
-    # one request on the wire at a commit boundary), on a loaded machine too.
-    deployment = ctx.deployment(backend, f"kills-{backend}", Options(concurrency=1))
+    # The killed refreshers send one request at a time, each a second on the wire, and commit
+    # far quicker: where a kill lands is then the same on every run (the connection answered
+    # at ``answer.received``; one request on the wire at a commit boundary), on a loaded
+    # machine too. The clean ticks after them run at the deployment's concurrency.
+    deployment = ctx.deployment(backend, f"kills-{backend}", Options(concurrency=16))
     deployment.proxy.latency(1.0)
     groups = {p: deployment.seed(_slug(p), ctx.size.kill_group) for p in points}
     kills: list[Kill] = []
 
     def start(point: str) -> Running:
         ids = groups[point]
-        return deployment.start_tick(ids, failpoints=f"{point}:{_nth(point, len(ids))}")
+        return deployment.start_tick(
+            ids, failpoints=f"{point}:{_nth(point, len(ids))}", TOKENBROKER_CONCURRENCY="1"
+        )
 
     # All at once, one process per boundary, each on its own connections.
     with ThreadPoolExecutor(len(groups)) as pool:
@@ -396,6 +399,7 @@ def kill_points(ctx: Context, backend: str) -> list[ScenarioResult]:
             result.notes.setdefault("not_landed", []).append(point)
         log(f"{result.name}: {point}: {'killed' if outcome.killed else 'did not land'}")
     everything = [cid for ids in groups.values() for cid in ids]
+    deployment.proxy.latency(0.0)
     right_after = time.time()
     deployment.tick(everything)
     presented = {e.lineage for e in deployment.proxy.ledger.select(everything, since=right_after)}
