@@ -33,7 +33,6 @@ import os
 import re
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,11 +48,11 @@ from typing import Any
 
 import httpx
 
-from tests.support.fault_proxy import Exchange, FaultProxy, Ledger, TcpProxy
+from tests.support.fault_proxy import FaultProxy, Ledger, TcpProxy
 from tests.support.oidc import RT_BASIC_ID, RT_BASIC_SECRET, OidcServer, free_port
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
 from tokenbroker.entrypoints.settings import Settings
-from tokenbroker.kernel.errors import NotFound, TokenBrokerError
+from tokenbroker.kernel.errors import TokenBrokerError
 from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
@@ -949,10 +948,6 @@ def rotations(ledger: Ledger, ids: Iterable[str], since: float | None = None) ->
     return sum(1 for e in ledger.select(ids, since) if e.rotated)
 
 
-def exchanges(ledger: Ledger, ids: Iterable[str], since: float | None = None) -> list[Exchange]:
-    return ledger.select(ids, since)
-
-
 _TOKENISH = re.compile(rb"[A-Za-z0-9_\-\.~+/]{20,}")
 
 
@@ -986,10 +981,6 @@ def workspace(base: Path | None = None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 __all__ = [
     "ANSWERED",
     "DURABLE",
@@ -1000,7 +991,6 @@ __all__ = [
     "EmbeddedDeployment",
     "GcpDeployment",
     "Kill",
-    "NotFound",
     "Options",
     "Proc",
     "Provider",

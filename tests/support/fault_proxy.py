@@ -353,6 +353,13 @@ class Ledger:
             with self._lock:
                 self._delivered_at[carried] = exchange.answered_at or time.time()
 
+    def _undelivered(self, exchange: Exchange, carried: str | None) -> None:
+        exchange.delivered = False
+        exchange.answered_at = None
+        if carried is not None:
+            with self._lock:
+                self._delivered_at.pop(carried, None)
+
     # -- figures -------------------------------------------------------------------------------
 
     def select(
@@ -661,14 +668,15 @@ class FaultProxy:
             exchange.client_gone = True
             return web.Response(status=code, body=body, headers=headers)
         response = web.Response(status=code, body=body, headers=headers)
+        # Booked before the bytes leave, so whoever reads the answer finds the ledger current.
+        exchange.answered_at = time.time()
+        self.ledger._delivered(exchange, carried)
         try:
             await response.prepare(request)
             await response.write_eof()
         except (ConnectionError, RuntimeError):
             exchange.client_gone = True
-            return response
-        exchange.answered_at = time.time()
-        self.ledger._delivered(exchange, carried)
+            self.ledger._undelivered(exchange, carried)
         return response
 
     def _drop(self, request: web.Request, exchange: Exchange, how: str) -> web.StreamResponse:

@@ -12,11 +12,17 @@ request kept on the wire, a lease outlived by a pause...), so none can pass by a
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
 
+from tests.support import fault_proxy as fp
 from tests.support.chaos import ON_THE_WIRE, ScenarioResult
 from tests.support.chaos_suite import PROVIDER_FAULTS, QUICK, SuiteResult, run_suite
-from tests.support.oidc import node_skip_reason
+from tests.support.oidc import RT_BASIC_ID, RT_BASIC_SECRET, OidcServer, node_skip_reason
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
 
@@ -44,6 +50,122 @@ def scenario(suite: SuiteResult, name: str) -> ScenarioResult:
 
 def failed(result: ScenarioResult, prefix: str = "") -> list[str]:
     return [name for name, held in result.checks.items() if name.startswith(prefix) and not held]
+
+
+# -- the instrument ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(oidc: OidcServer) -> Iterator[fp.FaultProxy]:
+    with fp.FaultProxy(oidc.token_url) as started:
+        yield started
+
+
+def present(proxy: fp.FaultProxy, token: str, timeout: float = 3.0) -> int | str:
+    """One refresh through the proxy: the status, or the transport error's name."""
+    try:
+        response = httpx.post(
+            proxy.token_url,
+            data={"grant_type": "refresh_token", "refresh_token": token},
+            auth=(RT_BASIC_ID, RT_BASIC_SECRET),
+            timeout=timeout,
+        )
+    except httpx.TransportError as error:
+        return type(error).__name__
+    return response.status_code
+
+
+def test_local_faults_consume_nothing_and_forwarded_ones_rotate_unseen(
+    oidc: OidcServer, proxy: fp.FaultProxy
+) -> None:
+    """What the suite's verdicts rest on: a fault answered by the proxy leaves the refresh
+    token good; one applied after forwarding leaves it consumed, its successor issued (and
+    alive) but never delivered."""
+    local = [fp.timeout_before(0.8), fp.reset(), fp.status(503, retry_after="1"),
+             fp.rate_limited(), fp.malformed_json(), fp.html_200(), fp.error_200()]  # fmt: skip
+    forwarded = [fp.timeout_after(0.8), fp.reset(after=True), fp.html_200(after=True),
+                 fp.malformed_json(after=True)]  # fmt: skip
+    tokens = oidc.mint_refresh_tokens(len(local) + len(forwarded))
+    for index, (fault, token) in enumerate(zip(local + forwarded, tokens, strict=True)):
+        proxy.ledger.track(f"c{index}", token)
+        proxy.script_for(f"c{index}", [fault])
+        present(proxy, token, timeout=0.4)
+    time.sleep(1.0)  # the held answers are dropped after 0.8 s
+    statuses = oidc.refresh_token_status(tokens)
+    assert [s["active"] for s in statuses] == [True] * len(local) + [False] * len(forwarded)
+    assert all(s["consumed"] and s["grant"] for s in statuses[len(local) :])
+    summary = proxy.ledger.summary()
+    assert summary["faults"] == len(local) + len(forwarded)
+    assert summary["accepted"] == summary["undelivered_rotations"] == len(forwarded)
+    issued = [proxy.ledger.latest(f"c{i}") for i in range(len(local), len(tokens))]
+    assert all(latest is not None and latest[1] == 1 for latest in issued)
+    assert all(s["active"] for s in oidc.refresh_token_status([t for t, _ in issued if t]))
+
+
+def test_a_replay_is_counted_and_revokes_the_grant(oidc: OidcServer, proxy: fp.FaultProxy) -> None:
+    token = oidc.mint_refresh_tokens(1)[0]
+    proxy.ledger.track("c", token)
+    assert present(proxy, token) == 200
+    latest = proxy.ledger.latest("c")
+    assert latest is not None and latest[1] == 1
+    assert proxy.ledger.delivered_at(latest[0]) is not None
+    assert present(proxy, token) == 400
+    summary = proxy.ledger.summary(["c"])
+    assert (summary["presented"], summary["accepted"], summary["reuse"]) == (2, 1, 1)
+    assert summary["invalid_grant"] == 1
+    assert oidc.stats()["refresh_token_reuse"] == 1
+    # oidc-provider revoked the grant: the rotated token is gone with it.
+    assert [s["found"] for s in oidc.refresh_token_status([token, latest[0]])] == [False, False]
+
+
+def test_a_rewritten_answer_still_carries_the_rotated_token(
+    oidc: OidcServer, proxy: fp.FaultProxy
+) -> None:
+    token = oidc.mint_refresh_tokens(1)[0]
+    proxy.ledger.track("c", token)
+    proxy.script_for("c", [fp.expires_in("Infinity")])
+    response = httpx.post(
+        proxy.token_url,
+        data={"grant_type": "refresh_token", "refresh_token": token},
+        auth=(RT_BASIC_ID, RT_BASIC_SECRET),
+    )
+    assert '"expires_in": Infinity' in response.text
+    latest = proxy.ledger.latest("c")
+    assert latest is not None and latest[0] in response.text
+    assert proxy.ledger.summary()["undelivered_rotations"] == 0
+
+
+def test_an_overloaded_provider_refuses_beyond_its_backlog(
+    oidc: OidcServer, proxy: fp.FaultProxy
+) -> None:
+    tokens = oidc.mint_refresh_tokens(4)
+    proxy.capacity(1, backlog=1)
+    proxy.latency(0.5)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda t: present(proxy, t), tokens))
+    assert sorted(map(str, answers)).count("200") == 2
+    assert sum(1 for e in proxy.ledger.exchanges if e.answer == "refused") == 2
+
+
+def test_the_tcp_proxy_slows_holds_and_cuts(oidc: OidcServer) -> None:
+    tcp = fp.TcpProxy(f"127.0.0.1:{oidc.port}").start()
+    url = f"http://{tcp.address}/jwks"
+    try:
+        assert httpx.get(url).status_code == 200
+        tcp.set_mode("delay", 0.3)
+        started = time.monotonic()
+        assert httpx.get(url).status_code == 200
+        assert time.monotonic() - started >= 0.6  # each way
+        tcp.set_mode("blackhole")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(url, timeout=0.5)
+        tcp.set_mode("down")
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, timeout=2)
+        tcp.set_mode("pass")
+        assert httpx.get(url).status_code == 200
+    finally:
+        tcp.stop()
 
 
 def test_the_suite_counts_what_it_promises_and_leaks_nothing(suite: SuiteResult) -> None:
