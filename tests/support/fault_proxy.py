@@ -4,28 +4,25 @@ endpoint and a TCP proxy in front of the stores' gRPC servers.
 :class:`FaultProxy` forwards ``POST /token`` to the real provider and applies a scripted fault
 per request, chosen in this order: a fault queued for the connection the refresh token belongs
 to (:meth:`FaultProxy.script_for`), a fault from the global queue (:meth:`FaultProxy.script`),
-a random fault (:meth:`FaultProxy.randomly`), the standing fault (:meth:`FaultProxy.every`).
+the standing fault (:meth:`FaultProxy.every`).
 A fault either answers without the provider seeing the request (nothing is consumed: the
 refresh token presented stays good) or runs *after* forwarding (the provider has rotated the
 refresh token; what the client gets is the fault). That difference is the whole point:
 
-=======================  ========================================================  =========
-fault                    what the client sees                                      forwarded
-=======================  ========================================================  =========
-``timeout_before``       nothing for ``seconds``, then the connection closes       no
-``timeout_after``        nothing for ``seconds``, then the connection closes       yes
-``reset``                a TCP reset (SO_LINGER 0) instead of an answer             ``after``
-``status``               500/502/503/429..., optional ``Retry-After`` and body      no
-``malformed_json``       HTTP 200, a truncated JSON object                          ``after``
-``html_200``             HTTP 200, an HTML maintenance page                         ``after``
-``error_200``            HTTP 200, ``{"error": ...}`` (plus the real tokens when    ``with_tokens``
-                         ``with_tokens``, as providers that answer 200 for errors)
-``rewrite``              the provider's real answer with one field replaced by raw  yes
-                         JSON text (``Infinity``, ``1e15``) or removed
-``slow``                 the provider's real answer, ``seconds`` late               yes
-``slow_before``          the request reaches the provider ``seconds`` late          yes
-``passthrough``          no fault (takes a queue slot, to aim later faults)         yes
-=======================  ========================================================  =========
+* ``timeout_before(s)``: nothing for ``s`` seconds, then the connection closes (not forwarded);
+* ``timeout_after(s)``: forwarded, then nothing for ``s`` seconds and the connection closes;
+* ``reset(after=)``: a TCP reset (SO_LINGER 0) instead of an answer;
+* ``status(code, retry_after=, body=)``: 500/502/503/429..., not forwarded;
+* ``malformed_json(after=)``, ``html_200(after=)``: an HTTP 200 that is no token response;
+* ``error_200(error, with_tokens=)``: HTTP 200 with ``{"error": ...}``; ``with_tokens``: the
+  provider's real answer (its rotated refresh token included) with the error added;
+* ``rewrite(field, raw)`` / ``expires_in(raw)``: the real answer with one field replaced by
+  raw JSON text (``Infinity``, ``1e15``, ``"soon"``) or removed (``None``);
+* ``slow(s)``: the real answer ``s`` seconds late (past the lease, if long enough);
+  ``slow_before(s)``: the request reaches the provider ``s`` seconds late;
+* ``passthrough()``: no fault (takes a queue slot, to aim later faults).
+
+``latency(s)`` is the provider's own processing time, added to every request (not a fault).
 
 ``capacity(in_flight, backlog)`` models an overloaded provider with a small accept queue: at
 most ``in_flight`` requests reach it at once, ``backlog`` more wait, and the rest are reset.
@@ -54,15 +51,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import random
 import socket
 import struct
 import threading
 import time
 import urllib.parse
 from collections import Counter, deque
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -417,7 +413,6 @@ class FaultProxy:
         self._by_lineage: dict[str, deque[Fault]] = {}
         self._every: Fault | None = None
         self._latency = 0.0
-        self._random: tuple[float, Sequence[Fault], random.Random] | None = None
         self._in_flight_limit: int | None = None
         self._backlog = 0
         self._waiting = 0
@@ -488,11 +483,6 @@ class FaultProxy:
         fault: it keeps requests on the wire long enough for a kill to catch some there)."""
         self._latency = seconds
 
-    def randomly(self, rate: float, faults: Sequence[Fault], seed: int = 0) -> None:
-        """Each otherwise unscripted request gets one of ``faults`` with probability ``rate``."""
-        with self._lock:
-            self._random = (rate, list(faults), random.Random(seed)) if rate > 0 else None
-
     def capacity(self, in_flight: int | None, backlog: int = 0) -> None:
         """At most ``in_flight`` requests at the provider, ``backlog`` waiting, the rest reset
         (``None``: unlimited)."""
@@ -510,7 +500,6 @@ class FaultProxy:
             self._queue.clear()
             self._by_lineage.clear()
             self._every = None
-            self._random = None
         self._latency = 0.0
         self.capacity(None)
 
@@ -525,10 +514,6 @@ class FaultProxy:
                 return queue.popleft()
             if self._queue:
                 return self._queue.popleft()
-            if self._random is not None:
-                rate, faults, rng = self._random
-                if rng.random() < rate:
-                    return rng.choice(faults)
             return self._every
 
     # -- the handler ---------------------------------------------------------------------------
@@ -854,11 +839,6 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     transport.abort()
 
 
-def with_seconds(fault: Fault, seconds: float) -> Fault:
-    """The same fault with another duration (sizes differ between CI and the full run)."""
-    return replace(fault, seconds=seconds)
-
-
 __all__ = [
     "Exchange",
     "Fault",
@@ -880,5 +860,4 @@ __all__ = [
     "status",
     "timeout_after",
     "timeout_before",
-    "with_seconds",
 ]

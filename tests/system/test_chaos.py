@@ -102,6 +102,24 @@ def test_local_faults_consume_nothing_and_forwarded_ones_rotate_unseen(
     assert all(s["active"] for s in oidc.refresh_token_status([t for t, _ in issued if t]))
 
 
+def test_scripted_faults_come_before_the_standing_one(
+    oidc: OidcServer, proxy: fp.FaultProxy
+) -> None:
+    first, second = oidc.mint_refresh_tokens(2)
+    proxy.ledger.track("a", first)
+    proxy.every(fp.status(503))
+    proxy.script_for("a", [fp.rate_limited("1")])
+    proxy.script([fp.status(500)])
+    assert [present(proxy, first), present(proxy, second), present(proxy, second)] == [
+        429,
+        500,
+        503,
+    ]
+    proxy.every(None)
+    assert present(proxy, second) == 200
+    assert proxy.pending() == 0
+
+
 def test_a_replay_is_counted_and_revokes_the_grant(oidc: OidcServer, proxy: fp.FaultProxy) -> None:
     token = oidc.mint_refresh_tokens(1)[0]
     proxy.ledger.track("c", token)
