@@ -488,8 +488,9 @@ def sigstop_past_lease(ctx: Context) -> list[ScenarioResult]:
     # Every first attempt at once, so the pause catches all of them in their backoff.
     deployment = ctx.embedded("sigstop", Options(concurrency=group, retry_base_delay=3.0))
     ids = deployment.seed("stop", group)
+    # Retry-After makes every backoff last at least 5 s: the pause lands inside all of them.
     for cid in ids:
-        deployment.proxy.script_for(cid, [fp.status(503)])
+        deployment.proxy.script_for(cid, [fp.status(503, retry_after="5")])
     first = deployment.launcher("--lease-ttl", str(SHORT_LEASE), *ids, what="paused")
     wait_until(lambda: _first_attempts_done(deployment, ids), 60)
     stopped_at = first.signal(signal.SIGSTOP)
@@ -512,13 +513,16 @@ def answer_past_lease(ctx: Context) -> list[ScenarioResult]:
     group = ctx.size.stale_group
     deployment = ctx.embedded("late-answer", Options(concurrency=group, http_timeout=120.0))
     ids = deployment.seed("late", group)
-    delay = SHORT_LEASE + 6
+    # The answers arrive well after the lease ran out and the next refresher started (its
+    # process start included, on a loaded machine).
+    delay = SHORT_LEASE + 25
     for cid in ids:
         deployment.proxy.script_for(cid, [fp.slow(delay)])
-    started = time.time()
     first = deployment.launcher("--lease-ttl", str(SHORT_LEASE), *ids, what="slow-holder")
     wait_until(lambda: _first_attempts_done(deployment, ids), 60)
-    _wait_lease(started, SHORT_LEASE)
+    # The claim came just before the first request: the lease ends by then + its TTL.
+    sent = min(e.started_at for e in deployment.proxy.ledger.select(ids))
+    _wait_lease(sent, SHORT_LEASE)
     takeover = time.time()
     second = deployment.tick(ids)
     first.wait(180)
