@@ -84,6 +84,8 @@ KILL_POINTS = (
 NOT_SENT = "not_sent"
 ON_THE_WIRE = "on_the_wire"
 ANSWERED = "answered_not_durable"
+#: The kill points with a request or its answer on the wire: what they catch cannot be durable.
+ANSWER_ON_THE_WIRE = ("request.sent", "answer.received")
 DURABLE = "durable"
 STAGES = (NOT_SENT, ON_THE_WIRE, ANSWERED, DURABLE)
 
@@ -622,6 +624,10 @@ class Deployment:
         registry = self.runtime.registry()
         for connection, credential in pairs:
             registry.register(connection, credential)
+
+    def at_risk(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` whose last outcome is unknown (serving their access token)."""
+        return {cid for cid in ids if self.runtime.state.get(cid).state.at_risk}
 
     def force_due(self, ids: Sequence[str]) -> None:
         """Make ``ids`` due now (between rounds; nothing else is writing then)."""

@@ -63,6 +63,8 @@ from typing import Any
 
 from tests.support import fault_proxy as fp
 from tests.support.chaos import (
+    ANSWER_ON_THE_WIRE,
+    ANSWERED,
     BIN,
     CAPTURE_ENV,
     KILL_POINTS,
@@ -155,11 +157,11 @@ FULL = Size(
     skip=(),
 )
 
-#: A lease the refreshers under test hold (the settings' floor): stuck leases clear after it.
-LEASE = 60.0
-#: The lease of the stale-holder scenarios' first refresher (launcher; the tick's own safety
-#: margin is 30 s, so it still sends within the first 10 s).
-SHORT_LEASE = 40.0
+#: A lease the refreshers under test hold (the settings' default): stuck leases clear after it.
+LEASE = 30.0
+#: The lease of the stale-holder scenarios' first refresher (launcher; the tick keeps 15 s of
+#: it before presenting, so it still sends within the first 5 s).
+SHORT_LEASE = 20.0
 
 
 @dataclass
@@ -387,6 +389,12 @@ def kill_points(ctx: Context, backend: str) -> list[ScenarioResult]:
     # A commit on the emulators takes up to ~1.5 s on a loaded machine.
     deployment.proxy.latency(3.0 if backend == "gcp" else 1.0)
     groups = {p: deployment.seed(_slug(p), ctx.size.kill_group) for p in points}
+    everything = [cid for ids in groups.values() for cid in ids]
+    # Each serves an access token (five minutes) before the kills, as a connection in use does:
+    # one whose outcome a kill leaves unknown keeps serving it, and its refresh token is
+    # presented again only in the last two minutes -- after this scenario.
+    deployment.tick(everything)
+    deployment.force_due(everything)
     kills: list[Kill] = []
 
     def start(point: str) -> Running:
@@ -404,31 +412,46 @@ def kill_points(ctx: Context, backend: str) -> list[ScenarioResult]:
         if not outcome.killed:
             result.notes.setdefault("not_landed", []).append(point)
         log(f"{result.name}: {point}: {'killed' if outcome.killed else 'did not land'}")
-    everything = [cid for ids in groups.values() for cid in ids]
     deployment.proxy.latency(0.0)
     right_after = time.time()
     deployment.tick(everything)
-    presented = {e.lineage for e in deployment.proxy.ledger.select(everything, since=right_after)}
+    presented_at_once = {
+        e.lineage for e in deployment.proxy.ledger.select(everything, since=right_after)
+    }
     _wait_lease(max(k.at for k in kills))
+    after_lease = time.time()
     deployment.tick(everything)
+    presented = {e.lineage for e in deployment.proxy.ledger.select(everything, since=after_lease)}
     replays = deployment.proxy.ledger.summary(everything, since=right_after)
+    at_risk = deployment.at_risk(everything)
     verdicts = {v.cid: v for v in deployment.figures(result, everything, kills)}
     for point, ids in groups.items():
         landed = any(k.point == point and k.landed for k in kills)
         lost = [verdicts[c] for c in ids if verdicts[c].lost]
         result.check(f"{point}: kill landed", landed)
+        # An answer in hand but not yet durable is lost with the process (the loss window):
+        # the kill points with the request or its answer on the wire may lose it -- and the
+        # connection then keeps serving its access token, at risk, never presented blindly.
+        allowed = {ON_THE_WIRE, ANSWERED} if point in ANSWER_ON_THE_WIRE else {ON_THE_WIRE}
         result.check(
             f"{point}: nothing lost but what was on the wire",
-            landed and all(v.stage == ON_THE_WIRE for v in lost),
+            landed and all(v.stage in allowed for v in lost),
         )
-        alive = [c for c in ids if not verdicts[c].lost]
+        result.check(f"{point}: the lost ones are at risk, still served",
+                     all(v.cid in at_risk for v in lost))  # fmt: skip
+        # Those whose outcome is not unknown are refreshed by the first tick after one lease
+        # (30 s), however their holder died.
+        alive = [c for c in ids if not verdicts[c].lost and c not in at_risk]
         result.check(
-            f"{point}: leases recovered at once", all(c in presented for c in alive) and landed
+            f"{point}: leases recovered within one lease",
+            all(c in presented for c in alive) and landed,
         )
         result.notes.setdefault("lost", {})[point] = {
             "lost": len(lost),
             "stages": dict(Counter(v.stage for v in lost)),
-            "not_presented_right_after": sum(1 for c in alive if c not in presented),
+            "at_risk": sum(1 for c in ids if c in at_risk),
+            "not_presented_right_after": sum(1 for c in alive if c not in presented_at_once),
+            "not_presented_after_one_lease": sum(1 for c in alive if c not in presented),
         }
     result.check("no consumed token presented after the crashes", replays["reuse"] == 0)
     result.notes["replays_after_crash"] = replays["reuse"]
@@ -462,7 +485,7 @@ def random_kills(ctx: Context, backend: str) -> list[ScenarioResult]:
             kills.append(Kill("random", at, tuple(ids), worker is not None))
         else:
             serve = deployment.cli(
-                "serve", "--port", str(free_port()), "--interval", "0.3", what=f"serve-{index}"
+                "serve", "--port", str(free_port()), "--interval", "1", what=f"serve-{index}"
             )
             wait_until(lambda ids=ids: bool(deployment.proxy.ledger.select(ids)), 60)
             time.sleep(rng.uniform(0.0, span))
@@ -659,7 +682,13 @@ def _settle(result: ScenarioResult, outages: Sequence[Outage]) -> None:
         if outage.failure:
             reported = outage.outcome.killed or outage.outcome.returncode not in (0, 200) or (
                 summary is not None and not _summary_ok(summary))  # fmt: skip
-            result.check(f"{outage.name}: failure reported", reported)
+            # SQLite can keep writing into WAL pages it already allocated on a full disk: a
+            # tick whose every write succeeded has no failure to report, only the truth to
+            # tell (everything it counted refreshed, nothing lost).
+            kept = (
+                summary is not None and _summary_ok(summary) and not any(v.lost for v in verdicts)
+            )
+            result.check(f"{outage.name}: failure reported", reported or kept)
         elif not outage.name.startswith("slow-"):
             # Held (a lock, a hang), not failed: nothing can be stored meanwhile, so nothing
             # should be presented beyond what was already in flight.

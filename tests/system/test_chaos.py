@@ -12,9 +12,12 @@ request kept on the wire, a lease outlived by a pause...), so none can pass by a
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,7 +39,11 @@ def suite() -> SuiteResult:
     reason = node_skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    return run_suite(QUICK)
+    found = run_suite(QUICK)
+    report = os.environ.get("TOKENBROKER_CHAOS_REPORT")  # every scenario's JSON, for diagnosis
+    if report:
+        Path(report).write_text(json.dumps([r.to_json() for r in found.results], default=str))
+    return found
 
 
 def scenario(suite: SuiteResult, name: str) -> ScenarioResult:
@@ -206,19 +213,7 @@ _ISOLATION = goal("failure isolation: an out-of-range expires_in crashes the who
 _KEEP = goal("a rotated refresh token in a rejected answer is kept, never replayed")
 _UNKNOWN = goal("an ambiguous answer is an unknown outcome, not retried with the same token")
 _EXPECTED_TO_FAIL = {
-    "retry_after_far_date": _BOUNDS,
-    "retry_after_huge": _BOUNDS,
-    "expires_in_infinity": _ISOLATION,
-    "expires_in_1e15": _ISOLATION,
-    "expires_in_1e12": _ISOLATION,
-    "expires_in_zero": _KEEP,
-    "expires_in_negative": _KEEP,
-    "expires_in_string": _KEEP,
     "error_200_with_tokens": _KEEP,
-    "timeout_after_rotation": _UNKNOWN,
-    "reset_after_rotation": _UNKNOWN,
-    "html_200_after_rotation": _UNKNOWN,
-    "malformed_json_after_rotation": _UNKNOWN,
 }
 
 
@@ -239,21 +234,18 @@ def test_provider_fault(suite: SuiteResult, case: str) -> None:
 
 # -- kills ------------------------------------------------------------------------------------
 
-_DURABLE_AT_ONCE = goal("durable as soon as answered (the answer waits for a batch commit)")
-_NO_INTENT = goal("the intent record and its failpoints (intent.durable, request.sent)")
-
 
 @pytest.mark.parametrize(
     ("backend", "point"),
     [
         ("embedded", "lease.claimed"),
-        pytest.param("embedded", "intent.durable", marks=_NO_INTENT),
-        pytest.param("embedded", "request.sent", marks=_NO_INTENT),
-        pytest.param("embedded", "answer.received", marks=_DURABLE_AT_ONCE),
+        ("embedded", "intent.durable"),
+        ("embedded", "request.sent"),
+        ("embedded", "answer.received"),
         ("embedded", "secret.written"),
         ("embedded", "state.committed"),
         ("embedded", "events.published"),
-        pytest.param("gcp", "answer.received", marks=_DURABLE_AT_ONCE),
+        ("gcp", "answer.received"),
         ("gcp", "secret.written"),
     ],
 )
@@ -273,20 +265,28 @@ def test_committed_work_is_never_lost_to_a_kill(suite: SuiteResult, name: str) -
 
 
 @pytest.mark.parametrize("backend", ["embedded", "gcp"])
-@goal("a crashed holder's leases are recovered at once (today they stay held for the TTL)")
-def test_leases_of_a_crashed_refresher_are_recovered_at_once(
+def test_leases_of_a_crashed_refresher_are_recovered_within_one_lease(
     suite: SuiteResult, backend: str
 ) -> None:
+    """Leases are short (30 s) and kept alive by heartbeat: a crashed holder's connections
+    are refreshed by the first tick after one lease (they stayed held for 300 s before)."""
     result = scenario(suite, f"kill_points[{backend}]")
     landed = [n.split(": ")[0] for n, held in result.checks.items()
               if n.endswith(": kill landed") and held]  # fmt: skip
     assert landed
-    stuck = [p for p in landed if not result.checks[f"{p}: leases recovered at once"]]
+    stuck = [p for p in landed if not result.checks[f"{p}: leases recovered within one lease"]]
     assert stuck == [], result.notes["lost"]
 
 
 @pytest.mark.parametrize("backend", ["embedded", "gcp"])
-@goal("unknown outcomes are recovered, not re-presented: the clean tick replays consumed tokens")
+def test_what_a_kill_loses_keeps_serving_its_access_token(suite: SuiteResult, backend: str) -> None:
+    result = scenario(suite, f"kill_points[{backend}]")
+    check = ": the lost ones are at risk, still served"
+    unserved = [n for n, held in result.checks.items() if n.endswith(check) and not held]
+    assert unserved == [], result.notes["lost"]
+
+
+@pytest.mark.parametrize("backend", ["embedded", "gcp"])
 def test_no_consumed_token_is_presented_after_a_crash(suite: SuiteResult, backend: str) -> None:
     result = scenario(suite, f"kill_points[{backend}]")
     assert result.checks["no consumed token presented after the crashes"], result.notes
@@ -305,20 +305,17 @@ def test_random_kills_are_counted_and_classified(suite: SuiteResult) -> None:
 # -- stale holders and clocks -----------------------------------------------------------------
 
 
-@goal("lease discipline: a retry checks (and renews) the lease; a paused holder presents nothing")
 def test_a_holder_paused_past_its_lease_presents_nothing(suite: SuiteResult) -> None:
     result = scenario(suite, "sigstop_past_lease")
     assert failed(result) == [], result.to_json()
 
 
-@goal("lease discipline: the lease is renewed while a refresh is in flight")
 def test_an_answer_delayed_past_the_lease_loses_nothing(suite: SuiteResult) -> None:
     result = scenario(suite, "answer_past_lease")
     assert failed(result) == [], result.to_json()
 
 
 @pytest.mark.parametrize("offset", ["+120s", "-120s"])
-@goal("lease time from the store's clock, not each refresher's wall clock")
 def test_a_refresher_with_a_stepped_clock_never_presents_the_same_token(
     suite: SuiteResult, offset: str
 ) -> None:
@@ -377,7 +374,6 @@ def test_a_briefly_locked_sqlite_loses_nothing(suite: SuiteResult) -> None:
     assert result.checks["sqlite-locked: crash-free"], result.notes["sqlite-locked"]
 
 
-@goal("a slow store pauses the workers instead of spending refresh tokens")
 def test_a_locked_sqlite_pauses_presenting(suite: SuiteResult) -> None:
     result = scenario(suite, "store_outages[embedded]")
     assert result.checks["sqlite-locked: presenting pauses"], result.notes["sqlite-locked"]
@@ -397,7 +393,6 @@ def test_an_overloaded_provider_is_never_sent_a_consumed_token(suite: SuiteResul
     assert result.checks["no consumed token presented"], result.to_json()
 
 
-@goal("liveness: serve keeps refreshing after a tick's crash, or exits non-zero")
 def test_serve_keeps_refreshing_after_an_odd_answer(suite: SuiteResult) -> None:
     result = scenario(suite, "serve_liveness")
     assert failed(result) == [], result.notes
