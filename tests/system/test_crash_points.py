@@ -76,7 +76,9 @@ def secret_manager() -> Iterator[Any]:
     server.stop()
 
 
-def _deployment(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Deployment:
+def _deployment(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Deployment:
     base = {
         "TOKENBROKER_LEASE_TTL_SECONDS": str(LEASE_TTL),
         "TOKENBROKER_HTTP_TIMEOUT": "5",
@@ -111,7 +113,6 @@ def _deployment(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
             AWS_ACCESS_KEY_ID="testing",
             AWS_SECRET_ACCESS_KEY="testing",
         )
-        monkeypatch = request.getfixturevalue("monkeypatch")
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # boto3 reads them itself
             monkeypatch.setenv(name, env[name])
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
@@ -149,11 +150,40 @@ CASES = [("embedded", p) for p in POINTS] + [("gcp", p) for p in POINTS]
 CASES += [("aws", "secret.written"), ("aws", "state.committed")]
 
 
-@pytest.mark.parametrize(("backend", "point"), CASES)
-def test_a_kill_at_each_step_boundary_loses_no_connection(
-    tmp_path: Path, oidc: OidcServer, backend: str, point: str, request: pytest.FixtureRequest
-) -> None:
-    deployment = _deployment(backend, tmp_path / "state", request)
+@dataclass
+class Crash:
+    """One case after its kill: the deployment, and when the killed holder died."""
+
+    deployment: Deployment
+    killed_at: float
+
+
+@pytest.fixture(scope="module")
+def crashes(
+    tmp_path_factory: pytest.TempPathFactory,
+    oidc_server: OidcServer,
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[tuple[str, str], Crash]]:
+    """Every case's deployment, seeded and refreshed once, then its refresher killed at the
+    case's failpoint -- all before any case waits out the dead holder's leases, so the cases
+    share one wait instead of one each."""
+    found: dict[tuple[str, str], Crash] = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for backend, point in CASES:
+            state = tmp_path_factory.mktemp(f"crash-{backend}-{_slug(point)}") / "state"
+            deployment = _deployment(backend, state, request, monkeypatch)
+            killed_at = _seed_and_kill(deployment, oidc_server, point)
+            found[(backend, point)] = Crash(deployment, killed_at)
+        assert oidc_server.stats()["invalid_grant"] == 0  # no kill made a holder replay anything
+        yield found
+
+
+def _slug(point: str) -> str:
+    return point.replace(".", "-")
+
+
+def _seed_and_kill(deployment: Deployment, oidc: OidcServer, point: str) -> float:
+    backend = deployment.env["TOKENBROKER_BACKEND"]
     runtime = deployment.runtime()
     try:
         for cid in IDS:
@@ -164,8 +194,6 @@ def test_a_kill_at_each_step_boundary_loses_no_connection(
         assert tick(runtime).refreshed == len(IDS)  # each serves a fresh access token now
     finally:
         runtime.close()
-    oidc.reset_stats()
-
     env = {**os.environ, **deployment.env, "TOKENBROKER_FAILPOINTS": point}
     env.pop("TOKENBROKER_ENCRYPTION_KEY", None)
     killed = subprocess.run(
@@ -174,10 +202,19 @@ def test_a_kill_at_each_step_boundary_loses_no_connection(
     )  # fmt: skip
     save_output(f"crash-{backend}-{point}", killed.stdout, killed.stderr)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    return time.monotonic()
 
+
+@pytest.mark.parametrize(("backend", "point"), CASES)
+def test_a_kill_at_each_step_boundary_loses_no_connection(
+    crashes: dict[tuple[str, str], Crash], oidc: OidcServer, backend: str, point: str
+) -> None:
+    crash = crashes[(backend, point)]
+    deployment = crash.deployment
+    oidc.reset_stats()
     # The dead holder's leases (those of the connections it had not committed yet) expire by
-    # the host's boot clock; until then the stores already hold whatever it made durable.
-    time.sleep(LEASE_TTL + 1)
+    # the store's clock; until then the stores already hold whatever it made durable.
+    time.sleep(max(0.0, crash.killed_at + LEASE_TTL + 1 - time.monotonic()))
     runtime = deployment.runtime()
     try:
         after = tick(runtime, connection_ids=IDS)
@@ -192,13 +229,15 @@ def test_a_kill_at_each_step_boundary_loses_no_connection(
             if state.at_risk:
                 # Only a kill with a request (possibly) on the wire leaves that, and the
                 # connection still serves its unexpired access token.
-                assert point in ON_THE_WIRE or point == "secret.written", (point, cid)
+                # (With several workers, a kill after a commit may catch the next request on
+                # the wire too.)
+                assert point != "lease.claimed", (point, cid)
                 assert state.intent is not None and stored.version == 2
                 assert stored.credential.expires_at is not None
             else:
                 # Refreshed (the tokens live 5 minutes: the plain tick may refresh again).
                 assert stored.version >= 3, (point, cid, state)
-        if point not in ON_THE_WIRE | {"secret.written"}:
+        if point == "lease.claimed":
             assert not any(s.at_risk for s in records.values()), point
         if point == "secret.written":
             assert any(not s.at_risk for s in records.values())  # the staged one, settled

@@ -63,7 +63,7 @@ from tokenbroker.kernel.errors import (
     ConfigError,
     CorruptCredential,
     InternalError,
-    MalformedResponse,
+    ProviderError,
     TokenBrokerError,
     VersionConflict,
 )
@@ -103,7 +103,6 @@ from tokenbroker.refresh.leases import GroupCall, LeaseKeeper
 from tokenbroker.refresh.transitions import (
     AtRisk,
     Deferred,
-    FailedPermanent,
     Outcome,
     Plan,
     Succeeded,
@@ -814,8 +813,9 @@ class Refresher:
 
     @staticmethod
     def _salvage(stored: StoredCredential, error: TokenBrokerError) -> Credential | None:
-        """The credential to keep from a rejected answer that carried a new refresh token."""
-        token = error.refresh_token if isinstance(error, MalformedResponse) else None
+        """The credential to keep from a rejected answer that carried a new refresh token (a
+        200 the parser rejected, or one that carried an ``error`` beside its tokens)."""
+        token = error.refresh_token if isinstance(error, ProviderError) else None
         if token is None or token == stored.credential.refresh_token:
             return None
         return stored.credential.with_token(refresh_token=token)
@@ -1133,7 +1133,7 @@ def _count(summary: TickSummary, outcome: Outcome, events: Sequence[ConnectionEv
             summary.over_budget_at_risk += 1
     else:
         summary.failed[outcome.failure_class] += 1
-        if not isinstance(outcome, FailedPermanent) and outcome.salvaged is not None:
+        if outcome.salvaged is not None:
             summary.salvaged += 1
     for event in events:
         if event.type is EventType.RECOVERED:

@@ -123,6 +123,9 @@ class FailedPermanent:
     attempted_at: datetime
     #: The version the attempt started from (``None``: no credential was stored).
     version: int | None
+    #: The version committed to keep a refresh token the refusal carried (a 200 with tokens
+    #: and an ``error``): the operator's ``enable`` then resumes from it.
+    salvaged: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def failed(
         return FailedTransient(
             error.code, attempted_at, version, error.retry_after, salvaged, intent, retry_at
         )
-    return FailedPermanent(error.code, attempted_at, version)
+    return FailedPermanent(error.code, attempted_at, version, salvaged)
 
 
 class Transition(NamedTuple):
@@ -327,6 +330,8 @@ def _failed(
             current_version = version = outcome.salvaged
             intent = None  # the question is answered: the kept token is the live one
     else:
+        if outcome.salvaged is not None:
+            current_version = version = outcome.salvaged  # kept, though the grant was refused
         status = ConnectionStatus.NEEDS_REAUTH
         next_refresh_at = None  # only a re-authorisation schedules it again
         event_type = EventType.NEEDS_REAUTH

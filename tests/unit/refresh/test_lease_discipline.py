@@ -434,3 +434,45 @@ def test_no_more_than_max_at_risk_refreshes_wait_for_a_slow_store(world: World) 
     presented, summary = asyncio.run(scenario())
     assert presented == 2  # the store is stuck: presenting paused at the bound
     assert summary.refreshed == 8
+
+
+class ErrorWithTokensEndpoint:
+    """The provider rotates, and answers 200 with its tokens *and* an ``error`` member (the
+    fault suite's ``error_200_with_tokens``): the real parser classifies it."""
+
+    def __init__(self, server: FakeTokenServer, error: str) -> None:
+        self.server = server
+        self.error = error
+        self.once = True
+
+    async def post_form(
+        self, url: str, form: Mapping[str, str], *, headers: Mapping[str, str]
+    ) -> HttpResponse:
+        answer = await self.server.post_form(url, form, headers=headers)
+        if not self.once:
+            return answer
+        self.once = False
+        body = {**json.loads(answer.body), "error": self.error}
+        return HttpResponse(200, json.dumps(body).encode(), {"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("error", ["server_error", "temporarily_unavailable", "invalid_grant"])
+def test_a_refresh_token_in_a_200_carrying_an_error_is_kept(world: World, error: str) -> None:
+    """Found by the fault suite: the parser kept the rotated token on the error
+    (``ProviderError.refresh_token``), but the tick salvaged only from a MalformedResponse, so
+    the consumed token stayed stored and its next presentation revoked the grant."""
+    old = world.add()
+    endpoint = ErrorWithTokensEndpoint(world.server, error)
+    summary = asyncio.run(world.refresher().tick(endpoint))  # type: ignore[arg-type]
+    assert summary.salvaged == 1
+    stored = world.secrets.get("c1")
+    assert stored.version == 2
+    assert stored.credential.refresh_token not in (None, Secret(old))
+    assert stored.credential.refresh_token is not None
+    assert world.server.grant_alive(stored.credential.refresh_token.reveal())
+    assert world.state.get("c1").state.current_version == 2  # the state points at it too
+    world.clock.advance(3600)
+    world.state.put_state(
+        "c1", replace(world.state.get("c1").state, status=ConnectionStatus.ACTIVE)
+    )
+    assert world.tick(connection_ids=["c1"]).refreshed == 1  # the kept token works
