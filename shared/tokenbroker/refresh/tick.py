@@ -855,7 +855,7 @@ class Refresher:
             if not batch:
                 continue
             try:
-                await self._commit(batch, run.leases, summary)
+                await self._commit_translated(batch, run.leases, summary)
             except TokenBrokerError as error:
                 # Keep trying later batches (in-flight refreshes hold rotated tokens that are
                 # nowhere else), but start no new refresh.
@@ -875,6 +875,24 @@ class Refresher:
                     run.leases.in_flight.discard(attempt.claim.lease.connection_id)
                     if attempt.permit:
                         run.at_risk.release()
+
+    async def _commit_translated(
+        self, batch: list[_Attempt], leases: LeaseKeeper, summary: TickSummary
+    ) -> None:
+        """:meth:`_commit`, anything unexpected (a bug, an error no adapter translated) an
+        :class:`InternalError`: the committer never dies and leaves the workers presenting
+        answers nobody commits -- it halts presenting like any failed commit."""
+        try:
+            await self._commit(batch, leases, summary)
+        except TokenBrokerError:
+            raise
+        except Exception as exc:
+            self.log.exception(
+                "refresh results not committed: unexpected error", error_type=type(exc).__name__
+            )
+            raise InternalError(
+                f"committing refresh results failed: unexpected {type(exc).__name__}"
+            ) from None
 
     async def _commit(
         self, batch: list[_Attempt], leases: LeaseKeeper, summary: TickSummary

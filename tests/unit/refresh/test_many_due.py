@@ -1,0 +1,107 @@
+"""More due than one commit batch, or than the workers (issue 8: "with more than 500 due the
+tick hangs for ever (cancelling hangs too)" -- the results queue was bounded at
+``max(commit_batch, concurrency)`` and the committer could wait on a worker that waited on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.unit.refresh.test_tick import World
+from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.kernel.errors import InternalError, StoreFault, StoreUnavailable
+from tokenbroker.refresh.registry import ConnectionRegistry
+
+DUE = 1_200  # more than twice the default commit batch (500)
+
+
+def _many(world: World, count: int) -> list[str]:
+    ids = [f"c{n:04d}" for n in range(count)]
+    for cid in ids:
+        world.add(cid)
+    return ids
+
+
+def test_a_tick_with_more_due_than_a_commit_batch_finishes_and_commits_them_all(
+    world: World,
+) -> None:
+    _many(world, DUE)
+    refresher = world.refresher(concurrency=64, commit_batch=100)
+
+    async def run() -> int:
+        summary = await asyncio.wait_for(refresher.tick(world.server), timeout=120)  # type: ignore[arg-type]
+        return summary.refreshed
+
+    assert asyncio.run(run()) == DUE
+    assert {r.state.current_version for r in world.state.list()} == {2}
+    assert world.tick().due == 0  # every lease given back with its state
+
+
+def test_cancelling_a_big_tick_ends_it_promptly_and_loses_nothing(world: World) -> None:
+    """A cancelled tick (a function timeout, a shutdown) ends within seconds; what it had
+    committed stays; the rest is refreshed by the next tick once the leases run out."""
+    _many(world, DUE)
+    world.server.latency = 0.01
+    refresher = world.refresher(concurrency=32, commit_batch=50)
+
+    async def run() -> None:
+        task = asyncio.create_task(refresher.tick(world.server))  # type: ignore[arg-type]
+        while world.server.requests["refresh_token"] < 200:  # noqa: ASYNC110 - a fake's counter
+            await asyncio.sleep(0.01)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=15)
+        assert done, "the cancelled tick did not end"
+
+    asyncio.run(run())
+    committed = [r for r in world.state.list() if r.state.current_version == 2]
+    assert committed, "nothing committed before the cancel"
+    for record in committed:
+        assert world.secrets.get(record.connection.id).version == 2
+    world.server.latency = 0.0
+    world.clock.advance(refresher.lease_ttl.total_seconds() + 1)
+    world.tick()
+    # A cancel is a kill for what the tick held in memory: at most the refreshes in flight
+    # (answered, not yet staged) can be lost; every other connection's token still works.
+    dead = []
+    for record in world.state.list():
+        token = world.secrets.get(record.connection.id).credential.refresh_token
+        if token is None or not world.server.grant_alive(token.reveal()):
+            dead.append(record.connection.id)
+    assert len(dead) <= refresher.concurrency
+
+
+class CommitFails(MemoryStateStore):
+    """The state store takes claims but no commit: a disk that filled up mid-tick (a store
+    error), or an error no adapter translated (SQLite's own, before they all were)."""
+
+    error: Exception = StoreFault("disk full")
+
+    def complete(self, *_: object, **__: object) -> list[bool]:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error", [StoreFault("disk full"), RuntimeError("database or disk is full")], ids=repr
+)
+def test_a_commit_that_fails_for_good_ends_a_big_tick_and_stops_presenting(
+    world: World, error: Exception
+) -> None:
+    """The hang itself: once committing failed, the committer stopped taking results and the
+    workers waited for ever on the bounded queue, the tick (and its cancellation) with them."""
+    world.state = CommitFails(world.clock)
+    world.state.error = error
+    world.registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=world.profiles, clock=world.clock
+    )
+    _many(world, 600)
+    refresher = world.refresher(concurrency=8, commit_batch=20)
+
+    async def run() -> None:
+        await asyncio.wait_for(refresher.tick(world.server), timeout=60)  # type: ignore[arg-type]
+
+    with pytest.raises(StoreUnavailable if isinstance(error, StoreFault) else InternalError):
+        asyncio.run(run())
+    # Presenting stopped soon after the first failed commit, far short of all 600.
+    assert world.server.requests["refresh_token"] < 100
