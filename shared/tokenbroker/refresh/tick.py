@@ -301,6 +301,7 @@ class Refresher:
         policy: RefreshPolicy | None = None,
         retry: RetryPolicy | None = None,
         store_retry: RetryPolicy | None = None,
+        answer_retry: RetryPolicy | None = None,
         holder: str | None = None,
         lease_ttl: timedelta = DEFAULT_LEASE_TTL,
         lease_guard: timedelta = DEFAULT_LEASE_GUARD,
@@ -324,6 +325,10 @@ class Refresher:
         self.retry = retry or RetryPolicy()
         #: Store calls get more patience than token requests: their results are irreplaceable.
         self.store_retry = store_retry or RetryPolicy(attempts=5, base_delay=0.2, max_delay=4.0)
+        #: Staging an answer in hand gets the most: nothing else holds its refresh token, and
+        #: presenting is paused meanwhile (about a minute of a retryable outage, at most
+        #: ``max_at_risk`` answers held).
+        self.answer_retry = answer_retry or RetryPolicy(attempts=30, base_delay=0.5, max_delay=4.0)
         self.holder = holder or default_holder()
         self.lease_ttl = lease_ttl
         self.lease_guard = lease_guard
@@ -414,8 +419,16 @@ class Refresher:
         self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
         return summary
 
-    async def _store(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A store call in a worker thread, retried with backoff while it is retryable.
+    async def _store(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        retry_policy: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """A store call in a worker thread, retried with backoff while it is retryable
+        (``retry_policy``, default ``store_retry``).
 
         While a store call is retrying, ``self._committing`` is cleared so workers pause:
         refresh tokens sent now would produce results that may not be storable.
@@ -431,7 +444,7 @@ class Refresher:
         try:
             result, _ = await call_with_retries(
                 lambda: asyncio.to_thread(fn, *args, **kwargs),
-                self.store_retry,
+                retry_policy or self.store_retry,
                 self.clock,
                 self.rng,
                 on_retry,
@@ -452,7 +465,9 @@ class Refresher:
         )
 
     async def _stage(self, writes: list[SecretWrite]) -> list[int | TokenBrokerError]:
-        return await self._store("stage answers", self.secrets.stage, writes)
+        return await self._store(
+            "stage answers", self.secrets.stage, writes, retry_policy=self.answer_retry
+        )
 
     def _halting(self, error: TokenBrokerError) -> None:
         """Stop presenting refresh tokens for the rest of the tick."""
@@ -951,7 +966,9 @@ class Refresher:
             SecretWrite(a.claim.lease.connection_id, a.keeps, a.stored.version)  # type: ignore[arg-type,union-attr]
             for _, a in waiting
         ]
-        results = await self._store("stage answers", self.secrets.stage, writes)
+        results = await self._store(
+            "stage answers", self.secrets.stage, writes, retry_policy=self.answer_retry
+        )
         batch = list(batch)
         for (n, attempt), result in zip(waiting, results, strict=True):
             if isinstance(result, TokenBrokerError):

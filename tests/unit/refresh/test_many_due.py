@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from tests.unit.refresh.test_tick import World
-from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
 from tokenbroker.kernel.errors import InternalError, StoreFault, StoreUnavailable
 from tokenbroker.refresh.registry import ConnectionRegistry
 
@@ -105,3 +105,45 @@ def test_a_commit_that_fails_for_good_ends_a_big_tick_and_stops_presenting(
         asyncio.run(run())
     # Presenting stopped soon after the first failed commit, far short of all 600.
     assert world.server.requests["refresh_token"] < 100
+
+
+class StageDown(MemorySecretStore):
+    """Secret writes fail (retryably) until ``up_at`` on the world's clock: a Secret Manager
+    outage, a full disk that is cleared, a write lock held by a backup."""
+
+    def __init__(self, world: World, seconds: float) -> None:
+        super().__init__()
+        self.clock = world.clock
+        self.up_at = world.clock.monotonic() + seconds
+        self.refused = 0
+
+    def stage(self, writes):  # type: ignore[no-untyped-def]
+        if self.clock.monotonic() < self.up_at:
+            self.refused += 1
+            raise StoreUnavailable("secret store unavailable")
+        return super().stage(writes)
+
+
+def test_answers_in_hand_outlast_a_store_outage_of_half_a_minute(world: World) -> None:
+    """The fault suite's Secret Manager stop and full disk lost the answers that arrived after
+    the store failed: their staging gave up after the store's five attempts (~3 s) and the
+    tick ended with the provider's new refresh tokens in memory. Staging an answer in hand
+    now outlasts an outage of about a minute; presenting is paused meanwhile."""
+    for n in range(8):
+        world.add(f"c{n}")
+    world.tick()  # all registered, refreshed once: now cut the store and refresh them again
+    down = StageDown(world, 30.0)
+    for record in world.state.list():
+        stored = world.secrets.get(record.connection.id)
+        down.put(record.connection.id, stored.credential, expected_version=None)
+        down.put(record.connection.id, stored.credential, expected_version=1)
+    world.secrets = down
+    refresher = world.refresher(concurrency=4)
+    summary = world.tick(refresher, connection_ids=[f"c{n}" for n in range(8)])
+    assert down.refused > 0
+    assert summary.refreshed == 8 and summary.ok
+    for n in range(8):
+        token = world.secrets.get(f"c{n}").credential.refresh_token
+        assert token is not None and world.server.grant_alive(token.reveal())
+    # Presenting paused while the store was down: at most the workers' first requests.
+    assert world.server.requests["refresh_token"] == 16
