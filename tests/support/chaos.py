@@ -505,7 +505,7 @@ class Options:
     http_timeout: float = 20.0
     retry_attempts: int = 3
     retry_base_delay: float = 0.05
-    lease_ttl: float = 60.0
+    lease_ttl: float = 30.0
     min_lead: float = 0.0
     log_level: str = "warning"
 
@@ -628,6 +628,10 @@ class Deployment:
     def at_risk(self, ids: Sequence[str]) -> set[str]:
         """Those of ``ids`` whose last outcome is unknown (serving their access token)."""
         return {cid for cid in ids if self.runtime.state.get(cid).state.at_risk}
+
+    def with_intent(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` with a presentation on record whose outcome is not committed."""
+        return {cid for cid in ids if self.runtime.state.get(cid).state.intent is not None}
 
     def force_due(self, ids: Sequence[str]) -> None:
         """Make ``ids`` due now (between rounds; nothing else is writing then)."""
