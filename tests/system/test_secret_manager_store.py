@@ -192,3 +192,44 @@ def test_the_test_server_is_a_setting_passed_in_not_read_from_the_environment(
         assert seen.credential.refresh_token == Secret("rt-0")
     finally:
         runtime.close()
+
+
+class FailingDestroys:
+    """The real client, except DestroySecretVersion fails while ``down``."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.down = True
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def destroy_secret_version(self, request: Any) -> Any:
+        if self.down:
+            self.refused += 1
+            raise exceptions.ServiceUnavailable("destroy failed")
+        return self._real.destroy_secret_version(request=request)
+
+
+def test_a_destroy_that_failed_is_retried_by_a_later_write(
+    server: SecretManagerTestServer,
+) -> None:
+    """Issue 8: failed destroys were never retried -- each write destroys only the version
+    retention drops at that write, so a version whose destroy failed (with the refresh token
+    it holds) stayed readable for ever. Every ``SWEEP_EVERY``-th version also lists the
+    undestroyed versions and destroys those retention dropped."""
+    from tokenbroker.adapters.gcp.secret_manager import SWEEP_EVERY
+
+    flaky = FailingDestroys(server.client())
+    store = store_on(server, flaky)
+    version = store.put("c1", credential(0), expected_version=None)
+    for n in range(1, 6):  # versions 2..6: retention (3) drops 1..3, every destroy fails
+        version = store.put("c1", credential(n), expected_version=version)
+    assert flaky.refused >= 3
+    assert {v for v, s in states(server, store).items() if s != "DESTROYED"} >= {1, 2, 3}
+    flaky.down = False
+    while version % SWEEP_EVERY:
+        version = store.put("c1", credential(version), expected_version=version)
+    kept = {v for v, s in states(server, store).items() if s != "DESTROYED"}
+    assert kept == {version - 2, version - 1, version}  # the newest three, nothing older

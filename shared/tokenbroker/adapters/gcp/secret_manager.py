@@ -33,7 +33,8 @@ on the first write after their expiry. Versions older than ``retained_versions``
 
 API calls per refresh (read, then write): GetSecret + AccessSecretVersion (of ``latest``),
 then AddSecretVersion (the stage) + UpdateSecret (the promotion), plus one
-DisableSecretVersion and one DestroySecretVersion per rotation in steady state. The write
+DisableSecretVersion and one DestroySecretVersion per rotation in steady state, and one
+ListSecretVersions every ``SWEEP_EVERY`` versions (failed destroys retried). The write
 reuses the etag the read saw (a stale one costs a re-read). Settling a version a dead writer
 staged costs the reader one UpdateSecret.
 """
@@ -69,6 +70,9 @@ R = TypeVar("R")
 
 CURRENT = "tokenbroker-current"
 EXPIRES = "tokenbroker-expires-v"
+#: Every this many versions, a write also destroys what failed destroys left behind (one
+#: ListSecretVersions, amortised: a tenth of a call per refresh).
+SWEEP_EVERY = 10
 #: The payload member recording what a version was staged on (ignored by credential readers).
 STAGED = "tokenbroker_staged"
 LABELS = {"managed-by": "tokenbroker"}
@@ -357,7 +361,8 @@ class SecretManagerSecretStore(VersionedSecretStore):
 
     def _housekeep(self, secret: Any, version: int, to_disable: builtins.list[int]) -> None:
         """After ``version`` became current: disable the versions whose access token expired,
-        destroy the one retention drops (one write destroys one version)."""
+        destroy the one retention drops (one write destroys one version); every
+        :data:`SWEEP_EVERY`-th version, destroy whatever older one a failed destroy left."""
         for old in to_disable:
             self._quietly(
                 "disable secret version",
@@ -371,6 +376,30 @@ class SecretManagerSecretStore(VersionedSecretStore):
                 self.client.destroy_secret_version,
                 name=f"{secret.name}/versions/{doomed}",
             )
+        if doomed > 1 and version % SWEEP_EVERY == 0:
+            self._sweep(secret, doomed)
+
+    def _sweep(self, secret: Any, doomed: int) -> None:
+        """Destroy the versions older than ``doomed`` that are not destroyed yet: those whose
+        destroy failed (housekeeping never fails a committed write). One list call per
+        :data:`SWEEP_EVERY` versions; a failure is left to the next sweep."""
+        try:
+            pages = self._call(
+                "list secret versions",
+                self.client.list_secret_versions,
+                parent=secret.name,
+                filter="NOT state:DESTROYED",
+            )
+            left = sorted(int(v.name.rsplit("/", 1)[1]) for v in pages)
+        except (NotFound, VersionConflict, StoreUnavailable):
+            return
+        for old in left:
+            if old < doomed:  # never a staged version: those are newer than the current one
+                self._quietly(
+                    "destroy secret version",
+                    self.client.destroy_secret_version,
+                    name=f"{secret.name}/versions/{old}",
+                )
 
     def _advance(
         self,
