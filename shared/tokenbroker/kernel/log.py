@@ -24,7 +24,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -66,12 +66,16 @@ class _Sink:
                 stream.close()
 
     def write(self, line: str) -> None:
+        """Never raises: a destination that cannot take the line (a full disk, a closed pipe)
+        drops it, and the others still get it. Logging must never fail the work it reports
+        on -- a refresh holding the provider's new refresh token least of all."""
         with self._lock:
             for stream in self._streams:
                 if stream.closed:  # replaced by a reconfiguration while this line was built
                     continue
-                stream.write(line + "\n")
-                stream.flush()
+                with suppress(OSError, ValueError):  # ValueError: closed meanwhile
+                    stream.write(line + "\n")
+                    stream.flush()
 
 
 _sink: _Sink | None = None

@@ -966,9 +966,8 @@ class Refresher:
             SecretWrite(a.claim.lease.connection_id, a.keeps, a.stored.version)  # type: ignore[arg-type,union-attr]
             for _, a in waiting
         ]
-        results = await self._store(
-            "stage answers", self.secrets.stage, writes, retry_policy=self.answer_retry
-        )
+        # Their workers already waited ``answer_retry`` for the store: one more ordinary try.
+        results = await self._store("stage answers", self.secrets.stage, writes)
         batch = list(batch)
         for (n, attempt), result in zip(waiting, results, strict=True):
             if isinstance(result, TokenBrokerError):

@@ -132,3 +132,44 @@ def test_capture_logs_restores_the_configuration_in_force() -> None:
 def test_an_unknown_level_is_refused_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="verbose"):
         configure_logging("verbose")
+
+
+class FullDisk(io.StringIO):
+    """A log destination that cannot take another byte (ENOSPC, EFBIG, a closed pipe)."""
+
+    def write(self, _text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_log_destination_that_fails_never_fails_the_caller() -> None:
+    """Found by the fault suite (an I/O error on every growing write): a warning logged while
+    a store call was retrying raised OSError out of the retry, and the answer in hand -- the
+    provider's new refresh token -- was lost with it. A line that cannot be written is
+    dropped; the other destinations still get it."""
+    kept = io.StringIO()
+    try:
+        configure_logging("info", stream=FullDisk())
+        log = get_logger(component="test")
+        log.warning("store call retrying", attempt=1)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("even with a traceback")
+        configure_logging("info", stream=kept)
+        get_logger(component="test").info("and the next destination works")
+    finally:
+        restore_session_logging()
+    assert "and the next destination works" in kept.getvalue()
+
+
+def test_one_failing_destination_does_not_starve_the_others(tmp_path: object) -> None:
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    log_file = tmp_path / "broker.log"
+    try:
+        configure_logging("info", stream=FullDisk(), log_file=log_file)
+        get_logger(component="test").error("still written to the file")
+    finally:
+        restore_session_logging()
+    assert "still written to the file" in log_file.read_text()
