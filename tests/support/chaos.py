@@ -988,7 +988,8 @@ def workspace(base: Path | None = None) -> Iterator[Path]:
     finally:
         import shutil
 
-        shutil.rmtree(path, ignore_errors=True)
+        if not os.environ.get("TOKENBROKER_CHAOS_KEEP"):  # kept for diagnosis when set
+            shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = [

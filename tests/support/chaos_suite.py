@@ -797,6 +797,13 @@ def _fill(running: Running, mount: Path) -> None:
             handle.flush()
 
 
+def _unfill(running: Running, mount: Path) -> None:
+    """The operator frees the disk: the filler goes (the refresher is still running)."""
+    filler = Path(f"/proc/{running.pid}/root") / str(mount).lstrip("/") / "filler"
+    with contextlib.suppress(OSError):
+        filler.unlink()
+
+
 def _file_size_limit(running: Running, limit: str) -> None:
     """RLIMIT_FSIZE of the refresher, set from outside (prlimit(2)): past it every write that
     grows a file fails with EFBIG (Python ignores SIGXFSZ) -- SQLite's I/O error."""
@@ -804,7 +811,8 @@ def _file_size_limit(running: Running, limit: str) -> None:
     targets = [pid] if pid is not None else []
     targets += [c for p in list(targets) for c in children(p)]
     for target in targets:
-        subprocess.run(["prlimit", "--pid", str(target), f"--fsize={limit}"],
+        # The soft limit only: a hard limit of 1 could not be raised again (the heal).
+        subprocess.run(["prlimit", "--pid", str(target), f"--fsize={limit}:unlimited"],
                        check=False, capture_output=True)  # fmt: skip
 
 
@@ -819,7 +827,7 @@ def store_outages_embedded(ctx: Context) -> list[ScenarioResult]:
         full = ctx.embedded("sqlite-full", Options(concurrency=4))
         mount = full.workdir / "mnt"
         outages.append(_inject(ctx, full, "sqlite-full", lambda r: _fill(r, mount),
-                               lambda _: None, seconds=seconds,
+                               lambda r: _unfill(r, mount), seconds=seconds,
                                start=_namespaced(full, "48m")))  # fmt: skip
     else:
         result.notes["sqlite-full"] = f"skipped: {reason}"
