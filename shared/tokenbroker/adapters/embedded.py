@@ -1225,6 +1225,8 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
     ) -> None:
         super().__init__(retained_versions)
         self._db = db
+        #: When each pending version being promoted in this transaction was staged.
+        self._staged_at: dict[tuple[str, int], float] = {}
 
     @property
     def db(self) -> EmbeddedDatabase:
@@ -1351,7 +1353,12 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
         tx.execute(
             "INSERT INTO secret_versions (connection_id, version, created_at, sealed) "
             "VALUES (?, ?, ?, ?)",
-            (connection_id, version, time.time(), sealed),
+            (
+                connection_id,
+                version,
+                self._staged_at.pop((connection_id, version), time.time()),
+                sealed,
+            ),
         )
         tx.execute(
             "INSERT INTO secrets (connection_id, current_version, incarnation, owner, pointer_mac)"
@@ -1423,18 +1430,22 @@ class EmbeddedSecretStore(TransactionalSecretStore[sqlite3.Cursor]):
     def _pending_credential(
         self, tx: sqlite3.Cursor, connection_id: str, version: int
     ) -> Credential:
-        parent, attempt, sealed = tx.execute(
-            "SELECT parent, attempt, sealed FROM pending_versions"
+        parent, attempt, sealed, staged_at = tx.execute(
+            "SELECT parent, attempt, sealed, created_at FROM pending_versions"
             " WHERE connection_id = ? AND version = ?",
             (connection_id, version),
         ).fetchone()
         context = self._pending_context(tx, connection_id, version, parent, attempt)
         try:
-            return Credential.from_plaintext(self._db.open(sealed, context))
+            credential = Credential.from_plaintext(self._db.open(sealed, context))
         except (InvalidTag, ValueError, TypeError):  # ValueError/TypeError: not a sealed blob
             raise CorruptCredential(
                 f"staged credential {connection_id!r} v{version} does not decrypt"
             ) from None
+        # Read only to promote it: the version keeps the time it was first durable (staged)
+        # as its created_at (_add_version, in this same transaction).
+        self._staged_at[(connection_id, version)] = staged_at
+        return credential
 
     def _drop_pending(self, tx: sqlite3.Cursor, connection_id: str, version: int) -> None:
         tx.execute(

@@ -57,3 +57,24 @@ def test_a_database_from_before_the_lease_clock_is_migrated(tmp_path: Path) -> N
         assert store.renew([claim.lease], ttl=TTL)[0] is not None
     finally:
         db.close()
+
+
+def test_a_promoted_version_keeps_the_time_it_was_staged(tmp_path: Path) -> None:
+    """A version's ``created_at`` is when it first became durable -- its stage -- not its
+    promotion: that is what the loss window (answer received to durable) is measured by."""
+    from tokenbroker.adapters.embedded import EmbeddedSecretStore
+    from tokenbroker.kernel.model import Credential
+    from tokenbroker.kernel.secret import Secret
+    from tokenbroker.ports import Promotion, SecretWrite
+
+    store = EmbeddedSecretStore(EmbeddedDatabase(tmp_path, key=None))
+    first = store.put("c1", Credential(refresh_token=Secret("rt-1")), expected_version=None)
+    before = time.time()
+    (staged,) = store.stage([SecretWrite("c1", Credential(refresh_token=Secret("rt-2")), first)])
+    assert isinstance(staged, int)
+    after = time.time()
+    time.sleep(0.3)
+    (promoted,) = store.promote([Promotion("c1", staged, first)])
+    assert promoted == staged
+    created = store.get("c1").created_at
+    assert created is not None and before <= created.timestamp() <= after
