@@ -168,6 +168,8 @@ def crashes(
     case's failpoint -- all before any case waits out the dead holder's leases, so the cases
     share one wait instead of one each."""
     found: dict[tuple[str, str], Crash] = {}
+    oidc_server.clear_faults()
+    oidc_server.reset_stats()  # the session's server: other modules' refusals are not ours
     with pytest.MonkeyPatch.context() as monkeypatch:
         for backend, point in CASES:
             state = tmp_path_factory.mktemp(f"crash-{backend}-{_slug(point)}") / "state"
