@@ -224,15 +224,19 @@ def _error_from_body(
             retry_after=float(wait),
             ambiguous=False,
         )
-    # A 2xx with an error body contradicts itself: the request was processed, and whatever
-    # the body says, a rotating refresh token may be spent. Keep what it carried.
+    # A 2xx with an error body contradicts itself: the request was processed, and a rotating
+    # refresh token may be spent -- unless the error refuses the grant or the client outright
+    # and no new token came with it (a provider that rotated says so with the new token;
+    # Zoho answers its refusals with HTTP 200). Keep whatever refresh token it carried.
     success = 200 <= status < 300
-    ambiguity: dict[str, Any] = {
-        "ambiguous": success,
-        "refresh_token": _carried_refresh_token(data) if success else None,
-    }
     code = rules.error_aliases.get(raw_code, raw_code)
     cls = OAUTH_ERRORS.get(code)
+    carried = _carried_refresh_token(data) if success else None
+    refusal = cls is None or not cls.default_retryable
+    ambiguity: dict[str, Any] = {
+        "ambiguous": success and (carried is not None or not refusal),
+        "refresh_token": carried,
+    }
     if cls is None:
         return UnknownProviderError(
             f"token endpoint answered error {shown_code!r} (HTTP {status}){detail}",

@@ -326,9 +326,9 @@ class Refresher:
         #: Store calls get more patience than token requests: their results are irreplaceable.
         self.store_retry = store_retry or RetryPolicy(attempts=5, base_delay=0.2, max_delay=4.0)
         #: Staging an answer in hand gets the most: nothing else holds its refresh token, and
-        #: presenting is paused meanwhile (about a minute of a retryable outage, at most
-        #: ``max_at_risk`` answers held).
-        self.answer_retry = answer_retry or RetryPolicy(attempts=30, base_delay=0.5, max_delay=4.0)
+        #: presenting is paused meanwhile (about three minutes of a retryable outage -- longer
+        #: than a lease, at most ``max_at_risk`` answers held).
+        self.answer_retry = answer_retry or RetryPolicy(attempts=90, base_delay=0.5, max_delay=4.0)
         self.holder = holder or default_holder()
         self.lease_ttl = lease_ttl
         self.lease_guard = lease_guard

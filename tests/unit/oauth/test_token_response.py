@@ -520,3 +520,24 @@ def test_kept_extras_and_scope_never_hold_a_known_secret() -> None:
     )
     assert at not in json.dumps(dict(token.extras))
     assert HEX_RT not in " ".join(token.scope or ())
+
+
+@pytest.mark.parametrize(
+    ("body", "ambiguous"),
+    [
+        ({"error": "invalid_grant"}, False),  # a refusal: nothing was issued, nothing spent
+        ({"error": "invalid_client"}, False),
+        ({"error": "temporarily_unavailable"}, True),  # processed, outcome unknown
+        ({"error": "invalid_grant", "access_token": "at", "refresh_token": "rt-new-0123"}, True),
+    ],
+)
+def test_a_200_carrying_an_error_is_ambiguous_unless_it_refuses_and_brings_nothing(
+    body: dict[str, str], ambiguous: bool
+) -> None:
+    """Found by the fault suite: a 200 ``{"error": "invalid_grant"}`` (Zoho's refusals are
+    200s) was an unknown outcome, so a connection whose grant was refused sat at risk until
+    its last chance instead of asking for re-authorisation at once."""
+    response = HttpResponse(200, json.dumps(body).encode(), {"content-type": "application/json"})
+    with pytest.raises(errors.ProviderError) as caught:
+        parse_token_response(response)
+    assert caught.value.ambiguous is ambiguous

@@ -389,6 +389,21 @@ def _translate(exc: BaseException, action: str) -> TokenBrokerError | None:
     return translate(exc, what)
 
 
+def _failed_rollback(exc: BaseException) -> bool:
+    """The client library's own ValueError when a transaction whose begin or commit never
+    reached the server is rolled back ("... cannot be rolled back"): it replaces the network
+    error that caused it (found by the fault suite, Firestore unreachable mid-tick)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return (
+        isinstance(exc, ValueError)
+        and "rolled back" in str(exc)
+        and str(raised_in).startswith("google.cloud.firestore")
+    )
+
+
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
     try:
@@ -396,6 +411,10 @@ def _translated(action: str) -> Iterator[None]:
     except TokenBrokerError:
         raise
     except Exception as exc:
+        if _failed_rollback(exc):
+            raise StoreUnavailable(
+                f"Firestore {action}: the transaction did not reach the server"
+            ) from exc
         mapped = _translate(exc, action)
         if mapped is None:
             raise
