@@ -186,7 +186,9 @@ class TokenIssuer:
         #: The narrowing refresh's lease on the connection: longer than one request.
         self.lease_ttl = lease_ttl
         self.holder = f"issuer:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._cache: OrderedDict[tuple[str, tuple[str, ...] | None], _Cached] = OrderedDict()
+        #: Keyed by the whole decision (connection, scopes, full-scope pass-through, lifetime
+        #: cap): a token is only ever served to a request the policy decided the same way.
+        self._cache: OrderedDict[TokenGrant, _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
         self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
@@ -201,7 +203,7 @@ class TokenIssuer:
         request = self._parse(body)
         grant = self._authorize(caller.email, request)
         scopes = grant.scopes
-        key = (request.connection, scopes)
+        key = grant
         now = self.clock.now()
         min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
         cached = self._cached(key, now, min_ttl)
@@ -249,9 +251,7 @@ class TokenIssuer:
             self._grants[key] = grant
         return grant
 
-    def _cached(
-        self, key: tuple[str, tuple[str, ...] | None], now: datetime, min_ttl: timedelta
-    ) -> _Cached | None:
+    def _cached(self, key: TokenGrant, now: datetime, min_ttl: timedelta) -> _Cached | None:
         with self._lock:
             entry = self._cache.get(key)
         if entry is None:
@@ -260,16 +260,14 @@ class TokenIssuer:
             return None
         return entry
 
-    async def _stale(
-        self, key: tuple[str, tuple[str, ...] | None], entry: _Cached, now: datetime
-    ) -> bool:
+    async def _stale(self, key: TokenGrant, entry: _Cached, now: datetime) -> bool:
         """Whether a newer credential version replaced the one this entry came from. Checked
         at most every ``version_check_seconds`` per entry, with a state read (not a secret)."""
         if entry.version is None or now - entry.checked_at < self.version_check:
             return False
         import asyncio  # noqa: PLC0415
 
-        record = await asyncio.to_thread(self.state.get, key[0])
+        record = await asyncio.to_thread(self.state.get, key.connection_id)
         entry.checked_at = now
         return record.state.current_version != entry.version
 

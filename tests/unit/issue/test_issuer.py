@@ -293,3 +293,54 @@ def test_a_narrowing_refresh_spends_the_token_endpoint_budget_the_refresher_spen
     # The lease was given back: the refresher is not blocked by a denied caller.
     after = world.state.claim(["gmail"], world.clock.now(), holder="x", ttl=timedelta(60))
     assert [c.lease.connection_id for c in after.claims] == ["gmail"]
+
+
+ADMIN = "admin@p.iam.gserviceaccount.com"
+SCOPED = "scoped@p.iam.gserviceaccount.com"
+BRIEF = "brief@p.iam.gserviceaccount.com"
+CACHE_POLICY = f"""
+version = 1
+[[grants]]
+callers = ["{ADMIN}"]
+connections = ["gmail"]
+scopes = ["*"]
+max_lifetime_seconds = 3600
+[[grants]]
+callers = ["{SCOPED}"]
+connections = ["gmail"]
+scopes = ["read", "send", "admin"]
+max_lifetime_seconds = 120
+[[grants]]
+callers = ["{BRIEF}"]
+connections = ["gmail"]
+scopes = ["*"]
+max_lifetime_seconds = 60
+"""
+
+
+def test_the_cache_never_hands_a_caller_more_than_its_own_decision(world: World) -> None:
+    """Issue 9: the cache was keyed on (connection, scopes) and a hit skipped the full-scope
+    check: after a ``*`` caller asked for exactly the connection's declared scopes, a caller
+    granted those scopes but not full-scope pass-through -- refused a moment before -- got the
+    connection's own access token, for its whole lifetime against a 120 s maximum; and a
+    caller limited to 60 s got the 3,600 s token minted for another."""
+    world.issuer.policy = parse_policy_text(CACHE_POLICY)
+    stored, now = world.secrets.get("gmail"), world.clock.now()
+    version = world.secrets.put(
+        "gmail",
+        stored.credential.with_token(access_token=Secret("AT-GMAIL-FULL"), obtained_at=now,
+                                     expires_at=now + timedelta(hours=1),
+                                     scope=("read", "send", "admin")),
+        expected_version=stored.version,
+    )  # fmt: skip
+    record = world.state.get("gmail")
+    world.state.put_state("gmail", replace(record.state, current_version=version))
+    everything = {"connection": "gmail", "scopes": ["read", "send", "admin"]}
+    with pytest.raises(PolicyDenied):
+        world.issue(everything, caller=SCOPED)
+    master = world.issue(everything, caller=ADMIN)
+    with pytest.raises(PolicyDenied):
+        world.issue(everything, caller=SCOPED)  # the cached master token is not its to have
+    brief = world.issue(everything, caller=BRIEF)
+    assert brief.expires_at <= world.clock.now() + timedelta(seconds=60)
+    assert world.issue(everything, caller=ADMIN).access_token == master.access_token
