@@ -77,6 +77,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import ConfigError, CredentialUnavailable, InvalidCallerToken
+from tokenbroker.kernel.fields import ascii_lower
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Caller
 
@@ -645,7 +646,7 @@ class IdTokenVerifier:
             if verified is not True and verified != "true":
                 raise InvalidCallerToken("token email is not verified")
         caller = Caller(
-            email=email.lower(),
+            email=ascii_lower(email),
             subject=sub,
             issuer=iss,
             expires_at=datetime.fromtimestamp(exp, UTC),

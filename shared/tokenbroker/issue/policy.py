@@ -23,6 +23,7 @@ from types import MappingProxyType
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from tokenbroker.kernel.errors import BadRequest, PolicyDenied
+from tokenbroker.kernel.fields import ascii_lower
 
 #: Upper bound on any token lifetime the policy can grant (and the default): one hour, which
 #: is also the most Google's ``generateAccessToken`` issues without an org-policy exception.
@@ -93,7 +94,7 @@ def caller_key(email: object) -> tuple[str, str] | None:
     """
     if not isinstance(email, str) or len(email) > _MAX_EMAIL:
         return None
-    email = email.lower()
+    email = ascii_lower(email)
     match = _EMAIL_RE.fullmatch(email)
     return (email, match.group(2)) if match else None
 
@@ -476,7 +477,7 @@ class IssuePolicy:
         """What ``caller_email`` may do; with ``connection_id``, only with that connection (or
         the relay of that name)."""
         return Explanation(
-            caller=caller_email.lower(),
+            caller=ascii_lower(caller_email),
             connections=tuple(
                 allowance
                 for cid, allowance in sorted(self.allowances(caller_email).items())

@@ -38,7 +38,7 @@ from tokenbroker.issue.policy import (
     is_scope,
 )
 from tokenbroker.kernel.errors import ConfigError
-from tokenbroker.kernel.fields import FieldReader, parse_enum
+from tokenbroker.kernel.fields import FieldReader, ascii_lower, parse_enum
 from tokenbroker.kernel.model import CONNECTION_ID_RE
 
 POLICY_VERSION = 1
@@ -140,7 +140,7 @@ def _connection_id(value: str, where: str) -> str:
 
 def _parse_caller(value: str, where: str) -> str:
     """An exact email, or ``*@domain`` for every identity in that domain. Lower-cased."""
-    pattern = value.lower()
+    pattern = ascii_lower(value)
     if pattern.startswith("*@"):
         if not DOMAIN_RE.fullmatch(pattern[2:]):
             raise ConfigError(f"{where}: {value!r} is not '*@' followed by a domain")

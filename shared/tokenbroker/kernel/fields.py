@@ -137,3 +137,13 @@ def parse_enum(kind: type[E], value: object, where: str) -> E:
     except ValueError:
         allowed = ", ".join(str(m.value) for m in kind)
         raise ConfigError(f"{where}: {value!r} is not one of: {allowed}") from None
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with A-Z lower-cased and nothing else changed. For identities (emails,
+    domains): ``str.lower`` follows Unicode, where a KELVIN SIGN (U+212A) becomes ``k``, so
+    two different identities would compare equal."""
+    return text.translate(_ASCII_LOWER)

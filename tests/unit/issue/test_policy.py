@@ -702,3 +702,17 @@ def test_a_relay_opens_exactly_what_its_routes_allow(seed: int) -> None:
         else:
             assert answer == opening[0]  # the first of the caller's routes that allows it
             assert answer.url_for(path).startswith(answer.base_url)
+
+
+def test_callers_are_lower_cased_by_ascii_rules_only() -> None:
+    """Issue 9: caller emails were case-folded with Unicode rules, so a KELVIN SIGN (U+212A)
+    matched a granted ``k``. An identity is compared exactly, after lower-casing A-Z only."""
+    from tokenbroker.issue.policy_file import parse_policy_text
+
+    rules = parse_policy_text(
+        'version = 1\n[[grants]]\ncallers = ["kay@p.iam.gserviceaccount.com"]\n'
+        'connections = ["crm"]\nscopes = ["*"]\n'
+    )
+    assert rules.authorize("KAY@p.iam.gserviceaccount.com", "crm", None, None)  # ASCII: fine
+    with pytest.raises(PolicyDenied):
+        rules.authorize("\u212aay@p.iam.gserviceaccount.com", "crm", None, None)
