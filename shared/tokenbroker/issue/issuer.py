@@ -126,8 +126,13 @@ class IssuedToken:
         body = self.to_json(self.expires_at)
         body["expires_in"] = marker
         text = json.dumps(body, separators=(",", ":")).encode()
-        before, _, after = text.partition(str(marker).encode())
-        return before, after
+        # Split at the member, quotes included: inside a JSON string value a quote is always
+        # escaped, so no token value (nor any other value) can contain this byte sequence.
+        member = b'"expires_in":'
+        before, found, after = text.partition(member + str(marker).encode())
+        if not found:  # pragma: no cover - json.dumps writes the member exactly so
+            raise AssertionError("expires_in member not rendered")
+        return before + member, after
 
     def render(self, now: datetime) -> bytes:
         """The JSON response body for an answer given at ``now``."""

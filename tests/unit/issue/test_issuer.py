@@ -344,3 +344,25 @@ def test_the_cache_never_hands_a_caller_more_than_its_own_decision(world: World)
     brief = world.issue(everything, caller=BRIEF)
     assert brief.expires_at <= world.clock.now() + timedelta(seconds=60)
     assert world.issue(everything, caller=ADMIN).access_token == master.access_token
+
+
+@pytest.mark.parametrize("value", ["-987654321", 'x"expires_in":-987654321', "AT-987654321-y"])
+def test_a_token_value_that_looks_like_the_render_marker_is_rendered_intact(value: str) -> None:
+    """Issue 9: the cached body was split at the first occurrence of the marker standing in
+    for ``expires_in`` -- inside the token value when it held those digits: the caller got a
+    corrupted token and a negative ``expires_in``."""
+    from datetime import UTC, datetime
+
+    from tokenbroker.issue.issuer import IssuedToken
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    token = IssuedToken(
+        access_token=Secret(value),
+        expires_at=now + timedelta(seconds=600),
+        refresh_after=now + timedelta(seconds=300),
+        scope=("read",),
+        connection="crm",
+    )
+    body = json.loads(token.render(now + timedelta(seconds=100)))
+    assert body["access_token"] == value
+    assert body["expires_in"] == 500
