@@ -7,9 +7,12 @@ for the methods and path prefixes the policy allows. It is never an open proxy:
 
 * the target host is fixed by the policy; the caller's path cannot change it (checked again
   after joining);
-* hop-by-hop headers (RFC 9110 §7.6.1), ``Host``, cookies, ``Forwarded``/``X-Forwarded-*``,
-  the caller's own ``Authorization`` and any header the route sets from the credential are
-  dropped, so a caller can neither forward its ID token nor pre-empt the injected value;
+* only an allow-list of the caller's headers is forwarded (content negotiation, conditional
+  requests, a request id: ``_FORWARD_REQUEST``); hop-by-hop headers (RFC 9110 §7.6.1),
+  ``Host``, cookies, ``Forwarded``/``X-Forwarded-*``, method and path overrides, the caller's
+  own ``Authorization`` or ``X-Serverless-Authorization`` and any header the route sets from
+  the credential never are, so a caller can neither forward its ID token, nor re-route the
+  request, nor pre-empt the injected value;
 * ``Accept-Encoding`` is the transport's: the answer must arrive in an encoding it decodes,
   or the injected secret could not be scrubbed from it;
 * redirects are never followed (a 3xx goes back to the caller as is);
@@ -62,6 +65,17 @@ _DROP_REQUEST = frozenset(
         "trailer", "transfer-encoding", "upgrade", "host", "authorization", "cookie",
         "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
         "content-length", "x-cloud-trace-context", "traceparent", "accept-encoding",
+    }
+)  # fmt: skip
+#: The only caller headers forwarded upstream (issue 9: a deny-list let method and path
+#: override headers -- ``X-HTTP-Method-Override``, ``X-Original-URL`` -- and the caller's
+#: ``X-Serverless-Authorization`` reach the provider). Content negotiation, conditional
+#: requests and a request id; everything else the route decides.
+_FORWARD_REQUEST = frozenset(
+    {
+        "accept", "accept-language", "content-type", "user-agent", "if-match",
+        "if-none-match", "if-modified-since", "if-unmodified-since", "prefer", "x-request-id",
+        "idempotency-key",
     }
 )  # fmt: skip
 _DROP_RESPONSE = frozenset(
@@ -202,7 +216,7 @@ class Relay:
         """The request as it goes on the wire, and the credential values put into it."""
         route = permit.route
         dropped = _DROP_REQUEST | route.credential_headers
-        sent = {k: v for k, v in headers if k.lower() not in dropped}
+        sent = {k: v for k, v in headers if k.lower() in _FORWARD_REQUEST - dropped}
         injected: list[str] = []
         if route.inject == "bearer":
             token = await self._value(route, "access_token", credential)

@@ -252,6 +252,25 @@ def test_hop_by_hop_cookie_forwarding_and_tracing_headers_are_dropped(
     assert names == {"accept", "user-agent", "x-request-id", "x-api-token"}
 
 
+def test_only_allow_listed_caller_headers_reach_the_upstream(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """Issue 9: a deny-list let method and path override headers and the caller's own
+    ``X-Serverless-Authorization`` (its invoker token) through to the provider."""
+    world, transport = recorded
+    smuggled = [
+        ("x-http-method-override", "DELETE"), ("x-http-method", "DELETE"),
+        ("x-method-override", "PUT"), ("x-original-url", "/admin/"),
+        ("x-rewrite-url", "/admin/"), ("x-original-method", "DELETE"),
+        ("x-serverless-authorization", bearer(BILLING)), ("x-forwarded-prefix", "/admin"),
+        ("x-real-ip", "10.0.0.1"), ("x-custom", "anything"), ("origin", "https://evil.example"),
+    ]  # fmt: skip
+    relay(world, "GET", "sige/pedidos/", headers=[*smuggled, ("if-none-match", '"v1"')])
+    (sent,) = transport.sent
+    assert {k.lower() for k in sent.headers} == {"if-none-match", "x-api-token"}
+    assert sent.method == "GET"
+
+
 def test_the_answer_loses_hop_by_hop_and_cookie_headers_and_every_echo_of_the_secret(
     recorded: tuple[World, RecordingTransport],
 ) -> None:
