@@ -461,7 +461,9 @@ def _b64decode(segment: bytes) -> bytes:
 def _json_object(segment: bytes, what: str, decoder: json.JSONDecoder) -> dict[str, Any]:
     try:
         value = decoder.decode(_b64decode(segment).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, binascii.Error):
+    except (ValueError, UnicodeDecodeError, binascii.Error, RecursionError):
+        # RecursionError: nesting deeper than the interpreter's stack (issue 9: a 500 with a
+        # traceback for an unauthenticated request).
         raise InvalidCallerToken(f"malformed token {what}") from None
     if not isinstance(value, dict):
         raise InvalidCallerToken(f"malformed token {what}")

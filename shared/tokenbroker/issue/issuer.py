@@ -79,7 +79,7 @@ class TokenRequest:
             raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # too deep: not a request
             raise BadRequest("request body is not JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("request body must be a JSON object")

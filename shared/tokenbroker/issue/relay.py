@@ -231,7 +231,7 @@ class Relay:
         elif route.inject == "body":
             try:
                 payload = json.loads(body or b"{}")
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise BadRequest("relay body must be a JSON object") from None
             if not isinstance(payload, dict):
                 raise BadRequest("relay body must be a JSON object")

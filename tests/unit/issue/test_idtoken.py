@@ -952,3 +952,23 @@ def test_key_set_over_real_http(keys_server: str, clock: FakeClock) -> None:
     down = KeySet(f"{keys_server}/down", clock=clock)
     with pytest.raises(CredentialUnavailable):
         down.key_for("key-a")
+
+
+@pytest.mark.parametrize("segment", ["header", "payload"])
+def test_a_deeply_nested_token_segment_is_a_401_not_a_recursion_error(
+    verifier: IdTokenVerifier, segment: str
+) -> None:
+    """Issue 9: an unauthenticated request whose JWT header nested arrays a few hundred deep
+    raised RecursionError -- a 500 with a 3 KB traceback in the log."""
+    deep = b64url(b"[" * 500 + b"]" * 500)  # 1,000 bytes: within the header bound
+    normal = b64url(b'{"alg":"RS256","kid":"key-a","typ":"JWT"}')
+    token = f"{deep}.{normal}.c2ln" if segment == "header" else f"{normal}.{deep}.c2ln"
+
+    def nested(depth: int) -> None:  # call from deep in a stack, as a server's handler is
+        if depth:
+            nested(depth - 1)
+            return
+        with pytest.raises(InvalidCallerToken):
+            verifier.verify_authorization(f"Bearer {token}")
+
+    nested(700)

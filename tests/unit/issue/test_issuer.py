@@ -366,3 +366,10 @@ def test_a_token_value_that_looks_like_the_render_marker_is_rendered_intact(valu
     body = json.loads(token.render(now + timedelta(seconds=100)))
     assert body["access_token"] == value
     assert body["expires_in"] == 500
+
+
+def test_a_deeply_nested_request_body_is_a_400(world: World) -> None:
+    """Issue 9: a deep JSON body raised RecursionError (a 500, a traceback) instead of 400."""
+    deep = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(BadRequest):
+        asyncio.run(world.issuer.issue(f"Bearer {WORKER}", deep))
