@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import save_output
+from tests.support.chaos import KILL_POINTS
 from tests.support.emulators import emulator
 from tests.support.oidc import RT_BASIC_ID, RT_BASIC_SECRET, OidcServer
 from tests.system.helpers import add_refresh_connection, outbox, tick
@@ -38,17 +39,7 @@ pytestmark = pytest.mark.system
 
 IDS = ["c0", "c1", "c2"]
 LEASE_TTL = 20  # seconds: the shortest the settings allow
-#: Where a kill leaves a request's outcome unknown (the answer is not durable yet).
-ON_THE_WIRE = {"intent.durable", "request.sent", "answer.received"}
-POINTS = [
-    "lease.claimed",
-    "intent.durable",
-    "request.sent",
-    "answer.received",
-    "secret.written",
-    "state.committed",
-    "events.published",
-]
+POINTS = KILL_POINTS  # every step boundary of a refresh
 
 
 @dataclass
