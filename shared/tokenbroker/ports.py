@@ -79,6 +79,18 @@ class Promotion:
 
 
 @dataclass(frozen=True)
+class WriteBudget:
+    """At most ``limit`` new versions of one connection's secret per sliding ``window``: a
+    store's own quota (AWS Secrets Manager's version quota), spent through
+    :meth:`StateStore.take_budget` under ``key`` before a refresh token is presented, so
+    that a write the store would refuse never follows a consumed token."""
+
+    key: str
+    limit: int
+    window: timedelta
+
+
+@dataclass(frozen=True)
 class Completion:
     """One refresh outcome for :meth:`StateStore.complete`: the state to write under the
     lease, and the events announcing it, written to the store's outbox in the same commit
@@ -150,6 +162,11 @@ class SecretStore(Protocol):
 
     def versions(self, connection_id: str) -> builtins.list[int]:
         """Readable versions, oldest first. Empty when the connection has none."""
+        ...
+
+    def write_budget(self, connection_id: str) -> WriteBudget | None:
+        """How many versions the store can take for this connection per window, when it
+        limits that; ``None`` when it does not. No I/O."""
         ...
 
     def delete(self, connection_id: str) -> None:

@@ -474,3 +474,22 @@ def test_a_staged_first_version_and_delete(secret_store: SecretStore) -> None:
 def test_stage_and_promote_of_nothing(secret_store: SecretStore) -> None:
     assert secret_store.stage([]) == []
     assert secret_store.promote([]) == []
+
+
+def test_a_write_budget_is_per_connection_stable_and_spendable(secret_store: SecretStore) -> None:
+    """``write_budget`` is None or a budget ``StateStore.take_budget`` accepts: a key that is
+    the same on every call for one connection and differs between connections, a limit of
+    at least one version, a window within the state store's bounds."""
+    from tokenbroker.ports import MAX_BUDGET_KEY_LENGTH, MAX_BUDGET_LIMIT, MAX_BUDGET_WINDOW
+
+    budget = secret_store.write_budget("c1")
+    if budget is None:
+        assert secret_store.write_budget("c2") is None
+        return
+    other = secret_store.write_budget("c2")
+    assert other is not None
+    assert budget == secret_store.write_budget("c1")
+    assert budget.key != other.key
+    assert 0 < len(budget.key) <= MAX_BUDGET_KEY_LENGTH
+    assert 1 <= budget.limit <= MAX_BUDGET_LIMIT
+    assert timedelta(0) < budget.window <= MAX_BUDGET_WINDOW

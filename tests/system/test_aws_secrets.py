@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from tests.support.moto_server import delete_secrets_with_prefix, moto_client, m
 from tokenbroker.adapters.aws import (
     CURRENT,
     LATEST,
+    NEXT,
     PENDING,
     PREVIOUS,
     AwsSecretsManagerStore,
@@ -42,6 +44,7 @@ from tokenbroker.kernel.errors import (
     VersionConflict,
 )
 from tokenbroker.kernel.model import Credential
+from tokenbroker.ports import Promotion, SecretWrite
 
 pytestmark = pytest.mark.system
 
@@ -451,9 +454,98 @@ def test_a_tampered_pending_version_is_discarded_and_the_current_one_served(
     assert found[version_token(CID, 3)] == set()
     assert LATEST in found[version_token(CID, 2)]
     assert reader.versions(CID) == [1, 2]
-    # Its VersionId is spent: writing version 3 can never succeed, and the store says why.
-    with pytest.raises(CorruptCredential, match="discarded"):
-        reader.put(CID, credential(), expected_version=2)
+    # Its VersionId is spent for good; the next write takes the number after it.
+    assert reader.put(CID, credential(), expected_version=2) == 4
+
+
+def _discarded_v3(store: AwsSecretsManagerStore, aws: Any) -> list[Credential]:
+    """v1, v2 current, and a tampered v3 left pending, as a writer that crashed would."""
+    creds = chain(store, 2)
+    aws.put_secret_value(
+        SecretId=store.secret_name(CID),
+        ClientRequestToken=version_token(CID, 3),
+        SecretString=_tampered(3, creds[1], credential("forged")),
+        VersionStages=[PENDING, LATEST, retain_label(3, 3)],
+    )
+    return creds
+
+
+def test_a_discarded_version_id_never_refuses_the_answer_staged_after_it(
+    open_store: Callable[..., AwsSecretsManagerStore], aws: Any
+) -> None:
+    """Issue 8, row 30: a version discarded as unreadable keeps its VersionId for good, so
+    the next write of its number was refused -- at PutSecretValue, after the provider had
+    consumed the refresh token whose answer it carried. The discard now leaves a marker on
+    the current version, and the next stage skips the spent number on its first try."""
+    store = open_store()
+    _discarded_v3(store, aws)
+    reader = open_store()
+    assert reader.get(CID).version == 2  # the read settles v3: discarded
+    answer = credential()
+    counter = CallCounter(reader)
+    assert reader.stage([SecretWrite(CID, answer, 2, attempt="a1")]) == [4]
+    assert counter.take()["PutSecretValue"] == 1  # no refused write on the way
+    assert reader.promote([Promotion(CID, 4, 2)]) == [4]
+    got = open_store().get(CID)
+    assert (got.version, got.credential) == (4, answer)
+    # Once a later version is current the marker has done its work: the next write is 5.
+    assert reader.put(CID, credential(), expected_version=4) == 5
+    reader.versions(CID)  # housekeeping
+    assert not [
+        label
+        for found in labels(aws, reader.secret_name(CID)).values()
+        for label in found
+        if label.startswith(NEXT)
+    ]
+
+
+def test_a_reader_settling_the_discard_leaves_the_marker_too(
+    open_store: Callable[..., AwsSecretsManagerStore], aws: Any
+) -> None:
+    """Whoever settles (a reader, another writer), the marker is on the current version
+    before ``tokenbroker-latest`` comes back to it."""
+    store = open_store()
+    _discarded_v3(store, aws)
+    open_store().versions(CID)  # settled by a listing
+    found = labels(aws, store.secret_name(CID))
+    assert f"{NEXT}{4:012d}" in found[version_token(CID, 2)]
+    assert LATEST in found[version_token(CID, 2)]
+    assert open_store().put(CID, credential(), expected_version=2) == 4
+
+
+def test_a_spent_version_id_without_a_marker_is_skipped_at_the_write(
+    open_store: Callable[..., AwsSecretsManagerStore], aws: Any
+) -> None:
+    """A version discarded before markers existed (or whose marker was removed by hand):
+    the refused PutSecretValue finds it deprecated, marks the current version and writes the
+    next number, so the answer in hand is kept."""
+    store = open_store()
+    _discarded_v3(store, aws)
+    name = store.secret_name(CID)
+    open_store().get(CID)
+    aws.update_secret_version_stage(
+        SecretId=name, VersionStage=f"{NEXT}{4:012d}", RemoveFromVersionId=version_token(CID, 2)
+    )
+    answer = credential()
+    assert open_store().stage([SecretWrite(CID, answer, 2, attempt="a1")]) == [4]
+    assert open_store().promote([Promotion(CID, 4, 2)]) == [4]
+    assert open_store().get(CID).credential == answer
+
+
+def test_the_version_quota_is_a_write_budget(
+    open_store: Callable[..., AwsSecretsManagerStore],
+) -> None:
+    """Secrets Manager keeps every version younger than 24 hours and removes unlabelled ones
+    only beyond 100 (reference_limits.html): the versions one secret may take in 24 hours,
+    leaving room for the labelled ones, as a budget the refresher spends before presenting."""
+    store = open_store(retained_versions=3)
+    budget = store.write_budget(CID)
+    assert budget is not None
+    assert budget.window == timedelta(hours=24)
+    assert 1 <= budget.limit <= 100 - 3 - 3  # the ring, AWSPREVIOUS, and a discard's margin
+    assert CID not in budget.key  # a digest: the same for every handle, nothing in clear
+    assert budget.key == open_store(retained_versions=3).write_budget(CID).key  # type: ignore[union-attr]
+    assert budget.key != store.write_budget("other").key  # type: ignore[union-attr]
 
 
 # --- API calls -------------------------------------------------------------------------------
@@ -621,3 +713,36 @@ def test_moto_lists_versions_of_a_missing_secret_as_not_found(aws: Any, prefix: 
 
 def test_the_endpoint_is_shared(aws: Any) -> None:
     assert aws.meta.endpoint_url == moto_endpoint()
+
+
+def test_the_refresher_defers_before_presenting_once_the_secret_takes_no_more_versions(
+    prefix: str,
+) -> None:
+    """Row 30's other half: a write over the version quota was refused after the provider
+    had consumed the token. The tick spends the store's write budget before presenting, so
+    over it nothing is sent and the connection is deferred, not failed."""
+    from tests.unit.refresh.test_tick import World
+    from tokenbroker.kernel.model import ConnectionStatus
+    from tokenbroker.refresh.registry import ConnectionRegistry
+
+    world = World()
+    world.secrets = AwsSecretsManagerStore(  # type: ignore[assignment]
+        moto_client(), prefix=prefix, version_budget=2
+    )
+    world.registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=world.profiles, clock=world.clock
+    )
+    world.add("c1")
+    for _ in range(2):
+        assert world.tick(connection_ids=["c1"]).refreshed == 1
+    sent = world.server.requests["refresh_token"]
+    summary = world.tick(connection_ids=["c1"])
+    assert world.server.requests["refresh_token"] == sent  # nothing presented
+    assert (summary.refreshed, summary.deferred, sum(summary.failed.values())) == (0, 1, 0)
+    assert summary.over_budget == 1  # at risk too: the slot frees after the access token expires
+    assert summary.over_budget_at_risk == 1
+    record = world.state.get("c1")
+    assert record.state.status is ConnectionStatus.ACTIVE
+    assert record.state.current_version == world.secrets.get("c1").version == 3
+    world.clock.advance(24 * 3600 + 1)
+    assert world.tick(connection_ids=["c1"]).refreshed == 1

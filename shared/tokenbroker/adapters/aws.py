@@ -36,6 +36,9 @@ Staging labels
   younger than 24 hours (https://docs.aws.amazon.com/secretsmanager/latest/userguide/reference_limits.html).
   A version is readable while it carries a retain label (or ``AWSCURRENT``). With ``r = 1``
   the old version also loses ``AWSPREVIOUS``, so nothing but the current one is kept.
+* ``tokenbroker-next-{m:012d}``, on the current version only: the next version is numbered
+  *m*, not current + 1 -- the numbers between belong to versions that were discarded (see
+  *crash safety*), whose VersionIds are spent for good. The port allows such gaps.
 
 A put is AWS's documented rotation (https://docs.aws.amazon.com/secretsmanager/latest/userguide/rotate-secrets_how.html),
 driven here rather than by a Lambda (``RotateSecret`` is for Lambda-driven rotation):
@@ -57,8 +60,17 @@ reads or writes the connection and finds ``tokenbroker-latest`` on a version wit
 ``AWSCURRENT`` *settles* it first: if it decodes, its digest matches and it is numbered
 current + 1, it is promoted (step 4); otherwise ``tokenbroker-latest`` goes back to the
 current version (a compare-and-set too) and the failed version loses its labels. Its
-VersionId stays taken (versions are immutable), so a later write of that number raises
-:class:`CorruptCredential` rather than conflicting for ever: an operator re-authorises.
+VersionId stays taken (versions are immutable), so before ``tokenbroker-latest`` comes back,
+the current version gets the ``tokenbroker-next-`` marker of the number after it: the next
+write -- whose refresh token the provider has already consumed -- goes to a free VersionId on
+its first try. (A spent VersionId met without a marker, e.g. from before markers existed, is
+recognised at the refused ``PutSecretValue``: the marker is set then and the write repeated.)
+
+The version quota is met the same way, before anything is presented: :meth:`write_budget`
+gives the versions one secret may take in 24 hours (``version_budget``, by default
+:data:`MAX_VERSIONS` less the labelled ones and a margin), and the refresher spends one
+through the state store before it presents a refresh token, deferring the refresh when
+none is left.
 
 API calls (each is one billed request, https://aws.amazon.com/secrets-manager/pricing/):
 per read (``get``) 1 GetSecretValue; ``versions`` 1 ListSecretVersionIds;
@@ -85,7 +97,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tokenbroker.adapters.secret_store import DEFAULT_RETAINED_VERSIONS, VersionedSecretStore
@@ -99,7 +111,7 @@ from tokenbroker.kernel.errors import (
 )
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import Promotion, SecretWrite
+from tokenbroker.ports import Promotion, SecretWrite, WriteBudget
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,12 +120,19 @@ CURRENT = "AWSCURRENT"
 PREVIOUS = "AWSPREVIOUS"
 PENDING = "AWSPENDING"
 LATEST = "tokenbroker-latest"
+NEXT = "tokenbroker-next-"
 RETAIN = "tokenbroker-retain-"
 ENVELOPE_SCHEMA = "tokenbroker.credential.v1"
 TAGS = {"managed-by": "tokenbroker"}
 #: Secrets Manager allows 20 staging labels per secret: r retain labels, the three AWS
-#: ones, ``tokenbroker-latest``, and room for one older ring left by a change of r.
-MAX_RETAINED_VERSIONS = 8
+#: ones, ``tokenbroker-latest``, a ``tokenbroker-next-`` marker, and room for one older ring
+#: left by a change of r.
+MAX_RETAINED_VERSIONS = 7
+#: "Secrets Manager removes unlabeled versions when there are more than 100, but it does not
+#: remove versions created less than 24 hours ago" -- past that, "you will reach the quota for
+#: secret versions" (https://docs.aws.amazon.com/secretsmanager/latest/userguide/reference_limits.html).
+MAX_VERSIONS = 100
+VERSION_WINDOW = timedelta(hours=24)
 #: Settle-and-reread rounds before giving up on a connection that keeps changing.
 _ROUNDS = 5
 #: Concurrent requests in get_many / put_many (botocore keeps 10 connections by default).
@@ -183,6 +202,17 @@ def _version_of(connection_id: str, version_id: str) -> int | None:
         return None
     version = int(found.group(1))
     return version if version_token(connection_id, version) == version_id else None
+
+
+def _next_number(current: _Version, number: int) -> int:
+    """The number the version after ``current`` (numbered ``number``) takes: ``number + 1``,
+    or past the spent ones its ``tokenbroker-next-`` markers name."""
+    marked = [
+        int(label[len(NEXT) :])
+        for label in current.stages
+        if label.startswith(NEXT) and label[len(NEXT) :].isdigit()
+    ]
+    return max([number + 1, *marked])
 
 
 def retain_label(version: int, retained: int) -> str:
@@ -309,6 +339,7 @@ class AwsSecretsManagerStore(VersionedSecretStore):
         prefix: str = "tokenbroker/",
         retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         kms_key_id: str | None = None,
+        version_budget: int | None = None,
     ) -> None:
         if not 1 <= retained_versions <= MAX_RETAINED_VERSIONS:
             raise ConfigError(
@@ -319,7 +350,15 @@ class AwsSecretsManagerStore(VersionedSecretStore):
             raise ConfigError(
                 f"AWS secret prefix {prefix!r} may only contain letters, digits and /_+=.@-"
             )
+        # Room for the labelled versions (the ring, AWSPREVIOUS) and a discarded one or two.
+        budget = MAX_VERSIONS - retained_versions - 4 if version_budget is None else version_budget
+        if not 1 <= budget <= MAX_VERSIONS:
+            raise ConfigError(
+                f"version_budget must be 1-{MAX_VERSIONS} versions per secret per 24 hours on"
+                f" AWS Secrets Manager, got {version_budget}"
+            )
         super().__init__(retained_versions)
+        self.version_budget = budget
         self.prefix = prefix
         self.kms_key_id = kms_key_id
         self._client = client
@@ -340,6 +379,14 @@ class AwsSecretsManagerStore(VersionedSecretStore):
 
     def secret_name(self, connection_id: str) -> str:
         return f"{self.prefix}{connection_id}"
+
+    def write_budget(self, connection_id: str) -> WriteBudget:
+        """The versions the connection's secret may take per 24 hours (the module docstring);
+        keyed by a digest of the secret's name, so every handle on it shares one count."""
+        digest = hashlib.sha256(
+            b"tokenbroker aws secret versions v1\x00" + self.secret_name(connection_id).encode()
+        ).hexdigest()[:32]
+        return WriteBudget(f"secret_versions:{digest}", self.version_budget, VERSION_WINDOW)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -462,7 +509,7 @@ class AwsSecretsManagerStore(VersionedSecretStore):
         base = self._decode(connection_id, current)
         try:
             newest = self._decode(connection_id, pending)
-            passes = newest.version == base.version + 1
+            passes = newest.version == _next_number(current, base.version)
         except CorruptCredential:
             passes = False
         if passes:
@@ -475,24 +522,50 @@ class AwsSecretsManagerStore(VersionedSecretStore):
                     version=base.version + 1,
                 )
             return
-        self._discard(name, pending, current.version_id, connection_id)
+        self._discard(name, pending, current, connection_id)
 
-    def _finish(self, name: str, new_id: str, old_id: str) -> bool:
+    def _finish(
+        self, name: str, new_id: str, old_id: str, old_stages: frozenset[str] = frozenset()
+    ) -> bool:
         """finishSecret: move AWSCURRENT (Secrets Manager moves AWSPREVIOUS to ``old_id``,
         https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_UpdateSecretVersionStage.html),
-        then take AWSPENDING off. False when AWSCURRENT had already left ``old_id``."""
+        then take AWSPENDING off (and a ``tokenbroker-next-`` marker the old version had, when
+        its labels are known; ``versions`` removes those left). False when AWSCURRENT had
+        already left ``old_id``."""
         if not self._move_label(name, CURRENT, to=new_id, away_from=old_id):
             return False
         self._drop_label(name, PENDING, new_id)
         if self.retained_versions == 1:
             self._drop_label(name, PREVIOUS, old_id)
+        for label in sorted(old_stages):
+            if label.startswith(NEXT):
+                self._drop_label(name, label, old_id)
         return True
 
-    def _discard(self, name: str, failed: _Version, current_id: str, connection_id: str) -> None:
-        """Point ``tokenbroker-latest`` back at the current version, then strip the failed
-        version's labels so it is deprecated. The first move only succeeds while the label
-        is still on ``failed``, which is never a promoted version."""
-        if not self._move_label(name, LATEST, to=current_id, away_from=failed.version_id):
+    def _mark_next(self, name: str, current: _Version, number: int) -> None:
+        """Put the ``tokenbroker-next-`` marker of ``number`` on the current version (the next
+        write skips the spent VersionIds below it). Moving a label onto the version that has
+        it already changes nothing, so settlers may all do it."""
+        label = f"{NEXT}{number:012d}"
+        if label not in current.stages:
+            self._call(
+                "update_secret_version_stage",
+                SecretId=name,
+                VersionStage=label,
+                MoveToVersionId=current.version_id,
+            )
+
+    def _discard(self, name: str, failed: _Version, current: _Version, connection_id: str) -> None:
+        """Mark the failed version's number spent on the current version (when it is the one
+        the next write would take), point ``tokenbroker-latest`` back at the current version,
+        then strip the failed version's labels so it is deprecated. The move only succeeds
+        while the label is still on ``failed``, which is never a promoted version; the marker
+        comes first, so no reader sees the discard without it."""
+        spent = _version_of(connection_id, failed.version_id)
+        base = _version_of(connection_id, current.version_id)
+        if spent is not None and base is not None and spent == _next_number(current, base):
+            self._mark_next(name, current, spent + 1)
+        if not self._move_label(name, LATEST, to=current.version_id, away_from=failed.version_id):
             return
         self.log.warning(
             "discarded an unreadable pending credential version",
@@ -545,44 +618,38 @@ class AwsSecretsManagerStore(VersionedSecretStore):
             readable: builtins.list[int] = []
             for found in listed:
                 number = _version_of(connection_id, found.version_id)
+                stale = self._stale_labels(found, number, top)
+                for label in stale:
+                    self._drop_label(name, label, found.version_id)
                 if number is None or (not found.retained and number != top):
                     continue
                 if self._is_retained(number, top) and found.committed:
                     readable.append(number)
-                elif number <= self._retention_floor(top):
-                    for label in sorted(found.stages):
-                        if label.startswith(RETAIN):
-                            self._drop_label(name, label, found.version_id)
             return sorted(readable)
         raise StoreUnavailable(f"connection {connection_id!r} kept changing while it was read")
+
+    def _stale_labels(self, found: _Version, number: int | None, top: int) -> list[str]:
+        """Labels of ours left where they no longer mean anything: retain labels below the
+        retention floor, ``tokenbroker-next-`` markers once another version is current."""
+        stale = [s for s in found.stages if s.startswith(NEXT) and CURRENT not in found.stages]
+        if number is not None and found.retained and number <= self._retention_floor(top):
+            stale += [s for s in found.stages if s.startswith(RETAIN)]
+        return sorted(stale)
 
     # -- writes --------------------------------------------------------------------------------
 
     def _commit(self, write: SecretWrite) -> int:
-        connection_id, credential = write.connection_id, write.credential
-        expected_version = write.expected_version
-        if expected_version is None:
-            return self._create(connection_id, credential)
+        if write.expected_version is None:
+            return self._create(write.connection_id, write.credential)
+        connection_id = write.connection_id
         name = self.secret_name(connection_id)
-        new = expected_version + 1
-        body = encode_envelope(new, credential)
-        try:
-            head, stored = self._head(connection_id)
-        except NotFound:
-            raise self._conflict(connection_id, None, expected_version) from None
-        if stored.version == new and head.secret_string == body:
-            return new  # this very write, finished by a reader after we stopped
-        self._check_expected(connection_id, stored.version, expected_version)
+        head, new, body, done = self._put_next(write)
+        if done:
+            return new
         new_id = version_token(connection_id, new)
-        stages = [PENDING, LATEST, retain_label(new, self.retained_versions)]
         try:
-            self._create_step(name, new_id, body, stages)
-        except VersionConflict:
-            self._refuse_burnt(connection_id, new_id, new)
-            raise
-        try:
-            done = self._test_step(connection_id, new_id, body, head.version_id) and self._finish(
-                name, new_id, head.version_id
+            done = self._test_step(connection_id, new_id, body, head) and self._finish(
+                name, new_id, head.version_id, head.stages
             )
         except NotFound:
             raise VersionConflict(f"connection {connection_id!r} was deleted") from None
@@ -591,29 +658,45 @@ class AwsSecretsManagerStore(VersionedSecretStore):
     def _stage(self, write: SecretWrite) -> int:
         """createSecret alone: the new version with ``AWSPENDING`` and ``tokenbroker-latest``,
         durable once it returns; reads settle it from then on (see the module docstring)."""
-        connection_id, credential = write.connection_id, write.credential
-        expected_version = write.expected_version
-        if expected_version is None:
-            return self._create(connection_id, credential)  # version 1 is current at once
+        if write.expected_version is None:
+            return self._create(write.connection_id, write.credential)  # current at once
+        return self._put_next(write)[1]
+
+    def _put_next(self, write: SecretWrite) -> tuple[_Version, int, str, bool]:
+        """createSecret on top of ``write.expected_version`` (a compare-and-set): the head it
+        was written on, the new version's number and body, and whether this very write was
+        found current already (finished by a reader after an earlier try). A spent VersionId
+        in the way (a discarded version, and no marker saying so) is marked and skipped."""
+        connection_id, expected = write.connection_id, write.expected_version
         name = self.secret_name(connection_id)
-        new = expected_version + 1
-        body = encode_envelope(new, credential)
-        try:
-            head, stored = self._head(connection_id)
-        except NotFound:
-            raise self._conflict(connection_id, None, expected_version) from None
-        if stored.version == new and head.secret_string == body:
-            return new  # this very write, settled by a reader already
-        self._check_expected(connection_id, stored.version, expected_version)
-        new_id = version_token(connection_id, new)
-        try:
-            self._create_step(
-                name, new_id, body, [PENDING, LATEST, retain_label(new, self.retained_versions)]
-            )
-        except VersionConflict:
-            self._refuse_burnt(connection_id, new_id, new)
-            raise
-        return new
+        for _ in range(_ROUNDS):
+            try:
+                head, stored = self._head(connection_id)
+            except NotFound:
+                raise self._conflict(connection_id, None, expected) from None
+            if expected is not None and stored.version > expected:
+                mine = encode_envelope(stored.version, write.credential)
+                if head.secret_string == mine:
+                    return head, stored.version, mine, True
+            self._check_expected(connection_id, stored.version, expected)
+            new = _next_number(head, stored.version)
+            body = encode_envelope(new, write.credential)
+            new_id = version_token(connection_id, new)
+            stages = [PENDING, LATEST, retain_label(new, self.retained_versions)]
+            try:
+                self._create_step(name, new_id, body, stages)
+            except VersionConflict:
+                if not self._spent(name, new_id):
+                    raise  # a lost race: the version there is another writer's
+                self.log.warning(
+                    "the next version id was spent by a discarded version: skipping it",
+                    connection_id=connection_id,
+                    version=new,
+                )
+                self._mark_next(name, head, new + 1)
+                continue
+            return head, new, body, False
+        raise StoreUnavailable(f"connection {connection_id!r} kept changing while it was written")
 
     def _promote(self, promotion: Promotion) -> int:
         """testSecret and finishSecret: read the staged version back by its VersionId and
@@ -649,22 +732,18 @@ class AwsSecretsManagerStore(VersionedSecretStore):
         except NotFound:
             raise VersionConflict(f"secret {name!r} was deleted during the write") from None
 
-    def _refuse_burnt(self, connection_id: str, version_id: str, version: int) -> None:
-        """After losing the createSecret race: a *deprecated* version under the VersionId we
-        wanted is one that failed the test and was discarded (tampered with, or corrupted).
-        Its VersionId can never be reused (versions are immutable, and Secrets Manager deletes
-        deprecated ones only beyond 100 versions), so every later write would conflict: say
-        so instead. A lost race finds a labelled version there."""
-        with contextlib.suppress(NotFound, SecretsManagerRefused):
-            found = self._read(self.secret_name(connection_id), version_id=version_id)
-            if not found.stages:
-                raise CorruptCredential(
-                    f"connection {connection_id!r}: version {version} was discarded as"
-                    " unreadable and cannot be written again; delete the connection's secret"
-                    " and authorise it again"
-                )
+    def _spent(self, name: str, version_id: str) -> bool:
+        """After a refused createSecret over the current version: whether the version under
+        ``version_id`` is a discarded one (neither current nor the newest written: a live
+        writer's version keeps ``tokenbroker-latest`` until it is promoted or discarded), so
+        its VersionId can never be written again."""
+        try:
+            found = self._read(name, version_id=version_id)
+        except (NotFound, SecretsManagerRefused):
+            return False
+        return CURRENT not in found.stages and LATEST not in found.stages
 
-    def _test_step(self, connection_id: str, version_id: str, body: str, current_id: str) -> bool:
+    def _test_step(self, connection_id: str, version_id: str, body: str, current: _Version) -> bool:
         """testSecret: read the pending version back and decode it. False when it is no
         longer pending (settled by a reader meanwhile: the caller looks at the outcome)."""
         name = self.secret_name(connection_id)
@@ -679,7 +758,7 @@ class AwsSecretsManagerStore(VersionedSecretStore):
         try:
             self._decode(connection_id, found)
         except CorruptCredential:
-            self._discard(name, found, current_id, connection_id)
+            self._discard(name, found, current, connection_id)
             raise
         return found.secret_string == body
 

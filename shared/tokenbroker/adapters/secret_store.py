@@ -60,7 +60,7 @@ from tokenbroker.kernel.errors import (
     VersionConflict,
 )
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import Promotion, SecretWrite
+from tokenbroker.ports import Promotion, SecretWrite, WriteBudget
 
 __all__ = [
     "DEFAULT_RETAINED_VERSIONS",
@@ -210,6 +210,10 @@ class VersionedSecretStore(ABC):
 
         self._map(run, list(by_connection.values()))
         return results
+
+    def write_budget(self, connection_id: str) -> WriteBudget | None:  # noqa: ARG002
+        """No limit on versions but the store's rate quotas (the port's default)."""
+        return None
 
     @abstractmethod
     def versions(self, connection_id: str) -> list[int]:

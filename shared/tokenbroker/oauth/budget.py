@@ -11,8 +11,12 @@ from urllib.parse import urlsplit
 
 from tokenbroker.kernel.model import Connection, Credential
 from tokenbroker.oauth.profiles import BudgetScope, ProviderProfile
+from tokenbroker.ports import WriteBudget
 
-__all__ = ["BudgetRequest", "budget_request"]
+__all__ = ["SECRET_VERSIONS", "BudgetRequest", "budget_request", "store_budget"]
+
+#: The scope of a credential store's own budget: versions of one secret per window.
+SECRET_VERSIONS = "secret_versions"  # noqa: S105 - a scope name
 
 #: Domain separation for the key digests: a budget key is no hash anyone else computes.
 _KEY_CONTEXT = b"tokenbroker token-endpoint budget v1\x00"
@@ -20,10 +24,12 @@ _KEY_CONTEXT = b"tokenbroker token-endpoint budget v1\x00"
 
 @dataclass(frozen=True)
 class BudgetRequest:
-    """One slot of a budget to take before sending one token request."""
+    """One slot of a budget to take before sending one token request. ``scope`` is what it
+    is counted per: a :class:`BudgetScope` for a provider's budget, or
+    :data:`SECRET_VERSIONS` for a credential store's version quota (:func:`store_budget`)."""
 
     key: str
-    scope: BudgetScope
+    scope: str
     limit: int
     window: timedelta
     cost: int = 1
@@ -74,4 +80,14 @@ def budget_request(
         scope=budget.scope,
         limit=budget.requests,
         window=timedelta(seconds=budget.per_seconds),
+    )
+
+
+def store_budget(budget: WriteBudget | None) -> BudgetRequest | None:
+    """The slot a refresh takes of its credential store's version budget (one answer, one
+    new version), or ``None`` when the store has none."""
+    if budget is None:
+        return None
+    return BudgetRequest(
+        key=budget.key, scope=SECRET_VERSIONS, limit=budget.limit, window=budget.window
     )

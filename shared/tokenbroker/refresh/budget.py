@@ -143,7 +143,7 @@ def report(deferral: BudgetDeferral, connection_id: str, log: Logger) -> None:
     fields = {
         "connection_id": connection_id,
         "outcome": deferral.kind.value,
-        "budget_scope": deferral.request.scope.value,
+        "budget_scope": str(deferral.request.scope),
         "budget_limit": deferral.request.limit,
         "budget_window_seconds": deferral.request.window.total_seconds(),
         "budget_used": deferral.decision.used,

@@ -83,7 +83,7 @@ from tokenbroker.kernel.model import (
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.schedule import RefreshPolicy
 from tokenbroker.oauth.acquire import next_credential, request_token
-from tokenbroker.oauth.budget import BudgetRequest, budget_request
+from tokenbroker.oauth.budget import BudgetRequest, budget_request, store_budget
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import (
@@ -609,12 +609,14 @@ class Refresher:
             budget = budget_request(connection, profile, stored.credential)
         except TokenBrokerError as error:  # its token URL cannot be resolved
             return _Attempt(claim, stored, error, self.clock.now())
+        # The store's version quota: one new version per refresh, whatever the retries.
+        versions = store_budget(self.secrets.write_budget(cid))
         number = 1
         while True:
             await at_risk.acquire()
-            if budget is not None:
-                # Before the intent: a denied request is never sent, so nothing is unknown.
-                denied = await self._spend(claim, stored, budget)
+            # Before the intent: a denied request is never sent, so nothing is unknown.
+            for request in (versions if number == 1 else None, budget):
+                denied = None if request is None else await self._spend(claim, stored, request)
                 if denied is not None:
                     at_risk.release()
                     return denied
