@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -288,6 +288,14 @@ class StateStore(Protocol):
 
     def unpark_events(self, event_ids: Sequence[str]) -> None:
         """Forget parked events once published (unknown ids are ignored)."""
+        ...
+
+    def change_marker(self) -> Hashable:
+        """A value, cheap to get (no network round trip, never blocking), that differs from
+        every earlier one once anything in the store has changed -- through this handle or
+        any other, in any process. Equal markers promise nothing changed in between; a store
+        that cannot tell returns a new value every call (its callers then read). Take the
+        marker *before* a read, so a change during the read shows in the next marker."""
         ...
 
     # Token-endpoint budgets: how many requests a provider lets one refresh token (or client,

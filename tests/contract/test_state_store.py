@@ -142,6 +142,27 @@ def test_writes_are_visible_through_another_handle(open_state_store: OpenStateSt
     assert writer.claim_due(T0, holder="w", ttl=TTL, limit=10).claims == []
 
 
+def test_the_change_marker_moves_with_every_change_through_any_handle(
+    open_state_store: OpenStateStore,
+) -> None:
+    """The issuer trusts an unchanged marker to mean an unchanged record (status is live,
+    issue 9): every kind of change, through this handle or another, moves it."""
+    writer, reader = open_state_store(), open_state_store()
+    record = _add(writer, "c1")
+    changes = [
+        lambda: writer.put_state("c1", _written(2)),
+        lambda: writer.put_state("c1", replace(_written(2), status=ConnectionStatus.DISABLED)),
+        lambda: _add(writer, "c2"),
+        lambda: writer.delete("c2"),
+        lambda: reader.put_state("c1", record.state),
+    ]
+    for n, change in enumerate(changes):
+        marks = (reader.change_marker(), writer.change_marker())
+        change()
+        assert reader.change_marker() != marks[0], n
+        assert writer.change_marker() != marks[1], n
+
+
 # --- claim_due -----------------------------------------------------------------------------
 
 

@@ -182,7 +182,9 @@ const provider = new Provider(ISSUER, {
   // Rotate the refresh token on EVERY use (RFC 9700 section 4.14.2).  oidc-provider marks the
   // old token consumed; presenting a consumed token again is treated as replay: 400
   // invalid_grant AND the whole grant is revoked, so the rotated token dies too.
-  rotateRefreshToken: true,
+  // Except for clients whose id starts with `rt-fixed`: a provider that keeps the refresh
+  // token (Google does), which the issuer's scope narrowing needs.
+  rotateRefreshToken: (ctx) => !String(ctx.oidc.client?.clientId ?? '').startsWith('rt-fixed'),
 
   // Issue a refresh token to every client allowed the refresh_token grant, whether or not
   // offline_access survived the authorization request (oidc-provider drops offline_access

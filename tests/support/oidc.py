@@ -60,6 +60,8 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 # Default clients registered on every server (RFC 7591 metadata).
 RT_BASIC_ID, RT_BASIC_SECRET = "rt-basic", "rt-basic-secret"
 RT_POST_ID, RT_POST_SECRET = "rt-post", "rt-post-secret"
+#: A client whose refresh token is not rotated (the server rotates every other one).
+RT_FIXED_ID, RT_FIXED_SECRET = "rt-fixed", "rt-fixed-secret"
 CC_BASIC_ID, CC_BASIC_SECRET = "cc-basic", "cc-basic-secret"
 CC_POST_ID, CC_POST_SECRET = "cc-post", "cc-post-secret"
 # Public client (token_endpoint_auth_method "none") that bare JWT bearer requests run under.
@@ -91,6 +93,7 @@ def _cc_client(client_id: str, secret: str, method: str) -> dict[str, Any]:
 DEFAULT_CLIENTS: tuple[dict[str, Any], ...] = (
     _rt_client(RT_BASIC_ID, RT_BASIC_SECRET, "client_secret_basic"),
     _rt_client(RT_POST_ID, RT_POST_SECRET, "client_secret_post"),
+    _rt_client(RT_FIXED_ID, RT_FIXED_SECRET, "client_secret_basic"),
     _cc_client(CC_BASIC_ID, CC_BASIC_SECRET, "client_secret_basic"),
     _cc_client(CC_POST_ID, CC_POST_SECRET, "client_secret_post"),
     {

@@ -102,7 +102,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -477,6 +477,7 @@ class EmbeddedDatabase:
         self.path = self.state_dir / DB_NAME
         self.lock_timeout = lock_timeout
         self._lock = threading.RLock()
+        self._commits = 0  # this handle's write transactions (the change marker)
         self._opening = True  # errors are ConfigError (the CLI's exit 2) until open
         # Key material that is there is checked before anything is created: a refused key
         # leaves no directory or database behind.
@@ -793,6 +794,7 @@ class EmbeddedDatabase:
                 raise self._fault(exc) from None
             try:
                 yield cur
+                self._commits += 1  # before COMMIT: a marker taken after it differs
                 cur.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -803,6 +805,21 @@ class EmbeddedDatabase:
             finally:
                 with suppress(sqlite3.Error):
                     cur.close()
+
+    def change_marker(self) -> Hashable:
+        """``PRAGMA data_version`` -- "different if changes were committed to the database by
+        any other connection in the interim" (https://sqlite.org/pragma.html#pragma_data_version)
+        -- and this handle's own commits. Never waits: while another thread holds the
+        database, a new value (the caller reads)."""
+        if not self._lock.acquire(blocking=False):
+            return object()
+        try:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return object()
+        finally:
+            self._lock.release()
+        return (version, self._commits)
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         with self._exclusive():
@@ -953,6 +970,9 @@ class EmbeddedStateStore:
     @property
     def db(self) -> EmbeddedDatabase:
         return self._db
+
+    def change_marker(self) -> Hashable:
+        return self._db.change_marker()
 
     def _lease_now(self) -> tuple[datetime, str]:
         return self._clock.now(), self._clock.epoch

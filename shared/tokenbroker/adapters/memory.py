@@ -130,6 +130,20 @@ class MemorySecretStore(TransactionalSecretStore[_SecretVault]):
             del vault.versions[connection_id]
 
 
+class _Records(dict[str, ConnectionRecord]):
+    """The records, counting every change (the store's change marker)."""
+
+    generation = 0
+
+    def __setitem__(self, key: str, value: ConnectionRecord) -> None:
+        super().__setitem__(key, value)
+        self.generation += 1
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.generation += 1
+
+
 class MemoryStateStore:
     """``clock`` is the store's lease clock (the port's rule: leases run on the store's time,
     never a refresher's); tests share a fake clock with the refresher or give it its own."""
@@ -137,7 +151,7 @@ class MemoryStateStore:
     def __init__(self, clock: WallClock | None = None) -> None:
         self._clock: WallClock = clock or SystemClock()
         self._lock = threading.Lock()
-        self._records: dict[str, ConnectionRecord] = {}
+        self._records: _Records = _Records()
         self._leases: dict[str, Lease] = {}
         self._fencing: dict[str, int] = {}
         self._parked: dict[str, ConnectionEvent] = {}
@@ -172,6 +186,9 @@ class MemoryStateStore:
             self._leases.pop(connection_id, None)
             # Retire the fencing token: a lease from before the delete must never match later.
             self._fencing[connection_id] = self._fencing.get(connection_id, 0) + 1
+
+    def change_marker(self) -> int:
+        return self._records.generation
 
     def put_state(self, connection_id: str, state: RefreshState) -> None:
         with self._lock:

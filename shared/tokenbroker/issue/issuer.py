@@ -30,7 +30,7 @@ import socket
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -49,6 +49,7 @@ from tokenbroker.kernel.errors import (
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     Connection,
+    ConnectionRecord,
     ConnectionStatus,
     Credential,
     GrantType,
@@ -173,7 +174,6 @@ class TokenIssuer:
         endpoint: TokenEndpoint | None = None,
         clock: Clock | None = None,
         cache_size: int = 10_000,
-        version_check_seconds: float = 30.0,
         rng: random.Random | None = None,
         lease_ttl: timedelta = timedelta(seconds=30),
     ) -> None:
@@ -186,7 +186,6 @@ class TokenIssuer:
         self.endpoint = endpoint
         self.clock = clock or SystemClock()
         self.cache_size = cache_size
-        self.version_check = timedelta(seconds=version_check_seconds)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         #: The narrowing refresh's lease on the connection: longer than one request.
         self.lease_ttl = lease_ttl
@@ -197,6 +196,10 @@ class TokenIssuer:
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
         self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
+        #: The last state read of each connection, with the store's change marker taken just
+        #: before it: while the marker is unchanged, so is the record (status is live without
+        #: a state read per request).
+        self._records: dict[str, tuple[Hashable, ConnectionRecord]] = {}
         self.secret_reads = 0
         self.issued = 0
         self.log = get_logger(component="issuer")
@@ -209,13 +212,14 @@ class TokenIssuer:
         grant = self._authorize(caller.email, request)
         scopes = grant.scopes
         key = grant
+        record = await self._live(request.connection)
         now = self.clock.now()
         min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
         cached = self._cached(key, now, min_ttl)
-        if cached is not None and not await self._stale(key, cached, now):
+        if cached is not None and cached.version in (None, record.state.current_version):
             self.issued += 1
             return cached.token
-        token, version = await self._produce(request.connection, scopes, grant, now, min_ttl)
+        token, version = await self._produce(record, scopes, grant, now, min_ttl)
         with self._lock:
             self._cache[key] = _Cached(token, version, now)
             self._cache.move_to_end(key)
@@ -265,38 +269,61 @@ class TokenIssuer:
             return None
         return entry
 
-    async def _stale(self, key: TokenGrant, entry: _Cached, now: datetime) -> bool:
-        """Whether a newer credential version replaced the one this entry came from. Checked
-        at most every ``version_check_seconds`` per entry, with a state read (not a secret)."""
-        if entry.version is None or now - entry.checked_at < self.version_check:
-            return False
+    async def _live(self, connection_id: str) -> ConnectionRecord:
+        """The connection's record as the store has it now, refused unless active: read
+        again whenever the store's change marker moved since the last read (every request on
+        a store without a cheap marker), so a disable, a removal, a needs_reauth or a
+        rotation counts from the next request on -- never after a cache TTL."""
         import asyncio  # noqa: PLC0415
 
-        record = await asyncio.to_thread(self.state.get, key.connection_id)
-        entry.checked_at = now
-        return record.state.current_version != entry.version
+        marker = self.state.change_marker()  # before the read: a change during it shows
+        seen = self._records.get(connection_id)
+        if seen is None or seen[0] != marker:
+            try:
+                record = await asyncio.to_thread(self.state.get, connection_id)
+            except NotFound:
+                self._records.pop(connection_id, None)
+                self._forget(connection_id)
+                raise PolicyDenied(DENIED) from None  # as for any ungranted connection
+            except TokenBrokerError as error:
+                if error.retryable:
+                    raise CredentialUnavailable(
+                        f"state store unavailable ({error.code})", retry_after=5
+                    ) from None
+                raise
+            if len(self._records) >= 4096:
+                self._records.clear()
+            seen = self._records[connection_id] = (marker, record)
+        record = seen[1]
+        status = record.state.status
+        if status is not ConnectionStatus.ACTIVE:
+            self._forget(connection_id)
+            what = (
+                "needs re-authorisation"
+                if status is ConnectionStatus.NEEDS_REAUTH
+                else "is disabled"
+            )
+            raise NeedsReauth(f"connection {connection_id!r} {what}")
+        return record
+
+    def _forget(self, connection_id: str) -> None:
+        """Drop the connection's cached tokens: none is served again once it stopped."""
+        with self._lock:
+            for key in [k for k in self._cache if k.connection_id == connection_id]:
+                del self._cache[key]
 
     # -- producing a token ---------------------------------------------------------------------
 
     async def _produce(
         self,
-        connection_id: str,
+        record: ConnectionRecord,
         scopes: tuple[str, ...] | None,
         grant: TokenGrant,
         now: datetime,
         min_ttl: timedelta,
     ) -> tuple[IssuedToken, int | None]:
-        import asyncio  # noqa: PLC0415
-
-        try:
-            record = await asyncio.to_thread(self.state.get, connection_id)
-        except NotFound:
-            raise PolicyDenied(DENIED) from None  # as for any ungranted connection
-        if record.state.status is ConnectionStatus.NEEDS_REAUTH:
-            raise NeedsReauth(f"connection {connection_id!r} needs re-authorisation")
-        if record.state.status is ConnectionStatus.DISABLED:
-            raise NeedsReauth(f"connection {connection_id!r} is disabled")
         connection = record.connection
+        connection_id = connection.id
         profile = self.profiles.get(connection.profile)
         if profile is None:
             raise CredentialUnavailable(f"connection {connection_id!r}: unknown profile")

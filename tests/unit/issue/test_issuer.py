@@ -373,3 +373,79 @@ def test_a_deeply_nested_request_body_is_a_400(world: World) -> None:
     deep = b"[" * 5000 + b"]" * 5000
     with pytest.raises(BadRequest):
         asyncio.run(world.issuer.issue(f"Bearer {WORKER}", deep))
+
+
+# --- status is live (issue 9, item 2) ----------------------------------------------------------
+
+
+def _set_status(world: World, cid: str, status: ConnectionStatus) -> None:
+    record = world.state.get(cid)
+    world.state.put_state(cid, replace(record.state, status=status))
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(ConnectionStatus.DISABLED, NeedsReauth), (ConnectionStatus.NEEDS_REAUTH, NeedsReauth)],
+)
+def test_a_status_change_stops_cached_tokens_at_the_next_request(
+    world: World, status: ConnectionStatus, error: type[Exception]
+) -> None:
+    """The defect: ``tokenbroker disable`` did not stop tokens already cached (still served
+    35 s later). The very next request after the change is refused; no time passes."""
+    for _ in range(3):
+        world.issue({"connection": "crm"})
+        world.issue({"connection": "gmail", "scopes": ["read"]})
+    for cid, body in (
+        ("crm", {"connection": "crm"}),
+        ("gmail", {"connection": "gmail", "scopes": ["read"]}),
+    ):
+        _set_status(world, cid, status)
+        with pytest.raises(error):
+            world.issue(body)
+        _set_status(world, cid, ConnectionStatus.ACTIVE)
+        assert world.issue(body).access_token is not None
+
+
+def test_a_removed_connection_stops_cached_tokens_at_the_next_request(world: World) -> None:
+    world.issue({"connection": "crm"})
+    world.state.delete("crm")
+    with pytest.raises(PolicyDenied):
+        world.issue({"connection": "crm"})
+
+
+def test_a_rotation_is_served_at_the_next_request(world: World) -> None:
+    world.issue({"connection": "crm"})
+    current = world.secrets.get("crm")
+    now = world.clock.now()
+    version = world.secrets.put(
+        "crm",
+        current.credential.with_token(access_token=Secret("AT-FULL-2"), obtained_at=now,
+                                      expires_at=now + timedelta(hours=1)),
+        expected_version=current.version,
+    )  # fmt: skip
+    record = world.state.get("crm")
+    world.state.put_state("crm", replace(record.state, current_version=version))
+    assert world.issue({"connection": "crm"}).access_token == Secret("AT-FULL-2")
+
+
+def test_the_status_check_reads_the_state_only_when_the_store_changed(world: World) -> None:
+    """Live status without a state read per request: the store's change marker says when
+    something changed; unchanged, the last read stands."""
+    reads = 0
+    inner_get = world.state.get
+
+    def counting_get(cid: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return inner_get(cid)
+
+    world.state.get = counting_get  # type: ignore[method-assign]
+    world.issue({"connection": "crm"})
+    before = reads
+    for _ in range(100):
+        world.issue({"connection": "crm"})
+    assert reads == before
+    _set_status(world, "gmail", ConnectionStatus.ACTIVE)  # any change to the store
+    before = reads  # (setting it read the record too)
+    world.issue({"connection": "crm"})
+    assert reads == before + 1

@@ -984,6 +984,10 @@ class FirestoreStateStore:
         budgets = self.client.collection(self.collection_name + BUDGETS_SUFFIX)
         return budgets.document(hashlib.sha256(key.encode()).hexdigest())
 
+    def change_marker(self) -> object:
+        """Firestore has no cheap one: a new value every call, so callers read."""
+        return object()
+
     def take_budget(
         self, key: str, *, limit: int, window: timedelta, now: datetime, cost: int = 1
     ) -> BudgetDecision:
