@@ -447,6 +447,22 @@ class TokenIssuer:
             response = await self._narrowing_refresh(connection, profile, scopes)
         finally:
             await self._give_back(lease)
+        # RFC 6749 §5.1: the answer's ``scope`` is the token's real scope when it differs
+        # from the request's. Wider than asked -- scopes the caller was not granted -- is
+        # never handed out.
+        granted = tuple(scopes) if response.scope is None else tuple(response.scope)
+        wider = sorted(set(granted) - set(scopes))
+        if wider:
+            self.log.error(
+                "provider widened a narrowing refresh's scope: token discarded",
+                connection=connection.id,
+                asked=" ".join(scopes),
+                widened_by=" ".join(wider),
+            )
+            raise CredentialUnavailable(
+                f"connection {connection.id!r}: the provider widened the scope asked for"
+                f" (added {' '.join(wider)}); no token issued"
+            )
         lifetime = response.expires_in or profile.default_lifetime_seconds
         expires_at = now + timedelta(seconds=min(lifetime, max_lifetime))
         return IssuedToken(
@@ -454,7 +470,7 @@ class TokenIssuer:
             token_type=response.token_type,
             expires_at=expires_at,
             refresh_after=self._refresh_after(now, expires_at),
-            scope=response.scope if response.scope is not None else tuple(scopes),
+            scope=granted,
             connection=connection.id,
         )
 

@@ -449,3 +449,52 @@ def test_the_status_check_reads_the_state_only_when_the_store_changed(world: Wor
     before = reads  # (setting it read the record too)
     world.issue({"connection": "crm"})
     assert reads == before + 1
+
+
+# --- narrowing answers exactly what was asked (issue 9, item 3) -------------------------------
+
+
+class Rewriting:
+    """The fake provider, with each token answer's JSON rewritten by ``edit``."""
+
+    def __init__(self, inner: FakeTokenServer, edit: Any) -> None:
+        self.inner, self.edit = inner, edit
+
+    async def post_form(self, url: str, form: Any, *, headers: Any) -> Any:
+        answer = await self.inner.post_form(url, form, headers=headers)
+        body = json.loads(answer.body)
+        if "access_token" in body:
+            self.edit(body)
+        return replace(answer, body=json.dumps(body).encode())
+
+
+def test_a_provider_that_widens_the_narrowed_scope_is_refused(world: World) -> None:
+    """The defect: a narrowing refresh passed on a broader scope than asked (RFC 6749 §5.1:
+    the provider's ``scope`` is the token's real scope). A token carrying scopes the caller
+    was not granted is never handed out: a clear error, no token."""
+    world.issuer.endpoint = Rewriting(world.server, lambda b: b.update(scope="read admin"))  # type: ignore[assignment]
+    with pytest.raises(CredentialUnavailable, match="widened"):
+        world.issue({"connection": "gmail", "scopes": ["read"]})
+    answer = http_answer(CredentialUnavailable("x"), public=True)
+    assert answer.status == 503
+
+
+@pytest.mark.parametrize(("provider_says", "expected"), [(50, 50), (3600, 120), (None, 120)])
+def test_a_narrowed_token_reports_its_true_lifetime_within_the_cap(
+    world: World, provider_says: int | None, expected: int
+) -> None:
+    """``expires_in`` is the provider's own (RFC 6749 §5.1), capped by the grant; a missing
+    one is the profile's documented default, capped too."""
+    world.issuer.policy = parse_policy_text(POLICY + "max_lifetime_seconds = 120\n")
+
+    def lifetime(body: dict[str, Any]) -> None:
+        if provider_says is None:
+            body.pop("expires_in", None)
+        else:
+            body["expires_in"] = provider_says
+
+    world.issuer.endpoint = Rewriting(world.server, lifetime)  # type: ignore[assignment]
+    token = world.issue({"connection": "gmail", "scopes": ["read"]})
+    now = world.clock.now()
+    assert json.loads(token.render(now))["expires_in"] == expected
+    assert token.scope == ("read",)
