@@ -28,8 +28,9 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,7 +47,7 @@ from tokenbroker.kernel.errors import (
     PolicyDenied,
     TokenBrokerError,
 )
-from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.log import LineTemplate, get_logger
 from tokenbroker.kernel.model import (
     Connection,
     ConnectionRecord,
@@ -135,11 +136,14 @@ class IssuedToken:
             raise AssertionError("expires_in member not rendered")
         return before + member, after
 
+    def expires_in(self, now: datetime) -> int:
+        """Whole seconds left at ``now`` (the answer's ``expires_in``)."""
+        return max(0, int((self.expires_at - now).total_seconds()))
+
     def render(self, now: datetime) -> bytes:
         """The JSON response body for an answer given at ``now``."""
         before, after = self._rendered
-        remaining = max(0, int((self.expires_at - now).total_seconds()))
-        return before + str(remaining).encode() + after
+        return before + str(self.expires_in(now)).encode() + after
 
     def to_json(self, now: datetime) -> dict[str, Any]:
         """The response body: the one place the token value is written out."""
@@ -152,6 +156,31 @@ class IssuedToken:
             "scope": " ".join(self.scope),
             "connection": self.connection,
         }
+
+
+#: The audit outcome of each error code a decision can end in (anything else: unavailable).
+_OUTCOMES = {
+    "invalid_token": "unauthenticated",
+    "access_denied": "denied",
+    "invalid_request": "bad_request",
+    "invalid_scope": "denied",
+    "needs_reauth": "refused",
+    "temporarily_unavailable": "unavailable",
+}
+
+
+@dataclass
+class _Audit:
+    """What one decision found out, filled in as it goes."""
+
+    outcome: str = "error"
+    caller: str | None = None
+    connection: str | None = None
+    asked: tuple[str, ...] | None = None
+    max_lifetime: int | None = None
+    token: IssuedToken | None = None
+    reason: str | None = None
+    detail: str | None = None
 
 
 @dataclass
@@ -202,14 +231,78 @@ class TokenIssuer:
         self._records: dict[str, tuple[Hashable, ConnectionRecord]] = {}
         self.secret_reads = 0
         self.issued = 0
+        #: Decisions by audit outcome (issued, cache_hit, denied, ...), for the metrics.
+        self.decisions: Counter[str] = Counter()
+        self._lines: dict[tuple[Any, ...], LineTemplate] = {}
         self.log = get_logger(component="issuer")
 
     # -- the hot path --------------------------------------------------------------------------
 
     async def issue(self, authorization: str | None, body: bytes) -> IssuedToken:
+        """A token for the caller ``authorization`` vouches for, as ``body`` asks, or the
+        error saying why not. Either way one audit line (:meth:`_audit`)."""
+        started = time.perf_counter()
+        audit = _Audit()
+        try:
+            token = await self._decide(authorization, body, audit)
+        except TokenBrokerError as error:
+            audit.outcome, audit.reason = _OUTCOMES.get(error.code, "unavailable"), error.code
+            audit.detail = str(error)
+            raise
+        except Exception:
+            audit.outcome, audit.reason = "error", "internal_error"
+            raise
+        finally:
+            self._audit(audit, started)
+        return token
+
+    def _audit(self, audit: _Audit, started: float) -> None:
+        """The decision's line: who asked, for what, what they got (scope, lifetime, never
+        the token), the outcome and its reason, and how long it took. The same outcomes
+        count in ``decisions`` for the metrics."""
+        self.decisions[audit.outcome] += 1
+        token = audit.token
+        now = self.clock.now()
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        if token is not None:  # issued or a cache hit: the same line but for two numbers
+            key = (audit.outcome, audit.caller, audit.connection, audit.asked, token.scope,
+                   audit.max_lifetime)  # fmt: skip
+            line = self._lines.get(key)
+            if line is None:
+                if len(self._lines) >= 4096:
+                    self._lines.clear()
+                line = self._lines[key] = self.log.template(
+                    "info", "token decision", outcome=audit.outcome, caller=audit.caller,
+                    connection=audit.connection,
+                    scopes_asked=None if audit.asked is None else " ".join(audit.asked),
+                    scope=" ".join(token.scope), max_lifetime_seconds=audit.max_lifetime,
+                    reason=None,
+                )  # fmt: skip
+            line.emit(expires_in=token.expires_in(now), latency_ms=latency_ms)
+            return
+        fields: dict[str, Any] = {
+            "outcome": audit.outcome,
+            "caller": audit.caller,
+            "connection": audit.connection,
+            "scopes_asked": None if audit.asked is None else " ".join(audit.asked),
+            "max_lifetime_seconds": audit.max_lifetime,
+            "reason": audit.reason,
+            "latency_ms": latency_ms,
+        }
+        if audit.detail is not None:
+            fields["detail"] = audit.detail[:300]
+        if audit.outcome == "error":
+            self.log.error("token decision", **fields)
+        else:
+            self.log.warning("token decision", **fields)
+
+    async def _decide(self, authorization: str | None, body: bytes, audit: _Audit) -> IssuedToken:
         caller = self.verifier.verify_authorization(authorization)
+        audit.caller = caller.email
         request = self._parse(body)
+        audit.connection, audit.asked = request.connection, request.scopes
         grant = self._authorize(caller.email, request)
+        audit.max_lifetime = grant.max_lifetime_seconds
         scopes = grant.scopes
         key = grant
         record = await self._live(request.connection)
@@ -218,6 +311,7 @@ class TokenIssuer:
         cached = self._cached(key, now, min_ttl)
         if cached is not None and cached.version in (None, record.state.current_version):
             self.issued += 1
+            audit.outcome, audit.token = "cache_hit", cached.token
             return cached.token
         token, version = await self._produce(record, scopes, grant, now, min_ttl)
         with self._lock:
@@ -226,13 +320,7 @@ class TokenIssuer:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self.issued += 1
-        self.log.info(
-            "token issued",
-            caller=caller.email,
-            connection=request.connection,
-            scope=" ".join(token.scope),
-            expires_at=isoformat(token.expires_at),
-        )
+        audit.outcome, audit.token = "issued", token
         return token
 
     def _parse(self, body: bytes) -> TokenRequest:

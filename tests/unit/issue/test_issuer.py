@@ -498,3 +498,52 @@ def test_a_narrowed_token_reports_its_true_lifetime_within_the_cap(
     now = world.clock.now()
     assert json.loads(token.render(now))["expires_in"] == expected
     assert token.scope == ("read",)
+
+
+# --- audit: one line per decision (issue 9, item 8) -------------------------------------------
+
+
+def _decisions(log: io.StringIO) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    return [line for line in lines if line["message"] == "token decision"]
+
+
+def test_every_decision_leaves_one_audit_line_and_no_token(world: World, log: io.StringIO) -> None:
+    """The defect: cache hits, 401s and 403s logged nothing, so the escalations found left
+    no trace. Every request now leaves exactly one line: who, what, the outcome and why."""
+    issued = world.issue({"connection": "crm"})
+    world.issue({"connection": "crm"})
+    for body, caller in (
+        ({"connection": "gmail", "scopes": ["admin"]}, WORKER),
+        ({"connection": "crm"}, "stranger@p.iam.gserviceaccount.com"),
+        ({"connection": ""}, WORKER),
+    ):
+        with pytest.raises((PolicyDenied, BadRequest)):
+            world.issue(body, caller)
+    from tokenbroker.kernel.errors import InvalidCallerToken
+
+    with pytest.raises(InvalidCallerToken):
+        asyncio.run(world.issuer.issue(None, b'{"connection": "crm"}'))
+    _set_status(world, "crm", ConnectionStatus.DISABLED)
+    with pytest.raises(NeedsReauth):
+        world.issue({"connection": "crm"})
+
+    lines = _decisions(log)
+    assert [line["outcome"] for line in lines] == [
+        "issued", "cache_hit", "denied", "denied", "bad_request", "unauthenticated", "refused",
+    ]  # fmt: skip
+    first, hit = lines[0], lines[1]
+    assert (first["caller"], first["connection"], first["scope"]) == (WORKER, "crm", "all")
+    assert first["expires_in"] == 1800 and hit["expires_in"] == 1800
+    assert first["max_lifetime_seconds"] == 1800
+    assert lines[2]["scopes_asked"] == "admin" and lines[2]["reason"] == "access_denied"
+    assert lines[3]["caller"] == "stranger@p.iam.gserviceaccount.com"
+    assert lines[5]["caller"] is None and lines[5]["reason"] == "invalid_token"
+    assert lines[6]["reason"] == "needs_reauth"
+    for line in lines:
+        assert isinstance(line["latency_ms"], float) and line["latency_ms"] >= 0
+    assert issued.access_token.reveal() not in log.getvalue()
+    assert world.issuer.decisions == {
+        "issued": 1, "cache_hit": 1, "denied": 2, "bad_request": 1, "unauthenticated": 1,
+        "refused": 1,
+    }  # fmt: skip

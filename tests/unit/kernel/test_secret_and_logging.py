@@ -109,6 +109,31 @@ def test_logger_writes_cloud_logging_json_and_redacts() -> None:
     assert JWT not in output
 
 
+def test_a_line_template_is_redacted_once_and_takes_only_numbers() -> None:
+    """The issuer's per-request audit line is rendered once per decision shape: the same
+    redaction as any line, the same JSON shape, and nothing but numbers added later."""
+    with capture_logs("info") as stream:
+        log = get_logger(component="test")
+        line = log.template(
+            "info", f"seen {JWT}", caller="a@b.c", refresh_token=VALUE, secret=Secret(VALUE)
+        )
+        line.emit(expires_in=900, latency_ms=0.25, absent=None)
+        line.emit(expires_in=1, latency_ms=2.0)
+        with pytest.raises(TypeError):
+            line.emit(expires_in=True)
+        with pytest.raises(TypeError):
+            line.emit(expires_in="900")  # type: ignore[arg-type]
+        log.template("debug", "hidden").emit(n=1)
+    lines = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert len(lines) == 2
+    first = lines[0]
+    assert (first["severity"], first["caller"], first["component"]) == ("INFO", "a@b.c", "test")
+    assert (first["expires_in"], first["latency_ms"], first["absent"]) == (900, 0.25, None)
+    assert first["time"].endswith("Z")
+    assert lines[1]["expires_in"] == 1
+    assert VALUE not in stream.getvalue() and JWT not in stream.getvalue()
+
+
 def test_log_level_filters() -> None:
     with capture_logs("warning") as stream:
         get_logger().info("hidden")
