@@ -187,19 +187,44 @@ class TokenGrant:
 
 @dataclass(frozen=True)
 class ConnectionAllowance:
-    """Everything one caller may do with one connection: the union of the grants that match."""
+    """Everything one caller may do with one connection: the union of the grants that match.
+
+    Lifetimes stay with the scopes they were granted for: ``scope_lifetimes`` is, per named
+    scope, the longest lifetime among the grants naming it, and ``full_scope_lifetime`` the
+    longest among the ``"*"`` grants (0: none). Merging two grants never lends one grant's
+    lifetime to the other's scopes (:meth:`lifetime_for`)."""
 
     connection_id: str
     scopes: frozenset[str]
     full_scope_allowed: bool
+    #: The longest lifetime any of the grants allows (for display; decisions use
+    #: :meth:`lifetime_for`).
     max_lifetime_seconds: int
+    scope_lifetimes: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    full_scope_lifetime: int = 0
+
+    def lifetime_for(self, scopes: tuple[str, ...] | None) -> int:
+        """The longest lifetime a token of ``scopes`` (``None``: the full scope) may have:
+        every one of its scopes must be granted for that long, by a grant naming it or a
+        ``"*"`` grant."""
+        if scopes is None:
+            return self.full_scope_lifetime
+        full = self.full_scope_lifetime
+        return min((max(self.scope_lifetimes.get(s, 0), full) for s in scopes), default=full)
 
     def merged(self, other: ConnectionAllowance) -> ConnectionAllowance:
+        lifetimes = dict(self.scope_lifetimes)
+        for scope, seconds in other.scope_lifetimes.items():
+            lifetimes[scope] = max(lifetimes.get(scope, 0), seconds)
         return ConnectionAllowance(
             connection_id=self.connection_id,
             scopes=self.scopes | other.scopes,
             full_scope_allowed=self.full_scope_allowed or other.full_scope_allowed,
             max_lifetime_seconds=max(self.max_lifetime_seconds, other.max_lifetime_seconds),
+            scope_lifetimes=MappingProxyType(lifetimes),
+            full_scope_lifetime=max(self.full_scope_lifetime, other.full_scope_lifetime),
         )
 
 
@@ -215,11 +240,15 @@ class GrantRule:
     description: str = ""
 
     def allowance(self, connection_id: str) -> ConnectionAllowance:
+        named = frozenset(s for s in self.scopes if s != FULL_SCOPE)
+        full = FULL_SCOPE in self.scopes
         return ConnectionAllowance(
             connection_id=connection_id,
-            scopes=frozenset(s for s in self.scopes if s != FULL_SCOPE),
-            full_scope_allowed=FULL_SCOPE in self.scopes,
+            scopes=named,
+            full_scope_allowed=full,
             max_lifetime_seconds=self.max_lifetime_seconds,
+            scope_lifetimes=MappingProxyType(dict.fromkeys(named, self.max_lifetime_seconds)),
+            full_scope_lifetime=self.max_lifetime_seconds if full else 0,
         )
 
 
@@ -423,21 +452,22 @@ class IssuePolicy:
         if allowance is None:
             raise PolicyDenied(DENIED)
         scopes = _granted_scopes(allowance, requested_scopes)
+        lifetime = allowance.lifetime_for(scopes)
         if min_ttl_seconds is not None:
             if isinstance(min_ttl_seconds, bool) or not isinstance(min_ttl_seconds, int):
                 raise BadRequest("min_ttl_seconds: must be an integer")
             if min_ttl_seconds < 0:
                 raise BadRequest("min_ttl_seconds: must not be negative")
-            if min_ttl_seconds > allowance.max_lifetime_seconds:
+            if min_ttl_seconds > lifetime:
                 raise PolicyDenied(
                     f"min_ttl_seconds {min_ttl_seconds} is longer than this caller's maximum "
-                    f"token lifetime ({allowance.max_lifetime_seconds}s)"
+                    f"token lifetime for these scopes ({lifetime}s)"
                 )
         return TokenGrant(
             connection_id=connection_id,
             scopes=scopes,
             full_scope_allowed=allowance.full_scope_allowed,
-            max_lifetime_seconds=allowance.max_lifetime_seconds,
+            max_lifetime_seconds=lifetime,
         )
 
     def relays_for(self, caller_email: str) -> tuple[RelayRoute, ...]:

@@ -185,10 +185,14 @@ def test_exact_and_wildcard_grants_add_up(policy: IssuePolicy) -> None:
     exporter = "exporter@acme-reports.iam.gserviceaccount.com"
     grant = policy.authorize(exporter, "google-reports", None, None)
     assert grant.scopes == ("sheets", "sheets.readonly")  # both grants' scopes
-    assert grant.max_lifetime_seconds == 1800  # the longer lifetime
-    assert policy.authorize(exporter, "google-reports", ["sheets.readonly"], 1800).scopes == (
-        "sheets.readonly",
+    # Each scope keeps its own grant's lifetime: both together only as long as the shorter.
+    assert grant.max_lifetime_seconds == 600
+    assert policy.authorize(exporter, "google-reports", ["sheets"], 1800).scopes == ("sheets",)
+    assert policy.authorize(exporter, "google-reports", ["sheets.readonly"], None) == TokenGrant(
+        "google-reports", ("sheets.readonly",), False, 600
     )
+    with pytest.raises(PolicyDenied, match="600s"):
+        policy.authorize(exporter, "google-reports", ["sheets.readonly"], 1800)
     # Another member of the domain gets only the wildcard grant.
     other = policy.authorize(
         "other@acme-reports.iam.gserviceaccount.com", "google-reports", None, None
@@ -570,7 +574,25 @@ def test_a_decision_never_grants_more_than_the_rules(seed: int) -> None:
         rules = _rules_for(grants, caller, connection)
         full = any(FULL_SCOPE in rule.scopes for rule in rules)
         allowed = {scope for rule in rules for scope in rule.scopes} - {FULL_SCOPE}
-        longest = max((rule.max_lifetime_seconds for rule in rules), default=0)
+        # Scopes the request resolves to (None: the full scope), and how long a token of
+        # exactly those may live: each scope for as long as one rule granting it allows.
+        resolved = None if full and not requested else set(requested or allowed)
+
+        def lifetime(scope: str | None, rules: list[GrantRule] = rules) -> int:
+            return max(
+                (
+                    r.max_lifetime_seconds
+                    for r in rules
+                    if FULL_SCOPE in r.scopes or (scope is not None and scope in r.scopes)
+                ),
+                default=0,
+            )
+
+        longest = (
+            lifetime(None)
+            if resolved is None
+            else min((lifetime(s) for s in resolved), default=lifetime(None))
+        )
 
         answer = _outcome(policy.authorize, caller, connection, requested, min_ttl)
         answers.add(type(answer))
@@ -631,7 +653,10 @@ def test_explain_agrees_with_authorize(seed: int) -> None:
                     policy.authorize(caller, connection, None, None)
                 continue
             allowance = explained[connection]
-            grant = policy.authorize(caller, connection, None, allowance.max_lifetime_seconds)
+            default = None if allowance.full_scope_allowed else tuple(sorted(allowance.scopes))
+            grant = policy.authorize(caller, connection, None, allowance.lifetime_for(default))
+            assert grant.max_lifetime_seconds == allowance.lifetime_for(default)
+            assert grant.max_lifetime_seconds <= allowance.max_lifetime_seconds
             assert grant.full_scope_allowed is allowance.full_scope_allowed
             assert grant.scopes == (
                 None if allowance.full_scope_allowed else tuple(sorted(allowance.scopes))
