@@ -73,9 +73,9 @@ class Minter:
 
     async def generate_access_token(
         self,
-        service_account: str,
-        scopes: Any,
-        lifetime_seconds: int,  # noqa: ARG002
+        service_account: str,  # noqa: ARG002 - one service account here
+        scopes: Any,  # noqa: ARG002 - the issuer's to choose; the oracle checks them
+        lifetime_seconds: int,
     ) -> MintedToken:
         self.count += 1
         return MintedToken(
