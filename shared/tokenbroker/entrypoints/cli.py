@@ -847,12 +847,19 @@ def policy_check(ctx: _Context, file: Path, as_json: bool) -> None:
     """Validate a policy file: exit 0 when valid, 2 with the line/field at fault otherwise."""
     from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
 
-    summary = load_policy(file).summary()
+    loaded = load_policy(file)
+    summary, notes = loaded.summary(), loaded.lifetime_notes()
     ctx.json = ctx.json or as_json
     _emit(
         ctx,
-        {"ok": True, "file": str(file), **summary.to_json()},
-        lambda: f"ok: {summary.grants} grants, {summary.relays} relays, {summary.callers} callers",
+        {"ok": True, "file": str(file), **summary.to_json(), "notes": list(notes)},
+        lambda: "\n".join(
+            [
+                f"ok: {summary.grants} grants, {summary.relays} relays,"
+                f" {summary.callers} callers",
+                *(f"note: {note}" for note in notes),
+            ]
+        ),
     )
 
 
@@ -878,6 +885,10 @@ def policy_explain(
             "connection": a.connection_id,
             "scopes": (["*"] if a.full_scope_allowed else []) + sorted(a.scopes),
             "max_lifetime_seconds": a.max_lifetime_seconds,
+            # Each scope for as long as its own grants allow; a token of several scopes for
+            # the shortest of them.
+            "scope_lifetimes": {s: a.lifetime_for((s,)) for s in sorted(a.scopes)},
+            "full_scope_lifetime_seconds": a.full_scope_lifetime or None,
         }
         for a in allowances
     ]

@@ -520,6 +520,23 @@ class IssuePolicy:
             ),
         )
 
+    def lifetime_notes(self) -> tuple[str, ...]:
+        """What ``max_lifetime_seconds`` cannot promise, per grant that sets one shorter than
+        an hour (``tokenbroker policy check`` prints these). The broker caps the lifetime it
+        reports (``expires_in``) and how long it serves a token, but only a service-account
+        token minted through IAM Credentials is *made* that short: a connection's own token
+        (full-scope pass-through) or a narrowed one stays valid at the provider for as long
+        as the provider issued it."""
+        return tuple(
+            f"grants[{n}] ({', '.join(rule.callers)} on {', '.join(rule.connections)}):"
+            f" max_lifetime_seconds = {rule.max_lifetime_seconds} is the lifetime callers are"
+            " told and served; tokens passed through or narrowed at the provider stay valid"
+            " there as long as the provider made them (only service-account tokens are minted"
+            " that short)"
+            for n, rule in enumerate(self.grants)
+            if rule.max_lifetime_seconds < MAX_LIFETIME_SECONDS
+        )
+
     def summary(self) -> PolicySummary:
         callers = {c for g in self.grants for c in g.callers}
         callers.update(c for r in self.relays for c in r.callers)
