@@ -855,8 +855,7 @@ def policy_check(ctx: _Context, file: Path, as_json: bool) -> None:
         {"ok": True, "file": str(file), **summary.to_json(), "notes": list(notes)},
         lambda: "\n".join(
             [
-                f"ok: {summary.grants} grants, {summary.relays} relays,"
-                f" {summary.callers} callers",
+                f"ok: {summary.grants} grants, {summary.relays} relays, {summary.callers} callers",
                 *(f"note: {note}" for note in notes),
             ]
         ),

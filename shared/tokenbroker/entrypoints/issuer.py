@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 _service: IssuerService | None = None
 _lock = asyncio.Lock()
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+#: The longest a request body may take to arrive, once its headers have.
+BODY_READ_SECONDS = 10.0
 
 
 async def build() -> tuple[TokenIssuer, Relay]:
@@ -83,12 +85,21 @@ def error_response(error: TokenBrokerError) -> Response:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused past ``limit`` bytes. Read from the ASGI channel directly:
-    a token request arrives in one message, and Starlette's stream wrapper costs more than the
-    rest of the cached path."""
+    """The request body, refused past ``limit`` bytes or when it has not all arrived within
+    :data:`BODY_READ_SECONDS` (a client trickling a body holds an instance's request slot).
+    Read from the ASGI channel directly: a token request arrives in one message, and
+    Starlette's stream wrapper costs more than the rest of the cached path."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise BadRequest(f"request body larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            return await _receive_body(request, limit)
+    except TimeoutError:
+        raise BadRequest(f"request body not received within {BODY_READ_SECONDS:g} s") from None
+
+
+async def _receive_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

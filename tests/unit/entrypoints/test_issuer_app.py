@@ -370,6 +370,31 @@ def test_bodies_are_limited_and_must_be_json(serve: Callable[..., None]) -> None
     serve(scenario)
 
 
+def test_a_trickled_body_is_refused_after_the_read_timeout(
+    serve: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9, item 6: a client sending the body slowly (or never finishing it) held the
+    request for ever. Past the read timeout it gets a 400, OAuth-style."""
+    monkeypatch.setattr(issuer_entry, "BODY_READ_SECONDS", 0.3)
+
+    async def scenario(d: Deployment) -> None:
+        async def trickle() -> AsyncIterator[bytes]:
+            yield b'{"connection": '
+            await asyncio.sleep(30)
+            yield b'"crm"}'
+
+        started = time.monotonic()
+        response = await d.client.post(
+            "/token", content=trickle(), headers={**auth(), "Content-Type": "application/json"}
+        )
+        assert time.monotonic() - started < 5
+        assert response.status_code == 400, response.text
+        assert error_of(response) == "invalid_request"
+        assert "not received within" in response.json()["error_description"]
+
+    serve(scenario)
+
+
 def test_configuration_errors_are_a_bare_500_and_not_remembered(
     serve: Callable[..., None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
