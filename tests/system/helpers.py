@@ -57,3 +57,62 @@ def tick(runtime: Runtime, **options: Any) -> TickSummary:
 
 def outbox(runtime: Runtime) -> list[Any]:
     return [event for _, event in runtime.events.read()]  # type: ignore[attr-defined]
+
+
+def schemathesis_run(
+    url: str,
+    tmp_path: Path,
+    *,
+    token: str,
+    operations: str,
+    connections: list[str],
+    scopes: list[str] | None = None,
+    relay_paths: list[str] | None = None,
+    max_examples: int = 60,
+) -> tuple[int, int, str]:
+    """schemathesis against a live issuer, from docs/issuer.openapi.yaml with the test
+    policy's real names put in (connection ids, scopes, relay paths) -- generated from the
+    bare schema, no request ever matched a grant, so no policy path was exercised. Returns
+    (generated, passed, output); the caller asserts."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.system.processes import REPO
+
+    spec = yaml.safe_load((REPO / "docs" / "issuer.openapi.yaml").read_text())
+    request = spec["components"]["schemas"]["TokenRequest"]["properties"]
+    request["connection"] = {"type": "string", "enum": connections}
+    if scopes is not None:
+        request["scopes"]["items"] = {"type": "string", "enum": scopes}
+    for parameter in spec["paths"]["/relay/{connection}/{path}"]["parameters"]:
+        if parameter["name"] == "connection":
+            parameter["schema"] = {"type": "string", "enum": connections}
+        elif parameter["name"] == "path" and relay_paths is not None:
+            parameter["schema"] = {"type": "string", "enum": relay_paths}
+    patched = tmp_path / "issuer.openapi.yaml"
+    patched.write_text(yaml.safe_dump(spec))
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"), "run", str(patched),
+            "--url", url,
+            "--header", f"Authorization: Bearer {token}",
+            "--include-path-regex", operations,
+            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_headers_conformance,response_schema_conformance",
+            "--max-examples", str(max_examples),
+            "--request-timeout", "20",
+            "--seed", "1",
+            "--no-color",
+        ],
+        capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    counts = re.search(r"(\d+) generated, (\d+) passed", output)
+    assert counts is not None, output[-3000:]
+    return int(counts[1]), int(counts[2]), output

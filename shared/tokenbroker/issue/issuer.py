@@ -45,6 +45,7 @@ from tokenbroker.kernel.errors import (
     NeedsReauth,
     NotFound,
     PolicyDenied,
+    ScopeNotHeld,
     TokenBrokerError,
 )
 from tokenbroker.kernel.log import LineTemplate, get_logger
@@ -163,7 +164,7 @@ _OUTCOMES = {
     "invalid_token": "unauthenticated",
     "access_denied": "denied",
     "invalid_request": "bad_request",
-    "invalid_scope": "denied",
+    "invalid_scope": "bad_request",
     "needs_reauth": "refused",
     "temporarily_unavailable": "unavailable",
 }
@@ -416,6 +417,12 @@ class TokenIssuer:
         if profile is None:
             raise CredentialUnavailable(f"connection {connection_id!r}: unknown profile")
         max_lifetime = grant.max_lifetime_seconds
+        if scopes is not None and connection.scopes:
+            # Even a "*" caller gets no scope the connection was never granted: refused here,
+            # before a refresh token is presented or a token minted.
+            extra = sorted(set(scopes) - set(connection.scopes))
+            if extra:
+                raise ScopeNotHeld(f"connection {connection_id!r} does not hold: {' '.join(extra)}")
 
         sa_email = connection.params.get("service_account")
         if sa_email or connection.grant is GrantType.JWT_BEARER:
@@ -656,6 +663,10 @@ class TokenIssuer:
             if error.retryable:
                 raise CredentialUnavailable(
                     f"provider unavailable ({error.code})", retry_after=error.retry_after or 10
+                ) from None
+            if error.code == "invalid_scope":  # RFC 6749 §5.2: not granted to this connection
+                raise ScopeNotHeld(
+                    f"connection {connection.id!r}: the provider refused the scope asked for"
                 ) from None
             raise CredentialUnavailable(f"provider refused ({error.code})") from None
         if response.refresh_token is not None and response.refresh_token != current.refresh_token:

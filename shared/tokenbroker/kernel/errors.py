@@ -172,6 +172,15 @@ class InvalidCallerToken(TokenBrokerError):
     http_status = 401
 
 
+class ScopeNotHeld(TokenBrokerError):
+    """A scope asked for that the connection does not hold (HTTP 400 ``invalid_scope``, RFC
+    6749 §5.2: "exceeds the scope granted by the resource owner"): the caller's error, found
+    before anything is sent, or said by the provider of a narrowing refresh."""
+
+    code = "invalid_scope"
+    http_status = 400
+
+
 class PolicyDenied(TokenBrokerError):
     """The policy does not allow this caller this connection, scope, lifetime or route.
 

@@ -20,7 +20,13 @@ from tokenbroker.entrypoints.answers import http_answer
 from tokenbroker.issue.issuer import TokenIssuer
 from tokenbroker.issue.policy_file import parse_policy_text
 from tokenbroker.kernel.clock import FakeClock
-from tokenbroker.kernel.errors import BadRequest, CredentialUnavailable, NeedsReauth, PolicyDenied
+from tokenbroker.kernel.errors import (
+    BadRequest,
+    CredentialUnavailable,
+    NeedsReauth,
+    PolicyDenied,
+    TokenBrokerError,
+)
 from tokenbroker.kernel.log import configure_logging
 from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
@@ -547,3 +553,49 @@ def test_every_decision_leaves_one_audit_line_and_no_token(world: World, log: io
         "issued": 1, "cache_hit": 1, "denied": 2, "bad_request": 1, "unauthenticated": 1,
         "refused": 1,
     }  # fmt: skip
+
+
+# --- scopes the connection does not hold (found by schemathesis with real names) --------------
+
+
+def _full_scope_world(world: World) -> World:
+    world.issuer.policy = parse_policy_text(
+        POLICY
+        + f"""
+[[grants]]
+callers = ["{WORKER}"]
+connections = ["gmail", "reports"]
+scopes = ["*"]
+"""
+    )
+    return world
+
+
+def test_a_scope_the_connection_does_not_hold_is_invalid_scope_and_nothing_is_sent(
+    world: World,
+) -> None:
+    """A caller granted ``"*"`` asked for a scope the connection was never granted: the
+    issuer presented the refresh token anyway and answered the provider's refusal as a 503
+    (schemathesis' ST101). It is the caller's error (RFC 6749 §5.2 ``invalid_scope``),
+    decided before anything is sent."""
+    _full_scope_world(world)
+    before = world.server.requests["refresh_token"]
+    with pytest.raises(TokenBrokerError) as caught:
+        world.issue({"connection": "gmail", "scopes": ["read", "drive"]})
+    answer = http_answer(caught.value, public=True)
+    assert (answer.status, answer.body["error"]) == (400, "invalid_scope")
+    assert "drive" in answer.body["error_description"]
+    assert world.server.requests["refresh_token"] == before
+
+
+def test_a_provider_refusing_a_narrowed_scope_is_invalid_scope_not_a_503(world: World) -> None:
+    """A connection that declares no scopes cannot be checked first: the provider's
+    ``invalid_scope`` is passed on as the caller's error, not an outage."""
+    _full_scope_world(world)
+    record = world.state.get("gmail")
+    world.state.delete("gmail")
+    world.state.create(replace(record.connection, scopes=()), record.state)
+    with pytest.raises(TokenBrokerError) as caught:
+        world.issue({"connection": "gmail", "scopes": ["drive"]})
+    answer = http_answer(caught.value, public=True)
+    assert (answer.status, answer.body["error"]) == (400, "invalid_scope")
