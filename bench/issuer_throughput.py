@@ -22,7 +22,8 @@ and ``issued``) in the serving process, read without touching the request path: 
 served from a generated source file that re-exports the very ``issue`` function object of
 ``functions/issuer/main.py`` and starts one thread in the worker that writes those counters
 to a file every 0.2 s. Cross-checked against the audit lines of outcome ``issued`` (one per
-token produced on a cache miss; a hit's line says ``cache_hit``) and the number of answers the load generator counted.
+token produced on a cache miss; a hit's line says ``cache_hit``) and the number of answers
+the load generator counted.
 
 For information, one more run sends the issuer's very request (POST /token, the ~900-byte
 Authorization header, the JSON body) to the bare function: ``bare_same_request_rps`` is the
