@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -402,11 +402,20 @@ class CallerVerifier(Protocol):
     :class:`~.errors.InvalidCallerToken` (HTTP 401 ``invalid_token``, RFC 6750 §3.1) for a
     missing, malformed, forged or expired credential, and
     :class:`~.errors.CredentialUnavailable` (503, retryable) when it cannot decide right now
-    (no verification keys): the caller's credential may be good. Synchronous: on the hot path
-    verification is CPU work over cached keys (``issue/idtoken.py``).
+    (no verification keys): the caller's credential may be good.
+
+    On an event loop call :meth:`averify_authorization`: on the hot path it is CPU work over
+    cached keys, and when keys must be fetched the fetch runs off the loop (issue 9). The
+    synchronous :meth:`verify_authorization` may block on that fetch (for threads).
+    :meth:`select_authorization` picks, from the request's headers, the one header value the
+    caller is taken from (which depends on who verified it: Cloud Run's IAM front end or us).
     """
 
     def verify_authorization(self, header: str | None) -> Caller: ...
+
+    async def averify_authorization(self, header: str | None) -> Caller: ...
+
+    def select_authorization(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None: ...
 
 
 @runtime_checkable

@@ -151,32 +151,35 @@ class IssuerService:
 
 def build_issuer(settings: Settings | None = None) -> IssuerService:
     """The issuer and the relay over the runtime's stores, the caller verifier (Google ID
-    tokens, keys fetched now, in this thread, not on the event loop), IAM Credentials and the
+    tokens in the configured identity mode; in ``verify`` mode the keys are fetched now, in
+    this thread, not on the event loop), IAM Credentials and the
     HTTP transports. Requires an audience and a policy file: the policy denies by default."""
     from tokenbroker.adapters.http import (  # noqa: PLC0415
         AiohttpRelayTransport,
         AiohttpTokenEndpoint,
     )
-    from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet  # noqa: PLC0415
+    from tokenbroker.issue.idtoken import IdentityMode, IdTokenVerifier, KeySet  # noqa: PLC0415
     from tokenbroker.issue.issuer import TokenIssuer  # noqa: PLC0415
     from tokenbroker.issue.policy_file import load_policy  # noqa: PLC0415
     from tokenbroker.issue.relay import Relay  # noqa: PLC0415
 
     settings = settings or Settings.from_env()
-    if not settings.issuer_audience:
-        raise ConfigError(f"{ENV_ISSUER_AUDIENCE} (the function's URL) is required")
+    if not settings.issuer_audiences:
+        raise ConfigError(f"{ENV_ISSUER_AUDIENCE} (the function's URLs) is required")
     if settings.policy_file is None:
         raise ConfigError(f"{ENV_POLICY_FILE} is required (deny-by-default policy)")
     policy = load_policy(settings.policy_file)
     runtime = build_runtime(settings)
     try:
         verifier = IdTokenVerifier(
-            audience=settings.issuer_audience,
+            audience=settings.issuer_audiences,
+            mode=IdentityMode(settings.caller_identity),
             issuers=settings.id_token_issuers,
             keys=KeySet(settings.id_token_keys_url, clock=runtime.clock),
             clock=runtime.clock,
         )
-        verifier.keys.refresh()
+        if verifier.mode is IdentityMode.VERIFY:  # platform mode never needs the keys
+            verifier.keys.refresh()
     except BaseException:
         runtime.close()
         raise

@@ -7,6 +7,10 @@ Served by ``functions-framework --asgi`` (uvicorn): measured ~4x the default gth
 this workload on one core, and the issuer's hot path is async end to end.
 
 Routes: ``POST /token``, ``GET /healthz``, ``/relay/{connection}/{path}``. Anything else: 404.
+
+The caller's credential is the one header the verifier's identity mode names
+(``CallerVerifier.select_authorization``): behind Cloud Run IAM (``platform``) the header the
+front end verified, else ``Authorization`` (docs/issuer.md, *Caller identity*).
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ async def _token(request: Request) -> Response:
         raise BadRequest("Content-Type must be application/json")
     issuer, _ = await build()
     body = await read_body(request)
-    token = await issuer.issue(request.headers.get("authorization"), body)
+    authorization = issuer.verifier.select_authorization(request.scope["headers"])
+    token = await issuer.issue(authorization, body)
     return Response(token.render(issuer.clock.now()), 200, _NO_STORE, media_type="application/json")
 
 
@@ -142,7 +147,11 @@ async def _relay_route(request: Request) -> Response:
     # The raw (still percent-encoded) path: the policy refuses encoded tricks itself.
     raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
     target = raw_path.partition(b"?")[0].decode("latin-1").removeprefix("/relay/")
-    permit = relay.authorize(request.headers.get("authorization"), request.method, target)
+    authorization = relay.verifier.select_authorization(request.scope["headers"])
+    # Verified here first, off the event loop when keys must be fetched (issue 9): the relay's
+    # own synchronous check below then answers from the verified-token cache.
+    await relay.verifier.averify_authorization(authorization)
+    permit = relay.authorize(authorization, request.method, target)
     body = await read_body(request, permit.max_body_bytes)
     query: bytes = request.scope.get("query_string") or b""
     answer = await relay.forward(

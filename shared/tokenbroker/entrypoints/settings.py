@@ -48,7 +48,13 @@ ENV_PUBSUB_TOPIC = "TOKENBROKER_PUBSUB_TOPIC"
 ENV_AWS_REGION = "TOKENBROKER_AWS_REGION"
 ENV_AWS_ENDPOINT_URL = "TOKENBROKER_AWS_ENDPOINT_URL"
 ENV_AWS_SECRET_PREFIX = "TOKENBROKER_AWS_SECRET_PREFIX"
+#: Every URL of the issuer function, comma-separated: callers' ID tokens carry one as ``aud``
+#: (a gen2 function answers on ``https://REGION-PROJECT.cloudfunctions.net/NAME`` and
+#: ``https://NAME-HASH-REGION.a.run.app``).
 ENV_ISSUER_AUDIENCE = "TOKENBROKER_ISSUER_AUDIENCE"
+#: Who verifies callers' ID token signatures: ``platform`` (Cloud Run's IAM front end) or
+#: ``verify`` (the issuer). docs/issuer.md, *Caller identity*.
+ENV_CALLER_IDENTITY = "TOKENBROKER_CALLER_IDENTITY"
 ENV_ID_TOKEN_ISSUERS = "TOKENBROKER_ID_TOKEN_ISSUERS"
 ENV_ID_TOKEN_KEYS_URL = "TOKENBROKER_ID_TOKEN_KEYS_URL"
 ENV_POLICY_FILE = "TOKENBROKER_POLICY_FILE"
@@ -84,6 +90,9 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
 SECRET_STORES = ("embedded", "memory", "secret-manager", "aws-secrets-manager")
 STATE_STORES = ("embedded", "memory", "firestore")
 EVENT_BUSES = ("outbox", "memory", "pubsub")
+CALLER_IDENTITIES = ("platform", "verify")
+#: How many URLs the issuer may answer on (a gen2 function has two; custom domains add more).
+MAX_AUDIENCES = 16
 
 
 def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -167,8 +176,11 @@ class Settings:
     aws_region: str | None = None
     aws_endpoint_url: str | None = None
     aws_secret_prefix: str = "tokenbroker/"
-    #: The issuer: who may call it (Google ID tokens for this audience) and what they may do.
-    issuer_audience: str | None = None
+    #: The issuer: who may call it (Google ID tokens for one of these audiences: every URL of
+    #: the function) and what they may do.
+    issuer_audiences: tuple[str, ...] = ()
+    #: ``platform`` (Cloud Run IAM verified the token) or ``verify`` (the issuer does).
+    caller_identity: str = "verify"
     id_token_issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
     id_token_keys_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     policy_file: Path | None = None
@@ -237,6 +249,7 @@ class Settings:
             (self.secret_store, SECRET_STORES, ENV_SECRET_STORE),
             (self.state_store, STATE_STORES, ENV_STATE_STORE),
             (self.event_bus, EVENT_BUSES, ENV_EVENT_BUS),
+            (self.caller_identity, CALLER_IDENTITIES, ENV_CALLER_IDENTITY),
         ]
         for value, allowed, variable in choices:
             if value is not None and value not in allowed:
@@ -244,6 +257,23 @@ class Settings:
                 raise ConfigError(f"{variable}: {_shown(value)} is not one of: {known}")
         for bound in BOUNDS:
             bound.check(getattr(self, bound.field))
+        _check_audiences(self.issuer_audiences)
+
+
+def _check_audiences(audiences: tuple[str, ...]) -> None:
+    """Each an ``aud`` value callers' tokens carry: a URL (or a Cloud Run custom audience),
+    without blanks or control characters; a handful at most."""
+    if len(audiences) > MAX_AUDIENCES:
+        raise ConfigError(f"{ENV_ISSUER_AUDIENCE}: at most {MAX_AUDIENCES} audiences")
+    for audience in audiences:
+        if (
+            not isinstance(audience, str)
+            or not audience
+            or len(audience) > 512
+            or not audience.isprintable()
+            or any(c.isspace() for c in audience)
+        ):
+            raise ConfigError(f"{ENV_ISSUER_AUDIENCE}: {_shown(audience)} is not an audience")
 
 
 def _parse(variable: str, raw: str, parse: Callable[[str], T]) -> T:
@@ -358,7 +388,12 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("aws_region", ENV_AWS_REGION, str.strip),
     ("aws_endpoint_url", ENV_AWS_ENDPOINT_URL, str.strip),
     ("aws_secret_prefix", ENV_AWS_SECRET_PREFIX, str.strip),
-    ("issuer_audience", ENV_ISSUER_AUDIENCE, str.strip),
+    (
+        "issuer_audiences",
+        ENV_ISSUER_AUDIENCE,
+        lambda v: tuple(a.strip() for a in v.split(",") if a.strip()),
+    ),
+    ("caller_identity", ENV_CALLER_IDENTITY, lambda v: v.strip().lower()),
     (
         "id_token_issuers",
         ENV_ID_TOKEN_ISSUERS,

@@ -62,12 +62,14 @@ import json
 import math
 import re
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -141,6 +143,14 @@ class JwksDocument:
 
 class KeysDocumentError(ValueError):
     """The keys URL answered with something that is not a usable JWK set."""
+
+
+class KeysFetchNeeded(Exception):
+    """:meth:`KeySet.lookup` cannot answer without fetching the keys URL (blocking I/O)."""
+
+    def __init__(self, kid: str) -> None:
+        super().__init__("the keys URL must be fetched")
+        self.kid = kid
 
 
 #: Fetches a keys URL. Raises ``OSError`` (``urllib.error.URLError`` is one), ``ValueError``
@@ -344,6 +354,30 @@ class KeySet:
             return key
         return self._refetch_for(kid)
 
+    def lookup(self, kid: str) -> rsa.RSAPublicKey:
+        """The key named ``kid`` without any I/O, for code on an event loop.
+
+        Raises :class:`KeysFetchNeeded` exactly where :meth:`key_for` would fetch (the set is
+        stale with no refresh under way, or the ``kid`` is unknown and the refetch rate limit
+        allows one): the caller then runs :meth:`key_for` in a thread. Everything else --
+        the key, an unknown ``kid`` inside the rate limit, no keys at all during a failure
+        backoff -- is answered here, at once, as :meth:`key_for` answers it.
+        """
+        now = self._clock.monotonic()
+        # Stale: fetch, unless another thread is refreshing and we have keys to go on with
+        # (what key_for does, without blocking on its lock).
+        stale = now >= self._fresh_until and now >= self._retry_at
+        if stale and (not self._keys or not self._lock.locked()):
+            raise KeysFetchNeeded(kid)
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        if now - self._kid_refetch_at >= self.refetch_interval and now >= self._retry_at:
+            raise KeysFetchNeeded(kid)
+        if not self._keys:
+            raise self._unavailable(now)
+        raise InvalidCallerToken("token signed with an unknown key (kid)")
+
     def refresh(self) -> bool:
         """Fetch now (e.g. at cold start, off the event loop). True when keys were loaded."""
         with self._lock:
@@ -417,6 +451,81 @@ class KeySet:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the caller's token is: the two identity modes
+# ---------------------------------------------------------------------------------------------
+
+
+class IdentityMode(StrEnum):
+    """Who verifies the caller's ID token signature (docs/issuer.md, *Caller identity*).
+
+    * ``platform``: Cloud Run's IAM front end (the service requires ``run.invoker``; no
+      public invocation). It passes the token on with the signature replaced by
+      :data:`SIGNATURE_REMOVED`; the issuer checks every claim but not the signature.
+    * ``verify``: the issuer, against the issuer's published keys (public invocation, or
+      invoker IAM with the invoker token in ``X-Serverless-Authorization``).
+    """
+
+    PLATFORM = "platform"
+    VERIFY = "verify"
+
+
+#: What Cloud Run puts in place of the signature of the token it verified
+#: (https://cloud.google.com/run/docs/authenticating/service-to-service#acquire-token).
+SIGNATURE_REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
+_SIGNATURE_REMOVED = SIGNATURE_REMOVED.encode()
+AUTHORIZATION = b"authorization"
+SERVERLESS_AUTHORIZATION = b"x-serverless-authorization"
+
+
+def credential_header(mode: IdentityMode, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The value of the one request header the caller is taken from, or ``None``.
+
+    ``headers`` are the request's (name, value) pairs as ASGI gives them; names are compared
+    case-insensitively (RFC 9110 §5.1).
+
+    Cloud Run checks ``X-Serverless-Authorization`` when it is present, else
+    ``Authorization``, and strips the signature of the token it checked; the other header
+    reaches the container as the caller sent it
+    (https://cloud.google.com/run/docs/authenticating/service-to-service#acquire-token;
+    confirmed by Cloud Run's product manager in
+    https://github.com/GoogleCloudPlatform/cloud-run-proxy/pull/25). Hence:
+
+    * ``platform``: ``X-Serverless-Authorization`` whenever it is present (even empty: no
+      falling back to ``Authorization``, which Cloud Run did not check then), else
+      ``Authorization``. A token in the header the platform did not check is never read, so
+      a forged unsigned one next to a real ``X-Serverless-Authorization`` is inert.
+    * ``verify``: ``Authorization``, whose signature the issuer verifies.
+      ``X-Serverless-Authorization`` is the platform's business and is ignored.
+
+    The header read must appear once: two of them (which did the front end check?) is a 401.
+    """
+    authorization: list[bytes] = []
+    serverless: list[bytes] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == AUTHORIZATION:
+            authorization.append(value)
+        elif lowered == SERVERLESS_AUTHORIZATION:
+            serverless.append(value)
+    chosen = serverless if mode is IdentityMode.PLATFORM and serverless else authorization
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise InvalidCallerToken("more than one credential header of the same name")
+    return chosen[0].decode("latin-1")
+
+
+def _bearer_token(header: str | None) -> str:
+    if not isinstance(header, str):
+        raise InvalidCallerToken("missing bearer token")
+    scheme, _, credentials = header.strip().partition(" ")
+    token = credentials.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise InvalidCallerToken("missing bearer token")
+    return token
+
+
+# ---------------------------------------------------------------------------------------------
 # The verifier
 # ---------------------------------------------------------------------------------------------
 
@@ -425,7 +534,13 @@ class _Verified(NamedTuple):
     caller: Caller
     expires: float  # exp + leeway, epoch seconds
     kid: str
-    key: rsa.RSAPublicKey
+    #: The key that verified the signature; ``None`` when the platform did (platform mode).
+    key: rsa.RSAPublicKey | None
+
+
+#: Looks a verification key up by ``kid``: :meth:`KeySet.key_for` (may fetch) or
+#: :meth:`KeySet.lookup` (never does I/O; raises :class:`KeysFetchNeeded`).
+KeyLookup = Callable[[str], rsa.RSAPublicKey]
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -490,7 +605,8 @@ class IdTokenVerifier:
     def __init__(
         self,
         *,
-        audience: str,
+        audience: str | Sequence[str],
+        mode: IdentityMode = IdentityMode.VERIFY,
         issuers: Sequence[str] = GOOGLE_ISSUERS,
         keys: KeySet | None = None,
         keys_url: str = GOOGLE_CERTS_URL,
@@ -501,7 +617,8 @@ class IdTokenVerifier:
         max_lifetime: float = DEFAULT_MAX_LIFETIME,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
-        if not isinstance(audience, str) or not audience.strip():
+        audiences = (audience,) if isinstance(audience, str) else tuple(audience)
+        if not audiences or not all(isinstance(a, str) and a.strip() for a in audiences):
             raise ConfigError("ID token audience (the function's URL) is required")
         issuer_list = (issuers,) if isinstance(issuers, str) else tuple(issuers)
         if not issuer_list or not all(isinstance(i, str) and i for i in issuer_list):
@@ -512,7 +629,10 @@ class IdTokenVerifier:
             raise ConfigError("max_token_bytes must be at least 256")
         if max_lifetime <= 0 or cache_size < 0:
             raise ConfigError("max_lifetime must be positive and cache_size not negative")
-        self.audience = audience
+        #: Every URL of the function (a gen2 function answers on two): ``aud`` must be one.
+        self.audiences = frozenset(audiences)
+        self.audience = audiences[0]
+        self.mode = IdentityMode(mode)
         self.issuers = frozenset(issuer_list)
         self.clock: Clock = clock or SystemClock()
         self.keys = keys if keys is not None else KeySet(keys_url, clock=self.clock)
@@ -526,20 +646,28 @@ class IdTokenVerifier:
         self._headers: dict[bytes, str] = {}  # accepted encoded header -> its kid
         #: Verified-token cache hits so far.
         self.cache_hits = 0
+        self._warned_signed_at = -math.inf
+
+    # -- which header --------------------------------------------------------------------------
+
+    def select_authorization(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """The request header this verifier takes the caller from: :func:`credential_header`."""
+        return credential_header(self.mode, headers)
+
+    # -- verifying -----------------------------------------------------------------------------
 
     def verify_authorization(self, header: str | None) -> Caller:
         """The caller behind an ``Authorization`` header value (RFC 6750 §2.1).
 
         The scheme is case-insensitive (RFC 9110 §11.1); anything but ``Bearer <token>`` is
-        ``missing bearer token``.
+        ``missing bearer token``. Blocking when the keys must be fetched: on an event loop use
+        :meth:`averify_authorization`.
         """
-        if not isinstance(header, str):
-            raise InvalidCallerToken("missing bearer token")
-        scheme, _, credentials = header.strip().partition(" ")
-        token = credentials.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise InvalidCallerToken("missing bearer token")
-        return self.verify(token)
+        return self.verify(_bearer_token(header))
+
+    async def averify_authorization(self, header: str | None) -> Caller:
+        """:meth:`verify_authorization` for an event loop: never blocks it (see :meth:`averify`)."""
+        return await self.averify(_bearer_token(header))
 
     def verify(self, token: str) -> Caller:
         """The caller an ID token vouches for, or :class:`InvalidCallerToken` saying why not.
@@ -547,6 +675,29 @@ class IdTokenVerifier:
         :class:`~.errors.CredentialUnavailable` (503, retryable) when no signing
         keys could be fetched at all: the token may be fine, the caller should retry.
         """
+        return self._verify(token, self.keys.key_for)
+
+    async def averify(self, token: str) -> Caller:
+        """:meth:`verify` without blocking the event loop (issue 9: one unknown ``kid``
+        stalled every request, ``/healthz`` included, for the keys server's response time).
+
+        The fast path -- a cached verification, or cached keys -- runs here, synchronously:
+        it is CPU work of a few microseconds. Only when the keys URL must be fetched (stale
+        keys, or an unknown ``kid`` inside the refetch rate limit, :meth:`KeySet.lookup`) does
+        the fetch run in a worker thread (``asyncio.to_thread``), and the verification then
+        finishes with the key it brought. The rate limit and the failure backoff are the
+        :class:`KeySet`'s, so a burst of made-up ``kid`` values still costs one fetch and the
+        rest are refused at once, without a thread each.
+        """
+        try:
+            return self._verify(token, self.keys.lookup)
+        except KeysFetchNeeded as need:
+            import asyncio  # noqa: PLC0415 - only the fetch path needs it
+
+            key = await asyncio.to_thread(self.keys.key_for, need.kid)
+            return self._verify(token, lambda _kid: key)
+
+    def _verify(self, token: str, lookup: KeyLookup) -> Caller:
         if not isinstance(token, str) or not token:
             raise InvalidCallerToken("missing bearer token")
         # Size before anything else. For ASCII (all that can pass) characters are bytes.
@@ -565,7 +716,7 @@ class IdTokenVerifier:
                 caller = self._cache_hit(digest, entry, now)
                 if caller is not None:
                     return caller
-        caller, entry = self._verify_uncached(raw, now)
+        caller, entry = self._verify_uncached(raw, now, lookup)
         if self.cache_size:
             with self._cache_lock:
                 self._cache[digest] = entry
@@ -580,7 +731,8 @@ class IdTokenVerifier:
             with self._cache_lock:
                 self._cache.pop(digest, None)
             raise InvalidCallerToken("token expired")
-        if self.keys.peek(entry.kid) is not entry.key:  # key withdrawn or replaced
+        if entry.key is not None and self.keys.peek(entry.kid) is not entry.key:
+            # The key that verified it was withdrawn or replaced: verify afresh.
             with self._cache_lock:
                 self._cache.pop(digest, None)
             return None
@@ -590,7 +742,9 @@ class IdTokenVerifier:
         self.cache_hits += 1
         return entry.caller
 
-    def _verify_uncached(self, raw: bytes, now: float) -> tuple[Caller, _Verified]:
+    def _verify_uncached(
+        self, raw: bytes, now: float, lookup: KeyLookup
+    ) -> tuple[Caller, _Verified]:
         if raw.count(b".") != 2:
             raise InvalidCallerToken("malformed token: expected three dot-separated segments")
         header_b64, payload_b64, signature_b64 = raw.split(b".")
@@ -605,15 +759,58 @@ class IdTokenVerifier:
             if len(self._headers) >= _HEADER_CACHE_SIZE:
                 self._headers.clear()
             self._headers[header_b64] = kid
-        key = self.keys.key_for(kid)
+        key = self._check_signature(raw, kid, signature_b64, lookup)
+        claims = _json_object(payload_b64, "payload", _claims_decoder)
+        caller, exp = self._check_claims(claims, now)
+        return caller, _Verified(caller, exp + self.leeway, kid, key)
+
+    def _check_signature(
+        self, raw: bytes, kid: str, signature_b64: bytes, lookup: KeyLookup
+    ) -> rsa.RSAPublicKey | None:
+        """The signature, as the mode wants it checked; the key that verified it, if we did.
+
+        ``platform``: Google's front end verified the token and replaced its signature with
+        :data:`SIGNATURE_REMOVED`; exactly that is accepted, and nothing else. A token that
+        still carries a signature did not pass the IAM check (the service is publicly
+        invocable, or the token sits in a header Cloud Run did not check): it is refused
+        rather than verified here, so a deployment that lost its invoker IAM fails loudly
+        instead of running open to unsigned forgeries.
+
+        ``verify``: the signature is verified with the issuer's published key.
+        """
+        removed = signature_b64 == _SIGNATURE_REMOVED
+        if self.mode is IdentityMode.PLATFORM:
+            if removed:
+                return None
+            self._warn_signed_in_platform_mode()
+            raise InvalidCallerToken(
+                "token was not verified by the platform: in platform mode only a token whose "
+                "signature Cloud Run's IAM check removed is accepted"
+            )
+        if removed:
+            raise InvalidCallerToken(
+                "token signature was removed by Google's front end; this issuer verifies "
+                "signatures itself: send a signed token in Authorization and the invoker token "
+                "in X-Serverless-Authorization"
+            )
+        key = lookup(kid)
         try:
             signature = _b64decode(signature_b64)
             key.verify(signature, raw[: raw.rfind(b".")], _PKCS1V15, _SHA256)
         except (InvalidSignature, binascii.Error, ValueError):
             raise InvalidCallerToken("token signature does not verify") from None
-        claims = _json_object(payload_b64, "payload", _claims_decoder)
-        caller, exp = self._check_claims(claims, now)
-        return caller, _Verified(caller, exp + self.leeway, kid, key)
+        return key
+
+    def _warn_signed_in_platform_mode(self) -> None:
+        """A deployment problem, not just a bad caller: said in the log, at most every 5 min."""
+        now = time.monotonic()
+        if now - self._warned_signed_at >= 300:
+            self._warned_signed_at = now
+            get_logger(component="idtoken").warning(
+                "a caller token arrived with its signature in platform mode: the service may "
+                "be invocable without IAM (check the run.invoker binding and ingress), or the "
+                "issuer should run with TOKENBROKER_CALLER_IDENTITY=verify"
+            )
 
     @staticmethod
     def _check_header(header: Mapping[str, Any]) -> str:
@@ -668,9 +865,9 @@ class IdTokenVerifier:
         # ``azp`` is not compared: in Google's service-account tokens it names the caller's
         # client, not us (OIDC Core §3.1.3.7 makes it a SHOULD for the requesting client).
         if isinstance(aud, str):
-            audience_ok = aud == self.audience
+            audience_ok = aud in self.audiences
         elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
-            audience_ok = self.audience in aud
+            audience_ok = not self.audiences.isdisjoint(aud)
         else:
             raise InvalidCallerToken("token aud claim is malformed")
         if not audience_ok:
@@ -707,12 +904,16 @@ __all__ = [
     "FORBIDDEN_HEADERS",
     "GOOGLE_CERTS_URL",
     "GOOGLE_ISSUERS",
+    "SIGNATURE_REMOVED",
     "Caller",
     "Fetch",
     "IdTokenVerifier",
+    "IdentityMode",
     "JwksDocument",
     "KeySet",
     "KeysDocumentError",
+    "KeysFetchNeeded",
+    "credential_header",
     "parse_jwks",
     "parse_max_age",
     "urllib_fetch",

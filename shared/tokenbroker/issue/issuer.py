@@ -298,7 +298,7 @@ class TokenIssuer:
             self.log.warning("token decision", **fields)
 
     async def _decide(self, authorization: str | None, body: bytes, audit: _Audit) -> IssuedToken:
-        caller = self.verifier.verify_authorization(authorization)
+        caller = await self.verifier.averify_authorization(authorization)  # fetches off-loop
         audit.caller = caller.email
         request = self._parse(body)
         audit.connection, audit.asked = request.connection, request.scopes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,6 +22,12 @@ class FakeVerifier:
         return Caller(
             email, f"sub-{email}", "https://issuer.test", datetime(2099, 1, 1, tzinfo=UTC)
         )
+
+    async def averify_authorization(self, header: str | None) -> Caller:
+        return self.verify_authorization(header)
+
+    def select_authorization(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        return next((v.decode() for k, v in headers if k.lower() == b"authorization"), None)
 
 
 @dataclass
