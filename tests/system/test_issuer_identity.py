@@ -29,10 +29,14 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import RSAKey
 
 from tests.support.oidc import rsa_public_jwk, sign_rs256
 from tests.system.processes import REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
+from tokenbroker.consumer import BrokerClient, BrokerInvalidToken
 from tokenbroker.entrypoints.compose import build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.model import Connection, Credential, GrantType
@@ -401,3 +405,118 @@ def test_verify_an_unknown_kid_refetch_does_not_stall_the_function(verify: Issue
     assert known_took < 0.5, known_took
     unauthenticated(refused)
     assert _Keys.served == served + 1  # one refetch
+
+
+# --- end to end: the consumer client through a front end that does what Cloud Run's does -------
+
+
+class CloudRunFrontEnd(BaseHTTPRequestHandler):
+    """Cloud Run's IAM check as documented
+    (https://cloud.google.com/run/docs/authenticating/service-to-service#acquire-token): it
+    checks ``X-Serverless-Authorization`` when present, else ``Authorization`` -- signature
+    (Google's key), ``aud`` (a URL of the service), expiry -- answers 401 itself when that
+    fails, and passes the request on with the checked token's signature replaced by
+    ``SIGNATURE_REMOVED_BY_GOOGLE``, the other header untouched."""
+
+    upstream: ClassVar[str] = ""
+
+    def _check(self, value: str | None) -> str | None:
+        if not value or not value.startswith("Bearer "):
+            return None
+        token = value.removeprefix("Bearer ")
+        key = RSAKey.import_key(rsa_public_jwk(GOOGLE, KID))
+        try:
+            claims = jwt.decode(token, key, algorithms=["RS256"]).claims
+        except (JoseError, ValueError):
+            return None
+        if claims.get("aud") not in (FUNCTIONS_URL, RUN_URL) or claims["exp"] < time.time():
+            return None
+        header, payload, _ = token.split(".")
+        return f"Bearer {header}.{payload}.{REMOVED}"
+
+    def do_POST(self) -> None:
+        checked_name = (
+            "X-Serverless-Authorization"
+            if "X-Serverless-Authorization" in self.headers
+            else "Authorization"
+        )
+        stripped = self._check(self.headers.get(checked_name))
+        if stripped is None:
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        forwarded = [
+            (name, stripped if name.lower() == checked_name.lower() else value)
+            for name, value in self.headers.items()
+            if name.lower() not in ("host", "content-length", "connection")
+        ]
+        answer = httpx.post(f"{self.upstream}{self.path}", content=body, headers=forwarded)
+        self.send_response(answer.status_code)
+        for name in ("content-type", "cache-control", "www-authenticate"):
+            if name in answer.headers:
+                self.send_header(name, answer.headers[name])
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    def log_message(self, *_: Any) -> None:
+        return
+
+
+def _front_end(upstream: str) -> Iterator[str]:
+    handler = type("FrontEnd", (CloudRunFrontEnd,), {"upstream": upstream})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def platform_behind_iam(platform: Issuer) -> Iterator[str]:
+    yield from _front_end(platform.url)
+
+
+@pytest.fixture(scope="module")
+def verify_behind_iam(verify: Issuer) -> Iterator[str]:
+    yield from _front_end(verify.url)
+
+
+def client_for(url: str, **options: Any) -> BrokerClient:
+    return BrokerClient(
+        url, audience=RUN_URL, id_token_source=lambda aud: signed(aud=aud), min_ttl_seconds=0,
+        deadline_seconds=10, **options,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("serverless_authorization", [True, False])
+def test_the_client_through_cloud_run_iam_to_a_platform_mode_issuer(
+    platform_behind_iam: str, serverless_authorization: bool
+) -> None:
+    with client_for(platform_behind_iam, serverless_authorization=serverless_authorization) as c:
+        assert c.token("crm").access_token.reveal() == CRM_TOKEN
+
+
+def test_the_client_through_cloud_run_iam_to_a_verify_mode_issuer(verify_behind_iam: str) -> None:
+    """The default sends the token in both headers: Cloud Run checks and strips the invoker
+    copy, the issuer verifies the signed one. With Authorization only, Cloud Run strips the
+    one token there is and a verify-mode issuer rightly refuses it."""
+    with client_for(verify_behind_iam) as client:
+        assert client.token("crm").access_token.reveal() == CRM_TOKEN
+    with (
+        client_for(verify_behind_iam, serverless_authorization=False) as client,
+        pytest.raises(BrokerInvalidToken),
+    ):
+        client.token("crm")
+
+
+def test_the_front_end_itself_refuses_a_forged_invoker_token(platform_behind_iam: str) -> None:
+    """What the platform mode leans on: an unsigned token never gets past Cloud Run."""
+    response = httpx.post(
+        f"{platform_behind_iam}/token",
+        json={"connection": "payroll"},
+        headers={"X-Serverless-Authorization": bearer(forged(ADMIN))},
+    )
+    assert response.status_code == 401

@@ -71,6 +71,7 @@ class ClientOptions(TypedDict, total=False):
     min_ttl_seconds: int
     expiry_margin_seconds: float
     rng: random.Random | None
+    serverless_authorization: bool
 
 
 class _Outage(StrEnum):
@@ -109,6 +110,7 @@ class ClientCore:
         min_ttl_seconds: int = 60,
         expiry_margin_seconds: float = 10.0,
         rng: random.Random | None = None,
+        serverless_authorization: bool = True,
     ) -> None:
         base = check_base_url(base_url)
         if timeout <= 0 or deadline_seconds <= 0:
@@ -128,6 +130,8 @@ class ClientCore:
         self.deadline_seconds = deadline_seconds
         self.retry = retry or DEFAULT_RETRY
         self.min_ttl_seconds = min_ttl_seconds
+        #: Also send the ID token as ``X-Serverless-Authorization`` (wire.request_headers).
+        self.serverless_authorization = serverless_authorization
         self._min_ttl = timedelta(seconds=min_ttl_seconds)
         self._margin = timedelta(seconds=expiry_margin_seconds)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -234,9 +238,8 @@ class ClientCore:
             ) from error
         timeout = self._budget(deadline)
         self._admit()
-        post = Post(
-            self.url, request_body(key, self.min_ttl_seconds), request_headers(id_token), timeout
-        )
+        headers = request_headers(id_token, serverless_authorization=self.serverless_authorization)
+        post = Post(self.url, request_body(key, self.min_ttl_seconds), headers, timeout)
         try:
             answer = yield from ask(post)
             token = read_answer(answer, key, received=self.clock.now(), timeout=timeout)

@@ -72,14 +72,30 @@ def request_body(key: TokenKey, min_ttl_seconds: int) -> bytes:
     return json.dumps(payload).encode()
 
 
-def request_headers(id_token: str) -> dict[str, str]:
-    """The caller's ID token as a bearer credential (RFC 6750 §2.1)."""
-    return {
+#: Cloud Run's invoker header: checked instead of ``Authorization`` when present
+#: (https://cloud.google.com/run/docs/authenticating/service-to-service#acquire-token).
+SERVERLESS_AUTHORIZATION = "X-Serverless-Authorization"
+
+
+def request_headers(id_token: str, *, serverless_authorization: bool = True) -> dict[str, str]:
+    """The caller's ID token as a bearer credential (RFC 6750 §2.1).
+
+    With ``serverless_authorization`` the same token also goes in
+    ``X-Serverless-Authorization``: Cloud Run's IAM front end then checks (and strips the
+    signature of) that copy and leaves ``Authorization`` signed, so one request works with the
+    issuer in either identity mode (docs/issuer.md, *Caller identity*): ``platform`` reads the
+    checked copy, ``verify`` verifies the signed one. The header goes to the broker's URL only
+    (no redirect is followed), never further.
+    """
+    headers = {
         "Authorization": f"Bearer {id_token}",
         "Content-Type": "application/json",
         "Accept": "application/json",
         "User-Agent": USER_AGENT,
     }
+    if serverless_authorization:
+        headers[SERVERLESS_AUTHORIZATION] = f"Bearer {id_token}"
+    return headers
 
 
 # --- the answer -----------------------------------------------------------------------------
