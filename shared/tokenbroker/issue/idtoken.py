@@ -26,10 +26,16 @@ RFC 7519 §7.2 (validating a JWT) and RFC 8725 (JWT Best Current Practices):
    ``crit`` is refused because we implement no extensions (RFC 7515 §4.1.11). A ``typ`` other
    than ``JWT`` is refused (RFC 8725 §3.11 explicit typing), so an ``at+jwt`` access token from
    the same issuer cannot pass as an ID token.
-5. **Signature** with the key whose ``kid`` the header names, from the issuer's published JWK
-   set (Google: https://www.googleapis.com/oauth2/v3/certs), cached per ``Cache-Control``.
+5. **Signature**, as the identity mode (:class:`IdentityMode`) says. ``verify``: with the key
+   whose ``kid`` the header names, from the issuer's published JWK set (Google:
+   https://www.googleapis.com/oauth2/v3/certs), cached per ``Cache-Control``, fetched off the
+   event loop by :meth:`IdTokenVerifier.averify`. ``platform``: Cloud Run's IAM front end
+   verified it and replaced the signature with :data:`SIGNATURE_REMOVED`, which is the only
+   signature accepted; :func:`credential_header` says which request header that token is in
+   (https://cloud.google.com/run/docs/authenticating/service-to-service#acquire-token).
 6. **Claims** (RFC 7519 §4.1, OpenID Connect Core §3.1.3.7): ``iss`` is one of the configured
-   issuers (exact match), ``aud`` is or contains the configured audience, ``exp`` is in the
+   issuers (exact match), ``aud`` is or contains one of the configured audiences (every URL of
+   the function), ``exp`` is in the
    future and ``iat`` not in the future (both within a small leeway), ``nbf`` if present has
    passed, the lifetime ``exp - iat`` is plausible (Google's are one hour), ``sub`` and
    ``email`` are present and ``email_verified`` is true.
