@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.oidc import rsa_public_jwk, sign_rs256
 from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
-from tokenbroker.issue.idtoken import IdTokenVerifier, KeySet
+from tokenbroker.issue.idtoken import IdTokenVerifier, JwksDocument, KeySet
 from tokenbroker.issue.issuer import TokenIssuer
 from tokenbroker.issue.policy_file import parse_policy_text
-from tokenbroker.kernel.clock import SystemClock
+from tokenbroker.kernel.clock import FakeClock, SystemClock
 from tokenbroker.kernel.errors import InvalidCallerToken
 from tokenbroker.kernel.model import Connection, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
@@ -170,3 +170,43 @@ def test_many_unknown_kids_during_a_slow_refetch_are_refused_at_once(slow_keys_u
 
     assert asyncio.run(main()) < 0.3
     assert _SlowKeys.requests == 2
+
+
+def test_a_stale_key_set_is_refreshed_off_the_loop_while_others_use_the_keys_held() -> None:
+    """Keys past their max-age: the request that notices waits for the refresh in a thread;
+    a request meanwhile verifies with the keys held (as threads do), without a thread."""
+    clock = FakeClock()
+    gate = threading.Event()
+    fetches: list[float] = []
+
+    def fetch(_url: str) -> JwksDocument:
+        fetches.append(time.monotonic())
+        if len(fetches) > 1:
+            assert gate.wait(10)  # a keys server that takes its time
+        return JwksDocument(json.dumps({"keys": [rsa_public_jwk(KEY, "key-1")]}).encode(), 600)
+
+    keys = KeySet("https://www.googleapis.com/oauth2/v3/certs", fetch=fetch, clock=clock)
+    assert keys.refresh()
+    verifier = IdTokenVerifier(audience=AUDIENCE, keys=keys, clock=clock, cache_size=0)
+    clock.advance(601)  # stale
+
+    def token(email: str) -> str:
+        now = int(clock.now().timestamp())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": email, "email": email,
+                  "email_verified": True, "iat": now, "exp": now + 3600}  # fmt: skip
+        return sign_rs256(claims, KEY, kid="key-1")
+
+    async def main() -> float:
+        first = asyncio.ensure_future(verifier.averify(token("a@p.iam.gserviceaccount.com")))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # waiting for the refresh, in a thread
+        started = time.monotonic()
+        other = await verifier.averify(token("b@p.iam.gserviceaccount.com"))
+        took = time.monotonic() - started
+        assert other.email == "b@p.iam.gserviceaccount.com"
+        gate.set()
+        assert (await first).email == "a@p.iam.gserviceaccount.com"
+        return took
+
+    assert asyncio.run(main()) < 0.2
+    assert len(fetches) == 2
