@@ -4,14 +4,24 @@ credential header reaches a relayed provider."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
-from collections.abc import Callable
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
+import pytest
+
+from tests.support.oidc import rsa_public_jwk
 from tests.unit.entrypoints import test_issuer_app as app
 from tests.unit.entrypoints.test_issuer_app import (
     BILLING,
     CRM_TOKEN,
+    KEY,
+    KID,
     OMIE_SECRET,
     WORKER,
     Deployment,
@@ -19,9 +29,40 @@ from tests.unit.entrypoints.test_issuer_app import (
     id_token,
 )
 
-# The same deployment as test_issuer_app.py (its fixtures), in another identity mode.
-keys_url = app.keys_url
+# The same deployment as test_issuer_app.py (its fixture), in another identity mode, with a
+# keys server whose answers after the first take SLOW_SECONDS.
 serve = app.serve
+SLOW_SECONDS = 1.5
+
+
+class _SlowKeys(BaseHTTPRequestHandler):
+    served: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        _SlowKeys.served += 1
+        if _SlowKeys.served > 1:
+            time.sleep(SLOW_SECONDS)
+        body = json.dumps({"keys": [rsa_public_jwk(KEY, KID)]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "public, max-age=3600")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        return
+
+
+@pytest.fixture
+def keys_url() -> Iterator[str]:
+    _SlowKeys.served = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowKeys)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/certs"
+    server.shutdown()
+    server.server_close()
+
 
 REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
 
@@ -92,3 +133,35 @@ def test_relay_takes_the_header_cloud_run_checked_and_forwards_neither(
         assert OMIE_SECRET not in ok.text
 
     serve(scenario, **PLATFORM)
+
+
+def test_an_unknown_kid_on_the_relay_does_not_stall_the_function(
+    serve: Callable[..., None],
+) -> None:
+    """Verify mode: the relay's caller check fetches keys off the event loop too."""
+
+    async def scenario(d: Deployment) -> None:
+        warm = await d.client.get("/relay/crm-api/v2/contacts", headers=app.auth())
+        assert warm.status_code == 200, warm.text  # cold start done, keys cached
+        header = base64.urlsafe_b64encode(
+            json.dumps({"alg": "RS256", "kid": "rotated-in", "typ": "JWT"}).encode()
+        ).rstrip(b"=")
+        _, payload, signature = id_token().split(".")
+        unknown = f"Bearer {header.decode()}.{payload}.{signature}"
+        started = time.monotonic()
+        stalled = asyncio.ensure_future(
+            d.client.get("/relay/crm-api/v2/contacts", headers={"Authorization": unknown})
+        )
+        await asyncio.sleep(0.1)
+        health = await d.client.get("/healthz")
+        health_took = time.monotonic() - started
+        other = await d.client.get("/relay/crm-api/v2/contacts", headers=app.auth())
+        other_took = time.monotonic() - started
+        refused = await stalled
+        assert health.status_code == 200 and other.status_code == 200, other.text
+        assert health_took < 0.5 and other_took < 0.8, (health_took, other_took)
+        assert time.monotonic() - started >= SLOW_SECONDS * 0.9
+        assert (refused.status_code, error_of(refused)) == (401, "invalid_token")
+        assert _SlowKeys.served == 2
+
+    serve(scenario)
