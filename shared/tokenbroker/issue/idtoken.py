@@ -698,10 +698,11 @@ class IdTokenVerifier:
         try:
             return self._verify(token, self.keys.lookup)
         except KeysFetchNeeded as need:
-            import asyncio  # noqa: PLC0415 - only the fetch path needs it
+            kid = need.kid
+        import asyncio  # noqa: PLC0415 - only the fetch path needs it
 
-            key = await asyncio.to_thread(self.keys.key_for, need.kid)
-            return self._verify(token, lambda _kid: key)
+        key = await asyncio.to_thread(self.keys.key_for, kid)  # may raise: unknown kid, 503
+        return self._verify(token, lambda _kid: key)
 
     def _verify(self, token: str, lookup: KeyLookup) -> Caller:
         if not isinstance(token, str) or not token:
