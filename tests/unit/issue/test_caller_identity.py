@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.support.oidc import rsa_public_jwk, sign_rs256
 from tokenbroker.issue.idtoken import (
@@ -379,3 +381,33 @@ def test_audiences_are_required(audience: Any, clock: FakeClock, fetch: Counting
 def test_unknown_mode_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="trust-me"):
         IdentityMode("trust-me")
+
+
+_NAMES = st.sampled_from(
+    [b"authorization", b"Authorization", b"AUTHORIZATION", b"x-serverless-authorization",
+     b"X-Serverless-Authorization", b"X-SERVERLESS-AUTHORIZATION", b"x-forwarded-authorization",
+     b"proxy-authorization", b"content-type"]
+)  # fmt: skip
+
+
+@given(st.lists(st.tuples(_NAMES, st.sampled_from([b"A", b"S", b"O"])), max_size=6))
+def test_the_header_rule_holds_for_any_mix_of_headers(pairs: list[tuple[bytes, bytes]]) -> None:
+    """Values say where they sit: ``S`` only ever in X-Serverless-Authorization, ``A`` only in
+    Authorization, ``O`` elsewhere. Platform mode never reads Authorization while an
+    X-Serverless-Authorization is there; verify mode never reads X-Serverless-Authorization;
+    no mode reads another header; a repeated header read is refused."""
+    labelled = [
+        (name, b"S" if name.lower() == b"x-serverless-authorization"
+         else b"A" if name.lower() == b"authorization" else b"O")
+        for name, _ in pairs
+    ]  # fmt: skip
+    values = [value for _, value in labelled]
+    for mode in IdentityMode:
+        expected = b"S" if mode is IdentityMode.PLATFORM and b"S" in values else b"A"
+        count = values.count(expected)
+        if count > 1:
+            with pytest.raises(InvalidCallerToken):
+                credential_header(mode, labelled)
+            continue
+        chosen = credential_header(mode, labelled)
+        assert chosen == (expected.decode() if count else None)
