@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import google.auth
 import google.auth.exceptions
@@ -133,7 +134,9 @@ def test_mints_a_token_with_exactly_the_requested_scopes_and_lifetime(
     assert abs((token.expires_at - (before + timedelta(seconds=900))).total_seconds()) <= 5
     [request] = iam.requests
     assert request.method == "POST"
-    assert request.path == f"/v1/projects/-/serviceAccounts/{SA}:generateAccessToken"
+    # Google's client percent-encodes the "@" of the resource name in the path (as it does for
+    # every GAPIC REST call); the service, and the local server, decode path parameters.
+    assert unquote(request.path) == f"/v1/projects/-/serviceAccounts/{SA}:generateAccessToken"
     # Direct request: no "delegates" key at all ([REF]: "do not specify this field").
     assert request.body == {"scope": [DRIVE_RO, SHEETS_RO], "lifetime": "900s"}
     assert request.bearer == BROKER_TOKEN
@@ -426,58 +429,115 @@ def test_delegation_chain_each_link_needs_token_creator(iam: IamCredentialsTestS
 # --- the client's plumbing --------------------------------------------------------------------
 
 
-def test_concurrent_calls_share_one_session(iam: IamCredentialsTestServer) -> None:
+def test_concurrent_calls_share_one_library_client(iam: IamCredentialsTestServer) -> None:
     async def go() -> tuple[list[MintedToken], bool]:
         async with IamCredentials(endpoint=iam.url, authorizer=broker_token) as client:
             first = await client.generate_access_token(SA, [DRIVE_RO], 299)
-            session = client._session
+            library_client = client._client
             tokens = await asyncio.gather(
                 *(client.generate_access_token(SA, [DRIVE_RO], 300 + i) for i in range(25))
             )
-            return [first, *tokens], client._session is session
+            return [first, *tokens], library_client is not None and client._client is library_client
 
-    tokens, same_session = asyncio.run(go())
-    assert same_session
+    tokens, same_client = asyncio.run(go())
+    assert same_client
     assert len({t.access_token.reveal() for t in tokens}) == 26
     assert sorted(t.lifetime_seconds for t in iam.issued) == [299 + i for i in range(26)]
 
 
-def test_an_injected_session_is_left_open(iam: IamCredentialsTestServer) -> None:
-    import aiohttp
+def test_the_event_loop_keeps_running_while_iam_answers(iam: IamCredentialsTestServer) -> None:
+    """The sync client runs in worker threads: a slow IAM never stalls the loop."""
+    iam.faults([Fault(status=None, delay=0.6)])
 
-    async def go() -> bool:
-        async with aiohttp.ClientSession() as session:
-            client = IamCredentials(endpoint=iam.url, authorizer=broker_token, session=session)
-            await client.generate_access_token(SA, [DRIVE_RO], 300)
-            await client.aclose()
-            return bool(session.closed)
+    async def go() -> int:
+        ticks = 0
 
-    assert asyncio.run(go()) is False
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        try:
+            async with IamCredentials(endpoint=iam.url, authorizer=broker_token) as client:
+                await client.generate_access_token(SA, [DRIVE_RO], 300)
+        finally:
+            task.cancel()
+        return ticks
+
+    assert asyncio.run(go()) >= 20  # ~60 ticks in 0.6 s; a blocked loop would tick ~once
     assert len(iam.issued) == 1
 
 
-def test_a_client_is_bound_to_one_event_loop(iam: IamCredentialsTestServer) -> None:
+def test_a_client_serves_successive_event_loops_and_aclose_starts_afresh(
+    iam: IamCredentialsTestServer,
+) -> None:
     client = IamCredentials(endpoint=iam.url, authorizer=broker_token)
-    first_loop = asyncio.new_event_loop()
-    try:
-        first_loop.run_until_complete(client.generate_access_token(SA, [DRIVE_RO], 300))
-        with pytest.raises(RuntimeError, match="second event loop"):
-            asyncio.run(client.generate_access_token(SA, [DRIVE_RO], 300))
-        first_loop.run_until_complete(client.aclose())
-    finally:
-        first_loop.close()
-    assert iam.request_count == 1
+
+    async def mint_and_close() -> bool:
+        await client.generate_access_token(SA, [DRIVE_RO], 300)
+        built = client._client is not None and client._executor is not None
+        await client.aclose()
+        return built and client._client is None and client._executor is None
+
+    assert asyncio.run(mint_and_close())
+    assert asyncio.run(mint_and_close())  # a new loop, a new library client
+    assert len(iam.issued) == 2
 
 
-def test_importing_the_adapter_loads_neither_aiohttp_nor_google_auth() -> None:
-    code = (
-        "import sys, tokenbroker.adapters.gcp.iam_credentials;"
-        "print(sorted(m for m in ('aiohttp', 'google.auth') if m in sys.modules))"
+# ("google" and "google.cloud" are namespace packages that site-packages' .pth files preload.)
+_HEAVY = (
+    "aiohttp",
+    "google.auth",
+    "google.api_core",
+    "google.cloud.iam_credentials_v1",
+    "google.protobuf",
+    "grpc",
+    "requests",
+)
+
+
+def _loaded_heavy_modules(code: str) -> list[str]:
+    script = (
+        f"{code}\nimport sys\n"
+        f"print(sorted({{h for h in {_HEAVY!r} for m in sys.modules "
+        "if m == h or m.startswith(h + '.')}))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
-    assert out.stdout.strip() == "[]"
+    loaded: list[str] = eval(out.stdout.strip())  # noqa: S307 - our own subprocess's list
+    return loaded
+
+
+def test_a_cold_start_that_never_impersonates_imports_no_client_library() -> None:
+    assert _loaded_heavy_modules("import tokenbroker.adapters.gcp.iam_credentials") == []
+    built = (
+        "from tokenbroker.adapters.gcp.iam_credentials import IamCredentials\n"
+        "client = IamCredentials(endpoint='http://127.0.0.1:9')"
+    )
+    assert _loaded_heavy_modules(built) == []
+
+
+def test_the_first_impersonation_imports_the_client_library(
+    iam: IamCredentialsTestServer,
+) -> None:
+    """The check above looks for the right names: they appear once a token is minted."""
+    code = (
+        "import asyncio\n"
+        "from tokenbroker.adapters.gcp.iam_credentials import IamCredentials\n"
+        "async def token() -> str:\n"
+        f"    return {BROKER_TOKEN!r}\n"
+        "async def go() -> None:\n"
+        f"    async with IamCredentials(endpoint={iam.url!r}, authorizer=token) as client:\n"
+        f"        await client.generate_access_token({SA!r}, [{DRIVE_RO!r}], 300)\n"
+        "asyncio.run(go())"
+    )
+    loaded = _loaded_heavy_modules(code)
+    assert {"google.cloud.iam_credentials_v1", "google.api_core", "google.auth"} <= set(loaded)
+    assert "aiohttp" not in loaded
+    assert len(iam.issued) == 1
 
 
 # --- the broker's own token: Application Default Credentials, with a fake google-auth --------

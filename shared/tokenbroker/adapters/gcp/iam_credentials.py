@@ -6,30 +6,63 @@ caller asked for and a *bounded* lifetime, minted by keyless impersonation
 authenticates with its own token (Application Default Credentials by default) and must hold
 ``roles/iam.serviceAccountTokenCreator`` on each target service account.
 
+**The wire protocol is Google's client library**, ``google-cloud-iam``
+(``google.cloud.iam_credentials_v1.IAMCredentialsClient``, ``transport="rest"``,
+https://cloud.google.com/python/docs/reference/iamcredentials/latest): it builds the request
+(``POST /v1/projects/-/serviceAccounts/{email}:generateAccessToken``, body ``{"scope",
+"lifetime": "900s", "delegates"}``, with ``delegates`` left out when empty), parses the answer
+(``accessToken``, ``expireTime`` as an aware UTC datetime) and turns every HTTP error into a
+``google.api_core.exceptions.GoogleAPICallError`` that keeps the response. It is pointed at
+another endpoint, plain-HTTP ones included (the local test server), with
+``client_options={"api_endpoint": URL}``: the REST transport keeps a URL's ``http://`` scheme.
+Its library retry is switched off (``retry=None``): our :mod:`~tokenbroker.kernel.retry` policy
+bounds the attempts, honouring ``Retry-After``. There is no asyncio REST transport for this
+API (``IAMCredentialsAsyncClient`` speaks gRPC only), so the sync client runs in a small thread
+pool of this adapter's own (ten threads, the ``requests`` connection pool's default size, so no
+connection is thrown away); the event loop never blocks, not even on the first import.
+
+What stays hand-written here, and why:
+
+* **The broker's own token** (:class:`ApplicationDefaultAuthorizer`, or any async callable,
+  e.g. the static ``TOKENBROKER_IAM_ACCESS_TOKEN``): google-auth refreshes credentials in
+  whichever thread needs them, with no lock, and would do ``google.auth.default()`` (which may
+  probe the metadata server) inside the client's constructor. The authorizer loads and refreshes
+  off the loop, once for all concurrent callers, and classifies its failures. It is fetched on
+  the loop before each call and handed to the worker thread; :class:`_PerCallBearer` (a
+  ``google.auth.credentials.Credentials``, the documented way to give a client a token source)
+  puts it on the request. On a 401 google-auth's ``AuthorizedSession`` asks the credentials to
+  refresh and would retry up to twice with whatever they hold; ours refuse instead, so the 401
+  comes back here, the authorizer is told to drop its token (``invalidate()``, when it can) and
+  the call is tried once more -- once, never a loop, and never with a token known to be refused.
+* **Checks before anything is sent** ([REF] below): lifetime 1..max (default 3600) s, scopes a
+  non-empty sequence of whitespace-free strings (never a bare ``str``), service-account and
+  delegate emails of the form ``name@domain.gserviceaccount.com`` (which also keeps ``/``,
+  ``?``, ``#`` and ``:`` out of the URL path). The library checks none of these.
+* **Error classification** into the tokenbroker errors the issuer understands (below): the
+  library's exception classes follow the HTTP status alone, while Google's ``status`` string,
+  ``Retry-After`` and ``google.rpc.RetryInfo`` decide here; the response they need is the one
+  the library's exception carries (``GoogleAPICallError.response``).
+* **Log hygiene**: the client library logs whole responses, the access token included, at DEBUG
+  when ``GOOGLE_SDK_PYTHON_LOGGING_SCOPE`` asks for it; :class:`_NoTokenPayloads` drops those
+  records from its transport's logger.
+
 Protocol rules, from the REST reference [REF]
 (https://cloud.google.com/iam/docs/reference/credentials/rest/v1/projects.serviceAccounts/generateAccessToken):
 
-* ``POST https://iamcredentials.googleapis.com/v1/{name=projects/*/serviceAccounts/*}:generateAccessToken``
-  where ``name`` is ``projects/-/serviceAccounts/{ACCOUNT_EMAIL_OR_UNIQUEID}``: "The ``-``
-  wildcard character is required; replacing it with a project ID is invalid." Delegates use
-  the same form.
-* Body ``{"scope": [...], "lifetime": "900s", "delegates": [...]}``. ``scope`` is required, "At
-  least one value required". ``delegates`` is "required for delegated requests. For direct
-  requests, which are more common, do not specify this field" -- so it is sent only when
-  non-empty.
+* ``name`` is ``projects/-/serviceAccounts/{ACCOUNT_EMAIL_OR_UNIQUEID}``: "The ``-`` wildcard
+  character is required; replacing it with a project ID is invalid." Delegates use the same form.
+* ``scope`` is required, "At least one value required". ``delegates`` is "required for delegated
+  requests. For direct requests, which are more common, do not specify this field".
 * ``lifetime``: "By default, the maximum allowed value is 1 hour. To set a lifetime of up to 12
   hours, you can add the service account as an allowed value in an Organization Policy that
   enforces the ``constraints/iam.allowServiceAccountCredentialLifetimeExtension`` constraint."
   Hence 1..3600 s here unless the deployment says its org policy allows more
-  (``max_lifetime_seconds``, up to 43200). A JSON ``Duration`` is seconds with an ``s`` suffix.
-* Response ``{"accessToken": ..., "expireTime": ...}``; ``expireTime`` is a ``Timestamp``,
-  RFC 3339 in UTC with a ``Z`` (google-auth's ``impersonated_credentials`` parses it the same way).
+  (``max_lifetime_seconds``, up to 43200).
 
 Errors come as ``google.rpc.Status`` JSON, ``{"error": {"code", "message", "status",
-"details"}}`` (https://cloud.google.com/apis/design/errors). They become tokenbroker errors here,
-at the boundary, and nowhere else. The mapping (429 and 5xx are transient whatever status they
-carry, as in ``oauth/token_response.py``; otherwise the ``status`` string wins over the HTTP
-code, and the HTTP code decides when there is no JSON body):
+"details"}}`` (https://cloud.google.com/apis/design/errors). The mapping (429 and 5xx are
+transient whatever status they carry, as in ``oauth/token_response.py``; otherwise the
+``status`` string wins over the HTTP code, and the HTTP code decides when there is no JSON body):
 
 * 400 INVALID_ARGUMENT, OUT_OF_RANGE -> :class:`ImpersonationRequestInvalid`
   (a ``BadRequest``: HTTP 400 ``invalid_request``, permanent);
@@ -57,44 +90,42 @@ Why these:
 * **404** means the service account itself is gone (deleted). The broker is fine and every other
   connection still works; *this* connection can never mint a token again until a human acts
   (undeletes the account or re-points the connection) -- the same situation as a revoked grant.
-  So it is :class:`~.errors.NeedsReauth` (HTTP 409 ``needs_reauth``), not a broker-wide
-  configuration error, and not retryable.
-* **401** means the broker's own token was refused. google-auth's ``AuthorizedSession`` refreshes
-  and retries once on 401 (``google.auth.transport.DEFAULT_REFRESH_STATUS_CODES``,
-  ``DEFAULT_MAX_REFRESH_ATTEMPTS = 2``); so does this client when its authorizer can be told to
-  drop its token (``invalidate()``, as :class:`ApplicationDefaultAuthorizer` can). A second 401
-  is a broker configuration problem: never the caller's (their ID token was already verified),
-  so never ``invalid_token``.
-* **400** after the client-side checks below means the request the caller asked for (a scope
-  name, a lifetime above the org policy) cannot be granted: ``invalid_request``.
+  So it is :class:`~.errors.NeedsReauth` (HTTP 409 ``needs_reauth``), not retryable.
+* **401** means the broker's own token was refused. google-auth refreshes and retries on 401
+  (``google.auth.transport.DEFAULT_REFRESH_STATUS_CODES``); so does this client, once, when its
+  authorizer can be told to drop its token. A second 401 is a broker configuration problem:
+  never the caller's (their ID token was already verified), so never ``invalid_token``.
+* **400** after the client-side checks means the request the caller asked for (a scope name, a
+  lifetime above the org policy) cannot be granted: ``invalid_request``.
 * **UNAVAILABLE** and **RESOURCE_EXHAUSTED** are the ones the API design guide lets clients
   retry (with backoff, and after a delay); INTERNAL, DEADLINE_EXCEEDED, ABORTED, UNKNOWN and any
-  5xx are treated as transient too, as ``gcp/errors.py`` and ``oauth/token_response.py`` do
-  (the server's trouble, not the request's), with the retry policy bounding the attempts.
-  ``Retry-After`` (RFC 9110 §10.2.3) or else a ``google.rpc.RetryInfo`` detail ("Clients should
-  wait at least this long between retrying the same request",
-  https://github.com/googleapis/googleapis/blob/master/google/rpc/error_details.proto) becomes
-  ``retry_after``.
+  5xx are treated as transient too, as ``gcp/errors.py`` and ``oauth/token_response.py`` do,
+  with the retry policy bounding the attempts. ``Retry-After`` (RFC 9110 §10.2.3) or else a
+  ``google.rpc.RetryInfo`` detail ("Clients should wait at least this long between retrying the
+  same request", https://github.com/googleapis/googleapis/blob/master/google/rpc/error_details.proto)
+  becomes ``retry_after``.
 
-Checked before anything is sent (no request on failure): lifetime 1..max (default 3600) s,
-scopes a non-empty sequence of whitespace-free strings (never a bare ``str``), and service
-account and delegate emails of the form ``name@domain.gserviceaccount.com`` (which also keeps
-``/``, ``?``, ``#`` and ``:`` out of the URL path). Token values never reach a message or a log
-line: responses are wrapped in :class:`~.secret.Secret` at once, and error messages
-are built from status codes, the service-account email and the (scrubbed) server message.
+Token values never reach a message or a log line: answers are wrapped in
+:class:`~.secret.Secret` at once, the library's own exceptions (whose text is the request URL
+and the server's message) are replaced at this boundary, and messages are built from status
+codes, the service-account email and the (scrubbed) server message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 import re
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import timedelta
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenbroker.kernel.clock import Clock, SystemClock, isoformat, parse_iso
+from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
 from tokenbroker.kernel.errors import (
     BadRequest,
     ConfigError,
@@ -108,6 +139,9 @@ from tokenbroker.kernel.model import MintedToken
 from tokenbroker.kernel.redact import scrub
 from tokenbroker.kernel.secret import Secret
 
+if TYPE_CHECKING:
+    from google.cloud.iam_credentials_v1 import IAMCredentialsClient
+
 IAM_CREDENTIALS_ENDPOINT = "https://iamcredentials.googleapis.com"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 #: [REF] lifetime: "By default, the maximum allowed value is 1 hour."
@@ -115,7 +149,8 @@ DEFAULT_MAX_LIFETIME_SECONDS = 3600
 #: [REF] lifetime: "up to 12 hours" with an org policy
 #: (``constraints/iam.allowServiceAccountCredentialLifetimeExtension``).
 EXTENDED_MAX_LIFETIME_SECONDS = 43200
-MAX_RESPONSE_BYTES = 256 * 1024  # a token response is well under 4 KiB
+#: Worker threads for the sync client: ``requests``' default connection pool size per host.
+DEFAULT_MAX_WORKERS = 10
 
 Authorizer = Callable[[], Awaitable[str]]
 
@@ -134,6 +169,8 @@ _DURATION = re.compile(r"(\d+)(?:\.(\d{1,9}))?s")
 _RETRYABLE_RPC = frozenset(
     {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN"}
 )
+# The broker's token for the call a worker thread is making (set and reset around that call).
+_BEARER: contextvars.ContextVar[str] = contextvars.ContextVar("iam_credentials_bearer")
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -268,20 +305,75 @@ class ApplicationDefaultAuthorizer:
             ) from None
 
 
-# --- the client --------------------------------------------------------------------------------
+# --- the client library, built on first use in a worker thread ---------------------------------
+
+
+class _BearerRefused(Exception):
+    """IAM answered 401 to the broker's token: raised from the credentials' ``refresh()``, it
+    ends google-auth's own refresh-and-retry so this adapter decides what happens next."""
+
+
+class _NoTokenPayloads(logging.Filter):
+    """Drops the client library's DEBUG records of whole responses (``httpResponse``): for this
+    API the response *is* the minted access token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not hasattr(record, "httpResponse")
+
+
+def _new_library_client(endpoint: str) -> IAMCredentialsClient:
+    """``IAMCredentialsClient`` on the REST transport at ``endpoint``, authorised per call.
+
+    Imported here, in a worker thread, on the first impersonation: a cold start that never
+    impersonates never imports the client, and the first one does not stall the event loop.
+    """
+    import google.auth.credentials  # noqa: PLC0415 - heavy; only impersonation needs it
+    from google.api_core.client_options import ClientOptions  # noqa: PLC0415
+    from google.cloud.iam_credentials_v1 import IAMCredentialsClient  # noqa: PLC0415
+    from google.cloud.iam_credentials_v1.services.iam_credentials.transports import (  # noqa: PLC0415
+        rest,
+    )
+
+    class _PerCallBearer(google.auth.credentials.Credentials):
+        """The broker's token for the call this thread is making (``_BEARER``), fetched on the
+        event loop by the authorizer; never refreshed here (see the module docstring)."""
+
+        def __init__(self) -> None:
+            # google-auth's __init__ is untyped; untyped_calls_exclude does not cover super().
+            super().__init__()  # type: ignore[no-untyped-call]
+
+        # The signatures are google-auth's; the request, method and URL are not needed here.
+        def before_request(self, request: Any, method: str, url: str, headers: Any) -> None:  # noqa: ARG002
+            headers["authorization"] = f"Bearer {_BEARER.get()}"
+
+        def refresh(self, request: Any) -> None:  # noqa: ARG002
+            raise _BearerRefused
+
+    transport_log = logging.getLogger(rest.__name__)
+    if not any(isinstance(f, _NoTokenPayloads) for f in transport_log.filters):
+        transport_log.addFilter(_NoTokenPayloads())
+    return IAMCredentialsClient(
+        credentials=_PerCallBearer(),
+        transport="rest",
+        client_options=ClientOptions(api_endpoint=endpoint),
+    )
+
+
+# --- the adapter -------------------------------------------------------------------------------
 
 
 class IamCredentials:
     """The :class:`~tokenbroker.ports.Impersonator` port on IAM Credentials
-    ``generateAccessToken`` over aiohttp: one session, created on first use inside the
-    running loop (so construct it anywhere, use it in one loop, ``aclose()`` it there).
+    ``generateAccessToken`` through Google's client library (construct it anywhere, from any
+    event loop; ``aclose()`` releases its connections and threads).
 
     ``authorizer`` returns the broker's own bearer token (default:
     :class:`ApplicationDefaultAuthorizer`); if it also has ``invalidate()``, a 401 makes the
-    client call it and try once more. ``session``: an aiohttp ``ClientSession`` to share (left
-    open by :meth:`aclose`). ``max_lifetime_seconds``: raise above 3600 (to at most 43200) only
-    where an organization policy allows it for the target accounts. ``timeout`` bounds each
-    HTTP exchange with IAM (connect to last byte), not the authorizer.
+    client call it and try once more. ``endpoint``: where IAM Credentials answers (``http://``
+    for a local server). ``max_lifetime_seconds``: raise above 3600 (to at most 43200) only
+    where an organization policy allows it for the target accounts. ``timeout`` bounds the
+    connection and each read of an exchange with IAM (``requests`` semantics), not the
+    authorizer. ``max_workers``: threads running the sync client.
     """
 
     def __init__(
@@ -290,20 +382,21 @@ class IamCredentials:
         endpoint: str = IAM_CREDENTIALS_ENDPOINT,
         authorizer: Authorizer | None = None,
         timeout: float = 10.0,
-        session: Any = None,
         max_lifetime_seconds: int = DEFAULT_MAX_LIFETIME_SECONDS,
         clock: Clock | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> None:
         if not 1 <= max_lifetime_seconds <= EXTENDED_MAX_LIFETIME_SECONDS:
             raise ValueError("max_lifetime_seconds must be within 1..43200")
         self.endpoint = endpoint.rstrip("/")
         self.timeout = timeout
         self.max_lifetime_seconds = max_lifetime_seconds
+        self.max_workers = max_workers
         self.clock: Clock = clock or SystemClock()
         self._authorizer: Authorizer = authorizer or ApplicationDefaultAuthorizer()
-        self._session: Any = session
-        self._owns_session = session is None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._client: IAMCredentialsClient | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self.log = get_logger(component="iam-credentials")
 
     async def __aenter__(self) -> IamCredentials:
@@ -318,11 +411,16 @@ class IamCredentials:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the session this client created (an injected session stays open)."""
-        if self._session is not None and self._owns_session:
-            await self._session.close()
-            self._session = None
-            self._loop = None
+        """Close the library client's connections and stop the worker threads (a later call
+        starts afresh)."""
+        with self._lock:
+            client, self._client = self._client, None
+            executor, self._executor = self._executor, None
+        if client is not None:
+            transport: Any = client.transport  # untyped in the library
+            transport.close()
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     # -- the call ---------------------------------------------------------------------------------
 
@@ -338,44 +436,48 @@ class IamCredentials:
         lifetime = self._checked_lifetime(lifetime_seconds)
         email = _checked_email(service_account, "service account")
         delegate_names = [_delegate_name(d) for d in _sequence(delegates, "delegates")]
-
-        body: dict[str, Any] = {"scope": scope_list, "lifetime": f"{lifetime}s"}
-        if delegate_names:
-            body["delegates"] = delegate_names
-        url = f"{self.endpoint}/v1/{_RESOURCE_PREFIX}{email}:generateAccessToken"
-        payload = json.dumps(body).encode()
-
+        request = {
+            "name": _RESOURCE_PREFIX + email,
+            "scope": scope_list,
+            "lifetime": {"seconds": lifetime},
+            "delegates": delegate_names,  # empty: left out of the JSON body by the library
+        }
         invalidate = getattr(self._authorizer, "invalidate", None)
         attempts = 2 if callable(invalidate) else 1
-        for attempt in range(1, attempts + 1):
-            bearer = await self._authorizer()
-            status, headers, raw = await self._post(url, payload, bearer, email)
-            if status == 401 and attempt < attempts and callable(invalidate):
-                invalidate()  # as google-auth's AuthorizedSession: refresh once, try again
-                continue
-            break
-        if 200 <= status < 300:
-            token = self._token(raw, status, email, lifetime)
-            self.log.debug(
-                "impersonated token minted",
+        try:
+            for attempt in range(1, attempts + 1):
+                bearer = await self._authorizer()
+                loop = asyncio.get_running_loop()
+                answer = await loop.run_in_executor(
+                    self._workers(), self._mint_blocking, bearer, request, email
+                )
+                if answer is not None:
+                    break
+                if attempt < attempts and callable(invalidate):
+                    invalidate()  # as google-auth on a 401: drop the token, try once more
+            else:
+                raise _error_for(401, "UNAUTHENTICATED", email, "")
+            token = self._token(*answer, email, lifetime)
+        except IamCredentialsError as error:
+            self.log.warning(
+                "impersonation failed",
                 service_account=email,
-                scopes=scope_list,
-                delegates=len(delegate_names),
-                lifetime_seconds=lifetime,
-                expires_at=isoformat(token.expires_at),
-                access_token=token.access_token,
+                error=error.code,
+                rpc_status=error.rpc_status,
+                http_status=error.upstream_status,
+                retryable=error.retryable,
             )
-            return token
-        error = _error(status, headers, raw, email)
-        self.log.warning(
-            "impersonation failed",
+            raise
+        self.log.debug(
+            "impersonated token minted",
             service_account=email,
-            error=error.code,
-            rpc_status=error.rpc_status,
-            http_status=status,
-            retryable=error.retryable,
+            scopes=scope_list,
+            delegates=len(delegate_names),
+            lifetime_seconds=lifetime,
+            expires_at=isoformat(token.expires_at),
+            access_token=token.access_token,
         )
-        raise error
+        return token
 
     def _checked_lifetime(self, lifetime_seconds: int) -> int:
         if isinstance(lifetime_seconds, bool) or not isinstance(lifetime_seconds, int):
@@ -387,79 +489,68 @@ class IamCredentials:
             )
         return lifetime_seconds
 
-    async def _session_here(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._session is None:
-            import aiohttp  # noqa: PLC0415 - heavy; only impersonation needs it
-
-            self._session = aiohttp.ClientSession(
-                headers={"User-Agent": "tokenbroker"}, raise_for_status=False
-            )
-            self._loop = loop
-        elif self._owns_session and self._loop is not loop:
-            raise RuntimeError("IamCredentials used from a second event loop; aclose() it first")
-        return self._session
-
-    async def _post(
-        self, url: str, payload: bytes, bearer: str, email: str
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        import aiohttp  # noqa: PLC0415
-
-        session = await self._session_here()
-        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
-        try:
-            async with session.post(
-                url,
-                data=payload,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > MAX_RESPONSE_BYTES:
-                        raise IamUnavailable(
-                            f"IAM Credentials answer for {email} exceeds "
-                            f"{MAX_RESPONSE_BYTES} bytes",
-                            upstream_status=response.status,
-                        )
-                    chunks.append(chunk)
-                return (
-                    response.status,
-                    {k.lower(): v for k, v in response.headers.items()},
-                    b"".join(chunks),
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.max_workers, thread_name_prefix="iam-credentials"
                 )
-        except TimeoutError:
+            return self._executor
+
+    def _library_client(self) -> IAMCredentialsClient:
+        with self._lock:
+            if self._client is None:
+                self._client = _new_library_client(self.endpoint)
+            return self._client
+
+    def _mint_blocking(
+        self, bearer: str, request: Mapping[str, Any], email: str
+    ) -> tuple[str, Any] | None:
+        """In a worker thread: one ``generateAccessToken`` call, its failures already mapped to
+        this adapter's errors; ``None`` when IAM refused the broker's token (401)."""
+        client = self._library_client()
+        import google.auth.exceptions  # noqa: PLC0415 - loaded by the client above
+        import requests  # noqa: PLC0415
+        from google.api_core import exceptions as api_exceptions  # noqa: PLC0415
+        from google.protobuf import json_format  # noqa: PLC0415
+
+        bound = _BEARER.set(bearer)
+        try:
+            answer = client.generate_access_token(
+                request=dict(request), retry=None, timeout=self.timeout
+            )
+        except _BearerRefused:
+            return None
+        except api_exceptions.GoogleAPICallError as exc:
+            raise _api_error(exc, email) from None
+        except json_format.ParseError:
+            raise IamUnavailable(
+                f"IAM Credentials answered without a JSON object (GenerateAccessTokenResponse) "
+                f"for {email}"
+            ) from None
+        except requests.exceptions.Timeout:
             raise IamUnavailable(
                 f"IAM Credentials timed out after {self.timeout}s minting a token for {email}"
             ) from None
-        except aiohttp.ClientError as exc:
+        except (requests.exceptions.RequestException, google.auth.exceptions.TransportError) as exc:
             raise IamUnavailable(
                 f"IAM Credentials unreachable minting a token for {email}: {type(exc).__name__}"
             ) from None
+        finally:
+            _BEARER.reset(bound)
+        return answer.access_token, answer.expire_time
 
-    def _token(self, raw: bytes, status: int, email: str, lifetime: int) -> MintedToken:
-        data = _json_object(raw)
-        what = f"IAM Credentials answered HTTP {status} for {email}"
-        if data is None:
-            raise IamUnavailable(f"{what} without a JSON object", upstream_status=status)
-        access_token = data.get("accessToken")
-        expire_time = data.get("expireTime")
+    def _token(self, access_token: str, expire_time: Any, email: str, lifetime: int) -> MintedToken:
+        what = f"IAM Credentials answered for {email}"
         if not isinstance(access_token, str) or not access_token:
-            raise IamUnavailable(f"{what} without an accessToken", upstream_status=status)
-        if not isinstance(expire_time, str):
-            raise IamUnavailable(f"{what} without an expireTime", upstream_status=status)
-        try:
-            expires_at = parse_iso(expire_time)
-        except ValueError:
-            raise IamUnavailable(
-                f"{what} with an unreadable expireTime", upstream_status=status
-            ) from None
+            raise IamUnavailable(f"{what} without an accessToken")
+        if not isinstance(expire_time, datetime) or expire_time.tzinfo is None:
+            raise IamUnavailable(f"{what} without an expireTime")
+        # The library's DatetimeWithNanoseconds, as a plain aware datetime.
+        expires_at = datetime.fromtimestamp(expire_time.timestamp(), tz=expire_time.tzinfo)
         now = self.clock.now()
         if expires_at <= now:
-            raise IamUnavailable(f"{what} with a token already expired", upstream_status=status)
+            raise IamUnavailable(f"{what} with a token already expired")
         if expires_at > now + timedelta(seconds=lifetime + 300):
             # IAM honours the requested lifetime; a much later expiry means clock skew or a
             # proxy. The token is still handed out with the expiry IAM stated.
@@ -534,14 +625,28 @@ def _retry_delay(details: Any) -> float | None:
     return None
 
 
-def _error(status: int, headers: Mapping[str, str], raw: bytes, email: str) -> IamCredentialsError:
-    data = _json_object(raw)
+def _api_error(exc: Any, email: str) -> IamCredentialsError:
+    """The library's ``GoogleAPICallError`` as this adapter's error: its class follows the HTTP
+    status only, so the ``google.rpc`` body and headers of the response it keeps decide."""
+    response = getattr(exc, "response", None)
+    status = exc.code if isinstance(exc.code, int) else 0
+    headers: Mapping[str, str] = getattr(response, "headers", None) or {}
+    data = _json_object(getattr(response, "content", None) or b"")
     body = data.get("error") if data is not None else None
     body = body if isinstance(body, dict) else {}
     rpc_status = body.get("status") if isinstance(body.get("status"), str) else None
-    message = body.get("message")
-    detail = f": {scrub(str(message))[:200]}" if message else ""
     retry_after = parse_retry_after(headers.get("retry-after")) or _retry_delay(body.get("details"))
+    return _error_for(status, rpc_status, email, body.get("message"), retry_after)
+
+
+def _error_for(
+    status: int,
+    rpc_status: str | None,
+    email: str,
+    message: Any,
+    retry_after: float | None = None,
+) -> IamCredentialsError:
+    detail = f": {scrub(str(message))[:200]}" if message else ""
     text = f"IAM Credentials answered HTTP {status} {rpc_status or ''}".rstrip()
     text = f"{text} for {email}{detail}"
     kind = _error_class(status, rpc_status)
