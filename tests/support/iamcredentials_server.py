@@ -1,9 +1,16 @@
 """A local IAM Service Account Credentials API for tests: ``generateAccessToken`` over REST.
 
 Google ships no emulator for IAM Credentials, so this server speaks the method's REST wire
-protocol on 127.0.0.1 and the production client (``tokenbroker.adapters.gcp.iam_credentials``)
-talks to it unchanged through its ``endpoint``. It is a stdlib ``ThreadingHTTPServer`` (HTTP/1.1,
-keep-alive, as Google's front ends) in a background thread; all state is in memory under one lock.
+protocol on 127.0.0.1 and the production adapter (``tokenbroker.adapters.gcp.iam_credentials``,
+which drives Google's ``google-cloud-iam`` client over its REST transport) talks to it unchanged
+through its ``endpoint`` (the client's ``client_options.api_endpoint``; an ``http://`` URL keeps
+its scheme). It is a stdlib ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive, as Google's front
+ends) in a background thread; all state is in memory under one lock. What that client sends and
+this server accepts as Google does: the resource name percent-encoded in the path
+(``reports%40acme...``, decoded before routing), the system parameters
+``$alt=json;enum-encoding=int`` in the query
+(https://cloud.google.com/apis/docs/system-parameters; ignored here, answers are always JSON),
+and empty repeated fields left out of the body.
 
 Each rule cites where it comes from:
 

@@ -42,9 +42,10 @@ What stays hand-written here, and why:
   library's exception classes follow the HTTP status alone, while Google's ``status`` string,
   ``Retry-After`` and ``google.rpc.RetryInfo`` decide here; the response they need is the one
   the library's exception carries (``GoogleAPICallError.response``).
-* **Log hygiene**: the client library logs whole responses, the access token included, at DEBUG
-  when ``GOOGLE_SDK_PYTHON_LOGGING_SCOPE`` asks for it; :class:`_NoTokenPayloads` drops those
-  records from its transport's logger.
+* **Log hygiene**: with ``GOOGLE_SDK_PYTHON_LOGGING_SCOPE`` set, the client library logs each
+  response at DEBUG with a ``payload`` meant to be the response message -- here, the access
+  token (2.27 logs ``null`` only because it serialises the wrong object). :class:`_NoTokenPayloads`
+  drops those records from its transport's logger.
 
 Protocol rules, from the REST reference [REF]
 (https://cloud.google.com/iam/docs/reference/credentials/rest/v1/projects.serviceAccounts/generateAccessToken):
@@ -209,7 +210,8 @@ class BrokerUnauthenticated(IamCredentialsError, ConfigError):
 
 
 class ImpersonationMisconfigured(IamCredentialsError, ConfigError):
-    """A malformed service-account or delegate name, or a 4xx with no better meaning."""
+    """A malformed service-account or delegate name, a 4xx with no better meaning, or no
+    ``google-cloud-iam`` installed."""
 
 
 class ServiceAccountGone(IamCredentialsError, NeedsReauth):
@@ -314,8 +316,8 @@ class _BearerRefused(Exception):
 
 
 class _NoTokenPayloads(logging.Filter):
-    """Drops the client library's DEBUG records of whole responses (``httpResponse``): for this
-    API the response *is* the minted access token."""
+    """Drops the client library's DEBUG records of responses (``httpResponse``): for this API
+    the response message *is* the minted access token."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not hasattr(record, "httpResponse")
@@ -500,7 +502,13 @@ class IamCredentials:
     def _library_client(self) -> IAMCredentialsClient:
         with self._lock:
             if self._client is None:
-                self._client = _new_library_client(self.endpoint)
+                try:
+                    self._client = _new_library_client(self.endpoint)
+                except ImportError:
+                    raise ImpersonationMisconfigured(
+                        "impersonation needs Google's IAM Credentials client (google-cloud-iam): "
+                        "pip install 'tokenbroker[gcp]'"
+                    ) from None
             return self._client
 
     def _mint_blocking(
