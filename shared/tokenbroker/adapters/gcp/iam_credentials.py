@@ -28,7 +28,7 @@ What stays hand-written here, and why:
   whichever thread needs them, with no lock, and would do ``google.auth.default()`` (which may
   probe the metadata server) inside the client's constructor. The authorizer loads and refreshes
   off the loop, once for all concurrent callers, and classifies its failures. It is fetched on
-  the loop before each call and handed to the worker thread; :class:`_PerCallBearer` (a
+  the loop before each call and handed to the worker thread; ``_PerCallBearer`` (a
   ``google.auth.credentials.Credentials``, the documented way to give a client a token source)
   puts it on the request. On a 401 google-auth's ``AuthorizedSession`` asks the credentials to
   refresh and would retry up to twice with whatever they hold; ours refuse instead, so the 401
