@@ -501,7 +501,8 @@ _HEAVY = (
 )
 
 
-def _loaded_heavy_modules(code: str) -> list[str]:
+def _loaded_heavy_modules(code: str, *, with_stderr: bool = False) -> Any:
+    """Which of ``_HEAVY`` a fresh interpreter has loaded after running ``code``."""
     script = (
         f"{code}\nimport sys\n"
         f"print(sorted({{h for h in {_HEAVY!r} for m in sys.modules "
@@ -511,7 +512,7 @@ def _loaded_heavy_modules(code: str) -> list[str]:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     loaded: list[str] = eval(out.stdout.strip())  # noqa: S307 - our own subprocess's list
-    return loaded
+    return (loaded, out.stderr) if with_stderr else loaded
 
 
 def test_a_cold_start_that_never_impersonates_imports_no_client_library() -> None:
@@ -523,23 +524,39 @@ def test_a_cold_start_that_never_impersonates_imports_no_client_library() -> Non
     assert _loaded_heavy_modules(built) == []
 
 
-def test_the_first_impersonation_imports_the_client_library(
+def test_the_first_impersonation_imports_the_client_library_off_the_event_loop(
     iam: IamCredentialsTestServer,
 ) -> None:
-    """The check above looks for the right names: they appear once a token is minted."""
+    """The check above looks for the right names: they appear once a token is minted. The
+    import (hundreds of ms) happens in a worker thread: the loop keeps ticking meanwhile."""
     code = (
-        "import asyncio\n"
+        "import asyncio, sys, time\n"
         "from tokenbroker.adapters.gcp.iam_credentials import IamCredentials\n"
         "async def token() -> str:\n"
         f"    return {BROKER_TOKEN!r}\n"
         "async def go() -> None:\n"
+        "    ticks = 0\n"
+        "    async def ticker() -> None:\n"
+        "        nonlocal ticks\n"
+        "        while True:\n"
+        "            await asyncio.sleep(0.005)\n"
+        "            ticks += 1\n"
+        "    task = asyncio.create_task(ticker())\n"
+        "    await asyncio.sleep(0)\n"
+        "    started = time.monotonic()\n"
         f"    async with IamCredentials(endpoint={iam.url!r}, authorizer=token) as client:\n"
         f"        await client.generate_access_token({SA!r}, [{DRIVE_RO!r}], 300)\n"
+        "    task.cancel()\n"
+        "    print(ticks, time.monotonic() - started, file=sys.stderr)\n"
         "asyncio.run(go())"
     )
-    loaded = _loaded_heavy_modules(code)
+    loaded, stderr = _loaded_heavy_modules(code, with_stderr=True)
     assert {"google.cloud.iam_credentials_v1", "google.api_core", "google.auth"} <= set(loaded)
     assert "aiohttp" not in loaded
+    ticks, elapsed = stderr.split()[-2:]
+    # A loop blocked by the import would tick about once; a free one every few ms (less often
+    # than every 5 ms, as the importing thread holds the GIL much of the time).
+    assert int(ticks) >= max(5, float(elapsed) / 0.1), stderr
     assert len(iam.issued) == 1
 
 

@@ -396,7 +396,9 @@ class IamCredentials:
         self.max_workers = max_workers
         self.clock: Clock = clock or SystemClock()
         self._authorizer: Authorizer = authorizer or ApplicationDefaultAuthorizer()
-        self._lock = threading.Lock()
+        # Held while the library client is built (an import of ~0.3-0.8 s): only worker threads
+        # ever wait on it, never the event loop.
+        self._build_lock = threading.Lock()
         self._client: IAMCredentialsClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.log = get_logger(component="iam-credentials")
@@ -415,9 +417,8 @@ class IamCredentials:
     async def aclose(self) -> None:
         """Close the library client's connections and stop the worker threads (a later call
         starts afresh)."""
-        with self._lock:
-            client, self._client = self._client, None
-            executor, self._executor = self._executor, None
+        client, self._client = self._client, None
+        executor, self._executor = self._executor, None
         if client is not None:
             transport: Any = client.transport  # untyped in the library
             transport.close()
@@ -492,15 +493,14 @@ class IamCredentials:
         return lifetime_seconds
 
     def _workers(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self.max_workers, thread_name_prefix="iam-credentials"
-                )
-            return self._executor
+        if self._executor is None:  # on the event loop: no thread races here
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.max_workers, thread_name_prefix="iam-credentials"
+            )
+        return self._executor
 
     def _library_client(self) -> IAMCredentialsClient:
-        with self._lock:
+        with self._build_lock:
             if self._client is None:
                 try:
                     self._client = _new_library_client(self.endpoint)
