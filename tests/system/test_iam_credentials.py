@@ -448,6 +448,31 @@ def test_concurrent_calls_share_one_library_client(iam: IamCredentialsTestServer
     assert sorted(t.lifetime_seconds for t in iam.issued) == [299 + i for i in range(26)]
 
 
+def test_concurrent_first_calls_build_one_library_client(
+    iam: IamCredentialsTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenbroker.adapters.gcp import iam_credentials
+
+    builds: list[str] = []
+    real = iam_credentials._new_library_client
+
+    def counted(endpoint: str) -> Any:
+        builds.append(endpoint)
+        return real(endpoint)
+
+    monkeypatch.setattr(iam_credentials, "_new_library_client", counted)
+
+    async def go() -> None:
+        async with IamCredentials(endpoint=iam.url, authorizer=broker_token) as client:
+            await asyncio.gather(
+                *(client.generate_access_token(SA, [DRIVE_RO], 300) for _ in range(10))
+            )
+
+    asyncio.run(go())
+    assert builds == [iam.url]
+    assert len(iam.issued) == 10
+
+
 def test_the_event_loop_keeps_running_while_iam_answers(iam: IamCredentialsTestServer) -> None:
     """The sync client runs in worker threads: a slow IAM never stalls the loop."""
     iam.faults([Fault(status=None, delay=0.6)])
