@@ -34,23 +34,25 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import quote
 
-from tokenbroker.issue.policy import IssuePolicy, RelayRoute
+from tokenbroker.issue.policy import RELAY_DENIED, IssuePolicy, RelayRoute
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import (
     BadRequest,
     CredentialUnavailable,
+    NeedsReauth,
     NotFound,
+    PolicyDenied,
     TokenBrokerError,
     TransportError,
 )
 from tokenbroker.kernel.http import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, OutboundRequest
 from tokenbroker.kernel.log import get_logger
-from tokenbroker.kernel.model import Caller, Credential
+from tokenbroker.kernel.model import Caller, ConnectionRecord, ConnectionStatus, Credential
 from tokenbroker.ports import CallerVerifier, RelayTransport, SecretStore, StateStore
 
 MAX_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES
@@ -87,6 +89,14 @@ _DROP_RESPONSE = frozenset(
 
 
 @dataclass(frozen=True)
+class _CachedCredential:
+    credential: Credential
+    #: The state's ``current_version`` when this was read: served only while it is still so.
+    state_version: int | None
+    read_at: datetime
+
+
+@dataclass(frozen=True)
 class RelayPermit:
     """A relay call the policy allows: who asked, the route chosen, and the request line.
 
@@ -108,8 +118,9 @@ class RelayPermit:
 
 class Relay:
     """The relay's decisions for one policy. ``transport`` sends (the aiohttp adapter when
-    deployed, a recording one in tests); credentials are read from ``secrets`` at most once per
-    :data:`CACHE_SECONDS` per connection, client ids from ``state`` once."""
+    deployed, a recording one in tests). Every relayed request reads the connection's record
+    from ``state`` (its status, its current version, its client id); the credential is read
+    from ``secrets`` once per version, and at least every :data:`CACHE_SECONDS`."""
 
     def __init__(
         self,
@@ -118,9 +129,8 @@ class Relay:
         policy: IssuePolicy,
         secrets: SecretStore,
         transport: RelayTransport,
-        state: StateStore | None = None,
+        state: StateStore,
         clock: Clock | None = None,
-        client_ids: Mapping[str, str] | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.verifier = verifier
@@ -130,8 +140,7 @@ class Relay:
         self.state = state
         self.clock = clock or SystemClock()
         self.max_response_bytes = max_response_bytes
-        self._client_ids = dict(client_ids or {})
-        self._cache: dict[str, tuple[Credential, datetime]] = {}
+        self._cache: dict[str, _CachedCredential] = {}
         self._lock = threading.Lock()
         self.secret_reads = 0
         self.log = get_logger(component="relay")
@@ -181,8 +190,11 @@ class Relay:
         route = permit.route
         if len(body) > route.max_body_bytes:
             raise BadRequest(f"request body larger than {route.max_body_bytes} bytes")
-        credential = await self._credential(route.connection)
-        outbound, injected = await self._outbound(permit, query, headers, body, credential)
+        record = await self._record(route.connection)
+        credential = await self._credential(record)
+        outbound, injected = self._outbound(
+            permit, query=query, headers=headers, body=body, record=record, credential=credential
+        )
         try:
             answer = await self.transport.send(outbound)
         except TransportError as error:
@@ -205,12 +217,14 @@ class Relay:
         )
         return scrubbed
 
-    async def _outbound(
+    def _outbound(
         self,
         permit: RelayPermit,
+        *,
         query: str | None,
         headers: Iterable[tuple[str, str]],
         body: bytes,
+        record: ConnectionRecord,
         credential: Credential,
     ) -> tuple[OutboundRequest, list[str]]:
         """The request as it goes on the wire, and the credential values put into it."""
@@ -219,13 +233,13 @@ class Relay:
         sent = {k: v for k, v in headers if k.lower() in _FORWARD_REQUEST - dropped}
         injected: list[str] = []
         if route.inject == "bearer":
-            token = await self._value(route, "access_token", credential)
+            token = self._value(route, "access_token", record, credential)
             sent["Authorization"] = f"Bearer {token}"
             injected.append(token)
         elif route.inject == "header":
             if route.header is None:  # the policy requires one; refuse rather than send bare
                 raise CredentialUnavailable(f"relay {route.name!r} names no header")
-            value = await self._value(route, route.header_value or "access_token", credential)
+            value = self._value(route, route.header_value or "access_token", record, credential)
             sent[route.header] = value
             injected.append(value)
         elif route.inject == "body":
@@ -236,7 +250,7 @@ class Relay:
             if not isinstance(payload, dict):
                 raise BadRequest("relay body must be a JSON object")
             for field, attribute in route.body_fields.items():
-                value = await self._value(route, attribute, credential)
+                value = self._value(route, attribute, record, credential)
                 payload[field] = value
                 injected.append(value)
             body = json.dumps(payload).encode()
@@ -254,12 +268,40 @@ class Relay:
 
     # -- the credential ----------------------------------------------------------------------------
 
-    async def _credential(self, connection_id: str) -> Credential:
+    async def _record(self, connection_id: str) -> ConnectionRecord:
+        """The connection's record, read on every relayed request (a state read, not a secret
+        read): status is law, within one request (issue 9, item 2). A removed connection is
+        refused as an unknown relay is, as the issuer refuses it for ``/token``; a disabled
+        one, or one that needs re-authorisation, is a 409 ``needs_reauth`` as there."""
+        try:
+            record = await asyncio.to_thread(self.state.get, connection_id)
+        except NotFound:
+            raise PolicyDenied(RELAY_DENIED) from None
+        except TokenBrokerError as error:
+            if error.retryable:
+                raise CredentialUnavailable("state store unavailable", retry_after=5) from None
+            raise
+        if record.state.status is ConnectionStatus.NEEDS_REAUTH:
+            raise NeedsReauth(f"connection {connection_id!r} needs re-authorisation")
+        if record.state.status is ConnectionStatus.DISABLED:
+            raise NeedsReauth(f"connection {connection_id!r} is disabled")
+        return record
+
+    async def _credential(self, record: ConnectionRecord) -> Credential:
+        """The current credential: from the cache only while the state still names the version
+        it was read for (a rotation is served at once) and for at most :data:`CACHE_SECONDS`
+        (a backstop for writes that bypass the state)."""
+        connection_id = record.connection.id
+        version = record.state.current_version
         now = self.clock.now()
         with self._lock:
             cached = self._cache.get(connection_id)
-        if cached is not None and now - cached[1] < timedelta(seconds=CACHE_SECONDS):
-            return cached[0]
+        if (
+            cached is not None
+            and cached.state_version == version
+            and now - cached.read_at < timedelta(seconds=CACHE_SECONDS)
+        ):
+            return cached.credential
         try:
             stored = await asyncio.to_thread(self.secrets.get, connection_id)
         except NotFound:
@@ -270,20 +312,16 @@ class Relay:
             raise
         self.secret_reads += 1
         with self._lock:
-            self._cache[connection_id] = (stored.credential, now)
+            self._cache[connection_id] = _CachedCredential(stored.credential, version, now)
         return stored.credential
 
-    async def _client_id(self, connection_id: str) -> str | None:
-        if connection_id not in self._client_ids and self.state is not None:
-            record = await asyncio.to_thread(self.state.get, connection_id)
-            self._client_ids[connection_id] = record.connection.client_id or ""
-        return self._client_ids.get(connection_id) or None
-
-    async def _value(self, route: RelayRoute, attribute: str, credential: Credential) -> str:
+    def _value(
+        self, route: RelayRoute, attribute: str, record: ConnectionRecord, credential: Credential
+    ) -> str:
         if attribute not in INJECTABLE:
             raise CredentialUnavailable(f"relay {route.name!r} may not inject {attribute!r}")
         if attribute == "client_id":
-            value = await self._client_id(route.connection)
+            value = record.connection.client_id
         else:
             secret = getattr(credential, attribute)
             value = secret.reveal() if secret is not None else None

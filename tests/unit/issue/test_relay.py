@@ -15,6 +15,7 @@ import gzip
 import json
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -40,11 +41,12 @@ from tokenbroker.kernel.errors import (
     BadRequest,
     CredentialUnavailable,
     InvalidCallerToken,
+    NeedsReauth,
     PolicyDenied,
     TransportError,
 )
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
-from tokenbroker.kernel.model import Connection, Credential, GrantType
+from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.profiles import load_profiles
 from tokenbroker.ports import RelayTransport
@@ -117,7 +119,7 @@ class World:
         self.secrets = MemorySecretStore()
         self.state = MemoryStateStore()
         self.transport = transport
-        registry = ConnectionRegistry(
+        self.registry = registry = ConnectionRegistry(
             secrets=self.secrets, state=self.state, profiles=load_profiles(), clock=self.clock
         )
         now = self.clock.now()
@@ -410,6 +412,89 @@ def test_the_credential_is_read_once_per_cache_period(
     world.clock.advance(31)
     relay(world, "GET", "sige/pedidos/")
     assert world.relay.secret_reads == 2
+
+
+# --- status is live (issue 9, item 2) -------------------------------------------------------
+
+
+def test_disabling_a_connection_stops_the_very_next_relay_and_enabling_restores_it(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """Issue 9: the relay cached the credential for CACHE_SECONDS and never looked at the
+    connection's status, so ``tokenbroker disable`` did not stop it."""
+    world, transport = recorded
+    assert relay(world, "GET", "sige/pedidos/").status == 200
+    world.registry.set_enabled("sige", False)
+    with pytest.raises(NeedsReauth) as caught:
+        relay(world, "GET", "sige/pedidos/")
+    answer = http_answer(caught.value, public=True)
+    assert (answer.status, answer.body["error"]) == (409, "needs_reauth")
+    assert "disabled" in answer.body["error_description"]
+    assert len(transport.sent) == 1  # nothing went out for the refused one
+    world.registry.set_enabled("sige", True)
+    assert relay(world, "GET", "sige/pedidos/").status == 200
+    assert len(transport.sent) == 2
+
+
+def test_a_connection_that_needs_reauth_is_not_relayed(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    assert relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER)).status == 200
+    record = world.state.get("crm")
+    world.state.put_state("crm", replace(record.state, status=ConnectionStatus.NEEDS_REAUTH))
+    with pytest.raises(NeedsReauth) as caught:
+        relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+    assert http_answer(caught.value, public=True).status == 409
+    assert "re-authorisation" in caught.value.message
+    assert len(transport.sent) == 1
+
+
+def test_a_removed_connection_is_refused_like_an_unknown_relay(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    assert relay(world, "GET", "sige/pedidos/").status == 200
+    world.registry.remove("sige")
+    with pytest.raises(PolicyDenied) as caught:
+        relay(world, "GET", "sige/pedidos/")
+    # What the issuer answers for /token on a removed connection, and what an unknown relay
+    # gets: nobody learns that the connection existed.
+    assert caught.value.message == RELAY_DENIED
+    assert http_answer(caught.value, public=True).status == 403
+    assert len(transport.sent) == 1
+
+
+def test_a_rotated_credential_is_served_at_once(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    relay(world, "GET", "sige/pedidos/")
+    world.registry.reauthorize("sige", client_secret=Secret("sige-rotated-token"))
+    relay(world, "GET", "sige/pedidos/")
+    first, second = transport.sent
+    assert first.headers["X-Api-Token"] == SIGE_TOKEN
+    assert second.headers["X-Api-Token"] == "sige-rotated-token"  # no TTL to wait out
+    assert world.relay.secret_reads == 2
+
+
+def test_the_status_is_read_on_every_request_the_secret_once_per_version(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, _ = recorded
+    reads = 0
+    get = world.state.get
+
+    def counting_get(connection_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return get(connection_id)
+
+    world.state.get = counting_get  # type: ignore[method-assign]
+    for _ in range(5):
+        relay(world, "GET", "sige/pedidos/")
+    assert reads == 5
+    assert world.relay.secret_reads == 1
 
 
 def test_an_outbound_request_does_not_print_what_it_carries() -> None:
