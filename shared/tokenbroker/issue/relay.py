@@ -32,11 +32,14 @@ the caller is authenticated and authorised, with the route's own size limit.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from urllib.parse import quote
 
 from tokenbroker.issue.policy import RELAY_DENIED, IssuePolicy, RelayRoute
@@ -53,6 +56,7 @@ from tokenbroker.kernel.errors import (
 from tokenbroker.kernel.http import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, OutboundRequest
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Caller, ConnectionRecord, ConnectionStatus, Credential
+from tokenbroker.kernel.redact import MIN_KNOWN_VALUE_CHARS
 from tokenbroker.ports import CallerVerifier, RelayTransport, SecretStore, StateStore
 
 MAX_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES
@@ -80,12 +84,27 @@ _FORWARD_REQUEST = frozenset(
         "idempotency-key",
     }
 )  # fmt: skip
-_DROP_RESPONSE = frozenset(
+#: The only provider headers passed back to the caller (issue 9): what describes the answer
+#: (type, language, caching, validators, ranges), where to go next (``Location``, ``Link``),
+#: when to come back (``Retry-After``, rate-limit counters) and a request id. Every value is
+#: scrubbed too. Anything else is dropped, because a scrub finds only what the relay itself
+#: injected: a ``Set-Cookie`` or ``X-Session-Token`` the provider opened *for* that credential
+#: is a credential of its own, usable at the provider without the policy, and unrecognisable;
+#: hop-by-hop headers (RFC 9110 §7.6.1) and framing (``Content-Length``, ``Content-Encoding``:
+#: the body is decoded and rewritten here) belong to the provider's connection, not the
+#: caller's; ``WWW-Authenticate`` speaks about the injected credential, and a caller reading it
+#: would take it as a refusal of its own ID token (the status still says 401).
+_FORWARD_RESPONSE = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "transfer-encoding", "upgrade",
-        "trailer", "set-cookie", "content-length", "content-encoding",
+        "content-type", "content-language", "content-disposition", "content-range",
+        "content-location", "accept-ranges", "cache-control", "expires", "last-modified",
+        "etag", "vary", "age", "location", "link", "retry-after", "allow",
+        "preference-applied", "deprecation", "sunset", "x-request-id", "request-id",
+        "x-correlation-id", "x-total-count",
     }
 )  # fmt: skip
+#: Rate-limit families (draft-ietf-httpapi-ratelimit-headers and the ``X-`` forms in use).
+_FORWARD_RESPONSE_PREFIXES = ("ratelimit", "x-ratelimit-", "x-rate-limit-")
 
 
 @dataclass(frozen=True)
@@ -331,24 +350,130 @@ class Relay:
 
 
 def _scrubbed(answer: HttpResponse, injected: Iterable[str]) -> HttpResponse:
-    """The answer without hop-by-hop and cookie headers, every injected value replaced by
-    ``[REDACTED]`` in the body and the header values, in each form an echo may take: as sent,
-    JSON-escaped once (a JSON answer quoting a value) or twice (quoting the JSON request body
-    as a string), and percent-encoded (a URL or a form)."""
-    forms: set[str] = set()
-    for value in injected:
-        once = json.dumps(value)[1:-1]
-        forms.update((value, once, json.dumps(once)[1:-1], quote(value, safe="")))
-    ordered = sorted((f for f in forms if f), key=len, reverse=True)
-    body = answer.body
-    for form in ordered:
-        body = body.replace(form.encode(), REDACTED)
+    """The answer as the caller may see it: only :data:`_FORWARD_RESPONSE` headers, whose
+    values go on the wire as they are (visible Latin-1, no control characters), and every
+    echo of an injected value (:class:`EchoRedactor`) replaced by ``[REDACTED]`` in the body
+    and in those values."""
+    redactor = EchoRedactor(injected)
     headers: dict[str, str] = {}
     for name, value in answer.headers.items():
-        if name.lower() in _DROP_RESPONSE:
+        lowered = name.lower()
+        if lowered not in _FORWARD_RESPONSE and not lowered.startswith(_FORWARD_RESPONSE_PREFIXES):
             continue
-        kept = value
-        for form in ordered:
-            kept = kept.replace(form, REDACTED.decode())
-        headers[name] = kept
-    return HttpResponse(status=answer.status, body=body, headers=headers)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            continue  # the edge could not put it on the wire
+        if _UNSENDABLE.search(value):
+            continue  # CR, LF, NUL...: never in a field value (RFC 9110 §5.5)
+        # Scanned as the text it is (the transport decoded UTF-8), so an echo of a non-ASCII
+        # value matches; the result is as sendable as the value was.
+        text = value.encode("utf-8", "surrogateescape")
+        headers[lowered] = redactor.redact(text).decode("utf-8", "surrogateescape")
+    return HttpResponse(status=answer.status, body=redactor.redact(answer.body), headers=headers)
+
+
+#: Injected values shorter than this are not looked for in answers: they would shred ordinary
+#: text (the same floor as the log scrubber's).
+MIN_REDACTED_CHARS = MIN_KNOWN_VALUE_CHARS
+#: An encoded core (base64, hex) shorter than this could match ordinary text by chance.
+_MIN_CORE_CHARS = 8
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HTML_NAMED = {"&": b"&amp;", "<": b"&lt;", ">": b"&gt;", '"': b"&quot;", "'": b"&(?:apos|#39);"}
+
+
+def _hex_pattern(value: int, digits: int) -> bytes:
+    """``value`` as ``digits`` hex digits, either case."""
+    return b"".join(
+        b"[" + c.lower() + c.upper() + b"]" if c.isalpha() else c
+        for c in (bytes([d]) for d in f"{value:0{digits}x}".encode())
+    )
+
+
+def _char_pattern(char: str) -> bytes:
+    """A regex for one character of a value as an echo may write it.
+
+    ASCII letters and digits stand for themselves: no common encoder rewrites them (RFC 3986
+    §2.3 says unreserved characters should not be percent-encoded; JSON and HTML escape only
+    syntax). Everything else may also appear percent-encoded (RFC 3986 §2.1, either hex case,
+    once or twice), as ``+`` for a space (HTML form encoding), JSON-escaped once or twice
+    (RFC 8259 §7: ``\\"``, ``\\\\``, ``\\/``, ``\\uXXXX``) or as an HTML character
+    reference (numeric, or named for the five characters ``html.escape`` rewrites).
+    """
+    raw = char.encode()
+    if char.isascii() and char.isalnum():
+        return re.escape(raw)
+    forms = [re.escape(raw), b"".join(b"%(?:25)?" + _hex_pattern(b, 2) for b in raw)]
+    if char == " ":
+        forms.append(rb"\+")
+    # UTF-16 code units: one, or a surrogate pair beyond the BMP (RFC 8259 §7).
+    utf16 = char.encode("utf-16-be")
+    code_units = [int.from_bytes(utf16[i : i + 2]) for i in range(0, len(utf16), 2)]
+    forms.append(b"".join(rb"\\{1,3}u" + _hex_pattern(u, 4) for u in code_units))
+    if char in '"\\/':
+        forms.append(rb"\\{1,3}" + re.escape(raw))
+    forms.append(b"&#0*" + str(ord(char)).encode() + b";")
+    forms.append(b"&#[xX]0*" + _hex_pattern(ord(char), len(f"{ord(char):x}")) + b";")
+    if char in _HTML_NAMED:
+        forms.append(_HTML_NAMED[char])
+    return b"(?:" + b"|".join(forms) + b")"
+
+
+def _plain_forms(value: str) -> set[str]:
+    """``value`` and the texts that stand for it once encoded: base64 (RFC 4648 §4 and the
+    URL-safe alphabet of §5, padded or not) and hex (either case).
+
+    Base64 writes 3 bytes as 4 characters, so a value inside a longer encoded string (``Basic
+    base64(user:token)``, a base64 JSON document) is written differently depending on its offset
+    modulo 3. For each of the three alignments, the characters that encode only the value's
+    bytes -- its stable core -- are the same wherever it sits: those are searched for, and at
+    most the two bytes at either end (in the groups it shares with its neighbours) are left.
+    """
+    forms = {value}
+    # What gets base64- or hex-encoded may itself be the value quoted in JSON (a base64 JSON
+    # document) or percent-encoded (a base64 URL).
+    for text in {value, json.dumps(value)[1:-1], quote(value, safe="")}:
+        data = text.encode()
+        encoded: set[str] = set()
+        for skip in range(3):
+            core = data[skip : skip + (len(data) - skip) // 3 * 3]
+            encoded.add(base64.b64encode(core).decode())
+        full = base64.b64encode(data).decode()
+        encoded |= {full, full.rstrip("=")}
+        encoded |= {e.replace("+", "-").replace("/", "_") for e in encoded}
+        forms |= {e for e in encoded if len(e.rstrip("=")) >= _MIN_CORE_CHARS}
+        forms |= {data.hex(), data.hex().upper()}
+    return forms
+
+
+@lru_cache(maxsize=256)
+def _echo_pattern(values: frozenset[str]) -> re.Pattern[bytes] | None:
+    forms = {f for v in values if len(v) >= MIN_REDACTED_CHARS for f in _plain_forms(v)}
+    if not forms:
+        return None
+    ordered = sorted(forms, key=len, reverse=True)  # the longest echo wins where two overlap
+    return re.compile(b"|".join(b"".join(_char_pattern(c) for c in form) for form in ordered))
+
+
+class EchoRedactor:
+    """Finds the values injected into one relayed request in the provider's answer.
+
+    "Common encodings" are those of :func:`_plain_forms` (raw, base64 of either alphabet,
+    padded or not, at any alignment, hex) each written character by character as
+    :func:`_char_pattern` allows (percent-encoding, form ``+``, JSON escapes once or twice, HTML
+    references), in any mix. Not found: an encoder that rewrites letters and digits
+    (``\\u0041`` for ``A``), base64 split across lines (MIME), encryption or compression (the
+    transport undoes gzip and deflate first), and a value shorter than
+    :data:`MIN_REDACTED_CHARS`. The pattern holds the values: it is never printed.
+    """
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, values: Iterable[str]) -> None:
+        self._pattern = _echo_pattern(frozenset(values))
+
+    def redact(self, data: bytes) -> bytes:
+        return data if self._pattern is None else self._pattern.sub(REDACTED, data)
+
+    def __repr__(self) -> str:
+        return "EchoRedactor(...)"

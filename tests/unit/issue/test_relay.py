@@ -11,14 +11,21 @@ policy denials and path tricks send nothing at all.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import codecs
+import contextlib
 import gzip
+import html
 import json
+import re
 import socket
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import pytest
 
@@ -166,6 +173,64 @@ def relay(world: World, method: str, target: str, **options: Any) -> HttpRespons
     return run(world.relay.relay(authorization, method, target, **options))
 
 
+# --- what counts as leaking the secret ---------------------------------------------------------
+
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{4,}={0,2}")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")
+
+
+def _decodings(text: str) -> set[str]:
+    """``text`` and what it reads as under each decoding an attacker would try (percent, form,
+    JSON, HTML, base64 in both alphabets at every alignment, hex), twice over."""
+    seen = {text}
+    for _ in range(2):
+        grown = set(seen)
+        for item in seen:
+            grown |= {unquote(item), unquote_plus(item), html.unescape(item)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # "\\X" is not an escape
+                with contextlib.suppress(ValueError):
+                    grown.add(codecs.decode(item, "unicode_escape"))
+            for run in _B64_RUN.findall(item):
+                bare = run.rstrip("=")
+                for start in range(4):
+                    chunk = bare[start:]
+                    chunk = chunk[: len(chunk) - len(chunk) % 4 or None]
+                    chunk = chunk if len(chunk) % 4 != 1 else chunk[:-1]
+                    for alphabet in (None, b"-_"):
+                        try:
+                            padded = chunk + "=" * (-len(chunk) % 4)
+                            raw = base64.b64decode(padded, altchars=alphabet)
+                        except (binascii.Error, ValueError):
+                            continue
+                        grown.add(raw.decode("latin-1"))
+                        grown.add(raw.decode("utf-8", "replace"))
+            for run in _HEX_RUN.findall(item):
+                for start in (0, 1):
+                    chunk = run[start:]
+                    chunk = chunk[: len(chunk) // 2 * 2]
+                    raw = bytes.fromhex(chunk)
+                    grown.add(raw.decode("latin-1"))
+                    grown.add(raw.decode("utf-8", "replace"))
+        seen = grown
+    return seen
+
+
+def recoverable(text: str | bytes, secret: str, window: int = 6) -> bool:
+    """Whether any ``window`` consecutive characters of ``secret`` can be read back from
+    ``text`` by one of :func:`_decodings`."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    pieces = {secret[i : i + window] for i in range(max(1, len(secret) - window + 1))}
+    return any(piece in decoded for decoded in _decodings(text) for piece in pieces)
+
+
+def whole(answer: HttpResponse) -> str:
+    """Status, headers and body of an answer, as one text to search."""
+    lines = [str(answer.status)] + [f"{k}: {v}" for k, v in answer.headers.items()]
+    return "\n".join(lines) + "\n\n" + answer.body.decode("utf-8", "replace")
+
+
 # --- decisions, on the recording transport --------------------------------------------------
 
 
@@ -298,6 +363,144 @@ def test_the_answer_loses_hop_by_hop_and_cookie_headers_and_every_echo_of_the_se
     assert set(answer.headers) == {"content-type", "location", "x-request-id"}
     assert answer.headers["location"] == "https://api.provider.test/x?app_secret=[REDACTED]"
     assert answer.body == b" ".join([b"echo=[REDACTED]"] * 5)
+
+
+# --- echoes of the secret in the answer (issue 9, item 4) ---------------------------------------
+
+
+def _b64(data: str, *, url: bool = False, pad: bool = True) -> str:
+    encoded = (base64.urlsafe_b64encode if url else base64.b64encode)(data.encode()).decode()
+    return encoded if pad else encoded.rstrip("=")
+
+
+#: How a provider may echo a value back: each a function of the value, each one "common".
+ECHOES: dict[str, Callable[[str], str]] = {
+    "raw": lambda v: v,
+    "json": lambda v: json.dumps(v)[1:-1],
+    "json-twice": lambda v: json.dumps(json.dumps(v))[1:-1],
+    "json-php-slashes": lambda v: json.dumps(v)[1:-1].replace("/", "\\/"),
+    "json-all-u-escapes-for-punctuation": lambda v: "".join(
+        c if c.isalnum() else f"\\u{ord(c):04x}" for c in v
+    ),
+    "json-upper-u-escapes": lambda v: "".join(c if c.isalnum() else f"\\u{ord(c):04X}" for c in v),
+    "percent": lambda v: quote(v, safe=""),
+    "percent-keeping-slash": quote,
+    "percent-lower-hex": lambda v: re.sub(
+        r"%[0-9A-F]{2}", lambda m: m[0].lower(), quote(v, safe="")
+    ),
+    "form": quote_plus,
+    "percent-twice": lambda v: quote(quote(v, safe=""), safe=""),
+    "html": html.escape,
+    "html-numeric": lambda v: "".join(c if c.isalnum() else f"&#{ord(c)};" for c in v),
+    "html-hex": lambda v: "".join(c if c.isalnum() else f"&#x{ord(c):x};" for c in v),
+    "base64": _b64,
+    "base64-unpadded": lambda v: _b64(v, pad=False),
+    "base64url": lambda v: _b64(v, url=True),
+    "base64url-unpadded": lambda v: _b64(v, url=True, pad=False),
+    "basic-auth-aligned-0": lambda v: "Basic " + _b64("ab:" + v),
+    "basic-auth-aligned-1": lambda v: "Basic " + _b64("usr:" + v),
+    "basic-auth-aligned-2": lambda v: "Basic " + _b64("user:" + v),
+    "base64-of-json": lambda v: _b64(json.dumps({"token": v})),
+    "base64url-of-json-unpadded": lambda v: _b64(json.dumps({"k": v}), url=True, pad=False),
+    "percent-encoded-base64": lambda v: quote(_b64("user:" + v), safe=""),
+    "hex": lambda v: v.encode().hex(),
+    "hex-upper": lambda v: v.encode().hex().upper(),
+    "hex-embedded": lambda v: ("x:" + v).encode().hex(),
+}
+
+
+@pytest.mark.parametrize("echo", sorted(ECHOES))
+def test_every_common_encoding_of_the_secret_is_redacted_in_body_and_headers(
+    recorded: tuple[World, RecordingTransport], echo: str
+) -> None:
+    world, transport = recorded
+    for secret in (OMIE_SECRET, "Pä55 wörd: with space & <tags>/+=", CRM_TOKEN):
+        world.registry.reauthorize("omie", client_secret=Secret(secret))
+        encoded = ECHOES[echo](secret)
+        assert recoverable(encoded, secret), "the oracle must see the echo"
+        transport.script.append(
+            HttpResponse(
+                200,
+                f'{{"echo": "{encoded}", "after": 1}}'.encode(),
+                {
+                    "content-type": "application/json",
+                    "location": f"https://api.provider.test/next?cursor={encoded}&page=2",
+                    "link": f'<https://api.provider.test/p?t={encoded}>; rel="next"',
+                    "x-request-id": f"req-{encoded}",
+                },
+            )
+        )
+        answer = relay(world, "POST", "omie/geral/clientes/", body=b"{}")
+        assert not recoverable(whole(answer), secret), (echo, whole(answer))
+        assert answer.body.startswith(b'{"echo": "') and answer.body.endswith(b'", "after": 1}')
+        assert b"[REDACTED]" in answer.body
+        assert answer.headers["location"].startswith("https://api.provider.test/next?cursor=")
+        assert answer.headers["location"].endswith("&page=2")
+
+
+def test_a_secret_echoed_in_any_response_header_never_reaches_the_caller(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """Issue 9: only the body was scrubbed. An allow-list of response headers, each value
+    scrubbed: an unknown header may carry what no scrub recognises (a session the provider
+    opened for the injected credential), so it is dropped."""
+    world, transport = recorded
+    token = CRM_TOKEN
+    transport.script.append(
+        HttpResponse(
+            200,
+            b"{}",
+            {
+                "content-type": "application/json",
+                "x-debug-token": token,
+                "set-cookie": f"session={token}; HttpOnly",
+                "www-authenticate": f'Bearer error="invalid_token", token="{token}"',
+                "x-session-token": "derived-session-77c1",  # unknowable: dropped
+                "authorization": f"Bearer {token}",
+                "proxy-authenticate": "Basic",
+                "location": f"https://api.provider.test/cb?access_token={quote_plus(token)}",
+                "etag": f'"{token}"',
+                "x-ratelimit-remaining": "42",
+                "retry-after": "7",
+                "cache-control": "private, max-age=5",
+                "content-disposition": f'attachment; filename="{token}.json"',
+                "strict-transport-security": "max-age=1",
+                "server": "provider/1.0",
+                "x-powered-by": "php",
+                "content-security-policy": f"report-uri https://x/?t={token}",
+                "alt-svc": 'h3=":443"',
+            },
+        )
+    )
+    answer = relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+    assert set(answer.headers) == {
+        "content-type", "location", "etag", "x-ratelimit-remaining", "retry-after",
+        "cache-control", "content-disposition",
+    }  # fmt: skip
+    assert answer.headers["location"] == "https://api.provider.test/cb?access_token=[REDACTED]"
+    assert answer.headers["etag"] == '"[REDACTED]"'
+    assert (answer.headers["x-ratelimit-remaining"], answer.headers["retry-after"]) == ("42", "7")
+    assert not recoverable(whole(answer), token)
+
+
+def test_header_values_that_cannot_go_on_the_wire_are_dropped(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    transport.script.append(
+        HttpResponse(
+            200,
+            b"{}",
+            {
+                "content-type": "application/json",
+                "location": "https://x.test/\r\nset-cookie: a=b",
+                "link": "<https://x.test/\u2603>",  # not latin-1: the edge could not encode it
+                "etag": '"\x00"',
+            },
+        )
+    )
+    answer = relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+    assert set(answer.headers) == {"content-type"}
 
 
 def test_a_redirect_is_handed_back_as_it_is(recorded: tuple[World, RecordingTransport]) -> None:
@@ -567,7 +770,8 @@ def test_on_the_wire_injection_and_dropped_headers() -> None:
             assert secret.encode() not in answer.body
             assert "set-cookie" not in answer.headers
             assert secret not in json.dumps(dict(answer.headers))
-        assert bearer_answer.headers["x-echo-authorization"] == "Bearer [REDACTED]"
+        # The provider's own headers are not passed back (an allow-list), echo or not.
+        assert "x-echo-authorization" not in bearer_answer.headers
 
     on_the_wire(test)
 
