@@ -36,23 +36,26 @@ import base64
 import json
 import re
 import threading
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
-from tokenbroker.issue.policy import RELAY_DENIED, IssuePolicy, RelayRoute
+from tokenbroker.issue.policy import MAX_RELAY_PATH_CHARS, RELAY_DENIED, IssuePolicy, RelayRoute
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import (
     BadRequest,
     CredentialUnavailable,
+    MethodNotAllowed,
     NeedsReauth,
     NotFound,
     PolicyDenied,
     TokenBrokerError,
     TransportError,
 )
+from tokenbroker.kernel.fields import ascii_lower
 from tokenbroker.kernel.http import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, OutboundRequest
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Caller, ConnectionRecord, ConnectionStatus, Credential
@@ -160,6 +163,13 @@ class Relay:
         self.clock = clock or SystemClock()
         self.max_response_bytes = max_response_bytes
         self._cache: dict[str, _CachedCredential] = {}
+        by_name: dict[str, tuple[RelayRoute, ...]] = {}
+        by_connection: dict[str, tuple[RelayRoute, ...]] = {}
+        for route in policy.relays:
+            by_name[route.name] = (*by_name.get(route.name, ()), route)
+            by_connection[route.connection] = (*by_connection.get(route.connection, ()), route)
+        self._by_name = by_name
+        self._by_connection = by_connection
         self._lock = threading.Lock()
         self.secret_reads = 0
         self.log = get_logger(component="relay")
@@ -170,13 +180,30 @@ class Relay:
         """Who is calling and which route serves ``method`` on ``target``, or the refusal.
 
         ``target`` is the raw (percent-encoded) request path below ``/relay/``:
-        ``{relay name or connection}/{path}``, without the query. The policy refuses encoded
-        tricks itself; the raw form is what it must see.
+        ``{relay name or connection}/{path}``, without the query. In order: the caller is
+        authenticated (401); the path must be in the one form the relay sends as it is
+        (:func:`check_target`, 400: it depends on the path alone, so it says nothing about the
+        policy); the caller must have a route by that name (403, the same for relays that do
+        not exist); the method must be one its routes allow (405 with ``Allow``: the method is
+        the route's, RFC 9110 §15.5.6); and the policy must allow the path (403).
         """
         caller = self.verifier.verify_authorization(authorization)
+        check_target(target)
         name, _, path = target.partition("/")
+        routes = self._routes_for(caller.email, name)
+        if not routes:
+            raise PolicyDenied(RELAY_DENIED)
+        methods = {str(m) for r in routes for m in r.methods}
+        if method not in methods:
+            raise MethodNotAllowed(tuple(sorted(methods)))
         route = self.policy.relay(caller.email, name, method, path)
         return RelayPermit(caller=caller, route=route, method=method, path=path)
+
+    def _routes_for(self, email: str, name: str) -> list[RelayRoute]:
+        """The caller's routes for ``name``: the relay of that name, else the connection's
+        relays (as :meth:`IssuePolicy.relay` chooses)."""
+        candidates = self._by_name.get(name) or self._by_connection.get(name, ())
+        return [r for r in candidates if r.allows_caller(email)]
 
     async def relay(
         self,
@@ -209,6 +236,10 @@ class Relay:
         route = permit.route
         if len(body) > route.max_body_bytes:
             raise BadRequest(f"request body larger than {route.max_body_bytes} bytes")
+        headers = list(headers)
+        check_query(query)
+        if permit.method == "POST":
+            _check_no_override_in_body(headers, body)
         record = await self._record(route.connection)
         credential = await self._credential(record)
         outbound, injected = self._outbound(
@@ -347,6 +378,114 @@ class Relay:
         if not value:
             raise CredentialUnavailable(f"connection {route.connection!r} has no {attribute}")
         return value
+
+
+# -- request hygiene (issue 9, item 4) -----------------------------------------------------------
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: Characters a decoded path segment may not hold, in itself or once NFKC-folded (U+FF0E, the
+#: fullwidth full stop, is a ``.`` to a server that normalises Unicode): separators, escapes
+#: and path parameters.
+_SEGMENT_FORBIDDEN = frozenset("/\\;%?#")
+#: Unicode categories never in a path: controls, format characters (zero-width, bidi
+#: overrides), line and paragraph separators, surrogates, private use, unassigned.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+#: Parameters that some frameworks read as the request's method (Laravel and Symfony's
+#: ``_method``, Express's method-override, ``X-HTTP-Method-Override`` as a parameter).
+_OVERRIDE_PARAMETERS = frozenset(
+    {"_method", "x-http-method-override", "x-http-method", "x-method-override"}
+)
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _path_refused(reason: str) -> BadRequest:
+    # The reason only: the path itself is the caller's input, and not echoed.
+    return BadRequest(f"relay path not allowed: {reason}")
+
+
+def check_target(target: str) -> None:
+    """Refuse (400) a relay target not in the one form the relay sends on as it is.
+
+    Refused, never repaired, because every server, proxy and framework between here and the
+    provider repairs differently: dot segments (RFC 3986 §5.2.4), raw or encoded, in whole or
+    in part (``.%2e``), or any segment of dots only; ``/``, ``\\``, ``%`` (double encoding),
+    ``?`` or ``#`` once a segment is decoded; ``;`` anywhere (Tomcat and Spring strip path
+    parameters, so ``..;/`` is a dot segment to them, and ``/admin;x=y`` is ``/admin``); empty
+    segments (``//``, and a leading ``/`` that would make a network-path reference, §4.2);
+    control and format characters, raw or encoded; raw spaces and non-ASCII (percent-encode
+    them); malformed percent-encoding (``%zz``, IIS's ``%u002e``); bytes that are not UTF-8
+    (overlong forms such as ``%c0%ae``); and anything that folds into one of those under
+    Unicode NFKC (``%ef%bc%8e`` is a fullwidth ``.``).
+    """
+    if len(target) > MAX_RELAY_PATH_CHARS:
+        raise _path_refused(f"longer than {MAX_RELAY_PATH_CHARS} characters")
+    if any(not ("!" <= ch <= "~") for ch in target):
+        raise _path_refused("a space, control or non-ASCII character (percent-encode it)")
+    if _BAD_PERCENT.search(target):
+        raise _path_refused("a malformed percent-encoding")
+    segments = target.split("/")
+    for index, segment in enumerate(segments):
+        if not segment and index != len(segments) - 1:
+            raise _path_refused("an empty segment ('//')")
+        try:
+            text = unquote_to_bytes(segment).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _path_refused("percent-encoded bytes that are not UTF-8") from None
+        for form in {text, unicodedata.normalize("NFKC", text)}:
+            if form and not form.strip("."):
+                raise _path_refused("a dot segment")
+            if any(ch in _SEGMENT_FORBIDDEN for ch in form):
+                raise _path_refused("a separator, parameter or escape inside a segment")
+            if any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in form):
+                raise _path_refused("a control or format character")
+
+
+def check_query(query: str | None) -> None:
+    """Refuse (400) a query that is not in the one form the relay sends on, or that names a
+    method-override parameter: the method is the route's."""
+    if not query:
+        return
+    if any(not ("!" <= ch <= "~") or ch in "#\\" for ch in query) or _BAD_PERCENT.search(query):
+        raise BadRequest("relay query not allowed: a character to percent-encode")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest(
+            "relay query not allowed: percent-encoded bytes that are not UTF-8"
+        ) from None
+    if any(_is_override(name) for name, _ in pairs):
+        raise BadRequest("relay query not allowed: a method-override parameter")
+    if any(
+        unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for pair in pairs for ch in "".join(pair)
+    ):
+        raise BadRequest("relay query not allowed: a control or format character")
+
+
+def _is_override(name: str) -> bool:
+    return ascii_lower(name.strip()) in _OVERRIDE_PARAMETERS
+
+
+def _check_no_override_in_body(headers: Iterable[tuple[str, str]], body: bytes) -> None:
+    """Refuse (400) a POST body whose top level names a method-override parameter: JSON
+    (Laravel reads its input from a JSON body too) or an HTML form. Other bodies are the
+    provider's business."""
+    content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
+    media = ascii_lower(content_type.partition(";")[0].strip())
+    names: Iterable[str] = ()
+    if media == _FORM:
+        try:
+            names = (n for n, _ in parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except (UnicodeDecodeError, ValueError):
+            return
+    elif media == "application/json" or media.endswith("+json"):
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return  # not JSON: no framework reads a method from it
+        if isinstance(payload, dict):
+            names = (n for n in payload if isinstance(n, str))
+    if any(_is_override(n) for n in names):
+        raise BadRequest("relay body not allowed: a method-override parameter")
 
 
 def _scrubbed(answer: HttpResponse, injected: Iterable[str]) -> HttpResponse:
