@@ -54,6 +54,7 @@ from tokenbroker.kernel.errors import (
     TransportError,
 )
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
+from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.profiles import load_profiles
@@ -922,6 +923,140 @@ def test_on_the_wire_injection_and_dropped_headers() -> None:
         assert "x-echo-authorization" not in bearer_answer.headers
 
     on_the_wire(test)
+
+
+def test_on_the_wire_smuggling_headers_never_reach_the_provider() -> None:
+    """Issue 9: method and path overrides, forwarding headers and the caller's own credentials
+    (its ID token, its invoker token, cookies, proxy credentials) reached the provider."""
+    smuggled = [
+        ("X-HTTP-Method-Override", "DELETE"), ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "DELETE"), ("X-Original-URL", "/admin/delete-all"),
+        ("X-Rewrite-URL", "/admin/delete-all"), ("X-Original-Method", "DELETE"),
+        ("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-Host", "admin.internal"),
+        ("X-Forwarded-Proto", "https"), ("X-Forwarded-Prefix", "/admin"),
+        ("X-Forwarded-Port", "8443"), ("X-Forwarded-Server", "admin.internal"),
+        ("X-Forwarded-Uri", "/admin"), ("X-Real-IP", "127.0.0.1"), ("Forwarded", "for=1.2.3.4"),
+        ("X-Serverless-Authorization", bearer(WORKER)), ("Authorization", bearer(WORKER)),
+        ("Cookie", "session=caller"), ("Proxy-Authorization", "Basic dXNlcjpwdw=="),
+        ("X-Api-Token", "forged"), ("Host", "admin.internal"),
+    ]  # fmt: skip
+
+    async def test(world: World, api: ProviderApi) -> None:
+        for method, target, caller in (
+            ("GET", "crm/v2/contacts", WORKER),
+            ("POST", "sige/pedidos/", BILLING),
+            ("POST", "omie/geral/clientes/", BILLING),
+        ):
+            await world.relay.relay(
+                bearer(caller), method, target, headers=[*smuggled, ("Accept", "*/*")],
+                body=b"{}" if method == "POST" else b"",
+            )  # fmt: skip
+        for received, route_header in zip(
+            api.received, ("authorization", "x-api-token", None), strict=True
+        ):
+            names = {name for name, _ in received.headers}
+            for name, _ in smuggled:
+                if name.lower() != route_header and name.lower() != "host":
+                    assert name.lower() not in names, (received.raw_path, name)
+            assert received.header("host") == [api.url.removeprefix("http://")]
+            assert received.header("accept") == ["*/*"]
+            assert "forged" not in str(received.headers)
+            assert bearer(WORKER) not in str(received.headers)
+        assert [r.method for r in api.received] == ["GET", "POST", "POST"]
+        assert api.paths() == ["/api/v2/contacts", "/api/pedidos/", "/api/geral/clientes/"]
+
+    on_the_wire(test)
+
+
+class LeakyApi:
+    """A provider on 127.0.0.1 that echoes whatever credential arrived (bearer, ``X-Api-Token``
+    or the JSON body's ``app_secret``) in every place an answer has: many headers, and the
+    body in many encodings."""
+
+    def __init__(self) -> None:
+        self.url = ""
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        secret = request.headers.get("X-Api-Token") or request.headers.get(
+            "Authorization", ""
+        ).removeprefix("Bearer ")
+        if not secret and body:
+            secret = json.loads(body).get("app_secret", "")
+        basic = "Basic " + _b64("user:" + secret)
+        echo = {
+            "raw": secret, "basic": basic, "b64url": _b64(secret, url=True, pad=False),
+            "hex": secret.encode().hex(), "percent": quote(secret, safe=""),
+            "form": quote_plus(secret), "html": html.escape(secret),
+            "nested": json.dumps({"token": secret}), "b64json": _b64(json.dumps({"t": secret})),
+        }  # fmt: skip
+        headers = {
+            "Content-Type": "application/json",
+            "X-Debug-Token": secret,
+            "Set-Cookie": f"session={quote(secret, safe='')}; HttpOnly",
+            "WWW-Authenticate": f'Bearer realm="provider", error="invalid_token", t="{secret}"',
+            "Location": f"https://api.provider.test/cb?access_token={quote_plus(secret)}&x=1",
+            "Link": f'<https://api.provider.test/p?auth={quote(basic, safe="")}>; rel="next"',
+            "X-Request-Id": _b64(secret, url=True),
+            "ETag": f'"{secret.encode().hex()}"',
+            "Content-Disposition": f'attachment; filename="{quote(secret, safe="")}.json"',
+            "X-RateLimit-Remaining": "41",
+        }
+        status = 401 if request.query.get("status") == "401" else 200
+        return web.Response(status=status, body=json.dumps(echo).encode(), headers=headers)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+def test_on_the_wire_a_provider_echoing_the_credential_everywhere_leaks_nothing() -> None:
+    """Issue 9: an upstream echoing the injected credential in a response header handed it to
+    the caller; encoded forms passed through. Against a real server, over the real transport:
+    nothing of any injected value can be read back from the status, headers or body, and the
+    log holds none of it either."""
+
+    async def main() -> None:
+        async with LeakyApi().running() as api, AiohttpRelayTransport() as transport:
+            world = World(transport, f"{api.url}/api/")
+            with capture_logs() as logs:
+                answers = {
+                    OMIE_SECRET: await world.relay.relay(
+                        bearer(BILLING), "POST", "omie/geral/clientes/", body=b"{}"
+                    ),
+                    SIGE_TOKEN: await world.relay.relay(
+                        bearer(BILLING), "GET", "sige/pedidos/", query="status=401"
+                    ),
+                    CRM_TOKEN: await world.relay.relay(bearer(WORKER), "GET", "crm/v2/contacts"),
+                }
+            for secret, answer in answers.items():
+                assert not recoverable(whole(answer), secret), whole(answer)
+                assert set(answer.headers) == {
+                    "content-type", "location", "link", "x-request-id", "etag",
+                    "content-disposition", "x-ratelimit-remaining",
+                }  # fmt: skip
+                assert answer.headers["x-ratelimit-remaining"] == "41"
+                assert answer.headers["location"].endswith("access_token=[REDACTED]&x=1")
+                assert json.loads(answer.body)["raw"] == "[REDACTED]"
+                assert not recoverable(logs.getvalue(), secret)
+            assert answers[SIGE_TOKEN].status == 401
+            assert OMIE_KEY not in whole(answers[OMIE_SECRET])
+
+    asyncio.run(main())
 
 
 def test_on_the_wire_a_compressed_echo_is_decoded_and_scrubbed() -> None:
