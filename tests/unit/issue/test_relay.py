@@ -11,24 +11,21 @@ policy denials and path tricks send nothing at all.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import codecs
 import contextlib
 import gzip
 import html
 import json
 import re
 import socket
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
-from urllib.parse import quote, quote_plus, unquote, unquote_plus
+from urllib.parse import quote, quote_plus
 
 import pytest
 
+from tests.support.leaks import b64, recoverable
 from tests.support.provider_api import ProviderApi
 from tests.unit.issue.fakes import FakeVerifier, RecordingTransport
 from tokenbroker.adapters.http import AiohttpRelayTransport
@@ -175,58 +172,6 @@ def relay(world: World, method: str, target: str, **options: Any) -> HttpRespons
     return run(world.relay.relay(authorization, method, target, **options))
 
 
-# --- what counts as leaking the secret ---------------------------------------------------------
-
-_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{4,}={0,2}")
-_HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")
-
-
-def _decodings(text: str) -> set[str]:
-    """``text`` and what it reads as under each decoding an attacker would try (percent, form,
-    JSON, HTML, base64 in both alphabets at every alignment, hex), twice over."""
-    seen = {text}
-    for _ in range(2):
-        grown = set(seen)
-        for item in seen:
-            grown |= {unquote(item), unquote_plus(item), html.unescape(item)}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # "\\X" is not an escape
-                with contextlib.suppress(ValueError):
-                    grown.add(codecs.decode(item, "unicode_escape"))
-            for run in _B64_RUN.findall(item):
-                bare = run.rstrip("=")
-                for start in range(4):
-                    chunk = bare[start:]
-                    chunk = chunk[: len(chunk) - len(chunk) % 4 or None]
-                    chunk = chunk if len(chunk) % 4 != 1 else chunk[:-1]
-                    for alphabet in (None, b"-_"):
-                        try:
-                            padded = chunk + "=" * (-len(chunk) % 4)
-                            raw = base64.b64decode(padded, altchars=alphabet)
-                        except (binascii.Error, ValueError):
-                            continue
-                        grown.add(raw.decode("latin-1"))
-                        grown.add(raw.decode("utf-8", "replace"))
-            for run in _HEX_RUN.findall(item):
-                for start in (0, 1):
-                    chunk = run[start:]
-                    chunk = chunk[: len(chunk) // 2 * 2]
-                    raw = bytes.fromhex(chunk)
-                    grown.add(raw.decode("latin-1"))
-                    grown.add(raw.decode("utf-8", "replace"))
-        seen = grown
-    return seen
-
-
-def recoverable(text: str | bytes, secret: str, window: int = 6) -> bool:
-    """Whether any ``window`` consecutive characters of ``secret`` can be read back from
-    ``text`` by one of :func:`_decodings`."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    pieces = {secret[i : i + window] for i in range(max(1, len(secret) - window + 1))}
-    return any(piece in decoded for decoded in _decodings(text) for piece in pieces)
-
-
 def whole(answer: HttpResponse) -> str:
     """Status, headers and body of an answer, as one text to search."""
     lines = [str(answer.status)] + [f"{k}: {v}" for k, v in answer.headers.items()]
@@ -370,11 +315,6 @@ def test_the_answer_loses_hop_by_hop_and_cookie_headers_and_every_echo_of_the_se
 # --- echoes of the secret in the answer (issue 9, item 4) ---------------------------------------
 
 
-def _b64(data: str, *, url: bool = False, pad: bool = True) -> str:
-    encoded = (base64.urlsafe_b64encode if url else base64.b64encode)(data.encode()).decode()
-    return encoded if pad else encoded.rstrip("=")
-
-
 #: How a provider may echo a value back: each a function of the value, each one "common".
 ECHOES: dict[str, Callable[[str], str]] = {
     "raw": lambda v: v,
@@ -395,16 +335,16 @@ ECHOES: dict[str, Callable[[str], str]] = {
     "html": html.escape,
     "html-numeric": lambda v: "".join(c if c.isalnum() else f"&#{ord(c)};" for c in v),
     "html-hex": lambda v: "".join(c if c.isalnum() else f"&#x{ord(c):x};" for c in v),
-    "base64": _b64,
-    "base64-unpadded": lambda v: _b64(v, pad=False),
-    "base64url": lambda v: _b64(v, url=True),
-    "base64url-unpadded": lambda v: _b64(v, url=True, pad=False),
-    "basic-auth-aligned-0": lambda v: "Basic " + _b64("ab:" + v),
-    "basic-auth-aligned-1": lambda v: "Basic " + _b64("usr:" + v),
-    "basic-auth-aligned-2": lambda v: "Basic " + _b64("user:" + v),
-    "base64-of-json": lambda v: _b64(json.dumps({"token": v})),
-    "base64url-of-json-unpadded": lambda v: _b64(json.dumps({"k": v}), url=True, pad=False),
-    "percent-encoded-base64": lambda v: quote(_b64("user:" + v), safe=""),
+    "base64": b64,
+    "base64-unpadded": lambda v: b64(v, pad=False),
+    "base64url": lambda v: b64(v, url=True),
+    "base64url-unpadded": lambda v: b64(v, url=True, pad=False),
+    "basic-auth-aligned-0": lambda v: "Basic " + b64("ab:" + v),
+    "basic-auth-aligned-1": lambda v: "Basic " + b64("usr:" + v),
+    "basic-auth-aligned-2": lambda v: "Basic " + b64("user:" + v),
+    "base64-of-json": lambda v: b64(json.dumps({"token": v})),
+    "base64url-of-json-unpadded": lambda v: b64(json.dumps({"k": v}), url=True, pad=False),
+    "percent-encoded-base64": lambda v: quote(b64("user:" + v), safe=""),
     "hex": lambda v: v.encode().hex(),
     "hex-upper": lambda v: v.encode().hex().upper(),
     "hex-embedded": lambda v: ("x:" + v).encode().hex(),
@@ -985,12 +925,12 @@ class LeakyApi:
         ).removeprefix("Bearer ")
         if not secret and body:
             secret = json.loads(body).get("app_secret", "")
-        basic = "Basic " + _b64("user:" + secret)
+        basic = "Basic " + b64("user:" + secret)
         echo = {
-            "raw": secret, "basic": basic, "b64url": _b64(secret, url=True, pad=False),
+            "raw": secret, "basic": basic, "b64url": b64(secret, url=True, pad=False),
             "hex": secret.encode().hex(), "percent": quote(secret, safe=""),
             "form": quote_plus(secret), "html": html.escape(secret),
-            "nested": json.dumps({"token": secret}), "b64json": _b64(json.dumps({"t": secret})),
+            "nested": json.dumps({"token": secret}), "b64json": b64(json.dumps({"t": secret})),
         }  # fmt: skip
         headers = {
             "Content-Type": "application/json",
@@ -999,7 +939,7 @@ class LeakyApi:
             "WWW-Authenticate": f'Bearer realm="provider", error="invalid_token", t="{secret}"',
             "Location": f"https://api.provider.test/cb?access_token={quote_plus(secret)}&x=1",
             "Link": f'<https://api.provider.test/p?auth={quote(basic, safe="")}>; rel="next"',
-            "X-Request-Id": _b64(secret, url=True),
+            "X-Request-Id": b64(secret, url=True),
             "ETag": f'"{secret.encode().hex()}"',
             "Content-Disposition": f'attachment; filename="{quote(secret, safe="")}.json"',
             "X-RateLimit-Remaining": "41",
