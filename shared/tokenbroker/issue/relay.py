@@ -5,8 +5,14 @@ injects the credential itself and forwards the caller's request to the provider.
 ``{METHOD} /relay/{connection}/{path}`` goes to the policy route's ``base_url`` + ``path`` only
 for the methods and path prefixes the policy allows. It is never an open proxy:
 
+* the connection's status is read on every request: a disabled or removed connection, or one
+  that needs re-authorisation, is not relayed from the next request on, and a credential is
+  served from the cache only for the version the state names (a rotation is seen at once);
 * the target host is fixed by the policy; the caller's path cannot change it (checked again
-  after joining);
+  after joining), and a path that is not in the one form the relay sends as it is (dot
+  segments, ``;`` parameters, encoded separators, controls...: :func:`check_target`) is a 400;
+* the method is the route's: another is a 405 with ``Allow``, and method-override parameters
+  (``_method``) in the query or a POST body are a 400;
 * only an allow-list of the caller's headers is forwarded (content negotiation, conditional
   requests, a request id: ``_FORWARD_REQUEST``); hop-by-hop headers (RFC 9110 §7.6.1),
   ``Host``, cookies, ``Forwarded``/``X-Forwarded-*``, method and path overrides, the caller's
@@ -17,8 +23,9 @@ for the methods and path prefixes the policy allows. It is never an open proxy:
   or the injected secret could not be scrubbed from it;
 * redirects are never followed (a 3xx goes back to the caller as is);
 * request and response sizes and the time are bounded;
-* a provider that echoes the injected secret back (in the body or a header, raw, JSON-escaped
-  or percent-encoded) gets it replaced by ``[REDACTED]``.
+* only an allow-list of the provider's headers comes back (``_FORWARD_RESPONSE``), and an
+  echo of the injected secret in them or in the body, raw or in a common encoding
+  (:class:`EchoRedactor`), is replaced by ``[REDACTED]``.
 
 Values in, values out (the sans-I/O shape of h11): :meth:`Relay.authorize` decides who may call
 which route from plain strings, :meth:`Relay.forward` builds the
@@ -101,9 +108,9 @@ _FORWARD_RESPONSE = frozenset(
     {
         "content-type", "content-language", "content-disposition", "content-range",
         "content-location", "accept-ranges", "cache-control", "expires", "last-modified",
-        "etag", "vary", "age", "location", "link", "retry-after", "allow",
-        "preference-applied", "deprecation", "sunset", "x-request-id", "request-id",
-        "x-correlation-id", "x-total-count",
+        "etag", "vary", "age", "location", "link", "retry-after", "preference-applied",
+        "deprecation", "sunset", "x-request-id", "request-id", "x-correlation-id",
+        "x-total-count",
     }
 )  # fmt: skip
 #: Rate-limit families (draft-ietf-httpapi-ratelimit-headers and the ``X-`` forms in use).
@@ -230,8 +237,10 @@ class Relay:
         """Inject the credential, send, and return the provider's answer, scrubbed.
 
         ``headers`` are the caller's, as (name, value) pairs in any case; ``query`` the raw
-        query string (no ``?``). The answer keeps the provider's status (a 3xx included) and
-        its end-to-end headers.
+        query string (no ``?``). Before anything is read from a store: the query's form and
+        method overrides (400). Then the connection's status (409, or 403 once removed), the
+        credential, the request as sent. The answer keeps the provider's status (a 3xx
+        included) and its allow-listed headers, scrubbed.
         """
         route = permit.route
         if len(body) > route.max_body_bytes:
@@ -256,7 +265,15 @@ class Relay:
                 error=error.message,
             )
             raise CredentialUnavailable(f"provider {error.message}", retry_after=5) from None
-        scrubbed = _scrubbed(answer, injected)
+        # What was injected, and the connection's other secrets too: a provider may know (and
+        # echo) more than it was sent, such as the refresh token behind an access token.
+        known = [
+            secret.reveal()
+            for secret in (credential.access_token, credential.refresh_token,
+                           credential.client_secret)
+            if secret is not None
+        ]  # fmt: skip
+        scrubbed = _scrubbed(answer, [*injected, *known])
         self.log.info(
             "relayed",
             caller=permit.caller.email,

@@ -425,6 +425,20 @@ def test_a_secret_echoed_in_any_response_header_never_reaches_the_caller(
     assert not recoverable(whole(answer), token)
 
 
+def test_the_connections_other_secrets_are_redacted_too(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """A provider may echo more than it was sent: the refresh token and client secret behind
+    the injected access token are the connection's secrets all the same."""
+    world, transport = recorded
+    body = b'{"refresh_token": "rt-crm", "client_secret": "cs-crm", "hint": "cs-crm"}'
+    transport.script.append(HttpResponse(200, body, {"content-type": "application/json"}))
+    answer = relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+    assert json.loads(answer.body) == {
+        "refresh_token": "[REDACTED]", "client_secret": "[REDACTED]", "hint": "[REDACTED]",
+    }  # fmt: skip
+
+
 def test_header_values_that_cannot_go_on_the_wire_are_dropped(
     recorded: tuple[World, RecordingTransport],
 ) -> None:
