@@ -315,6 +315,12 @@ def test_the_answer_loses_hop_by_hop_and_cookie_headers_and_every_echo_of_the_se
 # --- echoes of the secret in the answer (issue 9, item 4) ---------------------------------------
 
 
+def _u_escape(char: str) -> str:
+    """``char`` as JSON's ``\\uXXXX`` escape: a surrogate pair beyond the BMP (RFC 8259 §7)."""
+    units = char.encode("utf-16-be")
+    return "".join(f"\\u{int.from_bytes(units[i : i + 2]):04x}" for i in range(0, len(units), 2))
+
+
 #: How a provider may echo a value back: each a function of the value, each one "common".
 ECHOES: dict[str, Callable[[str], str]] = {
     "raw": lambda v: v,
@@ -322,9 +328,11 @@ ECHOES: dict[str, Callable[[str], str]] = {
     "json-twice": lambda v: json.dumps(json.dumps(v))[1:-1],
     "json-php-slashes": lambda v: json.dumps(v)[1:-1].replace("/", "\\/"),
     "json-all-u-escapes-for-punctuation": lambda v: "".join(
-        c if c.isalnum() else f"\\u{ord(c):04x}" for c in v
+        c if c.isalnum() else _u_escape(c) for c in v
     ),
-    "json-upper-u-escapes": lambda v: "".join(c if c.isalnum() else f"\\u{ord(c):04X}" for c in v),
+    "json-upper-u-escapes": lambda v: "".join(
+        c if c.isalnum() else _u_escape(c).upper().replace("\\U", "\\u") for c in v
+    ),
     "percent": lambda v: quote(v, safe=""),
     "percent-keeping-slash": quote,
     "percent-lower-hex": lambda v: re.sub(
@@ -356,7 +364,7 @@ def test_every_common_encoding_of_the_secret_is_redacted_in_body_and_headers(
     recorded: tuple[World, RecordingTransport], echo: str
 ) -> None:
     world, transport = recorded
-    for secret in (OMIE_SECRET, "Pä55 wörd: with space & <tags>/+=", CRM_TOKEN):
+    for secret in (OMIE_SECRET, "Pä55 wörd: with space & <tags>/+= \U0001f511", CRM_TOKEN):
         world.registry.reauthorize("omie", client_secret=Secret(secret))
         encoded = ECHOES[echo](secret)
         assert recoverable(encoded, secret), "the oracle must see the echo"
@@ -376,8 +384,11 @@ def test_every_common_encoding_of_the_secret_is_redacted_in_body_and_headers(
         assert not recoverable(whole(answer), secret), (echo, whole(answer))
         assert answer.body.startswith(b'{"echo": "') and answer.body.endswith(b'", "after": 1}')
         assert b"[REDACTED]" in answer.body
-        assert answer.headers["location"].startswith("https://api.provider.test/next?cursor=")
-        assert answer.headers["location"].endswith("&page=2")
+        if all(ord(c) < 256 for c in encoded):
+            assert answer.headers["location"].startswith("https://api.provider.test/next?cursor=")
+            assert answer.headers["location"].endswith("&page=2")
+        else:  # not Latin-1: the edge could not send that header, so it is dropped
+            assert "location" not in answer.headers
 
 
 def test_a_secret_echoed_in_any_response_header_never_reaches_the_caller(
