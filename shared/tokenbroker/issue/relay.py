@@ -449,7 +449,8 @@ def check_target(target: str) -> None:
         except UnicodeDecodeError:
             raise _path_refused("percent-encoded bytes that are not UTF-8") from None
         for form in {text, unicodedata.normalize("NFKC", text)}:
-            if form and not form.strip("."):
+            # Windows servers strip trailing dots and spaces: ".. " is ".." to them.
+            if form and not form.strip(". "):
                 raise _path_refused("a dot segment")
             if any(ch in _SEGMENT_FORBIDDEN for ch in form):
                 raise _path_refused("a separator, parameter or escape inside a segment")
@@ -465,7 +466,8 @@ def check_query(query: str | None) -> None:
     if any(not ("!" <= ch <= "~") or ch in "#\\" for ch in query) or _BAD_PERCENT.search(query):
         raise BadRequest("relay query not allowed: a character to percent-encode")
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
+        # Split on ';' as well: Rack (before 3) and PHP (arg_separator.input) may.
+        pairs = parse_qsl(query.replace(";", "&"), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise BadRequest(
             "relay query not allowed: percent-encoded bytes that are not UTF-8"
@@ -479,7 +481,11 @@ def check_query(query: str | None) -> None:
 
 
 def _is_override(name: str) -> bool:
-    return ascii_lower(name.strip()) in _OVERRIDE_PARAMETERS
+    """Whether a parameter named ``name`` would reach a framework as a method override, read
+    as PHP reads names: leading spaces dropped, ``.``, `` `` and ``[`` turned into ``_``, and
+    ``name[...]`` an entry of ``name``."""
+    folded = ascii_lower(name).lstrip(" ").partition("[")[0]
+    return re.sub(r"[ .]", "_", folded).strip() in _OVERRIDE_PARAMETERS
 
 
 def _check_no_override_in_body(headers: Iterable[tuple[str, str]], body: bytes) -> None:

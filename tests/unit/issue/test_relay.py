@@ -48,6 +48,7 @@ from tokenbroker.kernel.errors import (
     MethodNotAllowed,
     NeedsReauth,
     PolicyDenied,
+    StoreUnavailable,
     TransportError,
 )
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
@@ -520,6 +521,8 @@ PATH_TRICKS = {
     "upper-encoded-dot-dot": "geral/clientes/%2E%2E/admin",
     "half-encoded-dot-dot": "geral/clientes/.%2e/admin",
     "only-dots": "geral/clientes/.../admin",
+    "dot-dot-space": "geral/clientes/..%20/admin",  # Windows strips trailing spaces and dots
+    "dot-dot-nbsp": "geral/clientes/..%c2%a0/admin",  # NFKC: a no-break space is a space
     "encoded-slash": "geral/clientes/..%2f..%2fadmin",
     "encoded-slash-alone": "geral/clientes/a%2fb",
     "encoded-backslash": "geral/clientes/a%5cb",
@@ -621,6 +624,10 @@ def test_a_method_the_route_does_not_allow_is_a_405_with_allow(
         ("a=1&_METHOD=PUT", b"{}", "application/json"),
         ("x-http-method-override=DELETE", b"{}", "application/json"),
         ("%5Fmethod=DELETE", b"{}", "application/json"),
+        ("a=1;_method=DELETE", b"{}", "application/json"),  # Rack and PHP may split on ';'
+        ("%20_method=DELETE", b"{}", "application/json"),  # PHP drops leading spaces...
+        (".method=DELETE", b"{}", "application/json"),  # ...and reads '.' and ' ' as '_'
+        ("_method[]=DELETE", b"{}", "application/json"),
         (None, b'{"_method": "DELETE"}', "application/json"),
         (None, b"_method=DELETE&a=1", "application/x-www-form-urlencoded"),
     ],
@@ -812,6 +819,24 @@ def test_the_status_is_read_on_every_request_the_secret_once_per_version(
         relay(world, "GET", "sige/pedidos/")
     assert reads == 5
     assert world.relay.secret_reads == 1
+
+
+def test_an_unreachable_state_store_is_a_503_and_nothing_is_sent(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """No status, no relay: the credential cached a moment ago is not served blind."""
+    world, transport = recorded
+    relay(world, "GET", "sige/pedidos/")
+
+    def unavailable(connection_id: str) -> Any:
+        raise StoreUnavailable(f"state store down for {connection_id}")
+
+    world.state.get = unavailable  # type: ignore[method-assign]
+    with pytest.raises(CredentialUnavailable) as caught:
+        relay(world, "GET", "sige/pedidos/")
+    answer = http_answer(caught.value, public=True)
+    assert (answer.status, answer.headers["Retry-After"]) == (503, "5")
+    assert len(transport.sent) == 1
 
 
 def test_an_outbound_request_does_not_print_what_it_carries() -> None:
