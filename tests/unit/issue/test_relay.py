@@ -39,7 +39,7 @@ from tokenbroker.issue.policy import (
     IssuePolicy,
     RelayRoute,
 )
-from tokenbroker.issue.relay import Relay
+from tokenbroker.issue.relay import EchoRedactor, Relay
 from tokenbroker.kernel.clock import FakeClock
 from tokenbroker.kernel.errors import (
     BadRequest,
@@ -837,6 +837,27 @@ def test_an_unreachable_state_store_is_a_503_and_nothing_is_sent(
     answer = http_answer(caught.value, public=True)
     assert (answer.status, answer.headers["Retry-After"]) == (503, "5")
     assert len(transport.sent) == 1
+
+
+def test_nothing_the_relay_holds_prints_a_secret(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, _ = recorded
+    with capture_logs() as logs:
+        relay(world, "GET", "sige/pedidos/")
+        relay(world, "POST", "omie/geral/clientes/", body=b"{}")
+        world.registry.set_enabled("sige", False)
+        with pytest.raises(NeedsReauth) as caught:
+            relay(world, "GET", "sige/pedidos/")
+    printed = [
+        logs.getvalue(), repr(world.relay.__dict__), repr(EchoRedactor([SIGE_TOKEN])),
+        str(EchoRedactor([SIGE_TOKEN])), repr(caught.value), caught.value.message,
+        http_answer(caught.value, public=True).json(),
+    ]  # fmt: skip
+    for text in printed:
+        for secret in (SIGE_TOKEN, OMIE_SECRET, CRM_TOKEN):
+            # Ten characters: the test secrets hold words ("header") that reprs hold too.
+            assert not recoverable(text, secret, window=10), text
 
 
 def test_an_outbound_request_does_not_print_what_it_carries() -> None:
