@@ -65,7 +65,13 @@ from tokenbroker.kernel.errors import (
 from tokenbroker.kernel.fields import ascii_lower
 from tokenbroker.kernel.http import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, OutboundRequest
 from tokenbroker.kernel.log import get_logger
-from tokenbroker.kernel.model import Caller, ConnectionRecord, ConnectionStatus, Credential
+from tokenbroker.kernel.model import (
+    Caller,
+    Connection,
+    ConnectionRecord,
+    ConnectionStatus,
+    Credential,
+)
 from tokenbroker.kernel.redact import MIN_KNOWN_VALUE_CHARS
 from tokenbroker.ports import CallerVerifier, RelayTransport, SecretStore, StateStore
 
@@ -120,7 +126,10 @@ _FORWARD_RESPONSE_PREFIXES = ("ratelimit", "x-ratelimit-", "x-rate-limit-")
 @dataclass(frozen=True)
 class _CachedCredential:
     credential: Credential
-    #: The state's ``current_version`` when this was read: served only while it is still so.
+    #: The registration it was read for (``created_at`` included) and the state's
+    #: ``current_version`` then: served only while both are still so. The version alone is not
+    #: enough: a connection removed and registered again starts again at version 1.
+    connection: Connection
     state_version: int | None
     read_at: datetime
 
@@ -355,9 +364,12 @@ class Relay:
         return record
 
     async def _credential(self, record: ConnectionRecord) -> Credential:
-        """The current credential: from the cache only while the state still names the version
-        it was read for (a rotation is served at once) and for at most :data:`CACHE_SECONDS`
-        (a backstop for writes that bypass the state)."""
+        """The current credential: from the cache only while the state still names the
+        registration and version it was read for (a rotation, or a removal and registration
+        again, is served at once) and for at most :data:`CACHE_SECONDS`: the backstop for
+        writes that bypass the state, and for a registration indistinguishable from the one
+        before (the same ``created_at``, which the registry stamps unless it is given one, and
+        the same version number)."""
         connection_id = record.connection.id
         version = record.state.current_version
         now = self.clock.now()
@@ -366,6 +378,7 @@ class Relay:
         if (
             cached is not None
             and cached.state_version == version
+            and cached.connection == record.connection
             and now - cached.read_at < timedelta(seconds=CACHE_SECONDS)
         ):
             return cached.credential
@@ -379,7 +392,9 @@ class Relay:
             raise
         self.secret_reads += 1
         with self._lock:
-            self._cache[connection_id] = _CachedCredential(stored.credential, version, now)
+            self._cache[connection_id] = _CachedCredential(
+                stored.credential, record.connection, version, now
+            )
         return stored.credential
 
     def _value(

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.support.leaks import b64, recoverable
 from tests.support.provider_api import ProviderApi
@@ -789,6 +791,22 @@ def test_a_removed_connection_is_refused_like_an_unknown_relay(
     assert len(transport.sent) == 1
 
 
+def test_a_connection_removed_and_registered_again_is_served_its_new_credential(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """Versions start again at 1 for a new registration: the cache must not take the new
+    version 1 for the old one."""
+    world, transport = recorded
+    relay(world, "GET", "sige/pedidos/")
+    connection = replace(world.state.get("sige").connection, created_at=None)
+    world.registry.remove("sige")
+    world.clock.advance(1)
+    world.registry.register(connection, Credential(client_secret=Secret("sige-second-life-77")))
+    assert world.state.get("sige").state.current_version == 1  # as the first one was
+    relay(world, "GET", "sige/pedidos/")
+    assert transport.sent[-1].headers["X-Api-Token"] == "sige-second-life-77"
+
+
 def test_a_rotated_credential_is_served_at_once(
     recorded: tuple[World, RecordingTransport],
 ) -> None:
@@ -837,6 +855,105 @@ def test_an_unreachable_state_store_is_a_503_and_nothing_is_sent(
     answer = http_answer(caught.value, public=True)
     assert (answer.status, answer.headers["Retry-After"]) == (503, "5")
     assert len(transport.sent) == 1
+
+
+_RELAY_CALLS = {
+    "sige": ("GET", "sige/pedidos/", BILLING),
+    "crm": ("GET", "crm/v2/contacts", WORKER),
+    "omie": ("POST", "omie/geral/clientes/", BILLING),
+}
+_OPERATIONS = ("relay", "relay", "relay", "disable", "enable", "needs_reauth", "rotate",
+               "remove", "add", "wait")  # fmt: skip
+
+
+def _sent_value(connection_id: str, sent: OutboundRequest) -> str:
+    if connection_id == "sige":
+        return sent.headers["X-Api-Token"]
+    if connection_id == "crm":
+        return sent.headers["Authorization"].removeprefix("Bearer ")
+    return str(json.loads(sent.body)["app_secret"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The sequences that broke it once: a cached credential outliving its registration (versions
+# start again at 1), a rotation, and disable/enable within the cache period.
+@example([("relay", "sige"), ("remove", "sige"), ("add", "sige"), ("relay", "sige")])
+@example([("relay", "crm"), ("rotate", "crm"), ("relay", "crm")])
+@example([("relay", "omie"), ("disable", "omie"), ("relay", "omie"), ("enable", "omie"),
+          ("relay", "omie"), ("needs_reauth", "omie"), ("relay", "omie")])  # fmt: skip
+@given(
+    st.lists(
+        # Mostly one connection, so that sequences on it are long enough to matter.
+        st.tuples(st.sampled_from(_OPERATIONS), st.sampled_from(["sige"] * 4 + ["crm", "omie"])),
+        min_size=4,
+        max_size=40,
+    )
+)
+def test_every_relay_request_follows_the_connections_state_at_that_moment(
+    steps: list[tuple[str, str]],
+) -> None:
+    """Property: whatever sequence of disable, enable, needs_reauth, rotation, removal,
+    re-registration and waiting, each relay request is refused exactly when the connection is
+    not active (409) or gone (403), sends nothing then, and otherwise injects the credential
+    the state names *now*, never a cached older one; no answer carries it back."""
+    transport = RecordingTransport()
+    world = World(transport)
+    # As ``tokenbroker add`` registers: the registry stamps created_at.
+    definitions = {
+        r.connection.id: replace(r.connection, created_at=None) for r in world.state.list()
+    }
+    attribute = {"sige": "client_secret", "omie": "client_secret", "crm": "access_token"}
+    model: dict[str, tuple[str, str] | None] = {
+        "sige": ("active", SIGE_TOKEN), "omie": ("active", OMIE_SECRET),
+        "crm": ("active", CRM_TOKEN),
+    }  # fmt: skip
+    for index, (operation, cid) in enumerate(steps):
+        current = model[cid]
+        fresh = f"{cid}-v{index}-Zq9xK2"
+        if operation == "relay":
+            method, target, caller = _RELAY_CALLS[cid]
+            before = len(transport.sent)
+            if current is None:
+                with pytest.raises(PolicyDenied):
+                    relay(world, method, target, authorization=bearer(caller), body=b"{}")
+            elif current[0] != "active":
+                with pytest.raises(NeedsReauth):
+                    relay(world, method, target, authorization=bearer(caller), body=b"{}")
+            else:
+                answer = relay(world, method, target, authorization=bearer(caller), body=b"{}")
+                assert _sent_value(cid, transport.sent[-1]) == current[1]
+                assert not recoverable(whole(answer), current[1], window=10)
+                continue
+            assert len(transport.sent) == before
+        elif operation in {"disable", "enable"} and current is not None:
+            world.registry.set_enabled(cid, operation == "enable")
+            model[cid] = ("active" if operation == "enable" else "disabled", current[1])
+        elif operation == "needs_reauth" and current is not None:
+            record = world.state.get(cid)
+            world.state.put_state(cid, replace(record.state, status=ConnectionStatus.NEEDS_REAUTH))
+            model[cid] = ("needs_reauth", current[1])
+        elif operation == "rotate" and current is not None:  # as the refresher commits one
+            stored = world.secrets.get(cid)
+            changed = replace(stored.credential, **{attribute[cid]: Secret(fresh)})
+            version = world.secrets.put(cid, changed, expected_version=stored.version)
+            record = world.state.get(cid)
+            world.state.put_state(cid, replace(record.state, current_version=version))
+            model[cid] = (current[0], fresh)
+        elif operation == "remove" and current is not None:
+            world.registry.remove(cid)
+            model[cid] = None
+        elif operation == "add" and current is None:
+            credential = Credential(**{attribute[cid]: Secret(fresh)})
+            if cid == "crm":
+                credential = replace(
+                    credential, refresh_token=Secret("rt-crm"), client_secret=Secret("cs-crm"),
+                    expires_at=world.clock.now() + timedelta(hours=1),
+                )  # fmt: skip
+            world.clock.advance(0.001)  # a registration of its own: its created_at differs
+            world.registry.register(definitions[cid], credential)
+            model[cid] = ("active", fresh)
+        elif operation == "wait":
+            world.clock.advance(17)
 
 
 def test_nothing_the_relay_holds_prints_a_secret(
