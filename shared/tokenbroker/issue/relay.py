@@ -119,6 +119,11 @@ _FORWARD_RESPONSE = frozenset(
         "x-total-count",
     }
 )  # fmt: skip
+#: The ``Content-Encoding`` values whose answers reach the relay decoded: the transport
+#: undoes one gzip, deflate, br or zstd coding (aiohttp's ``auto_decompress``, which raises when
+#: it lacks the library for one) and leaves anything else -- two codings, an unknown one --
+#: as it came, so a secret inside it could not be scrubbed.
+_DECODED_BY_TRANSPORT = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 #: Rate-limit families (draft-ietf-httpapi-ratelimit-headers and the ``X-`` forms in use).
 _FORWARD_RESPONSE_PREFIXES = ("ratelimit", "x-ratelimit-", "x-rate-limit-")
 
@@ -274,6 +279,18 @@ class Relay:
                 error=error.message,
             )
             raise CredentialUnavailable(f"provider {error.message}", retry_after=5) from None
+        coding = ascii_lower(answer.headers.get("content-encoding", "").strip())
+        if coding not in _DECODED_BY_TRANSPORT:
+            self.log.warning(
+                "relay refused an answer it cannot scrub",
+                caller=permit.caller.email,
+                route=route.name,
+                connection=route.connection,
+                content_encoding=coding[:40],
+            )
+            raise CredentialUnavailable(
+                "provider answered in a content encoding the relay cannot decode", retry_after=5
+            )
         # What was injected, and the connection's other secrets too: a provider may know (and
         # echo) more than it was sent, such as the refresh token behind an access token.
         known = [

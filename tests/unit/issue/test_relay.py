@@ -1133,7 +1133,13 @@ class LeakyApi:
             "X-RateLimit-Remaining": "41",
         }
         status = 401 if request.query.get("status") == "401" else 200
-        return web.Response(status=status, body=json.dumps(echo).encode(), headers=headers)
+        payload = json.dumps(echo).encode()
+        coding = request.query.get("coding")
+        if coding:  # compressed in a way no client decodes on its own
+            for _ in coding.split(","):
+                payload = gzip.compress(payload)
+            headers["Content-Encoding"] = coding
+        return web.Response(status=status, body=payload, headers=headers)
 
     @contextlib.asynccontextmanager
     async def running(self) -> Any:
@@ -1183,6 +1189,25 @@ def test_on_the_wire_a_provider_echoing_the_credential_everywhere_leaks_nothing(
                 assert not recoverable(logs.getvalue(), secret)
             assert answers[SIGE_TOKEN].status == 401
             assert OMIE_KEY not in whole(answers[OMIE_SECRET])
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("coding", ["gzip, gzip", "gzip,gzip", "x-gzip", "compress", "GZIP, GZIP"])
+def test_on_the_wire_an_answer_still_encoded_is_refused(coding: str) -> None:
+    """The transport decodes one gzip, deflate, br or zstd coding. Any other
+    ``Content-Encoding`` (two codings, an unknown one) leaves the body encoded, so the secret
+    inside it could not be scrubbed: the answer is refused, not passed on."""
+
+    async def main() -> None:
+        async with LeakyApi().running() as api, AiohttpRelayTransport() as transport:
+            world = World(transport, f"{api.url}/api/")
+            with pytest.raises(CredentialUnavailable) as caught:
+                await world.relay.relay(
+                    bearer(BILLING), "GET", "sige/pedidos/", query=f"coding={quote(coding)}"
+                )
+            assert "encoding" in caught.value.message
+            assert SIGE_TOKEN not in caught.value.message
 
     asyncio.run(main())
 
