@@ -59,12 +59,13 @@ def _decodings(text: str) -> set[str]:
 
 
 def recoverable(text: str | bytes, secret: str, window: int = 6) -> bool:
-    """Whether any ``window`` consecutive characters of ``secret`` can be read back from
-    ``text`` by one of :func:`_decodings`."""
+    """Whether any ``window`` consecutive characters of ``secret``, in any case, can be read
+    back from ``text`` by one of :func:`_decodings`."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    pieces = {secret[i : i + window] for i in range(max(1, len(secret) - window + 1))}
-    return any(piece in decoded for decoded in _decodings(text) for piece in pieces)
+    pieces = {secret[i : i + window].lower() for i in range(max(1, len(secret) - window + 1))}
+    # Case-folded: a provider may quote a value upper- or lower-cased.
+    return any(piece in decoded.lower() for decoded in _decodings(text) for piece in pieces)
 
 
 def b64(data: str, *, url: bool = False, pad: bool = True) -> str:

@@ -614,8 +614,8 @@ def _char_pattern(char: str) -> bytes:
 
 
 def _plain_forms(value: str) -> set[str]:
-    """``value`` and the texts that stand for it once encoded: base64 (RFC 4648 §4 and the
-    URL-safe alphabet of §5, padded or not) and hex (either case).
+    """``value`` (as is, upper- or lower-cased) and the texts that stand for it once encoded:
+    base64 (RFC 4648 §4 and the URL-safe alphabet of §5, padded or not) and hex (either case).
 
     Base64 writes 3 bytes as 4 characters, so a value inside a longer encoded string (``Basic
     base64(user:token)``, a base64 JSON document) is written differently depending on its offset
@@ -623,7 +623,7 @@ def _plain_forms(value: str) -> set[str]:
     bytes -- its stable core -- are the same wherever it sits: those are searched for, and at
     most the two bytes at either end (in the groups it shares with its neighbours) are left.
     """
-    forms = {value}
+    forms = {value, value.upper(), value.lower()}  # quoted as is, or case-normalised
     # What gets base64- or hex-encoded may itself be the value quoted in JSON (a base64 JSON
     # document) or percent-encoded (a base64 URL).
     for text in {value, json.dumps(value)[1:-1], quote(value, safe="")}:
@@ -652,8 +652,8 @@ def _echo_pattern(values: frozenset[str]) -> re.Pattern[bytes] | None:
 class EchoRedactor:
     """Finds the values injected into one relayed request in the provider's answer.
 
-    "Common encodings" are those of :func:`_plain_forms` (raw, base64 of either alphabet,
-    padded or not, at any alignment, hex) each written character by character as
+    "Common encodings" are those of :func:`_plain_forms` (raw in any case, base64 of either
+    alphabet, padded or not, at any alignment, hex) each written character by character as
     :func:`_char_pattern` allows (percent-encoding, form ``+``, JSON escapes once or twice, HTML
     references), in any mix. Not found: an encoder that rewrites letters and digits
     (``\\u0041`` for ``A``), base64 split across lines (MIME), encryption or compression (the

@@ -327,6 +327,8 @@ def _u_escape(char: str) -> str:
 #: How a provider may echo a value back: each a function of the value, each one "common".
 ECHOES: dict[str, Callable[[str], str]] = {
     "raw": lambda v: v,
+    "upper-cased": str.upper,  # a provider normalising what it quotes in an error
+    "lower-cased": str.lower,
     "json": lambda v: json.dumps(v)[1:-1],
     "json-twice": lambda v: json.dumps(json.dumps(v))[1:-1],
     "json-php-slashes": lambda v: json.dumps(v)[1:-1].replace("/", "\\/"),
