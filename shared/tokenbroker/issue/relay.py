@@ -650,14 +650,16 @@ def _echo_pattern(values: frozenset[str]) -> re.Pattern[bytes] | None:
 
 
 class EchoRedactor:
-    """Finds the values injected into one relayed request in the provider's answer.
+    """Finds the connection's secrets (those injected into one relayed request, and the
+    others it holds) in the provider's answer.
 
-    "Common encodings" are those of :func:`_plain_forms` (raw in any case, base64 of either
-    alphabet, padded or not, at any alignment, hex) each written character by character as
-    :func:`_char_pattern` allows (percent-encoding, form ``+``, JSON escapes once or twice, HTML
-    references), in any mix. Not found: an encoder that rewrites letters and digits
-    (``\\u0041`` for ``A``), base64 split across lines (MIME), encryption or compression (the
-    transport undoes gzip and deflate first), and a value shorter than
+    "Common encodings" are those of :func:`_plain_forms` (raw, upper- or lower-cased; base64
+    of either alphabet, padded or not, at any alignment; hex) each written character by
+    character as :func:`_char_pattern` allows (percent-encoding, form ``+``, JSON escapes once
+    or twice, HTML references), in any mix. Not found: an encoder that rewrites letters and
+    digits (``\\u0041`` for ``A``), base64 split across lines (MIME), encryption or
+    compression (the transport undoes one gzip, deflate, br or zstd coding first, and an
+    answer still encoded is refused), text in UTF-16 or UTF-32, and a value shorter than
     :data:`MIN_REDACTED_CHARS`. The pattern holds the values: it is never printed.
     """
 
