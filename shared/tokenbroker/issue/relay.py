@@ -44,7 +44,7 @@ import json
 import re
 import threading
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -161,9 +161,10 @@ class RelayPermit:
 
 class Relay:
     """The relay's decisions for one policy. ``transport`` sends (the aiohttp adapter when
-    deployed, a recording one in tests). Every relayed request reads the connection's record
-    from ``state`` (its status, its current version, its client id); the credential is read
-    from ``secrets`` once per version, and at least every :data:`CACHE_SECONDS`."""
+    deployed, a recording one in tests). Every relayed request checks the connection's record
+    (its status, its current version, its client id), read from ``state`` again whenever the
+    store's change marker moved; the credential is read from ``secrets`` once per
+    registration and version, and at least every :data:`CACHE_SECONDS`."""
 
     def __init__(
         self,
@@ -191,8 +192,12 @@ class Relay:
             by_connection[route.connection] = (*by_connection.get(route.connection, ()), route)
         self._by_name = by_name
         self._by_connection = by_connection
+        #: The last record read per connection, with the store's change marker taken before.
+        #: Bounded by the policy: only connections its relays name are looked up.
+        self._records: dict[str, tuple[Hashable, ConnectionRecord]] = {}
         self._lock = threading.Lock()
         self.secret_reads = 0
+        self.state_reads = 0
         self.log = get_logger(component="relay")
 
     # -- deciding --------------------------------------------------------------------------------
@@ -362,18 +367,27 @@ class Relay:
     # -- the credential ----------------------------------------------------------------------------
 
     async def _record(self, connection_id: str) -> ConnectionRecord:
-        """The connection's record, read on every relayed request (a state read, not a secret
-        read): status is law, within one request (issue 9, item 2). A removed connection is
-        refused as an unknown relay is, as the issuer refuses it for ``/token``; a disabled
-        one, or one that needs re-authorisation, is a 409 ``needs_reauth`` as there."""
-        try:
-            record = await asyncio.to_thread(self.state.get, connection_id)
-        except NotFound:
-            raise PolicyDenied(RELAY_DENIED) from None
-        except TokenBrokerError as error:
-            if error.retryable:
-                raise CredentialUnavailable("state store unavailable", retry_after=5) from None
-            raise
+        """The connection's record as it is now: status is law, within one request (issue 9,
+        item 2). Read again (a state read, not a secret read) whenever the state store's
+        change marker moved since the last read -- on every request with a store that has no
+        cheap marker (Firestore) -- as the issuer does. A removed connection is refused as an
+        unknown relay is, as the issuer refuses it for ``/token``; a disabled one, or one that
+        needs re-authorisation, is a 409 ``needs_reauth`` as there."""
+        marker = self.state.change_marker()  # before the read: a change during it shows next
+        seen = self._records.get(connection_id)
+        if seen is None or seen[0] != marker:
+            try:
+                record = await asyncio.to_thread(self.state.get, connection_id)
+            except NotFound:
+                self._records.pop(connection_id, None)
+                raise PolicyDenied(RELAY_DENIED) from None
+            except TokenBrokerError as error:
+                if error.retryable:
+                    raise CredentialUnavailable("state store unavailable", retry_after=5) from None
+                raise
+            seen = self._records[connection_id] = (marker, record)
+            self.state_reads += 1
+        record = seen[1]
         if record.state.status is ConnectionStatus.NEEDS_REAUTH:
             raise NeedsReauth(f"connection {connection_id!r} needs re-authorisation")
         if record.state.status is ConnectionStatus.DISABLED:

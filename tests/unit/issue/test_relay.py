@@ -822,23 +822,28 @@ def test_a_rotated_credential_is_served_at_once(
     assert world.relay.secret_reads == 2
 
 
-def test_the_status_is_read_on_every_request_the_secret_once_per_version(
+def test_the_state_is_read_again_only_when_the_store_changed(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """The status is checked on every request, at the cost of a state read only when the
+    store's change marker moved (as the issuer does); the secret once per version."""
+    world, _ = recorded
+    for _ in range(5):
+        relay(world, "GET", "sige/pedidos/")
+    assert (world.relay.state_reads, world.relay.secret_reads) == (1, 1)
+    world.registry.set_enabled("omie", True)  # any write moves the marker
+    relay(world, "GET", "sige/pedidos/")
+    assert (world.relay.state_reads, world.relay.secret_reads) == (2, 1)
+
+
+def test_a_store_without_a_cheap_marker_is_read_on_every_request(
     recorded: tuple[World, RecordingTransport],
 ) -> None:
     world, _ = recorded
-    reads = 0
-    get = world.state.get
-
-    def counting_get(connection_id: str) -> Any:
-        nonlocal reads
-        reads += 1
-        return get(connection_id)
-
-    world.state.get = counting_get  # type: ignore[method-assign]
+    world.state.change_marker = object  # type: ignore[assignment, method-assign]  # Firestore's
     for _ in range(5):
         relay(world, "GET", "sige/pedidos/")
-    assert reads == 5
-    assert world.relay.secret_reads == 1
+    assert (world.relay.state_reads, world.relay.secret_reads) == (5, 1)
 
 
 def test_an_unreachable_state_store_is_a_503_and_nothing_is_sent(
@@ -852,6 +857,7 @@ def test_an_unreachable_state_store_is_a_503_and_nothing_is_sent(
         raise StoreUnavailable(f"state store down for {connection_id}")
 
     world.state.get = unavailable  # type: ignore[method-assign]
+    world.state.change_marker = object  # type: ignore[assignment, method-assign]
     with pytest.raises(CredentialUnavailable) as caught:
         relay(world, "GET", "sige/pedidos/")
     answer = http_answer(caught.value, public=True)
