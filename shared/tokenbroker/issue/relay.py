@@ -50,7 +50,13 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
-from tokenbroker.issue.policy import MAX_RELAY_PATH_CHARS, RELAY_DENIED, IssuePolicy, RelayRoute
+from tokenbroker.issue.policy import (
+    MAX_RELAY_PATH_CHARS,
+    RELAY_DENIED,
+    Inject,
+    IssuePolicy,
+    RelayRoute,
+)
 from tokenbroker.kernel.clock import Clock, SystemClock
 from tokenbroker.kernel.errors import (
     BadRequest,
@@ -267,7 +273,9 @@ class Relay:
         headers = list(headers)
         check_query(query)
         if permit.method == "POST":
-            _check_no_override_in_body(headers, body)
+            # A body route sends JSON whatever the caller says its body is.
+            as_json = route.inject is Inject.BODY
+            _check_no_override_in_body(headers, body, as_json=as_json)
         record = await self._record(route.connection)
         credential = await self._credential(record)
         outbound, injected = self._outbound(
@@ -528,18 +536,20 @@ def check_query(query: str | None) -> None:
 
 def _is_override(name: str) -> bool:
     """Whether a parameter named ``name`` would reach a framework as a method override, read
-    as PHP reads names: leading spaces dropped, ``.``, `` `` and ``[`` turned into ``_``, and
-    ``name[...]`` an entry of ``name``."""
+    as PHP reads names: leading spaces dropped, ``.`` and `` `` turned into ``_``, and
+    ``name[...]`` taken for ``name``."""
     folded = ascii_lower(name).lstrip(" ").partition("[")[0]
     return re.sub(r"[ .]", "_", folded).strip() in _OVERRIDE_PARAMETERS
 
 
-def _check_no_override_in_body(headers: Iterable[tuple[str, str]], body: bytes) -> None:
+def _check_no_override_in_body(
+    headers: Iterable[tuple[str, str]], body: bytes, *, as_json: bool
+) -> None:
     """Refuse (400) a POST body whose top level names a method-override parameter: JSON
-    (Laravel reads its input from a JSON body too) or an HTML form. Other bodies are the
-    provider's business."""
+    (Laravel reads its input from a JSON body too; ``as_json`` when the relay sends it as JSON
+    whatever its declared type) or an HTML form. Other bodies are the provider's business."""
     content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
-    media = ascii_lower(content_type.partition(";")[0].strip())
+    media = "application/json" if as_json else ascii_lower(content_type.partition(";")[0].strip())
     names: Iterable[str] = ()
     if media == _FORM:
         try:

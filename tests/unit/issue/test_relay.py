@@ -634,6 +634,8 @@ def test_a_method_the_route_does_not_allow_is_a_405_with_allow(
         ("_method[]=DELETE", b"{}", "application/json"),
         (None, b'{"_method": "DELETE"}', "application/json"),
         (None, b"_method=DELETE&a=1", "application/x-www-form-urlencoded"),
+        # Body routes send JSON whatever the caller says its body is.
+        (None, b'{"_method": "DELETE"}', "text/plain"),
     ],
 )
 def test_method_override_parameters_are_refused(
@@ -645,7 +647,10 @@ def test_method_override_parameters_are_refused(
     """The method is the route's: frameworks that read ``_method`` from the query or the body
     of a POST (Laravel, Symfony, Rails, Express's method-override) would turn it into another."""
     world, transport = recorded
-    for target in ("omie/geral/clientes/", "sige/pedidos/"):
+    targets = ["omie/geral/clientes/"]
+    if content_type != "text/plain":
+        targets.append("sige/pedidos/")  # a header route sends the body as the caller typed it
+    for target in targets:
         with pytest.raises(BadRequest) as caught:
             relay(
                 world, "POST", target, query=query, body=body,
