@@ -130,6 +130,10 @@ _FORWARD_RESPONSE = frozenset(
 #: it lacks the library for one) and leaves anything else -- two codings, an unknown one --
 #: as it came, so a secret inside it could not be scrubbed.
 _DECODED_BY_TRANSPORT = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+#: Charsets that write ASCII with NUL bytes beside it (a secret in them is not found by a byte
+#: search), declared or announced by a byte order mark (RFC 8259 §8.1 asks for UTF-8 without one).
+_WIDE_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*(?:utf-?(?:16|32)|ucs-?[24]|unicode)""", re.I)
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 #: Rate-limit families (draft-ietf-httpapi-ratelimit-headers and the ``X-`` forms in use).
 _FORWARD_RESPONSE_PREFIXES = ("ratelimit", "x-ratelimit-", "x-rate-limit-")
 
@@ -292,17 +296,17 @@ class Relay:
                 error=error.message,
             )
             raise CredentialUnavailable(f"provider {error.message}", retry_after=5) from None
-        coding = ascii_lower(answer.headers.get("content-encoding", "").strip())
-        if coding not in _DECODED_BY_TRANSPORT:
+        unscannable = _unscannable(answer)
+        if unscannable is not None:
             self.log.warning(
                 "relay refused an answer it cannot scrub",
                 caller=permit.caller.email,
                 route=route.name,
                 connection=route.connection,
-                content_encoding=coding[:40],
+                reason=unscannable,
             )
             raise CredentialUnavailable(
-                "provider answered in a content encoding the relay cannot decode", retry_after=5
+                f"provider answered in {unscannable} the relay cannot scrub", retry_after=5
             )
         # What was injected, and the connection's other secrets too: a provider may know (and
         # echo) more than it was sent, such as the refresh token behind an access token.
@@ -567,6 +571,20 @@ def _check_no_override_in_body(
         raise BadRequest("relay body not allowed: a method-override parameter")
 
 
+def _unscannable(answer: HttpResponse) -> str | None:
+    """Why a secret in ``answer`` could not be found by a byte search, or ``None``: a body
+    the transport left encoded (:data:`_DECODED_BY_TRANSPORT`), or text in a charset that
+    writes ASCII with NUL bytes beside it (:data:`_WIDE_CHARSET`, :data:`_WIDE_BOMS`)."""
+    coding = ascii_lower(answer.headers.get("content-encoding", "").strip())
+    if coding not in _DECODED_BY_TRANSPORT:
+        return "a content encoding"
+    if _WIDE_CHARSET.search(answer.headers.get("content-type", "")):
+        return "a UTF-16 or UTF-32 charset"
+    if answer.body.startswith(_WIDE_BOMS):
+        return "a UTF-16 or UTF-32 charset (byte order mark)"
+    return None
+
+
 def _scrubbed(answer: HttpResponse, injected: Iterable[str]) -> HttpResponse:
     """The answer as the caller may see it: only :data:`_FORWARD_RESPONSE` headers, whose
     values go on the wire as they are (visible Latin-1, no control characters), and every
@@ -683,8 +701,9 @@ class EchoRedactor:
     or twice, HTML references), in any mix. Not found: an encoder that rewrites letters and
     digits (``\\u0041`` for ``A``), base64 split across lines (MIME), encryption or
     compression (the transport undoes one gzip, deflate, br or zstd coding first, and an
-    answer still encoded is refused), text in UTF-16 or UTF-32, and a value shorter than
-    :data:`MIN_REDACTED_CHARS`. The pattern holds the values: it is never printed.
+    answer still encoded, or declared UTF-16 or UTF-32, is refused), undeclared UTF-16, and a
+    value shorter than :data:`MIN_REDACTED_CHARS`. The pattern holds the values: it is never
+    printed.
     """
 
     __slots__ = ("_pattern",)

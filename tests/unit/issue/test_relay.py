@@ -455,6 +455,41 @@ def test_the_connections_other_secrets_are_redacted_too(
     }  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json; charset=utf-16", json.dumps({"t": CRM_TOKEN}).encode("utf-16")),
+        ("text/plain; charset=UTF-16LE", CRM_TOKEN.encode("utf-16-le")),
+        ('text/plain; charset="utf-32"', CRM_TOKEN.encode("utf-32")),
+        ("application/json", json.dumps({"t": CRM_TOKEN}).encode("utf-16")),  # a BOM says so
+        ("application/json", b"\x00\x00\xfe\xff" + CRM_TOKEN.encode("utf-32-be")),
+    ],
+    ids=["utf-16", "utf-16le", "utf-32-quoted", "utf-16-bom", "utf-32be-bom"],
+)
+def test_an_answer_in_a_wide_charset_is_refused(
+    recorded: tuple[World, RecordingTransport], content_type: str, body: bytes
+) -> None:
+    """UTF-16 and UTF-32 write every ASCII character with NUL bytes beside it: the secret in
+    such a body is not found by a byte search, so the answer is refused, not passed on."""
+    world, transport = recorded
+    transport.script.append(HttpResponse(200, body, {"content-type": content_type}))
+    with pytest.raises(CredentialUnavailable) as caught:
+        relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+    assert "charset" in caught.value.message
+
+
+def test_an_answer_in_an_ascii_compatible_charset_passes(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    world, transport = recorded
+    for content_type in ("text/plain; charset=iso-8859-1", "text/html; charset=utf-8", "x/y"):
+        transport.script.append(
+            HttpResponse(200, CRM_TOKEN.encode(), {"content-type": content_type})
+        )
+        answer = relay(world, "GET", "crm/v2/contacts", authorization=bearer(WORKER))
+        assert answer.body == b"[REDACTED]"
+
+
 def test_header_values_that_cannot_go_on_the_wire_are_dropped(
     recorded: tuple[World, RecordingTransport],
 ) -> None:
