@@ -43,7 +43,9 @@ import base64
 import json
 import re
 import threading
+import time
 import unicodedata
+from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -149,6 +151,42 @@ class _CachedCredential:
     read_at: datetime
 
 
+#: Audit outcomes by wire code (as ``/token``'s); anything else is ``unavailable``.
+_OUTCOMES = {
+    "invalid_token": "unauthenticated",
+    "access_denied": "denied",
+    "invalid_request": "bad_request",
+    "needs_reauth": "refused",
+    "temporarily_unavailable": "unavailable",
+}
+
+
+@dataclass
+class _RelayAudit:
+    """What one relay decision found out, filled in as it goes."""
+
+    #: Until the decision ends: a request cancelled (the caller went away) stays so.
+    outcome: str = "cancelled"
+    caller: str | None = None
+    relay: str | None = None
+    connection: str | None = None
+    method: str = ""
+    path: str = ""
+    status: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+    def failed(self, error: Exception) -> None:
+        if isinstance(error, MethodNotAllowed):
+            self.outcome, self.reason = "method_not_allowed", error.code
+        elif isinstance(error, TokenBrokerError):
+            self.outcome, self.reason = _OUTCOMES.get(error.code, "unavailable"), error.code
+        else:
+            self.outcome, self.reason = "error", "internal_error"
+        if isinstance(error, TokenBrokerError):
+            self.detail = error.message
+
+
 @dataclass(frozen=True)
 class RelayPermit:
     """A relay call the policy allows: who asked, the route chosen, and the request line.
@@ -208,6 +246,8 @@ class Relay:
         self._lock = threading.Lock()
         self.secret_reads = 0
         self.state_reads = 0
+        #: Decisions by audit outcome (relayed, denied, ...), for the metrics.
+        self.decisions: Counter[str] = Counter()
         self.log = get_logger(component="relay")
 
     # -- deciding --------------------------------------------------------------------------------
@@ -221,11 +261,26 @@ class Relay:
         (:func:`check_target`, 400: it depends on the path alone, so it says nothing about the
         policy); the caller must have a route by that name (403, the same for relays that do
         not exist); the method must be one its routes allow (405 with ``Allow``: the method is
-        the route's, RFC 9110 §15.5.6); and the policy must allow the path (403).
+        the route's, RFC 9110 §15.5.6); and the policy must allow the path (403). A refusal
+        leaves its audit line (:meth:`_audit`); a permit's line is left by :meth:`forward`.
         """
+        started = time.perf_counter()
+        audit = _RelayAudit(method=method, path=target)
+        try:
+            return self._authorize(authorization, method, target, audit)
+        except Exception as error:
+            audit.failed(error)
+            self._audit(audit, started)
+            raise
+
+    def _authorize(
+        self, authorization: str | None, method: str, target: str, audit: _RelayAudit
+    ) -> RelayPermit:
         caller = self.verifier.verify_authorization(authorization)
+        audit.caller = caller.email
         check_target(target)
         name, _, path = target.partition("/")
+        audit.relay = name
         routes = self._routes_for(caller.email, name)
         if not routes:
             raise PolicyDenied(RELAY_DENIED)
@@ -269,8 +324,32 @@ class Relay:
         query string (no ``?``). Before anything is read from a store: the query's form and
         method overrides (400). Then the connection's status (409, or 403 once removed), the
         credential, the request as sent. The answer keeps the provider's status (a 3xx
-        included) and its allow-listed headers, scrubbed.
+        included) and its allow-listed headers, scrubbed. One audit line either way.
         """
+        started = time.perf_counter()
+        audit = _RelayAudit(
+            caller=permit.caller.email, relay=permit.route.name,
+            connection=permit.route.connection, method=permit.method, path=permit.path,
+        )  # fmt: skip
+        try:
+            answer = await self._forward(permit, query=query, headers=headers, body=body)
+        except Exception as error:
+            audit.failed(error)
+            raise
+        else:
+            audit.outcome, audit.status = "relayed", answer.status
+        finally:
+            self._audit(audit, started)
+        return answer
+
+    async def _forward(
+        self,
+        permit: RelayPermit,
+        *,
+        query: str | None,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+    ) -> HttpResponse:
         route = permit.route
         if len(body) > route.max_body_bytes:
             raise BadRequest(f"request body larger than {route.max_body_bytes} bytes")
@@ -288,23 +367,9 @@ class Relay:
         try:
             answer = await self.transport.send(outbound)
         except TransportError as error:
-            self.log.warning(
-                "relay got no answer",
-                caller=permit.caller.email,
-                route=route.name,
-                connection=route.connection,
-                error=error.message,
-            )
             raise CredentialUnavailable(f"provider {error.message}", retry_after=5) from None
         unscannable = _unscannable(answer)
         if unscannable is not None:
-            self.log.warning(
-                "relay refused an answer it cannot scrub",
-                caller=permit.caller.email,
-                route=route.name,
-                connection=route.connection,
-                reason=unscannable,
-            )
             raise CredentialUnavailable(
                 f"provider answered in {unscannable} the relay cannot scrub", retry_after=5
             )
@@ -316,16 +381,33 @@ class Relay:
                            credential.client_secret)
             if secret is not None
         ]  # fmt: skip
-        scrubbed = _scrubbed(answer, [*injected, *known])
-        self.log.info(
-            "relayed",
-            caller=permit.caller.email,
-            route=route.name,
-            connection=route.connection,
-            method=permit.method,
-            status=answer.status,
-        )
-        return scrubbed
+        return _scrubbed(answer, [*injected, *known])
+
+    def _audit(self, audit: _RelayAudit, started: float) -> None:
+        """The decision's line, as ``/token``'s (docs/issuer.md, "Audit"): who asked, which
+        relay, connection, method and path, the outcome and its reason, the provider's status,
+        and how long it took -- never credential material (error messages are built from
+        codes and ids). Counted in ``decisions`` for the metrics."""
+        self.decisions[audit.outcome] += 1
+        fields: dict[str, object] = {
+            "outcome": audit.outcome,
+            "caller": audit.caller,
+            "relay": audit.relay,
+            "connection": audit.connection,
+            "method": audit.method[:16],
+            "path": audit.path[:200],
+            "status": audit.status,
+            "reason": audit.reason,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if audit.detail is not None:
+            fields["detail"] = audit.detail[:300]
+        if audit.outcome == "relayed":
+            self.log.info("relay decision", **fields)
+        elif audit.outcome == "error":
+            self.log.error("relay decision", **fields)
+        else:
+            self.log.warning("relay decision", **fields)
 
     def _outbound(
         self,

@@ -51,6 +51,7 @@ from tokenbroker.kernel.errors import (
     NeedsReauth,
     PolicyDenied,
     StoreUnavailable,
+    TokenBrokerError,
     TransportError,
 )
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
@@ -1023,6 +1024,51 @@ def test_nothing_the_relay_holds_prints_a_secret(
         for secret in (SIGE_TOKEN, OMIE_SECRET, CRM_TOKEN):
             # Ten characters: the test secrets hold words ("header") that reprs hold too.
             assert not recoverable(text, secret, window=10), text
+
+
+def test_every_relay_decision_leaves_one_audit_line(
+    recorded: tuple[World, RecordingTransport],
+) -> None:
+    """Issue 9: refusals left no trace. One ``relay decision`` line per request, as ``/token``
+    has, whatever the outcome; never credential material."""
+    world, transport = recorded
+    transport.script.append(HttpResponse(404, b"{}", {"content-type": "application/json"}))
+    transport.script.append(TransportError("unreachable: ClientConnectorError"))
+    calls: list[tuple[str, str, str | None, str]] = [
+        ("GET", "sige/pedidos/", bearer(BILLING), "relayed"),  # the provider's 404 is relayed
+        ("GET", "sige/pedidos/", None, "unauthenticated"),
+        ("GET", "sige/pedidos/", bearer(STRANGER), "denied"),
+        ("GET", "sige/..;/admin", bearer(BILLING), "bad_request"),
+        ("DELETE", "sige/pedidos/", bearer(BILLING), "method_not_allowed"),
+        ("GET", "sige/pedidos/", bearer(BILLING), "unavailable"),
+    ]
+    with capture_logs() as logs:
+        for method, target, authorization, _ in calls:
+            with contextlib.suppress(TokenBrokerError):
+                relay(world, method, target, authorization=authorization)
+        world.registry.set_enabled("sige", False)
+        with contextlib.suppress(TokenBrokerError):
+            relay(world, "GET", "sige/pedidos/")
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    decisions = [line for line in lines if line["message"] == "relay decision"]
+    assert [d["outcome"] for d in decisions] == [c[3] for c in calls] + ["refused"]
+    relayed, unauthenticated, denied, bad, not_allowed, unavailable, refused = decisions
+    assert (relayed["caller"], relayed["relay"], relayed["connection"]) == (BILLING, "sige", "sige")
+    assert (relayed["status"], relayed["severity"], relayed["reason"]) == (404, "INFO", None)
+    assert relayed["latency_ms"] >= 0 and relayed["path"] == "pedidos/"
+    assert unauthenticated["caller"] is None and unauthenticated["reason"] == "invalid_token"
+    assert (denied["caller"], denied["reason"]) == (STRANGER, "access_denied")
+    assert bad["reason"] == "invalid_request" and "path not allowed" in bad["detail"]
+    assert not_allowed["method"] == "DELETE"
+    assert "unreachable" in unavailable["detail"]
+    assert refused["reason"] == "needs_reauth" and "disabled" in refused["detail"]
+    assert all(d["severity"] == "WARNING" for d in decisions[1:])
+    assert world.relay.decisions == {
+        "relayed": 1, "unauthenticated": 1, "denied": 1, "bad_request": 1,
+        "method_not_allowed": 1, "unavailable": 1, "refused": 1,
+    }  # fmt: skip
+    for secret in (SIGE_TOKEN, OMIE_SECRET, CRM_TOKEN):
+        assert not recoverable(logs.getvalue(), secret, window=10)
 
 
 def test_an_outbound_request_does_not_print_what_it_carries() -> None:
