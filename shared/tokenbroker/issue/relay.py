@@ -265,7 +265,8 @@ class Relay:
         leaves its audit line (:meth:`_audit`); a permit's line is left by :meth:`forward`.
         """
         started = time.perf_counter()
-        audit = _RelayAudit(method=method, path=target)
+        name, _, path = target.partition("/")
+        audit = _RelayAudit(relay=name[:64], method=method, path=path)
         try:
             return self._authorize(authorization, method, target, audit)
         except Exception as error:
@@ -280,7 +281,6 @@ class Relay:
         audit.caller = caller.email
         check_target(target)
         name, _, path = target.partition("/")
-        audit.relay = name
         routes = self._routes_for(caller.email, name)
         if not routes:
             raise PolicyDenied(RELAY_DENIED)

@@ -1059,6 +1059,7 @@ def test_every_relay_decision_leaves_one_audit_line(
     assert unauthenticated["caller"] is None and unauthenticated["reason"] == "invalid_token"
     assert (denied["caller"], denied["reason"]) == (STRANGER, "access_denied")
     assert bad["reason"] == "invalid_request" and "path not allowed" in bad["detail"]
+    assert (bad["relay"], bad["path"]) == ("sige", "..;/admin")
     assert not_allowed["method"] == "DELETE"
     assert "unreachable" in unavailable["detail"]
     assert refused["reason"] == "needs_reauth" and "disabled" in refused["detail"]
