@@ -5,19 +5,22 @@ and a relay to a local provider API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
 
 from tests.support.iamcredentials_server import IamCredentialsTestServer
+from tests.support.leaks import b64, recoverable
 from tests.support.oidc import (
     CC_POST_ID,
     CC_POST_SECRET,
@@ -34,8 +37,9 @@ from tests.system.helpers import (
     schemathesis_run,
     tick,
 )
-from tests.system.processes import REPO, functions_framework
+from tests.system.processes import BIN, REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
+from tokenbroker.entrypoints.compose import Runtime
 from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 
@@ -66,11 +70,41 @@ class ProviderApi(BaseHTTPRequestHandler):
             self.send_header("Location", "https://evil.example/steal")
             self.end_headers()
             return
+        if "/leak" in self.path:
+            self._leak(json.loads(body or b"{}").get("app_secret", ""))
+            return
         payload = json.dumps({"ok": True, "echo": body.decode(errors="replace")}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Set-Cookie", "session=abc")
         self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _leak(self, secret: str) -> None:
+        """Echo the injected secret in every header and encoding a careless provider might."""
+        basic = "Basic " + b64("user:" + secret)
+        echo = {
+            "raw": secret,
+            "basic": basic,
+            "b64url": b64(secret, url=True, pad=False),
+            "hex": secret.encode().hex(),
+            "percent": quote(secret, safe=""),
+            "nested": json.dumps({"token": secret}),
+        }
+        payload = json.dumps(echo).encode()
+        self.send_response(401)
+        for name, value in (
+            ("Content-Type", "application/json"),
+            ("X-Debug-Token", secret),
+            ("Set-Cookie", f"session={secret}"),
+            ("WWW-Authenticate", f'Bearer error="invalid_token", token="{secret}"'),
+            ("Location", f"https://api.provider.test/cb?token={quote_plus(secret)}"),
+            ("Link", f"<https://api.provider.test/p?auth={quote(basic, safe='')}>; rel=next"),
+            ("Authorization", basic),
+            ("Content-Length", str(len(payload))),
+        ):
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
 
@@ -87,6 +121,11 @@ class Deployment:
     iam: IamCredentialsTestServer
     provider_url: str
     state_dir: Path
+    encryption_key: str
+
+    def runtime(self) -> Runtime:
+        """The deployment's stores, opened from this process (as the CLI opens them)."""
+        return embedded_runtime(self.state_dir, encryption_key=Secret(self.encryption_key))
 
     def id_token(self, email: str = WORKER, **overrides: Any) -> str:
         jwk = signing_jwks()["keys"][0]
@@ -211,7 +250,7 @@ body_fields = {{ app_key = "client_id", app_secret = "client_secret" }}
     }
     try:
         with functions_framework("issue", SOURCE, env, name="issuer", asgi=True) as url:
-            yield Deployment(url, oidc_server, iam, provider_url, state_dir)
+            yield Deployment(url, oidc_server, iam, provider_url, state_dir, key)
     finally:
         provider.shutdown()
         iam.stop()
@@ -361,14 +400,193 @@ def test_relay_injects_the_credential_and_refuses_what_the_policy_does_not_list(
             method, f"{deployment.url}/relay/{path}", json={}, headers=headers, timeout=30
         ).status_code
 
-    assert relay("GET", "omie/geral/clientes/") == 403  # method not listed
+    assert relay("GET", "omie/geral/clientes/") == 405  # method not listed: the route's
     assert relay("POST", "omie/financas/contas/") == 403  # path prefix not listed
-    assert relay("POST", "omie/geral/clientes/%2e%2e/%2e%2e/admin") == 403
-    assert relay("POST", "omie/geral/clientes/..%2f..%2fadmin") == 403
+    assert relay("POST", "omie/geral/clientes/%2e%2e/%2e%2e/admin") == 400  # a trick
+    assert relay("POST", "omie/geral/clientes/..%2f..%2fadmin") == 400
     assert relay("POST", "nope/geral/clientes/") == 403
     worker = {"Authorization": f"Bearer {deployment.id_token(WORKER)}"}
     assert relay("POST", "omie/geral/clientes/", worker) == 403  # caller not on the route
     assert relay("POST", "omie/geral/clientes/", {}) == 401
+
+
+OMIE_SECRET = "omie-app-secret-XYZ987"
+
+
+def _whole(response: httpx.Response) -> str:
+    """Everything the caller receives: status line, every header, the body."""
+    lines = [f"{response.http_version} {response.status_code} {response.reason_phrase}"]
+    lines += [f"{k}: {v}" for k, v in response.headers.multi_items()]
+    return "\n".join(lines) + "\n\n" + response.text
+
+
+def _raw_request(url: str, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One request with ``target`` on the request line byte for byte (httpx would normalise
+    dot segments), and the answer's status and body."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in {**headers, "Content-Type": "application/json"}.items():
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", "2")
+        connection.endheaders(b"{}")
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_relay_answers_never_carry_the_injected_secret(deployment: Deployment) -> None:
+    """Issue 9: an echo of the injected credential in a response header, or encoded, reached
+    the caller. Through the deployed function: nothing of it in status, headers or body."""
+    response = httpx.post(
+        f"{deployment.url}/relay/omie/geral/clientes/leak", json={"call": "x"},
+        headers={"Authorization": f"Bearer {deployment.id_token(BILLING)}"}, timeout=30,
+    )  # fmt: skip
+    assert response.status_code == 401  # the provider's status, as it was
+    assert json.loads(ProviderApi.received[-1]["body"])["app_secret"] == OMIE_SECRET
+    whole = _whole(response)
+    assert not recoverable(whole, OMIE_SECRET), whole
+    assert "omie-app-key-123" not in whole
+    names = {k.lower() for k, _ in response.headers.multi_items()}
+    assert not names & {"x-debug-token", "set-cookie", "www-authenticate", "authorization"}
+    assert response.headers["location"] == "https://api.provider.test/cb?token=[REDACTED]"
+    assert response.json()["raw"] == "[REDACTED]"
+
+
+@pytest.mark.parametrize(
+    "trick",
+    [
+        "..;/admin", "x;jsessionid=abc", "%2e%2e/%2e%2e/admin", ".%2e/admin", "..%2fadmin",
+        "a%5cb", "a%00b", "a%09b", "%252e%252e/admin", "%ef%bc%8e%ef%bc%8e/admin",
+        "%c0%ae%c0%ae/admin", "../../admin", "./x", "a//b", "a%3bb",
+    ],
+)  # fmt: skip
+def test_relay_path_tricks_are_a_400_on_the_live_server(deployment: Deployment, trick: str) -> None:
+    before = len(ProviderApi.received)
+    status, body = _raw_request(
+        deployment.url, "POST", f"/relay/omie/geral/clientes/{trick}",
+        {"Authorization": f"Bearer {deployment.id_token(BILLING)}"},
+    )  # fmt: skip
+    assert status == 400, (trick, body)
+    error = json.loads(body)
+    assert error["error"] == "invalid_request"
+    assert set(error) == {"error", "error_description"}
+    assert len(ProviderApi.received) == before  # nothing reached the provider
+
+
+def test_a_relay_path_with_an_encoded_line_break_goes_nowhere(deployment: Deployment) -> None:
+    """functions-framework's own router does not match a path whose decoded form holds a line
+    break and answers a plain 404 before the issuer sees it: not OAuth-style, but nothing is
+    relayed either."""
+    before = len(ProviderApi.received)
+    status, _ = _raw_request(
+        deployment.url, "POST", "/relay/omie/geral/clientes/a%0d%0aX:%20y",
+        {"Authorization": f"Bearer {deployment.id_token(BILLING)}"},
+    )  # fmt: skip
+    assert status in {400, 404}
+    assert len(ProviderApi.received) == before
+
+
+def test_relay_method_is_the_routes(deployment: Deployment) -> None:
+    bearer = {"Authorization": f"Bearer {deployment.id_token(BILLING)}"}
+    before = len(ProviderApi.received)
+    for method in ("GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+        response = httpx.request(
+            method, f"{deployment.url}/relay/omie/geral/clientes/", headers=bearer, timeout=30
+        )
+        assert (response.status_code, response.headers["allow"]) == (405, "POST"), method
+    override = httpx.post(
+        f"{deployment.url}/relay/omie/geral/clientes/?_method=DELETE", json={}, headers=bearer,
+        timeout=30,
+    )  # fmt: skip
+    assert override.status_code == 400
+    assert len(ProviderApi.received) == before
+
+
+def test_relay_status_is_live(deployment: Deployment) -> None:
+    """Issue 9: ``tokenbroker disable`` did not stop the relay (its credential cache never looked
+    at the status). With the real CLI against the deployment's state: disabling, needing
+    re-authorisation, removal and rotation each take effect on the very next request."""
+    import os
+    import subprocess
+
+    from tokenbroker.kernel.model import ConnectionStatus
+
+    env = {
+        **os.environ, "TOKENBROKER_STATE_DIR": str(deployment.state_dir),
+        "TOKENBROKER_ENCRYPTION_KEY": deployment.encryption_key,
+    }  # fmt: skip
+
+    def cli(*args: str, **extra: str) -> None:
+        result = subprocess.run(
+            [str(BIN / "tokenbroker"), *args], env={**env, **extra}, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert OMIE_SECRET not in result.stdout + result.stderr
+
+    def relay() -> httpx.Response:
+        return httpx.post(
+            f"{deployment.url}/relay/omie/geral/clientes/", json={"call": "x"},
+            headers={"Authorization": f"Bearer {deployment.id_token(BILLING)}"}, timeout=30,
+        )  # fmt: skip
+
+    def sent_secret() -> str:
+        return str(json.loads(ProviderApi.received[-1]["body"])["app_secret"])
+
+    assert relay().status_code == 200  # the credential is cached now
+    try:
+        cli("disable", "omie")
+        refused = relay()
+        assert (refused.status_code, refused.json()["error"]) == (409, "needs_reauth")
+        cli("enable", "omie")
+        assert relay().status_code == 200
+
+        runtime = embedded_runtime(
+            deployment.state_dir, encryption_key=Secret(deployment.encryption_key)
+        )
+        try:
+            record = runtime.state.get("omie")
+            runtime.state.put_state(
+                "omie", replace(record.state, status=ConnectionStatus.NEEDS_REAUTH)
+            )
+            assert relay().status_code == 409
+            runtime.state.put_state("omie", record.state)
+        finally:
+            runtime.close()
+        assert relay().status_code == 200
+
+        cli("reauth", "omie", "--client-secret-env", "S", S="omie-rotated-secret-42")
+        assert relay().status_code == 200
+        assert sent_secret() == "omie-rotated-secret-42"  # no cache period to wait out
+
+        cli("remove", "omie", "--yes")
+        gone = relay()
+        assert (gone.status_code, gone.json()["error"]) == (403, "access_denied")
+    finally:
+        runtime = embedded_runtime(
+            deployment.state_dir, encryption_key=Secret(deployment.encryption_key)
+        )
+        try:
+            reg = registry(runtime)
+            with contextlib.suppress(Exception):
+                reg.remove("omie")
+            reg.register(
+                Connection(
+                    id="omie", profile="generic", grant=GrantType.STATIC,
+                    client_id="omie-app-key-123",
+                ),
+                Credential(client_secret=Secret(OMIE_SECRET)),
+            )  # fmt: skip
+        finally:
+            runtime.close()
+    assert relay().status_code == 200
+    assert sent_secret() == OMIE_SECRET
 
 
 @pytest.mark.parametrize(
