@@ -187,8 +187,11 @@ class _Audit:
 @dataclass
 class _Cached:
     token: IssuedToken
+    #: The credential version it came from (``None``: minted, none used) and the
+    #: registration it was made for: served only while the state still names both (versions
+    #: start again at 1 when a connection is removed and registered again).
     version: int | None
-    checked_at: datetime
+    connection: Connection
 
 
 class TokenIssuer:
@@ -310,13 +313,17 @@ class TokenIssuer:
         now = self.clock.now()
         min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
         cached = self._cached(key, now, min_ttl)
-        if cached is not None and cached.version in (None, record.state.current_version):
+        if (
+            cached is not None
+            and cached.version in (None, record.state.current_version)
+            and cached.connection == record.connection
+        ):
             self.issued += 1
             audit.outcome, audit.token = "cache_hit", cached.token
             return cached.token
         token, version = await self._produce(record, scopes, grant, now, min_ttl)
         with self._lock:
-            self._cache[key] = _Cached(token, version, now)
+            self._cache[key] = _Cached(token, version, record.connection)
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

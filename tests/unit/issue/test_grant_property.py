@@ -70,45 +70,72 @@ class Minter:
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.count = 0
+        #: Minted token value -> the service account it was minted for.
+        self.minted_for: dict[str, str] = {}
 
     async def generate_access_token(
         self,
-        service_account: str,  # noqa: ARG002 - one service account here
+        service_account: str,
         scopes: Any,  # noqa: ARG002 - the issuer's to choose; the oracle checks them
         lifetime_seconds: int,
     ) -> MintedToken:
         self.count += 1
-        return MintedToken(
-            Secret(f"minted-{self.count}"), self.clock.now() + timedelta(seconds=lifetime_seconds)
-        )
+        value = f"minted-{self.count}"
+        self.minted_for[value] = service_account
+        return MintedToken(Secret(value), self.clock.now() + timedelta(seconds=lifetime_seconds))
 
 
-def _world(grants: list[Grant]) -> tuple[TokenIssuer, FakeClock, MemoryStateStore, Any]:
+def register(
+    registry: ConnectionRegistry, server: FakeTokenServer, clock: FakeClock, cid: str, n: int
+) -> None:
+    """Registration ``n`` of connection ``cid`` (each with its own token or service account)."""
+    now = clock.now()
+    if cid == "crm":
+        registry.register(
+            Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
+                       client_id="client", token_url="https://idp.test/token"),
+            Credential(refresh_token=Secret(server.seed_refresh_token()),
+                       client_secret=Secret("client-secret"), access_token=Secret(f"AT-CRM-{n}"),
+                       obtained_at=now, expires_at=now + timedelta(hours=8), scope=("all",)),
+        )  # fmt: skip
+    elif cid == "gmail":
+        registry.register(
+            Connection(id="gmail", profile="google", grant=GrantType.REFRESH_TOKEN,
+                       client_id="client", scopes=SCOPES, token_url="https://google.test/token"),
+            Credential(refresh_token=Secret(server.seed_refresh_token(scope=" ".join(SCOPES))),
+                       client_secret=Secret("client-secret"),
+                       access_token=Secret(f"AT-GMAIL-{n}"), obtained_at=now,
+                       expires_at=now + timedelta(hours=8), scope=SCOPES),
+        )  # fmt: skip
+    else:
+        registry.register(
+            Connection(id="reports", profile="google", grant=GrantType.IMPERSONATION,
+                       scopes=SCOPES,
+                       params={"service_account": f"r{n}@p.iam.gserviceaccount.com"}),
+            Credential(),
+        )  # fmt: skip
+
+
+@dataclass
+class PropertyWorld:
+    issuer: TokenIssuer
+    clock: FakeClock
+    state: MemoryStateStore
+    secrets: MemorySecretStore
+    registry: ConnectionRegistry
+    server: FakeTokenServer
+    minter: Minter
+
+
+def _world(grants: list[Grant]) -> PropertyWorld:
     clock = FakeClock()
     secrets, state = MemorySecretStore(), MemoryStateStore()
     server = FakeTokenServer(rotate=False)
     profiles = load_profiles()
     registry = ConnectionRegistry(secrets=secrets, state=state, profiles=profiles, clock=clock)
-    now = clock.now()
-    registry.register(
-        Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
-                   client_id="client", token_url="https://idp.test/token"),
-        Credential(refresh_token=Secret(server.seed_refresh_token()),
-                   client_secret=Secret("client-secret"), access_token=Secret("AT-CRM"),
-                   obtained_at=now, expires_at=now + timedelta(hours=8), scope=("all",)),
-    )  # fmt: skip
-    registry.register(
-        Connection(id="gmail", profile="google", grant=GrantType.REFRESH_TOKEN,
-                   client_id="client", scopes=SCOPES, token_url="https://google.test/token"),
-        Credential(refresh_token=Secret(server.seed_refresh_token(scope=" ".join(SCOPES))),
-                   client_secret=Secret("client-secret"), access_token=Secret("AT-GMAIL"),
-                   obtained_at=now, expires_at=now + timedelta(hours=8), scope=SCOPES),
-    )  # fmt: skip
-    registry.register(
-        Connection(id="reports", profile="google", grant=GrantType.IMPERSONATION,
-                   scopes=SCOPES, params={"service_account": "r@p.iam.gserviceaccount.com"}),
-        Credential(),
-    )  # fmt: skip
+    for cid in CONNECTIONS:
+        register(registry, server, clock, cid, 0)
+    minter = Minter(clock)
     text = "version = 1\n" + "\n".join(g.toml() for g in grants)
     issuer = TokenIssuer(
         verifier=FakeVerifier(),
@@ -116,12 +143,12 @@ def _world(grants: list[Grant]) -> tuple[TokenIssuer, FakeClock, MemoryStateStor
         state=state,
         secrets=secrets,
         profiles=profiles,
-        impersonator=Minter(clock),
+        impersonator=minter,
         endpoint=server,
         clock=clock,
         rng=random.Random(1),
     )
-    return issuer, clock, state, secrets
+    return PropertyWorld(issuer, clock, state, secrets, registry, server, minter)
 
 
 def _covering(grants: list[Grant], caller: str, connection: str, scope: str) -> list[int]:
@@ -178,6 +205,7 @@ step_strategy = st.one_of(
         st.sampled_from(CONNECTIONS),
         st.sampled_from((ConnectionStatus.ACTIVE,) * 3 + tuple(ConnectionStatus)),
     ),
+    st.tuples(st.just("register again"), st.sampled_from(CONNECTIONS)),
 )
 
 
@@ -186,7 +214,9 @@ step_strategy = st.one_of(
 def test_no_token_ever_exceeds_the_callers_grants(
     grants: list[Grant], steps: list[tuple[Any, ...]]
 ) -> None:
-    issuer, clock, state, _ = _world(grants)
+    world = _world(grants)
+    issuer, clock, state = world.issuer, world.clock, world.state
+    registrations = dict.fromkeys(CONNECTIONS, 0)
     for step in steps:
         if step[0] == "wait":
             clock.advance(step[1])
@@ -194,6 +224,14 @@ def test_no_token_ever_exceeds_the_callers_grants(
         if step[0] == "status":
             record = state.get(step[1])
             state.put_state(step[1], replace(record.state, status=step[2]))
+            continue
+        if step[0] == "register again":  # versions start again at 1
+            world.registry.remove(step[1])
+            # A registration is stamped with its time (created_at); an operator's remove and
+            # add are two moments, never one microsecond on a real clock.
+            clock.advance(1)
+            registrations[step[1]] += 1
+            register(world.registry, world.server, clock, step[1], registrations[step[1]])
             continue
         _, caller, connection, scopes, min_ttl = step
         body: dict[str, Any] = {"connection": connection}
@@ -208,6 +246,13 @@ def test_no_token_ever_exceeds_the_callers_grants(
         now = clock.now()
         lifetime = (token.expires_at - now).total_seconds()
         assert state.get(connection).state.status is ConnectionStatus.ACTIVE
+        # Always the current registration's: its own token, or one minted for its account.
+        current = state.get(connection).connection
+        value = token.access_token.reveal()
+        if connection == "reports":
+            assert world.minter.minted_for[value] == current.params["service_account"], step
+        elif value.startswith("AT-"):
+            assert value == world.secrets.get(connection).credential.access_token.reveal(), step
         full = _full(grants, caller, connection)
         if scopes is None and full:
             # The connection's own scope: only for a caller granted "*", and for no longer
@@ -228,12 +273,13 @@ def test_the_union_of_two_grants_never_lends_one_grants_lifetime_to_the_others_s
     """Found by the property above: a caller granted ``read`` for 60 s and ``send`` for an
     hour got a ``read`` token for an hour -- the policy merged the grants' lifetimes."""
     caller = CALLERS[0]
-    issuer, clock, _, _ = _world(
+    world = _world(
         [
             Grant((caller,), ("gmail",), ("read",), 60),
             Grant((caller,), ("gmail",), ("send",), 3600),
         ]
     )
+    issuer, clock = world.issuer, world.clock
     read = asyncio.run(
         issuer.issue(f"Bearer {caller}", b'{"connection": "gmail", "scopes": ["read"]}')
     )
@@ -252,12 +298,13 @@ def test_a_short_full_scope_grant_beside_a_long_scoped_one_keeps_its_own_lifetim
     connection: str,
 ) -> None:
     caller = CALLERS[0]
-    issuer, clock, _, _ = _world(
+    world = _world(
         [
             Grant((caller,), (connection,), ("*",), 60),
             Grant((caller,), (connection,), ("read",), 3600),
         ]
     )
+    issuer, clock = world.issuer, world.clock
     token = asyncio.run(
         issuer.issue(f"Bearer {caller}", json.dumps({"connection": connection}).encode())
     )

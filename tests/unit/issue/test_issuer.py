@@ -599,3 +599,28 @@ def test_a_provider_refusing_a_narrowed_scope_is_invalid_scope_not_a_503(world: 
         world.issue({"connection": "gmail", "scopes": ["drive"]})
     answer = http_answer(caught.value, public=True)
     assert (answer.status, answer.body["error"]) == (400, "invalid_scope")
+
+
+def test_a_connection_removed_and_registered_again_is_never_served_the_old_token(
+    world: World,
+) -> None:
+    """Versions start again at 1 when a connection is removed and registered again, so a
+    cache entry tied to the version alone served the old registration's token (found on the
+    relay by its property test). Entries are tied to the registration itself."""
+    old = world.issue({"connection": "crm"})
+    registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=load_profiles(), clock=world.clock
+    )
+    registry.remove("crm")
+    world.clock.advance(1)
+    now = world.clock.now()
+    registry.register(
+        Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
+                   client_id="client", token_url="https://idp.test/token"),
+        Credential(refresh_token=Secret(world.server.seed_refresh_token()),
+                   client_secret=Secret("client-secret"), access_token=Secret("AT-NEW-REG"),
+                   obtained_at=now, expires_at=now + timedelta(hours=1), scope=("all",)),
+    )  # fmt: skip
+    assert world.state.get("crm").state.current_version == 1
+    fresh = world.issue({"connection": "crm"})
+    assert fresh.access_token == Secret("AT-NEW-REG") != old.access_token
