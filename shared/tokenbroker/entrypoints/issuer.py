@@ -16,7 +16,6 @@ front end verified, else ``Authorization`` (docs/issuer.md, *Caller identity*).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
@@ -149,13 +148,7 @@ async def _relay_route(request: Request) -> Response:
     raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
     target = raw_path.partition(b"?")[0].decode("latin-1").removeprefix("/relay/")
     authorization = relay.verifier.select_authorization(request.scope["headers"])
-    # Verified here first, off the event loop when keys must be fetched (issue 9); the relay's
-    # own synchronous check below then answers from the verified-token cache, and decides: a
-    # refusal here is left for it to raise (the fetch just done, or its rate limit, means it
-    # does no I/O either).
-    with contextlib.suppress(TokenBrokerError):
-        await relay.verifier.averify_authorization(authorization)
-    permit = relay.authorize(authorization, request.method, target)
+    permit = await relay.authorize(authorization, request.method, target)
     body = await read_body(request, permit.max_body_bytes)
     query: bytes = request.scope.get("query_string") or b""
     answer = await relay.forward(

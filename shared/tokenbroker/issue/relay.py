@@ -252,7 +252,7 @@ class Relay:
 
     # -- deciding --------------------------------------------------------------------------------
 
-    def authorize(self, authorization: str | None, method: str, target: str) -> RelayPermit:
+    async def authorize(self, authorization: str | None, method: str, target: str) -> RelayPermit:
         """Who is calling and which route serves ``method`` on ``target``, or the refusal.
 
         ``target`` is the raw (percent-encoded) request path below ``/relay/``:
@@ -268,17 +268,15 @@ class Relay:
         name, _, path = target.partition("/")
         audit = _RelayAudit(relay=name[:64], method=method, path=path)
         try:
-            return self._authorize(authorization, method, target, audit)
+            caller = await self.verifier.averify_authorization(authorization)  # keys off-loop
+            audit.caller = caller.email
+            return self._authorize(caller, method, target)
         except Exception as error:
             audit.failed(error)
             self._audit(audit, started)
             raise
 
-    def _authorize(
-        self, authorization: str | None, method: str, target: str, audit: _RelayAudit
-    ) -> RelayPermit:
-        caller = self.verifier.verify_authorization(authorization)
-        audit.caller = caller.email
+    def _authorize(self, caller: Caller, method: str, target: str) -> RelayPermit:
         check_target(target)
         name, _, path = target.partition("/")
         routes = self._routes_for(caller.email, name)
@@ -307,7 +305,7 @@ class Relay:
         body: bytes = b"",
     ) -> HttpResponse:
         """:meth:`authorize` then :meth:`forward`, for a request whose body is already read."""
-        permit = self.authorize(authorization, method, target)
+        permit = await self.authorize(authorization, method, target)
         return await self.forward(permit, query=query, headers=headers, body=body)
 
     async def forward(

@@ -717,7 +717,7 @@ def test_unknown_relays_and_strangers_are_refused_alike(
     messages = set()
     for target, caller in (("nope/geral/clientes/", BILLING), ("omie/geral/clientes/", STRANGER)):
         with pytest.raises(PolicyDenied) as caught:
-            world.relay.authorize(bearer(caller), "POST", target)
+            asyncio.run(world.relay.authorize(bearer(caller), "POST", target))
         messages.add(caught.value.message)
     assert messages == {RELAY_DENIED}
 
@@ -744,7 +744,7 @@ def test_a_body_over_the_routes_limit_is_refused_before_sending(
     recorded: tuple[World, RecordingTransport],
 ) -> None:
     world, transport = recorded
-    permit = world.relay.authorize(bearer(BILLING), "POST", "omie/geral/clientes/")
+    permit = asyncio.run(world.relay.authorize(bearer(BILLING), "POST", "omie/geral/clientes/"))
     assert permit.max_body_bytes == 4096
     with pytest.raises(BadRequest):
         run(world.relay.forward(permit, body=b"{" + b" " * 4096 + b"}"))
