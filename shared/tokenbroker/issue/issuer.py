@@ -31,12 +31,13 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+from tokenbroker.issue.live import LiveRecords, outcome_of, state_call
 from tokenbroker.issue.policy import IssuePolicy, TokenGrant
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
 from tokenbroker.kernel.errors import (
@@ -52,7 +53,6 @@ from tokenbroker.kernel.log import LineTemplate, get_logger
 from tokenbroker.kernel.model import (
     Connection,
     ConnectionRecord,
-    ConnectionStatus,
     Credential,
     GrantType,
     Lease,
@@ -159,17 +159,6 @@ class IssuedToken:
         }
 
 
-#: The audit outcome of each error code a decision can end in (anything else: unavailable).
-_OUTCOMES = {
-    "invalid_token": "unauthenticated",
-    "access_denied": "denied",
-    "invalid_request": "bad_request",
-    "invalid_scope": "bad_request",
-    "needs_reauth": "refused",
-    "temporarily_unavailable": "unavailable",
-}
-
-
 @dataclass
 class _Audit:
     """What one decision found out, filled in as it goes."""
@@ -229,10 +218,9 @@ class TokenIssuer:
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
         self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
-        #: The last state read of each connection, with the store's change marker taken just
-        #: before it: while the marker is unchanged, so is the record (status is live without
-        #: a state read per request).
-        self._records: dict[str, tuple[Hashable, ConnectionRecord]] = {}
+        #: Each connection's record as the store has it now (status is live, without a state
+        #: read per request while the store's change marker stands still).
+        self._records = LiveRecords(state, denied=DENIED, on_stop=self._forget)
         self.secret_reads = 0
         self.issued = 0
         #: Decisions by audit outcome (issued, cache_hit, denied, ...), for the metrics.
@@ -250,7 +238,7 @@ class TokenIssuer:
         try:
             token = await self._decide(authorization, body, audit)
         except TokenBrokerError as error:
-            audit.outcome, audit.reason = _OUTCOMES.get(error.code, "unavailable"), error.code
+            audit.outcome, audit.reason = outcome_of(error), error.code
             audit.detail = str(error)
             raise
         except Exception:
@@ -309,7 +297,7 @@ class TokenIssuer:
         audit.max_lifetime = grant.max_lifetime_seconds
         scopes = grant.scopes
         key = grant
-        record = await self._live(request.connection)
+        record = await self._records.get(request.connection)
         now = self.clock.now()
         min_ttl = timedelta(seconds=request.min_ttl_seconds or 0)
         cached = self._cached(key, now, min_ttl)
@@ -364,43 +352,6 @@ class TokenIssuer:
         if now >= entry.token.refresh_after or entry.token.expires_at - now < min_ttl:
             return None
         return entry
-
-    async def _live(self, connection_id: str) -> ConnectionRecord:
-        """The connection's record as the store has it now, refused unless active: read
-        again whenever the store's change marker moved since the last read (every request on
-        a store without a cheap marker), so a disable, a removal, a needs_reauth or a
-        rotation counts from the next request on -- never after a cache TTL."""
-        import asyncio  # noqa: PLC0415
-
-        marker = self.state.change_marker()  # before the read: a change during it shows
-        seen = self._records.get(connection_id)
-        if seen is None or seen[0] != marker:
-            try:
-                record = await asyncio.to_thread(self.state.get, connection_id)
-            except NotFound:
-                self._records.pop(connection_id, None)
-                self._forget(connection_id)
-                raise PolicyDenied(DENIED) from None  # as for any ungranted connection
-            except TokenBrokerError as error:
-                if error.retryable:
-                    raise CredentialUnavailable(
-                        f"state store unavailable ({error.code})", retry_after=5
-                    ) from None
-                raise
-            if len(self._records) >= 4096:
-                self._records.clear()
-            seen = self._records[connection_id] = (marker, record)
-        record = seen[1]
-        status = record.state.status
-        if status is not ConnectionStatus.ACTIVE:
-            self._forget(connection_id)
-            what = (
-                "needs re-authorisation"
-                if status is ConnectionStatus.NEEDS_REAUTH
-                else "is disabled"
-            )
-            raise NeedsReauth(f"connection {connection_id!r} {what}")
-        return record
 
     def _forget(self, connection_id: str) -> None:
         """Drop the connection's cached tokens: none is served again once it stopped."""
@@ -579,18 +530,10 @@ class TokenIssuer:
     async def _lease(self, connection_id: str, now: datetime) -> Lease:
         """The connection's lease for one narrowing refresh, or why not: a refresh is in
         flight (503, retry shortly), or the connection is not active (status is law)."""
-        import asyncio  # noqa: PLC0415
 
-        try:
-            batch = await asyncio.to_thread(
-                self.state.claim, [connection_id], now, holder=self.holder, ttl=self.lease_ttl
-            )
-        except TokenBrokerError as error:
-            if error.retryable:
-                raise CredentialUnavailable(
-                    f"state store unavailable ({error.code})", retry_after=5
-                ) from None
-            raise
+        batch = await state_call(
+            lambda: self.state.claim([connection_id], now, holder=self.holder, ttl=self.lease_ttl)
+        )
         if batch.claims:
             return batch.claims[0].lease
         if batch.missing:

@@ -46,12 +46,13 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
+from tokenbroker.issue.live import LiveRecords, outcome_of
 from tokenbroker.issue.policy import (
     MAX_RELAY_PATH_CHARS,
     RELAY_DENIED,
@@ -64,7 +65,6 @@ from tokenbroker.kernel.errors import (
     BadRequest,
     CredentialUnavailable,
     MethodNotAllowed,
-    NeedsReauth,
     NotFound,
     PolicyDenied,
     TokenBrokerError,
@@ -77,7 +77,6 @@ from tokenbroker.kernel.model import (
     Caller,
     Connection,
     ConnectionRecord,
-    ConnectionStatus,
     Credential,
 )
 from tokenbroker.kernel.redact import MIN_KNOWN_VALUE_CHARS
@@ -151,16 +150,6 @@ class _CachedCredential:
     read_at: datetime
 
 
-#: Audit outcomes by wire code (as ``/token``'s); anything else is ``unavailable``.
-_OUTCOMES = {
-    "invalid_token": "unauthenticated",
-    "access_denied": "denied",
-    "invalid_request": "bad_request",
-    "needs_reauth": "refused",
-    "temporarily_unavailable": "unavailable",
-}
-
-
 @dataclass
 class _RelayAudit:
     """What one relay decision found out, filled in as it goes."""
@@ -180,7 +169,7 @@ class _RelayAudit:
         if isinstance(error, MethodNotAllowed):
             self.outcome, self.reason = "method_not_allowed", error.code
         elif isinstance(error, TokenBrokerError):
-            self.outcome, self.reason = _OUTCOMES.get(error.code, "unavailable"), error.code
+            self.outcome, self.reason = outcome_of(error), error.code
         else:
             self.outcome, self.reason = "error", "internal_error"
         if isinstance(error, TokenBrokerError):
@@ -240,12 +229,11 @@ class Relay:
             by_connection[route.connection] = (*by_connection.get(route.connection, ()), route)
         self._by_name = by_name
         self._by_connection = by_connection
-        #: The last record read per connection, with the store's change marker taken before.
-        #: Bounded by the policy: only connections its relays name are looked up.
-        self._records: dict[str, tuple[Hashable, ConnectionRecord]] = {}
+        #: Each connection's record as the store has it now (bounded by the policy: only the
+        #: connections its relays name are looked up).
+        self._records = LiveRecords(state, denied=RELAY_DENIED)
         self._lock = threading.Lock()
         self.secret_reads = 0
-        self.state_reads = 0
         #: Decisions by audit outcome (relayed, denied, ...), for the metrics.
         self.decisions: Counter[str] = Counter()
         self.log = get_logger(component="relay")
@@ -456,35 +444,18 @@ class Relay:
         )
         return request, injected
 
+    @property
+    def state_reads(self) -> int:
+        """State reads so far (a record read again only when the store changed)."""
+        return self._records.reads
+
     # -- the credential ----------------------------------------------------------------------------
 
     async def _record(self, connection_id: str) -> ConnectionRecord:
         """The connection's record as it is now: status is law, within one request (issue 9,
-        item 2). Read again (a state read, not a secret read) whenever the state store's
-        change marker moved since the last read -- on every request with a store that has no
-        cheap marker (Firestore) -- as the issuer does. A removed connection is refused as an
-        unknown relay is, as the issuer refuses it for ``/token``; a disabled one, or one that
-        needs re-authorisation, is a 409 ``needs_reauth`` as there."""
-        marker = self.state.change_marker()  # before the read: a change during it shows next
-        seen = self._records.get(connection_id)
-        if seen is None or seen[0] != marker:
-            try:
-                record = await asyncio.to_thread(self.state.get, connection_id)
-            except NotFound:
-                self._records.pop(connection_id, None)
-                raise PolicyDenied(RELAY_DENIED) from None
-            except TokenBrokerError as error:
-                if error.retryable:
-                    raise CredentialUnavailable("state store unavailable", retry_after=5) from None
-                raise
-            seen = self._records[connection_id] = (marker, record)
-            self.state_reads += 1
-        record = seen[1]
-        if record.state.status is ConnectionStatus.NEEDS_REAUTH:
-            raise NeedsReauth(f"connection {connection_id!r} needs re-authorisation")
-        if record.state.status is ConnectionStatus.DISABLED:
-            raise NeedsReauth(f"connection {connection_id!r} is disabled")
-        return record
+        item 2), as for ``/token`` (:class:`~tokenbroker.issue.live.LiveRecords`). A removed
+        connection is refused as an unknown relay is."""
+        return await self._records.get(connection_id)
 
     async def _credential(self, record: ConnectionRecord) -> Credential:
         """The current credential: from the cache only while the state still names the
