@@ -739,8 +739,13 @@ class IdTokenVerifier:
         the fetch run in a worker thread (``asyncio.to_thread``), and the verification then
         finishes with the key it brought. The rate limit and the failure backoff are the
         :class:`KeySet`'s, so a burst of made-up ``kid`` values still costs one fetch and the
-        rest are refused at once, without a thread each.
+        rest are refused at once, without a thread each. joserfc's first import (tens of ms;
+        :class:`_Jose`) happens in a worker thread too.
         """
+        if self._jose is None:
+            import asyncio  # noqa: PLC0415 - only the first call and the fetch path need it
+
+            await asyncio.to_thread(self._load_jose)
         try:
             return self._verify(token, self.keys.lookup)
         except KeysFetchNeeded as need:
