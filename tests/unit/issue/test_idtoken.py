@@ -1308,3 +1308,34 @@ def test_averify_loads_joserfc_off_the_event_loop(keys: KeySet, clock: FakeClock
     assert asyncio.run(verifier.averify(token)).email == CALLER.lower()  # a cache hit
     assert len(loaded_in) == 1
     assert loaded_in[0] != threading.main_thread().name
+
+
+class _NoJose:
+    """Stands in for joserfc where it must not be used: any use fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"joserfc used ({name})")
+
+
+def test_a_cache_hit_does_not_touch_joserfc(verifier: IdTokenVerifier, clock: FakeClock) -> None:
+    token = token_for(claims_at(clock))
+    first = verifier.verify(token)
+    verifier._jose = _NoJose()  # type: ignore[assignment]
+    assert verifier.verify(token) == first
+    assert asyncio.run(verifier.averify(token)) == first
+    assert verifier.cache_hits == 2
+
+
+def test_the_cheap_checks_refuse_before_joserfc_is_even_loaded(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    good = token_for(claims_at(clock))
+    for token, match in [
+        ("x" * 5000, "^token larger than"),
+        ("a.b", "^malformed token: expected three"),
+        ("a.b.c.d.e", "^malformed token: expected three"),  # a JWE's shape
+        (good.replace(".", "=.", 1), "^malformed token: not base64url$"),
+        (f"{b64url(b'{}' + b' ' * 1100)}.e30.c2ln", "^token header larger than 1024 bytes$"),
+    ]:
+        reject(verifier, token, match)
+    assert verifier._jose is None
