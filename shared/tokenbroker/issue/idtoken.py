@@ -49,7 +49,11 @@ RFC 7519 §7.2 (validating a JWT) and RFC 8725 (JWT Best Current Practices):
    the function), ``exp`` is in the
    future and ``iat`` not in the future (both within a small leeway), ``nbf`` if present has
    passed, the lifetime ``exp - iat`` is plausible (Google's are one hour), ``sub`` and
-   ``email`` are present and ``email_verified`` is true.
+   ``email`` are present and ``email_verified`` is true. These checks are ours, on claims
+   our decoder read from joserfc's verified payload, not joserfc's ``jwt.decode`` and
+   ``JWTClaimsRegistry``: that reads claims with ``json.loads`` (``NaN`` accepted) and has
+   neither Google's rules (the string ``"true"``, a maximum lifetime, an email) nor our
+   messages.
 
 Every failure raises :class:`~.errors.InvalidCallerToken` (HTTP 401 ``invalid_token``) with
 a fixed message naming the check -- joserfc's errors included, which are mapped, never passed
