@@ -51,7 +51,7 @@ RFC 7519 §7.2 (validating a JWT) and RFC 8725 (JWT Best Current Practices):
    passed, the lifetime ``exp - iat`` is plausible (Google's are one hour), ``sub`` and
    ``email`` are present and ``email_verified`` is true. These checks are ours, on claims
    our decoder read from joserfc's verified payload, not joserfc's ``jwt.decode`` and
-   ``JWTClaimsRegistry``: that reads claims with ``json.loads`` (``NaN`` accepted) and has
+   ``JWTClaimsRegistry``: that reads claims with plain ``json.loads`` by default and has
    neither Google's rules (the string ``"true"``, a maximum lifetime, an email) nor our
    messages.
 
