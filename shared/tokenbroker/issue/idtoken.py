@@ -52,8 +52,8 @@ RFC 7519 §7.2 (validating a JWT) and RFC 8725 (JWT Best Current Practices):
    ``email`` are present and ``email_verified`` is true. These checks are ours, on claims
    our decoder read from joserfc's verified payload, not joserfc's ``jwt.decode`` and
    ``JWTClaimsRegistry``: that reads claims with plain ``json.loads`` by default and has
-   neither Google's rules (the string ``"true"``, a maximum lifetime, an email) nor our
-   messages.
+   neither our Google-specific rules (``email_verified`` as the string ``"true"``, a maximum
+   lifetime) nor our messages.
 
 Every failure raises :class:`~.errors.InvalidCallerToken` (HTTP 401 ``invalid_token``) with
 a fixed message naming the check -- joserfc's errors included, which are mapped, never passed
