@@ -258,7 +258,8 @@ def _alg_none(oidc: OidcServer, _: KeySet) -> str:
 
 def _hs256_with_public_key(oidc: OidcServer, keys: KeySet) -> str:
     """HMAC keyed with the server's public key as its /jwks publishes it (as a PEM)."""
-    pem = keys.key_for(server_private_key()[1]).public_bytes(
+    # key_for answers joserfc keys; public_key is the cryptography object inside.
+    pem = keys.key_for(server_private_key()[1]).public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return _with_alg("HS256", oidc, lambda data: hmac.new(pem, data, hashlib.sha256).digest())

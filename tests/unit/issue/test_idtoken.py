@@ -6,6 +6,7 @@ same checks run end to end against oidc-provider in tests/system/test_idtoken_oi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -19,11 +20,15 @@ from typing import Any, ClassVar
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.support.oidc import rsa_public_jwk, sign_rs256
+from tests.support.oidc import rsa_private_jwk, rsa_public_jwk, sign_rs256
 from tokenbroker.issue.idtoken import (
     GOOGLE_ISSUERS,
+    SIGNATURE_REMOVED,
     Caller,
+    IdentityMode,
     IdTokenVerifier,
     JwksDocument,
     KeysDocumentError,
@@ -709,7 +714,8 @@ def test_jwks_parsing_keeps_only_rs256_signing_keys() -> None:
     ]
     keys = parse_jwks(json.dumps({"keys": entries}).encode())
     assert set(keys) == {"a", "no-use-no-alg", "ops-ok"}
-    assert keys["a"].public_numbers() == KEY_A.public_key().public_numbers()
+    # parse_jwks now returns joserfc keys; the cryptography key is their public_key.
+    assert keys["a"].public_key.public_numbers() == KEY_A.public_key().public_numbers()
     with pytest.raises(KeysDocumentError):
         parse_jwks(json.dumps({"keys": [rsa_public_jwk(small, "small")]}).encode())
 
@@ -972,3 +978,364 @@ def test_a_deeply_nested_token_segment_is_a_401_not_a_recursion_error(
             verifier.verify_authorization(f"Bearer {token}")
 
     nested(700)
+
+
+# --- where joserfc parses and verifies: what it does differently, and what we still decide --------
+#
+# joserfc reads the JWK set and the compact JWS and checks the RS256 signature; our pre-checks,
+# header rules and claim checks run around it. These pin the places where joserfc alone would
+# answer differently, and that every joserfc error still comes out as a fixed-message 401.
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def noncanonical(segment: str) -> str:
+    """The same bytes under a lenient decoder, but the unused low bits of the last character set:
+    RFC 4648 §3.5 canonical encodings leave them zero (joserfc's decoder insists)."""
+    assert len(segment) % 4 in (2, 3)
+    return segment[:-1] + _B64URL[_B64URL.index(segment[-1]) + 1]
+
+
+def misaligned(value: dict[str, Any], pad: str) -> dict[str, Any]:
+    """``value`` with a filler member making its base64url length not a multiple of four."""
+    for n in range(4):
+        candidate = value | {pad: "x" * n}
+        if len(b64json(candidate)) % 4:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def sign_input(signing_input: str, key: rsa.RSAPrivateKey = KEY_A) -> str:
+    signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+HEADER_A = {"alg": "RS256", "typ": "JWT", "kid": "key-a"}
+
+
+def platform_verifier(keys: KeySet, clock: FakeClock) -> IdTokenVerifier:
+    return IdTokenVerifier(audience=AUDIENCE, mode=IdentityMode.PLATFORM, keys=keys, clock=clock)
+
+
+def test_a_non_canonical_signature_encoding_is_refused(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    """The hand-written decoder took ``...x`` and ``...y`` as the same signature bytes, so one
+    token had several spellings; joserfc's strict base64url refuses all but the canonical."""
+    token = token_for(claims_at(clock))
+    signing_input, _, signature = token.rpartition(".")
+    reject(verifier, f"{signing_input}.{noncanonical(signature)}", "^token signature does not ")
+    assert verifier.verify(token).email == CALLER.lower()
+
+
+def test_a_non_canonical_payload_encoding_is_refused_even_when_signed(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    payload = noncanonical(b64json(misaligned(claims_at(clock), "pad")))
+    token = sign_input(f"{b64json(HEADER_A)}.{payload}")  # the signature covers these bytes
+    reject(verifier, token, "^malformed token payload$")
+
+
+def test_a_non_canonical_header_encoding_is_refused_even_when_signed(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    header = noncanonical(b64json(misaligned(HEADER_A, "x-pad")))
+    reject(
+        verifier, sign_input(f"{header}.{b64json(claims_at(clock))}"), "^malformed token header$"
+    )
+
+
+def test_segments_of_an_impossible_base64_length(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    """A length of 4k+1 cannot come from any bytes: header, payload and signature alike."""
+    header, payload = b64json(HEADER_A), b64json(claims_at(clock))
+    reject(verifier, sign_input(f"{header}.abcde"), "^malformed token payload$")
+    reject(verifier, f"{header}.{payload}.c2lnX", "^token signature does not verify$")
+    reject(verifier, f"abcdefghi.{payload}.c2ln", "^malformed token header$")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"alg":"none","alg":"RS256","kid":"key-a"}',  # joserfc alone would take the last
+        b'{"alg":"RS256","kid":"key-b","kid":"key-a"}',
+        '{"alg":"RS256","kid":"key-a"}'.encode("utf-16"),  # json.loads(bytes) would decode it
+        b'\xef\xbb\xbf{"alg":"RS256","kid":"key-a"}',  # a UTF-8 BOM, likewise
+        b'{"alg":"RS256","kid":"key-a","x":Infinity}',
+    ],
+)
+def test_headers_joserfc_would_read_are_refused_before_it_sees_them(
+    verifier: IdTokenVerifier, clock: FakeClock, header: bytes
+) -> None:
+    token = sign_input(f"{b64url(header)}.{b64json(claims_at(clock))}")
+    reject(verifier, token, "^malformed token header$")
+
+
+def test_unknown_header_members_are_ignored_as_rfc_7515_says(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    """RFC 7515 §4: parameters not understood are ignored unless listed in ``crit``. joserfc's
+    default registry refuses them; ours is built not to."""
+    for extra in ({"x-extra": 1}, {"foo": {"bar": []}}, {"cty": "JWT", "x5t": "abc"}):
+        assert verifier.verify(token_for(claims_at(clock), header=extra)).email == CALLER.lower()
+
+
+@pytest.mark.parametrize(
+    "extra", [{"cty": 5}, {"x5t": 7}, {"x5t#S256": ["a"]}, {"cty": None}, {"x5t": {"a": 1}}]
+)
+def test_registered_header_members_of_the_wrong_type_are_refused(
+    verifier: IdTokenVerifier, clock: FakeClock, extra: dict[str, Any]
+) -> None:
+    """joserfc's header registry checks the types of registered parameters (RFC 7515 §4.1)."""
+    reject(verifier, token_for(claims_at(clock), header=extra), "^malformed token header$")
+
+
+def test_an_rfc_7797_unencoded_payload_is_refused_by_name(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    """``b64: false`` listed in ``crit`` is a valid RFC 7797 JWS joserfc would verify over the
+    raw payload; we implement no extension and say which parameter stopped it."""
+    header = b64json(HEADER_A | {"b64": False, "crit": ["b64"]})
+    raw_payload = json.dumps(claims_at(clock), separators=(",", ":"))
+    signed = sign_input(f"{header}.{raw_payload}")
+    token = f"{header}.{b64url(raw_payload.encode())}.{signed.rpartition('.')[2]}"
+    reject(verifier, token, "^token header parameter 'crit' is not accepted$")
+
+
+def test_platform_mode_parses_the_unsigned_token_as_strictly(
+    keys: KeySet, clock: FakeClock, endpoint: FakeKeysEndpoint
+) -> None:
+    platform = platform_verifier(keys, clock)
+    header, payload = b64json(HEADER_A), b64json(misaligned(claims_at(clock), "pad"))
+    duplicate = b64url(b'{"alg":"RS256","alg":"RS256","kid":"k"}')
+    assert platform.verify(f"{header}.{payload}.{SIGNATURE_REMOVED}").email == CALLER.lower()
+    for token, match in [
+        (f"{header}.{noncanonical(payload)}.{SIGNATURE_REMOVED}", "^malformed token payload$"),
+        (f"{header}.abcde.{SIGNATURE_REMOVED}", "^malformed token payload$"),
+        (f"{b64url(b'{}')}.{payload}.{SIGNATURE_REMOVED}", "^token alg not allowed"),
+        (f"{duplicate}.{payload}.{SIGNATURE_REMOVED}", "^malformed token header$"),
+    ]:
+        reject(platform, token, match)
+    assert endpoint.calls == 0  # platform mode never needs the keys
+
+
+# --- the JWK set, read by joserfc -----------------------------------------------------------------
+
+
+def ec_public_jwk(kid: str) -> dict[str, Any]:
+    numbers = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+    return {
+        "kty": "EC",
+        "kid": kid,
+        "use": "sig",
+        "alg": "ES256",
+        "crv": "P-256",
+        "x": b64url(numbers.x.to_bytes(32, "big")),
+        "y": b64url(numbers.y.to_bytes(32, "big")),
+    }
+
+
+def test_a_key_set_with_ec_and_symmetric_keys_beside_the_rsa_one(clock: FakeClock) -> None:
+    """joserfc's ``KeySet.import_key_set`` would take every key type; we keep RSA signing keys
+    and skip the rest one by one, and a token naming an EC kid is an unknown kid."""
+    document = {
+        "keys": [
+            ec_public_jwk("ec-1"),
+            {"kty": "oct", "kid": "oct-1", "k": b64url(b"s" * 32)},
+            {"kty": "OKP", "kid": "okp-1", "crv": "Ed25519", "x": b64url(b"\x00" * 32)},
+            rsa_public_jwk(KEY_A, "key-a"),
+        ]
+    }
+    assert set(parse_jwks(json.dumps(document).encode())) == {"key-a"}
+    keys = KeySet(
+        CERTS_URL, fetch=lambda _: JwksDocument(json.dumps(document).encode()), clock=clock
+    )
+    verifier = IdTokenVerifier(audience=AUDIENCE, keys=keys, clock=clock)
+    assert verifier.verify(token_for(claims_at(clock))).email == CALLER.lower()
+    reject(verifier, token_for(claims_at(clock), kid="ec-1"), r"^token signed with an unknown key")
+    reject(verifier, token_for(claims_at(clock), kid="oct-1"), r"^token signed with an unknown key")
+
+
+@pytest.mark.parametrize(
+    "restriction",
+    [{"alg": "RS512"}, {"use": "enc"}, {"key_ops": ["encrypt"]}, {"alg": "PS256"}, {"use": "SIG"}],
+)
+def test_a_token_naming_a_key_not_meant_for_rs256_signatures(
+    clock: FakeClock, restriction: dict[str, Any]
+) -> None:
+    """The genuine key, signing genuinely, but published for another use: not a verification
+    key for us, so its kid is unknown (and joserfc would refuse it at verification too)."""
+    endpoint = FakeKeysEndpoint((KEY_A, "key-a"))
+    endpoint.jwks.append(rsa_public_jwk(KEY_B, "key-b") | restriction)
+    keys = KeySet(CERTS_URL, fetch=endpoint, clock=clock)
+    verifier = IdTokenVerifier(audience=AUDIENCE, keys=keys, clock=clock)
+    reject(verifier, token_for(claims_at(clock), KEY_B, "key-b"), "^token signed with an unknown")
+    assert keys.kids == {"key-a"}
+
+
+def test_joserfc_parameter_rules_apply_on_top_of_ours() -> None:
+    """``key_ops`` must agree with ``use`` and name registered operations (RFC 7517 §4.3);
+    the hand-written parser kept such keys as long as ``verify`` was listed."""
+    entries = [
+        rsa_public_jwk(KEY_A, "ok") | {"key_ops": ["verify"]},
+        rsa_public_jwk(KEY_B, "mixed") | {"key_ops": ["verify", "encrypt"]},
+        rsa_public_jwk(KEY_B, "odd-op") | {"key_ops": ["verify", "frobnicate"]},
+        rsa_public_jwk(KEY_B, "e-number") | {"e": 65537},
+    ]
+    assert set(parse_jwks(json.dumps({"keys": entries}).encode())) == {"ok"}
+
+
+def test_a_published_private_key_is_read_as_its_public_half() -> None:
+    keys = parse_jwks(json.dumps({"keys": [rsa_private_jwk(KEY_A, "leaked")]}).encode())
+    assert not keys["leaked"].is_private
+    assert keys["leaked"].public_key.public_numbers() == KEY_A.public_key().public_numbers()
+
+
+def test_a_1024_bit_key_is_skipped_and_its_tokens_refused(clock: FakeClock) -> None:
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - refused
+    endpoint = FakeKeysEndpoint((KEY_A, "key-a"), (small, "small"))
+    verifier = IdTokenVerifier(
+        audience=AUDIENCE, keys=KeySet(CERTS_URL, fetch=endpoint, clock=clock), clock=clock
+    )
+    reject(verifier, token_for(claims_at(clock), small, "small"), "^token signed with an unknown")
+
+
+def test_the_jwk_set_document_is_bounded_whoever_fetches_it(clock: FakeClock) -> None:
+    body = json.dumps({"keys": [rsa_public_jwk(KEY_A, "key-a")]}).encode()
+    with pytest.raises(KeysDocumentError, match="larger than 100 bytes"):
+        parse_jwks(body, max_bytes=100)
+    keys = KeySet(
+        CERTS_URL, fetch=lambda _: JwksDocument(body), clock=clock, max_body_bytes=len(body) - 1
+    )
+    with pytest.raises(CredentialUnavailable):
+        keys.key_for("key-a")
+    assert keys.failures == 1
+
+
+def test_a_deeply_nested_jwk_set_is_a_bad_document_not_a_recursion_error() -> None:
+    with pytest.raises(KeysDocumentError, match="not JSON"):
+        parse_jwks(b"[" * 200_000 + b"]" * 200_000, max_bytes=1_000_000)
+
+
+# --- garbage for joserfc: always a 401 with a fixed message ---------------------------------------
+
+_FUZZ_CLOCK = FakeClock(datetime(2026, 3, 1, 9, 0, tzinfo=UTC))
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_header_names = st.sampled_from(
+    ["alg", "kid", "typ", "cty", "x5t", "x5t#S256", "crit", "b64", "jku", "enc", "zip", "p2s", "x"]
+)
+
+
+def _fuzz_verifiers() -> list[IdTokenVerifier]:
+    endpoint = FakeKeysEndpoint((KEY_A, "key-a"))
+    return [
+        IdTokenVerifier(
+            audience=AUDIENCE,
+            mode=mode,
+            keys=KeySet(CERTS_URL, fetch=endpoint, clock=_FUZZ_CLOCK),
+            clock=_FUZZ_CLOCK,
+        )
+        for mode in IdentityMode
+    ]
+
+
+def only_401(verifier: IdTokenVerifier, token: str) -> None:
+    """Refused with a 401 that repeats nothing of the token, by both entry points; any other
+    exception fails."""
+    for attempt in (lambda: verifier.verify(token), lambda: asyncio.run(verifier.averify(token))):
+        with pytest.raises(InvalidCallerToken) as info:
+            attempt()
+        assert (info.value.http_status, info.value.code) == (401, "invalid_token")
+        for segment in token.split("."):
+            if len(segment) >= 8 and segment != SIGNATURE_REMOVED:
+                assert segment not in str(info.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    header=st.dictionaries(_header_names, _json_values, max_size=5),
+    keep_alg=st.booleans(),
+    payload=st.one_of(_json_values, st.binary(max_size=40)),
+    signature=st.sampled_from(["rsa", "removed", "empty", "garbage"]),
+)
+def test_signed_garbage_headers_and_payloads_are_401s(
+    header: dict[str, Any], keep_alg: bool, payload: Any, signature: str
+) -> None:
+    if keep_alg:
+        header = header | {"alg": "RS256", "kid": "key-a"}
+    header_b64 = b64url(json.dumps(header).encode())
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    signing_input = f"{header_b64}.{b64url(body)}"
+    token = {
+        "rsa": lambda: sign_input(signing_input),
+        "removed": lambda: f"{signing_input}.{SIGNATURE_REMOVED}",
+        "empty": lambda: f"{signing_input}.",
+        "garbage": lambda: f"{signing_input}.{b64url(b'x' * 256)}",
+    }[signature]()
+    for verifier in _fuzz_verifiers():
+        only_401(verifier, token)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    segments=st.lists(st.text(alphabet=_B64URL + ".=+/ ", max_size=60), min_size=1, max_size=6),
+)
+def test_raw_garbage_is_a_401(segments: list[str]) -> None:
+    for verifier in _fuzz_verifiers():
+        only_401(verifier, ".".join(segments))
+
+
+def test_averify_loads_joserfc_off_the_event_loop(keys: KeySet, clock: FakeClock) -> None:
+    """Its first import takes tens of milliseconds: not on the loop, which serves everyone."""
+    verifier = IdTokenVerifier(audience=AUDIENCE, keys=keys, clock=clock)
+    loaded_in: list[str] = []
+    load = verifier._load_jose
+
+    def spy() -> Any:
+        loaded_in.append(threading.current_thread().name)
+        return load()
+
+    verifier._load_jose = spy  # type: ignore[method-assign]
+    token = token_for(claims_at(clock))
+    assert asyncio.run(verifier.averify(token)).email == CALLER.lower()
+    assert asyncio.run(verifier.averify(token)).email == CALLER.lower()  # a cache hit
+    assert len(loaded_in) == 1
+    assert loaded_in[0] != threading.main_thread().name
+
+
+class _NoJose:
+    """Stands in for joserfc where it must not be used: any use fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"joserfc used ({name})")
+
+
+def test_a_cache_hit_does_not_touch_joserfc(verifier: IdTokenVerifier, clock: FakeClock) -> None:
+    token = token_for(claims_at(clock))
+    first = verifier.verify(token)
+    verifier._jose = _NoJose()  # type: ignore[assignment]
+    assert verifier.verify(token) == first
+    assert asyncio.run(verifier.averify(token)) == first
+    assert verifier.cache_hits == 2
+
+
+def test_the_cheap_checks_refuse_before_joserfc_is_even_loaded(
+    verifier: IdTokenVerifier, clock: FakeClock
+) -> None:
+    good = token_for(claims_at(clock))
+    for token, match in [
+        ("x" * 5000, "^token larger than"),
+        ("a.b", "^malformed token: expected three"),
+        ("a.b.c.d.e", "^malformed token: expected three"),  # a JWE's shape
+        (good.replace(".", "=.", 1), "^malformed token: not base64url$"),
+        (f"{b64url(b'{}' + b' ' * 1100)}.e30.c2ln", "^token header larger than 1024 bytes$"),
+    ]:
+        reject(verifier, token, match)
+    assert verifier._jose is None
