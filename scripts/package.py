@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/package", description="Build the Cloud Functions source zips."
     )
-    parser.add_argument("names", nargs="*", metavar="NAME", help="refresher, issuer (default: both)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help="refresher, issuer (default: both)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="default: dist/functions")
     parser.add_argument(
         "--backend", default="gcp", choices=sorted(BACKEND_EXTRAS),
