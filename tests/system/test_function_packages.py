@@ -440,3 +440,96 @@ def test_the_issuer_package_serves_asgi_healthz_and_a_token(
         assert body["token_type"] == "Bearer"
         assert 0 < body["expires_in"] <= 900
         assert response.headers["cache-control"] == "no-store"
+
+
+@pytest.fixture
+def gcp_cloud() -> Iterator[tuple[dict[str, str], Any, Any]]:
+    """The gcp preset on the emulators (Firestore, Pub/Sub) and the Secret Manager test server:
+    the function's environment, the test's runtime on the same project, and a subscription."""
+    from tests.support.emulators import emulator
+    from tests.support.secretmanager_server import SecretManagerTestServer
+
+    firestore = emulator("firestore")
+    pubsub = emulator("pubsub")
+    from google.cloud import pubsub_v1
+
+    from tokenbroker.entrypoints.compose import build_runtime
+    from tokenbroker.entrypoints.settings import Settings
+
+    secret_manager = SecretManagerTestServer().start()
+    project = f"tb-pkg-{uuid.uuid4().hex[:10]}"
+    env = {
+        "TOKENBROKER_BACKEND": "gcp",
+        "TOKENBROKER_GCP_PROJECT": project,
+        "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
+        "TOKENBROKER_SECRET_MANAGER_ENDPOINT": secret_manager.address,
+        "FIRESTORE_EMULATOR_HOST": firestore.host,
+        "PUBSUB_EMULATOR_HOST": pubsub.host,
+        "TOKENBROKER_TEST_CAPTURE_DIR": os.environ.get("TOKENBROKER_TEST_CAPTURE_DIR", "/tmp"),
+    }
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(project, "tokenbroker-events")
+    publisher.create_topic(name=topic)
+    subscription = subscriber.subscription_path(project, "pkg-" + uuid.uuid4().hex[:8])
+    subscriber.create_subscription(request={"name": subscription, "topic": topic})
+    runtime = build_runtime(
+        Settings(
+            backend="gcp", gcp_project=project, pubsub_topic="tokenbroker-events",
+            secret_manager_endpoint=secret_manager.address,
+            firestore_emulator_host=firestore.host,
+        )
+    )  # fmt: skip
+    try:
+        yield env, runtime, (subscriber, subscription)
+    finally:
+        runtime.close()
+        subscriber.close()
+        secret_manager.stop()
+
+
+def test_the_refresher_package_runs_on_the_gcp_backend_against_the_emulators(
+    refresher_installed: Installed, gcp_cloud: tuple[dict[str, str], Any, Any], oidc: OidcServer
+) -> None:
+    """The package's own google-cloud clients, on Secret Manager, Firestore and Pub/Sub."""
+    env, runtime, (subscriber, subscription) = gcp_cloud
+    original = add_refresh_connection(
+        runtime, oidc, "crm", client_id=RT_BASIC_ID, client_secret=RT_BASIC_SECRET,
+        auth_method=ClientAuthMethod.BASIC,
+    )  # fmt: skip
+    with (
+        deployed(refresher_installed, "refresh_http", "http", env, name="pkg-gcp-http") as http_url,
+        deployed(refresher_installed, "refresh", "cloudevent", env, name="pkg-gcp-ce") as event_url,
+    ):
+        response = httpx.post(
+            http_url,
+            content=b"{}",
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["refreshed"] == 1
+        stored = runtime.secrets.get("crm")
+        assert stored.version == 2
+        assert stored.credential.refresh_token is not None
+        assert stored.credential.refresh_token.reveal() != original
+
+        headers, body = _pubsub_event({"connections": ["crm"]})
+        response = httpx.post(event_url, headers=headers, content=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert runtime.secrets.get("crm").version == 3
+
+    received: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while len(received) < 2 and time.monotonic() < deadline:
+        pulled = subscriber.pull(request={"subscription": subscription, "max_messages": 10})
+        received += [json.loads(m.message.data) for m in pulled.received_messages]
+        if pulled.received_messages:
+            subscriber.acknowledge(
+                request={
+                    "subscription": subscription,
+                    "ack_ids": [m.ack_id for m in pulled.received_messages],
+                }
+            )
+    assert [e["type"] for e in received] == ["credential.rotated", "credential.rotated"]
+    assert oidc.stats()["invalid_grant"] == 0
