@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.conftest import save_output
 from tests.support.oidc import (
@@ -399,6 +401,62 @@ def test_the_refresher_package_runs_a_tick_from_scheduler_http_and_from_pubsub(
 def test_the_issuer_package_serves_asgi_healthz_and_a_token(
     issuer_installed: Installed, oidc: OidcServer, tmp_path: Path
 ) -> None:
+    _issuer_serves_a_token(issuer_installed, oidc, tmp_path)
+
+
+def _lower_bound(name: str) -> str:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in extras["optional-dependencies"]["functions"]:
+        requirement = Requirement(spec)
+        if requirement.name == name:
+            (floor,) = [s.version for s in requirement.specifier if s.operator == ">="]
+            return floor
+    raise AssertionError(f"{name} is not in the functions extra")
+
+
+def test_the_lowest_pinned_functions_framework_serves_the_issuer_as_asgi(
+    packages: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    pip_cache: Path,
+    oidc: OidcServer,
+    tmp_path: Path,
+) -> None:
+    """The pin's floor, not just the locked version: the issuer's wheel with the lowest
+    functions-framework the range admits (and what that release needs: starlette<1,
+    cloudevents<=1.11), the other distributions as ``uv.lock`` pins them."""
+    floor = _lower_bound("functions-framework")
+    work = tmp_path_factory.mktemp("issuer-floor")
+    source = work / "source"
+    with zipfile.ZipFile(packages["issuer"]) as archive:
+        archive.extractall(source)
+    (wheel,) = source.glob("tokenbroker-*.whl")
+    requirements = (source / "requirements.txt").read_text()
+    locked = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", requirements, re.MULTILINE)
+    loose = {"functions-framework", "starlette", "cloudevents"}
+    (source / "constraints.txt").write_text(
+        "".join(f"{name}=={version}\n" for name, version in locked if name not in loose)
+    )
+    python3 = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    assert python3, "no python3 on the system PATH"
+    venv = work / "venv"
+    _run(python3, "-m", "venv", venv)
+    _run(
+        venv / "bin" / "python", "-m", "pip", "install", "--disable-pip-version-check",
+        "--cache-dir", pip_cache, "--constraint", "constraints.txt",
+        f"./{wheel.name}[functions]", f"functions-framework=={floor}",
+        cwd=source, env=_bare_env(),
+    )  # fmt: skip
+    installed = Installed(source, venv)
+    version = installed.python(
+        "import importlib.metadata as m; print(m.version('functions-framework'))"
+    )
+    assert Version(version.strip()) == Version(floor)
+    _issuer_serves_a_token(installed, oidc, tmp_path)
+
+
+def _issuer_serves_a_token(installed: Installed, oidc: OidcServer, tmp_path: Path) -> None:
     runtime, env, _ = _embedded(tmp_path, oidc, "crm")
     try:
         assert tick(runtime).refreshed == 1  # an access token to hand out
@@ -422,7 +480,7 @@ def test_the_issuer_package_serves_asgi_healthz_and_a_token(
          "email_verified": True, "iat": now, "exp": now + 600},
         _rsa(), kid=signing_jwks()["keys"][0]["kid"],
     )  # fmt: skip
-    with deployed(issuer_installed, "issue", "http", env, name="pkg-issuer") as url:
+    with deployed(installed, "issue", "http", env, name="pkg-issuer") as url:
         health = httpx.get(f"{url}/healthz", timeout=30)
         assert health.status_code == 200
         assert health.json() == {"status": "ok"}
