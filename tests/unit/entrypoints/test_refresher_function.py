@@ -29,7 +29,7 @@ from tokenbroker.entrypoints import refresher
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.clock import FakeClock
-from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.errors import StoreFault, StoreUnavailable
 from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.model import Connection, ConnectionEvent, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
@@ -420,3 +420,35 @@ def test_every_tick_logs_one_summary_line_with_ok_counts_and_seconds(
         assert line["severity"] == "INFO"
         assert isinstance(line["seconds"], float)
         assert set(line["failed"]) == {"transient", "permanent", "internal"}
+
+
+class FaultyState(MemoryStateStore):
+    """A state store that refuses the tick for good (a permission or schema problem)."""
+
+    def claim_due(self, *_: object, **__: object) -> ClaimBatch:
+        raise StoreFault("state store refused the query: permission denied")
+
+
+def test_cloudevent_a_permanent_store_fault_is_acknowledged_and_logged(
+    preset: Callable[..., Runtime],
+) -> None:
+    preset(state=FaultyState())
+    headers, body = pubsub_event({})
+    with capture_logs() as logs:
+        response = client("refresh").post("/", headers=headers, data=body)
+    assert response.status_code == 200  # redelivery would fail the same way for 24 h
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    (refused,) = [line for line in lines if line["message"] == "tick failed, not retried"]
+    assert (refused["severity"], refused["error_code"]) == ("ERROR", "store_fault")
+    (summary,) = summary_lines(logs.getvalue())
+    assert summary["ok"] is False
+
+
+def test_http_a_permanent_store_fault_is_500_not_503(preset: Callable[..., Runtime]) -> None:
+    """Scheduler retries any non-2xx only as the job's retryConfig says; 503 would tell the
+    operator to wait, 500 says something must be fixed."""
+    preset(state=FaultyState())
+    response = client("refresh_http").post("/", data=b"{}")
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "store_fault"
+    assert "retry-after" not in response.headers
