@@ -132,7 +132,7 @@ def requirements(source: Path, package: FunctionPackage, backend: str) -> str:
     """The function's pinned, hashed requirements from ``uv.lock`` (without the project)."""
     extras = (*package.extras, *BACKEND_EXTRAS[backend])
     args: list[str | Path] = [
-        UV, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-header",
+        UV, "export", "--locked", "--no-dev", "--no-emit-project", "--no-header",
         "--format", "requirements-txt",
     ]  # fmt: skip
     for extra in extras:

@@ -145,12 +145,51 @@ def test_the_aws_preset_adds_boto3_to_both(tmp_path: Path) -> None:
         assert "boto3" in _names(_requirements(package))
 
 
+def _clone(into: Path) -> Path:
+    """A clone of this commit (sharing the pinned uv)."""
+    commit = _run("git", "rev-parse", "HEAD").strip()
+    _run("git", "clone", "--quiet", "--no-checkout", REPO, into)
+    _run("git", "checkout", "--quiet", commit, cwd=into)
+    (into / ".tools").symlink_to(REPO / ".tools")
+    return into
+
+
+def test_a_lock_that_does_not_match_pyproject_is_refused(tmp_path: Path) -> None:
+    """``uv export --locked``: a dependency added without ``uv lock`` fails the build (and no
+    zip is written) instead of packaging a lock that says something else."""
+    clone = _clone(tmp_path / "clone")
+    pyproject = clone / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace('"httptools>=0.6",', '"httptools>=0.6", "six>=1.16",')
+    )
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "x",
+         cwd=clone)  # fmt: skip
+    done = subprocess.run(
+        [str(clone / "scripts" / "package"), "--out", str(tmp_path / "out")],
+        cwd=clone, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "uv.lock" in done.stderr and "needs to be updated" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "out").glob("*.zip"))
+
+
 def test_two_builds_of_one_commit_are_byte_identical(
     packages: dict[str, Path], tmp_path: Path
 ) -> None:
-    again = _build(tmp_path / "again")
+    """The second build from another clone of the commit, at another path, under another
+    umask, at another time: nothing of the machine or the moment may reach the zips."""
+    clone = _clone(tmp_path / "clone")
+    time.sleep(1.1)  # a later second: a timestamp taken from the clock would differ
+    script = 'umask 077 && exec scripts/package --out "$1"'
+    done = subprocess.run(
+        ["bash", "-c", script, "-", str(tmp_path / "again")],
+        cwd=clone, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
     for name, package in packages.items():
-        assert again[name].read_bytes() == package.read_bytes(), name
+        again = tmp_path / "again" / f"{name}.zip"
+        assert again.read_bytes() == package.read_bytes(), name
 
 
 def test_an_unknown_function_is_refused_clearly(tmp_path: Path) -> None:
