@@ -25,9 +25,11 @@ a failed tick answers follows the trigger's retry rules:
   left incomplete) and an unexpected exception (its cause is unknown). A non-retryable broker
   error -- a configuration error above all -- fails the same way on every redelivery: it is
   logged (``tick failed, not retried``, severity ERROR, naming what to fix) and the event is
-  acknowledged, as Google advises for permanent errors
-  (https://cloud.google.com/functions/docs/bestpractices/retries); the next scheduled tick
-  tries again anyway.
+  acknowledged -- as Google's retry sample does with a misconfigured client, which "will stay
+  broken until the function is redeployed"
+  (https://cloud.google.com/functions/docs/samples/functions-cloudevent-tips-retry); the next
+  scheduled tick tries again anyway. (Redelivery needs the trigger's retry policy
+  ``RETRY_POLICY_RETRY``; https://cloud.google.com/functions/docs/writing/retries.)
 
 Every tick logs one ``tick summary`` line with ``ok``, the counts and the seconds.
 """
