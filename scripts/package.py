@@ -14,7 +14,9 @@ Each zip is what ``gcloud functions deploy --source`` (or Terraform's
   resolves there (GoogleCloudPlatform/buildpacks, ``pkg/python/python.go``).
 
 Reproducible: the package is built from the committed tree (``git archive HEAD``, never the
-work tree's uncommitted edits), the wheel by a hash-pinned build backend
+work tree's uncommitted edits; a tree without ``.git``, as ``gcloud builds submit`` uploads by
+default, is packaged as it is, dated by ``SOURCE_DATE_EPOCH`` or 1980-01-01 and labelled with
+``COMMIT_SHA`` when Cloud Build sets it), the wheel by a hash-pinned build backend
 (``scripts/build-constraints.txt``) with ``SOURCE_DATE_EPOCH`` = the commit's time, and the zip
 with sorted entries, that same timestamp, mode 0644 and one compression level -- so one commit
 gives byte-identical zips on every machine.
@@ -42,6 +44,7 @@ import argparse
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -117,6 +120,34 @@ def _export_tree(commit: str, into: Path) -> Path:
     return into
 
 
+def _is_checkout() -> bool:
+    return (REPO / ".git").exists()
+
+
+def _copy_tree(into: Path) -> Path:
+    """A source tree without git history (``gcloud builds submit`` leaves ``.git`` out by
+    default): the files as they are, less bytecode."""
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    into.mkdir(parents=True)
+    for name in SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, into / name, ignore=junk)
+        else:
+            shutil.copy2(path, into / name)
+    return into
+
+
+def _tree_epoch() -> int:
+    """Without a commit to date the package: ``SOURCE_DATE_EPOCH`` if set, else 1980-01-01."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not raw:
+        return ZIP_EPOCH_FLOOR
+    if not raw.isdigit():
+        raise PackageError(f"SOURCE_DATE_EPOCH must be seconds since 1970, not {raw!r}")
+    return int(raw)
+
+
 def _build_wheel(source: Path, out: Path, epoch: int) -> Path:
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
     _run(
@@ -184,12 +215,20 @@ def build(names: list[str], *, out: Path, backend: str) -> list[Path]:
         raise PackageError(f"backend must be one of {', '.join(BACKEND_EXTRAS)}, not {backend!r}")
     if not UV.exists():
         raise PackageError(f"{UV} is missing: run scripts/bootstrap first")
-    _warn_if_dirty()
-    commit, epoch = _commit()
+    checkout = _is_checkout()
+    if checkout:
+        _warn_if_dirty()
+        commit, epoch = _commit()
+    else:
+        commit, epoch = os.environ.get("COMMIT_SHA") or "unknown (no .git)", _tree_epoch()
+        print("package: not a git checkout: packaging the files as they are", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     built = []
     with tempfile.TemporaryDirectory(prefix="tokenbroker-package-") as scratch:
-        source = _export_tree(commit, Path(scratch) / "source")
+        if checkout:
+            source = _export_tree(commit, Path(scratch) / "source")
+        else:
+            source = _copy_tree(Path(scratch) / "source")
         wheel = _build_wheel(source, Path(scratch) / "wheel", epoch)
         for name in names:
             package = PACKAGES[name]

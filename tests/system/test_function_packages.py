@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -65,6 +66,7 @@ BUILDPACK_PIP = (
 )  # fmt: skip
 AUDIENCE = "https://tokenbroker-issuer-abc123-ew.a.run.app"
 WORKER = "crm-sync@tb-test.iam.gserviceaccount.com"
+PACKAGES_NAMES = ("refresher", "issuer")
 REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", re.MULTILINE)
 
 
@@ -190,6 +192,32 @@ def test_two_builds_of_one_commit_are_byte_identical(
     for name, package in packages.items():
         again = tmp_path / "again" / f"{name}.zip"
         assert again.read_bytes() == package.read_bytes(), name
+
+
+def test_a_tree_without_git_history_is_packaged_as_it_is_and_reproducibly(tmp_path: Path) -> None:
+    """``gcloud builds submit`` uploads the source without ``.git`` by default: the files are
+    packaged as they are, dated by ``SOURCE_DATE_EPOCH`` and labelled with ``COMMIT_SHA``."""
+    tree = _clone(tmp_path / "clone")
+    shutil.rmtree(tree / ".git")
+    (tree / "shared" / "tokenbroker" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "shared" / "tokenbroker" / "__pycache__" / "junk.pyc").write_bytes(b"junk")
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1767225600", "COMMIT_SHA": "abc123"}
+    builds = []
+    for run in ("one", "two"):
+        done = subprocess.run(
+            [str(tree / "scripts" / "package"), "--out", str(tmp_path / run)],
+            cwd=tree, env=env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "not a git checkout" in done.stderr
+        builds.append({n: (tmp_path / run / f"{n}.zip").read_bytes() for n in PACKAGES_NAMES})
+    assert builds[0] == builds[1]
+    with zipfile.ZipFile(tmp_path / "one" / "refresher.zip") as archive:
+        assert "commit abc123" in archive.read("requirements.txt").decode()
+        assert archive.infolist()[0].date_time == (2026, 1, 1, 0, 0, 0)
+        (wheel,) = [n for n in archive.namelist() if n.endswith(".whl")]
+        with zipfile.ZipFile(io.BytesIO(archive.read(wheel))) as inner:
+            assert not [n for n in inner.namelist() if "__pycache__" in n]
 
 
 def test_an_unknown_function_is_refused_clearly(tmp_path: Path) -> None:
