@@ -18,10 +18,13 @@ process state. :func:`capture_logs` is the test helper (as ``structlog.testing.c
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -51,35 +54,130 @@ def redact_value(value: Any, key: str | None = None) -> Any:
     return scrub(value if isinstance(value, str) else str(value))
 
 
+#: Routine lines (:meth:`LineTemplate.emit`: the issuer's audit of a success, one per request)
+#: wait at most this long, or for this many more, before they are written together: one
+#: write system call per batch instead of one per request. Anything else is written at once,
+#: after what is waiting.
+BATCH_SECONDS = 0.05
+BATCH_LINES = 64
+
+
 class _Sink:
-    """Writes whole lines to one or more streams under a lock (threads share it)."""
+    """Writes whole lines to one or more streams under a lock (threads share it).
+
+    Routine lines (``soon=True``) to a stream backed by a file descriptor are batched
+    (:data:`BATCH_SECONDS`, :data:`BATCH_LINES`) by a daemon thread, and written out at
+    once before any other line, on :func:`flush`, on reconfiguration and at exit: a process
+    killed outright loses at most the last :data:`BATCH_SECONDS` of them. In-memory streams
+    (tests) get every line at once."""
 
     def __init__(self, level: int, streams: list[IO[str]], owned: list[IO[str]]) -> None:
         self.level = level
         self._streams = streams
         self._owned = owned  # files this sink opened and must close
         self._lock = threading.Lock()
+        self._batched = all(_has_fd(stream) for stream in streams)
+        self._pending: list[str] = []
+        self._due = 0.0
+        self._wake = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._closed = False
 
     def close(self) -> None:
         with self._lock:
+            self._write_pending()
+            self._closed = True
+            self._wake.notify_all()
             for stream in self._owned:
                 stream.close()
 
-    def write(self, line: str) -> None:
+    def flush(self) -> None:
+        with self._lock:
+            self._write_pending()
+
+    def write(self, line: str, *, soon: bool = False) -> None:
         """Never raises: a destination that cannot take the line (a full disk, a closed pipe)
         drops it, and the others still get it. Logging must never fail the work it reports
         on -- a refresh holding the provider's new refresh token least of all."""
         with self._lock:
-            for stream in self._streams:
-                if stream.closed:  # replaced by a reconfiguration while this line was built
+            if soon and self._batched and not self._closed:
+                self._pending.append(line)
+                if len(self._pending) == 1:
+                    self._due = time.monotonic() + BATCH_SECONDS
+                    self._start_flusher()
+                    self._wake.notify()
+                if len(self._pending) >= BATCH_LINES:
+                    self._write_pending()
+                return
+            self._write_pending()
+            self._write(line + "\n")
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        for stream in self._streams:
+            if stream.closed:  # replaced by a reconfiguration while this line was built
+                continue
+            with suppress(OSError, ValueError):  # ValueError: closed meanwhile
+                stream.write(text)
+                stream.flush()
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_when_due, name="tokenbroker-log", daemon=True
+            )
+            self._flusher.start()
+
+    def _flush_when_due(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if not self._pending:
+                    self._wake.wait()
                     continue
-                with suppress(OSError, ValueError):  # ValueError: closed meanwhile
-                    stream.write(line + "\n")
-                    stream.flush()
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                self._write_pending()
+
+
+def _has_fd(stream: IO[str]) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return True
+
+
+def flush() -> None:
+    """Write out the routine lines waiting to be batched (the entry points' shutdown hooks;
+    also run at exit)."""
+    sink = _sink
+    if sink is not None:
+        sink.flush()
 
 
 _sink: _Sink | None = None
 _config_lock = threading.Lock()
+atexit.register(flush)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a gunicorn worker) has the parent's sink but not its flusher thread,
+    and maybe a lock held by a thread that no longer exists: start both afresh."""
+    sink = _sink
+    if sink is not None:
+        sink._lock = threading.Lock()
+        sink._wake = threading.Condition(sink._lock)
+        sink._flusher = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Logger:
@@ -160,7 +258,7 @@ class LineTemplate:
                 raise TypeError(f"LineTemplate.emit: {key} must be a number")
         stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         parts.append(f', "time": "{stamp}"}}')
-        sink.write("".join(parts))
+        sink.write("".join(parts), soon=True)
 
 
 def configure_logging(
