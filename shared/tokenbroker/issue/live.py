@@ -76,9 +76,34 @@ class LiveRecords:
         self._seen: dict[str, tuple[Hashable, ConnectionRecord]] = {}
         #: State reads so far.
         self.reads = 0
+        #: This turn of the event loop's marker (:meth:`_marker`).
+        self._turn: tuple[asyncio.AbstractEventLoop, Hashable] | None = None
+
+    def _marker(self) -> Hashable:
+        """The store's change marker, read once per turn of the event loop and shared by the
+        requests decided in that turn. Sound for "a request that arrives after a change sees
+        it": a task step that runs in this turn was scheduled in an earlier one, so the bytes
+        of its request were in before this turn began -- before the marker was read; a
+        request that comes in during this turn is first stepped in the next one, after
+        :meth:`_next_turn` (scheduled first) has dropped the shared marker. Outside a running
+        loop, read every time."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self.state.change_marker()
+        turn = self._turn
+        if turn is not None and turn[0] is loop:
+            return turn[1]
+        marker = self.state.change_marker()
+        self._turn = (loop, marker)
+        loop.call_soon(self._next_turn)
+        return marker
+
+    def _next_turn(self) -> None:
+        self._turn = None
 
     async def get(self, connection_id: str) -> ConnectionRecord:
-        marker = self.state.change_marker()  # before the read: a change during it shows next
+        marker = self._marker()  # before the read: a change during it shows next
         seen = self._seen.get(connection_id)
         if seen is None or seen[0] != marker:
             try:
