@@ -234,6 +234,20 @@ class Logger:
         self._emit("error", message, fields, exc=True)
 
 
+_second: list[Any] = [-1, ""]
+
+
+def _stamp() -> str:
+    """Now as Cloud Logging's ``time`` (RFC 3339, UTC, microseconds), the part up to the
+    second formatted once per second."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[:] = [second, prefix]
+    return f"{_second[1]}.{int((now - second) * 1_000_000):06d}Z"
+
+
 class LineTemplate:
     """A pre-rendered line (:meth:`Logger.template`): ``emit`` appends numeric fields and the
     time. Only numbers (or ``None``) go in, so nothing added needs redacting or escaping."""
@@ -256,8 +270,7 @@ class LineTemplate:
                 parts.append(f', "{key}": {value!r}')
             else:  # a bool, or anything else: not a number this line can hold
                 raise TypeError(f"LineTemplate.emit: {key} must be a number")
-        stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        parts.append(f', "time": "{stamp}"}}')
+        parts.append(f', "time": "{_stamp()}"}}')
         sink.write("".join(parts), soon=True)
 
 
