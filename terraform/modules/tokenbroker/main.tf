@@ -53,13 +53,18 @@ locals {
     TOKENBROKER_LOG_LEVEL            = var.log_level
   }
 
+  # The module's settings win over var.refresher_environment.
   refresher_environment = merge(var.refresher_environment, local.common_environment)
 
-  issuer_environment = merge(var.issuer_environment, local.common_environment, {
+  # Who verifies callers, and for which audiences: set by the module, never by
+  # var.issuer_environment (merged first, so these win).
+  issuer_identity_environment = {
     TOKENBROKER_CALLER_IDENTITY = var.issuer_caller_identity
     TOKENBROKER_ISSUER_AUDIENCE = join(",", local.issuer_audiences)
     TOKENBROKER_POLICY_FILE     = "${local.policy_mount}/${local.policy_file}"
-  })
+  }
+
+  issuer_environment = merge(var.issuer_environment, local.common_environment, local.issuer_identity_environment)
 
   labels = merge(var.labels, { managed-by = "terraform", app = var.name })
 }
