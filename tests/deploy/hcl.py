@@ -112,30 +112,34 @@ class Configuration:
             yield f"module.{name}", body
 
 
+def _named(parsed: dict[str, Any], kind: str) -> Iterator[tuple[str, Block]]:
+    for entry in parsed.get(kind, []):
+        for raw_name, body in entry.items():
+            yield _unquote(raw_name), _block(body)
+
+
+def _add_resources(config: Configuration, parsed: dict[str, Any], path: Path) -> None:
+    for kind in ("resource", "data"):
+        for entry in parsed.get(kind, []):
+            for raw_type, named in entry.items():
+                for raw_name, body in named.items():
+                    resource = Resource(
+                        kind, _unquote(raw_type), _unquote(raw_name), _block(body), path
+                    )
+                    assert resource.address not in config.resources, resource.address
+                    config.resources[resource.address] = resource
+
+
 def load(directory: Path) -> Configuration:
     """Every ``*.tf`` file of ``directory`` (not its subdirectories: each is its own module)."""
     config = Configuration(directory)
     for path in sorted(directory.glob("*.tf")):
         with path.open() as handle:
             parsed = hcl2.load(handle)
-        for kind in ("resource", "data"):
-            for entry in parsed.get(kind, []):
-                for raw_type, named in entry.items():
-                    for raw_name, body in named.items():
-                        resource = Resource(
-                            kind, _unquote(raw_type), _unquote(raw_name), _block(body), path
-                        )
-                        assert resource.address not in config.resources, resource.address
-                        config.resources[resource.address] = resource
-        for entry in parsed.get("variable", []):
-            for raw_name, body in entry.items():
-                config.variables[_unquote(raw_name)] = _block(body)
-        for entry in parsed.get("output", []):
-            for raw_name, body in entry.items():
-                config.outputs[_unquote(raw_name)] = _block(body)
-        for entry in parsed.get("module", []):
-            for raw_name, body in entry.items():
-                config.modules[_unquote(raw_name)] = _block(body)
+        _add_resources(config, parsed, path)
+        config.variables.update(_named(parsed, "variable"))
+        config.outputs.update(_named(parsed, "output"))
+        config.modules.update(_named(parsed, "module"))
         for entry in parsed.get("locals", []):
             for name, value in entry.items():
                 if not name.startswith("__"):

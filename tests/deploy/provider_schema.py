@@ -146,7 +146,7 @@ def _arguments_of(raw: dict[str, Any]) -> dict[str, Argument]:
     return {
         name: Argument(
             spec["required"],
-            _arguments_of(spec["block"]) if spec["block"] else None,
+            _arguments_of(spec["block"]) if spec["block"] is not None else None,
             spec.get("single", False),
         )
         for name, spec in raw.items()

@@ -123,10 +123,10 @@ def test_the_issuers_invokers_are_exactly_the_callers_variable(module: hcl.Confi
         for r in module.resources.values()
         if r.type.startswith("google_cloud_run") and r.body.get("role") == "roles/run.invoker"
     ]
-    on_issuer = [
-        r for r in invokers if "google_cloudfunctions2_function.issuer." in r.body["name"]
+    on_issuer = [r for r in invokers if "google_cloudfunctions2_function.issuer." in r.body["name"]]
+    assert [r.address for r in on_issuer] == [
+        "google_cloud_run_v2_service_iam_member.issuer_invoker"
     ]
-    assert [r.address for r in on_issuer] == ["google_cloud_run_v2_service_iam_member.issuer_invoker"]
     (binding,) = on_issuer
     assert hcl.reference(binding.body["for_each"]) == "toset(var.issuer_callers)"
     assert binding.body["member"] == "serviceAccount:${each.value}"
@@ -374,9 +374,14 @@ def test_firestore_and_pubsub_grants_are_as_narrow_as_the_apis_allow(
     for function in ("refresher", "issuer"):
         grant = module.resource(f"google_project_iam_member.{function}_firestore")
         assert grant.body["role"] == "roles/datastore.user"
-        assert grant.body["member"] == f"serviceAccount:${{google_service_account.{function}.email}}"
+        assert (
+            grant.body["member"] == f"serviceAccount:${{google_service_account.{function}.email}}"
+        )
         condition = hcl.expand_locals(grant.block("condition")["expression"], module)
-        assert condition == 'resource.name == "projects/${var.project_id}/databases/${var.firestore_database}"'
+        assert (
+            condition
+            == 'resource.name == "projects/${var.project_id}/databases/${var.firestore_database}"'
+        )
     publishers = [
         r for r in module.resources.values() if r.body.get("role") == "roles/pubsub.publisher"
     ]
@@ -394,7 +399,9 @@ def test_firestore_and_pubsub_grants_are_as_narrow_as_the_apis_allow(
                 "roles/iam.serviceAccountTokenCreator",
             }, resource.address
     creator = module.resource("google_service_account_iam_member.issuer_token_creator")
-    assert hcl.reference(creator.body["for_each"]) == "toset(var.issuer_impersonated_service_accounts)"
+    assert (
+        hcl.reference(creator.body["for_each"]) == "toset(var.issuer_impersonated_service_accounts)"
+    )
     assert creator.body["service_account_id"] == "projects/-/serviceAccounts/${each.value}"
     assert not [
         r
@@ -434,9 +441,7 @@ def test_the_example_subscription_dead_letters_and_the_service_agent_may_forward
     assert subscription.body["topic"] == "${google_pubsub_topic.events.id}"
     policy = subscription.block("dead_letter_policy")
     assert policy["dead_letter_topic"] == "${google_pubsub_topic.dead_letter.id}"
-    agent = (
-        "serviceAccount:service-${local.project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
-    )
+    agent = "serviceAccount:service-${local.project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
     assert module.locals["pubsub_service_agent"] == agent
     publisher = module.resource("google_pubsub_topic_iam_member.dead_letter_publisher")
     subscriber = module.resource("google_pubsub_subscription_iam_member.dead_letter_subscriber")

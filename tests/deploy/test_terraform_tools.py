@@ -26,7 +26,9 @@ CHECKOV = ROOT / ".tools" / "checkov" / "bin" / "checkov"
 def _terraform() -> str:
     found = shutil.which("terraform")
     if not found:
-        pytest.skip("terraform is not installed (https://developer.hashicorp.com/terraform/install)")
+        pytest.skip(
+            "terraform is not installed (https://developer.hashicorp.com/terraform/install)"
+        )
     return found
 
 
@@ -51,7 +53,8 @@ def _checkov(directory: Path) -> dict[str, object]:
     """The report of the documented command (README) in JSON, passed checks included (so
     without ``--quiet``)."""
     if not CHECKOV.exists():
-        pytest.skip(f"checkov is not installed at {CHECKOV.relative_to(ROOT)}: run tests/deploy/install-tools")
+        where = CHECKOV.relative_to(ROOT)
+        pytest.skip(f"checkov is not installed at {where}: run tests/deploy/install-tools")
     result = subprocess.run(
         [
             str(CHECKOV),

@@ -184,6 +184,10 @@ variable "max_delivery_attempts" {
   description = "Deliveries of one message to the example subscription before it goes to the dead-letter topic (5-100)."
   type        = number
   default     = 10
+  validation {
+    condition     = var.max_delivery_attempts >= 5 && var.max_delivery_attempts <= 100
+    error_message = "max_delivery_attempts: 5 to 100 (Pub/Sub's range)."
+  }
 }
 
 # --- the issuer's callers and identity -----------------------------------------------------
