@@ -53,6 +53,8 @@ resource "google_secret_manager_secret" "issuer_policy" {
   replication {
     auto {}
   }
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_secret_manager_secret_version" "issuer_policy" {

@@ -6,6 +6,8 @@ resource "google_service_account" "refresher" {
   account_id   = "${var.name}-refresher"
   display_name = "tokenbroker refresher (${var.name})"
   description  = "Runs the refresh tick: the broker's secrets, its Firestore database, its events topic."
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_service_account" "issuer" {
@@ -13,6 +15,8 @@ resource "google_service_account" "issuer" {
   account_id   = "${var.name}-issuer"
   display_name = "tokenbroker issuer (${var.name})"
   description  = "Hands out scoped tokens: reads the broker's secrets and state."
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_service_account" "scheduler" {
@@ -20,6 +24,8 @@ resource "google_service_account" "scheduler" {
   account_id   = "${var.name}-scheduler"
   display_name = "tokenbroker scheduler (${var.name})"
   description  = "Cloud Scheduler's OIDC identity: may invoke the refresher, nothing else."
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_service_account" "connect" {
@@ -28,4 +34,6 @@ resource "google_service_account" "connect" {
   account_id   = "${var.name}-connect"
   display_name = "tokenbroker connect pages (${var.name})"
   description  = "The connect pages (a later issue); no grants until that function exists."
+
+  depends_on = [google_project_service.apis]
 }
