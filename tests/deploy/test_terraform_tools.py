@@ -123,3 +123,16 @@ def test_checkov_sees_every_resource_of_the_module() -> None:
         "google_project_iam_member.refresher_secrets",
     ):
         assert resource in checked, (resource, sorted(checked))
+
+
+def test_the_installer_pins_what_the_tests_expect() -> None:
+    """One version of each tool: the installer's pins, the lock file's and the loaders'."""
+    from tests.deploy.provider_schema import CDKTF_GOOGLE_VERSION
+
+    script = (ROOT / "tests" / "deploy" / "install-tools").read_text()
+    pins = dict(re.findall(r"^([A-Z_0-9]+)=(\S+)$", script, re.MULTILINE))
+    assert pins["CDKTF_GOOGLE_VERSION"] == CDKTF_GOOGLE_VERSION
+    assert re.fullmatch(r"[0-9a-f]{64}", pins["CDKTF_GOOGLE_WHEEL_SHA256"])
+    lock = (ROOT / "tests" / "deploy" / "checkov-requirements.txt").read_text()
+    assert f"checkov=={pins['CHECKOV_VERSION']} \\" in lock
+    assert "--hash=sha256:" in lock
