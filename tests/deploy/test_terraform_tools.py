@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.hcl import ROOT, TERRAFORM
+from tests.deploy.provider_schema import CDKTF_GOOGLE_VERSION
 
 pytestmark = pytest.mark.terraform
 
@@ -127,8 +128,6 @@ def test_checkov_sees_every_resource_of_the_module() -> None:
 
 def test_the_installer_pins_what_the_tests_expect() -> None:
     """One version of each tool: the installer's pins, the lock file's and the loaders'."""
-    from tests.deploy.provider_schema import CDKTF_GOOGLE_VERSION
-
     script = (ROOT / "tests" / "deploy" / "install-tools").read_text()
     pins = dict(re.findall(r"^([A-Z_0-9]+)=(\S+)$", script, re.MULTILINE))
     assert pins["CDKTF_GOOGLE_VERSION"] == CDKTF_GOOGLE_VERSION
