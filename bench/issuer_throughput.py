@@ -15,7 +15,8 @@ ID token (the same one every time, as a caller reuses its token for up to an hou
 against a JWK set served from this process (fetched once by the issuer), a policy granting the
 caller ``scopes = ["*"]`` on connection ``crm``, and the connection's current access token
 (valid for hours; no refresher runs) answered from the instance cache. The embedded backend
-holds the connection; the issuer runs at its default log level (info).
+holds the connection; the issuer runs at its default log level (info), logging as deployed:
+JSON lines on stderr only (one audit line per request).
 
 ``secret_reads_per_issue`` comes from the issuer's own counters (``TokenIssuer.secret_reads``
 and ``issued``) in the serving process, read without touching the request path: the issuer is
@@ -273,7 +274,6 @@ def prepare_state(work: Path) -> dict[str, str]:
         "TOKENBROKER_POLICY_FILE": str(policy),
         "TOKENBROKER_ISSUER_AUDIENCE": AUDIENCE,
         "TOKENBROKER_ID_TOKEN_ISSUERS": ID_ISSUER,
-        "TOKENBROKER_LOG_FILE": str(work / "issuer-log.jsonl"),
     }
 
 
@@ -759,7 +759,9 @@ def run_mode(  # noqa: PLR0912, PLR0915 - one linear script
                         f"{name}: {load.non_2xx} non-2xx answers, "
                         f"socket errors: {load.socket_errors}"
                     )
-            log_file = Path(env["TOKENBROKER_LOG_FILE"])
+            # The issuer logs as deployed: JSON lines on stderr only (Cloud Run's logging agent
+            # reads them there), captured by start_server.
+            log_file = issuer.log
             # One audit line per decision; a token produced (not from the cache) is "issued".
             log_issued = sum(
                 '"message": "token decision"' in line and '"outcome": "issued"' in line

@@ -1,5 +1,6 @@
 """Issuer: scoped, short-lived tokens for IAM-authenticated callers. A thin adapter over
-tokenbroker; serve with ``functions-framework --asgi --target=issue``."""
+tokenbroker. ``functions-framework --target=issue`` serves it as ASGI (uvicorn) with or without
+``--asgi``: ``create_app`` hands an ``@aio`` target to its ASGI app (functions-framework 3.9+)."""
 
 from typing import Any
 

@@ -91,7 +91,13 @@ def test_http_target_and_bad_requests(tmp_path: Path, oidc: OidcServer) -> None:
             bad = httpx.post(url, content=b"[1,2]", headers={"Content-Type": "application/json"})
             assert bad.status_code == 400
             assert bad.json()["error"] == "invalid_request"
-            response = httpx.post(url, json={"connections": ["erp"]}, timeout=30)
+            # As Cloud Scheduler sends a job's body: application/octet-stream by default.
+            response = httpx.post(
+                url,
+                content=b'{"connections": ["erp"]}',
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=30,
+            )
             assert response.status_code == 200, response.text
             summary = response.json()
             assert summary["refreshed"] == 1

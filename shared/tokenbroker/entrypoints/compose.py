@@ -180,6 +180,9 @@ def build_issuer(settings: Settings | None = None) -> IssuerService:
         )
         if verifier.mode is IdentityMode.VERIFY:  # platform mode never needs the keys
             verifier.keys.refresh()
+        # joserfc's JWS module now, in this (cold start) thread: not ~25 ms on the first
+        # caller's request, on the event loop.
+        import joserfc.jws  # noqa: F401, PLC0415
     except BaseException:
         runtime.close()
         raise

@@ -4,11 +4,33 @@ Triggers: a CloudEvent (Cloud Scheduler -> Pub/Sub -> Eventarc, or any CloudEven
 HTTP POST (Cloud Scheduler's HTTP target). An optional JSON payload narrows the tick:
 ``{"connections": ["id", ...]}`` or ``{"limit": 500}``.
 
-Per-connection failures are part of a successful tick (they are recorded and announced). A tick
-that fails makes the invocation fail, so that Cloud Scheduler (or Eventarc) retries it and its
-failed runs can alert (see :mod:`.health`): a store that cannot be reached (503 with
-``Retry-After``), results left uncommitted or events lost (503 ``tick_incomplete``), an
-unexpected exception (500 ``internal_error``, the traceback in the log, never in the answer).
+Per-connection failures are part of a successful tick (they are recorded and announced). What
+a failed tick answers follows the trigger's retry rules:
+
+* **HTTP** (Cloud Scheduler's HTTP target, with an OIDC token that Cloud Run's IAM front end
+  checks before the request arrives): the body is read as JSON *whatever its Content-Type*
+  -- with a body, Scheduler sends ``application/octet-stream`` unless the job sets a header --
+  and may be empty. Scheduler counts any answer outside 200-299 as a failed attempt and
+  retries it only as the job's ``retryConfig`` says (``retryCount`` 0-5, default 0), then waits
+  for the next scheduled run (https://cloud.google.com/scheduler/docs/configuring/retry-jobs):
+  nothing is retried forever, so the status says what happened, for the operator and the
+  alert: a store that cannot be reached (503 with ``Retry-After``), results left uncommitted or
+  events lost (503 ``tick_incomplete``), a configuration error (500 ``invalid_config`` naming
+  the variable), an unexpected exception (500 ``internal_error``, the traceback in the log,
+  never in the answer), a bad trigger (400/405: nothing is done).
+* **CloudEvent** (Scheduler -> Pub/Sub -> Eventarc): an exception fails the invocation, and
+  Eventarc's Pub/Sub subscription redelivers the event with exponential backoff (10-600 s) for
+  the message retention, 24 h by default (https://cloud.google.com/eventarc/docs/retry-events).
+  So only a failure that another try can cure raises: a retryable error (a store outage, a tick
+  left incomplete) and an unexpected exception (its cause is unknown). A non-retryable broker
+  error -- a configuration error above all -- fails the same way on every redelivery: it is
+  logged (``tick failed, not retried``, severity ERROR, naming what to fix) and the event is
+  acknowledged -- as Google's retry sample does with a misconfigured client, which "will stay
+  broken until the function is redeployed"
+  (https://cloud.google.com/functions/docs/samples/functions-cloudevent-tips-retry); the next
+  scheduled tick tries again anyway. (Redelivery needs the trigger's retry policy
+  ``RETRY_POLICY_RETRY``; https://cloud.google.com/functions/docs/writing/retries.)
+
 Every tick logs one ``tick summary`` line with ``ok``, the counts and the seconds.
 """
 
@@ -23,7 +45,7 @@ from typing import Any
 
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
-from tokenbroker.entrypoints.health import observed_tick
+from tokenbroker.entrypoints.health import TickCrashed, observed_tick
 from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
@@ -97,20 +119,41 @@ def run_tick(payload: Mapping[str, Any] | None = None, *, trigger: str = "http")
     return result.to_json()
 
 
-def handle_cloud_event(event: Any) -> dict[str, Any]:
-    """Raises when the tick fails: the framework then answers 500 and Eventarc redelivers."""
-    _started()  # configures logging from the settings before the first line
+def handle_cloud_event(event: Any) -> dict[str, Any] | None:
+    """The tick's summary; ``None`` when it failed for good (logged, the event acknowledged).
+    Raises when another delivery can succeed: the framework then answers 500 and Eventarc
+    redelivers (see the module docstring)."""
     log = get_logger(component="refresher-function")
-    payload = _payload_from_event_data(event.data)
-    log.info("tick triggered", trigger="cloudevent", event_type=event["type"], event_id=event["id"])
-    return run_tick(payload, trigger="cloudevent")
+    try:
+        _started()  # configures logging from the settings before the first line
+        payload = _payload_from_event_data(event.data)
+        log.info(
+            "tick triggered", trigger="cloudevent", event_type=event["type"], event_id=event["id"]
+        )
+        return run_tick(payload, trigger="cloudevent")
+    except TokenBrokerError as error:
+        if error.retryable or isinstance(error, TickCrashed):
+            raise
+        log.error(
+            "tick failed, not retried",
+            error_code=error.code,
+            error=error.message,
+            event_id=event["id"],
+        )
+        return None
 
 
 def _http_payload(request: Any) -> Mapping[str, Any] | None:
+    """The job's JSON object, read whatever the Content-Type says (Scheduler sends
+    ``application/octet-stream`` by default); ``None`` for an empty body."""
     if request.method != "POST":
         raise MethodNotAllowed(("POST",))
-    payload = request.get_json(silent=True) if request.data else None
-    if request.data and not isinstance(payload, Mapping):
+    # The raw bytes, never the form parser: a form Content-Type would otherwise eat the body.
+    raw: bytes = request.get_data(cache=True, parse_form_data=False)
+    if not raw.strip():
+        return None
+    payload = _json_mapping(raw)
+    if payload is None:
         raise BadRequest("body must be a JSON object")
     return payload
 

@@ -29,7 +29,7 @@ from tokenbroker.entrypoints import refresher
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.clock import FakeClock
-from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.errors import StoreFault, StoreUnavailable
 from tokenbroker.kernel.log import capture_logs
 from tokenbroker.kernel.model import Connection, ConnectionEvent, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
@@ -176,6 +176,51 @@ def test_http_a_body_that_is_not_a_json_object_is_400(broker: Broker, body: byte
     assert broker.versions() == {"crm": 1, "erp": 1}
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/octet-stream",  # what Cloud Scheduler sends with a body, by default
+        "text/plain",
+        "application/json; charset=utf-8",
+        "application/x-www-form-urlencoded",  # the form parser must not eat the body
+        None,
+    ],
+)
+def test_http_a_scheduler_body_runs_its_tick_whatever_its_content_type(
+    broker: Broker, content_type: str | None
+) -> None:
+    """Cloud Scheduler HTTP targets send ``Content-Type: application/octet-stream`` by default
+    when the job has a body (https://cloud.google.com/scheduler/docs/reference/rest/v1/projects.locations.jobs#HttpTarget):
+    the body is read as JSON whatever the header says."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client("refresh_http").post("/", data=b'{"connections": ["crm"]}', headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.get_json()["refreshed"] == 1
+    assert broker.versions() == {"crm": 2, "erp": 1}
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/json", None])
+def test_http_an_empty_scheduler_body_refreshes_what_is_due(
+    broker: Broker, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client("refresh_http").post("/", data=b"", headers=headers)
+    assert response.status_code == 200, response.text
+    assert broker.versions() == {"crm": 2, "erp": 2}
+
+
+@pytest.mark.parametrize("body", [b"tick", b"[1]", b"\xff\xfe"])
+def test_http_an_octet_stream_body_that_is_not_a_json_object_is_400_and_changes_nothing(
+    broker: Broker, body: bytes
+) -> None:
+    response = client("refresh_http").post(
+        "/", data=body, headers={"Content-Type": "application/octet-stream"}
+    )
+    assert response.status_code == 400
+    assert response.get_json()["error_description"] == "body must be a JSON object"
+    assert broker.versions() == {"crm": 1, "erp": 1}
+
+
 def test_http_a_store_outage_is_503_with_retry_after(outage: Runtime) -> None:
     response = client("refresh_http").post("/", json={})
     assert response.status_code == 503
@@ -239,6 +284,27 @@ def test_cloudevent_a_store_outage_fails_the_invocation_so_eventarc_retries(
     response = client("refresh").post("/", headers=headers, data=body)
     assert response.status_code == 500
     assert "state store unavailable" not in response.text  # the framework's bare crash answer
+
+
+def test_cloudevent_a_configuration_error_is_acknowledged_not_redelivered_forever(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exception makes Eventarc's Pub/Sub subscription redeliver the event with backoff
+    (10-600 s) for the message retention, 24 h by default
+    (https://cloud.google.com/eventarc/docs/retry-events): a configuration error fails the
+    same way every time, so the invocation succeeds (the message is acknowledged) and the
+    ERROR line names the variable; the next scheduled tick tries again anyway."""
+    monkeypatch.setenv("TOKENBROKER_TICK_LIMIT", "0")
+    headers, body = pubsub_event({})
+    response = client("refresh").post("/", headers=headers, data=body)
+    assert response.status_code == 200, response.text
+    # The cold start configures the one logger on stderr (so no capture_logs here).
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    (refused,) = [line for line in lines if line["message"] == "tick failed, not retried"]
+    assert refused["severity"] == "ERROR"
+    assert refused["error_code"] == "invalid_config"
+    assert "TOKENBROKER_TICK_LIMIT" in refused["error"]
+    assert broker.versions() == {"crm": 1, "erp": 1}
 
 
 # --- a failed tick fails the invocation; every tick logs one summary line ------------------------
@@ -354,3 +420,35 @@ def test_every_tick_logs_one_summary_line_with_ok_counts_and_seconds(
         assert line["severity"] == "INFO"
         assert isinstance(line["seconds"], float)
         assert set(line["failed"]) == {"transient", "permanent", "internal"}
+
+
+class FaultyState(MemoryStateStore):
+    """A state store that refuses the tick for good (a permission or schema problem)."""
+
+    def claim_due(self, *_: object, **__: object) -> ClaimBatch:
+        raise StoreFault("state store refused the query: permission denied")
+
+
+def test_cloudevent_a_permanent_store_fault_is_acknowledged_and_logged(
+    preset: Callable[..., Runtime],
+) -> None:
+    preset(state=FaultyState())
+    headers, body = pubsub_event({})
+    with capture_logs() as logs:
+        response = client("refresh").post("/", headers=headers, data=body)
+    assert response.status_code == 200  # redelivery would fail the same way for 24 h
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    (refused,) = [line for line in lines if line["message"] == "tick failed, not retried"]
+    assert (refused["severity"], refused["error_code"]) == ("ERROR", "store_fault")
+    (summary,) = summary_lines(logs.getvalue())
+    assert summary["ok"] is False
+
+
+def test_http_a_permanent_store_fault_is_500_not_503(preset: Callable[..., Runtime]) -> None:
+    """Scheduler retries any non-2xx only as the job's retryConfig says; 503 would tell the
+    operator to wait, 500 says something must be fixed."""
+    preset(state=FaultyState())
+    response = client("refresh_http").post("/", data=b"{}")
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "store_fault"
+    assert "retry-after" not in response.headers
