@@ -3,7 +3,7 @@
 The contract suite (tests/contract/test_state_store.py) runs against Firestore too; this file
 checks what is specific to the adapter: chunked claims, reads that grow with the due set and
 not the registry, racing claimers across chunks, the same answers as the reference adapter
-over a long random history, lazy imports, error translation and the shipped index file.
+over a long random history, lazy imports, error translation and the Terraform's index.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 
 from tests.contract.builders import T0, ManualClock, connection, due_state, event
 from tests.contract.racing import race
+from tests.deploy import hcl
 from tests.support.emulators import emulator
 from tokenbroker.adapters.gcp.firestore import DEFAULT_COLLECTION, FirestoreStateStore
 from tokenbroker.adapters.memory import MemoryStateStore
@@ -404,19 +405,21 @@ def _serves(fields: list[str], need: tuple[frozenset[str], list[str]]) -> bool:
     return set(fields[: len(equal)]) == equal and fields[len(equal) :] == ordered
 
 
-def test_the_index_file_defines_an_index_for_every_query_the_adapter_runs(
+def test_the_terraform_defines_an_index_for_every_query_the_adapter_runs(
     open_store: Callable[..., FirestoreStateStore],
 ) -> None:
-    """The emulator does not enforce composite indexes; this checks the shipped file holds one
-    for each query, so production never answers FAILED_PRECONDITION, and nothing unused."""
-    spec = json.loads((ROOT / "terraform" / "firestore.indexes.json").read_text())
-    assert spec["fieldOverrides"] == []
+    """The emulator does not enforce composite indexes; this checks that the Terraform
+    (``google_firestore_index`` in terraform/modules/tokenbroker) holds one for each query, so
+    production never answers FAILED_PRECONDITION, and nothing unused."""
+    module = hcl.load(hcl.MODULE)
+    assert module.variables["firestore_collection"]["default"] == DEFAULT_COLLECTION
     indexes = []
-    for index in spec["indexes"]:
-        assert index["collectionGroup"] == DEFAULT_COLLECTION
-        assert index["queryScope"] == "COLLECTION"
-        assert all(f["order"] == "ASCENDING" for f in index["fields"])
-        indexes.append([f["fieldPath"] for f in index["fields"]])
+    for index in module.of_type("google_firestore_index"):
+        assert index.body["collection"] == "${var.firestore_collection}"
+        assert index.body["query_scope"] == "COLLECTION"
+        assert all(f["order"] == "ASCENDING" for f in index.body["fields"])
+        indexes.append([f["field_path"] for f in index.body["fields"]])
+    assert indexes
     needs = [_index_needed(q) for q in open_store().queries(T0)]
     for need in needs:
         assert any(_serves(fields, need) for fields in indexes), need

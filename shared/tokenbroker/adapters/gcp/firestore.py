@@ -61,10 +61,11 @@ Selecting due connections
     status == "active" AND next_refresh_at <= now AND lease_expires_at <= now
     ORDER BY next_refresh_at LIMIT k
 
-served by the composite index ``(status, next_refresh_at, lease_expires_at)`` shipped in
-``terraform/firestore.indexes.json``: it reads only the due connections whose lease is free or
-expired (the crash-recovery point), so the documents a tick reads grow with the number of due
-connections, never with the number registered. Range filters on two fields are supported since
+served by the composite index ``(status, next_refresh_at, lease_expires_at)``
+(``google_firestore_index.due`` in ``terraform/modules/tokenbroker/firestore.tf``): it reads
+only the due connections whose lease is free or expired (the crash-recovery point), so the
+documents a tick reads grow with the number of due connections, never with the number
+registered. Range filters on two fields are supported since
 2024 (https://firebase.google.com/docs/firestore/query-data/multiple-range-fields); the results
 come ordered by the inequality fields and then ``__name__``
 (https://cloud.google.com/firestore/docs/reference/rest/v1/StructuredQuery, ``orderBy``). The
@@ -94,8 +95,9 @@ state and gives the lease back. The due-but-leased connections are skipped insid
 scan, as index entries: they are not documents read.
 
 The emulator accepts queries without composite indexes (and scans the whole collection for
-each), so a test checks that ``terraform/firestore.indexes.json`` holds an index for every
-query this adapter builds (``queries``); without it, Firestore answers FAILED_PRECONDITION.
+each), so a test checks that the Terraform's ``google_firestore_index`` resources hold an
+index for every query this adapter builds (``queries``); without it, Firestore answers
+FAILED_PRECONDITION.
 
 Transactions
 ------------
@@ -361,7 +363,7 @@ _FIRESTORE_ERRORS: dict[str, Callable[[str], TokenBrokerError]] = {
     "Aborted": lambda what: StoreUnavailable(f"{what}: ABORTED (too much contention)"),
     "FailedPrecondition": lambda what: ConfigError(
         f"{what}: FAILED_PRECONDITION (is a composite index missing? deploy "
-        "terraform/firestore.indexes.json)"
+        "google_firestore_index.due, terraform/modules/tokenbroker)"
     ),
     "NotFound": lambda what: ConfigError(f"{what}: NOT_FOUND (does the database exist?)"),
 }

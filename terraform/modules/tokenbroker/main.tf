@@ -1,0 +1,92 @@
+# The tokenbroker deployment: the refresher and the issuer as Cloud Functions (gen2), each
+# with its own service account; Firestore state, Secret Manager credentials, Pub/Sub events;
+# a Cloud Scheduler job that runs the refresh tick. Names and settings follow
+# shared/tokenbroker/entrypoints/settings.py and docs/gcp.md.
+
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+locals {
+  project_number = data.google_project.this.number
+
+  functions = {
+    refresher = "${var.name}-refresher"
+    issuer    = "${var.name}-issuer"
+    connect   = "${var.name}-connect"
+  }
+
+  # Secret Manager names secrets by project NUMBER in IAM conditions' resource.name
+  # (https://cloud.google.com/iam/docs/conditions-resource-attributes#resource-name), and a
+  # version's name starts with its secret's: one prefix covers both.
+  secret_name_prefix = "projects/${local.project_number}/secrets/${var.secret_prefix}"
+  secrets_condition  = "resource.name.startsWith(\"${local.secret_name_prefix}\")"
+
+  # Firestore IAM conditions name the database
+  # (https://cloud.google.com/firestore/docs/security/iam#iam_conditions).
+  database_name      = "projects/${var.project_id}/databases/${var.firestore_database}"
+  database_condition = "resource.name == \"${local.database_name}\""
+
+  # A gen2 function answers on its cloudfunctions.net URL and on its Cloud Run URLs; callers'
+  # ID tokens may carry any of them as audience (docs/issuer.md). Both of these are known
+  # before the function exists (the deterministic run.app URL:
+  # https://cloud.google.com/run/docs/triggering/https-request#deterministic).
+  issuer_audiences = concat(
+    [
+      "https://${var.region}-${var.project_id}.cloudfunctions.net/${local.functions.issuer}",
+      "https://${local.functions.issuer}-${local.project_number}.${var.region}.run.app",
+    ],
+    var.issuer_extra_audiences,
+  )
+
+  policy_mount = "/etc/tokenbroker/policy"
+  policy_file  = "policy.toml"
+
+  # What both functions read (settings.py): the gcp preset and where its parts are.
+  common_environment = {
+    TOKENBROKER_BACKEND              = "gcp"
+    TOKENBROKER_GCP_PROJECT          = var.project_id
+    TOKENBROKER_SECRET_PREFIX        = var.secret_prefix
+    TOKENBROKER_FIRESTORE_DATABASE   = var.firestore_database
+    TOKENBROKER_FIRESTORE_COLLECTION = var.firestore_collection
+    TOKENBROKER_PUBSUB_TOPIC         = var.pubsub_topic
+    TOKENBROKER_LOG_LEVEL            = var.log_level
+  }
+
+  # The module's settings win over var.refresher_environment.
+  refresher_environment = merge(var.refresher_environment, local.common_environment)
+
+  # Who verifies callers, and for which audiences: set by the module, never by
+  # var.issuer_environment (merged first, so these win).
+  issuer_identity_environment = {
+    TOKENBROKER_CALLER_IDENTITY = var.issuer_caller_identity
+    TOKENBROKER_ISSUER_AUDIENCE = join(",", local.issuer_audiences)
+    TOKENBROKER_POLICY_FILE     = "${local.policy_mount}/${local.policy_file}"
+  }
+
+  issuer_environment = merge(var.issuer_environment, local.common_environment, local.issuer_identity_environment)
+
+  labels = merge(var.labels, { managed-by = "terraform", app = var.name })
+}
+
+resource "google_project_service" "apis" {
+  for_each = var.enable_apis ? toset([
+    "artifactregistry.googleapis.com",
+    "cloudbuild.googleapis.com",
+    "cloudfunctions.googleapis.com",
+    "cloudresourcemanager.googleapis.com",
+    "cloudscheduler.googleapis.com",
+    "firestore.googleapis.com",
+    "iam.googleapis.com",
+    "iamcredentials.googleapis.com",
+    "pubsub.googleapis.com",
+    "run.googleapis.com",
+    "secretmanager.googleapis.com",
+    "storage.googleapis.com",
+  ]) : toset([])
+
+  project = var.project_id
+  service = each.value
+  # Other workloads of the project may use these APIs too.
+  disable_on_destroy = false
+}

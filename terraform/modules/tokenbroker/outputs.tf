@@ -1,0 +1,54 @@
+output "refresher_url" {
+  description = "The refresher's Cloud Run URL (the scheduler job's target and OIDC audience)."
+  value       = google_cloudfunctions2_function.refresher.service_config[0].uri
+}
+
+output "issuer_url" {
+  description = "The issuer's Cloud Run URL: what callers send requests (and ID-token audiences) to."
+  value       = google_cloudfunctions2_function.issuer.service_config[0].uri
+}
+
+output "issuer_function_url" {
+  description = "The issuer's cloudfunctions.net URL (also an accepted audience)."
+  value       = google_cloudfunctions2_function.issuer.url
+}
+
+output "issuer_audiences" {
+  description = "Every audience the issuer accepts (TOKENBROKER_ISSUER_AUDIENCE)."
+  value       = local.issuer_audiences
+}
+
+output "service_accounts" {
+  description = "Email of each function's service account, and the scheduler's."
+  value = {
+    refresher = google_service_account.refresher.email
+    issuer    = google_service_account.issuer.email
+    scheduler = google_service_account.scheduler.email
+    connect   = var.connect.enabled ? google_service_account.connect[0].email : null
+  }
+}
+
+output "events_topic" {
+  description = "The events topic (TOKENBROKER_PUBSUB_TOPIC) as a full resource id."
+  value       = google_pubsub_topic.events.id
+}
+
+output "dead_letter_topic" {
+  description = "The dead-letter topic of the example subscription."
+  value       = google_pubsub_topic.dead_letter.id
+}
+
+output "firestore_database" {
+  description = "The Firestore database (TOKENBROKER_FIRESTORE_DATABASE)."
+  value       = local.database
+}
+
+output "secret_prefix" {
+  description = "The connections' secret id prefix (TOKENBROKER_SECRET_PREFIX): the CLI must use the same."
+  value       = var.secret_prefix
+}
+
+output "cli_environment" {
+  description = "Environment for the tokenbroker CLI run by an operator against this deployment."
+  value       = local.common_environment
+}

@@ -1,0 +1,264 @@
+# Every input of the module. terraform/README.md's table is generated from this file
+# (tests/deploy/readme_table.py); a test fails when the two differ.
+
+variable "project_id" {
+  description = "Project that holds the functions, secrets, database and topics."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the functions, the scheduler job and the source bucket."
+  type        = string
+}
+
+variable "name" {
+  description = "Prefix of every resource the module names (functions, service accounts, bucket, topics)."
+  type        = string
+  default     = "tokenbroker"
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,17}[a-z0-9]$", var.name))
+    error_message = "name: 3-19 lower-case letters, digits and hyphens (service account ids are at most 30 characters)."
+  }
+}
+
+variable "enable_apis" {
+  description = "Enable the Google APIs the broker uses (google_project_service; never disabled on destroy)."
+  type        = bool
+  default     = true
+}
+
+variable "labels" {
+  description = "Labels put on every resource that takes labels."
+  type        = map(string)
+  default     = {}
+}
+
+# --- the function sources (scripts/package writes dist/functions/<name>.zip) ---------------
+
+variable "refresher_source_zip" {
+  description = "Path of the refresher's package zip (scripts/package: dist/functions/refresher.zip)."
+  type        = string
+}
+
+variable "issuer_source_zip" {
+  description = "Path of the issuer's package zip (scripts/package: dist/functions/issuer.zip)."
+  type        = string
+}
+
+variable "build_service_account" {
+  description = "Service account (projects/P/serviceAccounts/EMAIL) Cloud Build uses to build the functions; null: the project's default build account."
+  type        = string
+  default     = null
+}
+
+# --- runtime sizing ------------------------------------------------------------------------
+
+variable "runtime" {
+  description = "Cloud Functions runtime of every function."
+  type        = string
+  default     = "python312"
+}
+
+variable "refresher" {
+  description = "Refresher sizing. One tick at a time per instance (concurrency 1): ticks are leased, a second instance only splits the due set."
+  type = object({
+    memory          = optional(string, "512Mi")
+    cpu             = optional(string, "1")
+    timeout_seconds = optional(number, 540)
+    min_instances   = optional(number, 0)
+    max_instances   = optional(number, 3)
+    concurrency     = optional(number, 1)
+  })
+  default = {}
+}
+
+variable "issuer" {
+  description = "Issuer sizing. The ASGI server serves many requests per instance; one instance keeps its token cache warm (min_instances = 1)."
+  type = object({
+    memory          = optional(string, "512Mi")
+    cpu             = optional(string, "1")
+    timeout_seconds = optional(number, 60)
+    min_instances   = optional(number, 1)
+    max_instances   = optional(number, 10)
+    concurrency     = optional(number, 80)
+  })
+  default = {}
+}
+
+variable "connect" {
+  description = "Slot for the connect pages of a later issue: disabled until that function exists. Its own service account, no IAM grants yet, internal ingress."
+  type = object({
+    enabled         = optional(bool, false)
+    source_zip      = optional(string)
+    entry_point     = optional(string, "connect")
+    memory          = optional(string, "256Mi")
+    timeout_seconds = optional(number, 60)
+    max_instances   = optional(number, 2)
+  })
+  default = {}
+  validation {
+    condition     = !var.connect.enabled || var.connect.source_zip != null
+    error_message = "connect.source_zip is required when connect.enabled is true."
+  }
+}
+
+variable "log_level" {
+  description = "TOKENBROKER_LOG_LEVEL of every function."
+  type        = string
+  default     = "info"
+}
+
+variable "refresher_environment" {
+  description = "Extra TOKENBROKER_* settings of the refresher (README, Configuration), e.g. TOKENBROKER_TICK_LIMIT."
+  type        = map(string)
+  default     = {}
+}
+
+variable "issuer_environment" {
+  description = "Extra TOKENBROKER_* settings of the issuer."
+  type        = map(string)
+  default     = {}
+}
+
+# --- state, secrets, events ----------------------------------------------------------------
+
+variable "secret_prefix" {
+  description = "TOKENBROKER_SECRET_PREFIX: every connection's secret id starts with it; the functions' secret permissions are conditioned on it."
+  type        = string
+  default     = "tokenbroker-"
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_-]{3,200}$", var.secret_prefix))
+    error_message = "secret_prefix: 3-200 characters of letters, digits, '-' and '_' (a non-empty prefix keeps the grants scoped)."
+  }
+}
+
+variable "create_firestore_database" {
+  description = "Create the Firestore (Native mode) database; false: it exists already."
+  type        = bool
+  default     = true
+}
+
+variable "firestore_database" {
+  description = "TOKENBROKER_FIRESTORE_DATABASE. A database of its own (the default) makes the functions' Firestore grants (conditioned on the database) cover nothing else."
+  type        = string
+  default     = "tokenbroker"
+}
+
+variable "firestore_location" {
+  description = "Location of the Firestore database (e.g. eur3, nam5, europe-west1)."
+  type        = string
+  default     = "eur3"
+}
+
+variable "firestore_collection" {
+  description = "TOKENBROKER_FIRESTORE_COLLECTION (and prefix of its sibling collections)."
+  type        = string
+  default     = "tokenbroker_connections"
+}
+
+variable "firestore_delete_protection" {
+  description = "Refuse to delete the database (DELETE_PROTECTION_ENABLED); turn off before tearing down."
+  type        = bool
+  default     = true
+}
+
+variable "pubsub_topic" {
+  description = "TOKENBROKER_PUBSUB_TOPIC: the events topic id."
+  type        = string
+  default     = "tokenbroker-events"
+}
+
+variable "pubsub_kms_key_name" {
+  description = "Cloud KMS key for the topics (CMEK); null: Google-managed encryption."
+  type        = string
+  default     = null
+}
+
+variable "create_example_subscription" {
+  description = "Create an example pull subscription on the events topic with a dead-letter policy (and a subscription holding dead letters)."
+  type        = bool
+  default     = true
+}
+
+variable "max_delivery_attempts" {
+  description = "Deliveries of one message to the example subscription before it goes to the dead-letter topic (5-100)."
+  type        = number
+  default     = 10
+  validation {
+    condition     = var.max_delivery_attempts >= 5 && var.max_delivery_attempts <= 100
+    error_message = "max_delivery_attempts: 5 to 100 (Pub/Sub's range)."
+  }
+}
+
+# --- the issuer's callers and identity -----------------------------------------------------
+
+variable "issuer_callers" {
+  description = "Service account emails that may invoke the issuer (roles/run.invoker on its Cloud Run service, one binding each). The policy decides what each may get."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for c in var.issuer_callers : can(regex("^[^@:\\s]+@[^@:\\s]+\\.iam\\.gserviceaccount\\.com$", c))])
+    error_message = "issuer_callers: service account emails only (no allUsers, allAuthenticatedUsers, users or groups)."
+  }
+}
+
+variable "issuer_impersonated_service_accounts" {
+  description = "Service account emails the issuer may mint access tokens for (service-account connections): roles/iam.serviceAccountTokenCreator on each, nothing project-wide."
+  type        = list(string)
+  default     = []
+}
+
+variable "issuer_caller_identity" {
+  description = "TOKENBROKER_CALLER_IDENTITY: platform (Cloud Run's IAM front end verifies callers' ID tokens; invoker IAM required) or verify (the issuer verifies them too)."
+  type        = string
+  default     = "platform"
+  validation {
+    condition     = contains(["platform", "verify"], var.issuer_caller_identity)
+    error_message = "issuer_caller_identity: platform or verify."
+  }
+}
+
+variable "issuer_ingress" {
+  description = "Ingress of the issuer: ALLOW_INTERNAL_ONLY (callers reach it through a VPC in the project or its VPC-SC perimeter), ALLOW_INTERNAL_AND_GCLB, or ALLOW_ALL (only with issuer_caller_identity = verify)."
+  type        = string
+  default     = "ALLOW_INTERNAL_ONLY"
+  validation {
+    condition     = contains(["ALLOW_INTERNAL_ONLY", "ALLOW_INTERNAL_AND_GCLB", "ALLOW_ALL"], var.issuer_ingress)
+    error_message = "issuer_ingress: ALLOW_INTERNAL_ONLY, ALLOW_INTERNAL_AND_GCLB or ALLOW_ALL."
+  }
+}
+
+variable "issuer_extra_audiences" {
+  description = "More audiences callers' ID tokens may carry (e.g. the function's https://NAME-HASH-REGION.a.run.app URL, known after the first apply, or a custom domain)."
+  type        = list(string)
+  default     = []
+}
+
+variable "issuer_policy_toml" {
+  description = "The issuer's policy (docs/policy.md), TOML. Stored as a Secret Manager secret and mounted as the file TOKENBROKER_POLICY_FILE names."
+  type        = string
+}
+
+# --- the refresh schedule ------------------------------------------------------------------
+
+variable "refresh_schedule" {
+  description = "Cloud Scheduler cron of the refresh tick."
+  type        = string
+  default     = "* * * * *"
+}
+
+variable "refresh_time_zone" {
+  description = "Time zone of refresh_schedule."
+  type        = string
+  default     = "Etc/UTC"
+}
+
+variable "refresh_payload" {
+  description = "JSON body of each tick (sent as application/json): {} runs a full tick; {\"limit\": 500} narrows it."
+  type        = string
+  default     = "{}"
+  validation {
+    condition     = can(jsondecode(var.refresh_payload))
+    error_message = "refresh_payload must be JSON."
+  }
+}
