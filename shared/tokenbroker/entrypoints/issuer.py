@@ -126,9 +126,7 @@ class _BodyReaders:
                 raise
             self.expired.discard(task)
             task.uncancel()
-            raise BadRequest(
-                f"request body not received within {BODY_READ_SECONDS:g} s"
-            ) from None
+            raise BadRequest(f"request body not received within {BODY_READ_SECONDS:g} s") from None
         finally:
             self.deadlines.pop(task, None)
 
