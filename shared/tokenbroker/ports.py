@@ -409,6 +409,8 @@ class CallerVerifier(Protocol):
     synchronous :meth:`verify_authorization` may block on that fetch (for threads).
     :meth:`select_authorization` picks, from the request's headers, the one header value the
     caller is taken from (which depends on who verified it: Cloud Run's IAM front end or us).
+    :meth:`receipt` and :meth:`still_holds` let a caller that sends the same header again be
+    re-checked without re-verifying (what a cache hit checks, no more and no less).
     """
 
     def verify_authorization(self, header: str | None) -> Caller: ...
@@ -416,6 +418,17 @@ class CallerVerifier(Protocol):
     async def averify_authorization(self, header: str | None) -> Caller: ...
 
     def select_authorization(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None: ...
+
+    def receipt(self, header: str | None) -> object | None:
+        """What this verifier holds of its verification of ``header`` (one it just made), or
+        ``None``: the issuer's fast path for a caller that sends the same header again."""
+        ...
+
+    def still_holds(self, receipt: object, now: float) -> bool:
+        """Whether a :meth:`receipt` still stands at ``now`` (epoch seconds): every check a
+        cached verification gets (expiry, the signing key still published). ``False``:
+        verify afresh."""
+        ...
 
 
 @runtime_checkable

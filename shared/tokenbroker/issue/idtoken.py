@@ -583,6 +583,10 @@ class _Verified(NamedTuple):
     key: RSAKey | None
 
 
+#: A verification the verifier made and holds (:meth:`CallerVerifier.receipt`).
+Receipt = _Verified
+
+
 #: Looks a verification key up by ``kid``: :meth:`KeySet.key_for` (may fetch) or
 #: :meth:`KeySet.lookup` (never does I/O; raises :class:`KeysFetchNeeded`).
 KeyLookup = Callable[[str], "RSAKey"]
@@ -777,6 +781,28 @@ class IdTokenVerifier:
 
         key = await asyncio.to_thread(self.keys.key_for, kid)  # may raise: unknown kid, 503
         return self._verify(token, lambda _kid: key)
+
+    def receipt(self, header: str | None) -> Receipt | None:
+        """The verification of the token in ``header`` this verifier holds (one it just made),
+        or ``None`` (not cached, or caching off). With :meth:`still_holds`, what lets a caller
+        that sends the same header again skip parsing, hashing and looking the token up."""
+        if not self.cache_size:
+            return None
+        try:
+            raw = _bearer_token(header).encode("ascii")
+        except (InvalidCallerToken, UnicodeEncodeError):
+            return None
+        return self._cache.get(hashlib.sha256(raw).digest())
+
+    def still_holds(self, receipt: object, now: float) -> bool:
+        """Whether a verification still stands at ``now`` (epoch seconds): the token has not
+        expired and the key that verified it is still the one published under its ``kid``
+        (the checks of a cache hit). ``False``: verify afresh."""
+        return (
+            type(receipt) is _Verified
+            and now < receipt.expires
+            and (receipt.key is None or self.keys.peek(receipt.kid) is receipt.key)
+        )
 
     def _verify(self, token: str, lookup: KeyLookup) -> Caller:
         if not isinstance(token, str) or not token:

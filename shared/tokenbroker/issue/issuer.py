@@ -137,14 +137,29 @@ class IssuedToken:
             raise AssertionError("expires_in member not rendered")
         return before + member, after
 
+    @cached_property
+    def _expires_ts(self) -> float:
+        return self.expires_at.timestamp()
+
+    @cached_property
+    def _last(self) -> list[Any]:
+        """The last answer rendered: [expires_in, body] (answers a second apart differ)."""
+        return [None, b""]
+
     def expires_in(self, now: datetime) -> int:
         """Whole seconds left at ``now`` (the answer's ``expires_in``)."""
-        return max(0, int((self.expires_at - now).total_seconds()))
+        return max(0, int(self._expires_ts - now.timestamp()))
 
     def render(self, now: datetime) -> bytes:
         """The JSON response body for an answer given at ``now``."""
-        before, after = self._rendered
-        return before + str(self.expires_in(now)).encode() + after
+        seconds = max(0, int(self._expires_ts - now.timestamp()))
+        last = self._last
+        if last[0] != seconds:
+            before, after = self._rendered
+            last[1] = before + str(seconds).encode() + after
+            last[0] = seconds
+        body: bytes = last[1]
+        return body
 
     def to_json(self, now: datetime) -> dict[str, Any]:
         """The response body: the one place the token value is written out."""
@@ -171,6 +186,24 @@ class _Audit:
     token: IssuedToken | None = None
     reason: str | None = None
     detail: str | None = None
+
+
+@dataclass
+class _Ticket:
+    """A request answered from the cache, remembered by its exact bytes (credential header,
+    body) with what was decided for it: the next identical request re-checks only what can
+    change -- the caller's verification (expiry, signing key), the connection's record (the
+    store's change marker, status), the cached entry (still the one held for the decision,
+    same version and registration, fresh enough) -- and takes the slow path, every check
+    and error included, on any doubt. The decision itself cannot change: the policy is
+    immutable once loaded and the inputs are the same bytes."""
+
+    receipt: object
+    connection_id: str
+    grant: TokenGrant
+    cached: _Cached
+    min_ttl: timedelta
+    line: LineTemplate
 
 
 @dataclass
@@ -218,6 +251,8 @@ class TokenIssuer:
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
         self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
+        #: Requests answered from the cache, by their exact bytes (:class:`_Ticket`).
+        self._tickets: dict[tuple[str | None, bytes], _Ticket] = {}
         #: Each connection's record as the store has it now (status is live, without a state
         #: read per request while the store's change marker stands still).
         self._records = LiveRecords(state, denied=DENIED, on_stop=self._forget)
@@ -234,6 +269,11 @@ class TokenIssuer:
         """A token for the caller ``authorization`` vouches for, as ``body`` asks, or the
         error saying why not. Either way one audit line (:meth:`_audit`)."""
         started = time.perf_counter()
+        ticket = self._tickets.get((authorization, body))
+        if ticket is not None:
+            again = self._again(ticket, started)
+            if again is not None:
+                return again
         audit = _Audit()
         try:
             token = await self._decide(authorization, body, audit)
@@ -257,20 +297,8 @@ class TokenIssuer:
         now = self.clock.now()
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         if token is not None:  # issued or a cache hit: the same line but for two numbers
-            key = (audit.outcome, audit.caller, audit.connection, audit.asked, token.scope,
-                   audit.max_lifetime)  # fmt: skip
-            line = self._lines.get(key)
-            if line is None:
-                if len(self._lines) >= 4096:
-                    self._lines.clear()
-                line = self._lines[key] = self.log.template(
-                    "info", "token decision", outcome=audit.outcome, caller=audit.caller,
-                    connection=audit.connection,
-                    scopes_asked=None if audit.asked is None else " ".join(audit.asked),
-                    scope=" ".join(token.scope), max_lifetime_seconds=audit.max_lifetime,
-                    reason=None,
-                )  # fmt: skip
-            line.emit(expires_in=token.expires_in(now), latency_ms=latency_ms)
+            line = self._line(audit, audit.outcome, token)
+            line.emit_values(token.expires_in(now), latency_ms)
             return
         fields: dict[str, Any] = {
             "outcome": audit.outcome,
@@ -287,6 +315,69 @@ class TokenIssuer:
             self.log.error("token decision", **fields)
         else:
             self.log.warning("token decision", **fields)
+
+    def _line(self, audit: _Audit, outcome: str, token: IssuedToken) -> LineTemplate:
+        """The audit line of a decision that produced ``token``, rendered once per kind."""
+        key = (outcome, audit.caller, audit.connection, audit.asked, token.scope,
+               audit.max_lifetime)  # fmt: skip
+        line = self._lines.get(key)
+        if line is None:
+            if len(self._lines) >= 4096:
+                self._lines.clear()
+            line = self._lines[key] = self.log.template(
+                "info", "token decision", outcome=outcome, caller=audit.caller,
+                connection=audit.connection,
+                scopes_asked=None if audit.asked is None else " ".join(audit.asked),
+                scope=" ".join(token.scope), max_lifetime_seconds=audit.max_lifetime,
+                reason=None, numbers=("expires_in", "latency_ms"),
+            )  # fmt: skip
+        return line
+
+    def _again(self, ticket: _Ticket, started: float) -> IssuedToken | None:
+        """The answer to a request seen before (:class:`_Ticket`), or ``None``: decide it
+        afresh. Synchronous: nothing here waits or reads a store."""
+        now = self.clock.now()
+        if not self.verifier.still_holds(ticket.receipt, now.timestamp()):
+            return None
+        record = self._records.peek(ticket.connection_id)
+        if record is None:
+            return None
+        cached = ticket.cached
+        token = cached.token
+        if (
+            self._cache.get(ticket.grant) is not cached  # forgotten, evicted or replaced
+            or cached.version not in (None, record.state.current_version)
+            or (cached.connection is not record.connection
+                and cached.connection != record.connection)
+            or now >= token.refresh_after
+            or token.expires_at - now < ticket.min_ttl
+        ):  # fmt: skip
+            return None
+        self.issued += 1
+        self.decisions["cache_hit"] += 1
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        ticket.line.emit_values(token.expires_in(now), latency_ms)
+        return token
+
+    def _remember(  # noqa: PLR0917 - private, one call site per outcome
+        self,
+        authorization: str | None,
+        body: bytes,
+        audit: _Audit,
+        grant: TokenGrant,
+        cached: _Cached,
+        min_ttl: timedelta,
+    ) -> None:
+        """Keep a :class:`_Ticket` for the request just answered (small bodies only)."""
+        receipt = self.verifier.receipt(authorization) if len(body) <= 1024 else None
+        if receipt is None or audit.connection is None:
+            return
+        if len(self._tickets) >= 4096:
+            self._tickets.clear()
+        self._tickets[(authorization, body)] = _Ticket(
+            receipt, audit.connection, grant, cached, min_ttl,
+            self._line(audit, "cache_hit", cached.token),
+        )  # fmt: skip
 
     async def _decide(self, authorization: str | None, body: bytes, audit: _Audit) -> IssuedToken:
         caller = await self.verifier.averify_authorization(authorization)  # fetches off-loop
@@ -308,15 +399,18 @@ class TokenIssuer:
         ):
             self.issued += 1
             audit.outcome, audit.token = "cache_hit", cached.token
+            self._remember(authorization, body, audit, grant, cached, min_ttl)
             return cached.token
         token, version = await self._produce(record, scopes, grant, now, min_ttl)
+        entry = _Cached(token, version, record.connection)
         with self._lock:
-            self._cache[key] = _Cached(token, version, record.connection)
+            self._cache[key] = entry
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self.issued += 1
         audit.outcome, audit.token = "issued", token
+        self._remember(authorization, body, audit, grant, entry, min_ttl)
         return token
 
     def _parse(self, body: bytes) -> TokenRequest:

@@ -102,6 +102,16 @@ class LiveRecords:
     def _next_turn(self) -> None:
         self._turn = None
 
+    def peek(self, connection_id: str) -> ConnectionRecord | None:
+        """The connection's record, without a read or a wait, when the last read still stands
+        (the change marker has not moved since) and it is active; else ``None``: ask
+        :meth:`get`, which reads and raises what a stopped connection gets."""
+        seen = self._seen.get(connection_id)
+        if seen is None or seen[0] != self._marker():
+            return None
+        record = seen[1]
+        return record if record.state.status is ConnectionStatus.ACTIVE else None
+
     async def get(self, connection_id: str) -> ConnectionRecord:
         marker = self._marker()  # before the read: a change during it shows next
         seen = self._seen.get(connection_id)

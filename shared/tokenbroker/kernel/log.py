@@ -205,17 +205,20 @@ class Logger:
         entry["message"] = scrub(message)
         sink.write(json.dumps(entry, default=str))
 
-    def template(self, level: str, message: str, **fields: Any) -> LineTemplate:
+    def template(
+        self, level: str, message: str, *, numbers: tuple[str, ...] = (), **fields: Any
+    ) -> LineTemplate:
         """A line whose fields are fixed but for a few numbers, rendered (and redacted) once
         here: :meth:`LineTemplate.emit` adds the numbers and the time. For lines a hot path
-        writes on every request with the same text (the issuer's audit of a cache hit)."""
+        writes on every request with the same text (the issuer's audit of a cache hit).
+        ``numbers`` names the numbers :meth:`LineTemplate.emit_values` takes, in order."""
         entry: dict[str, Any] = {
             key: redact_value(value, key) for key, value in {**self._fields, **fields}.items()
         }
         entry["severity"] = level.upper()
         entry["message"] = scrub(message)
         head = json.dumps(entry, default=str)
-        return LineTemplate(_LEVELS[level], head[:-1])
+        return LineTemplate(_LEVELS[level], head[:-1], numbers)
 
     def debug(self, message: str, **fields: Any) -> None:
         self._emit("debug", message, fields, exc=False)
@@ -252,11 +255,33 @@ class LineTemplate:
     """A pre-rendered line (:meth:`Logger.template`): ``emit`` appends numeric fields and the
     time. Only numbers (or ``None``) go in, so nothing added needs redacting or escaping."""
 
-    __slots__ = ("_head", "_level")
+    __slots__ = ("_head", "_level", "_names")
 
-    def __init__(self, level: int, head: str) -> None:
+    def __init__(self, level: int, head: str, numbers: tuple[str, ...] = ()) -> None:
         self._level = level
         self._head = head
+        self._names = tuple(f', "{json.dumps(name)[1:-1]}": ' for name in numbers)
+
+    def emit_values(self, *values: float | None) -> None:
+        """:meth:`emit` with the numbers the template was made for (``numbers=``), in order:
+        the hot path's form, without a mapping to build."""
+        sink = _sink or _configure_default()
+        if self._level < sink.level:
+            return
+        names = self._names
+        if len(values) != len(names):
+            raise TypeError(f"LineTemplate.emit_values: {len(names)} numbers, not {len(values)}")
+        parts = [self._head]
+        for name, value in zip(names, values, strict=True):
+            kind = type(value)
+            if kind is int or kind is float:
+                parts += (name, repr(value))
+            elif value is None:
+                parts += (name, "null")
+            else:  # a bool, or anything else: not a number this line can hold
+                raise TypeError(f"LineTemplate.emit_values: {name.strip(', :')} must be a number")
+        parts.append(f', "time": "{_stamp()}"}}')
+        sink.write("".join(parts), soon=True)
 
     def emit(self, **numbers: float | None) -> None:
         sink = _sink or _configure_default()

@@ -29,6 +29,17 @@ class FakeVerifier:
     def select_authorization(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         return next((v.decode() for k, v in headers if k.lower() == b"authorization"), None)
 
+    def receipt(self, header: str | None) -> object | None:
+        return (header, self.verify_authorization(header))
+
+    def still_holds(self, receipt: object, now: float) -> bool:  # noqa: ARG002 - no expiry
+        """Verifies afresh: a test that changes what the fake accepts sees it at once."""
+        header, caller = receipt  # type: ignore[misc]
+        try:
+            return bool(self.verify_authorization(header) == caller)
+        except InvalidCallerToken:
+            return False
+
 
 @dataclass
 class RecordingTransport:

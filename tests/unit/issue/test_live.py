@@ -71,3 +71,24 @@ def test_each_event_loop_reads_its_own_marker() -> None:
     store.put_state("c1", replace(record.state, status=ConnectionStatus.NEEDS_REAUTH))
     with pytest.raises(NeedsReauth):
         asyncio.run(live.get("c1"))
+
+
+def test_peek_gives_only_an_active_record_whose_read_still_stands() -> None:
+    store = _store()
+    live = LiveRecords(store, denied="denied")
+
+    async def main() -> None:
+        assert live.peek("c1") is None  # never read: ask get()
+        record = await live.get("c1")
+        assert live.peek("c1") is record
+        store.put_state("c1", replace(record.state, current_version=2))
+        await asyncio.sleep(0)
+        assert live.peek("c1") is None  # the marker moved: read again
+        stopped = store.get("c1")
+        store.put_state("c1", replace(stopped.state, status=ConnectionStatus.DISABLED))
+        await asyncio.sleep(0)
+        with pytest.raises(NeedsReauth):
+            await live.get("c1")  # read, and remembered as disabled under this marker
+        assert live.peek("c1") is None  # never handed out without get()'s refusal
+
+    asyncio.run(main())

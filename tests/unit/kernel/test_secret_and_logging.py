@@ -134,6 +134,23 @@ def test_a_line_template_is_redacted_once_and_takes_only_numbers() -> None:
     assert VALUE not in stream.getvalue() and JWT not in stream.getvalue()
 
 
+def test_a_line_template_takes_its_numbers_in_order_and_nothing_else() -> None:
+    """``emit_values``: the hot path's form of ``emit``, for the numbers named up front."""
+    with capture_logs("info") as stream:
+        line = get_logger(component="test").template(
+            "info", "decided", refresh_token=VALUE, numbers=("expires_in", "latency_ms")
+        )
+        line.emit_values(900, 0.25)
+        line.emit_values(None, 2.0)
+        for bad in [(True, 1.0), ("900", 1.0), (1,), (1, 2, 3)]:
+            with pytest.raises(TypeError):
+                line.emit_values(*bad)  # type: ignore[arg-type]
+    lines = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert [(x["expires_in"], x["latency_ms"]) for x in lines] == [(900, 0.25), (None, 2.0)]
+    assert lines[0]["message"] == "decided" and lines[0]["time"].endswith("Z")
+    assert VALUE not in stream.getvalue()
+
+
 def test_log_level_filters() -> None:
     with capture_logs("warning") as stream:
         get_logger().info("hidden")
