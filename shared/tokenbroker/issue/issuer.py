@@ -214,6 +214,9 @@ class _Cached:
     #: start again at 1 when a connection is removed and registered again).
     version: int | None
     connection: Connection
+    #: Still the entry the cache holds for its decision: cleared when it is evicted,
+    #: replaced or forgotten (what a :class:`_Ticket` checks instead of a lookup).
+    held: bool = True
 
 
 class TokenIssuer:
@@ -345,7 +348,7 @@ class TokenIssuer:
         cached = ticket.cached
         token = cached.token
         if (
-            self._cache.get(ticket.grant) is not cached  # forgotten, evicted or replaced
+            not cached.held  # forgotten, evicted or replaced
             or cached.version not in (None, record.state.current_version)
             or (cached.connection is not record.connection
                 and cached.connection != record.connection)
@@ -404,10 +407,13 @@ class TokenIssuer:
         token, version = await self._produce(record, scopes, grant, now, min_ttl)
         entry = _Cached(token, version, record.connection)
         with self._lock:
+            replaced = self._cache.get(key)
+            if replaced is not None:
+                replaced.held = False
             self._cache[key] = entry
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                self._cache.popitem(last=False)[1].held = False
         self.issued += 1
         audit.outcome, audit.token = "issued", token
         self._remember(authorization, body, audit, grant, entry, min_ttl)
@@ -451,7 +457,7 @@ class TokenIssuer:
         """Drop the connection's cached tokens: none is served again once it stopped."""
         with self._lock:
             for key in [k for k in self._cache if k.connection_id == connection_id]:
-                del self._cache[key]
+                self._cache.pop(key).held = False
 
     # -- producing a token ---------------------------------------------------------------------
 

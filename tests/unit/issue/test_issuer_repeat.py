@@ -48,7 +48,7 @@ POLICY = f"""
 version = 1
 [[grants]]
 callers = ["{CALLER}"]
-connections = ["crm"]
+connections = ["crm", "crm2"]
 scopes = ["*"]
 max_lifetime_seconds = 1800
 """
@@ -94,10 +94,10 @@ class World:
                   "email_verified": True, "iat": now, "exp": now + ttl}  # fmt: skip
         return sign_rs256(claims, key, kid=kid)
 
-    def register(self, access_token: str) -> None:
+    def register(self, access_token: str, connection_id: str = "crm") -> None:
         now = self.clock.now()
         self.registry.register(
-            Connection(id="crm", profile="generic", grant=GrantType.REFRESH_TOKEN,
+            Connection(id=connection_id, profile="generic", grant=GrantType.REFRESH_TOKEN,
                        client_id="client", token_url="https://idp.test/token"),
             Credential(refresh_token=Secret("RT"), client_secret=Secret("secret"),
                        access_token=Secret(access_token), obtained_at=now,
@@ -227,3 +227,19 @@ def test_an_answer_reflects_the_seconds_left_at_each_request() -> None:
         return seen
 
     assert run(scenario) == [1800, 1790, 1780]
+
+
+def test_an_answer_evicted_from_the_cache_is_not_served_from_a_remembered_request() -> None:
+    async def scenario(world: World) -> None:
+        world.issuer.cache_size = 1
+        world.register("AT-CRM2", "crm2")
+        other = b'{"connection":"crm2"}'
+        first = await world.ask()
+        assert (await world.ask()).refresh_after == first.refresh_after  # remembered
+        assert (await world.ask(body=other)).access_token == Secret("AT-CRM2")  # evicts crm's
+        world.clock.advance(5)
+        again = await world.ask()  # decided afresh: a new entry, five seconds later
+        assert again.access_token == Secret("AT-1")
+        assert again.refresh_after > first.refresh_after
+
+    run(scenario)
