@@ -32,9 +32,17 @@ Each rule below cites where it comes from. The references:
   409 ALREADY_EXISTS on creating an existing secret
   (https://github.com/ansible-collections/google.cloud/issues/768).
 
-Not modelled: IAM (``*IamPolicy`` / ``TestIamPermissions``), locations, managed rotation, Pub/Sub
-notifications on ``topics``, rotation schedules, CMEK, tags, and the project-ID-to-number
-rewriting of resource names unless ``project_numbers`` is given. Unimplemented methods answer
+IAM, as far as a deployment's least privilege needs it: a client made with ``principal=``
+(:meth:`SecretManagerTestServer.client`) sends that name in a request header, and a principal
+restricted with :meth:`SecretManagerTestServer.restrict` is answered PERMISSION_DENIED for
+any method whose permission it lacks, with the message shape IAM uses ("Permission '...'
+denied for resource '...' (or it may not exist)."; the permission of each method:
+[PERMS] https://cloud.google.com/secret-manager/docs/access-control#permissions; the status:
+[AIP-193]). Unrestricted principals (and clients without one) may do everything.
+
+Not modelled: IAM policies (``*IamPolicy`` / ``TestIamPermissions``), locations, managed
+rotation, Pub/Sub notifications on ``topics``, rotation schedules, CMEK, tags, and the
+project-ID-to-number rewriting of resource names unless ``project_numbers`` is given. Unimplemented methods answer
 UNIMPLEMENTED, as gRPC does for any unknown method.
 
 Standalone: ``python -m tests.support.secretmanager_server --port P`` prints
@@ -998,17 +1006,62 @@ _METHODS: dict[str, tuple[str, Any, Any]] = {
 }
 
 
-def make_client(address: str) -> secretmanager_v1.SecretManagerServiceClient:
-    """The official client over an insecure channel to ``address`` (``host:port``).
+#: The IAM permission each method needs [PERMS].
+PERMISSIONS = {
+    "CreateSecret": "secretmanager.secrets.create",
+    "GetSecret": "secretmanager.secrets.get",
+    "UpdateSecret": "secretmanager.secrets.update",
+    "DeleteSecret": "secretmanager.secrets.delete",
+    "ListSecrets": "secretmanager.secrets.list",
+    "AddSecretVersion": "secretmanager.versions.add",
+    "GetSecretVersion": "secretmanager.versions.get",
+    "AccessSecretVersion": "secretmanager.versions.access",
+    "ListSecretVersions": "secretmanager.versions.list",
+    "EnableSecretVersion": "secretmanager.versions.enable",
+    "DisableSecretVersion": "secretmanager.versions.disable",
+    "DestroySecretVersion": "secretmanager.versions.destroy",
+}
+#: The request header naming the test principal (see the module docstring, IAM).
+PRINCIPAL_HEADER = "x-test-principal"
+
+
+class _Principal(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds :data:`PRINCIPAL_HEADER` to every call."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), (PRINCIPAL_HEADER, self.name)]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def make_client(
+    address: str, principal: str | None = None
+) -> secretmanager_v1.SecretManagerServiceClient:
+    """The official client over an insecure channel to ``address`` (``host:port``), calling
+    as ``principal`` when one is given (see the module docstring, IAM).
 
     The credentials go to the transport: the client refuses ``credentials=`` together with a
     transport instance ("When providing a transport instance, provide its credentials
     directly."), and the transport ignores them when given a channel.
     """
+    channel = grpc.insecure_channel(address)
+    if principal is not None:
+        channel = grpc.intercept_channel(channel, _Principal(principal))
     transport = SecretManagerServiceGrpcTransport(
-        channel=grpc.insecure_channel(address), credentials=AnonymousCredentials()
+        channel=channel, credentials=AnonymousCredentials()
     )
     return secretmanager_v1.SecretManagerServiceClient(transport=transport)
+
+
+def _resource_of(request: Any) -> str:
+    for field_name in ("name", "parent"):
+        value = getattr(request, field_name, "")
+        if value:
+            return str(value)
+    secret = getattr(request, "secret", None)
+    return str(getattr(secret, "name", "") or "")
 
 
 class SecretManagerTestServer:
@@ -1033,6 +1086,16 @@ class SecretManagerTestServer:
         #: Called as ``observer(method, request, response)`` after every successful call, in
         #: the handler thread (the fault suite times when each answer first reached a write).
         self.observers: list[Callable[[str, Any, Any], None]] = []
+        #: Restricted principals and the permissions each holds (:meth:`restrict`).
+        self._granted: dict[str, frozenset[str]] = {}
+
+    def restrict(self, principal: str, permissions: set[str] | frozenset[str]) -> None:
+        """From now on ``principal`` may only use methods whose permission is in
+        ``permissions`` (:data:`PERMISSIONS`); the rest answer PERMISSION_DENIED."""
+        unknown = set(permissions) - set(PERMISSIONS.values())
+        if unknown:
+            raise ValueError(f"unknown permissions: {sorted(unknown)}")
+        self._granted[principal] = frozenset(permissions)
 
     @property
     def calls(self) -> collections.Counter[str]:
@@ -1047,9 +1110,19 @@ class SecretManagerTestServer:
     def _handler(self, method: str, attribute: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         implementation = getattr(self.store, attribute)
 
+        permission = PERMISSIONS[method]
+
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             with self._calls_lock:
                 self._calls[method] += 1
+            principal = dict(context.invocation_metadata()).get(PRINCIPAL_HEADER)
+            granted = self._granted.get(principal) if principal is not None else None
+            if granted is not None and permission not in granted:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"Permission '{permission}' denied for resource "
+                    f"'{_resource_of(request)}' (or it may not exist).",
+                )
             try:
                 response = implementation(request)
             except RpcError as error:
@@ -1081,11 +1154,12 @@ class SecretManagerTestServer:
         self.address = f"127.0.0.1:{port}"
         return self
 
-    def client(self) -> secretmanager_v1.SecretManagerServiceClient:
-        """The official client, connected to this server; closed by :meth:`stop`."""
+    def client(self, principal: str | None = None) -> secretmanager_v1.SecretManagerServiceClient:
+        """The official client, connected to this server (as ``principal``, when given);
+        closed by :meth:`stop`."""
         if not self.address:
             raise RuntimeError("start the server first")
-        client = make_client(self.address)
+        client = make_client(self.address, principal)
         self._clients.append(client)
         return client
 

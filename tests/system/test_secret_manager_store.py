@@ -15,9 +15,10 @@ from tests.support.secretmanager_server import SecretManagerTestServer
 from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
 from tokenbroker.entrypoints.compose import build_runtime
 from tokenbroker.entrypoints.settings import Settings
-from tokenbroker.kernel.errors import StoreUnavailable
+from tokenbroker.kernel.errors import ConfigError, PermissionDenied, StoreUnavailable
 from tokenbroker.kernel.model import Credential
 from tokenbroker.kernel.secret import Secret
+from tokenbroker.ports import SecretWrite
 
 pytestmark = pytest.mark.system
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
@@ -233,3 +234,54 @@ def test_a_destroy_that_failed_is_retried_by_a_later_write(
         version = store.put("c1", credential(version), expected_version=version)
     kept = {v for v, s in states(server, store).items() if s != "DESTROYED"}
     assert kept == {version - 2, version - 1, version}  # the newest three, nothing older
+
+
+# --- a reader with the issuer's permissions ------------------------------------------------
+
+#: What the Terraform module grants the issuer on the broker's secrets (terraform/README.md).
+ISSUER_PERMISSIONS = {"secretmanager.secrets.get", "secretmanager.versions.access"}
+
+
+def test_a_reader_that_may_not_promote_reads_the_current_version_and_leaves_the_staged_one(
+    server: SecretManagerTestServer,
+) -> None:
+    """Issue 10: the issuer's read found a version a crashed refresher staged but did not
+    promote, tried to settle it (UpdateSecret, which the issuer may not do) and failed every
+    read of that connection until the refresher came back. A reader refused the promotion
+    reads the current version instead; the staged one stays for the refresher to settle."""
+    refresher = store_on(server)
+    refresher.put("c1", credential(1), expected_version=None)
+    (staged,) = refresher.stage([SecretWrite("c1", credential(2), 1, attempt="a1")])
+    server.restrict("issuer-test", ISSUER_PERMISSIONS)
+    issuer = SecretManagerSecretStore(
+        server.client("issuer-test"), project=refresher.project, retained_versions=3
+    )
+    updates = server.calls["UpdateSecret"]
+    for _ in range(2):  # and again: the second read does not try the promotion again
+        got = issuer.get("c1")
+        assert (got.version, got.credential) == (1, credential(1))
+    assert server.calls["UpdateSecret"] - updates == 1  # refused once, not on every read
+    settled = store_on_project(server, refresher.project).get("c1")  # the refresher's next read
+    assert (settled.version, settled.credential) == (staged, credential(2))
+    got = issuer.get("c1")
+    assert (got.version, got.credential) == (staged, credential(2))
+
+
+def test_a_reader_without_access_gets_a_clear_configuration_error(
+    server: SecretManagerTestServer,
+) -> None:
+    refresher = store_on(server)
+    refresher.put("c1", credential(1), expected_version=None)
+    server.restrict("no-access-test", {"secretmanager.secrets.get"})
+    reader = SecretManagerSecretStore(
+        server.client("no-access-test"), project=refresher.project, retained_versions=3
+    )
+    with pytest.raises(ConfigError) as raised:
+        reader.get("c1")
+    assert isinstance(raised.value, PermissionDenied)
+    assert "access secret version: permission denied" in str(raised.value)
+    assert "service account" in str(raised.value)
+
+
+def store_on_project(server: SecretManagerTestServer, project: str) -> SecretManagerSecretStore:
+    return SecretManagerSecretStore(server.client(), project=project, retained_versions=3)

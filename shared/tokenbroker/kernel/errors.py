@@ -71,6 +71,11 @@ class ConfigError(TokenBrokerError):
     http_status = 500
 
 
+class PermissionDenied(ConfigError):
+    """The deployment's identity may not do this (an IAM refusal): fixed by a role, never by
+    retrying. The message names the operation."""
+
+
 class NotFound(TokenBrokerError):
     code = "not_found"
     http_status = 404

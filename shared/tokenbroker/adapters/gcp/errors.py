@@ -10,6 +10,7 @@ from tokenbroker.kernel.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
+    PermissionDenied,
     StoreUnavailable,
     TokenBrokerError,
     VersionConflict,
@@ -30,7 +31,7 @@ _RETRYABLE = frozenset(
 )
 
 
-def translate(exc: BaseException, what: str) -> TokenBrokerError:
+def translate(exc: BaseException, what: str) -> TokenBrokerError:  # noqa: PLR0911 - a table
     """A tokenbroker error for a ``google.api_core`` exception raised while doing ``what``.
 
     The message names the operation and the status, never a payload.
@@ -45,7 +46,11 @@ def translate(exc: BaseException, what: str) -> TokenBrokerError:
         return AlreadyExists(message)
     if name in ("Aborted", "FailedPrecondition", "Conflict"):
         return VersionConflict(message)
-    if name in ("PermissionDenied", "Unauthenticated", "Forbidden", "Unauthorized"):
+    if name in ("PermissionDenied", "Forbidden"):
+        return PermissionDenied(
+            f"{what}: permission denied (check the function's service account roles)"
+        )
+    if name in ("Unauthenticated", "Unauthorized"):
         return ConfigError(f"{message} (check the function's service account roles)")
     if name in _RETRYABLE:
         return StoreUnavailable(message)

@@ -57,6 +57,7 @@ from tokenbroker.kernel.errors import (
     AlreadyExists,
     CorruptCredential,
     NotFound,
+    PermissionDenied,
     StoreUnavailable,
     TokenBrokerError,
     VersionConflict,
@@ -165,6 +166,9 @@ class SecretManagerSecretStore(VersionedSecretStore):
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="secret-manager")
         self._known: dict[str, Any] = {}
         self._known_limit = 100_000
+        #: False once UpdateSecret was refused for permission: this identity only reads
+        #: (the issuer), and a staged version is left for the refresher to settle.
+        self._may_promote = True
         #: Credentials staged by this handle, kept for their promotion (saves reading back).
         self._staged: dict[tuple[str, int], Credential] = {}
         self.log = get_logger(component="secret-manager")
@@ -240,13 +244,27 @@ class SecretManagerSecretStore(VersionedSecretStore):
             return self._access(connection_id, current)[0]
         if latest.version == current:
             return latest
-        if (current is None or latest.version > current) and parent == current:
+        if (
+            self._may_promote
+            and (current is None or latest.version > current)
+            and parent == current
+        ):
             try:
                 secret, to_disable = self._advance(
                     connection_id, secret, latest.version, latest.credential, None
                 )
             except (VersionConflict, StoreUnavailable):
                 pass  # someone moved it meanwhile, or cannot tell: re-read below
+            except PermissionDenied:
+                # A reader that may not move the pointer (the issuer: terraform/README.md)
+                # reads the current version; the staged one stays, safe, for the refresher.
+                self._may_promote = False
+                self.log.warning(
+                    "cannot settle a staged credential version (no secretmanager.secrets."
+                    "update): reading the current one; the refresher settles it",
+                    connection_id=connection_id,
+                    version=latest.version,
+                )
             else:
                 self._housekeep(secret, latest.version, to_disable)
                 self.log.info(
