@@ -42,8 +42,8 @@ denied for resource '...' (or it may not exist)."; the permission of each method
 
 Not modelled: IAM policies (``*IamPolicy`` / ``TestIamPermissions``), locations, managed
 rotation, Pub/Sub notifications on ``topics``, rotation schedules, CMEK, tags, and the
-project-ID-to-number rewriting of resource names unless ``project_numbers`` is given. Unimplemented methods answer
-UNIMPLEMENTED, as gRPC does for any unknown method.
+project-ID-to-number rewriting of resource names unless ``project_numbers`` is given.
+Unimplemented methods answer UNIMPLEMENTED, as gRPC does for any unknown method.
 
 Standalone: ``python -m tests.support.secretmanager_server --port P`` prints
 ``READY 127.0.0.1:P`` once serving, and serves until SIGINT or SIGTERM. With ``--stats-port Q``
