@@ -22,6 +22,7 @@ a master credential: client secrets and refresh tokens never leave it):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -188,6 +189,15 @@ class _Audit:
     detail: str | None = None
 
 
+def _request_key(authorization: str | None, body: bytes) -> bytes:
+    """SHA-256 of the credential header and the body, unambiguously joined (the header's
+    length first; ``surrogatepass`` encodes every ``str`` one way and distinctly)."""
+    if authorization is None:
+        return hashlib.sha256(b"\x00" + body).digest()
+    header = authorization.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(b"\x01" + len(header).to_bytes(8, "big") + header + body).digest()
+
+
 @dataclass
 class _Ticket:
     """A request answered from the cache, remembered by its exact bytes (credential header,
@@ -255,7 +265,9 @@ class TokenIssuer:
         self._requests: dict[bytes, TokenRequest] = {}
         self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
         #: Requests answered from the cache, by their exact bytes (:class:`_Ticket`).
-        self._tickets: dict[tuple[str | None, bytes], _Ticket] = {}
+        #: Keyed by SHA-256 of the header and body, as the verifier keys its cache: the
+        #: caller's ID token is never kept.
+        self._tickets: dict[bytes, _Ticket] = {}
         #: Each connection's record as the store has it now (status is live, without a state
         #: read per request while the store's change marker stands still).
         self._records = LiveRecords(state, denied=DENIED, on_stop=self._forget)
@@ -272,7 +284,7 @@ class TokenIssuer:
         """A token for the caller ``authorization`` vouches for, as ``body`` asks, or the
         error saying why not. Either way one audit line (:meth:`_audit`)."""
         started = time.perf_counter()
-        ticket = self._tickets.get((authorization, body))
+        ticket = self._tickets.get(_request_key(authorization, body))
         if ticket is not None:
             again = self._again(ticket, started)
             if again is not None:
@@ -377,7 +389,7 @@ class TokenIssuer:
             return
         if len(self._tickets) >= 4096:
             self._tickets.clear()
-        self._tickets[(authorization, body)] = _Ticket(
+        self._tickets[_request_key(authorization, body)] = _Ticket(
             receipt, audit.connection, grant, cached, min_ttl,
             self._line(audit, "cache_hit", cached.token),
         )  # fmt: skip

@@ -243,3 +243,18 @@ def test_an_answer_evicted_from_the_cache_is_not_served_from_a_remembered_reques
         assert again.refresh_after > first.refresh_after
 
     run(scenario)
+
+
+def test_what_is_remembered_holds_no_caller_token() -> None:
+    """As the verifier's cache (SHA-256 of the token, never the token): a process dump finds
+    no caller's ID token in what the issuer remembers of past requests."""
+
+    async def scenario(world: World) -> list[Any]:
+        await world.ask()
+        await world.ask()
+        return [world.issuer._tickets]
+
+    (tickets,) = run(scenario)
+    assert tickets and all(isinstance(k, bytes) and len(k) == 32 for k in tickets)
+    for ticket in tickets.values():
+        assert "eyJ" not in repr(vars(ticket))  # every JWS starts so: base64url of '{"'
