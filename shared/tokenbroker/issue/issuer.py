@@ -200,9 +200,9 @@ def _request_key(authorization: str | None, body: bytes) -> bytes:
 
 @dataclass
 class _Ticket:
-    """A request answered from the cache, remembered by its exact bytes (credential header,
-    body) with what was decided for it: the next identical request re-checks only what can
-    change -- the caller's verification (expiry, signing key), the connection's record (the
+    """A request answered from the cache, remembered by its bytes (credential header, body;
+    by their SHA-256) with what was decided for it: the next identical request re-checks only
+    what can change -- the caller's verification (expiry, signing key), the connection's record (the
     store's change marker, status), the cached entry (still the one held for the decision,
     same version and registration, fresh enough) -- and takes the slow path, every check
     and error included, on any doubt. The decision itself cannot change: the policy is
@@ -210,7 +210,6 @@ class _Ticket:
 
     receipt: object
     connection_id: str
-    grant: TokenGrant
     cached: _Cached
     min_ttl: timedelta
     line: LineTemplate
@@ -264,9 +263,8 @@ class TokenIssuer:
         self._lock = threading.Lock()
         self._requests: dict[bytes, TokenRequest] = {}
         self._grants: dict[tuple[str, TokenRequest], TokenGrant] = {}
-        #: Requests answered from the cache, by their exact bytes (:class:`_Ticket`).
-        #: Keyed by SHA-256 of the header and body, as the verifier keys its cache: the
-        #: caller's ID token is never kept.
+        #: Requests answered from the cache (:class:`_Ticket`), keyed by SHA-256 of the
+        #: header and body as the verifier keys its cache: no caller's ID token is kept.
         self._tickets: dict[bytes, _Ticket] = {}
         #: Each connection's record as the store has it now (status is live, without a state
         #: read per request while the store's change marker stands still).
@@ -374,12 +372,11 @@ class TokenIssuer:
         ticket.line.emit_values(token.expires_in(now), latency_ms)
         return token
 
-    def _remember(  # noqa: PLR0917 - private, one call site per outcome
+    def _remember(
         self,
         authorization: str | None,
         body: bytes,
         audit: _Audit,
-        grant: TokenGrant,
         cached: _Cached,
         min_ttl: timedelta,
     ) -> None:
@@ -390,7 +387,7 @@ class TokenIssuer:
         if len(self._tickets) >= 4096:
             self._tickets.clear()
         self._tickets[_request_key(authorization, body)] = _Ticket(
-            receipt, audit.connection, grant, cached, min_ttl,
+            receipt, audit.connection, cached, min_ttl,
             self._line(audit, "cache_hit", cached.token),
         )  # fmt: skip
 
@@ -414,7 +411,7 @@ class TokenIssuer:
         ):
             self.issued += 1
             audit.outcome, audit.token = "cache_hit", cached.token
-            self._remember(authorization, body, audit, grant, cached, min_ttl)
+            self._remember(authorization, body, audit, cached, min_ttl)
             return cached.token
         token, version = await self._produce(record, scopes, grant, now, min_ttl)
         entry = _Cached(token, version, record.connection)
@@ -428,7 +425,7 @@ class TokenIssuer:
                 self._cache.popitem(last=False)[1].held = False
         self.issued += 1
         audit.outcome, audit.token = "issued", token
-        self._remember(authorization, body, audit, grant, entry, min_ttl)
+        self._remember(authorization, body, audit, entry, min_ttl)
         return token
 
     def _parse(self, body: bytes) -> TokenRequest:
