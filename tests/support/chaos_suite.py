@@ -915,10 +915,14 @@ def overload(ctx: Context) -> list[ScenarioResult]:
     deployment.proxy.capacity(2, backlog=5)
     deployment.proxy.latency(0.8)
     started = time.time()
-    for _ in range(ctx.size.overload_ticks):
-        deployment.tick(ids)
+    ticks = [deployment.tick(ids) for _ in range(ctx.size.overload_ticks)]
     deployment.proxy.clear()
-    summary = deployment.proxy.ledger.summary(ids, since=started)
+    ledger = deployment.proxy.ledger
+    summary = ledger.summary(ids, since=started)
+    reused = sorted({e.lineage for e in ledger.select(ids, since=started) if e.reuse and e.lineage})
+    if reused:  # what led to it, for the failure message
+        result.notes["reused"] = {cid: ledger.story(cid, origin=started) for cid in reused[:3]}
+        result.notes["ticks"] = [(t.returncode, t.summary, t.tail[-1500:]) for t in ticks]
     refused = sum(1 for e in deployment.proxy.ledger.select(ids, since=started)
                   if e.answer == "refused")  # fmt: skip
     deployment.figures(result, ids)  # the refusals are among the ledger's faults

@@ -370,6 +370,22 @@ class Ledger:
                 and (since is None or e.started_at >= since)
             ]
 
+    def story(self, lineage: str, origin: float = 0.0) -> list[str]:
+        """All of ``lineage``'s exchanges, one line each (times in seconds from ``origin``), for
+        a failure message: no token, only its fingerprint."""
+        base = origin
+        lines = []
+        for e in self.select([lineage]):
+            answered = "-" if e.answered_at is None else f"{e.answered_at - base:.3f}"
+            lines.append(
+                f"#{e.seq} at {e.started_at - base:.3f} gen {e.generation} {e.presented}"
+                f" fault={e.fault} reuse={e.reuse} forwarded={e.forwarded}"
+                f" upstream={e.upstream_status}/{e.upstream_error} rotated={e.rotated}"
+                f" answer={e.answer} delivered={e.delivered} gone={e.client_gone}"
+                f" answered_at={answered}"
+            )
+        return lines
+
     def summary(
         self, lineages: Iterable[str] | None = None, since: float | None = None
     ) -> dict[str, Any]:
