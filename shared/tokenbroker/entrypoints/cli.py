@@ -818,6 +818,9 @@ def serve(
     if not host or len(host) > 255 or not host.isprintable():
         raise _option_error("--host", "must be a host name or address")
     runtime = ctx.runtime
+    from tokenbroker.entrypoints.compose import metrics_exporter  # noqa: PLC0415
+
+    runtime.exporter = metrics_exporter(runtime.settings, "serve")  # a long-lived refresher
     asyncio.run(
         run(
             runtime,

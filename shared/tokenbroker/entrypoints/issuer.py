@@ -50,6 +50,7 @@ async def build() -> tuple[TokenIssuer, Relay]:
             service = _service  # built by whoever held the lock before us?
             if service is None:
                 service = _service = await asyncio.to_thread(_assemble)
+                service.start_metrics()
     return service.issuer, service.relay
 
 

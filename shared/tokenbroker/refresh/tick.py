@@ -69,9 +69,11 @@ from tokenbroker.kernel.errors import (
 )
 from tokenbroker.kernel.failpoints import failpoint
 from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.metrics import Recorder
 from tokenbroker.kernel.model import (
     UNREFRESHED_GRANTS,
     Claim,
+    Connection,
     ConnectionEvent,
     Credential,
     EventType,
@@ -310,6 +312,7 @@ class Refresher:
         commit_batch: int = 500,
         committer: RefreshCommitter | None = None,
         rng: random.Random | None = None,
+        metrics: Recorder | None = None,
     ) -> None:
         if lease_guard >= lease_ttl:
             raise ConfigError(
@@ -340,6 +343,8 @@ class Refresher:
         #: one store holds both: the composition root passes the embedded one).
         self.committer = committer or StoreCommitter(secrets, state)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        #: Where token requests' latencies are counted (``refresh/acquisition_latency``).
+        self.metrics = metrics
         self._committing: asyncio.Event | None = None
         self._halt: list[TokenBrokerError] = []
         self.log = get_logger(component="refresher")
@@ -634,11 +639,13 @@ class Refresher:
                 failpoint("intent.durable")
             attempted_at = self.clock.now()
             leases.in_flight.add(cid)
+            sent = self.clock.monotonic()
             try:
                 response = await request_token(
                     run.endpoint, connection, profile, stored.credential, attempted_at
                 )
             except TokenBrokerError as error:
+                self._acquired(connection, sent)
                 ended = self._after_error(
                     _Attempt(claim, stored, error, attempted_at, intent=intent, permit=True),
                     number,
@@ -662,8 +669,21 @@ class Refresher:
                 number += 1
                 continue
             failpoint("answer.received")
+            self._acquired(connection, sent)
             attempt = self._answered(claim, stored, response, attempted_at)
             return await self._staged(run, attempt, intent)
+
+    def _acquired(self, connection: Connection, sent: float) -> None:
+        """Count one token request's latency, answered or not (a timeout counts as long as it
+        lasted), by the connection's provider profile and grant."""
+        if self.metrics is not None:
+            elapsed_ms = (self.clock.monotonic() - sent) * 1000
+            self.metrics.observe(
+                "refresh/acquisition_latency",
+                elapsed_ms,
+                connection.profile,
+                connection.grant.value,
+            )
 
     def _after_error(
         self, attempt: _Attempt, number: int, *, rotating: bool, summary: TickSummary
