@@ -346,6 +346,8 @@ class Refresher:
         #: Where token requests' latencies are counted (``refresh/acquisition_latency``).
         self.metrics = metrics
         self._committing: asyncio.Event | None = None
+        #: Store calls retrying now (the workers pause while there is one).
+        self._retrying = 0
         self._halt: list[TokenBrokerError] = []
         self.log = get_logger(component="refresher")
 
@@ -366,6 +368,7 @@ class Refresher:
         now = self.clock.now()
         summary = TickSummary()
         self._halt = []
+        self._retrying = 0
         await self._relay_parked_events(summary)
         asked = self.clock.monotonic()
         if connection_ids is None:
@@ -435,13 +438,19 @@ class Refresher:
         """A store call in a worker thread, retried with backoff while it is retryable
         (``retry_policy``, default ``store_retry``).
 
-        While a store call is retrying, ``self._committing`` is cleared so workers pause:
-        refresh tokens sent now would produce results that may not be storable.
+        While any store call is retrying, ``self._committing`` is cleared so workers pause:
+        refresh tokens sent now would produce results that may not be storable. It is set
+        again when the last retrying call ends, and whenever the tick halts (the workers then
+        see the halt and stop): a call that starts retrying after the halt never pauses them.
         """
+        retrying = False
 
         def on_retry(attempt: int, error: TokenBrokerError, _wait: float) -> None:
-            if self._committing is not None:
-                self._committing.clear()
+            nonlocal retrying
+            if not retrying:
+                retrying = True
+                self._retrying += 1
+            self._pause_if_retrying()
             self.log.warning(
                 "store call retrying", operation=what, attempt=attempt, error_code=error.code
             )
@@ -455,9 +464,19 @@ class Refresher:
                 on_retry,
             )
         finally:
-            if self._committing is not None and not self._halt:
-                self._committing.set()
+            if retrying:
+                self._retrying -= 1
+            self._pause_if_retrying()
         return result
+
+    def _pause_if_retrying(self) -> None:
+        """Workers pause while a store call retries, unless the tick has halted."""
+        if self._committing is None:
+            return
+        if self._retrying > 0 and not self._halt:
+            self._committing.clear()
+        else:
+            self._committing.set()
 
     async def _renew(self, items: list[tuple[Lease, Intent | None]]) -> list[Lease | None]:
         intents = [intent for _, intent in items]

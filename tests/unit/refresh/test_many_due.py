@@ -147,3 +147,46 @@ def test_answers_in_hand_outlast_a_store_outage_of_half_a_minute(world: World) -
         assert token is not None and world.server.grant_alive(token.reveal())
     # Presenting paused while the store was down: at most the workers' first requests.
     assert world.server.requests["refresh_token"] == 16
+
+
+class CommitFailsThenRenewalsFalter(CommitFails):
+    """A commit fails for good (the tick halts), and the lease renewals in flight at that
+    moment fail once, retryably, before they go through: the fault suite's SQLite I/O error,
+    where every write failed together for a while."""
+
+    def __init__(self, clock: object) -> None:
+        super().__init__(clock)  # type: ignore[arg-type]
+        self.failed_commit = False
+        self.faltered = 0
+
+    def complete(self, *args: object, **kwargs: object) -> list[bool]:
+        self.failed_commit = True
+        return super().complete(*args, **kwargs)
+
+    def renew(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.failed_commit and self.faltered < 3:
+            self.faltered += 1
+            raise StoreUnavailable("database is locked")
+        return super().renew(*args, **kwargs)
+
+
+def test_a_store_call_retrying_after_the_halt_does_not_leave_the_workers_paused(
+    world: World,
+) -> None:
+    """The fault suite's ``store_outages`` hung a refresher for good: a store call that began
+    retrying after the tick had halted paused the workers (cleared the pause flag) and, the
+    tick being halted, never released them. The tick must end, with the commit's error."""
+    world.state = CommitFailsThenRenewalsFalter(world.clock)
+    world.registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=world.profiles, clock=world.clock
+    )
+    _many(world, 200)
+    world.server.latency = 0.005
+    refresher = world.refresher(concurrency=8, commit_batch=5)
+
+    async def run() -> None:
+        await asyncio.wait_for(refresher.tick(world.server), timeout=30)  # type: ignore[arg-type]
+
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(run())
+    assert world.state.faltered > 0  # the renewals did falter after the halt
