@@ -178,7 +178,8 @@ class Distribution:
     def add(self, value: float) -> None:
         if not math.isfinite(value) or value < 0:
             return  # a clock step: not a latency
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        # Bucket i holds [bounds[i-1], bounds[i]): a value on a bound belongs above it.
+        self.counts[bisect.bisect_right(self.bounds, value)] += 1
         # Welford's update: the API's mean and sum of squared deviation without the values.
         self.count += 1
         delta = value - self.mean
