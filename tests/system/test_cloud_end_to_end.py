@@ -91,6 +91,7 @@ def cloud(request: pytest.FixtureRequest, secret_manager: Any) -> Iterator[Cloud
         "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
         "TOKENBROKER_RETAINED_VERSIONS": "2",
         "TOKENBROKER_SECRET_MANAGER_ENDPOINT": secret_manager.address,
+        "TOKENBROKER_METRICS": "off",
         "TOKENBROKER_RETRY_BASE_DELAY_SECONDS": "0.05",
     }
     if request.param == "aws":

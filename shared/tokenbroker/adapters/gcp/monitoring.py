@@ -121,6 +121,9 @@ class CloudMonitoringExporter:
             except TokenBrokerError:
                 self.failures += 1
                 raise
+            except Exception as error:  # noqa: BLE001 - no credentials (google.auth), a client
+                self.failures += 1  # that cannot be built: a clear error, not a traceback
+                raise translate(error, "Cloud Monitoring") from None
 
     def _write(self, snapshot: Snapshot) -> None:
         from google.cloud import monitoring_v3  # noqa: PLC0415
