@@ -6,7 +6,8 @@ take and return plain values.
 Served by ``functions-framework --asgi`` (uvicorn): measured ~4x the default gthread mode for
 this workload on one core, and the issuer's hot path is async end to end.
 
-Routes: ``POST /token``, ``GET /healthz``, ``/relay/{connection}/{path}``. Anything else: 404.
+Routes: ``POST /token``, ``GET /healthz`` (ready: the instance is built and can serve),
+``GET /livez`` (the process answers), ``/relay/{connection}/{path}``. Anything else: 404.
 
 The caller's credential is the one header the verifier's identity mode names
 (``CallerVerifier.select_authorization``): behind Cloud Run IAM (``platform``) the header the
@@ -219,6 +220,11 @@ async def _receive_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+async def _livez(_: Request) -> Response:
+    """The process answers (liveness): nothing is built or read."""
+    return _json({"status": "alive"})
+
+
 async def _healthz(_: Request) -> Response:
     """Ready only when the instance can serve: built (configuration, policy, stores and, in
     ``verify`` mode, the signing keys); otherwise 503 with the error's code -- never its
@@ -286,6 +292,7 @@ async def _relay_route(request: Request) -> Response:
 _Endpoint = Callable[["Request"], Awaitable["Response"]]
 _ROUTES: dict[str, tuple[tuple[str, ...], _Endpoint]] = {
     "/healthz": (("GET", "HEAD"), _healthz),
+    "/livez": (("GET", "HEAD"), _livez),
     "/token": (("POST",), _token),
 }
 
