@@ -1429,10 +1429,11 @@ def make_client(address: str) -> monitoring_v3.MetricServiceClient:
     The credentials go to the transport: the client refuses ``credentials=`` together with a
     transport instance, and the transport ignores them when given a channel.
     """
-    return _client_over(make_channel(address))
+    return client_over(make_channel(address))
 
 
-def _client_over(channel: Any) -> monitoring_v3.MetricServiceClient:
+def client_over(channel: Any) -> monitoring_v3.MetricServiceClient:
+    """The official client over an existing gRPC ``channel`` (closing it is the caller's)."""
     transport = MetricServiceGrpcTransport(channel=channel, credentials=AnonymousCredentials())
     return monitoring_v3.MetricServiceClient(transport=transport)
 
@@ -1556,7 +1557,7 @@ class MonitoringTestServer:
             raise RuntimeError("start the server first")
         channel = make_channel(self.address)
         self._channels.append(channel)
-        return _client_over(channel)
+        return client_over(channel)
 
     def stop(self) -> None:
         for channel in self._channels:
