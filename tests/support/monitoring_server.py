@@ -22,7 +22,10 @@ Each rule below cites where it comes from. The references:
   every 5 seconds" is quoted from it in GoogleCloudPlatform/docker-clamav-malware-scanner#202
   (2024);
 * [KINDS] https://cloud.google.com/monitoring/api/v3/kinds-and-types (metric kinds and value
-  types; user-defined metrics are GAUGE or CUMULATIVE, DELTA is not offered to them);
+  types; its table of supported combinations, as ``tokenbroker.kernel.metrics`` reads it: DELTA
+  is not offered to user-defined metrics. The stored copy searched for this server did not show
+  the table, so refusing DELTA, STRING and a CUMULATIVE BOOL in CreateMetricDescriptor is the
+  strict reading; for auto-created descriptors [RPC] TimeSeries says it outright);
 * [RESOURCES] https://cloud.google.com/monitoring/api/resources (the labels of each monitored
   resource type), with the label sets used by Google's own exporters
   (GoogleCloudPlatform/opentelemetry-operations-python,
@@ -50,9 +53,13 @@ Each rule below cites where it comes from. The references:
   equals the last one's) and "... an older start time than the most recent point."
   (GoogleCloudPlatform/k8s-stackdriver#432);
   "One or more points were written more frequently than the maximum sampling period configured
-  for the metric." (opencensus-go exporter issue #73 and the Go client's rendering of the
-  details, "total_point_count:4 errors:{status:{code:9} point_count:4}": the summary counts these
-  points under FAILED_PRECONDITION);
+  for the metric." (googleapis/google-cloud-node#5348, 2024;
+  GoogleCloudPlatform/node-red-contrib-google-cloud, ``docs/monitoring.md``), whose status
+  details the Go client renders as "total_point_count:4 errors:{status:{code:9} point_count:4}"
+  (quoted in a public Go service's comment, found by exact-text search; the repository is not
+  named there): the summary counts these points under FAILED_PRECONDITION while the call itself
+  is INVALID_ARGUMENT (one public note reports a REST answer of 400 FAILED_PRECONDITION for the
+  same refusal; this server keeps the gRPC shape);
   "Field timeSeries[4] had an invalid value: Duplicate TimeSeries encountered. Only one point can
   be written per TimeSeries per request." (influxdata/telegraf#13826; the later occurrence is
   the one named, so the first is written);
@@ -82,8 +89,13 @@ Each rule below cites where it comes from. The references:
   request." (census-instrumentation/opencensus-node#634);
   ALREADY_EXISTS "Errors during metric descriptor creation: {(metric: ..., error: The metric
   already exists.)}." for a descriptor of another kind than the existing one
-  (google/exposure-notifications-verification-server#1309, #1357).
+  (google/exposure-notifications-verification-server#1309, #1357;
+  census-ecosystem/opencensus-go-exporter-stackdriver#239).
   Messages not seen anywhere are written in the same shape; the code says so where they are.
+  Older answers put the indices after each message ("...: timeSeries[0]",
+  opentelemetry-operations-java#139, 2022; "...: timeSeries[0-199]",
+  Stackdriver/stackdriver-prometheus-sidecar#251, 2020); this server writes the current shape,
+  indices first.
 
 Partial failure ([RPC] CreateTimeSeries: "The response is empty if all time series in the request
 were written. If any time series could not be written, a corresponding failure message is
@@ -214,7 +226,9 @@ WRITABLE_RESOURCES: Mapping[str, tuple[str, ...]] = {
 }
 #: Writable for user-defined metrics ([CREATING]) but not modelled here: a request naming one is
 #: answered UNIMPLEMENTED, so a test learns the server's limit instead of a wrong answer.
-UNMODELLED_RESOURCES = frozenset({"dataflow_job", "gae_instance", "gke_container", "k8s_service"})
+UNMODELLED_RESOURCES = frozenset(
+    {"dataflow_job", "gae_instance", "gke_container", "k8s_service", "prometheus_target"}
+)
 #: Known Google resource types user-defined metrics cannot be written to (the real answer for
 #: ``cloud_run_revision`` is in the module docstring); any other unknown type is "Unrecognized".
 NOT_WRITABLE_RESOURCES = frozenset(
@@ -227,7 +241,6 @@ NOT_WRITABLE_RESOURCES = frozenset(
         "gcs_bucket",
         "pubsub_topic",
         "pubsub_subscription",
-        "prometheus_target",
     }
 )
 _WHICH_RESOURCE = (

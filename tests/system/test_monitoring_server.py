@@ -261,6 +261,32 @@ def test_list_descriptors_pages(client: Any, metric: str) -> None:
         )
 
 
+def test_list_descriptors_active_only(client: Any, metric: str) -> None:
+    descriptor(client, f"{metric}/idle")
+    descriptor(client, f"{metric}/busy")
+    write(client, series(f"{metric}/busy", ago(60)))
+
+    def types(**request: Any) -> list[str]:
+        query = f'metric.type = starts_with("{metric}/")'
+        pager = client.list_metric_descriptors(
+            request={"name": PROJECT, "filter": query, **request}
+        )
+        return [d.type for d in pager]
+
+    assert types() == [f"{metric}/busy", f"{metric}/idle"]
+    assert types(active_only=True) == [f"{metric}/busy"]
+
+
+def test_time_series_fill_an_empty_unit_only(client: Any, metric: str) -> None:
+    created = descriptor(client, metric)
+    assert created.unit == ""
+    write(client, series(metric, ago(60), unit="By", description="written"))
+    filled = client.get_metric_descriptor(name=created.name)
+    assert (filled.unit, filled.description) == ("By", "written")
+    write(client, series(metric, ago(30), unit="ms", description="again"))
+    assert client.get_metric_descriptor(name=created.name) == filled
+
+
 def test_deleting_a_descriptor_drops_its_data(
     server: MonitoringTestServer, client: Any, metric: str
 ) -> None:
@@ -346,6 +372,15 @@ def test_list_time_series_needs_one_metric_type_and_an_end_time(client: Any, met
             client.list_time_series(
                 request={"name": PROJECT, "filter": query, "interval": interval, "view": FULL}
             )
+    with pytest.raises(exceptions.InvalidArgument, match="startTime must not be later"):
+        client.list_time_series(
+            request={
+                "name": PROJECT,
+                "filter": f'metric.type = "{metric}"',
+                "interval": {"start_time": ago(0), "end_time": ago(60)},
+                "view": FULL,
+            }
+        )
     with pytest.raises(exceptions.InvalidArgument, match="endTime"):
         client.list_time_series(
             request={"name": PROJECT, "filter": f'metric.type = "{metric}"', "view": FULL}
@@ -407,19 +442,21 @@ def test_a_request_needs_series(client: Any) -> None:
 def test_exactly_one_point_per_series(
     server: MonitoringTestServer, client: Any, metric: str
 ) -> None:
-    two = series(metric, ago(60))
+    two = series(metric, ago(60), {"int64_value": 2})
     two["points"] = two["points"] * 2
-    none = series(metric, ago(60), labels={"k": "none"})
+    none = series(metric, ago(60), resource={"type": "generic_task", "labels": TASK_LABELS})
     none["points"] = []
     message, summary = refused(client, two, none)
     assert (
         "Field timeSeries[0].points had an invalid value: Only one point can be written" in message
     )
     assert "Field timeSeries[1].points had an invalid value" in message
-    assert (summary.total_point_count, summary.success_point_count) == (2, 0)
     assert server.series(PROJECT, metric) == []
 
-    write(client, series(metric, ago(60)))
+    # The summary counts points: the refused series' two, and the one written beside them.
+    _, summary = refused(client, two, series(metric, ago(60), {"int64_value": 1}))
+    assert (summary.total_point_count, summary.success_point_count) == (3, 1)
+    assert [(e.status.code, e.point_count) for e in summary.errors] == [(INVALID, 2)]
     assert stored_values(server, metric) == [1]
 
 
@@ -619,6 +656,8 @@ def test_cumulative_intervals_and_resets(
     assert "older start time than the most recent point" in message
     message, _ = refused(client, series(metric, at(300), {"int64_value": 1}, start=at(150)))
     assert "a millisecond after the end time" in message  # a reset may not overlap the last point
+    message, _ = refused(client, series(metric, at(300), {"int64_value": 1}, start=at(200)))
+    assert "a millisecond after the end time" in message  # nor start where the last one ended
     reset = {"seconds": int(base + 200), "nanos": 1_000_000}
     write(client, series(metric, at(300), {"int64_value": 1}, start=reset))
 
