@@ -534,3 +534,33 @@ def test_a_start_that_failed_for_a_passing_reason_is_tried_again(
         assert (await d.token({"connection": "crm"})).status_code == 200
 
     serve(scenario)
+
+
+def test_the_issuers_decisions_reach_cloud_monitoring_never_per_request(
+    serve: Callable[..., None],
+) -> None:
+    """Counted per request in memory, written per interval (and at shutdown) in one request
+    per batch of series: the caller's answer never waits for the Monitoring API."""
+    from tests.support.monitoring_server import MonitoringTestServer
+    from tokenbroker.kernel.metrics import PREFIX
+
+    with MonitoringTestServer() as server:
+
+        async def scenario(d: Deployment) -> None:
+            for _ in range(3):
+                assert (await d.token({"connection": "crm"})).status_code == 200
+            assert (
+                await d.token({"connection": "crm"}, auth("stranger@x.example"))
+            ).status_code == 403
+            assert server.calls["CreateTimeSeries"] == 0  # nothing written on the request path
+
+        serve(scenario, TOKENBROKER_METRICS="cloud-monitoring", TOKENBROKER_GCP_PROJECT="p-iss",
+              TOKENBROKER_MONITORING_ENDPOINT=server.address)  # fmt: skip
+        decisions = {s.metric_labels["outcome"]: [p.value for p in s.points]
+                     for s in server.series("p-iss", PREFIX + "issuer/decisions")}  # fmt: skip
+        assert decisions == {"issued": [1], "cache_hit": [2], "denied": [1]}
+        latency = {s.metric_labels["outcome"]: s.points[-1].value.count
+                   for s in server.series("p-iss", PREFIX + "issuer/latency")}  # fmt: skip
+        assert latency == {"issued": 1, "cache_hit": 2, "denied": 1}
+        (series, *_) = server.series("p-iss", PREFIX + "issuer/decisions")
+        assert series.resource_labels["job"] == "issuer"
