@@ -989,6 +989,14 @@ class Refresher:
                 continue
             to_publish.extend(change.events)
             _count(summary, outcome, change.events)
+            if isinstance(outcome, Succeeded):  # one line per refresh, once it is durable
+                self.log.info(
+                    "credential rotated",
+                    connection_id=lease.connection_id,
+                    version=outcome.version,
+                    expires_at=isoformat(outcome.expires_at),
+                    settled=isinstance(attempt.result, _Settled),
+                )
             if isinstance(attempt.result, _Settled):
                 summary.settled += 1
         if to_publish:
@@ -1036,13 +1044,6 @@ class Refresher:
             change = transition(claim, outcome, now, self.policy, self.rng)
             if isinstance(attempt.result, TokenBrokerError):
                 self._log_failure(cid, attempt.result, change)
-            elif isinstance(outcome, Succeeded):
-                self.log.debug(
-                    "credential rotated",
-                    connection_id=cid,
-                    version=outcome.version,
-                    expires_at=isoformat(outcome.expires_at),
-                )
             changes.append((attempt, lease, outcome, change, promotion))
         return changes
 

@@ -6,6 +6,7 @@ tick hangs for ever (cancelling hangs too)" -- the results queue was bounded at
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -190,3 +191,27 @@ def test_a_store_call_retrying_after_the_halt_does_not_leave_the_workers_paused(
     with pytest.raises(StoreUnavailable):
         asyncio.run(run())
     assert world.state.faltered > 0  # the renewals did falter after the halt
+
+
+def test_one_info_line_per_rotation_and_only_once_it_is_committed(world: World) -> None:
+    """Issue 11: one line per refresh outcome. A rotation is announced once durable; one whose
+    commit failed is reported by the failure line, never as rotated."""
+    from tokenbroker.kernel.log import capture_logs
+
+    ids = _many(world, 5)
+    with capture_logs("info") as log:
+        world.tick()
+    rotated = [json.loads(line) for line in log.getvalue().splitlines()
+               if '"credential rotated"' in line]  # fmt: skip
+    assert sorted(line["connection_id"] for line in rotated) == ids
+    assert all(line["severity"] == "INFO" and line["version"] == 2 for line in rotated)
+
+    world.state = CommitFails(world.clock)
+    world.registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=world.profiles, clock=world.clock
+    )
+    _many(world, 3)
+    with capture_logs("info") as log, pytest.raises(StoreUnavailable):
+        asyncio.run(world.refresher().tick(world.server))  # type: ignore[arg-type]
+    assert '"credential rotated"' not in log.getvalue()
+    assert "refresh results not committed" in log.getvalue()
