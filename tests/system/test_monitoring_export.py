@@ -152,3 +152,16 @@ def test_without_credentials_the_error_is_clear_not_a_traceback() -> None:
     recorder.count("refresh/ticks", "ok")
     with pytest.raises(TokenBrokerError, match="Cloud Monitoring"):
         exporter.write(recorder.snapshot(START + timedelta(minutes=1)))
+
+
+def test_series_no_longer_reported_are_forgotten(
+    server: MonitoringTestServer, exporter: CloudMonitoringExporter
+) -> None:
+    """A fleet whose connections come and go keeps the exporter's memory bounded."""
+    recorder = Recorder(START)
+    recorder.gauges("connection/seconds_to_expiry", {(f"old{n}",): 1.0 for n in range(300)})
+    exporter.write(recorder.snapshot(START + timedelta(minutes=1)))
+    recorder.gauges("connection/seconds_to_expiry", {(f"new{n}",): 1.0 for n in range(5)})
+    exporter.write(recorder.snapshot(START + timedelta(minutes=2)))
+    assert len(exporter._written) <= 5
+    assert len(_points(server, "connection/seconds_to_expiry")) == 305  # all were written

@@ -156,7 +156,12 @@ class Runtime:
             return False
         snapshot = self.metrics.snapshot(self.clock.now())
         try:
-            await asyncio.to_thread(exporter.write, snapshot)
+            # Bounded: a Monitoring API that hangs must not hold the tick's answer (the write
+            # goes on in its thread; the next one waits for it and carries the counts anyway).
+            await asyncio.wait_for(asyncio.to_thread(exporter.write, snapshot), METRICS_WAIT)
+        except TimeoutError:
+            _metrics_log().warning("metrics not written in time", seconds=METRICS_WAIT)
+            return False
         except TokenBrokerError as error:
             _metrics_log().warning("metrics not written", error_code=error.code, error=str(error))
             return False
@@ -175,6 +180,10 @@ class Runtime:
         for resource in self.resources:
             resource.close()
         self.resources.clear()
+
+
+#: Seconds a tick's (or the issuer's) metrics write is waited for.
+METRICS_WAIT = 15.0
 
 
 def _metrics_log() -> Logger:

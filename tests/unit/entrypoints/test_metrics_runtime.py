@@ -150,3 +150,24 @@ def test_a_bad_metrics_setting_names_its_variable(variable: str, value: str) -> 
 
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env({variable: value})
+
+
+def test_a_hung_metrics_write_does_not_hold_the_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from tokenbroker.entrypoints import compose
+
+    runtime, _, _ = _runtime()
+    release = threading.Event()
+
+    class Hung(MemoryMetricsExporter):
+        def write(self, _snapshot: object) -> None:  # type: ignore[override]
+            release.wait(1.0)
+
+    runtime.exporter = Hung()
+    monkeypatch.setattr(compose, "METRICS_WAIT", 0.2)
+    with capture_logs("warning") as log:
+        result = asyncio.run(asyncio.wait_for(observed_tick(runtime, trigger="test"), 5))
+    release.set()
+    assert isinstance(result, TickSummary)
+    assert "metrics not written in time" in log.getvalue()

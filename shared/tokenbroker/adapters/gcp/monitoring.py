@@ -150,6 +150,12 @@ class CloudMonitoringExporter:
                 raise translate(error, "Cloud Monitoring write") from None
             for sample in chunk:
                 self._written[(sample.metric.type, sample.labels)] = snapshot.at
+        # Forget series not written for a while (connections removed, or no longer among the
+        # ones reported): the spacing rule no longer concerns them, and the map stays bounded.
+        if len(self._written) > 2 * len(snapshot.samples) + 64:
+            cutoff = snapshot.at - timedelta(seconds=2 * MIN_SECONDS_BETWEEN_POINTS)
+            for key in [k for k, at in self._written.items() if at < cutoff]:
+                del self._written[key]
 
     def _describe(self, client: Any, metrics: set[Metric]) -> None:
         from google.api import label_pb2, metric_pb2  # noqa: PLC0415
