@@ -194,13 +194,13 @@ locals {
     EOT
 
     issuer_5xx = <<-EOT
-      **What it means.** The share of the issuer's requests that answered 5xx has stayed above ${var.alert_issuer_5xx_ratio} (0.05 is 5%) for 5 minutes (Cloud Run's request count for ${local.functions.issuer}): callers cannot get tokens. The issuer answers 503 when a dependency (Secret Manager, Firestore, a provider) is unavailable; crashes, timeouts and a full instance pool also count here.
+      **What it means.** For 5 minutes, more than a fraction ${var.alert_issuer_5xx_ratio} of the issuer's requests answered 5xx (Cloud Run's request count for ${local.functions.issuer}): callers cannot get tokens. The issuer answers 503 when a dependency (Secret Manager, Firestore, a provider) is unavailable; crashes and timeouts (504) count here too. Requests Cloud Run refuses before an instance sees them (no valid invoker token, every instance busy at `issuer.max_instances`) are not in this count.
 
       **What to do.**
       1. The issuer's logs: `gcloud functions logs read ${local.functions.issuer} --gen2 --region ${var.region} --project ${var.project_id}`: the decision (unavailable, error) and its cause.
       2. `tokenbroker status`: connections that are expired or in needs_reauth cannot be issued from.
       3. The dashboard's issuer decisions and latency: a burst of one caller, or everyone?
-      4. Instances at their maximum: raise `issuer.max_instances`.
+      4. Timeouts under load: more instances (`issuer.max_instances`) or a longer `issuer.timeout_seconds`.
 
       At very low traffic a single failed request is a large fraction: the ratio needs 5 minutes above the threshold before it opens an incident.
 
