@@ -202,6 +202,7 @@ class GcpLocal:
             "TOKENBROKER_BACKEND": "gcp",
             "TOKENBROKER_GCP_PROJECT": self.project,
             "TOKENBROKER_SECRET_MANAGER_ENDPOINT": self.server.address,  # type: ignore[attr-defined]
+            "TOKENBROKER_METRICS": "off",
             "FIRESTORE_EMULATOR_HOST": firestore.host,
             "PUBSUB_EMULATOR_HOST": pubsub.host,
         }

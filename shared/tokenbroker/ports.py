@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from tokenbroker.kernel.errors import CorruptCredential, TokenBrokerError, VersionConflict
 from tokenbroker.kernel.http import HttpResponse, OutboundRequest
+from tokenbroker.kernel.metrics import Snapshot
 from tokenbroker.kernel.model import (
     Caller,
     Claim,
@@ -374,6 +375,22 @@ class EventBus(Protocol):
     """Where connection events go. ``publish`` returns once the events are durably accepted."""
 
     def publish(self, events: Sequence[ConnectionEvent]) -> None: ...
+
+
+@runtime_checkable
+class MetricsExporter(Protocol):
+    """Where metrics go (:mod:`tokenbroker.kernel.metrics`): Cloud Monitoring, or memory.
+
+    ``write`` sends one point per sample of ``snapshot`` (a gauge's value at ``snapshot.at``; a
+    cumulative one from ``snapshot.start``), creating what the destination needs first (metric
+    descriptors) once per exporter; it raises :class:`~.errors.TokenBrokerError` when the
+    destination refused or could not be reached (callers log it and go on: a metrics failure
+    never fails a refresh or an issue). Synchronous, like the stores: called from a worker
+    thread, never per request."""
+
+    def write(self, snapshot: Snapshot) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable

@@ -845,6 +845,7 @@ class GcpDeployment(Deployment):
             "TOKENBROKER_GCP_PROJECT": self.project,
             "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
             "TOKENBROKER_SECRET_MANAGER_ENDPOINT": self.sm_proxy.address,
+            "TOKENBROKER_METRICS": "off",  # metrics have their own tests (test server)
             "FIRESTORE_EMULATOR_HOST": self.fs_proxy.address,
             "PUBSUB_EMULATOR_HOST": self.ps_proxy.address,
         }

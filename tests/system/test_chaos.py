@@ -373,6 +373,7 @@ def test_an_overloaded_provider_is_never_sent_a_consumed_token(suite: SuiteResul
     """Requests the provider processed after the client gave up rotated unseen: unknown
     outcomes, never presented again while their access tokens serve."""
     result = scenario(suite, "overload")
+    assert result.checks["precondition: every connection serves an access token"], result.to_json()
     assert result.checks["no consumed token presented"], result.to_json()
     assert result.checks["the lost ones are at risk, still served"], result.to_json()
 

@@ -111,7 +111,9 @@ def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> Non
     status = cli("status")
     assert status.returncode == 0
     lines = status.stdout.splitlines()
-    assert lines[0].split() == [
+    assert lines[0].startswith("outage budget: ")
+    assert "2 active, 0 at_risk, 0 needs_reauth, 0 disabled; 0 failing" in lines[0]
+    assert lines[1].split() == [
         "CONNECTION",
         "STATUS",
         "EXPIRES",
@@ -119,13 +121,16 @@ def test_connection_lifecycle(cli: Cli, oidc: OidcServer, tmp_path: Path) -> Non
         "LAST",
         "REFRESH",
         "FAILURES",
+        "LAST",
+        "ERROR",
     ]
-    assert lines[1].startswith("crm") and "active" in lines[1]
-    assert lines[2].startswith("svc")
+    assert sorted(line.split()[0] for line in lines[2:]) == ["crm", "svc"]
+    assert all("active" in line for line in lines[2:])
 
     status_json = json.loads(cli("--json", "status").stdout)
-    assert [s["connection"] for s in status_json] == ["crm", "svc"]
-    assert all(s["consecutive_failures"] == 0 for s in status_json)
+    assert sorted(s["connection"] for s in status_json["connections"]) == ["crm", "svc"]
+    assert all(s["consecutive_failures"] == 0 for s in status_json["connections"])
+    assert status_json["fleet"]["outage_budget_seconds"] > 0
 
     refreshed = cli("--json", "refresh", "--all")
     assert refreshed.returncode == 0, refreshed.stderr
@@ -365,7 +370,7 @@ def test_inactive_connections_are_never_refreshed_from_the_cli(cli: Cli, oidc: O
     body = json.loads(everything.stdout)
     assert body["refreshed"] == 1
     assert body["inactive"] == {"dead": "needs_reauth", "off": "disabled"}
-    states = {s["connection"]: s for s in json.loads(cli("--json", "status").stdout)}
+    states = {s["connection"]: s for s in json.loads(cli("--json", "status").stdout)["connections"]}
     assert states["off"]["status"] == "disabled" and states["off"]["current_version"] == 2
     assert states["dead"]["status"] == "needs_reauth"
     assert states["dead"]["consecutive_failures"] == 1  # its dead token was sent once

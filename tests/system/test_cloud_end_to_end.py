@@ -62,6 +62,14 @@ def secret_manager() -> Iterator[Any]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def monitoring() -> Iterator[Any]:
+    from tests.support.monitoring_server import MonitoringTestServer
+
+    with MonitoringTestServer() as server:
+        yield server
+
+
 @dataclass
 class Cloud:
     """One isolated deployment: its own project, topic, subscription and settings."""
@@ -79,7 +87,7 @@ class Cloud:
 
 
 @pytest.fixture(params=["gcp", "aws"])
-def cloud(request: pytest.FixtureRequest, secret_manager: Any) -> Iterator[Cloud]:
+def cloud(request: pytest.FixtureRequest, secret_manager: Any, monitoring: Any) -> Iterator[Cloud]:
     emulator("firestore")
     emulator("pubsub")
     from google.cloud import pubsub_v1
@@ -91,6 +99,7 @@ def cloud(request: pytest.FixtureRequest, secret_manager: Any) -> Iterator[Cloud
         "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
         "TOKENBROKER_RETAINED_VERSIONS": "2",
         "TOKENBROKER_SECRET_MANAGER_ENDPOINT": secret_manager.address,
+        "TOKENBROKER_MONITORING_ENDPOINT": monitoring.address,
         "TOKENBROKER_RETRY_BASE_DELAY_SECONDS": "0.05",
     }
     if request.param == "aws":
@@ -189,7 +198,7 @@ def _secret_manager_states(secret_manager: Any, cloud: Cloud, cid: str) -> dict[
 
 
 def test_scheduled_ticks_rotate_into_the_cloud_stores(
-    cloud: Cloud, short_oidc: OidcServer, secret_manager: Any, tmp_path: Path
+    cloud: Cloud, short_oidc: OidcServer, secret_manager: Any, monitoring: Any, tmp_path: Path
 ) -> None:
     short_oidc.reset_stats()
     ids = _register(cloud, short_oidc, n_refresh=3)
@@ -198,7 +207,9 @@ def test_scheduled_ticks_rotate_into_the_cloud_stores(
         assert httpx.post(url, headers=headers, content=body, timeout=60).status_code == 200
         for cid in ids:
             assert cloud.runtime.secrets.get(cid).version >= 2
-        time.sleep(TTL + 0.5)  # every version-2 access token has now expired
+        # Every version-2 access token has now expired; and the API takes one point per
+        # series every 5 s, so the second tick's metrics are written too.
+        time.sleep(max(TTL + 0.5, 5.5))
         headers, body = _scheduler_event()
         assert httpx.post(url, headers=headers, content=body, timeout=60).status_code == 200
 
@@ -237,6 +248,8 @@ def test_scheduled_ticks_rotate_into_the_cloud_stores(
         + json.dumps([dict(m.attributes) for m in cloud.received]).encode()
     )
     assert [t for t in issued if t.encode() in raw] == []
+
+    _assert_tick_metrics(monitoring, cloud, ids)
 
     if cloud.backend == "gcp":
         # v1 (registration) destroyed by retention (2), v2 expired before v3 was obtained:
@@ -286,3 +299,50 @@ def test_two_refreshers_at_the_same_moment_refresh_each_connection_once(
     assert stats["token_requests_by_grant_type"].get("refresh_token", 0) == len(ids) - 1
     for cid in ids:
         assert cloud.runtime.secrets.get(cid).version == 2
+
+
+def _assert_tick_metrics(monitoring: Any, cloud: Cloud, ids: list[str]) -> None:
+    """The documented series (docs/operations.md), as the refresher function wrote them to the
+    Monitoring test server through the official client: one point per tick."""
+    from tokenbroker.kernel.metrics import PREFIX, REFRESH_OUTCOMES
+
+    project = cloud.env["TOKENBROKER_GCP_PROJECT"]
+
+    def series(name: str) -> dict[tuple[str, ...], Any]:
+        found = monitoring.series(project, PREFIX + name)
+        return {tuple(sorted(s.metric_labels.items())): s for s in found}
+
+    ticks = series("refresh/ticks")
+    assert list(ticks) == [(("result", "ok"),)]
+    (tick,) = ticks.values()
+    assert [p.value for p in tick.points] == [1, 2]
+    resource = tick.resource_labels
+    assert (resource["project_id"], resource["job"]) == (project, "refresher")
+    assert (resource["namespace"], resource["location"]) == ("tokenbroker", "global")
+    assert resource["task_id"]
+    assert tick.points[0].start_time == tick.points[1].start_time  # one process: one count
+
+    outcomes = {labels[0][1]: s for labels, s in series("refresh/outcomes").items()}
+    assert set(outcomes) == set(REFRESH_OUTCOMES)
+    assert [p.value for p in outcomes["rotated"].points] == [len(ids), 2 * len(ids)]
+    for outcome in set(REFRESH_OUTCOMES) - {"rotated"}:
+        assert [p.value for p in outcomes[outcome].points] == [0, 0], outcome
+
+    latency = {
+        dict(labels)["grant"]: s for labels, s in series("refresh/acquisition_latency").items()
+    }
+    assert set(latency) == {"refresh_token", "client_credentials"}
+    assert [p.value.count for p in latency["refresh_token"].points] == [3, 6]
+    assert [p.value.count for p in latency["client_credentials"].points] == [1, 2]
+    assert all(dict(labels)["provider"] == "generic"
+               for labels in series("refresh/acquisition_latency"))  # fmt: skip
+
+    connections = {labels[0][1]: s for labels, s in series("fleet/connections").items()}
+    assert connections["active"].points[-1].value == len(ids)
+    assert connections["needs_reauth"].points[-1].value == 0
+    (budget,) = series("fleet/outage_budget_seconds").values()
+    assert 0 < budget.points[0].value <= TTL
+    expiry = {labels[0][1]: s for labels, s in series("connection/seconds_to_expiry").items()}
+    assert set(expiry) == set(ids)
+    failures = series("connection/consecutive_failures")
+    assert {s.points[-1].value for s in failures.values()} == {0}

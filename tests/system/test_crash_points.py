@@ -93,6 +93,7 @@ def _deployment(
         "TOKENBROKER_GCP_PROJECT": project,
         "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
         "TOKENBROKER_SECRET_MANAGER_ENDPOINT": sm.address,
+        "TOKENBROKER_METRICS": "off",
     }
     if backend == "aws":
         from tests.support.moto_server import moto_endpoint

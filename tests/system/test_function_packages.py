@@ -588,6 +588,7 @@ def gcp_cloud() -> Iterator[tuple[dict[str, str], Any, Any]]:
         "TOKENBROKER_GCP_PROJECT": project,
         "TOKENBROKER_PUBSUB_TOPIC": "tokenbroker-events",
         "TOKENBROKER_SECRET_MANAGER_ENDPOINT": secret_manager.address,
+        "TOKENBROKER_METRICS": "off",
         "FIRESTORE_EMULATOR_HOST": firestore.host,
         "PUBSUB_EMULATOR_HOST": pubsub.host,
         "TOKENBROKER_TEST_CAPTURE_DIR": os.environ.get("TOKENBROKER_TEST_CAPTURE_DIR", "/tmp"),

@@ -9,6 +9,8 @@ during the session (credentials there must be encrypted; events must carry no to
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,45 @@ def test_no_issued_token_appears_in_any_log_output_or_event(
     # The scan looked at real material: many tokens, and a log with rotations in it.
     assert len(tokens) >= 10
     assert b"credential rotated" in log.read_bytes()
+
+
+#: Cloud Logging's LogSeverity names (https://cloud.google.com/logging/docs/reference/v2/rest/v2/LogEntry#logseverity).
+SEVERITIES = {"DEFAULT", "DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL", "ALERT",
+              "EMERGENCY"}  # fmt: skip
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+_TRACE = re.compile(r"projects/[a-z][-a-z0-9.:]{0,99}/traces/[0-9a-f]{32}")
+
+
+def test_every_line_logged_in_the_session_is_cloud_logging_structured_json(
+    capture_dir: Path,
+) -> None:
+    """Every line the library wrote during the session -- this process and every process the
+    tests started -- is one JSON object Cloud Logging reads as a structured entry
+    (https://cloud.google.com/logging/docs/structured-logging): ``severity`` one of LogSeverity,
+    ``message`` a string, ``time`` RFC 3339 in UTC; a trace, when present, in the
+    ``projects/PROJECT/traces/TRACE_ID`` form."""
+    log = capture_dir / "library-log.jsonl"
+    if not log.exists():
+        pytest.skip("no library log captured in this session")
+    problems: list[str] = []
+    lines = log.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            problems.append(f"line {number}: not JSON: {line[:120]!r}")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"line {number}: not an object")
+            continue
+        if entry.get("severity") not in SEVERITIES:
+            problems.append(f"line {number}: severity {entry.get('severity')!r}")
+        if not isinstance(entry.get("message"), str) or not entry["message"]:
+            problems.append(f"line {number}: message {entry.get('message')!r}")
+        if not isinstance(entry.get("time"), str) or not _TIME.fullmatch(entry["time"]):
+            problems.append(f"line {number}: time {entry.get('time')!r}")
+        trace = entry.get("logging.googleapis.com/trace")
+        if trace is not None and not (isinstance(trace, str) and _TRACE.fullmatch(trace)):
+            problems.append(f"line {number}: trace {trace!r}")
+    assert problems == [], "\n".join(problems[:50])
+    assert lines, "the library logged nothing: capture broken"

@@ -20,7 +20,8 @@ from tokenbroker.adapters.secret_store import (
     TransactionalSecretStore,
 )
 from tokenbroker.kernel.clock import SystemClock, WallClock
-from tokenbroker.kernel.errors import AlreadyExists, NotFound
+from tokenbroker.kernel.errors import AlreadyExists, NotFound, TokenBrokerError
+from tokenbroker.kernel.metrics import Snapshot
 from tokenbroker.kernel.model import (
     Claim,
     Connection,
@@ -352,3 +353,23 @@ class MemoryEventBus:
     def publish(self, events: Sequence[ConnectionEvent]) -> None:
         with self._lock:
             self.events.extend(events)
+
+
+class MemoryMetricsExporter:
+    """Keeps every snapshot written (tests, and ``tokenbroker serve`` without a backend);
+    ``fail_with`` makes the next writes raise it (a destination that refuses)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.snapshots: builtins.list[Snapshot] = []
+        self.fail_with: TokenBrokerError | None = None
+        self.closed = False
+
+    def write(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            if self.fail_with is not None:
+                raise self.fail_with
+            self.snapshots.append(snapshot)
+
+    def close(self) -> None:
+        self.closed = True

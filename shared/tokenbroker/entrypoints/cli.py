@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from tokenbroker.entrypoints.compose import Runtime
     from tokenbroker.entrypoints.settings import Settings
     from tokenbroker.oauth.profiles import ProviderProfile
+    from tokenbroker.refresh.fleet import FleetHealth
     from tokenbroker.refresh.registry import ConnectionRegistry
 
 #: A refresh token or client secret is far smaller (Google's are ~100 bytes, a JWT-shaped token
@@ -701,9 +702,15 @@ def refresh(ctx: _Context, connection_ids: tuple[str, ...], all_: bool, due: boo
 @main.command()
 @pass_ctx
 def status(ctx: _Context) -> None:
-    """A table of every connection's health."""
+    """The fleet's health, as the metrics show it: the outage budget (how long consumers keep
+    working if the broker stopped now), then every connection, failing ones first."""
+    from tokenbroker.refresh.fleet import fleet_health  # noqa: PLC0415
+
     records = ctx.runtime.state.list()
     now = ctx.runtime.clock.now()
+    fleet = fleet_health(records, now)
+    by_id = {r.connection.id: r for r in records}
+    ranked = [by_id[c.connection_id] for c in fleet.ranked]
     rows = [
         [
             r.connection.id,
@@ -711,14 +718,46 @@ def status(ctx: _Context) -> None:
             _expires_in(r.state.expires_at, now),
             isoformat(r.state.last_refresh_at) or "-",
             str(r.state.consecutive_failures),
+            r.state.last_error or "-",
         ]
-        for r in records
+        for r in ranked
     ]
-    _emit(
-        ctx,
-        [{"connection": r.connection.id, **r.state.to_json()} for r in records],
-        lambda: _table(["connection", "status", "expires in", "last refresh", "failures"], rows),
-    )
+    summary = fleet.to_json()
+    del summary["ranked"]
+    data = {
+        "fleet": summary,
+        "connections": [
+            {"connection": r.connection.id, "seconds_to_expiry": c.to_json()["seconds_to_expiry"],
+             **r.state.to_json()}
+            for r, c in zip(ranked, fleet.ranked, strict=True)
+        ],
+    }  # fmt: skip
+
+    def human() -> str:
+        table = _table(
+            ["connection", "status", "expires in", "last refresh", "failures", "last error"], rows
+        )
+        return f"{_fleet_line(fleet, now)}\n{table}"
+
+    _emit(ctx, data, human)
+
+
+def _fleet_line(fleet: FleetHealth, now: datetime) -> str:
+    """One line: the outage budget (and the connection that sets it), the counts by status,
+    how many are failing."""
+    budget = fleet.outage_budget_seconds
+    if budget is None:
+        first = "outage budget: none (no connection serves a token that expires)"
+    else:
+        soonest = min(
+            (c for c in fleet.ranked if c.seconds_to_expiry is not None
+             and c.seconds_to_expiry == budget),
+            key=lambda c: c.connection_id,
+        )  # fmt: skip
+        left = _expires_in(now + timedelta(seconds=budget), now)
+        first = f"outage budget: {left} ({soonest.connection_id} expires first)"
+    counts = ", ".join(f"{n} {status}" for status, n in fleet.by_status.items())
+    return f"{first}; {counts}; {len(fleet.failing)} failing"
 
 
 @main.command()
@@ -818,6 +857,9 @@ def serve(
     if not host or len(host) > 255 or not host.isprintable():
         raise _option_error("--host", "must be a host name or address")
     runtime = ctx.runtime
+    from tokenbroker.entrypoints.compose import metrics_exporter  # noqa: PLC0415
+
+    runtime.exporter = metrics_exporter(runtime.settings, "serve")  # a long-lived refresher
     asyncio.run(
         run(
             runtime,

@@ -7,10 +7,13 @@ Adapters are imported here lazily, per backend, so a function pays only for what
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
@@ -24,11 +27,19 @@ from tokenbroker.entrypoints.settings import (
 )
 from tokenbroker.kernel import failpoints
 from tokenbroker.kernel.clock import Clock, SystemClock
-from tokenbroker.kernel.errors import ConfigError
-from tokenbroker.kernel.log import configure_logging
+from tokenbroker.kernel.errors import ConfigError, TokenBrokerError
+from tokenbroker.kernel.log import Logger, configure_logging, get_logger
+from tokenbroker.kernel.metrics import Recorder
 from tokenbroker.kernel.retry import RetryPolicy
 from tokenbroker.oauth.profiles import ProviderProfile, load_profiles
-from tokenbroker.ports import EventBus, RefreshCommitter, SecretStore, StateStore, TokenEndpoint
+from tokenbroker.ports import (
+    EventBus,
+    MetricsExporter,
+    RefreshCommitter,
+    SecretStore,
+    StateStore,
+    TokenEndpoint,
+)
 from tokenbroker.refresh.registry import ConnectionRegistry
 from tokenbroker.refresh.tick import Refresher, TickSummary
 
@@ -51,6 +62,12 @@ class Runtime:
     clock: Clock = field(default_factory=SystemClock)
     #: Whatever must be closed on shutdown (the embedded database).
     resources: list[Any] = field(default_factory=list)
+    #: Where this process counts (:mod:`tokenbroker.kernel.metrics`), and where it writes
+    #: them (``None``: nowhere -- the CLI, or metrics off).
+    metrics: Recorder = field(default_factory=lambda: Recorder(datetime.now(UTC)))
+    exporter: MetricsExporter | None = None
+    #: Monotonic time of the last fleet read (``metrics_fleet_interval_seconds`` apart).
+    _fleet_read_at: float | None = field(default=None, init=False, repr=False)
 
     def refresher(self, **overrides: Any) -> Refresher:
         options: dict[str, Any] = {
@@ -66,6 +83,7 @@ class Runtime:
             "lease_ttl": timedelta(seconds=self.settings.lease_ttl_seconds),
             "concurrency": self.settings.concurrency,
             "committer": self._atomic_committer(),
+            "metrics": self.metrics if self.exporter is not None else None,
         }
         options.update(overrides)
         return Refresher(**options)
@@ -109,10 +127,58 @@ class Runtime:
         async with self.token_endpoint() as http:
             return await refresher.tick(http, connection_ids=connection_ids, limit=limit, **options)
 
+    async def observe_tick(self, summary: TickSummary | None, *, ok: bool) -> None:
+        """After a tick: count it, read the fleet when due, write the metrics (off the event
+        loop). Never raises: metrics never fail the tick they report on."""
+        if self.exporter is None:
+            return
+        from tokenbroker.refresh.fleet import fleet_health, record_fleet, record_tick  # noqa: PLC0415
+
+        record_tick(self.metrics, summary, ok=ok)
+        interval = self.settings.metrics_fleet_interval_seconds
+        now = self.clock.monotonic()
+        if self._fleet_read_at is None or now - self._fleet_read_at >= interval:
+            try:
+                records = await asyncio.to_thread(self.state.list)
+            except TokenBrokerError as error:
+                _metrics_log().warning("fleet not read for metrics", error_code=error.code)
+            else:
+                self._fleet_read_at = now
+                fleet = fleet_health(records, self.clock.now())
+                record_fleet(self.metrics, fleet, limit=self.settings.metrics_connection_limit)
+        await self.export_metrics()
+
+    async def export_metrics(self) -> bool:
+        """Write what the recorder holds now (the snapshot is taken on this thread, the write
+        runs in a worker). ``False`` when nothing was written; the failure is logged."""
+        exporter = self.exporter
+        if exporter is None:
+            return False
+        snapshot = self.metrics.snapshot(self.clock.now())
+        try:
+            await asyncio.to_thread(exporter.write, snapshot)
+        except TokenBrokerError as error:
+            _metrics_log().warning("metrics not written", error_code=error.code, error=str(error))
+            return False
+        except Exception as bug:  # noqa: BLE001 - never into the work the metrics report on
+            _metrics_log().exception(
+                "metrics not written: an unexpected exception", exception_type=type(bug).__name__
+            )
+            return False
+        return True
+
     def close(self) -> None:
+        if self.exporter is not None:
+            with contextlib.suppress(Exception):
+                self.exporter.close()
+            self.exporter = None
         for resource in self.resources:
             resource.close()
         self.resources.clear()
+
+
+def _metrics_log() -> Logger:
+    return get_logger(component="metrics")
 
 
 def start_logging(*, level: str | None = None, default_level: str = "info") -> LogSettings:
@@ -142,8 +208,29 @@ class IssuerService:
     runtime: Runtime
     #: HTTP sessions (IAM Credentials, the token endpoint, the relay's transport).
     sessions: list[_Closable] = field(default_factory=list)
+    #: Writes the issuer's metrics every ``metrics_interval_seconds`` (never per request).
+    metrics_task: asyncio.Task[None] | None = None
+
+    def start_metrics(self) -> None:
+        """Start the metrics writer on the running loop (once; nothing when metrics are off).
+        Behind Cloud Run's request-based billing the CPU is throttled between requests, so a
+        write may happen late: it carries the counts since the last one all the same."""
+        if self.runtime.exporter is not None and self.metrics_task is None:
+            self.metrics_task = asyncio.get_running_loop().create_task(self._write_metrics())
+
+    async def _write_metrics(self) -> None:
+        interval = self.runtime.settings.metrics_interval_seconds
+        while True:
+            await self.runtime.clock.sleep(interval)
+            await self.runtime.export_metrics()
 
     async def aclose(self) -> None:
+        task, self.metrics_task = self.metrics_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.runtime.export_metrics()  # the counts since the last write
         for session in self.sessions:
             await session.aclose()
         self.runtime.close()
@@ -169,7 +256,7 @@ def build_issuer(settings: Settings | None = None) -> IssuerService:
     if settings.policy_file is None:
         raise ConfigError(f"{ENV_POLICY_FILE} is required (deny-by-default policy)")
     policy = load_policy(settings.policy_file)
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, metrics_job="issuer")
     try:
         verifier = IdTokenVerifier(
             audience=settings.issuer_audiences,
@@ -198,6 +285,7 @@ def build_issuer(settings: Settings | None = None) -> IssuerService:
         impersonator=impersonator,
         endpoint=endpoint,
         clock=runtime.clock,
+        metrics=runtime.metrics,
     )
     relay = Relay(
         verifier=verifier,
@@ -226,13 +314,19 @@ def _iam_credentials(settings: Settings) -> IamCredentials:
 
 
 def build_runtime(
-    settings: Settings | None = None, *, clock: Clock | None = None, create: bool = True
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    create: bool = True,
+    metrics_job: str | None = None,
 ) -> Runtime:
     """Build the adapters the settings select (a preset, then per-port overrides).
 
     ``create=False`` opens only state that exists: the embedded backend then refuses a state
     directory without a database (a mistyped ``--state-dir``) instead of creating one and a
-    key. Only ``tokenbroker add`` creates state."""
+    key. Only ``tokenbroker add`` creates state. ``metrics_job`` (``refresher``, ``issuer``,
+    ``serve``): the process writes metrics under that job, when the settings send them
+    anywhere; without it (the CLI), nothing is written."""
     settings = settings or Settings.from_env()
     profiles = load_profiles(settings.profiles_file)
     adapters = _Adapters(settings, create=create)
@@ -244,8 +338,32 @@ def build_runtime(
     except BaseException:
         adapters.close()
         raise
-    return Runtime(
+    runtime = Runtime(
         settings, secrets, state, events, profiles, clock or SystemClock(), adapters.resources
+    )
+    if metrics_job is not None:
+        runtime.exporter = metrics_exporter(settings, metrics_job)
+    return runtime
+
+
+def metrics_exporter(settings: Settings, job: str) -> MetricsExporter | None:
+    """The exporter the settings choose for a process of ``job`` (``None``: metrics off). The
+    adapter module is light; the client library is imported at the first write."""
+    if settings.metrics_destination == "off":
+        return None
+    from tokenbroker.adapters.gcp.monitoring import CloudMonitoringExporter  # noqa: PLC0415
+
+    instance = uuid.uuid4().hex[:16]
+    task_id = f"{settings.k_revision}-{instance}" if settings.k_revision else instance
+    return CloudMonitoringExporter(
+        project=settings.project,
+        resource={
+            "location": settings.region,
+            "namespace": settings.metrics_namespace,
+            "job": job,
+            "task_id": task_id,
+        },
+        endpoint=settings.monitoring_endpoint,
     )
 
 

@@ -148,8 +148,9 @@ async def observed_tick(
         health.tick_started(started)
     result: TickSummary | TokenBrokerError
     counts: dict[str, Any] = {}
+    seen: TickSummary | None = None
     try:
-        summary = await runtime.tick(connection_ids=connection_ids, **options)
+        summary = seen = await runtime.tick(connection_ids=connection_ids, **options)
     except TokenBrokerError as error:
         result = error
     except Exception as bug:  # a bug: logged with its traceback, counted, contained
@@ -163,6 +164,7 @@ async def observed_tick(
         result = TickIncomplete(f"tick incomplete: {problem}") if problem else summary
     ended = clock.monotonic()
     failure = result if isinstance(result, TokenBrokerError) else None
+    await runtime.observe_tick(seen, ok=failure is None)
     if health is not None:
         health.tick_ended(ended, failure)
     counts["seconds"] = round(ended - started, 3)

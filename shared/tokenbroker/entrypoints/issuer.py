@@ -6,7 +6,8 @@ take and return plain values.
 Served by ``functions-framework --asgi`` (uvicorn): measured ~4x the default gthread mode for
 this workload on one core, and the issuer's hot path is async end to end.
 
-Routes: ``POST /token``, ``GET /healthz``, ``/relay/{connection}/{path}``. Anything else: 404.
+Routes: ``POST /token``, ``GET /healthz`` (ready: the instance is built and can serve),
+``GET /livez`` (the process answers), ``/relay/{connection}/{path}``. Anything else: 404.
 
 The caller's credential is the one header the verifier's identity mode names
 (``CallerVerifier.select_authorization``): behind Cloud Run IAM (``platform``) the header the
@@ -36,20 +37,46 @@ if TYPE_CHECKING:
 
 _service: IssuerService | None = None
 _lock = asyncio.Lock()
+#: Why the instance could not be built, and until when (loop time) that answer stands: a
+#: passing failure (a store or key server down at start) for :data:`RETRY_BUILD_SECONDS`; a
+#: misconfiguration is tried again with the next request (and logged again only if the
+#: reason changed).
+_unready: tuple[TokenBrokerError, float] | None = None
+RETRY_BUILD_SECONDS = 5.0
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 #: The longest a request body may take to arrive, once its headers have.
 BODY_READ_SECONDS = 10.0
 
 
 async def build() -> tuple[TokenIssuer, Relay]:
-    """The instance's issuer and relay, built on the first request (cold start) and reused."""
-    global _service  # noqa: PLW0603 - one per function instance, by design
+    """The instance's issuer and relay, built on the first request (cold start) and reused.
+    A build that fails is logged once, with what to fix, and its error answers every request
+    until it may be tried again (:data:`_unready`); ``/healthz`` then says so."""
+    global _service, _unready  # noqa: PLW0603 - one per function instance, by design
     service = _service
     if service is None:
         async with _lock:
             service = _service  # built by whoever held the lock before us?
             if service is None:
-                service = _service = await asyncio.to_thread(_assemble)
+                loop = asyncio.get_running_loop()
+                if _unready is not None and loop.time() < _unready[1]:
+                    raise _unready[0]
+                try:
+                    service = await asyncio.to_thread(_assemble)
+                except TokenBrokerError as error:
+                    # A passing failure (a store, the key server) is tried again after a
+                    # wait; a misconfiguration at once (it fails fast, and a fixed
+                    # environment takes effect without a restart).
+                    wait = RETRY_BUILD_SECONDS if error.retryable else 0.0
+                    if _unready is None or _unready[0].message != error.message:
+                        get_logger(component="issuer").error(
+                            "issuer not ready: cannot start", error_code=error.code,
+                            error=error.message, retryable=error.retryable,
+                        )  # fmt: skip
+                    _unready = (error, loop.time() + wait)
+                    raise
+                _service, _unready = service, None
+                service.start_metrics()
     return service.issuer, service.relay
 
 
@@ -64,9 +91,9 @@ async def shutdown() -> None:
     """Close what the instance opened (HTTP sessions, the stores) and forget it: the next
     request builds afresh. A server's shutdown hook; also what tests call between event loops,
     since an HTTP session belongs to the loop that opened it."""
-    global _service
+    global _service, _unready
     async with _lock:
-        service, _service = _service, None
+        service, _service, _unready = _service, None, None
     if service is not None:
         await service.aclose()
 
@@ -193,7 +220,23 @@ async def _receive_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+async def _livez(_: Request) -> Response:
+    """The process answers (liveness): nothing is built or read."""
+    return _json({"status": "alive"})
+
+
 async def _healthz(_: Request) -> Response:
+    """Ready only when the instance can serve: built (configuration, policy, stores and, in
+    ``verify`` mode, the signing keys); otherwise 503 with the error's code -- never its
+    detail, which the log has."""
+    try:
+        await build()
+    except TokenBrokerError as error:
+        return _json(
+            {"status": "unready", "error": error.code},
+            503,
+            {**_NO_STORE, "Retry-After": str(int(RETRY_BUILD_SECONDS))},
+        )
     return _json({"status": "ok"})
 
 
@@ -249,6 +292,7 @@ async def _relay_route(request: Request) -> Response:
 _Endpoint = Callable[["Request"], Awaitable["Response"]]
 _ROUTES: dict[str, tuple[tuple[str, ...], _Endpoint]] = {
     "/healthz": (("GET", "HEAD"), _healthz),
+    "/livez": (("GET", "HEAD"), _livez),
     "/token": (("POST",), _token),
 }
 

@@ -60,7 +60,7 @@ def runtime() -> Runtime:
         with _lock:
             if _runtime is None:
                 start_logging()
-                _runtime = build_runtime()
+                _runtime = build_runtime(metrics_job="refresher")
     return _runtime
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -66,9 +67,23 @@ ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
 #: Test-only: failpoints to arm (``kernel/failpoints.py``); unset in production.
 ENV_FAILPOINTS = "TOKENBROKER_FAILPOINTS"
 ENV_LOG_FILE = "TOKENBROKER_LOG_FILE"
+#: Where metrics go: ``cloud-monitoring`` (the gcp and aws presets' choice) or ``off``.
+ENV_METRICS = "TOKENBROKER_METRICS"
+#: ``host:port`` of a Cloud Monitoring test server (insecure channel); never in production.
+ENV_MONITORING_ENDPOINT = "TOKENBROKER_MONITORING_ENDPOINT"
+ENV_METRICS_INTERVAL = "TOKENBROKER_METRICS_INTERVAL_SECONDS"
+ENV_METRICS_FLEET_INTERVAL = "TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS"
+ENV_METRICS_CONNECTION_LIMIT = "TOKENBROKER_METRICS_CONNECTION_LIMIT"
+#: The ``namespace`` and ``location`` labels of the metrics' monitored resource (Terraform
+#: sets the module's name and the region).
+ENV_METRICS_NAMESPACE = "TOKENBROKER_METRICS_NAMESPACE"
+ENV_REGION = "TOKENBROKER_REGION"
 #: Google's own variables, read here too so that nothing else reads the environment.
 ENV_GOOGLE_CLOUD_PROJECT = "GOOGLE_CLOUD_PROJECT"
 ENV_XDG_STATE_HOME = "XDG_STATE_HOME"
+#: Cloud Run's revision name (https://cloud.google.com/run/docs/container-contract#env-vars):
+#: part of each instance's metrics ``task_id``.
+ENV_K_REVISION = "K_REVISION"
 #: ``host:port`` of a Secret Manager test server (insecure channel); never in production.
 ENV_SECRET_MANAGER_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
 #: The Firestore emulator's ``host:port``: Google's own variable, which the client library
@@ -91,6 +106,10 @@ SECRET_STORES = ("embedded", "memory", "secret-manager", "aws-secrets-manager")
 STATE_STORES = ("embedded", "memory", "firestore")
 EVENT_BUSES = ("outbox", "memory", "pubsub")
 CALLER_IDENTITIES = ("platform", "verify")
+METRICS_DESTINATIONS = ("off", "cloud-monitoring")
+#: The metrics destination of each preset (``TOKENBROKER_METRICS`` overrides it).
+BACKEND_METRICS = {"embedded": "off", "memory": "off", "gcp": "cloud-monitoring",
+                   "aws": "cloud-monitoring"}  # fmt: skip
 #: How many URLs the issuer may answer on (a gen2 function has two; custom domains add more).
 MAX_AUDIENCES = 16
 
@@ -186,6 +205,17 @@ class Settings:
     policy_file: Path | None = None
     iam_credentials_endpoint: str = "https://iamcredentials.googleapis.com"
     iam_access_token: Secret | None = None
+    #: Metrics: where (``None``: the preset's choice), how often the issuer writes, how often
+    #: the refresher reads the whole fleet for its gauges (0: every tick), how many
+    #: connections the per-connection gauges report; the resource's namespace and location.
+    metrics: str | None = None
+    monitoring_endpoint: str | None = None
+    metrics_interval_seconds: float = 60.0
+    metrics_fleet_interval_seconds: float = 300.0
+    metrics_connection_limit: int = 200
+    metrics_namespace: str = "tokenbroker"
+    region: str = "global"
+    k_revision: str | None = None
     #: ``GOOGLE_CLOUD_PROJECT``: the project when ``TOKENBROKER_GCP_PROJECT`` is not set.
     google_cloud_project: str | None = None
     #: ``XDG_STATE_HOME``: where the default state directory goes.
@@ -196,6 +226,10 @@ class Settings:
         """(secret store, state store, event bus) after overrides."""
         secrets, state, events = BACKENDS[self.backend]
         return (self.secret_store or secrets, self.state_store or state, self.event_bus or events)
+
+    @property
+    def metrics_destination(self) -> str:
+        return self.metrics or BACKEND_METRICS[self.backend]
 
     @property
     def project(self) -> str:
@@ -250,6 +284,7 @@ class Settings:
             (self.state_store, STATE_STORES, ENV_STATE_STORE),
             (self.event_bus, EVENT_BUSES, ENV_EVENT_BUS),
             (self.caller_identity, CALLER_IDENTITIES, ENV_CALLER_IDENTITY),
+            (self.metrics, METRICS_DESTINATIONS, ENV_METRICS),
         ]
         for value, allowed, variable in choices:
             if value is not None and value not in allowed:
@@ -258,6 +293,17 @@ class Settings:
         for bound in BOUNDS:
             bound.check(getattr(self, bound.field))
         _check_audiences(self.issuer_audiences)
+        for value, variable in ((self.metrics_namespace, ENV_METRICS_NAMESPACE),
+                                (self.region, ENV_REGION)):  # fmt: skip
+            if not _LABEL_VALUE.fullmatch(value):
+                raise ConfigError(
+                    f"{variable}: {_shown(value)} is not a label value (1-100 letters, digits,"
+                    " '-', '_' or '.')"
+                )
+
+
+#: A metrics resource label value we write (Cloud Monitoring allows more; ours are names).
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 def _check_audiences(audiences: tuple[str, ...]) -> None:
@@ -356,6 +402,27 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("retry_attempts", ENV_RETRY_ATTEMPTS, 1, 10, "attempts per connection per tick"),
     Bound("retry_base_delay", ENV_RETRY_BASE_DELAY, 0, 60, "seconds of backoff base"),
     Bound("retained_versions", ENV_RETAINED_VERSIONS, 2, 100, "credential versions kept"),
+    Bound(
+        "metrics_interval_seconds",
+        ENV_METRICS_INTERVAL,
+        10,
+        3600,
+        "seconds between the issuer's metric writes (the API takes one point per 5 s)",
+    ),
+    Bound(
+        "metrics_fleet_interval_seconds",
+        ENV_METRICS_FLEET_INTERVAL,
+        0,
+        86_400,
+        "seconds between fleet reads (one state read per connection)",
+    ),
+    Bound(
+        "metrics_connection_limit",
+        ENV_METRICS_CONNECTION_LIMIT,
+        0,
+        1000,
+        "connections on the per-connection gauges",
+    ),
 )
 
 
@@ -403,6 +470,14 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("policy_file", ENV_POLICY_FILE, Path),
     ("iam_credentials_endpoint", ENV_IAM_CREDENTIALS_ENDPOINT, str.strip),
     ("iam_access_token", ENV_IAM_ACCESS_TOKEN, Secret),
+    ("metrics", ENV_METRICS, lambda v: v.strip().lower()),
+    ("monitoring_endpoint", ENV_MONITORING_ENDPOINT, str.strip),
+    ("metrics_interval_seconds", ENV_METRICS_INTERVAL, float),
+    ("metrics_fleet_interval_seconds", ENV_METRICS_FLEET_INTERVAL, float),
+    ("metrics_connection_limit", ENV_METRICS_CONNECTION_LIMIT, int),
+    ("metrics_namespace", ENV_METRICS_NAMESPACE, str.strip),
+    ("region", ENV_REGION, str.strip),
+    ("k_revision", ENV_K_REVISION, str.strip),
     ("google_cloud_project", ENV_GOOGLE_CLOUD_PROJECT, str.strip),
     ("xdg_state_home", ENV_XDG_STATE_HOME, Path),
 ]

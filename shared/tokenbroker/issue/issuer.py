@@ -51,6 +51,7 @@ from tokenbroker.kernel.errors import (
     TokenBrokerError,
 )
 from tokenbroker.kernel.log import LineTemplate, get_logger
+from tokenbroker.kernel.metrics import Recorder
 from tokenbroker.kernel.model import (
     Connection,
     ConnectionRecord,
@@ -242,6 +243,7 @@ class TokenIssuer:
         clock: Clock | None = None,
         cache_size: int = 10_000,
         rng: random.Random | None = None,
+        metrics: Recorder | None = None,
         lease_ttl: timedelta = timedelta(seconds=30),
     ) -> None:
         self.verifier = verifier
@@ -271,8 +273,10 @@ class TokenIssuer:
         self._records = LiveRecords(state, denied=DENIED, on_stop=self._forget)
         self.secret_reads = 0
         self.issued = 0
-        #: Decisions by audit outcome (issued, cache_hit, denied, ...), for the metrics.
+        #: Decisions by audit outcome (issued, cache_hit, denied, ...); the same, with their
+        #: latencies, in ``metrics`` (``issuer/decisions``, ``issuer/latency``).
         self.decisions: Counter[str] = Counter()
+        self.metrics = metrics if metrics is not None else Recorder(self.clock.now())
         self._lines: dict[tuple[Any, ...], LineTemplate] = {}
         self.log = get_logger(component="issuer")
 
@@ -305,10 +309,13 @@ class TokenIssuer:
         """The decision's line: who asked, for what, what they got (scope, lifetime, never
         the token), the outcome and its reason, and how long it took. The same outcomes
         count in ``decisions`` for the metrics."""
-        self.decisions[audit.outcome] += 1
+        outcome = audit.outcome
+        self.decisions[outcome] += 1
         token = audit.token
         now = self.clock.now()
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.metrics.count("issuer/decisions", outcome)
+        self.metrics.observe("issuer/latency", latency_ms, outcome)
         if token is not None:  # issued or a cache hit: the same line but for two numbers
             line = self._line(audit, audit.outcome, token)
             line.emit_values(token.expires_in(now), latency_ms)
@@ -369,6 +376,8 @@ class TokenIssuer:
         self.issued += 1
         self.decisions["cache_hit"] += 1
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.metrics.count("issuer/decisions", "cache_hit")
+        self.metrics.observe("issuer/latency", latency_ms, "cache_hit")
         ticket.line.emit_values(token.expires_in(now), latency_ms)
         return token
 

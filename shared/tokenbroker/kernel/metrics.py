@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -110,7 +109,10 @@ ISSUER_OUTCOMES = (
     "unavailable",
     "error",
 )
-CONNECTION_STATUSES = ("active", "needs_reauth", "disabled", "pending")
+#: ``fleet/connections`` statuses: the connection statuses, with the active connections whose
+#: last refresh outcome is unknown counted apart (``at_risk``: served until shortly before
+#: expiry, then presented once more).
+CONNECTION_STATUSES = ("active", "at_risk", "needs_reauth", "disabled")
 #: Upper bounds (ms) of the latency distributions' buckets; one more bucket for above.
 LATENCY_BOUNDS_MS: tuple[float, ...] = (
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000,
@@ -176,7 +178,8 @@ class Distribution:
     def add(self, value: float) -> None:
         if not math.isfinite(value) or value < 0:
             return  # a clock step: not a latency
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        # Bucket i holds [bounds[i-1], bounds[i]): a value on a bound belongs above it.
+        self.counts[bisect.bisect_right(self.bounds, value)] += 1
         # Welford's update: the API's mean and sum of squared deviation without the values.
         self.count += 1
         delta = value - self.mean
@@ -214,45 +217,45 @@ class Snapshot:
 
 
 class Recorder:
-    """Counters, distributions and gauges in memory (thread-safe; cheap enough for the issuer's
-    hot path: one dict update under a lock). ``start`` is when cumulative counts began."""
+    """Counters, distributions and gauges in memory, for one thread: the event loop records
+    and takes snapshots (no lock: a dict update costs the issuer's hot path ~0.2 µs). Only
+    the exporter's write runs in a worker thread, on the snapshot's copies. ``start`` is when
+    cumulative counts began (the process's start)."""
 
     def __init__(self, start: datetime) -> None:
         self.start = start
-        self._lock = threading.Lock()
         self._counters: dict[tuple[str, tuple[str, ...]], int] = {}
         self._distributions: dict[tuple[str, tuple[str, ...]], Distribution] = {}
-        self._gauges: dict[tuple[str, tuple[str, ...]], int | float] = {}
+        self._gauges: dict[str, dict[tuple[str, ...], int | float]] = {}
 
     def count(self, name: str, *labels: str, by: int = 1) -> None:
         key = (name, labels)
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + by
+        self._counters[key] = self._counters.get(key, 0) + by
 
     def observe(self, name: str, value: float, *labels: str) -> None:
         key = (name, labels)
-        with self._lock:
-            found = self._distributions.get(key)
-            if found is None:
-                found = self._distributions[key] = Distribution()
-            found.add(value)
+        found = self._distributions.get(key)
+        if found is None:
+            found = self._distributions[key] = Distribution()
+        found.add(value)
 
     def gauges(self, name: str, values: Mapping[tuple[str, ...], int | float]) -> None:
         """Replace every series of gauge ``name`` by ``values`` (label values -> value): a
         gauge reports the state now, and a series no longer reported is no longer written."""
-        with self._lock:
-            for key in [k for k in self._gauges if k[0] == name]:
-                del self._gauges[key]
-            for labels, value in values.items():
-                self._gauges[(name, labels)] = value
+        metric(name)  # a name outside the catalogue is a bug, found here rather than at export
+        self._gauges[name] = dict(values)
+
+    def gauge(self, name: str, value: int | float | None) -> None:
+        """A gauge without labels; ``None`` stops writing it (nothing to report)."""
+        self.gauges(name, {} if value is None else {(): value})
 
     def snapshot(self, at: datetime) -> Snapshot:
-        with self._lock:
-            samples = [
-                *(Sample(metric(n), ls, v) for (n, ls), v in self._counters.items()),
-                *(Sample(metric(n), ls, d.copy()) for (n, ls), d in self._distributions.items()),
-                *(Sample(metric(n), ls, v) for (n, ls), v in self._gauges.items()),
-            ]
+        samples = [
+            *(Sample(metric(n), ls, v) for (n, ls), v in self._counters.items()),
+            *(Sample(metric(n), ls, d.copy()) for (n, ls), d in self._distributions.items()),
+            *(Sample(metric(n), ls, v) for n, series in self._gauges.items()
+              for ls, v in series.items()),
+        ]  # fmt: skip
         return Snapshot(self.start, at, tuple(samples))
 
 

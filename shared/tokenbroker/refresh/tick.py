@@ -69,9 +69,11 @@ from tokenbroker.kernel.errors import (
 )
 from tokenbroker.kernel.failpoints import failpoint
 from tokenbroker.kernel.log import get_logger
+from tokenbroker.kernel.metrics import Recorder
 from tokenbroker.kernel.model import (
     UNREFRESHED_GRANTS,
     Claim,
+    Connection,
     ConnectionEvent,
     Credential,
     EventType,
@@ -310,6 +312,7 @@ class Refresher:
         commit_batch: int = 500,
         committer: RefreshCommitter | None = None,
         rng: random.Random | None = None,
+        metrics: Recorder | None = None,
     ) -> None:
         if lease_guard >= lease_ttl:
             raise ConfigError(
@@ -340,7 +343,11 @@ class Refresher:
         #: one store holds both: the composition root passes the embedded one).
         self.committer = committer or StoreCommitter(secrets, state)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        #: Where token requests' latencies are counted (``refresh/acquisition_latency``).
+        self.metrics = metrics
         self._committing: asyncio.Event | None = None
+        #: Store calls retrying now (the workers pause while there is one).
+        self._retrying = 0
         self._halt: list[TokenBrokerError] = []
         self.log = get_logger(component="refresher")
 
@@ -361,6 +368,7 @@ class Refresher:
         now = self.clock.now()
         summary = TickSummary()
         self._halt = []
+        self._retrying = 0
         await self._relay_parked_events(summary)
         asked = self.clock.monotonic()
         if connection_ids is None:
@@ -430,13 +438,19 @@ class Refresher:
         """A store call in a worker thread, retried with backoff while it is retryable
         (``retry_policy``, default ``store_retry``).
 
-        While a store call is retrying, ``self._committing`` is cleared so workers pause:
-        refresh tokens sent now would produce results that may not be storable.
+        While any store call is retrying, ``self._committing`` is cleared so workers pause:
+        refresh tokens sent now would produce results that may not be storable. It is set
+        again when the last retrying call ends, and whenever the tick halts (the workers then
+        see the halt and stop): a call that starts retrying after the halt never pauses them.
         """
+        retrying = False
 
         def on_retry(attempt: int, error: TokenBrokerError, _wait: float) -> None:
-            if self._committing is not None:
-                self._committing.clear()
+            nonlocal retrying
+            if not retrying:
+                retrying = True
+                self._retrying += 1
+            self._pause_if_retrying()
             self.log.warning(
                 "store call retrying", operation=what, attempt=attempt, error_code=error.code
             )
@@ -450,9 +464,19 @@ class Refresher:
                 on_retry,
             )
         finally:
-            if self._committing is not None and not self._halt:
-                self._committing.set()
+            if retrying:
+                self._retrying -= 1
+            self._pause_if_retrying()
         return result
+
+    def _pause_if_retrying(self) -> None:
+        """Workers pause while a store call retries, unless the tick has halted."""
+        if self._committing is None:
+            return
+        if self._retrying > 0 and not self._halt:
+            self._committing.clear()
+        else:
+            self._committing.set()
 
     async def _renew(self, items: list[tuple[Lease, Intent | None]]) -> list[Lease | None]:
         intents = [intent for _, intent in items]
@@ -634,11 +658,13 @@ class Refresher:
                 failpoint("intent.durable")
             attempted_at = self.clock.now()
             leases.in_flight.add(cid)
+            sent = self.clock.monotonic()
             try:
                 response = await request_token(
                     run.endpoint, connection, profile, stored.credential, attempted_at
                 )
             except TokenBrokerError as error:
+                self._acquired(connection, sent)
                 ended = self._after_error(
                     _Attempt(claim, stored, error, attempted_at, intent=intent, permit=True),
                     number,
@@ -662,8 +688,21 @@ class Refresher:
                 number += 1
                 continue
             failpoint("answer.received")
+            self._acquired(connection, sent)
             attempt = self._answered(claim, stored, response, attempted_at)
             return await self._staged(run, attempt, intent)
+
+    def _acquired(self, connection: Connection, sent: float) -> None:
+        """Count one token request's latency, answered or not (a timeout counts as long as it
+        lasted), by the connection's provider profile and grant."""
+        if self.metrics is not None:
+            elapsed_ms = (self.clock.monotonic() - sent) * 1000
+            self.metrics.observe(
+                "refresh/acquisition_latency",
+                elapsed_ms,
+                connection.profile,
+                connection.grant.value,
+            )
 
     def _after_error(
         self, attempt: _Attempt, number: int, *, rotating: bool, summary: TickSummary
@@ -950,6 +989,14 @@ class Refresher:
                 continue
             to_publish.extend(change.events)
             _count(summary, outcome, change.events)
+            if isinstance(outcome, Succeeded):  # one line per refresh, once it is durable
+                self.log.info(
+                    "credential rotated",
+                    connection_id=lease.connection_id,
+                    version=outcome.version,
+                    expires_at=isoformat(outcome.expires_at),
+                    settled=isinstance(attempt.result, _Settled),
+                )
             if isinstance(attempt.result, _Settled):
                 summary.settled += 1
         if to_publish:
@@ -997,13 +1044,6 @@ class Refresher:
             change = transition(claim, outcome, now, self.policy, self.rng)
             if isinstance(attempt.result, TokenBrokerError):
                 self._log_failure(cid, attempt.result, change)
-            elif isinstance(outcome, Succeeded):
-                self.log.debug(
-                    "credential rotated",
-                    connection_id=cid,
-                    version=outcome.version,
-                    expires_at=isoformat(outcome.expires_at),
-                )
             changes.append((attempt, lease, outcome, change, promotion))
         return changes
 

@@ -563,3 +563,72 @@ def test_serve_on_an_address_this_host_lacks_names_the_host() -> None:
 def test_serve_max_tick_age_below_the_interval_is_refused() -> None:
     result = invoke(["--backend", "memory", "serve", "--interval", "10", "--max-tick-age", "5"])
     assert_refused(result, "--max-tick-age")
+
+
+# --- status: the fleet as the metrics show it ------------------------------------------------
+
+
+def test_status_shows_the_outage_budget_first_and_failing_connections_first(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from tokenbroker.adapters.embedded import new_key_text
+    from tokenbroker.entrypoints.compose import build_runtime
+    from tokenbroker.entrypoints.settings import Settings
+    from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
+    from tokenbroker.kernel.secret import Secret
+
+    key = new_key_text()
+    state = tmp_path / "state"
+    runtime = build_runtime(
+        Settings(backend="embedded", state_dir=state, encryption_key=Secret(key))
+    )
+    registry = runtime.registry()
+    now = runtime.clock.now()
+    shape = {  # id -> (seconds to expiry, failures, status)
+        "healthy": (3000, 0, ConnectionStatus.ACTIVE),
+        "soon": (420, 0, ConnectionStatus.ACTIVE),
+        "flaky": (2000, 2, ConnectionStatus.ACTIVE),
+        "dead": (100, 5, ConnectionStatus.NEEDS_REAUTH),
+        "off": (50, 0, ConnectionStatus.DISABLED),
+    }
+    for cid, (left, failures, status) in shape.items():
+        registry.register(
+            Connection(id=cid, profile="generic", grant=GrantType.REFRESH_TOKEN,
+                       client_id="c", token_url=FAKE_URL),
+            Credential(refresh_token=Secret(f"rt-{cid}"), client_secret=Secret(CLIENT_SECRET)),
+        )  # fmt: skip
+        current = runtime.state.get(cid).state
+        runtime.state.put_state(
+            cid,
+            replace(current, status=status, consecutive_failures=failures,
+                    expires_at=now + timedelta(seconds=left),
+                    last_error="invalid_grant" if failures else None),
+        )  # fmt: skip
+    runtime.close()
+    env = {"TOKENBROKER_ENCRYPTION_KEY": key}
+
+    shown = invoke(["--state-dir", str(state), "status"], env=env)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    # "dead" still serves its last token for 100 s: that is how long consumers have.
+    assert lines[0].startswith("outage budget: 1m")
+    assert "(dead expires first)" in lines[0]
+    assert "3 active, 0 at_risk, 1 needs_reauth, 1 disabled; 2 failing" in lines[0]
+    assert lines[1].split()[:2] == ["CONNECTION", "STATUS"]
+    assert [line.split()[0] for line in lines[2:]] == ["dead", "flaky", "off", "soon", "healthy"]
+    assert "invalid_grant" in lines[2]
+
+    body = json.loads(invoke(["--json", "--state-dir", str(state), "status"], env=env).stdout)
+    fleet = body["fleet"]
+    assert 95 <= fleet["outage_budget_seconds"] <= 100
+    assert fleet["connections"] == {"active": 3, "at_risk": 0, "needs_reauth": 1, "disabled": 1}
+    assert fleet["failing"] == 2
+    assert [c["connection"] for c in body["connections"]] == [
+        "dead", "flaky", "off", "soon", "healthy",
+    ]  # fmt: skip
+    assert body["connections"][0]["status"] == "needs_reauth"
+    assert body["connections"][0]["consecutive_failures"] == 5
+    assert CLIENT_SECRET not in shown.stdout and "rt-dead" not in shown.stdout

@@ -403,7 +403,7 @@ def test_configuration_errors_are_a_bare_500_and_not_remembered(
         assert broken.status_code == 500
         assert broken.json() == {"error": "server_error", "error_description": "internal error"}
         assert "TOKENBROKER" not in broken.text  # a public surface: the variable stays in the log
-        assert (await d.client.get("/healthz")).status_code == 200
+        assert (await d.client.get("/healthz")).status_code == 503  # not ready
         monkeypatch.setenv("TOKENBROKER_POLICY_FILE", str(tmp_path / "policy.toml"))
         fixed = await d.token({"connection": "crm"})
         assert fixed.status_code == 200, fixed.text  # the failed cold start was not kept
@@ -472,3 +472,95 @@ def test_the_relay_refuses_before_reading_or_sending(serve: Callable[..., None])
         assert d.api.received == []  # nothing refused reached the provider
 
     serve(scenario)
+
+
+# --- readiness ------------------------------------------------------------------------------
+
+
+def test_a_misconfigured_issuer_is_not_ready_and_says_why_once_in_the_log(
+    serve: Callable[..., None], tmp_path: Path
+) -> None:
+    """Found: a misconfigured issuer answered 500 with an empty log while /healthz said ok."""
+    from tokenbroker.kernel.log import flush
+
+    log = tmp_path / "issuer.log"  # the issuer configures its own logging when it starts
+
+    async def scenario(d: Deployment) -> None:
+        health = await d.client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "unready", "error": "invalid_config"}
+        assert health.headers["retry-after"] == "5"
+        for _ in range(3):
+            token = await d.token({"connection": "crm"})
+            assert token.status_code == 500
+            assert error_of(token) == "server_error"  # the detail is for the log only
+        assert (await d.client.get("/healthz")).status_code == 503
+        flush()
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        reasons = [line for line in lines if line["message"] == "issuer not ready: cannot start"]
+        assert len(reasons) == 1  # once, not once per request
+        assert reasons[0]["severity"] == "ERROR"
+        assert "TOKENBROKER_POLICY_FILE" in reasons[0]["error"]
+        assert reasons[0]["retryable"] is False
+
+    serve(scenario, TOKENBROKER_POLICY_FILE=None, TOKENBROKER_LOG_FILE=str(log))
+
+
+def test_a_start_that_failed_for_a_passing_reason_is_tried_again(
+    serve: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store or key server down at start: /healthz is 503 until the retry finds it up."""
+    from tokenbroker.entrypoints import compose
+    from tokenbroker.kernel.errors import StoreUnavailable
+
+    real = compose.build_issuer
+    failing = [True]
+
+    def build_issuer(*args: Any, **kwargs: Any) -> Any:
+        if failing[0]:
+            raise StoreUnavailable("state store unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compose, "build_issuer", build_issuer)
+    monkeypatch.setattr(issuer_entry, "RETRY_BUILD_SECONDS", 0.2)
+
+    async def scenario(d: Deployment) -> None:
+        first = await d.client.get("/healthz")
+        assert (first.status_code, first.json()["error"]) == (503, "store_unavailable")
+        failing[0] = False
+        assert (await d.client.get("/healthz")).status_code == 503  # within the wait
+        await asyncio.sleep(0.25)
+        assert (await d.client.get("/healthz")).json() == {"status": "ok"}
+        assert (await d.token({"connection": "crm"})).status_code == 200
+
+    serve(scenario)
+
+
+def test_the_issuers_decisions_reach_cloud_monitoring_never_per_request(
+    serve: Callable[..., None],
+) -> None:
+    """Counted per request in memory, written per interval (and at shutdown) in one request
+    per batch of series: the caller's answer never waits for the Monitoring API."""
+    from tests.support.monitoring_server import MonitoringTestServer
+    from tokenbroker.kernel.metrics import PREFIX
+
+    with MonitoringTestServer() as server:
+
+        async def scenario(d: Deployment) -> None:
+            for _ in range(3):
+                assert (await d.token({"connection": "crm"})).status_code == 200
+            assert (
+                await d.token({"connection": "crm"}, auth("stranger@x.example"))
+            ).status_code == 403
+            assert server.calls["CreateTimeSeries"] == 0  # nothing written on the request path
+
+        serve(scenario, TOKENBROKER_METRICS="cloud-monitoring", TOKENBROKER_GCP_PROJECT="p-iss",
+              TOKENBROKER_MONITORING_ENDPOINT=server.address)  # fmt: skip
+        decisions = {s.metric_labels["outcome"]: [p.value for p in s.points]
+                     for s in server.series("p-iss", PREFIX + "issuer/decisions")}  # fmt: skip
+        assert decisions == {"issued": [1], "cache_hit": [2], "denied": [1]}
+        latency = {s.metric_labels["outcome"]: s.points[-1].value.count
+                   for s in server.series("p-iss", PREFIX + "issuer/latency")}  # fmt: skip
+        assert latency == {"issued": 1, "cache_hit": 2, "denied": 1}
+        (series, *_) = server.series("p-iss", PREFIX + "issuer/decisions")
+        assert series.resource_labels["job"] == "issuer"

@@ -28,6 +28,7 @@ from tokenbroker.kernel.errors import (
     TokenBrokerError,
 )
 from tokenbroker.kernel.log import configure_logging
+from tokenbroker.kernel.metrics import Distribution
 from tokenbroker.kernel.model import Connection, ConnectionStatus, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.profiles import load_profiles
@@ -553,6 +554,15 @@ def test_every_decision_leaves_one_audit_line_and_no_token(world: World, log: io
         "issued": 1, "cache_hit": 1, "denied": 2, "bad_request": 1, "unauthenticated": 1,
         "refused": 1,
     }  # fmt: skip
+    # The same counts feed the metrics (issuer/decisions), each with its latency.
+    samples = world.issuer.metrics.snapshot(world.clock.now()).samples
+    counted = {s.labels[0]: s.value for s in samples if s.metric.name == "issuer/decisions"}
+    assert counted == dict(world.issuer.decisions)
+    latencies = {s.labels[0]: s.value for s in samples if s.metric.name == "issuer/latency"}
+    assert set(latencies) == set(counted)
+    for outcome, distribution in latencies.items():
+        assert isinstance(distribution, Distribution)
+        assert distribution.count == counted[outcome] and distribution.mean >= 0
 
 
 # --- scopes the connection does not hold (found by schemathesis with real names) --------------

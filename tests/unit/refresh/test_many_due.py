@@ -6,6 +6,7 @@ tick hangs for ever (cancelling hangs too)" -- the results queue was bounded at
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -147,3 +148,70 @@ def test_answers_in_hand_outlast_a_store_outage_of_half_a_minute(world: World) -
         assert token is not None and world.server.grant_alive(token.reveal())
     # Presenting paused while the store was down: at most the workers' first requests.
     assert world.server.requests["refresh_token"] == 16
+
+
+class CommitFailsThenRenewalsFalter(CommitFails):
+    """A commit fails for good (the tick halts), and the lease renewals in flight at that
+    moment fail once, retryably, before they go through: the fault suite's SQLite I/O error,
+    where every write failed together for a while."""
+
+    def __init__(self, clock: object) -> None:
+        super().__init__(clock)  # type: ignore[arg-type]
+        self.failed_commit = False
+        self.faltered = 0
+
+    def complete(self, *args: object, **kwargs: object) -> list[bool]:
+        self.failed_commit = True
+        return super().complete(*args, **kwargs)
+
+    def renew(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.failed_commit and self.faltered < 3:
+            self.faltered += 1
+            raise StoreUnavailable("database is locked")
+        return super().renew(*args, **kwargs)
+
+
+def test_a_store_call_retrying_after_the_halt_does_not_leave_the_workers_paused(
+    world: World,
+) -> None:
+    """The fault suite's ``store_outages`` hung a refresher for good: a store call that began
+    retrying after the tick had halted paused the workers (cleared the pause flag) and, the
+    tick being halted, never released them. The tick must end, with the commit's error."""
+    world.state = CommitFailsThenRenewalsFalter(world.clock)
+    world.registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=world.profiles, clock=world.clock
+    )
+    _many(world, 200)
+    world.server.latency = 0.005
+    refresher = world.refresher(concurrency=8, commit_batch=5)
+
+    async def run() -> None:
+        await asyncio.wait_for(refresher.tick(world.server), timeout=30)  # type: ignore[arg-type]
+
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(run())
+    assert world.state.faltered > 0  # the renewals did falter after the halt
+
+
+def test_one_info_line_per_rotation_and_only_once_it_is_committed(world: World) -> None:
+    """Issue 11: one line per refresh outcome. A rotation is announced once durable; one whose
+    commit failed is reported by the failure line, never as rotated."""
+    from tokenbroker.kernel.log import capture_logs
+
+    ids = _many(world, 5)
+    with capture_logs("info") as log:
+        world.tick()
+    rotated = [json.loads(line) for line in log.getvalue().splitlines()
+               if '"credential rotated"' in line]  # fmt: skip
+    assert sorted(line["connection_id"] for line in rotated) == ids
+    assert all(line["severity"] == "INFO" and line["version"] == 2 for line in rotated)
+
+    world.state = CommitFails(world.clock)
+    world.registry = ConnectionRegistry(
+        secrets=world.secrets, state=world.state, profiles=world.profiles, clock=world.clock
+    )
+    _many(world, 3)
+    with capture_logs("info") as log, pytest.raises(StoreUnavailable):
+        asyncio.run(world.refresher().tick(world.server))  # type: ignore[arg-type]
+    assert '"credential rotated"' not in log.getvalue()
+    assert "refresh results not committed" in log.getvalue()
