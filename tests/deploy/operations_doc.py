@@ -26,7 +26,7 @@ WRITERS = {
     "refresh/": "refresher, once per tick",
     "connection/": (
         f"refresher, once per tick, at most {metrics.DEFAULT_CONNECTION_LIMIT} connections"
-        " (failing first, then nearest expiry)"
+        " (failing first, then at risk, then nearest expiry; never disabled)"
     ),
     "fleet/": "refresher, once per tick",
     "issuer/": "issuer, once per 60 s interval",

@@ -407,7 +407,14 @@ def test_the_alert_policies_are_monitoring_api_messages(
     [
         ({}, 60),  # "* * * * *"
         ({"refresh_schedule": "*/5 * * * *"}, 300),
-        ({"refresh_schedule": "0,30 * * * *", "refresh_interval_seconds": 1800}, 1800),
+        (
+            {
+                "refresh_schedule": "0,30 * * * *",
+                "refresh_interval_seconds": 1800,
+                "refresher_environment": {"TOKENBROKER_MIN_LEAD_SECONDS": "3600"},
+            },
+            1800,
+        ),
         ({"refresh_interval_seconds": 60}, 60),
     ],
 )
@@ -426,7 +433,9 @@ def test_the_refresher_alert_waits_two_intervals_of_the_schedule(
     for name in ("consecutive_failures", "needs_reauth", "seconds_to_expiry", "outage_budget"):
         (aggregation,) = _condition(policies[name]).aggregations
         assert aggregation.alignment_period.total_seconds() == 2 * interval, name
-    assert _condition(policies["outage_budget"]).duration.total_seconds() == 2 * interval
+    # Longer than a healthy dip lasts: the fleet read interval (300 s) and three ticks.
+    budget = _condition(policies["outage_budget"]).duration.total_seconds()
+    assert budget == -(-(300 + 3 * interval) // 60) * 60
     dashboard = json.loads(outputs["dashboard_json"])
     assert f'"{2 * interval}s"' in json.dumps(dashboard)
 
@@ -436,6 +445,8 @@ def test_the_refresher_alert_waits_two_intervals_of_the_schedule(
     [
         ({"refresh_schedule": "0,30 * * * *"}, "set the seconds between its ticks"),
         ({"refresh_schedule": "*/5 * * * *", "refresh_interval_seconds": 60}, "disagrees"),
+        # Ticks as far apart as the lead: a token could expire between two of them.
+        ({"refresh_schedule": "*/10 * * * *"}, "tick more often"),
         ({"refresh_interval_seconds": 90}, "whole number of minutes"),
         ({"refresh_interval_seconds": 30}, "whole number of minutes"),
         ({"refresh_interval_seconds": 7200}, "whole number of minutes"),
@@ -456,28 +467,35 @@ def test_the_monitoring_variables_refuse_what_would_break_an_alert(
         evaluate(**variables)
 
 
-def test_the_expiry_thresholds_follow_the_refreshers_lead(
+def test_the_expiry_thresholds_follow_the_refreshers_settings(
     evaluate: Callable[..., dict[str, Any]],
 ) -> None:
-    """Healthy refreshes renew a token once it has less than the lead left (at least
-    TOKENBROKER_MIN_LEAD_SECONDS): the outage-budget alert sits at that lead, the per-connection
-    one at half of it, whatever the refresher is told."""
+    """A healthy connection is renewed at the first tick after its remaining life falls below
+    the lead (at least TOKENBROKER_MIN_LEAD_SECONDS), and its gauge is re-read every
+    TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS: the per-connection alert sits two ticks short
+    of the lead, the outage-budget alert at the lead for longer than a reading can lag. The
+    module reads the same settings the broker does."""
     default = evaluate()
-    lead = Settings.from_env(default["refresher_environment"]).min_lead_seconds
-    assert (default["alert_seconds_to_expiry"], default["alert_outage_budget_seconds"]) == (
-        lead / 2,
-        lead,
-    )
-    env = {"TOKENBROKER_MIN_LEAD_SECONDS": "1200"}
+    settings = Settings.from_env(default["refresher_environment"])
+    lead, lag = settings.min_lead_seconds, settings.metrics_fleet_interval_seconds
+    assert (lead, lag) == (600, 300)
+    assert default["alert_seconds_to_expiry"] == lead - 2 * 60
+    assert default["alert_outage_budget_seconds"] == lead
+    policies = _policies(default)
+    assert _condition(policies["outage_budget"]).duration.total_seconds() == lag + 3 * 60
+    env = {
+        "TOKENBROKER_MIN_LEAD_SECONDS": "1200",
+        "TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS": "0",
+    }
     changed = evaluate(refresher_environment=env)
-    assert Settings.from_env(changed["refresher_environment"]).min_lead_seconds == 1200
-    assert (changed["alert_seconds_to_expiry"], changed["alert_outage_budget_seconds"]) == (
-        600,
-        1200,
-    )
+    settings = Settings.from_env(changed["refresher_environment"])
+    assert (settings.min_lead_seconds, settings.metrics_fleet_interval_seconds) == (1200, 0)
     policies = _policies(changed)
-    assert _condition(policies["seconds_to_expiry"]).threshold_value == 600
+    assert _condition(policies["seconds_to_expiry"]).threshold_value == 1200 - 2 * 60
     assert _condition(policies["outage_budget"]).threshold_value == 1200
+    assert _condition(policies["outage_budget"]).duration.total_seconds() == 3 * 60
+    # Ticks far apart: never under a quarter of the lead.
+    assert evaluate(refresh_schedule="*/5 * * * *")["alert_seconds_to_expiry"] == 150
     explicit = evaluate(alert_seconds_to_expiry=120, alert_outage_budget_seconds=900)
     policies = _policies(explicit)
     assert _condition(policies["seconds_to_expiry"]).threshold_value == 120
@@ -487,6 +505,23 @@ def test_the_expiry_thresholds_follow_the_refreshers_lead(
     threshold = _condition(policies["consecutive_failures"])
     assert threshold.comparison == monitoring_v3.ComparisonType.COMPARISON_GT
     assert threshold.threshold_value == 4
+
+
+def test_the_functions_write_metrics_under_the_namespace_the_alerts_watch(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    """The metrics' generic_task resource carries namespace = the module's name and
+    location = the region (TOKENBROKER_METRICS_NAMESPACE, TOKENBROKER_REGION): every custom
+    filter of the policies names that namespace."""
+    outputs = evaluate(name="broker-eu")
+    for function in ("refresher", "issuer"):
+        settings = Settings.from_env(outputs[f"{function}_environment"])
+        assert settings.metrics_destination == "cloud-monitoring", function
+        assert (settings.metrics_namespace, settings.region) == ("broker-eu", "europe-west1")
+    for name, policy in _policies(outputs).items():
+        query = cm.parse_filter(_condition(policy).filter)
+        if query.metric_type.startswith("custom.googleapis.com/"):
+            assert query.resource_labels["namespace"] == "broker-eu", name
 
 
 def _filters(value: Any) -> list[str]:

@@ -282,6 +282,11 @@ def _label_values(metric_type: str, label: str) -> tuple[str, ...] | None:
 
 
 def test_custom_series_are_this_deployments_only(module: hcl.Configuration) -> None:
+    """The functions write under namespace = the module's name and location = the region
+    (both functions' environments: main.tf), and every custom filter watches that namespace."""
+    common = module.locals["common_environment"]
+    assert common[settings.ENV_METRICS_NAMESPACE] == "${var.name}"
+    assert common[settings.ENV_REGION] == "${var.region}"
     series = cm.parse_filter(
         'metric.type = "x" AND ' + hcl.expand_locals(module.locals["tokenbroker_series"], module)
     )
@@ -331,10 +336,19 @@ def test_thresholds_come_from_the_variables(module: hcl.Configuration) -> None:
     assert conditions["issuer_5xx"]["threshold_value"] == "${var.alert_issuer_5xx_ratio}"
     assert module.variables["alert_consecutive_failures"]["default"] == 3
     assert module.variables["alert_issuer_5xx_ratio"]["default"] == 0.05
-    # The derived defaults start from the broker's own minimum lead.
-    lead = module.locals["refresher_min_lead_seconds"]
-    assert f'"{settings.ENV_MIN_LEAD}"' in lead
-    assert f'"{int(settings.Settings().min_lead_seconds)}"' in lead
+    # The derived defaults start from the refresher's settings, with the broker's defaults.
+    defaults = settings.Settings()
+    for local, variable, default in (
+        ("refresher_min_lead_seconds", settings.ENV_MIN_LEAD, defaults.min_lead_seconds),
+        (
+            "metrics_fleet_interval_seconds",
+            settings.ENV_METRICS_FLEET_INTERVAL,
+            defaults.metrics_fleet_interval_seconds,
+        ),
+    ):
+        assert hcl.reference(module.locals[local]) == (
+            f'tonumber(lookup(var.refresher_environment, "{variable}", "{int(default)}"))'
+        )
 
 
 def test_the_refresher_alert_waits_two_intervals(module: hcl.Configuration) -> None:

@@ -1,10 +1,13 @@
 # Monitoring: the broker's metric descriptors, the functions' right to write them, six alert
 # policies and a dashboard. The metrics are the catalogue's (shared/tokenbroker/kernel/metrics.py,
 # docs/operations.md): custom.googleapis.com/tokenbroker/<name>, written against the monitored
-# resource generic_task {project_id, location = the region, namespace = var.name,
-# job = refresher | issuer, task_id = one per process}. Counters and distributions are
-# CUMULATIVE from each process's start, state is GAUGE
-# (https://cloud.google.com/monitoring/api/v3/kinds-and-types).
+# resource generic_task {project_id, location = TOKENBROKER_REGION = the region,
+# namespace = TOKENBROKER_METRICS_NAMESPACE = var.name (main.tf sets both), job = refresher |
+# issuer, task_id = one per process}. Counters and distributions are CUMULATIVE from each
+# process's start, state is GAUGE (https://cloud.google.com/monitoring/api/v3/kinds-and-types).
+# The refresher writes once per tick; its fleet and per-connection gauges are re-read from the
+# state store every TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS (300 s by default) and written
+# again, unchanged, at the ticks between.
 #
 # Every process writes series of its own (task_id), and processes come and go: every condition
 # reduces across them (MAX or MIN for a gauge that each refresher reports alike, SUM for
@@ -123,12 +126,27 @@ locals {
   # (https://cloud.google.com/monitoring/api/ref_v3/rest/v3/projects.alertPolicies#metricabsence).
   refresh_absence_seconds = max(120, 2 * local.refresh_interval_seconds)
 
-  # The refresher's smallest lead: a token is refreshed when its remaining life falls below
-  # max(lifetime x overlap fraction, this), never later (tokenbroker.kernel.schedule).
-  # TOKENBROKER_MIN_LEAD_SECONDS, else the broker's default (Settings.min_lead_seconds).
-  refresher_min_lead_seconds  = tonumber(lookup(var.refresher_environment, "TOKENBROKER_MIN_LEAD_SECONDS", "600"))
-  alert_seconds_to_expiry     = coalesce(var.alert_seconds_to_expiry, local.refresher_min_lead_seconds / 2)
-  alert_outage_budget_seconds = coalesce(var.alert_outage_budget_seconds, local.refresher_min_lead_seconds)
+  # The refresher's settings the thresholds follow, as the broker reads them (else its defaults,
+  # Settings.min_lead_seconds and Settings.metrics_fleet_interval_seconds):
+  # - the smallest lead: a token is refreshed at the first tick after its remaining life falls
+  #   below max(lifetime x overlap fraction, this) (tokenbroker.kernel.schedule), so a healthy
+  #   connection's gauge reads at least the lead less one tick;
+  # - how long the gauges may lag: the fleet is re-read this often (0: every tick).
+  refresher_min_lead_seconds     = tonumber(lookup(var.refresher_environment, "TOKENBROKER_MIN_LEAD_SECONDS", "600"))
+  metrics_fleet_interval_seconds = tonumber(lookup(var.refresher_environment, "TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS", "300"))
+
+  # Per connection: two ticks short of the lead (a refresh due at the lead is a tick late), but
+  # never under a quarter of it. With the defaults, 480 s: when it fires, the token has between
+  # 480 s less the fleet lag (180 s) and 480 s left.
+  alert_seconds_to_expiry = coalesce(
+    var.alert_seconds_to_expiry,
+    max(local.refresher_min_lead_seconds - 2 * local.refresh_interval_seconds, local.refresher_min_lead_seconds / 4),
+  )
+  # Fleet-wide: under the lead for longer than a healthy dip can last (a low reading is kept
+  # until the next fleet read, then the window's minimum holds it two more ticks): the fleet lag
+  # plus three ticks, in whole minutes. 480 s with the defaults.
+  alert_outage_budget_seconds    = coalesce(var.alert_outage_budget_seconds, local.refresher_min_lead_seconds)
+  outage_budget_duration_seconds = ceil((local.metrics_fleet_interval_seconds + 3 * local.refresh_interval_seconds) / 60) * 60
 
   # What the incident text tells an operator to run: the CLI with this deployment's settings.
   cli_note = "Run the CLI with this deployment's settings exported (the module's `cli_environment` output: `TOKENBROKER_BACKEND=gcp`, `TOKENBROKER_GCP_PROJECT=${var.project_id}`, ...). docs/operations.md has every alert."
@@ -159,19 +177,20 @@ locals {
     EOT
 
     seconds_to_expiry = <<-EOT
-      **What it means.** Connection `$${metric.label.connection}`'s current access token expires in under ${local.alert_seconds_to_expiry} s. The refresher renews a token when its remaining life falls below its lead (at least TOKENBROKER_MIN_LEAD_SECONDS, ${local.refresher_min_lead_seconds} s here), so this refresh is overdue: consumers of this connection fail when the token expires.
+      **What it means.** Connection `$${metric.label.connection}`'s current access token expires in under ${local.alert_seconds_to_expiry} s (as last read: the gauge may lag by up to ${local.metrics_fleet_interval_seconds} s). The refresher renews a token at the first tick after its remaining life falls below its lead (at least TOKENBROKER_MIN_LEAD_SECONDS, ${local.refresher_min_lead_seconds} s here), so this refresh is overdue, or the connection is held back on purpose (at risk: its last refresh's outcome is unknown, so it is presented again only shortly before expiry; needs re-authorisation: not refreshed at all). Consumers of this connection fail when the token expires.
 
       **What to do.**
       1. `tokenbroker show $${metric.label.connection}`: the last error and the next attempt.
       2. `tokenbroker refresh $${metric.label.connection}`: refresh now. If it fails with a refusal, re-authorise: `tokenbroker reauth $${metric.label.connection} --refresh-token-file FILE`.
       3. `tokenbroker status`: if many connections are late, the refresher itself is behind (see the "refresher has not run" and outage-budget alerts).
-      4. Tokens that live only a few minutes renew just before expiry by design: for such a fleet lower `alert_seconds_to_expiry`.
+      4. `tokenbroker status` shows it "(at risk)" or needs_reauth: see the needs_reauth alert; an at-risk connection's next presentation settles it.
+      5. Tokens that live only a few minutes renew close to expiry by design: for such a fleet lower `alert_seconds_to_expiry`.
 
       ${local.cli_note}
     EOT
 
     outage_budget = <<-EOT
-      **What it means.** The fleet's outage budget (how long consumers keep working if the broker stopped now: the earliest expiry among active connections' access tokens) has stayed under ${local.alert_outage_budget_seconds} s for two refresh intervals. Healthy refreshes keep every token above the refresher's lead but for the tick that renews it: refreshes are not keeping up.
+      **What it means.** The fleet's outage budget (how long consumers keep working if the broker stopped now: the earliest expiry among the access tokens consumers can hold) has stayed under ${local.alert_outage_budget_seconds} s for ${local.outage_budget_duration_seconds} s. Healthy refreshes keep every token near or above the refresher's lead: refreshes are not keeping up, or a connection that is at risk or needs re-authorisation is running out.
 
       **What to do.**
       1. `tokenbroker status`: which connections expire first ("expires in") and how many refreshes fail.
@@ -412,12 +431,12 @@ resource "google_monitoring_alert_policy" "outage_budget" {
   user_labels           = merge(local.labels, { component = "refresher", alert = "outage-budget" })
 
   conditions {
-    display_name = "fleet/outage_budget_seconds < ${local.alert_outage_budget_seconds} for two ticks"
+    display_name = "fleet/outage_budget_seconds < ${local.alert_outage_budget_seconds} for ${local.outage_budget_duration_seconds}s"
     condition_threshold {
       filter                  = "metric.type = \"${local.metric_prefix}fleet/outage_budget_seconds\" AND ${local.tokenbroker_series}"
       comparison              = "COMPARISON_LT"
       threshold_value         = local.alert_outage_budget_seconds
-      duration                = "${local.gauge_window_seconds}s"
+      duration                = "${local.outage_budget_duration_seconds}s"
       evaluation_missing_data = "EVALUATION_MISSING_DATA_INACTIVE"
       aggregations {
         alignment_period     = "${local.gauge_window_seconds}s"
@@ -493,6 +512,10 @@ resource "google_monitoring_alert_policy" "refresher_not_run" {
     precondition {
       condition     = local.refresh_schedule_seconds == null || local.refresh_interval_seconds == local.refresh_schedule_seconds
       error_message = "refresh_interval_seconds disagrees with refresh_schedule; leave it null to derive it from the schedule."
+    }
+    precondition {
+      condition     = local.refresh_interval_seconds < local.refresher_min_lead_seconds
+      error_message = "refresh_schedule: ticks at least TOKENBROKER_MIN_LEAD_SECONDS apart (the refresher's smallest lead) let tokens expire between two ticks; tick more often."
     }
   }
 

@@ -264,7 +264,7 @@ variable "refresh_payload" {
 }
 
 variable "refresh_interval_seconds" {
-  description = "Seconds between refresh ticks, for the monitoring windows (the \"refresher has not run\" alert waits two of them). null: derived from refresh_schedule when it is \"* * * * *\" or \"*/N * * * *\"; set it for any other schedule (a whole number of minutes, 60-3600)."
+  description = "Seconds between refresh ticks, for the monitoring windows (the \"refresher has not run\" alert waits two of them). null: derived from refresh_schedule when it is \"* * * * *\" or \"*/N * * * *\"; set it for any other schedule (a whole number of minutes, 60-3600, under the refresher's smallest lead)."
   type        = number
   default     = null
   validation {
@@ -308,7 +308,7 @@ variable "alert_consecutive_failures" {
 }
 
 variable "alert_seconds_to_expiry" {
-  description = "Alert when a connection's access token expires in fewer seconds than this (connection/seconds_to_expiry). null: half the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS in refresher_environment, else the broker's 600 s), so 300 s: a refresh due at the lead is then half a window late."
+  description = "Alert when a connection's access token expires in fewer seconds than this (connection/seconds_to_expiry). null: the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS in refresher_environment, else the broker's 600 s) less two refresh intervals, at least a quarter of the lead: 480 s with the defaults, a refresh a tick overdue."
   type        = number
   default     = null
   validation {
@@ -318,7 +318,7 @@ variable "alert_seconds_to_expiry" {
 }
 
 variable "alert_outage_budget_seconds" {
-  description = "Alert when the fleet's outage budget (fleet/outage_budget_seconds: how long consumers keep working if the broker stopped now) stays below this for two refresh intervals. null: the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS, else 600 s), which healthy refreshes stay above but for the tick that renews a token."
+  description = "Alert when the fleet's outage budget (fleet/outage_budget_seconds: how long consumers keep working if the broker stopped now) stays below this longer than a healthy dip lasts (the fleet gauges' read interval plus three ticks). null: the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS, else 600 s)."
   type        = number
   default     = null
   validation {
