@@ -10,7 +10,9 @@ template keeps its interpolations: ``serviceAccount:${each.value}``.
 
 from __future__ import annotations
 
+import json
 import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,3 +187,30 @@ def expand_locals(text: str, config: Configuration, depth: int = 0) -> str:
         return expand_locals(value, config, depth + 1)
 
     return re.sub(r"\$\{local\.([a-z_0-9]+)\}", replace, text)
+
+
+def heredoc(text: str) -> str:
+    """The text of a ``<<EOT`` / ``<<-EOT`` heredoc as python-hcl2 returns it (markers kept);
+    the indented form loses the least indentation of its lines, as Terraform does."""
+    match = re.fullmatch(r"<<(-?)([A-Za-z_]\w*)\n(.*?)\n?[ \t]*\2", text, re.DOTALL)
+    assert match, f"not a heredoc: {text[:40]!r}"
+    body = match[3] + "\n"
+    return textwrap.dedent(body) if match[1] else body
+
+
+def render_template(text: str, variables: dict[str, Any]) -> str:
+    """``templatefile`` for templates of plain ``${name}`` interpolations: ``$${`` stands for a
+    literal ``${``, and any other ``${...}`` (an expression, a directive) is refused, so what is
+    rendered here is what Terraform renders (the evaluation test compares the two)."""
+    escaped = "\x00"
+    assert escaped not in text
+    text = text.replace("$${", escaped)
+
+    def value(match: re.Match[str]) -> str:
+        assert match[1] in variables, f"template variable {match[1]!r} is not passed"
+        item = variables[match[1]]
+        return json.dumps(item) if isinstance(item, bool) else str(item)
+
+    rendered = re.sub(r"\$\{([A-Za-z_]\w*)\}", value, text)
+    assert "${" not in rendered and "%{" not in rendered, "a template expression not supported here"
+    return rendered.replace(escaped, "${")

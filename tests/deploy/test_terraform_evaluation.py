@@ -2,11 +2,19 @@
 
 A module of only variables, locals and outputs needs no provider, so ``terraform init`` and
 ``terraform apply`` run offline. The test builds one from the real ``variables.tf`` and the
-real ``locals`` block of ``main.tf`` (the project number, which the module reads from
-``data.google_project``, becomes a literal), lets Terraform compute the functions'
-environments and the IAM conditions, and hands the environments to the broker's own
+real ``locals`` blocks of ``main.tf`` and ``monitoring.tf`` (the project number, which the
+module reads from ``data.google_project``, becomes a literal), lets Terraform compute the
+functions' environments and the IAM conditions, and hands the environments to the broker's own
 ``Settings.from_env``: what Terraform would deploy is a configuration the broker accepts, with
 the identity mode and audiences the module promises. The variables' validations run too.
+
+The alert policies are evaluated as well: each ``google_monitoring_alert_policy`` body, as
+python-hcl2 reads it, is written back as an object-valued output (blocks become lists of
+objects), so Terraform computes every filter, duration and threshold, and the result is parsed
+as the Monitoring API's own ``AlertPolicy`` message (``google.cloud.monitoring_v3``), which
+refuses an unknown field, an enum value that does not exist and a malformed duration. Their
+preconditions run on ``terraform_data`` resources (built into Terraform), and the dashboard is
+rendered by the real ``templatefile``.
 """
 
 from __future__ import annotations
@@ -20,8 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hcl2
 import pytest
+from google.cloud import monitoring_v3
+from google.protobuf import descriptor as protobuf_descriptor
+from google.protobuf import json_format
 
+from tests.deploy import cloud_monitoring as cm
 from tests.deploy import hcl
 from tokenbroker.entrypoints.settings import Settings
 
@@ -41,6 +54,21 @@ OUTPUTS = (
     "secrets_condition",
     "database_condition",
     "issuer_audiences",
+    # monitoring.tf
+    "refresh_interval_seconds",
+    "refresh_absence_seconds",
+    "gauge_window_seconds",
+    "alert_seconds_to_expiry",
+    "alert_outage_budget_seconds",
+    "dashboard_variables",
+)
+ALERT_POLICIES = (
+    "consecutive_failures",
+    "needs_reauth",
+    "seconds_to_expiry",
+    "outage_budget",
+    "refresher_not_run",
+    "issuer_5xx",
 )
 
 
@@ -58,6 +86,58 @@ def _locals_block(main_tf: str) -> str:
     raise AssertionError("unterminated locals block")
 
 
+def _hcl(value: Any) -> str:
+    """A value as python-hcl2 returns it (unprocessed), written back as an HCL expression: a
+    quoted template stays as written, ``${expr}`` becomes ``expr``, a block an object."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        if value.startswith('"'):
+            assert not value.startswith('"<<'), "a heredoc in a resource body: move it to a local"
+            return value
+        match = re.fullmatch(r"\$\{(.*)\}", value, re.DOTALL)
+        assert match, value
+        return match[1]
+    if isinstance(value, list):
+        return "[" + ", ".join(_hcl(v) for v in value) + "]"
+    assert isinstance(value, dict), value
+    items = [f"{k} = {_hcl(v)}" for k, v in value.items() if not k.startswith("__")]
+    return "{\n" + "\n".join(items) + "\n}"
+
+
+def _policy_outputs(monitoring_tf: str) -> str:
+    """One output per alert policy (its body as an object, meta-arguments left out) and one
+    ``terraform_data`` per policy that carries the policy's preconditions."""
+    raw = hcl2.loads(monitoring_tf)
+    text = []
+    for entry in raw["resource"]:
+        for kind, named in entry.items():
+            if kind != '"google_monitoring_alert_policy"':
+                continue
+            for quoted, body in named.items():
+                name = quoted.strip('"')
+                fields = {k: v for k, v in body.items() if k not in hcl.META_ARGUMENTS}
+                text.append(f'output "policy_{name}" {{\n  value = {_hcl(fields)}\n}}\n')
+                preconditions = [
+                    p for block in body.get("lifecycle", []) for p in block.get("precondition", [])
+                ]
+                if preconditions:
+                    checks = "".join(
+                        f"    precondition {{\n      condition = {_hcl(p['condition'])}\n"
+                        f"      error_message = {_hcl(p['error_message'])}\n    }}\n"
+                        for p in preconditions
+                    )
+                    assert "google_" not in checks, (
+                        "a precondition on resources: not evaluable here"
+                    )
+                    text.append(
+                        f'resource "terraform_data" "{name}" {{\n  lifecycle {{\n{checks}  }}\n}}\n'
+                    )
+    return "".join(text)
+
+
 @pytest.fixture(scope="module")
 def evaluate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
     terraform = shutil.which("terraform")
@@ -72,9 +152,18 @@ def evaluate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
     (work / "locals.tf").write_text(
         block.replace("data.google_project.this.number", f'"{PROJECT_NUMBER}"')
     )
+    monitoring_tf = (hcl.MODULE / "monitoring.tf").read_text()
+    assert monitoring_tf.count("\nlocals {") == 1  # the one block copied
+    monitoring_locals = _locals_block(monitoring_tf)
+    assert "data." not in re.sub(r"(?m)#.*$", "", monitoring_locals)
+    (work / "monitoring_locals.tf").write_text(monitoring_locals)
+    shutil.copy(hcl.MODULE / "dashboard.json", work / "dashboard.json")
     (work / "outputs.tf").write_text(
         "".join(f'output "{name}" {{\n  value = local.{name}\n}}\n' for name in OUTPUTS)
+        + 'output "dashboard_json" {\n'
+        + '  value = templatefile("${path.module}/dashboard.json", local.dashboard_variables)\n}\n'
     )
+    (work / "policies.tf").write_text(_policy_outputs(monitoring_tf))
     env = {**os.environ, "TF_CLI_CONFIG_FILE": os.devnull, "CHECKPOINT_DISABLE": "1"}
     env.pop("TF_DATA_DIR", None)
 
@@ -230,3 +319,236 @@ def test_the_defaults_and_service_account_callers_are_accepted(
         issuer_callers=["crm-sync@acme-prod.iam.gserviceaccount.com"],
         connect={"enabled": True, "source_zip": "connect.zip"},
     )
+
+
+# --- monitoring ----------------------------------------------------------------------------
+
+CHANNEL = "projects/acme-prod/notificationChannels/1234567890"
+
+
+def _to_api(value: dict[str, Any], message: protobuf_descriptor.Descriptor) -> dict[str, Any]:
+    """A policy as Terraform evaluated it, in the API message's shape: a nested block (a list
+    of one object) becomes the message it stands for, repeated ones stay lists; ``project``
+    is Terraform's, not the message's."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "project" or item is None:
+            continue
+        assert key in message.fields_by_name, f"{message.name} has no field {key!r}"
+        field = message.fields_by_name[key]
+        nested = field.message_type
+        if (
+            nested is None
+            or nested.GetOptions().map_entry
+            or nested.full_name.startswith("google.protobuf.")
+        ):
+            out[key] = item
+        elif field.is_repeated:
+            out[key] = [_to_api(element, nested) for element in item]
+        else:
+            (single,) = item
+            out[key] = _to_api(single, nested)
+    return out
+
+
+def _policies(outputs: dict[str, Any]) -> dict[str, monitoring_v3.AlertPolicy]:
+    message = monitoring_v3.AlertPolicy.pb()
+    parsed = {}
+    for name in ALERT_POLICIES:
+        api = _to_api(outputs[f"policy_{name}"], message.DESCRIPTOR)
+        # ParseDict refuses unknown fields, enum names the API lacks and malformed durations.
+        parsed[name] = monitoring_v3.AlertPolicy.wrap(json_format.ParseDict(api, message()))
+    return parsed
+
+
+def _condition(policy: monitoring_v3.AlertPolicy) -> Any:
+    (condition,) = policy.conditions
+    return condition.condition_threshold or condition.condition_absent
+
+
+def test_the_alert_policies_are_monitoring_api_messages(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    outputs = evaluate(notification_channels=[CHANNEL])
+    for name, policy in _policies(outputs).items():
+        assert list(policy.notification_channels) == [CHANNEL], name
+        assert policy.severity != monitoring_v3.AlertPolicy.Severity.SEVERITY_UNSPECIFIED, name
+        assert policy.combiner == monitoring_v3.AlertPolicy.ConditionCombinerType.OR
+        assert policy.alert_strategy.auto_close.total_seconds() >= 1800
+        docs = policy.documentation
+        assert docs.mime_type == "text/markdown"
+        # The API's limits: 8,192 characters of content, a subject cut at 255 bytes.
+        assert 200 < len(docs.content) <= 8192, name
+        assert len(docs.subject.encode()) <= 255, name
+        # Terraform filled in everything but Cloud Monitoring's own variables.
+        for text in (docs.content, docs.subject, policy.display_name):
+            assert set(re.findall(r"\$\{([^}]*)\}", text)) <= {"metric.label.connection"}, text
+        assert "acme-prod" in docs.content and "tokenbroker" in docs.content
+        assert policy.user_labels["app"] == "tokenbroker"
+        assert policy.user_labels["managed-by"] == "terraform"
+        condition = _condition(policy)
+        assert condition.duration.total_seconds() % 60 == 0, name
+        for aggregation in [
+            *condition.aggregations,
+            *getattr(condition, "denominator_aggregations", []),
+        ]:
+            period = aggregation.alignment_period.total_seconds()
+            assert period >= 60 and period % 60 == 0, (name, period)
+        query = cm.parse_filter(condition.filter)
+        if query.metric_type.startswith("custom.googleapis.com/"):
+            assert query.resource_labels == {"project_id": "acme-prod", "namespace": "tokenbroker"}
+        else:
+            assert query.resource_labels["service_name"] == "tokenbroker-issuer"
+            assert query.resource_labels["location"] == "europe-west1"
+
+
+@pytest.mark.parametrize(
+    ("variables", "interval"),
+    [
+        ({}, 60),  # "* * * * *"
+        ({"refresh_schedule": "*/5 * * * *"}, 300),
+        (
+            {
+                "refresh_schedule": "0,30 * * * *",
+                "refresh_interval_seconds": 1800,
+                "refresher_environment": {"TOKENBROKER_MIN_LEAD_SECONDS": "3600"},
+            },
+            1800,
+        ),
+        ({"refresh_interval_seconds": 60}, 60),
+    ],
+)
+def test_the_refresher_alert_waits_two_intervals_of_the_schedule(
+    evaluate: Callable[..., dict[str, Any]], variables: dict[str, Any], interval: int
+) -> None:
+    outputs = evaluate(**variables)
+    assert outputs["refresh_interval_seconds"] == interval
+    policies = _policies(outputs)
+    absent = policies["refresher_not_run"].conditions[0].condition_absent
+    # Two intervals: a whole number of minutes, never under MetricAbsence's 120 s.
+    assert absent.duration.total_seconds() == 2 * interval
+    (aggregation,) = absent.aggregations
+    assert aggregation.alignment_period.total_seconds() == interval
+    # Gauges are aligned over two ticks: each window holds a point of every live series.
+    for name in ("consecutive_failures", "needs_reauth", "seconds_to_expiry", "outage_budget"):
+        (aggregation,) = _condition(policies[name]).aggregations
+        assert aggregation.alignment_period.total_seconds() == 2 * interval, name
+    # Longer than a healthy dip lasts: the fleet read interval (300 s) and three ticks.
+    budget = _condition(policies["outage_budget"]).duration.total_seconds()
+    assert budget == -(-(300 + 3 * interval) // 60) * 60
+    dashboard = json.loads(outputs["dashboard_json"])
+    assert f'"{2 * interval}s"' in json.dumps(dashboard)
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"refresh_schedule": "0,30 * * * *"}, "set the seconds between its ticks"),
+        ({"refresh_schedule": "*/5 * * * *", "refresh_interval_seconds": 60}, "disagrees"),
+        # Ticks as far apart as the lead: a token could expire between two of them.
+        ({"refresh_schedule": "*/10 * * * *"}, "tick more often"),
+        ({"refresh_interval_seconds": 90}, "whole number of minutes"),
+        ({"refresh_interval_seconds": 30}, "whole number of minutes"),
+        ({"refresh_interval_seconds": 7200}, "whole number of minutes"),
+        ({"notification_channels": ["1234567890"]}, "full channel names"),
+        ({"notification_channels": ["projects/p/channels/1"]}, "full channel names"),
+        ({"alert_consecutive_failures": 0}, "a whole number, at least 1"),
+        ({"alert_consecutive_failures": 2.5}, "a whole number, at least 1"),
+        ({"alert_seconds_to_expiry": -1}, "a positive number of seconds"),
+        ({"alert_outage_budget_seconds": 0}, "a positive number of seconds"),
+        ({"alert_issuer_5xx_ratio": 1.5}, "a fraction between 0 and 1"),
+        ({"alert_issuer_5xx_ratio": 0}, "a fraction between 0 and 1"),
+    ],
+)
+def test_the_monitoring_variables_refuse_what_would_break_an_alert(
+    evaluate: Callable[..., dict[str, Any]], variables: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(Refused, match=re.escape(message)):
+        evaluate(**variables)
+
+
+def test_the_expiry_thresholds_follow_the_refreshers_settings(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    """A healthy connection is renewed at the first tick after its remaining life falls below
+    the lead (at least TOKENBROKER_MIN_LEAD_SECONDS), and its gauge is re-read every
+    TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS: the per-connection alert sits two ticks short
+    of the lead, the outage-budget alert at the lead for longer than a reading can lag. The
+    module reads the same settings the broker does."""
+    default = evaluate()
+    settings = Settings.from_env(default["refresher_environment"])
+    lead, lag = settings.min_lead_seconds, settings.metrics_fleet_interval_seconds
+    assert (lead, lag) == (600, 300)
+    assert default["alert_seconds_to_expiry"] == lead - 2 * 60
+    assert default["alert_outage_budget_seconds"] == lead
+    policies = _policies(default)
+    assert _condition(policies["outage_budget"]).duration.total_seconds() == lag + 3 * 60
+    env = {
+        "TOKENBROKER_MIN_LEAD_SECONDS": "1200",
+        "TOKENBROKER_METRICS_FLEET_INTERVAL_SECONDS": "0",
+    }
+    changed = evaluate(refresher_environment=env)
+    settings = Settings.from_env(changed["refresher_environment"])
+    assert (settings.min_lead_seconds, settings.metrics_fleet_interval_seconds) == (1200, 0)
+    policies = _policies(changed)
+    assert _condition(policies["seconds_to_expiry"]).threshold_value == 1200 - 2 * 60
+    assert _condition(policies["outage_budget"]).threshold_value == 1200
+    assert _condition(policies["outage_budget"]).duration.total_seconds() == 3 * 60
+    # Ticks far apart: never under a quarter of the lead.
+    assert evaluate(refresh_schedule="*/5 * * * *")["alert_seconds_to_expiry"] == 150
+    explicit = evaluate(alert_seconds_to_expiry=120, alert_outage_budget_seconds=900)
+    policies = _policies(explicit)
+    assert _condition(policies["seconds_to_expiry"]).threshold_value == 120
+    assert _condition(policies["outage_budget"]).threshold_value == 900
+    # "At least N failures in a row" on an integer gauge: more than N - 1.
+    policies = _policies(evaluate(alert_consecutive_failures=5))
+    threshold = _condition(policies["consecutive_failures"])
+    assert threshold.comparison == monitoring_v3.ComparisonType.COMPARISON_GT
+    assert threshold.threshold_value == 4
+
+
+def test_the_functions_write_metrics_under_the_namespace_the_alerts_watch(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    """The metrics' generic_task resource carries namespace = the module's name and
+    location = the region (TOKENBROKER_METRICS_NAMESPACE, TOKENBROKER_REGION): every custom
+    filter of the policies names that namespace."""
+    outputs = evaluate(name="broker-eu")
+    for function in ("refresher", "issuer"):
+        settings = Settings.from_env(outputs[f"{function}_environment"])
+        assert settings.metrics_destination == "cloud-monitoring", function
+        assert (settings.metrics_namespace, settings.region) == ("broker-eu", "europe-west1")
+    for name, policy in _policies(outputs).items():
+        query = cm.parse_filter(_condition(policy).filter)
+        if query.metric_type.startswith("custom.googleapis.com/"):
+            assert query.resource_labels["namespace"] == "broker-eu", name
+
+
+def _filters(value: Any) -> list[str]:
+    """Every ``filter`` of a dashboard, at any depth."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += [item] if key == "filter" else _filters(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += _filters(item)
+    return found
+
+
+def test_terraform_renders_the_dashboard_the_checks_read(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    """test_terraform_monitoring.py checks dashboard.json rendered by hcl.render_template:
+    the real templatefile gives the same JSON."""
+    outputs = evaluate(name="broker-eu", alert_issuer_5xx_ratio=0.02)
+    rendered = outputs["dashboard_json"]
+    assert rendered == hcl.render_template(
+        (hcl.MODULE / "dashboard.json").read_text(), outputs["dashboard_variables"]
+    )
+    dashboard = json.loads(rendered)
+    assert dashboard["displayName"] == "tokenbroker (broker-eu)"
+    filters = " ".join(_filters(dashboard))
+    assert 'resource.label.service_name = "broker-eu-issuer"' in filters
+    assert 'resource.label.namespace = "broker-eu"' in filters
+    assert "0.02" in rendered

@@ -175,3 +175,30 @@ def test_the_checker_catches_what_validate_would(schema: Schema) -> None:
     assert any("required 'name'" in p for p in problems), problems
     assert any("block 'http_target' may appear once" in p for p in problems), problems
     assert any("job.http_target: required 'uri'" in p for p in problems), problems
+
+
+def test_the_monitoring_resources_are_checked_like_the_others(
+    schema: Schema, configurations: list[hcl.Configuration]
+) -> None:
+    """The monitoring resources go through the checks above (every type of every module
+    directory does); their JSON and filter strings are checked by test_terraform_monitoring.py,
+    which the schema cannot see into."""
+    used = {r.type for c in configurations for r in c.resources.values()}
+    for resource_type in (
+        "google_monitoring_alert_policy",
+        "google_monitoring_dashboard",
+        "google_monitoring_metric_descriptor",
+        "google_monitoring_notification_channel",
+    ):
+        assert resource_type in used, resource_type
+        assert resource_type in schema.resources, resource_type
+    # The blocks the policies rely on exist where they are written, at most once where single.
+    policy = schema.resources["google_monitoring_alert_policy"]
+    conditions = policy["conditions"].block
+    assert conditions is not None
+    threshold = conditions["condition_threshold"]
+    assert threshold.single and threshold.block is not None
+    assert {"denominator_filter", "denominator_aggregations", "evaluation_missing_data"} <= set(
+        threshold.block
+    )
+    assert policy["documentation"].single and policy["alert_strategy"].single

@@ -397,6 +397,7 @@ def test_firestore_and_pubsub_grants_are_as_narrow_as_the_apis_allow(
                 "roles/secretmanager.secretAccessor",
                 "roles/datastore.user",
                 "roles/iam.serviceAccountTokenCreator",
+                "roles/monitoring.metricWriter",  # its metrics (test_terraform_monitoring.py)
             }, resource.address
     creator = module.resource("google_service_account_iam_member.issuer_token_creator")
     assert (
@@ -471,6 +472,9 @@ def test_every_api_the_resources_need_is_enabled(module: hcl.Configuration) -> N
         "google_secret_manager_secret": {"secretmanager.googleapis.com"},
         "google_service_account": {"iam.googleapis.com"},
         "google_storage_bucket": {"storage.googleapis.com"},
+        "google_monitoring_alert_policy": {"monitoring.googleapis.com"},
+        "google_monitoring_dashboard": {"monitoring.googleapis.com"},
+        "google_monitoring_metric_descriptor": {"monitoring.googleapis.com"},
     }
     for resource_type, apis_needed in needed.items():
         assert module.of_type(resource_type), resource_type

@@ -33,6 +33,23 @@ variable "issuer_callers" {
   default     = []
 }
 
+variable "alert_email" {
+  description = "Where the broker's alerts go (an email notification channel); null: no channel."
+  type        = string
+  default     = null
+}
+
+# The module takes channel names; an email channel is the simplest (docs/operations.md, Alerts).
+resource "google_monitoring_notification_channel" "email" {
+  count = var.alert_email == null ? 0 : 1
+
+  display_name = "tokenbroker alerts"
+  type         = "email"
+  labels = {
+    email_address = var.alert_email
+  }
+}
+
 module "tokenbroker" {
   source = "../../modules/tokenbroker"
 
@@ -42,6 +59,8 @@ module "tokenbroker" {
   issuer_source_zip    = "${path.root}/../../../dist/functions/issuer.zip"
   issuer_policy_toml   = file("${path.root}/policy.toml")
   issuer_callers       = var.issuer_callers
+
+  notification_channels = google_monitoring_notification_channel.email[*].id
 }
 
 output "issuer_url" {
@@ -52,6 +71,11 @@ output "issuer_url" {
 output "service_accounts" {
   description = "The functions' service accounts."
   value       = module.tokenbroker.service_accounts
+}
+
+output "dashboard" {
+  description = "The broker's dashboard in Cloud Monitoring."
+  value       = module.tokenbroker.dashboard
 }
 
 output "cli_environment" {

@@ -96,7 +96,8 @@ resource "google_cloudfunctions2_function" "refresher" {
     environment_variables          = local.refresher_environment
   }
 
-  depends_on = [google_project_service.apis]
+  # Its metrics' descriptors exist before its first write (monitoring.tf).
+  depends_on = [google_project_service.apis, google_monitoring_metric_descriptor.tokenbroker]
 }
 
 resource "google_cloudfunctions2_function" "issuer" {
@@ -155,7 +156,11 @@ resource "google_cloudfunctions2_function" "issuer" {
     }
   }
 
-  depends_on = [google_project_service.apis, google_secret_manager_secret_iam_member.issuer_policy]
+  depends_on = [
+    google_project_service.apis,
+    google_secret_manager_secret_iam_member.issuer_policy,
+    google_monitoring_metric_descriptor.tokenbroker,
+  ]
 }
 
 resource "google_cloudfunctions2_function" "connect" {

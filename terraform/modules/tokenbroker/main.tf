@@ -51,6 +51,10 @@ locals {
     TOKENBROKER_FIRESTORE_COLLECTION = var.firestore_collection
     TOKENBROKER_PUBSUB_TOPIC         = var.pubsub_topic
     TOKENBROKER_LOG_LEVEL            = var.log_level
+    # The metrics' generic_task resource: namespace and location (monitoring.tf filters on the
+    # namespace).
+    TOKENBROKER_METRICS_NAMESPACE = var.name
+    TOKENBROKER_REGION            = var.region
   }
 
   # The module's settings win over var.refresher_environment.
@@ -79,6 +83,7 @@ resource "google_project_service" "apis" {
     "firestore.googleapis.com",
     "iam.googleapis.com",
     "iamcredentials.googleapis.com",
+    "monitoring.googleapis.com",
     "pubsub.googleapis.com",
     "run.googleapis.com",
     "secretmanager.googleapis.com",

@@ -52,3 +52,20 @@ output "cli_environment" {
   description = "Environment for the tokenbroker CLI run by an operator against this deployment."
   value       = local.common_environment
 }
+
+output "alert_policies" {
+  description = "Each alert policy's name (projects/PROJECT/alertPolicies/ID) by alert (docs/operations.md, Alerts); empty when monitoring is false."
+  value = var.monitoring ? {
+    consecutive_failures = google_monitoring_alert_policy.consecutive_failures[0].name
+    needs_reauth         = google_monitoring_alert_policy.needs_reauth[0].name
+    seconds_to_expiry    = google_monitoring_alert_policy.seconds_to_expiry[0].name
+    outage_budget        = google_monitoring_alert_policy.outage_budget[0].name
+    refresher_not_run    = google_monitoring_alert_policy.refresher_not_run[0].name
+    issuer_5xx           = google_monitoring_alert_policy.issuer_5xx[0].name
+  } : {}
+}
+
+output "dashboard" {
+  description = "The fleet dashboard (projects/PROJECT_NUMBER/dashboards/ID); null when monitoring is false."
+  value       = var.monitoring ? google_monitoring_dashboard.fleet[0].id : null
+}

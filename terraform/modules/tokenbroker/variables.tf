@@ -262,3 +262,77 @@ variable "refresh_payload" {
     error_message = "refresh_payload must be JSON."
   }
 }
+
+variable "refresh_interval_seconds" {
+  description = "Seconds between refresh ticks, for the monitoring windows (the \"refresher has not run\" alert waits two of them). null: derived from refresh_schedule when it is \"* * * * *\" or \"*/N * * * *\"; set it for any other schedule (a whole number of minutes, 60-3600, under the refresher's smallest lead)."
+  type        = number
+  default     = null
+  validation {
+    condition     = var.refresh_interval_seconds == null || try(var.refresh_interval_seconds >= 60 && var.refresh_interval_seconds <= 3600 && var.refresh_interval_seconds % 60 == 0, false)
+    error_message = "refresh_interval_seconds: a whole number of minutes from 60 to 3600 (Cloud Scheduler's cron counts minutes; alert durations are whole minutes)."
+  }
+}
+
+# --- monitoring (monitoring.tf, docs/operations.md) ---------------------------------------
+
+variable "monitoring" {
+  description = "Create the alert policies and the dashboard. The metric descriptors and the functions' roles/monitoring.metricWriter stay either way: the functions write their metrics regardless."
+  type        = bool
+  default     = true
+}
+
+variable "create_metric_descriptors" {
+  description = "Create the broker's metric descriptors (custom.googleapis.com/tokenbroker/*). Metric types belong to the project, shared by every deployment in it: a second deployment in the same project sets false. Destroying them deletes their data."
+  type        = bool
+  default     = true
+}
+
+variable "notification_channels" {
+  description = "Notification channels every alert policy notifies, as projects/PROJECT/notificationChannels/ID (e.g. google_monitoring_notification_channel.x.id). Empty: incidents open in the console only."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for c in var.notification_channels : can(regex("^projects/[^/]+/notificationChannels/[^/]+$", c))])
+    error_message = "notification_channels: full channel names, projects/PROJECT/notificationChannels/ID."
+  }
+}
+
+variable "alert_consecutive_failures" {
+  description = "Alert when a connection's refresh has failed this many times in a row (connection/consecutive_failures)."
+  type        = number
+  default     = 3
+  validation {
+    condition     = var.alert_consecutive_failures >= 1 && floor(var.alert_consecutive_failures) == var.alert_consecutive_failures
+    error_message = "alert_consecutive_failures: a whole number, at least 1."
+  }
+}
+
+variable "alert_seconds_to_expiry" {
+  description = "Alert when a connection's access token expires in fewer seconds than this (connection/seconds_to_expiry). null: the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS in refresher_environment, else the broker's 600 s) less two refresh intervals, at least a quarter of the lead: 480 s with the defaults, a refresh a tick overdue."
+  type        = number
+  default     = null
+  validation {
+    condition     = var.alert_seconds_to_expiry == null || try(var.alert_seconds_to_expiry > 0, false)
+    error_message = "alert_seconds_to_expiry: a positive number of seconds (or null)."
+  }
+}
+
+variable "alert_outage_budget_seconds" {
+  description = "Alert when the fleet's outage budget (fleet/outage_budget_seconds: how long consumers keep working if the broker stopped now) stays below this longer than a healthy dip lasts (the fleet gauges' read interval plus three ticks). null: the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS, else 600 s)."
+  type        = number
+  default     = null
+  validation {
+    condition     = var.alert_outage_budget_seconds == null || try(var.alert_outage_budget_seconds > 0, false)
+    error_message = "alert_outage_budget_seconds: a positive number of seconds (or null)."
+  }
+}
+
+variable "alert_issuer_5xx_ratio" {
+  description = "Alert when more than this fraction of the issuer's requests answer 5xx over 5 minutes (Cloud Run's run.googleapis.com/request_count)."
+  type        = number
+  default     = 0.05
+  validation {
+    condition     = var.alert_issuer_5xx_ratio > 0 && var.alert_issuer_5xx_ratio < 1
+    error_message = "alert_issuer_5xx_ratio: a fraction between 0 and 1 (0.05 is 5%)."
+  }
+}
