@@ -659,7 +659,7 @@ def main() -> int:
         "--no-same-request-floor",
         dest="same_request_floor",
         action="store_false",
-        help="skip the informational run of the bare function with the issuer's request",
+        help="skip the runs of the bare function with the issuer's request (the gate then fails)",
     )
     parser.add_argument("--profile", action="store_true", help="extra issuer run under yappi")
     parser.add_argument("--yappi-path", default="/tmp/benchprof")  # noqa: S108 - documented
