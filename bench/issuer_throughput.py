@@ -32,8 +32,9 @@ layer leaves the issuer, and ``issuer_vs_same_request`` (issuer / that) is the g
 0.8 -- what the issuer's own work (the decision, the audit line, the answer) may cost. The
 issue's figure, ``ratio`` against a GET without headers, is reported too, and gated at 0.7
 only when the HTTP layer leaves room for it (``ratio_target_reachable``: the bare function
-given the issuer's request reaches 0.7 of itself); on this machine it does not
-(docs/benchmarks.md). ``--no-same-request-floor`` skips those runs (and the gate fails).
+given the issuer's request reaches 0.7 / 0.8 = 0.875 of itself, so that 0.7 is within what
+the issuer's own work may cost); on this machine it does not (docs/benchmarks.md).
+``--no-same-request-floor`` skips those runs (and the gate fails).
 
 Both server modes are measured, each with its own pair of servers (``--modes``, default
 ``h11,httptools``): uvicorn's pure-Python h11 parser on asyncio's loop, and httptools on uvloop,
@@ -851,7 +852,9 @@ def run_mode(  # noqa: PLR0912, PLR0915 - one linear script
         )
     # The issue's own figure, against a GET without headers: reported, and gated only when
     # the HTTP layer leaves room for it (see TARGET_SAME_REQUEST_RATIO).
-    result["ratio_target_reachable"] = same is not None and same.rps / best_bare.rps >= TARGET_RATIO
+    result["ratio_target_reachable"] = (
+        same is not None and same.rps / best_bare.rps * TARGET_SAME_REQUEST_RATIO >= TARGET_RATIO
+    )
     if result["ratio"] < TARGET_RATIO and result["ratio_target_reachable"]:
         failures.append(f"ratio {result['ratio']} < {TARGET_RATIO}")
     if result["p99_ratio"] > TARGET_P99_RATIO:
