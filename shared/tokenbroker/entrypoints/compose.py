@@ -195,7 +195,12 @@ def start_logging(*, level: str | None = None, default_level: str = "info") -> L
     fault suite's failpoints when, and only when, it asked for them)."""
     settings = LogSettings.from_env(level=level, default_level=default_level)
     try:
-        configure_logging(settings.level, log_file=settings.file)
+        configure_logging(
+            settings.level,
+            log_file=settings.file,
+            project=settings.project,
+            service=settings.service,
+        )
     except OSError as error:  # a missing directory, a directory, no permission
         raise ConfigError(
             f"{ENV_LOG_FILE}: cannot append to {settings.file}: {error.strerror or error}"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.issue.issuer import MAX_BODY_BYTES, TokenIssuer
+from tokenbroker.kernel import trace
 from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, NotFound, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
@@ -308,8 +309,10 @@ def _route(path: str, method: str) -> _Endpoint:
 
 
 async def handle(request: Request) -> Response:
-    """Every request to the issuer function."""
+    """Every request to the issuer function. Its log lines carry its trace (``traceparent``
+    or ``X-Cloud-Trace-Context``: :mod:`tokenbroker.kernel.trace`)."""
     path: str = request.scope["path"]
+    traced = trace.enter(trace.from_asgi_headers(request.scope["headers"]))
     try:
         if path == "/token" and request.scope["method"] == "POST":
             return await _token(request)
@@ -322,3 +325,5 @@ async def handle(request: Request) -> Response:
         get_logger(component="issuer-http").exception("unhandled error", path=path)
         answer = bug_answer()
         return _json(answer.body, answer.status, answer.headers)
+    finally:
+        trace.leave(traced)

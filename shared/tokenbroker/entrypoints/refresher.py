@@ -46,6 +46,7 @@ from typing import Any
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
 from tokenbroker.entrypoints.health import TickCrashed, observed_tick
+from tokenbroker.kernel import trace
 from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
@@ -119,10 +120,27 @@ def run_tick(payload: Mapping[str, Any] | None = None, *, trigger: str = "http")
     return result.to_json()
 
 
+def _event_trace(event: Any) -> trace.TraceContext | None:
+    """A CloudEvent's trace: its ``traceparent`` attribute (the CloudEvents distributed tracing
+    extension, https://github.com/cloudevents/spec/blob/main/cloudevents/extensions/distributed-tracing.md),
+    else the trace headers of the HTTP request that delivered it (Cloud Run adds them), when the
+    functions framework (Flask) is serving one."""
+    get = getattr(event, "get", None)
+    context = trace.parse_traceparent(get("traceparent") if callable(get) else None)
+    if context is not None:
+        return context
+    try:
+        import flask  # noqa: PLC0415 - the functions framework's, present when it serves
+    except ImportError:  # pragma: no cover - the refresher runs under the framework
+        return None
+    return trace.from_header_map(flask.request.headers) if flask.has_request_context() else None
+
+
 def handle_cloud_event(event: Any) -> dict[str, Any] | None:
     """The tick's summary; ``None`` when it failed for good (logged, the event acknowledged).
     Raises when another delivery can succeed: the framework then answers 500 and Eventarc
     redelivers (see the module docstring)."""
+    traced = trace.enter(_event_trace(event))
     log = get_logger(component="refresher-function")
     try:
         _started()  # configures logging from the settings before the first line
@@ -141,6 +159,8 @@ def handle_cloud_event(event: Any) -> dict[str, Any] | None:
             event_id=event["id"],
         )
         return None
+    finally:
+        trace.leave(traced)
 
 
 def _http_payload(request: Any) -> Mapping[str, Any] | None:
@@ -161,6 +181,7 @@ def _http_payload(request: Any) -> Mapping[str, Any] | None:
 def handle_http(request: Any) -> tuple[str, int, dict[str, str]]:
     headers = {"Content-Type": "application/json"}
     log = get_logger(component="refresher-function")
+    traced = trace.enter(trace.from_header_map(request.headers))
     try:
         summary = run_tick(_http_payload(request))
     except TokenBrokerError as error:
@@ -171,4 +192,6 @@ def handle_http(request: Any) -> tuple[str, int, dict[str, str]]:
         answer = bug_answer()
     else:
         return json.dumps(summary), 200, headers
+    finally:
+        trace.leave(traced)
     return answer.json(), answer.status, {**headers, **answer.headers}

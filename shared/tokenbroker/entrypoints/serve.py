@@ -24,12 +24,17 @@ from typing import TYPE_CHECKING, Any
 from tokenbroker.entrypoints.answers import http_answer
 from tokenbroker.entrypoints.compose import Runtime
 from tokenbroker.entrypoints.health import LoopHealth, observed_tick
+from tokenbroker.kernel import trace
 from tokenbroker.kernel.clock import isoformat
 from tokenbroker.kernel.errors import ConfigError, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from aiohttp import web
+
+    _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class LoopDied(TokenBrokerError):
@@ -87,7 +92,16 @@ def build_app(runtime: Runtime, tick_lock: asyncio.Lock, health: LoopHealth) -> 
             ]
         )
 
-    app = web.Application()
+    @web.middleware
+    async def traced(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Each request's log lines carry its trace (:mod:`tokenbroker.kernel.trace`)."""
+        token = trace.enter(trace.from_header_map(request.headers))
+        try:
+            return await handler(request)
+        finally:
+            trace.leave(token)
+
+    app = web.Application(middlewares=[traced])
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/refresh", refresh)
     app.router.add_get("/connections", connections)

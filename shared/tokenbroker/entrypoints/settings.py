@@ -84,6 +84,9 @@ ENV_XDG_STATE_HOME = "XDG_STATE_HOME"
 #: Cloud Run's revision name (https://cloud.google.com/run/docs/container-contract#env-vars):
 #: part of each instance's metrics ``task_id``.
 ENV_K_REVISION = "K_REVISION"
+#: Cloud Run's service name (the function's name, same page): the ``function`` label of
+#: every log line.
+ENV_K_SERVICE = "K_SERVICE"
 #: ``host:port`` of a Secret Manager test server (insecure channel); never in production.
 ENV_SECRET_MANAGER_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
 #: The Firestore emulator's ``host:port``: Google's own variable, which the client library
@@ -138,6 +141,10 @@ class LogSettings:
     file: Path | None = None
     #: Failpoints to arm (the fault suite only).
     failpoints: str | None = None
+    #: The project traces are named in (``TOKENBROKER_GCP_PROJECT``, else
+    #: ``GOOGLE_CLOUD_PROJECT``), and the function's name (``K_SERVICE``), for the log lines.
+    project: str | None = None
+    service: str | None = None
 
     @classmethod
     def from_env(
@@ -159,7 +166,15 @@ class LogSettings:
             arm_check(failpoints)
         except ValueError as error:
             raise ConfigError(f"{ENV_FAILPOINTS}: {error}") from None
-        return cls(chosen.lower(), Path(file) if file else None, failpoints)
+        project = (env.get(ENV_GCP_PROJECT) or env.get(ENV_GOOGLE_CLOUD_PROJECT) or "").strip()
+        service = (env.get(ENV_K_SERVICE) or "").strip()
+        return cls(
+            chosen.lower(),
+            Path(file) if file else None,
+            failpoints,
+            project=project or None,
+            service=service or None,
+        )
 
 
 @dataclass(frozen=True)

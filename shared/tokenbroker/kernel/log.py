@@ -10,11 +10,12 @@ passes it), and, on every line written while a request with a trace header is se
 (:mod:`tokenbroker.kernel.trace`), ``logging.googleapis.com/trace``
 (``projects/PROJECT_ID/traces/TRACE_ID``), ``logging.googleapis.com/spanId`` (16 hex digits) and
 ``logging.googleapis.com/trace_sampled`` -- which is what nests a function's lines under its
-request in the Logs Explorer (https://cloud.google.com/trace/docs/trace-log-integration). With no
-project configured the trace field holds the bare trace id: still a correlation key, not a
-link. A line of :meth:`Logger.exception` carries the traceback in ``exception``, one of the
-three fields (``stack_trace``, ``exception``, ``message``) Error Reporting reads a stack trace
-from; with a stack trace there no ``@type`` is needed
+request in the Logs Explorer (https://cloud.google.com/trace/docs/trace-log-integration). The
+trace's name needs the project (``TOKENBROKER_GCP_PROJECT`` or ``GOOGLE_CLOUD_PROJECT``, which
+the entry point passes on): without one, lines carry no trace fields. A line of
+:meth:`Logger.exception` carries the traceback in ``exception``, one of the three fields
+(``stack_trace``, ``exception``, ``message``) Error Reporting reads a stack trace from; with a
+stack trace there no ``@type`` is needed
 (https://cloud.google.com/error-reporting/docs/formatting-error-messages). Lines without one
 (expected failures, logged with their error code) are deliberately not error events.
 
@@ -253,9 +254,10 @@ def _stamp(now: float | None = None) -> str:
 
 
 def _trace_fields(context: TraceContext, project: str | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        TRACE: f"projects/{project}/traces/{context.trace_id}" if project else context.trace_id
-    }
+    """The line's trace fields; none without a project, which the trace's name needs."""
+    if not project:
+        return {}
+    fields: dict[str, Any] = {TRACE: f"projects/{project}/traces/{context.trace_id}"}
     if context.span_id is not None:
         fields[SPAN_ID] = context.span_id
     if context.sampled is not None:
@@ -269,7 +271,8 @@ def _trace_fragment(context: TraceContext, project: str | None) -> str:
     rendered = context.rendered
     if rendered is not None and rendered[0] == project:
         return rendered[1]
-    fragment = ", " + json.dumps(_trace_fields(context, project))[1:-1]
+    fields = _trace_fields(context, project)
+    fragment = ", " + json.dumps(fields)[1:-1] if fields else ""
     context.rendered = (project, fragment)
     return fragment
 

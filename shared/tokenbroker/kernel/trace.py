@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from typing import Protocol
 
 #: Longer header values are not parsed: ``traceparent`` version 00 is 55 characters and
 #: ``X-Cloud-Trace-Context`` at most 59; a later ``traceparent`` version may be longer.
@@ -133,6 +134,15 @@ def from_headers(
     """The request's context: ``traceparent`` when it is valid, else
     ``X-Cloud-Trace-Context`` when that is, else ``None``."""
     return parse_traceparent(traceparent) or parse_cloud_trace_context(cloud_trace_context)
+
+
+class _Headers(Protocol):
+    def get(self, name: str, /) -> str | None: ...
+
+
+def from_header_map(headers: _Headers) -> TraceContext | None:
+    """:func:`from_headers` over a case-insensitive header mapping (Flask's, aiohttp's)."""
+    return from_headers(headers.get("traceparent"), headers.get("x-cloud-trace-context"))
 
 
 def from_asgi_headers(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
