@@ -500,14 +500,16 @@ atexit.register(flush)
 
 def _after_fork_in_child() -> None:
     """A forked child (a gunicorn worker) has the parent's sink but not its flusher thread,
-    and maybe a lock held by a thread that no longer exists: start both afresh. (``logging``
-    renews its handlers' own locks itself.)"""
+    and maybe a lock held by a thread that no longer exists: start both afresh. The lines the
+    parent had waiting are the parent's to write: the child drops its copy (else they would
+    be written twice). (``logging`` renews its handlers' own locks itself.)"""
     config = _config
     sink = config.sink if config is not None else None
     if sink is not None:
         sink._lock = threading.Lock()
         sink._wake = threading.Condition(sink._lock)
         sink._flusher = None
+        sink._pending = []
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
