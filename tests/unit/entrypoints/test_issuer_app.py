@@ -28,6 +28,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.logs import ROUTES, json_lines, trace_fields
 from tests.support.oidc import rsa_public_jwk, sign_rs256
 from tests.support.provider_api import ProviderApi
 from tokenbroker.adapters.embedded import new_key_text
@@ -564,3 +565,83 @@ def test_the_issuers_decisions_reach_cloud_monitoring_never_per_request(
         assert latency == {"issued": 1, "cache_hit": 2, "denied": 1}
         (series, *_) = server.series("p-iss", PREFIX + "issuer/decisions")
         assert series.resource_labels["job"] == "issuer"
+
+
+# --- logs: the request's trace on every line ------------------------------------------------
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_every_line_of_a_traced_request_carries_its_trace_and_no_line_after_it(
+    serve: Callable[..., None], tmp_path: Path, route: str
+) -> None:
+    """Cloud Run passes the caller's trace in ``traceparent`` and ``X-Cloud-Trace-Context``:
+    every line the request causes -- the cold start's, the audit line of an issue, of a
+    remembered request and of a denial -- names it (``projects/PROJECT/traces/ID``, the span in
+    hex), and lines of a request without one (or with a malformed one) name none."""
+    from tests.conftest import restore_session_logging
+    from tokenbroker.kernel.log import flush
+
+    log = tmp_path / "issuer.log"
+    seen = 0
+    trace_id, other = "4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"
+
+    def new_lines() -> list[dict[str, Any]]:
+        nonlocal seen
+        flush()
+        lines = json_lines(log.read_text())
+        fresh, seen = lines[seen:], len(lines)
+        assert fresh, "the request logged nothing"
+        return fresh
+
+    def traced(*, span: str, sampled: bool) -> dict[str, Any]:
+        return {
+            "logging.googleapis.com/trace": f"projects/tb-proj/traces/{trace_id}",
+            "logging.googleapis.com/spanId": span,
+            "logging.googleapis.com/trace_sampled": sampled,
+        }
+
+    async def scenario(d: Deployment) -> None:
+        caller = auth()
+        traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+        first = await d.token({"connection": "crm"}, {**caller, "traceparent": traceparent})
+        assert first.status_code == 200, first.text
+        lines = new_lines()
+        assert [line["message"] for line in lines].count("token decision") == 1
+        for line in lines:
+            assert trace_fields(line) == traced(span="00f067aa0ba902b7", sampled=True), line
+            assert line["logging.googleapis.com/labels"]["function"] == "tokenbroker-issuer"
+        # The same request again, traced the legacy way: the remembered decision's line.
+        legacy = {**caller, "X-Cloud-Trace-Context": f"{trace_id}/74;o=0"}
+        again = await d.token({"connection": "crm"}, legacy)
+        assert again.status_code == 200
+        (line,) = new_lines()
+        assert (line["outcome"], line["logging.googleapis.com/labels"]["component"]) == (
+            "cache_hit", "issuer",
+        )  # fmt: skip
+        assert trace_fields(line) == traced(span="000000000000004a", sampled=False)
+        # Both headers: traceparent wins.
+        both = {**caller, "traceparent": f"00-{trace_id}-00000000000000aa-00",
+                "X-Cloud-Trace-Context": f"{other}/1;o=1"}  # fmt: skip
+        assert (await d.token({"connection": "crm"}, both)).status_code == 200
+        (line,) = new_lines()
+        assert trace_fields(line) == traced(span="00000000000000aa", sampled=False)
+        # A denial's line (through Logger.warning, not the template).
+        denied = await d.token({"connection": "payroll"}, {**caller, "traceparent": traceparent})
+        assert denied.status_code == 403
+        (line,) = new_lines()
+        assert line["severity"] == "WARNING"
+        assert trace_fields(line) == traced(span="00f067aa0ba902b7", sampled=True)
+        # No header, or one that is not a trace: no trace fields, and the value never logged.
+        bad = "00-" + "Z" * 32 + "-00f067aa0ba902b7-01"
+        for headers in (caller, {**caller, "traceparent": bad, "X-Cloud-Trace-Context": bad}):
+            assert (await d.token({"connection": "crm"}, headers)).status_code == 200
+            (line,) = new_lines()
+            assert trace_fields(line) == {}
+        assert "Z" * 32 not in log.read_text()
+
+    try:
+        with ROUTES[route]():
+            serve(scenario, TOKENBROKER_LOG_FILE=str(log), TOKENBROKER_LOG_LEVEL="info",
+                  TOKENBROKER_GCP_PROJECT="tb-proj", K_SERVICE="tokenbroker-issuer")  # fmt: skip
+    finally:
+        restore_session_logging()

@@ -21,6 +21,7 @@ from typing import Any
 import functions_framework
 import pytest
 
+from tests.support.logs import ROUTES, json_lines, trace_fields
 from tests.support.provider_api import ProviderApi
 from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.adapters.fake_provider import FakeTokenServer
@@ -452,3 +453,66 @@ def test_http_a_permanent_store_fault_is_500_not_503(preset: Callable[..., Runti
     assert response.status_code == 500
     assert response.get_json()["error"] == "store_fault"
     assert "retry-after" not in response.headers
+
+
+# --- logs: the invocation's trace on every line -------------------------------------------------
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+TRACED = {
+    "logging.googleapis.com/trace": f"projects/tb-proj/traces/{TRACE_ID}",
+    "logging.googleapis.com/spanId": "00f067aa0ba902b7",
+    "logging.googleapis.com/trace_sampled": True,
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_http_every_line_of_a_traced_invocation_carries_its_trace_and_none_after(
+    preset: Callable[..., Runtime], provider: tuple[ProviderApi, FakeTokenServer], route: str
+) -> None:
+    register(preset(), *provider)
+    with ROUTES[route](), capture_logs("debug", project="tb-proj") as logs:
+        traced = client("refresh_http").post("/", json={}, headers={"traceparent": TRACEPARENT})
+        during = logs.getvalue()
+        legacy = client("refresh_http").post(
+            "/", json={}, headers={"X-Cloud-Trace-Context": f"{TRACE_ID}/74;o=1"}
+        )
+        after_legacy = len(logs.getvalue())
+        plain = client("refresh_http").post("/", json={})
+    assert (traced.status_code, legacy.status_code, plain.status_code) == (200, 200, 200)
+    lines = json_lines(during)
+    assert "credential rotated" in [line["message"] for line in lines]  # the tick's own lines
+    assert summary_lines(during) and all(trace_fields(line) == TRACED for line in lines)
+    (legacy_summary,) = summary_lines(logs.getvalue()[len(during) : after_legacy])
+    assert legacy_summary["logging.googleapis.com/spanId"] == "000000000000004a"
+    assert all(trace_fields(line) == {} for line in json_lines(logs.getvalue()[after_legacy:]))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"ce-traceparent": TRACEPARENT},  # the CloudEvent's distributed tracing attribute
+        {"traceparent": TRACEPARENT},  # the delivering request's header (Cloud Run adds it)
+        {"X-Cloud-Trace-Context": f"{TRACE_ID}/1;o=1", "ce-traceparent": "not a trace"},
+    ],
+)
+def test_cloudevent_the_lines_of_a_traced_delivery_carry_its_trace(
+    preset: Callable[..., Runtime], extra: dict[str, str]
+) -> None:
+    preset()
+    headers, body = pubsub_event({})
+    with capture_logs("debug", project="tb-proj") as logs:
+        response = client("refresh").post("/", headers={**headers, **extra}, data=body)
+        client("refresh").post("/", headers=headers, data=body)  # then one without
+    assert response.status_code == 200, response.text
+    triggered = [
+        line for line in json_lines(logs.getvalue()) if line["message"] == "tick triggered"
+    ]
+    first, second = triggered
+    assert (
+        trace_fields(first)["logging.googleapis.com/trace"]
+        == TRACED["logging.googleapis.com/trace"]
+    )
+    assert trace_fields(second) == {}
+    one, two = summary_lines(logs.getvalue())
+    assert trace_fields(one) == trace_fields(first) and trace_fields(two) == {}

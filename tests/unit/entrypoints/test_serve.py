@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.logs import json_lines, trace_fields
 from tokenbroker.adapters.memory import MemoryStateStore
 from tokenbroker.entrypoints.answers import EXIT_FAILURE, exit_code
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
@@ -233,3 +234,29 @@ def test_serve_refuses_an_interval_that_would_spin_or_never_tick(
     with pytest.raises(ConfigError, match="interval"):
         asyncio.run(serve(runtime, port=0, interval=interval, duration=1))
     assert runtime.clock.sleeps == []  # nothing ran
+
+
+def test_the_lines_of_a_traced_http_request_carry_its_trace_and_the_schedules_do_not(
+    runtime: Runtime,
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    async def scenario() -> None:
+        async with serving(runtime, interval=1.0) as (session, url, _):
+            await poll(session, url, lambda p: p.body["ticks"] >= 2)
+            headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+            async with session.post(url + "/refresh", headers=headers) as forced:
+                assert forced.status == 200
+            await poll(session, url, lambda p: p.body["ticks"] >= 5)
+
+    with capture_logs(project="tb-proj") as logs:
+        asyncio.run(scenario())
+    summaries = [line for line in json_lines(logs.getvalue()) if line["message"] == "tick summary"]
+    (forced,) = [line for line in summaries if line["trigger"] == "http"]
+    assert trace_fields(forced) == {
+        "logging.googleapis.com/trace": f"projects/tb-proj/traces/{trace_id}",
+        "logging.googleapis.com/spanId": "00f067aa0ba902b7",
+        "logging.googleapis.com/trace_sampled": True,
+    }
+    scheduled = [line for line in summaries if line["trigger"] == "schedule"]
+    assert len(scheduled) >= 4 and all(trace_fields(line) == {} for line in scheduled)

@@ -16,14 +16,14 @@ import logging.config
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import restore_session_logging
+from tests.support.logs import ROUTES, TRACE_KEYS, Records, Route, only_ours
 from tokenbroker.kernel import log as kernel_log
 from tokenbroker.kernel import trace
 from tokenbroker.kernel.errors import InvalidGrant
@@ -46,7 +46,6 @@ TRACE_FIELDS = {
     "logging.googleapis.com/spanId": "00f067aa0ba902b7",
     "logging.googleapis.com/trace_sampled": True,
 }
-TRACE_KEYS = set(TRACE_FIELDS)
 
 
 def lines_of(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -70,49 +69,11 @@ def every_kind_of_line(component: str = "test") -> None:
     line.emit(expires_in=1, latency_ms=None)
 
 
-class Records(logging.Handler):
-    """An application's own handler: keeps what it is given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextmanager
-def only_ours() -> Iterator[None]:
-    """Our handler alone on ``tokenbroker``, as in production: pytest attaches its own log
-    capture to every logger that does not propagate (ours), which would make every line a
-    record."""
-    root = logging.getLogger("tokenbroker")
-    others = [h for h in root.handlers if not isinstance(h, kernel_log._SinkHandler)]
-    for handler in others:
-        root.removeHandler(handler)
-    try:
-        yield
-    finally:
-        for handler in others:
-            root.addHandler(handler)
-
-
-@contextmanager
-def with_records() -> Iterator[None]:
-    """Someone else listening (an application's handler on ``tokenbroker``): lines are records."""
-    handler = Records()
-    logging.getLogger("tokenbroker").addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger("tokenbroker").removeHandler(handler)
-
-
-@pytest.fixture(params=["direct", "records"])
-def route(request: pytest.FixtureRequest) -> Callable[[], AbstractContextManager[None]]:
+@pytest.fixture(params=sorted(ROUTES))
+def route(request: pytest.FixtureRequest) -> Route:
     """Each test of the line both ways: straight to the sink, and as a record through
     ``logging`` and CloudLoggingFormatter."""
-    return only_ours if request.param == "direct" else with_records
+    return ROUTES[request.param]
 
 
 @pytest.fixture
@@ -130,7 +91,7 @@ def records() -> Iterator[Records]:
 
 
 def test_every_line_is_cloud_logging_json_with_severity_message_time_and_labels(
-    route: Callable[[], AbstractContextManager[None]],
+    route: Route,
 ) -> None:
     with route(), capture_logs("debug", project="tb-proj", service="tokenbroker-issuer") as stream:
         every_kind_of_line()
@@ -164,7 +125,7 @@ def test_a_time_is_rfc3339_utc_with_microseconds() -> None:
 
 
 def test_lines_written_for_a_traced_request_carry_its_trace_and_no_line_after_it(
-    route: Callable[[], AbstractContextManager[None]],
+    route: Route,
 ) -> None:
     with route(), capture_logs("debug", project="tb-proj") as stream:
         token = trace.enter(CONTEXT)
@@ -189,7 +150,7 @@ def test_lines_written_for_a_traced_request_carry_its_trace_and_no_line_after_it
     ],
 )
 def test_a_trace_without_a_span_or_a_sampling_decision_writes_what_it_has(
-    context: TraceContext, expected: set[str], route: Callable[[], AbstractContextManager[None]]
+    context: TraceContext, expected: set[str], route: Route
 ) -> None:
     with route(), capture_logs(project="tb-proj") as stream:
         token = trace.enter(context)
@@ -205,7 +166,7 @@ def test_a_trace_without_a_span_or_a_sampling_decision_writes_what_it_has(
 
 
 def test_without_a_project_lines_carry_no_trace_fields(
-    route: Callable[[], AbstractContextManager[None]],
+    route: Route,
 ) -> None:
     """The trace's name is ``projects/PROJECT_ID/traces/TRACE_ID``
     (https://cloud.google.com/trace/docs/trace-log-integration): no project, no trace."""
@@ -321,7 +282,7 @@ def test_no_record_is_made_while_our_handler_alone_listens(records: Records) -> 
 
 
 def test_levels_set_on_a_components_logger_take_effect(
-    route: Callable[[], AbstractContextManager[None]],
+    route: Route,
 ) -> None:
     issuer = logging.getLogger("tokenbroker.issuer")
     with route(), capture_logs("debug") as stream:
@@ -383,7 +344,7 @@ def test_filters_on_the_loggers_or_on_our_handler_are_obeyed(records: Records) -
 
 
 def test_a_disabled_logger_writes_nothing(
-    route: Callable[[], AbstractContextManager[None]],
+    route: Route,
 ) -> None:
     """``logging.config.dictConfig`` disables existing loggers unless told otherwise."""
     with route(), capture_logs() as stream:
