@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.logs import trace_fields
 from tests.support.oidc import RT_FIXED_ID, RT_FIXED_SECRET, OidcServer, sign_rs256, signing_jwks
 from tests.system.helpers import embedded_runtime, registry, schemathesis_run
 from tests.system.processes import BIN, REPO, functions_framework
@@ -67,13 +69,18 @@ class Deployment:
         }  # fmt: skip
         return sign_rs256(claims, RSAKey.import_key(jwk).raw_value, kid=jwk["kid"])
 
-    def token(self, body: Any, email: str) -> httpx.Response:
+    def token(self, body: Any, email: str, headers: dict[str, str] | None = None) -> httpx.Response:
         return httpx.post(
             f"{self.url}/token",
             json=body,
-            headers={"Authorization": f"Bearer {self.id_token(email)}"},
+            headers={"Authorization": f"Bearer {self.id_token(email)}", **(headers or {})},
             timeout=30,
         )
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON lines of the process's output so far (gunicorn's own lines are text)."""
+        text = self.log.read_text(errors="replace")
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -146,6 +153,10 @@ max_lifetime_seconds = 900
         "TOKENBROKER_ID_TOKEN_ISSUERS": oidc_server.issuer,
         "TOKENBROKER_ID_TOKEN_KEYS_URL": oidc_server.jwks_url,
         "TOKENBROKER_TEST_CAPTURE_DIR": str(capture),
+        # What the log lines name: the project of their traces, the function (Cloud Run sets
+        # K_SERVICE; Terraform sets the project).
+        "TOKENBROKER_GCP_PROJECT": "tb-system",
+        "K_SERVICE": "tokenbroker-issuer",
     }
     with functions_framework("issue", SOURCE, env, name="issuer-narrowing", asgi=True) as url:
         yield Deployment(url, oidc_server, env, capture / "issuer-narrowing.process.out")
@@ -213,6 +224,59 @@ def test_the_decisions_leave_no_token_in_the_log(deployment: Deployment) -> None
     for line in text.splitlines():
         if line.startswith("{"):
             json.loads(line)
+
+
+def test_every_line_of_a_traced_request_names_its_trace_and_no_line_after_it(
+    deployment: Deployment,
+) -> None:
+    """As Cloud Run passes it on (``traceparent``, else ``X-Cloud-Trace-Context`` with the span
+    in decimal), the trace is on every line a request causes -- its audit line above all,
+    which the served process writes straight to stderr, batched -- in Cloud Logging's form
+    (https://cloud.google.com/trace/docs/trace-log-integration); a request without one, or with
+    a malformed one, has none. Every JSON line of the process is Cloud Logging's structured
+    JSON with the function's label."""
+    trace_id, legacy_id = secrets.token_hex(16), secrets.token_hex(16)
+    body = {"connection": "docs", "scopes": ["api:write"]}  # asked by no other test
+
+    def decisions() -> list[dict[str, Any]]:
+        return [x for x in deployment.log_lines() if x["message"] == "token decision"
+                and x["caller"] == OWNER and x["scopes_asked"] == "api:write"]  # fmt: skip
+
+    sent = [
+        {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        {"X-Cloud-Trace-Context": f"{legacy_id}/74;o=0"},
+        {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "X-Cloud-Trace-Context":
+         f"{legacy_id}/1;o=1"},  # both: traceparent wins
+        {"traceparent": "00-" + "Q" * 32 + "-00f067aa0ba902b7-01"},
+        {},
+    ]  # fmt: skip
+    for headers in sent:
+        answer = deployment.token(body, OWNER, headers)
+        assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 10
+    while len(decisions()) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)  # routine lines are batched (at most 50 ms)
+    assert len(decisions()) == len(sent)
+    project = "projects/tb-system/traces/"
+    expected: list[dict[str, Any]] = [
+        {"logging.googleapis.com/trace": project + trace_id,
+         "logging.googleapis.com/spanId": "00f067aa0ba902b7",
+         "logging.googleapis.com/trace_sampled": True},
+        {"logging.googleapis.com/trace": project + legacy_id,
+         "logging.googleapis.com/spanId": "000000000000004a",
+         "logging.googleapis.com/trace_sampled": False},
+        {"logging.googleapis.com/trace": project + trace_id,
+         "logging.googleapis.com/spanId": "00f067aa0ba902b7",
+         "logging.googleapis.com/trace_sampled": True},
+        {},
+        {},
+    ]  # fmt: skip
+    got = [trace_fields(x) for x in decisions()]
+    assert got == expected
+    assert "Q" * 32 not in deployment.log.read_text(errors="replace")
+    for line in deployment.log_lines():
+        assert {"severity", "message", "time"} <= set(line)
+        assert line["logging.googleapis.com/labels"]["function"] == "tokenbroker-issuer"
 
 
 @pytest.mark.parametrize("caller", [READER, OWNER])
