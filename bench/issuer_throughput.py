@@ -27,14 +27,11 @@ token produced on a cache miss; a hit's line says ``cache_hit``) and the number 
 the load generator counted.
 
 Each pair also sends the issuer's very request (POST /token, the ~900-byte Authorization
-header, the JSON body) to the bare function: ``bare_same_request_rps`` is the ceiling the HTTP
-layer leaves the issuer, and ``issuer_vs_same_request`` (issuer / that) is the gate: at least
-0.8 -- what the issuer's own work (the decision, the audit line, the answer) may cost. The
-issue's figure, ``ratio`` against a GET without headers, is reported too, and gated at 0.7
-only when the HTTP layer leaves room for it (``ratio_target_reachable``: the bare function
-given the issuer's request reaches 0.7 / 0.8 = 0.875 of itself, so that 0.7 is within what
-the issuer's own work may cost); on this machine it does not (docs/benchmarks.md).
-``--no-same-request-floor`` skips those runs (and the gate fails).
+header, the JSON body) to the bare function, measured in turn with the other two:
+``bare_same_request_rps`` (best run) is the ceiling the HTTP layer leaves the issuer, and
+``issuer_vs_same_request`` what the issuer's own work (the decision, the audit line, the
+answer) leaves of it; compare the CPU per request of the three as well, which other load on
+the machine does not change. ``--no-same-request-floor`` skips those runs.
 
 Both server modes are measured, each with its own pair of servers (``--modes``, default
 ``h11,httptools``): uvicorn's pure-Python h11 parser on asyncio's loop, and httptools on uvloop,
@@ -46,9 +43,8 @@ Final line (JSON): per mode under ``modes`` (issuer_rps, bare_rps, ratio, p99s, 
 request, secret_reads_per_issue, server_mode, ...), each mode's ``ratio_<mode>`` and
 ``p99_ratio_<mode>``, ``ratio`` (the lowest) and ``p99_ratio`` (the highest), and the shipped
 mode's (the last measured) figures at the top level. Exit 1 when a target is missed in any mode
-(issuer_vs_same_request >= 0.8; ratio >= 0.7 where reachable; p99_ratio <= 2;
-secret_reads_per_issue <= 0.01) or either server answered anything but 2xx: such a run is
-invalid.
+(ratio >= 0.7, p99_ratio <= 2, secret_reads_per_issue <= 0.01) or either server answered
+anything but 2xx: such a run is invalid.
 
 Usage: ``.venv/bin/python bench/issuer_throughput.py [--duration 10] [--warmup 2] [--pairs 2]``
 (~65 s with the defaults). ``--profile`` adds one issuer run under yappi (``--yappi-path``,
@@ -104,11 +100,6 @@ CALLER = "crm-sync@bench.iam.gserviceaccount.com"
 KID = "bench-key-1"
 ACCESS_TOKEN = "crm-access-token-" + "x" * 40
 TARGET_RATIO = 0.7
-#: The gate: the issuer against the bare function given the issuer's very request. The bare
-#: function's GET without headers is a floor no POST with a ~900-byte ID token reaches: the
-#: HTTP layer alone costs it 0.66-0.77 of that floor here (docs/benchmarks.md), so a 0.7
-#: ratio against it would leave the issuer's whole decision and audit line nothing.
-TARGET_SAME_REQUEST_RATIO = 0.8
 TARGET_P99_RATIO = 2.0
 TARGET_READS_PER_ISSUE = 0.01
 
@@ -660,7 +651,7 @@ def main() -> int:
         "--no-same-request-floor",
         dest="same_request_floor",
         action="store_false",
-        help="skip the runs of the bare function with the issuer's request (the gate then fails)",
+        help="skip the runs of the bare function with the issuer's request",
     )
     parser.add_argument("--profile", action="store_true", help="extra issuer run under yappi")
     parser.add_argument("--yappi-path", default="/tmp/benchprof")  # noqa: S108 - documented
@@ -843,19 +834,7 @@ def run_mode(  # noqa: PLR0912, PLR0915 - one linear script
         say(f"profile: {work / 'profile.json'}")
         for row in profile["top_own_time"]:
             say(f"  {row['share']:6.1%} {row['calls']:>8} {row['fn']}")
-    if same is None:
-        failures.append("no same-request floor measured (--no-same-request-floor)")
-    elif result["issuer_vs_same_request"] < TARGET_SAME_REQUEST_RATIO:
-        failures.append(
-            f"issuer_vs_same_request {result['issuer_vs_same_request']}"
-            f" < {TARGET_SAME_REQUEST_RATIO}"
-        )
-    # The issue's own figure, against a GET without headers: reported, and gated only when
-    # the HTTP layer leaves room for it (see TARGET_SAME_REQUEST_RATIO).
-    result["ratio_target_reachable"] = (
-        same is not None and same.rps / best_bare.rps * TARGET_SAME_REQUEST_RATIO >= TARGET_RATIO
-    )
-    if result["ratio"] < TARGET_RATIO and result["ratio_target_reachable"]:
+    if result["ratio"] < TARGET_RATIO:
         failures.append(f"ratio {result['ratio']} < {TARGET_RATIO}")
     if result["p99_ratio"] > TARGET_P99_RATIO:
         failures.append(f"p99_ratio {result['p99_ratio']} > {TARGET_P99_RATIO}")
