@@ -16,8 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.oidc import RT_FIXED_ID, RT_FIXED_SECRET, OidcServer, sign_rs256, signing_jwks
-from tests.system.helpers import embedded_runtime, registry, schemathesis_run
+from tests.support.oidc import RT_FIXED_ID, RT_FIXED_SECRET, OidcServer
+from tests.system.helpers import (
+    caller_id_token,
+    embedded_runtime,
+    registry,
+    request_token,
+    schemathesis_run,
+)
 from tests.system.processes import BIN, REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
@@ -57,23 +63,10 @@ class Deployment:
     log: Path
 
     def id_token(self, email: str) -> str:
-        from joserfc.jwk import RSAKey
-
-        jwk = signing_jwks()["keys"][0]
-        now = int(time.time())
-        claims = {
-            "iss": self.oidc.issuer, "aud": AUDIENCE, "sub": f"sub-{email}", "email": email,
-            "email_verified": True, "iat": now, "exp": now + 3600,
-        }  # fmt: skip
-        return sign_rs256(claims, RSAKey.import_key(jwk).raw_value, kid=jwk["kid"])
+        return caller_id_token(self.oidc, AUDIENCE, email)
 
     def token(self, body: Any, email: str) -> httpx.Response:
-        return httpx.post(
-            f"{self.url}/token",
-            json=body,
-            headers={"Authorization": f"Bearer {self.id_token(email)}"},
-            timeout=30,
-        )
+        return request_token(self.url, body, self.id_token(email))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
