@@ -130,7 +130,6 @@ once serving, and serves until SIGINT or SIGTERM. ``--max-workers`` sets the gRP
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import collections
@@ -138,12 +137,10 @@ import hashlib
 import itertools
 import json
 import re
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -160,6 +157,13 @@ from google.cloud.monitoring_v3.services.metric_service.transports import (
 from google.cloud.monitoring_v3.types import metric_service
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]  # as google.api above
+
+from tests.support.grpc_server import (
+    GrpcTestServer,
+    UnaryMethod,
+    announce_and_wait,
+    standalone_parser,
+)
 
 SERVICE = "google.monitoring.v3.MetricService"
 Descriptor = metric_pb2.MetricDescriptor
@@ -1451,9 +1455,11 @@ def client_over(channel: Any) -> monitoring_v3.MetricServiceClient:
     return monitoring_v3.MetricServiceClient(transport=transport)
 
 
-class MonitoringTestServer:
+class MonitoringTestServer(GrpcTestServer):
     """The gRPC server around a :class:`MonitoringStore`; ``start()`` binds a free port of
     127.0.0.1. Counts calls per method (failed calls included) in :attr:`calls`."""
+
+    service = SERVICE
 
     def __init__(
         self,
@@ -1463,15 +1469,11 @@ class MonitoringTestServer:
         min_sampling_period: timedelta = MIN_SAMPLING_PERIOD,
         max_workers: int = 16,
     ) -> None:
+        super().__init__(port=port, max_workers=max_workers)
         self.store = MonitoringStore(clock=clock, min_sampling_period=min_sampling_period)
-        self.address = ""
-        self._port = port
-        self._max_workers = max_workers
-        self._server: Any = None
         self._lock = threading.Lock()
         self._calls: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, collections.deque[tuple[grpc.StatusCode, str]]] = {}
-        self._channels: list[Any] = []
 
     # -- test helpers -------------------------------------------------------------------------
 
@@ -1543,64 +1545,26 @@ class MonitoringTestServer:
 
         return handle
 
-    def start(self) -> MonitoringTestServer:
-        if self._server is not None:
-            return self
-        handlers = {
-            method: grpc.unary_unary_rpc_method_handler(
-                self._handler(method, attribute),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
-            )
+    def _methods(self) -> dict[str, UnaryMethod]:
+        return {
+            method: UnaryMethod(self._handler(method, attribute), deserializer, serializer)
             for method, (attribute, deserializer, serializer) in _METHODS.items()
         }
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers))
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        port = server.add_insecure_port(f"127.0.0.1:{self._port}")
-        if not port:
-            raise OSError(f"could not bind 127.0.0.1:{self._port}")
-        server.start()
-        self._server = server
-        self.address = f"127.0.0.1:{port}"
-        return self
 
     def client(self) -> monitoring_v3.MetricServiceClient:
         """The official client, connected to this server; closed by :meth:`stop`."""
-        if not self.address:
-            raise RuntimeError("start the server first")
-        channel = make_channel(self.address)
-        self._channels.append(channel)
-        return client_over(channel)
+        return client_over(self._connect(make_channel, _close_channel))
 
-    def stop(self) -> None:
-        for channel in self._channels:
-            channel.close()
-        self._channels.clear()
-        if self._server is not None:
-            self._server.stop(grace=None).wait()
-            self._server = None
 
-    def __enter__(self) -> MonitoringTestServer:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+def _close_channel(channel: Any) -> None:
+    channel.close()
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A local Cloud Monitoring v3 gRPC server.")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
-    parser.add_argument(
-        "--max-workers", type=int, default=16, help="gRPC handler threads (default 16)"
-    )
+    parser = standalone_parser("A local Cloud Monitoring v3 gRPC server.")
     args = parser.parse_args(None if argv is None else list(argv))
     server = MonitoringTestServer(port=args.port, max_workers=args.max_workers).start()
-    done = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
-    sys.stdout.write(f"READY {server.address}\n")
-    sys.stdout.flush()
-    done.wait()
+    announce_and_wait(f"READY {server.address}")
     server.stop()
     return 0
 

@@ -56,7 +56,6 @@ method (:attr:`SecretManagerTestServer.calls`) and the process's CPU seconds, as
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import collections
@@ -66,13 +65,11 @@ import http.server
 import json
 import os
 import re
-import signal
 import sys
 import threading
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +82,13 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports im
 )
 from google.cloud.secretmanager_v1.types import resources, service
 from google.protobuf import empty_pb2
+
+from tests.support.grpc_server import (
+    GrpcTestServer,
+    UnaryMethod,
+    announce_and_wait,
+    standalone_parser,
+)
 
 SERVICE = "google.cloud.secretmanager.v1.SecretManagerService"
 State = resources.SecretVersion.State
@@ -1064,9 +1068,11 @@ def _resource_of(request: Any) -> str:
     return str(getattr(secret, "name", "") or "")
 
 
-class SecretManagerTestServer:
+class SecretManagerTestServer(GrpcTestServer):
     """The gRPC server around a :class:`SecretStore`; ``start()`` binds a free port of
     127.0.0.1. Counts calls per method (failed calls included) in :attr:`calls`."""
+
+    service = SERVICE
 
     def __init__(
         self,
@@ -1075,14 +1081,10 @@ class SecretManagerTestServer:
         project_numbers: Mapping[str, str] | None = None,
         max_workers: int = 16,
     ) -> None:
+        super().__init__(port=port, max_workers=max_workers)
         self.store = SecretStore(project_numbers)
-        self.address = ""
-        self._port = port
-        self._max_workers = max_workers
-        self._server: grpc.Server | None = None
         self._calls: collections.Counter[str] = collections.Counter()
         self._calls_lock = threading.Lock()
-        self._clients: list[secretmanager_v1.SecretManagerServiceClient] = []
         #: Called as ``observer(method, request, response)`` after every successful call, in
         #: the handler thread (the fault suite times when each answer first reached a write).
         self.observers: list[Callable[[str, Any, Any], None]] = []
@@ -1133,50 +1135,23 @@ class SecretManagerTestServer:
 
         return handle
 
-    def start(self) -> SecretManagerTestServer:
-        if self._server is not None:
-            return self
-        handlers = {
-            method: grpc.unary_unary_rpc_method_handler(
-                self._handler(method, attribute),
-                request_deserializer=request_type.deserialize,
-                response_serializer=serializer,
+    def _methods(self) -> dict[str, UnaryMethod]:
+        return {
+            method: UnaryMethod(
+                self._handler(method, attribute), request_type.deserialize, serializer
             )
             for method, (attribute, request_type, serializer) in _METHODS.items()
         }
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers))
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        port = server.add_insecure_port(f"127.0.0.1:{self._port}")
-        if not port:
-            raise OSError(f"could not bind 127.0.0.1:{self._port}")
-        server.start()
-        self._server = server
-        self.address = f"127.0.0.1:{port}"
-        return self
 
     def client(self, principal: str | None = None) -> secretmanager_v1.SecretManagerServiceClient:
         """The official client, connected to this server (as ``principal``, when given);
         closed by :meth:`stop`."""
-        if not self.address:
-            raise RuntimeError("start the server first")
-        client = make_client(self.address, principal)
-        self._clients.append(client)
-        return client
+        return self._connect(lambda address: make_client(address, principal), _close_client)
 
-    def stop(self) -> None:
-        for client in self._clients:
-            with contextlib.suppress(Exception):
-                client.transport.close()
-        self._clients.clear()
-        if self._server is not None:
-            self._server.stop(grace=None).wait()
-            self._server = None
 
-    def __enter__(self) -> SecretManagerTestServer:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+def _close_client(client: secretmanager_v1.SecretManagerServiceClient) -> None:
+    with contextlib.suppress(Exception):
+        client.transport.close()
 
 
 def serve_stats(server: SecretManagerTestServer, port: int = 0) -> http.server.HTTPServer:
@@ -1224,11 +1199,7 @@ def serve_stats(server: SecretManagerTestServer, port: int = 0) -> http.server.H
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A local Secret Manager v1 gRPC server.")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
-    parser.add_argument(
-        "--max-workers", type=int, default=16, help="gRPC handler threads (default 16)"
-    )
+    parser = standalone_parser("A local Secret Manager v1 gRPC server.")
     parser.add_argument(
         "--stats-port",
         type=int,
@@ -1248,15 +1219,10 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port, project_numbers=numbers, max_workers=args.max_workers
     ).start()
     stats = serve_stats(server, args.stats_port) if args.stats_port is not None else None
-    done = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
     ready = f"READY {server.address}"
     if stats is not None:
         ready += f" STATS 127.0.0.1:{stats.server_address[1]}"
-    sys.stdout.write(ready + "\n")
-    sys.stdout.flush()
-    done.wait()
+    announce_and_wait(ready)
     if stats is not None:
         stats.shutdown()
         stats.server_close()

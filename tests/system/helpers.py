@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from tests.support.oidc import sign_rs256, signing_jwks
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
@@ -49,6 +53,41 @@ def add_refresh_connection(
         ),
     )
     return str(tokens["refresh_token"])
+
+
+def caller_id_token(oidc: Any, audience: str, email: str, **overrides: Any) -> str:
+    """A caller's ID token for an issuer that trusts ``oidc`` (its issuer and JWKS): signed with
+    oidc-provider's key, for ``audience``, ``email`` verified, valid for an hour. ``overrides``
+    replace claims; an override of ``None`` leaves that claim out."""
+    from joserfc.jwk import RSAKey
+
+    jwk = signing_jwks()["keys"][0]
+    now = int(time.time())
+    claims = {
+        "iss": oidc.issuer,
+        "aud": audience,
+        "sub": f"sub-{email}",
+        "email": email,
+        "email_verified": True,
+        "iat": now,
+        "exp": now + 3600,
+        **overrides,
+    }
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return sign_rs256(claims, RSAKey.import_key(jwk).raw_value, kid=jwk["kid"])
+
+
+def request_token(
+    url: str, body: Any, id_token: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """``POST /token`` to the issuer at ``url`` as the caller ``id_token`` names (with more
+    ``headers``, e.g. a trace context)."""
+    return httpx.post(
+        f"{url}/token",
+        json=body,
+        headers={"Authorization": f"Bearer {id_token}", **(headers or {})},
+        timeout=30,
+    )
 
 
 def tick(runtime: Runtime, **options: Any) -> TickSummary:

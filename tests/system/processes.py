@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,25 +27,47 @@ def functions_framework(
     """A real ``functions-framework`` (gunicorn) process serving ``target``; yields its URL."""
     port = free_port()
     log_path = Path(env.get("TOKENBROKER_TEST_CAPTURE_DIR", "/tmp")) / f"{name}.process.out"
+    command = [
+        str(BIN / "functions-framework"),
+        f"--target={target}",
+        f"--source={source}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        *(["--asgi"] if asgi else []),
+    ]
+    with functions_framework_process(
+        command, port=port, env={**os.environ, **env}, cwd=REPO, log_path=log_path, name=name
+    ) as url:
+        yield url
+
+
+@contextmanager
+def functions_framework_process(
+    command: Sequence[str],
+    *,
+    port: int,
+    env: Mapping[str, str],
+    cwd: Path,
+    log_path: Path,
+    name: str,
+    start_timeout: float = 30,
+) -> Iterator[str]:
+    """``command``, a ``functions-framework`` that will answer on 127.0.0.1:``port``, started
+    in its own session with exactly ``env`` in ``cwd``, its output appended to ``log_path``.
+    Yields its URL once ``/healthz`` answers; on the way out the session gets SIGTERM (SIGKILL
+    10 s later) and the output is kept for the log scan under ``name``."""
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [
-                str(BIN / "functions-framework"),
-                f"--target={target}",
-                f"--source={source}",
-                "--host=127.0.0.1",
-                f"--port={port}",
-                *(["--asgi"] if asgi else []),
-            ],
-            env={**os.environ, **env},
+            list(command),
+            env=dict(env),
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"functions-framework exited: {log_path.read_text()[-3000:]}")
@@ -54,7 +76,9 @@ def functions_framework(
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("functions-framework did not start in 30 s") from None
+                    raise RuntimeError(
+                        f"functions-framework did not start in {start_timeout:g} s"
+                    ) from None
                 time.sleep(0.1)
         yield url
     finally:
@@ -65,3 +89,25 @@ def functions_framework(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         save_output(name, log_path.read_bytes())
+
+
+@contextmanager
+def standalone_server(module: str) -> Iterator[str]:
+    """``python -m <module> --port 0``: a test server of ``tests/support`` in its standalone
+    mode, in its own process. Yields the address its ``READY host:port`` line names; on the
+    way out it is sent SIGTERM and must exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("READY 127.0.0.1:"), line
+        yield line.split(" ", 1)[1]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -40,7 +39,6 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.conftest import save_output
 from tests.support.oidc import (
     RT_BASIC_ID,
     RT_BASIC_SECRET,
@@ -50,7 +48,7 @@ from tests.support.oidc import (
     signing_jwks,
 )
 from tests.system.helpers import add_refresh_connection, embedded_runtime, outbox, tick
-from tests.system.processes import REPO
+from tests.system.processes import REPO, functions_framework_process
 from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.kernel.model import ClientAuthMethod, EventType
 from tokenbroker.kernel.secret import Secret
@@ -292,10 +290,9 @@ def issuer_installed(
     return _install(packages["issuer"], tmp_path_factory.mktemp("issuer"), pip_cache)
 
 
-@contextlib.contextmanager
 def deployed(
     installed: Installed, target: str, signature_type: str, env: Mapping[str, str], *, name: str
-) -> Iterator[str]:
+) -> contextlib.AbstractContextManager[str]:
     """The buildpack's web process: ``functions-framework``, configured by the environment the
     platform sets (``FUNCTION_TARGET``, ``FUNCTION_SIGNATURE_TYPE``, ``PORT``), in the source
     directory. Yields its URL."""
@@ -310,34 +307,16 @@ def deployed(
             "PATH": f"{installed.venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
         }
     )
-    log_path = installed.source.parent / f"{name}.process.out"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            ["functions-framework"], cwd=installed.source, env=runtime_env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"functions-framework exited: {log_path.read_text()[-3000:]}")
-            try:
-                httpx.get(url + "/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("functions-framework did not start in 60 s") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        save_output(name, log_path.read_bytes())
+    # The bare command, found on the runtime PATH: the venv's own functions-framework.
+    return functions_framework_process(
+        ["functions-framework"],
+        port=port,
+        env=runtime_env,
+        cwd=installed.source,
+        log_path=installed.source.parent / f"{name}.process.out",
+        name=name,
+        start_timeout=60,
+    )
 
 
 def test_each_venv_holds_the_clients_its_function_uses_and_not_the_others(

@@ -27,13 +27,14 @@ from tests.support.oidc import (
     RT_BASIC_ID,
     RT_BASIC_SECRET,
     OidcServer,
-    sign_rs256,
     signing_jwks,
 )
 from tests.system.helpers import (
     add_refresh_connection,
+    caller_id_token,
     embedded_runtime,
     registry,
+    request_token,
     schemathesis_run,
     tick,
 )
@@ -42,6 +43,7 @@ from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.entrypoints.compose import Runtime
 from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
 from tokenbroker.kernel.secret import Secret
+from tokenbroker.refresh.registry import ConnectionRegistry
 
 pytestmark = pytest.mark.system
 
@@ -52,6 +54,8 @@ OTHER = "stranger@tb-test.iam.gserviceaccount.com"
 BILLING = "billing@tb-test.iam.gserviceaccount.com"
 REPORT_SA = "reports@tb-test.iam.gserviceaccount.com"
 BROKER_TOKEN = "broker-own-access-token-for-iam"
+OMIE_KEY = "omie-app-key-123"
+OMIE_SECRET = "omie-app-secret-XYZ987"
 
 
 class ProviderApi(BaseHTTPRequestHandler):
@@ -128,31 +132,18 @@ class Deployment:
         return embedded_runtime(self.state_dir, encryption_key=Secret(self.encryption_key))
 
     def id_token(self, email: str = WORKER, **overrides: Any) -> str:
-        jwk = signing_jwks()["keys"][0]
-        from joserfc.jwk import RSAKey
-
-        now = int(time.time())
-        claims = {
-            "iss": self.oidc.issuer,
-            "aud": AUDIENCE,
-            "sub": f"sub-{email}",
-            "email": email,
-            "email_verified": True,
-            "iat": now,
-            "exp": now + 3600,
-            **overrides,
-        }
-        claims = {k: v for k, v in claims.items() if v is not None}
-        return sign_rs256(claims, RSAKey.import_key(jwk).raw_value, kid=jwk["kid"])
+        return caller_id_token(self.oidc, AUDIENCE, email, **overrides)
 
     def token(self, body: Any, *, email: str = WORKER, token: str | None = None) -> httpx.Response:
-        bearer = token if token is not None else self.id_token(email)
-        return httpx.post(
-            f"{self.url}/token",
-            json=body,
-            headers={"Authorization": f"Bearer {bearer}"},
-            timeout=30,
-        )
+        return request_token(self.url, body, token if token is not None else self.id_token(email))
+
+
+def _register_omie(reg: ConnectionRegistry) -> None:
+    """The static connection the omie relay injects: its key and secret go in the body."""
+    reg.register(
+        Connection(id="omie", profile="generic", grant=GrantType.STATIC, client_id=OMIE_KEY),
+        Credential(client_secret=Secret(OMIE_SECRET)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +167,7 @@ def deployment(
         ),
         Credential(client_secret=Secret(CC_POST_SECRET)),
     )  # fmt: skip
-    reg.register(
-        Connection(
-            id="omie", profile="generic", grant=GrantType.STATIC, client_id="omie-app-key-123"
-        ),
-        Credential(client_secret=Secret("omie-app-secret-XYZ987")),
-    )
+    _register_omie(reg)
     summary = tick(runtime)
     assert summary.refreshed == 2, summary.to_json()  # crm and svc; omie has nothing to refresh
     runtime.close()
@@ -410,9 +396,6 @@ def test_relay_injects_the_credential_and_refuses_what_the_policy_does_not_list(
     assert relay("POST", "omie/geral/clientes/", {}) == 401
 
 
-OMIE_SECRET = "omie-app-secret-XYZ987"
-
-
 def _whole(response: httpx.Response) -> str:
     """Everything the caller receives: status line, every header, the body."""
     lines = [f"{response.http_version} {response.status_code} {response.reason_phrase}"]
@@ -576,13 +559,7 @@ def test_relay_status_is_live(deployment: Deployment) -> None:
             reg = registry(runtime)
             with contextlib.suppress(Exception):
                 reg.remove("omie")
-            reg.register(
-                Connection(
-                    id="omie", profile="generic", grant=GrantType.STATIC,
-                    client_id="omie-app-key-123",
-                ),
-                Credential(client_secret=Secret(OMIE_SECRET)),
-            )  # fmt: skip
+            _register_omie(reg)
         finally:
             runtime.close()
     assert relay().status_code == 200

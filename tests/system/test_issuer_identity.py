@@ -33,6 +33,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
+from tests.support.jwks_server import JwksServer
 from tests.support.oidc import rsa_public_jwk, sign_rs256
 from tests.system.processes import REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
@@ -59,35 +60,16 @@ SLOW_SECONDS = 2.0
 REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
 
 
-class _Keys(BaseHTTPRequestHandler):
-    """Google's certs URL stand-in; ``slow`` makes every answer wait first."""
-
-    slow: ClassVar[bool] = False
-    served: ClassVar[int] = 0
-
-    def do_GET(self) -> None:
-        if _Keys.slow:
-            time.sleep(SLOW_SECONDS)
-        _Keys.served += 1
-        body = json.dumps({"keys": [rsa_public_jwk(GOOGLE, KID)]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Cache-Control", "public, max-age=3600")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:
-        return
+@pytest.fixture(scope="module")
+def keys() -> Iterator[JwksServer]:
+    """Google's certs URL stand-in; a test sets ``delay`` to make every answer wait first."""
+    with JwksServer({"keys": [rsa_public_jwk(GOOGLE, KID)]}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def keys_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Keys)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/certs"
-    server.shutdown()
-    server.server_close()
+def keys_url(keys: JwksServer) -> str:
+    return keys.url
 
 
 def b64(value: Any) -> str:
@@ -377,15 +359,17 @@ def test_verify_two_authorization_headers_are_refused(verify: Issuer) -> None:
     unauthenticated(response)
 
 
-def test_verify_an_unknown_kid_refetch_does_not_stall_the_function(verify: Issuer) -> None:
+def test_verify_an_unknown_kid_refetch_does_not_stall_the_function(
+    verify: Issuer, keys: JwksServer
+) -> None:
     """Issue 9: the JWKS refetch ran blocking I/O on the event loop, so one token with an
     unknown kid stalled every request -- /healthz too -- for the keys server's response time."""
     known = {"Authorization": bearer(signed())}
     granted(verify.token("crm", known), CRM_TOKEN)  # cold start done, keys cached
     _header, payload, signature = signed().split(".")
     unknown = f"{b64({'alg': 'RS256', 'kid': 'rotated-in', 'typ': 'JWT'})}.{payload}.{signature}"
-    served = _Keys.served
-    _Keys.slow = True
+    answered = keys.answered
+    keys.delay = SLOW_SECONDS
     try:
         with ThreadPoolExecutor(1) as pool:
             stalled = pool.submit(verify.token, "crm", {"Authorization": bearer(unknown)})
@@ -398,13 +382,13 @@ def test_verify_an_unknown_kid_refetch_does_not_stall_the_function(verify: Issue
             known_took = time.monotonic() - started
             refused = stalled.result(timeout=30)
     finally:
-        _Keys.slow = False
+        keys.delay = 0.0
     assert health.status_code == 200
     granted(other, CRM_TOKEN)
     assert health_took < 0.5, health_took
     assert known_took < 0.5, known_took
     unauthenticated(refused)
-    assert _Keys.served == served + 1  # one refetch
+    assert keys.answered == answered + 1  # one refetch
 
 
 # --- end to end: the consumer client through a front end that does what Cloud Run's does -------

@@ -18,8 +18,14 @@ import httpx
 import pytest
 
 from tests.support.logs import trace_fields
-from tests.support.oidc import RT_FIXED_ID, RT_FIXED_SECRET, OidcServer, sign_rs256, signing_jwks
-from tests.system.helpers import embedded_runtime, registry, schemathesis_run
+from tests.support.oidc import RT_FIXED_ID, RT_FIXED_SECRET, OidcServer
+from tests.system.helpers import (
+    caller_id_token,
+    embedded_runtime,
+    registry,
+    request_token,
+    schemathesis_run,
+)
 from tests.system.processes import BIN, REPO, functions_framework
 from tokenbroker.adapters.embedded import new_key_text
 from tokenbroker.kernel.model import ClientAuthMethod, Connection, Credential, GrantType
@@ -59,23 +65,10 @@ class Deployment:
     log: Path
 
     def id_token(self, email: str) -> str:
-        from joserfc.jwk import RSAKey
-
-        jwk = signing_jwks()["keys"][0]
-        now = int(time.time())
-        claims = {
-            "iss": self.oidc.issuer, "aud": AUDIENCE, "sub": f"sub-{email}", "email": email,
-            "email_verified": True, "iat": now, "exp": now + 3600,
-        }  # fmt: skip
-        return sign_rs256(claims, RSAKey.import_key(jwk).raw_value, kid=jwk["kid"])
+        return caller_id_token(self.oidc, AUDIENCE, email)
 
     def token(self, body: Any, email: str, headers: dict[str, str] | None = None) -> httpx.Response:
-        return httpx.post(
-            f"{self.url}/token",
-            json=body,
-            headers={"Authorization": f"Bearer {self.id_token(email)}", **(headers or {})},
-            timeout=30,
-        )
+        return request_token(self.url, body, self.id_token(email), headers)
 
     def log_lines(self) -> list[dict[str, Any]]:
         """The JSON lines of the process's output so far (gunicorn's own lines are text)."""

@@ -9,14 +9,11 @@ past, spaced by the documented sampling period, so no test sleeps.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +31,7 @@ from tests.support.monitoring_server import (
     client_over,
     make_channel,
 )
+from tests.system.processes import standalone_server
 
 pytestmark = pytest.mark.system
 
@@ -48,7 +46,6 @@ TASK_LABELS = {
 }
 FULL = monitoring_v3.ListTimeSeriesRequest.TimeSeriesView.FULL
 HEADERS = monitoring_v3.ListTimeSeriesRequest.TimeSeriesView.HEADERS
-ROOT = Path(__file__).resolve().parents[2]
 KINDS: Any = metric_pb2.MetricDescriptor
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -943,18 +940,8 @@ def test_concurrent_writers(server: MonitoringTestServer, client: Any, metric: s
 
 
 def test_standalone_process(metric: str) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.monitoring_server", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("READY 127.0.0.1:"), line
-        channel = make_channel(line.split(" ", 1)[1])
+    with standalone_server("tests.support.monitoring_server") as address:
+        channel = make_channel(address)
         try:
             client = client_over(channel)
             write(client, series(metric, ago(60), {"int64_value": 42}))
@@ -962,6 +949,3 @@ def test_standalone_process(metric: str) -> None:
             assert read.points[0].value.int64_value == 42
         finally:
             channel.close()
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0

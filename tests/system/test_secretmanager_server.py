@@ -7,13 +7,10 @@ proves a documented rule, cited in the server module next to the code that imple
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,13 +23,13 @@ from tests.support.secretmanager_server import (
     crc32c,
     make_client,
 )
+from tests.system.processes import standalone_server
 
 pytestmark = pytest.mark.system
 
 State = secretmanager_v1.SecretVersion.State
 PROJECT = "projects/test-project"
 AUTOMATIC = {"replication": {"automatic": {}}}
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -601,18 +598,7 @@ def test_project_numbers_rewrite_names() -> None:
 
 
 def test_standalone_process() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.secretmanager_server", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("READY 127.0.0.1:"), line
-        address = line.split(" ", 1)[1]
+    with standalone_server("tests.support.secretmanager_server") as address:
         client = make_client(address)
         try:
             created = client.create_secret(
@@ -625,6 +611,3 @@ def test_standalone_process() -> None:
             assert response.payload.data == b"across processes"
         finally:
             client.transport.close()
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0

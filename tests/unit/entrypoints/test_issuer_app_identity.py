@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
+from tests.support.jwks_server import JwksServer
 from tests.support.oidc import rsa_public_jwk
 from tests.unit.entrypoints import test_issuer_app as app
 from tests.unit.entrypoints.test_issuer_app import (
@@ -35,33 +34,16 @@ serve = app.serve
 SLOW_SECONDS = 1.5
 
 
-class _SlowKeys(BaseHTTPRequestHandler):
-    served: ClassVar[int] = 0
-
-    def do_GET(self) -> None:
-        _SlowKeys.served += 1
-        if _SlowKeys.served > 1:
-            time.sleep(SLOW_SECONDS)
-        body = json.dumps({"keys": [rsa_public_jwk(KEY, KID)]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Cache-Control", "public, max-age=3600")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:
-        return
+@pytest.fixture
+def slow_keys() -> Iterator[JwksServer]:
+    with JwksServer({"keys": [rsa_public_jwk(KEY, KID)]}, delay=SLOW_SECONDS, prompt=1) as server:
+        yield server
 
 
 @pytest.fixture
-def keys_url() -> Iterator[str]:
-    _SlowKeys.served = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowKeys)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/certs"
-    server.shutdown()
-    server.server_close()
+def keys_url(slow_keys: JwksServer) -> str:
+    """Overrides test_issuer_app.py's: the deployment fetches from the slow server."""
+    return slow_keys.url
 
 
 REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
@@ -136,7 +118,7 @@ def test_relay_takes_the_header_cloud_run_checked_and_forwards_neither(
 
 
 def test_an_unknown_kid_on_the_relay_does_not_stall_the_function(
-    serve: Callable[..., None],
+    serve: Callable[..., None], slow_keys: JwksServer
 ) -> None:
     """Verify mode: the relay's caller check fetches keys off the event loop too."""
 
@@ -162,6 +144,6 @@ def test_an_unknown_kid_on_the_relay_does_not_stall_the_function(
         assert health_took < 0.5 and other_took < 0.8, (health_took, other_took)
         assert time.monotonic() - started >= SLOW_SECONDS * 0.9
         assert (refused.status_code, error_of(refused)) == (401, "invalid_token")
-        assert _SlowKeys.served == 2
+        assert slow_keys.requests == 2
 
     serve(scenario)

@@ -15,12 +15,11 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.jwks_server import JwksServer
 from tests.support.oidc import rsa_public_jwk, sign_rs256
 from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
 from tokenbroker.issue.idtoken import IdTokenVerifier, JwksDocument, KeySet
@@ -40,38 +39,12 @@ KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 SLOW_SECONDS = 1.5
 
 
-class _SlowKeys(BaseHTTPRequestHandler):
-    """The first GET answers at once (the cold-start fetch); later ones sleep first."""
-
-    requests: ClassVar[int] = 0
-    lock = threading.Lock()
-
-    def do_GET(self) -> None:
-        with _SlowKeys.lock:
-            _SlowKeys.requests += 1
-            first = _SlowKeys.requests == 1
-        if not first:
-            time.sleep(SLOW_SECONDS)
-        body = json.dumps({"keys": [rsa_public_jwk(KEY, "key-1")]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Cache-Control", "public, max-age=3600")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:
-        return
-
-
 @pytest.fixture
-def slow_keys_url() -> Iterator[str]:
-    _SlowKeys.requests = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowKeys)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/certs"
-    server.shutdown()
-    server.server_close()
+def slow_keys() -> Iterator[JwksServer]:
+    """The first GET answers at once (the cold-start fetch); later ones sleep first."""
+    jwks = {"keys": [rsa_public_jwk(KEY, "key-1")]}
+    with JwksServer(jwks, delay=SLOW_SECONDS, prompt=1) as server:
+        yield server
 
 
 def _token(kid: str = "key-1", email: str = WORKER) -> str:
@@ -123,8 +96,8 @@ def _unknown_kid_token() -> str:
     return f"{header.decode()}.{payload}.{signature}"
 
 
-def test_an_unknown_kid_refetch_does_not_stall_other_requests(slow_keys_url: str) -> None:
-    issuer = _issuer(slow_keys_url)
+def test_an_unknown_kid_refetch_does_not_stall_other_requests(slow_keys: JwksServer) -> None:
+    issuer = _issuer(slow_keys.url)
     body = json.dumps({"connection": "crm"}).encode()
     known = f"Bearer {_token()}"
 
@@ -147,13 +120,15 @@ def test_an_unknown_kid_refetch_does_not_stall_other_requests(slow_keys_url: str
     assert total >= SLOW_SECONDS * 0.9  # the refetch really was slow ...
     assert loop_free < 0.3, loop_free  # ... and the loop kept running meanwhile
     assert known_took < 0.3, known_took
-    assert _SlowKeys.requests == 2  # one refetch, as the rate limit allows
+    assert slow_keys.requests == 2  # one refetch, as the rate limit allows
 
 
-def test_many_unknown_kids_during_a_slow_refetch_are_refused_at_once(slow_keys_url: str) -> None:
+def test_many_unknown_kids_during_a_slow_refetch_are_refused_at_once(
+    slow_keys: JwksServer,
+) -> None:
     """The rate limit holds off the loop too: a burst of made-up kids while the refetch is in
     flight costs one fetch, and the others are refused without waiting for it."""
-    issuer = _issuer(slow_keys_url)
+    issuer = _issuer(slow_keys.url)
     body = json.dumps({"connection": "crm"}).encode()
 
     async def main() -> float:
@@ -169,7 +144,7 @@ def test_many_unknown_kids_during_a_slow_refetch_are_refused_at_once(slow_keys_u
         return took
 
     assert asyncio.run(main()) < 0.3
-    assert _SlowKeys.requests == 2
+    assert slow_keys.requests == 2
 
 
 def test_a_stale_key_set_is_refreshed_off_the_loop_while_others_use_the_keys_held() -> None:
