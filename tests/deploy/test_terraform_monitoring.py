@@ -201,15 +201,19 @@ def _check_cli(text: str, where: str) -> int:
     """Every ``tokenbroker COMMAND --option`` in backticks is a command of the CLI with that
     option; returns how many were checked."""
     spans = _cli_spans(text)
+    # The group's own options (``tokenbroker --json status``) come before the command.
+    global_options = {o for p in cli.main.params for o in getattr(p, "opts", [])}
     for span in spans:
-        words = span.split()
-        command = cli.main.commands.get(words[1])
+        words = span.split()[1:]
+        while words and words[0] in global_options:
+            words = words[1:]
+        command = cli.main.commands.get(words[0]) if words else None
         assert command is not None, f"{where}: `{span}`: no such command"
-        options = {o for p in command.params for o in getattr(p, "opts", [])}
-        for word in words[2:]:
+        options = {o for p in command.params for o in getattr(p, "opts", [])} | global_options
+        for word in words[1:]:
             if word.startswith("--"):
                 assert word in options, f"{where}: `{span}`: {command.name} has no {word}"
-    every_option = {
+    every_option = global_options | {
         o for c in cli.main.commands.values() for p in c.params for o in getattr(p, "opts", [])
     }
     for option in re.findall(r"`(--[a-z-]+)`", text):
