@@ -699,7 +699,11 @@ def authorize(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
             connection,
             Credential(refresh_token=Secret("-"), client_secret=client_secret),
         )
-        profile.authorization_url_for(connection)  # the flow is possible at all
+        from tokenbroker.oauth.authorization import check_endpoint_url  # noqa: PLC0415
+
+        # The flow is possible at all, at an endpoint that may be used: checked before any
+        # state is opened (or created).
+        check_endpoint_url(profile.authorization_url_for(connection), "authorization_url")
     else:
         validate_connection_id(connection_id)
     runtime = ctx.open(create=new)

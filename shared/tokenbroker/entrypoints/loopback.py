@@ -23,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from tokenbroker.kernel.errors import AuthorizationTimedOut, TokenBrokerError
+from tokenbroker.kernel.errors import AccessDenied, AuthorizationTimedOut, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ async def serve_one_callback(
         except TokenBrokerError as error:
             if not outcome.done():
                 outcome.set_exception(error)
-            return _html(failure_page(error), 400 if error.http_status < 500 else 502)
+            return _html(failure_page(error), _page_status(error))
         except Exception as bug:  # a bug ends the flow with a page, not a hang
             if not outcome.done():
                 outcome.set_exception(bug)
@@ -180,6 +180,14 @@ async def serve_one_callback(
             outcome.cancel()
         elif not outcome.cancelled():
             outcome.exception()  # retrieved: no "never retrieved" warning
+
+
+def _page_status(error: TokenBrokerError) -> int:
+    """The failure page's status: 403 for a refusal by the account holder, the error's own
+    4xx, else 502 (the provider failed)."""
+    if isinstance(error, AccessDenied):
+        return 403
+    return error.http_status if 400 <= error.http_status < 500 else 502
 
 
 def _html(body: str, status: int) -> web.Response:
