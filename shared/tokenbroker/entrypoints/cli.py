@@ -40,6 +40,7 @@ from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
     ConnectionRecord,
+    ConnectionStatus,
     Credential,
     GrantType,
     validate_connection_id,
@@ -556,6 +557,8 @@ def _describe(record: ConnectionRecord, now: datetime) -> str:
         f"failures        {s.consecutive_failures}"
         + (f" (last: {s.last_error})" if s.last_error else ""),
     ]
+    if s.status is ConnectionStatus.NEEDS_REAUTH and c.grant is GrantType.REFRESH_TOKEN:
+        lines.append(f"reconnect       tokenbroker authorize {c.id}")
     return "\n".join(lines)
 
 
