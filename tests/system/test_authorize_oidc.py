@@ -269,6 +269,8 @@ def test_bad_input_is_exit_2_before_anything_starts(operator: Operator, tmp_path
         "--token-url", "https://x.example/token", "--client-secret-env", "S",
     )  # fmt: skip
     assert done.returncode == 2 and "https" in done.stderr
+    done = operator.run("authorize", "crm", "--client-id", "c", "--token-url", "https://x/t")
+    assert done.returncode == 2 and "client secret" in done.stderr
     assert not (tmp_path / "state").exists()
 
 

@@ -702,6 +702,14 @@ def authorize(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
             connection,
             Credential(refresh_token=Secret("-"), client_secret=client_secret),
         )
+        if (
+            client_secret is None
+            and profile.auth_method_for(connection) is not ClientAuthMethod.NONE
+        ):
+            raise click.UsageError(
+                "a new connection needs its client secret (--client-secret-env or "
+                "--client-secret-file), unless --auth-method none (a public client)"
+            )
         from tokenbroker.oauth.authorization import check_endpoint_url  # noqa: PLC0415
 
         # The flow is possible at all, at an endpoint that may be used: checked before any
