@@ -35,11 +35,14 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
+from tokenbroker.kernel.secret import Secret
 
 __all__ = [
     "MAX_BUDGET_KEY_LENGTH",
     "MAX_BUDGET_LIMIT",
     "MAX_BUDGET_WINDOW",
+    "AuthorizationSession",
+    "AuthorizationSessions",
     "BudgetDecision",
     "CallerVerifier",
     "ClaimBatch",
@@ -406,6 +409,60 @@ class TokenEndpoint(Protocol):
     async def post_form(
         self, url: str, form: Mapping[str, str], *, headers: Mapping[str, str]
     ) -> HttpResponse: ...
+
+
+# --- connecting accounts: the authorization-code flow ------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthorizationSession:
+    """One authorization request in flight: what its callback is checked against.
+
+    Stored under ``key``, the SHA-256 of its ``state`` (never the state itself), so a store
+    that leaks cannot be replayed into the callback. ``code_verifier`` is secret (RFC 7636
+    §4.1: it is what makes a stolen code useless): stores keep it encrypted at rest.
+    ``connection`` is the connection as it will be registered (a new one), or as it was when
+    the flow started (an existing one: ``new`` is false)."""
+
+    key: str
+    connection: Connection
+    operator: str
+    redirect_uri: str
+    code_verifier: Secret
+    created_at: datetime
+    expires_at: datetime
+    #: True: the callback registers ``connection``; false: it re-authorises the existing one.
+    new: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"AuthorizationSession(connection={self.connection.id!r}, operator={self.operator!r},"
+            f" new={self.new}, expires_at={self.expires_at.isoformat()})"
+        )
+
+
+@runtime_checkable
+class AuthorizationSessions(Protocol):
+    """Authorization requests in flight (the ``state`` of RFC 6749 §10.12), single use.
+
+    ``take`` is the single-use rule: it removes the session and returns it in one atomic step
+    (across every handle on the store), so of two callbacks presenting the same state at
+    most one gets the session -- a replayed callback never reaches the provider. Expiry,
+    connection and operator are the caller's checks, on what ``take`` returned: a session is
+    consumed by any presentation, even one that is then refused."""
+
+    def put(self, session: AuthorizationSession) -> None:
+        """Store a new session. Raises AlreadyExists for a key already stored."""
+        ...
+
+    def take(self, key: str) -> AuthorizationSession:
+        """Remove the session and return it. Raises NotFound when there is none (never
+        issued, or taken already)."""
+        ...
+
+    def purge(self, now: datetime) -> int:
+        """Forget sessions that expired before ``now``; how many were forgotten."""
+        ...
 
 
 # --- the issuer's outside systems ---------------------------------------------------------------

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tokenbroker.ports import EventBus, SecretStore, StateStore
+from tokenbroker.ports import AuthorizationSessions, EventBus, SecretStore, StateStore
 
 from .builders import ManualClock
 from .endpoint_rigs import EndpointRig
 from .registry import (
+    AUTHORIZATION_SESSIONS,
     EVENT_BUSES,
     SECRET_STORES,
     STATE_STORES,
@@ -118,3 +119,19 @@ def event_bus(open_event_bus: Callable[[], EventBus]) -> EventBus:
 @pytest.fixture(params=list(TOKEN_ENDPOINTS))
 def endpoint_rig(request: pytest.FixtureRequest) -> EndpointRig:
     return TOKEN_ENDPOINTS[request.param]()
+
+
+# --- AuthorizationSessions -----------------------------------------------------------------
+
+
+@pytest.fixture(params=list(AUTHORIZATION_SESSIONS))
+def open_sessions(
+    request: pytest.FixtureRequest, workspace: Workspace
+) -> Callable[[], AuthorizationSessions]:
+    adapter = AUTHORIZATION_SESSIONS[request.param]
+    return lambda: adapter(workspace)
+
+
+@pytest.fixture
+def sessions(open_sessions: Callable[[], AuthorizationSessions]) -> AuthorizationSessions:
+    return open_sessions()

@@ -21,14 +21,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tokenbroker.adapters.embedded import (
+    EmbeddedAuthorizationSessions,
     EmbeddedDatabase,
     EmbeddedOutbox,
     EmbeddedSecretStore,
     EmbeddedStateStore,
 )
-from tokenbroker.adapters.memory import MemoryEventBus, MemorySecretStore, MemoryStateStore
+from tokenbroker.adapters.memory import (
+    MemoryAuthorizationSessions,
+    MemoryEventBus,
+    MemorySecretStore,
+    MemoryStateStore,
+)
 from tokenbroker.kernel.model import ConnectionEvent
-from tokenbroker.ports import EventBus, SecretStore, StateStore
+from tokenbroker.ports import AuthorizationSessions, EventBus, SecretStore, StateStore
 
 from .builders import ManualClock
 from .endpoint_rigs import AiohttpServerRig, EndpointRig, FakeTokenServerRig
@@ -377,6 +383,17 @@ EVENT_BUSES: dict[str, EventBusAdapter] = {
 # --- TokenEndpoint -------------------------------------------------------------------------
 
 #: Each rig is a TokenEndpoint under test plus a scripted server it talks to.
+# --- AuthorizationSessions -------------------------------------------------------------------
+
+#: ``open(ws)``: a new handle on the workspace's sessions (memory: the same object; embedded:
+#: a new SQLite connection on the same file, as another process would have). The Firestore
+#: adapter comes with the cloud connect function.
+AUTHORIZATION_SESSIONS: dict[str, Callable[[Workspace], AuthorizationSessions]] = {
+    "memory": lambda ws: ws.once("memory-sessions", MemoryAuthorizationSessions),
+    "embedded": lambda ws: EmbeddedAuthorizationSessions(_embedded_db(ws)),
+}
+
+
 TOKEN_ENDPOINTS: dict[str, Callable[[], EndpointRig]] = {
     "fake": FakeTokenServerRig,
     "aiohttp": AiohttpServerRig,

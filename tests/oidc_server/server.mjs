@@ -344,6 +344,9 @@ function freshStats() {
 }
 let stats = freshStats();
 let faults = [];
+// POST /test/consent {deny: true}: the test user denies consent (the interaction ends in
+// error=access_denied, RFC 6749 section 4.1.2.1) until switched back.
+let denyConsent = false;
 provider.on('grant.error', (ctx, err) => {
   if (err.error_detail === REUSE_DETAIL) stats.refresh_token_reuse += 1;
 });
@@ -577,6 +580,12 @@ provider.use(async (ctx, next) => {
       ctx.body = { tokens };
       return undefined;
     }
+    case 'POST /test/consent': {
+      const body = await readJson(ctx);
+      denyConsent = Boolean(body.deny);
+      ctx.body = { deny: denyConsent };
+      return undefined;
+    }
     case 'POST /test/latency': {
       const body = await readJson(ctx);
       latencyMs = Number(body.ms ?? 0);
@@ -680,6 +689,8 @@ provider.use(async (ctx, next) => {
   let result;
   if (prompt.name === 'login') {
     result = { login: { accountId: TEST_ACCOUNT } };
+  } else if (prompt.name === 'consent' && denyConsent) {
+    result = { error: 'access_denied', error_description: 'the test user denied consent' };
   } else if (prompt.name === 'consent') {
     const grant = details.grantId
       ? await provider.Grant.find(details.grantId)

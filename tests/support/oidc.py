@@ -62,6 +62,10 @@ RT_BASIC_ID, RT_BASIC_SECRET = "rt-basic", "rt-basic-secret"
 RT_POST_ID, RT_POST_SECRET = "rt-post", "rt-post-secret"
 #: A client whose refresh token is not rotated (the server rotates every other one).
 RT_FIXED_ID, RT_FIXED_SECRET = "rt-fixed", "rt-fixed-secret"
+#: A native client (RFC 8252) for ``tokenbroker authorize``: its loopback redirect URI matches
+#: any port (RFC 8252 §7.3; oidc-provider allows that for ``application_type: native``).
+CONNECT_ID, CONNECT_SECRET = "connect-native", "connect-native-secret"
+CONNECT_REDIRECT_URI = "http://127.0.0.1/callback"
 CC_BASIC_ID, CC_BASIC_SECRET = "cc-basic", "cc-basic-secret"
 CC_POST_ID, CC_POST_SECRET = "cc-post", "cc-post-secret"
 # Public client (token_endpoint_auth_method "none") that bare JWT bearer requests run under.
@@ -94,6 +98,11 @@ DEFAULT_CLIENTS: tuple[dict[str, Any], ...] = (
     _rt_client(RT_BASIC_ID, RT_BASIC_SECRET, "client_secret_basic"),
     _rt_client(RT_POST_ID, RT_POST_SECRET, "client_secret_post"),
     _rt_client(RT_FIXED_ID, RT_FIXED_SECRET, "client_secret_basic"),
+    {
+        **_rt_client(CONNECT_ID, CONNECT_SECRET, "client_secret_basic"),
+        "application_type": "native",
+        "redirect_uris": [CONNECT_REDIRECT_URI],
+    },
     _cc_client(CC_BASIC_ID, CC_BASIC_SECRET, "client_secret_basic"),
     _cc_client(CC_POST_ID, CC_POST_SECRET, "client_secret_post"),
     {
@@ -675,6 +684,27 @@ class OidcServer:
         body: dict[str, Any] = resp.json()
         return body
 
+    def follow_authorization(self, url: str, *, max_redirects: int = 12) -> str:
+        """Follow an authorization request through login and consent as a user's browser
+        would (cookies kept, redirects followed), and return the URL the provider finally
+        redirects to outside itself: the client's callback, with ``code`` or ``error``.
+        The callback itself is not requested."""
+        with self.http(follow_redirects=False) as browser:
+            for _ in range(max_redirects):
+                resp = browser.get(url)
+                if resp.status_code not in (302, 303):
+                    raise OidcServerError(
+                        f"authorization flow stopped: HTTP {resp.status_code} {resp.text[:300]}"
+                    )
+                url = urllib.parse.urljoin(url, resp.headers["location"])
+                if not url.startswith(self.issuer + "/"):
+                    return url
+        raise OidcServerError("too many redirects in the authorization flow")
+
+    def set_consent(self, *, deny: bool) -> None:
+        """Make the test user deny (or grant again) every consent."""
+        self._control("POST", "/test/consent", {"deny": deny})
+
     def revoke(
         self,
         token: str,
@@ -845,6 +875,9 @@ __all__ = [
     "CC_BASIC_SECRET",
     "CC_POST_ID",
     "CC_POST_SECRET",
+    "CONNECT_ID",
+    "CONNECT_REDIRECT_URI",
+    "CONNECT_SECRET",
     "DEFAULT_CLIENTS",
     "JWT_BEARER_CLIENT_ID",
     "JWT_BEARER_GRANT",

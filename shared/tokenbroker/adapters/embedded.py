@@ -144,7 +144,9 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
+from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import (
+    AuthorizationSession,
     BudgetDecision,
     ClaimBatch,
     CommitOutcome,
@@ -233,6 +235,17 @@ CREATE TABLE IF NOT EXISTS budgets (
     expires_at_us INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS budgets_expiry ON budgets (expires_at_us);
+-- Authorization requests in flight (AuthorizationSessions): key = SHA-256 of the state; the
+-- PKCE verifier sealed with AES-GCM, bound to the key, connection and operator.
+CREATE TABLE IF NOT EXISTS authorization_sessions (
+    key TEXT PRIMARY KEY,
+    connection_id TEXT NOT NULL,
+    operator TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sealed_verifier BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 
@@ -1585,3 +1598,87 @@ class EmbeddedOutbox:
             (seq, ConnectionEvent.from_json(json.loads(body)))
             for seq, body in self._db.read(sql, params)
         ]
+
+
+def _session_context(key: str, connection_id: str, operator: str) -> str:
+    """AES-GCM associated data of a session's verifier: a blob moved to another session's
+    row (another state, connection or operator) does not decrypt."""
+    return "authorization-session|" + _encode_fields((key, connection_id, operator)).hex()
+
+
+class EmbeddedAuthorizationSessions:
+    """Sessions in the ``authorization_sessions`` table of the embedded database, the
+    verifier sealed like credentials are. ``take`` reads and deletes in one ``BEGIN
+    IMMEDIATE`` transaction, so two processes presenting one state cannot both get it."""
+
+    def __init__(self, db: EmbeddedDatabase) -> None:
+        self._db = db
+
+    def put(self, session: AuthorizationSession) -> None:
+        c = session.connection
+        body = json.dumps(
+            {
+                "connection": c.to_json(),
+                "redirect_uri": session.redirect_uri,
+                "new": session.new,
+            }
+        )
+        sealed = self._db.seal(
+            session.code_verifier.reveal().encode(),
+            _session_context(session.key, c.id, session.operator),
+        )
+        with self._db.transaction() as cur:
+            if cur.execute(
+                "SELECT 1 FROM authorization_sessions WHERE key = ?", (session.key,)
+            ).fetchone():
+                raise AlreadyExists("authorization session already exists")
+            cur.execute(
+                "INSERT INTO authorization_sessions (key, connection_id, operator, body,"
+                " sealed_verifier, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session.key,
+                    c.id,
+                    session.operator,
+                    body,
+                    sealed,
+                    to_epoch(session.created_at),
+                    to_epoch(session.expires_at),
+                ),
+            )
+
+    def take(self, key: str) -> AuthorizationSession:
+        with self._db.transaction() as cur:
+            row = cur.execute(
+                "SELECT connection_id, operator, body, sealed_verifier, created_at, expires_at"
+                " FROM authorization_sessions WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such authorization session")
+            cur.execute("DELETE FROM authorization_sessions WHERE key = ?", (key,))
+        connection_id, operator, body, sealed, created_at, expires_at = row
+        try:
+            verifier = self._db.open(sealed, _session_context(key, connection_id, operator))
+            data = json.loads(body)
+            connection = Connection.from_json(data["connection"])
+        except (InvalidTag, ValueError, KeyError, TypeError):
+            raise CorruptCredential(
+                "authorization session: its stored row does not verify; start again"
+            ) from None
+        if connection.id != connection_id:
+            raise CorruptCredential("authorization session: its stored row does not verify")
+        return AuthorizationSession(
+            key=key,
+            connection=connection,
+            operator=operator,
+            redirect_uri=str(data["redirect_uri"]),
+            code_verifier=Secret(verifier.decode()),
+            created_at=from_epoch(created_at) or datetime.fromtimestamp(0, UTC),
+            expires_at=from_epoch(expires_at) or datetime.fromtimestamp(0, UTC),
+            new=bool(data.get("new")),
+        )
+
+    def purge(self, now: datetime) -> int:
+        with self._db.transaction() as cur:
+            cur.execute("DELETE FROM authorization_sessions WHERE expires_at < ?", (to_epoch(now),))
+            return int(cur.rowcount)

@@ -28,6 +28,17 @@ class _Grant:
 
 
 @dataclass
+class _Code:
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    scope: str
+    used: bool = False
+    #: Refresh tokens issued for this code: revoked if the code comes back (RFC 6749 §10.5).
+    issued: list[str] = field(default_factory=list)
+
+
+@dataclass
 class FakeTokenServer:
     """A :class:`~tokenbroker.kernel.http.TokenEndpoint` with a strict provider inside."""
 
@@ -42,6 +53,26 @@ class FakeTokenServer:
     issued: list[str] = field(default_factory=list)
     _refresh: dict[str, _Grant] = field(default_factory=dict)
     _consumed: dict[str, _Grant] = field(default_factory=dict)
+    _codes: dict[str, _Code] = field(default_factory=dict)
+
+    def authorize(self, url: str, *, grant_scope: str | None = None) -> str:
+        """What a consenting user's browser ends in: the authorization request at ``url``
+        (RFC 6749 §4.1.1, PKCE S256 required) answered with a fresh code. ``grant_scope``:
+        what the user consented to (default: everything asked)."""
+        from urllib.parse import parse_qs, urlsplit  # noqa: PLC0415
+
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        if query.get("response_type") != "code" or query.get("code_challenge_method") != "S256":
+            raise ValueError("not an authorization-code request with PKCE S256")
+        code = "code-" + secrets.token_urlsafe(24)
+        self._codes[code] = _Code(
+            client_id=query["client_id"],
+            redirect_uri=query["redirect_uri"],
+            challenge=query["code_challenge"],
+            scope=query.get("scope", "") if grant_scope is None else grant_scope,
+        )
+        self.issued.append(code)
+        return code
 
     def seed_refresh_token(self, client_id: str = "client", scope: str = "read") -> str:
         token = "rt-" + secrets.token_urlsafe(24)
@@ -64,7 +95,7 @@ class FakeTokenServer:
     def _error(self, code: str, status: int = 400) -> HttpResponse:
         return self._json(status, {"error": code, "error_description": f"fake: {code}"})
 
-    async def post_form(
+    async def post_form(  # noqa: PLR0911 - one answer per grant and failure, as a server's
         self,
         url: str,  # noqa: ARG002 - one fake server answers for every URL
         form: Mapping[str, str],
@@ -95,6 +126,10 @@ class FakeTokenServer:
             if self.clients.get(client_id or "") != secret:
                 return self._error("invalid_client", 401)
             return self._refresh_grant(form["refresh_token"], client_id or "", form.get("scope"))
+        if grant_type == "authorization_code":
+            if self.clients.get(client_id or "") != secret:
+                return self._error("invalid_client", 401)
+            return self._code_grant(form, client_id or "")
         if grant_type == "client_credentials":
             if self.clients.get(client_id or "") != secret:
                 return self._error("invalid_client", 401)
@@ -113,6 +148,34 @@ class FakeTokenServer:
         if refresh:
             body["refresh_token"] = refresh
         return self._json(200, body)
+
+    def _code_grant(self, form: Mapping[str, str], client_id: str) -> HttpResponse:
+        """RFC 6749 §4.1.3 with RFC 7636 §4.6: one use per code; a second use revokes what
+        the first issued (§10.5)."""
+        import base64  # noqa: PLC0415
+        import hashlib  # noqa: PLC0415
+
+        code = self._codes.get(form.get("code", ""))
+        if code is None or code.client_id != client_id:
+            return self._error("invalid_grant")
+        if code.used:
+            for token in code.issued:
+                if token in self._refresh:
+                    self._refresh[token].alive = False
+            return self._error("invalid_grant")
+        code.used = True
+        verifier = form.get("code_verifier", "")
+        digest = hashlib.sha256(verifier.encode()).digest()
+        if (
+            form.get("redirect_uri") != code.redirect_uri
+            or base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != code.challenge
+        ):
+            return self._error("invalid_grant")
+        refresh = "rt-" + secrets.token_urlsafe(24)
+        self.issued.append(refresh)
+        self._refresh[refresh] = _Grant(client_id, code.scope)
+        code.issued.append(refresh)
+        return self._token(code.scope, refresh=refresh)
 
     def _refresh_grant(self, token: str, client_id: str, scope: str | None) -> HttpResponse:
         if token in self._consumed:

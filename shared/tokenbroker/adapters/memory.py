@@ -34,7 +34,13 @@ from tokenbroker.kernel.model import (
     RefreshState,
     StoredCredential,
 )
-from tokenbroker.ports import BudgetDecision, ClaimBatch, Completion, SecretWrite
+from tokenbroker.ports import (
+    AuthorizationSession,
+    BudgetDecision,
+    ClaimBatch,
+    Completion,
+    SecretWrite,
+)
 
 
 @dataclass
@@ -343,6 +349,35 @@ class MemoryStateStore:
         for key in [k for k, expiry in self._budget_expiry.items() if expiry <= cutoff]:
             del self._budgets[key], self._budget_expiry[key]
         self._budgets_after_sweep = max(len(self._budgets), 64)
+
+
+class MemoryAuthorizationSessions:
+    """Authorization sessions in a dict; the lock makes ``take`` atomic. Enough wherever the
+    flow starts and ends in one process (``tokenbroker authorize``'s loopback callback)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, AuthorizationSession] = {}
+
+    def put(self, session: AuthorizationSession) -> None:
+        with self._lock:
+            if session.key in self._sessions:
+                raise AlreadyExists("authorization session already exists")
+            self._sessions[session.key] = session
+
+    def take(self, key: str) -> AuthorizationSession:
+        with self._lock:
+            try:
+                return self._sessions.pop(key)
+            except KeyError:
+                raise NotFound("no such authorization session") from None
+
+    def purge(self, now: datetime) -> int:
+        with self._lock:
+            gone = [k for k, s in self._sessions.items() if s.expires_at < now]
+            for key in gone:
+                del self._sessions[key]
+            return len(gone)
 
 
 class MemoryEventBus:

@@ -40,6 +40,7 @@ from tokenbroker.kernel.model import (
     ClientAuthMethod,
     Connection,
     ConnectionRecord,
+    ConnectionStatus,
     Credential,
     GrantType,
     validate_connection_id,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from tokenbroker.entrypoints.compose import Runtime
     from tokenbroker.entrypoints.settings import Settings
     from tokenbroker.oauth.profiles import ProviderProfile
+    from tokenbroker.refresh.authorize import Connected
     from tokenbroker.refresh.fleet import FleetHealth
     from tokenbroker.refresh.registry import ConnectionRegistry
 
@@ -461,7 +463,7 @@ def _connection_from_options(connection_id: str, opts: Mapping[str, Any]) -> Con
 
 def _check_registration(
     profiles: Mapping[str, ProviderProfile], connection: Connection, credential: Credential
-) -> None:
+) -> ProviderProfile:
     """What the registry checks, done before any state is opened, so refused input leaves a
     state directory as it was, or absent."""
     from tokenbroker.oauth.acquire import check_material  # noqa: PLC0415
@@ -474,6 +476,7 @@ def _check_registration(
         )
     profile.check_connection(connection)
     check_material(connection, credential)
+    return profile
 
 
 def _first_refresh(ctx: _Context, record: ConnectionRecord) -> None:
@@ -554,6 +557,8 @@ def _describe(record: ConnectionRecord, now: datetime) -> str:
         f"failures        {s.consecutive_failures}"
         + (f" (last: {s.last_error})" if s.last_error else ""),
     ]
+    if s.status is ConnectionStatus.NEEDS_REAUTH and c.grant is GrantType.REFRESH_TOKEN:
+        lines.append(f"reconnect       tokenbroker authorize {c.id}")
     return "\n".join(lines)
 
 
@@ -636,6 +641,169 @@ def reauth(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     )
     if not summary.ok:
         sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.argument("connection_id")
+@click.option("--profile", help="New connection: the provider profile (default generic).")
+@click.option("--client-id", help="New connection: the OAuth client id.")
+@click.option("--scope", "scopes", multiple=True, help="New connection: a scope (repeat).")
+@click.option("--token-url", help="New connection: token endpoint (overrides the profile's).")
+@click.option("--auth-method", type=click.Choice([m.value for m in ClientAuthMethod]))
+@click.option("--param", "params", multiple=True, help="New connection: NAME=VALUE.")
+@click.option("--client-secret-file", help="New connection: file with the client secret.")
+@click.option("--client-secret-env", help="New connection: variable with the client secret.")
+@click.option("--no-browser", is_flag=True, help="Print the URL only; do not open a browser.")
+@click.option(
+    "--timeout",
+    type=_Seconds(1, 3600),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the provider's answer.",
+)
+@click.option(
+    "--accept-narrower-scopes",
+    is_flag=True,
+    help="Store the connection even when the provider grants fewer scopes than declared.",
+)
+@pass_ctx
+def authorize(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
+    """Connect an account: the authorization-code flow with PKCE, through your browser.
+
+    For an existing connection (e.g. one in needs_reauth) give its id alone; for a new one
+    add --client-id (and the options of `add`). Prints the URL to open (and opens a browser
+    when one is available), then waits for the provider's answer on a loopback address
+    (http://127.0.0.1:PORT/callback: register that redirect URI, any port, with the client)."""
+    new_options = [
+        k
+        for k in ("profile", "client_id", "token_url", "auth_method", "client_secret_file",
+                  "client_secret_env")
+        if opts[k]
+    ] + [k for k in ("scopes", "params") if opts[k]]  # fmt: skip
+    new = bool(new_options)
+    client_secret: Secret | None = None
+    connection: Connection | None = None
+    if new:
+        if not opts["client_id"]:
+            raise click.UsageError("a new connection needs --client-id")
+        connection = _connection_from_options(
+            connection_id,
+            {
+                **opts,
+                "grant": GrantType.REFRESH_TOKEN.value,
+                "profile": opts["profile"] or "generic",
+            },
+        )
+        client_secret = _read_secret(
+            _CLIENT_SECRET, opts["client_secret_file"], opts["client_secret_env"]
+        )
+        profile = _check_registration(
+            ctx.profiles(),
+            connection,
+            Credential(refresh_token=Secret("-"), client_secret=client_secret),
+        )
+        if (
+            client_secret is None
+            and profile.auth_method_for(connection) is not ClientAuthMethod.NONE
+        ):
+            raise click.UsageError(
+                "a new connection needs its client secret (--client-secret-env or "
+                "--client-secret-file), unless --auth-method none (a public client)"
+            )
+        from tokenbroker.oauth.authorization import check_endpoint_url  # noqa: PLC0415
+
+        # The flow is possible at all, at an endpoint that may be used: checked before any
+        # state is opened (or created).
+        check_endpoint_url(profile.authorization_url_for(connection), "authorization_url")
+    else:
+        validate_connection_id(connection_id)
+    runtime = ctx.open(create=new)
+    outcome = asyncio.run(
+        _authorize(
+            runtime,
+            connection_id,
+            connection=connection,
+            client_secret=client_secret,
+            browser=not opts["no_browser"],
+            wait_seconds=opts["timeout"],
+            accept_narrower=opts["accept_narrower_scopes"],
+        )
+    )
+    record = outcome.record
+    _emit(
+        ctx,
+        {**_record_json(record), "authorized": outcome.to_json()},
+        lambda: (
+            _describe(record, runtime.clock.now())
+            + (
+                f"\nnot granted     {' '.join(outcome.missing_scopes)}"
+                if outcome.missing_scopes
+                else ""
+            )
+        ),
+    )
+
+
+async def _authorize(
+    runtime: Runtime,
+    connection_id: str,
+    *,
+    connection: Connection | None,
+    client_secret: Secret | None,
+    browser: bool,
+    wait_seconds: float,
+    accept_narrower: bool,
+) -> Connected:
+    """Start the flow on a fresh loopback port, show the URL, serve the one callback."""
+    import getpass  # noqa: PLC0415
+
+    from tokenbroker.entrypoints.loopback import (  # noqa: PLC0415
+        bind_loopback,
+        redirect_uri_for,
+        serve_one_callback,
+    )
+
+    flow = runtime.authorization_flow()
+    operator = f"local:{getpass.getuser()}"
+    sock = bind_loopback()
+    try:
+        redirect_uri = redirect_uri_for(sock)
+        if connection is not None:
+            start = flow.start_new(connection, operator=operator, redirect_uri=redirect_uri)
+        else:
+            start = flow.start_existing(connection_id, operator=operator, redirect_uri=redirect_uri)
+        click.echo(
+            f"Open this URL to authorize {connection_id} (waiting up to {wait_seconds:g} s):\n"
+            f"{start.url}",
+            err=True,
+        )
+        if browser and _browser_available():
+            import webbrowser  # noqa: PLC0415
+
+            webbrowser.open(start.url)
+        async with runtime.token_endpoint() as endpoint:
+
+            async def complete(params: Sequence[tuple[str, str]]) -> Connected:
+                return await flow.complete(
+                    endpoint,
+                    params,
+                    connection_id=connection_id,
+                    operator=operator,
+                    client_secret=client_secret,
+                    accept_narrower=accept_narrower,
+                )
+
+            return await serve_one_callback(sock, complete, wait_seconds=wait_seconds)
+    finally:
+        sock.close()
+
+
+def _browser_available() -> bool:
+    """A graphical browser can be opened: macOS, Windows, or a display on other systems
+    (without one, ``webbrowser`` falls back to a text browser that would take the terminal)."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(named_variable("DISPLAY") or named_variable("WAYLAND_DISPLAY"))
 
 
 @main.command()

@@ -33,6 +33,7 @@ from tokenbroker.kernel.metrics import Recorder
 from tokenbroker.kernel.retry import RetryPolicy
 from tokenbroker.oauth.profiles import ProviderProfile, load_profiles
 from tokenbroker.ports import (
+    AuthorizationSessions,
     EventBus,
     MetricsExporter,
     RefreshCommitter,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from tokenbroker.adapters.gcp.iam_credentials import IamCredentials
     from tokenbroker.issue.issuer import TokenIssuer
     from tokenbroker.issue.relay import Relay
+    from tokenbroker.refresh.authorize import AuthorizationFlow
 
 T = TypeVar("T")
 
@@ -66,6 +68,10 @@ class Runtime:
     #: them (``None``: nowhere -- the CLI, or metrics off).
     metrics: Recorder = field(default_factory=lambda: Recorder(datetime.now(UTC)))
     exporter: MetricsExporter | None = None
+    #: Authorization requests in flight (``tokenbroker authorize``): in the embedded database
+    #: on the embedded state store, else in this process's memory (the loopback flow starts
+    #: and ends in one process; a Firestore adapter comes with the cloud connect function).
+    sessions: AuthorizationSessions | None = None
     #: Monotonic time of the last fleet read (``metrics_fleet_interval_seconds`` apart).
     _fleet_read_at: float | None = field(default=None, init=False, repr=False)
 
@@ -103,6 +109,23 @@ class Runtime:
         return ConnectionRegistry(
             secrets=self.secrets, state=self.state, profiles=self.profiles, clock=self.clock
         )
+
+    def authorization_flow(self, **overrides: Any) -> AuthorizationFlow:
+        """Connecting accounts (the authorization-code flow) over this runtime's stores."""
+        from tokenbroker.refresh.authorize import AuthorizationFlow  # noqa: PLC0415
+
+        if self.sessions is None:
+            from tokenbroker.adapters.memory import MemoryAuthorizationSessions  # noqa: PLC0415
+
+            self.sessions = MemoryAuthorizationSessions()
+        options: dict[str, Any] = {
+            "sessions": self.sessions,
+            "registry": self.registry(),
+            "events": self.events,
+            "clock": self.clock,
+        }
+        options.update(overrides)
+        return AuthorizationFlow(**options)
 
     def token_endpoint(self) -> AiohttpTokenEndpoint:
         return AiohttpTokenEndpoint(
@@ -349,12 +372,14 @@ def build_runtime(
         secrets = _pick(SECRET_STORES, "secret store", secret_kind)(adapters)
         state = _pick(STATE_STORES, "state store", state_kind)(adapters)
         events = _pick(EVENT_BUSES, "event bus", events_kind)(adapters)
+        sessions = adapters.embedded_sessions() if state_kind == "embedded" else None
     except BaseException:
         adapters.close()
         raise
     runtime = Runtime(
         settings, secrets, state, events, profiles, clock or SystemClock(), adapters.resources
     )
+    runtime.sessions = sessions
     if metrics_job is not None:
         runtime.exporter = metrics_exporter(settings, metrics_job)
     return runtime
@@ -462,6 +487,11 @@ class _Adapters:
         from tokenbroker.adapters.embedded import EmbeddedStateStore  # noqa: PLC0415
 
         return EmbeddedStateStore(self.embedded_db())
+
+    def embedded_sessions(self) -> AuthorizationSessions:
+        from tokenbroker.adapters.embedded import EmbeddedAuthorizationSessions  # noqa: PLC0415
+
+        return EmbeddedAuthorizationSessions(self.embedded_db())
 
     def firestore(self) -> StateStore:
         from tokenbroker.adapters.gcp.firestore import FirestoreStateStore  # noqa: PLC0415

@@ -211,6 +211,45 @@ class CredentialUnavailable(TokenBrokerError):
     default_retryable = True
 
 
+# --- connecting an account: the authorization-code flow (RFC 6749 §4.1) ----------------------
+
+
+class InvalidAuthorizationState(TokenBrokerError):
+    """A callback whose ``state`` is unknown, already used, expired, or bound to another
+    connection or operator (RFC 6749 §10.12, RFC 9700 §4.7): refused before anything is sent
+    to the provider. ``reason`` is one of ``unknown`` (never issued, or already used: a
+    session is taken out on first presentation), ``expired``, ``other_connection``,
+    ``other_operator``, ``malformed``."""
+
+    code = "invalid_state"
+    http_status = 400
+
+    def __init__(self, message: str, *, reason: str = "unknown") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AuthorizationTimedOut(TokenBrokerError):
+    """No callback came back before the flow's deadline (the account holder did not finish,
+    or the browser could not reach the loopback address). Nothing was stored."""
+
+    code = "authorization_timeout"
+    http_status = 504
+
+
+class InsufficientGrant(TokenBrokerError):
+    """The provider granted fewer scopes than the connection declares (a user unticked one
+    on a granular consent screen). Refused unless the operator accepts the narrower grant:
+    a connection that silently lacks a scope fails later, at the API, far from the cause."""
+
+    code = "insufficient_scope"  # RFC 6750 §3.1's name for "needs more scope"
+    http_status = 403
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 # --- provider (token endpoint) failures, RFC 6749 §5.2 ------------------------------------------
 
 

@@ -270,6 +270,8 @@ class EventType(StrEnum):
     REFRESH_FAILED = "refresh.failed"
     NEEDS_REAUTH = "connection.needs_reauth"
     RECOVERED = "connection.recovered"
+    #: A new connection was authorised by its account holder (the authorization-code flow).
+    CONNECTED = "connection.connected"
     #: The outcome of a rotating refresh is unknown: the access token is served until shortly
     #: before it expires, then the refresh token is presented once more (docs/events.md).
     AT_RISK = "refresh.at_risk"

@@ -110,6 +110,43 @@ async def refresh_grant(
     )
 
 
+async def authorization_code_grant(
+    endpoint: TokenEndpoint,
+    token_url: str,
+    *,
+    code: Secret,
+    redirect_uri: str,
+    code_verifier: Secret,
+    client_id: str | None,
+    client_secret: Secret | None,
+    auth_method: ClientAuthMethod,
+    error_aliases: Mapping[str, str] | None = None,
+    rules: AnswerRules | None = None,
+    now: datetime | None = None,
+    known_secrets: Iterable[Secret | None] = (),
+) -> TokenResponse:
+    """RFC 6749 §4.1.3 with PKCE (RFC 7636 §4.5): the code, the ``redirect_uri`` it was
+    asked with, and the ``code_verifier``. Sent once: a code is single-use (§4.1.2), and a
+    provider that sees it twice revokes what it issued for it (§10.5), so nothing retries."""
+    grant = {
+        "grant_type": "authorization_code",
+        "code": code.reveal(),
+        "redirect_uri": redirect_uri,
+        "code_verifier": code_verifier.reveal(),
+    }
+    headers, form = _grant_form(auth_method, client_id, client_secret, grant, scopes=(), extra=None)
+    return await _token_request(
+        endpoint,
+        token_url,
+        form,
+        headers,
+        error_aliases=error_aliases,
+        rules=rules,
+        now=now,
+        known_secrets=[code, code_verifier, client_secret, *known_secrets],
+    )
+
+
 async def client_credentials_grant(
     endpoint: TokenEndpoint,
     token_url: str,

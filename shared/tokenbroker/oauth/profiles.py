@@ -113,6 +113,17 @@ class ProviderProfile:
     #: What the broker may spend at this token endpoint (``None``: no budget).
     budget: TokenEndpointBudget | None = None
     params: Mapping[str, ProfileParam] = field(default_factory=dict)
+    #: The authorization endpoint (RFC 6749 §3.1) for the authorization-code flow, a template
+    #: over ``params`` like ``token_url`` (``None``: the profile cannot connect accounts).
+    authorization_url: str | None = None
+    #: Extra query parameters the provider needs on the authorization request (Google and
+    #: Zoho: ``access_type=offline`` for a refresh token, ``prompt=consent`` to get one again).
+    authorize_params: Mapping[str, str] = field(default_factory=dict)
+    #: Callback parameters that say where the account lives, each naming the profile param it
+    #: sets (Zoho: ``accounts-server`` -> ``data_centre``). The callback's value is a URL whose
+    #: host must be one of that param's ``values``; anything else is refused (a mix-up: RFC
+    #: 9700 §4.4 -- the code and client secret would go to a server the profile does not know).
+    callback_params: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def answer_rules(self) -> AnswerRules:
@@ -153,6 +164,19 @@ class ProviderProfile:
             raise ConfigError(
                 f"connection {connection.id!r}: token_url is required for profile {self.name!r}"
             )
+        return self._format(self.token_url, connection)
+
+    def authorization_url_for(self, connection: Connection) -> str:
+        """The authorization endpoint for a connection (the profile's template over its
+        params; the generic profile takes it from ``params.authorization_url``)."""
+        if not self.authorization_url:
+            raise ConfigError(
+                f"profile {self.name!r} has no authorization_url: it cannot connect accounts "
+                "through the authorization-code flow"
+            )
+        return self._format(self.authorization_url, connection)
+
+    def _format(self, template: str, connection: Connection) -> str:
         params = self.resolve_params(connection.params)
         substitutions = {
             name: (
@@ -160,14 +184,14 @@ class ProviderProfile:
             )
             for name, spec in self.params.items()
         }
-        needed = [f for _, f, _, _ in string.Formatter().parse(self.token_url) if f]
+        needed = [f for _, f, _, _ in string.Formatter().parse(template) if f]
         missing = [n for n in needed if not substitutions.get(n)]
         if missing:
             raise ConfigError(
                 f"connection {connection.id!r}: params.{missing[0]} is required for profile "
                 f"{self.name!r}"
             )
-        return self.token_url.format(**substitutions)
+        return template.format(**substitutions)
 
     def auth_method_for(self, connection: Connection) -> ClientAuthMethod:
         return connection.auth_method or self.auth_method
@@ -290,8 +314,17 @@ def parse_profile(name: str, data: object, where: str) -> ProviderProfile:
         limits=_parse_limits(limits, f"{where}.limits") if limits is not None else ProviderLimits(),
         budget=_parse_budget(budget, f"{where}.budget") if budget is not None else None,
         params={k: _parse_param(v, f"{where}.params.{k}") for k, v in params_table.items()},
+        authorization_url=reader.text("authorization_url", None),
+        authorize_params=reader.strings("authorize_params", {}),
+        callback_params=reader.strings("callback_params", {}),
     )
     reader.finish()
+    for callback, param in profile.callback_params.items():
+        spec = profile.params.get(param)
+        if spec is None or spec.values is None:
+            raise ConfigError(
+                f"{where}.callback_params.{callback}: {param!r} must be a param with values"
+            )
     if not profile.grants:
         raise ConfigError(f"{where}.grants: list at least one grant")
     if profile.refresh_token_reuse_grace_seconds and not profile.rotates_refresh_tokens:

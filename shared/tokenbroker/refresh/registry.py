@@ -161,6 +161,42 @@ class ConnectionRegistry:
         self.log.info("connection re-authorised", connection_id=connection_id, version=version)
         return ConnectionRecord(record.connection, state)
 
+    def reconnect(
+        self, connection_id: str, credential: Credential
+    ) -> tuple[ConnectionRecord, RefreshState]:
+        """Store what a new consent gave (refresh token, first access token) as the next
+        version and make the connection active with a clean failure history; returns the new
+        record and the state it replaced (the caller announces a recovery from it).
+
+        Unlike :meth:`reauthorize` (new material, refreshed next) the credential is complete:
+        the flow's code exchange was its first refresh, so the failures end here. The static
+        material (client secret, key) the stored credential holds is kept unless given."""
+        record = self.state.get(connection_id)
+        current = self.secrets.get(connection_id)
+        old = current.credential
+        credential = replace(
+            credential,
+            client_secret=credential.client_secret or old.client_secret,
+            private_key=credential.private_key or old.private_key,
+        )
+        check_material(record.connection, credential)
+        version = self.secrets.put(connection_id, credential, expected_version=current.version)
+        state = replace(
+            record.state,
+            status=ConnectionStatus.ACTIVE,
+            expires_at=credential.expires_at,
+            next_refresh_at=self._first_refresh(record.connection),
+            last_refresh_at=credential.obtained_at,
+            consecutive_failures=0,
+            last_error=None,
+            current_version=version,
+            intent=None,
+            at_risk=False,
+        )
+        self.state.put_state(connection_id, state)
+        self.log.info("connection re-connected", connection_id=connection_id, version=version)
+        return ConnectionRecord(record.connection, state), record.state
+
     def set_enabled(self, connection_id: str, enabled: bool) -> ConnectionRecord:
         record = self.state.get(connection_id)
         status = ConnectionStatus.ACTIVE if enabled else ConnectionStatus.DISABLED

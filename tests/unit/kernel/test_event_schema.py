@@ -8,6 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from tests.unit.refresh.test_authorize import Rig, connected_event
 from tests.unit.refresh.test_tick import World
 from tokenbroker.kernel.errors import TransportError
 from tokenbroker.kernel.http import HttpResponse
@@ -39,6 +40,9 @@ def test_all_event_types_match_the_schema() -> None:
     world.server.script = [TransportError("read timed out")]
     world.tick(connection_ids=["risky"])
     emitted = [e.to_json() for e in world.events.events]
+    # The authorization flow's events (connection.connected; its connection.recovered is
+    # the refresher's type and shape).
+    emitted.append(connected_event(Rig()).to_json())
     assert {e["type"] for e in emitted} == {t.value for t in EventType}
     for event in emitted:
         validate(event)
