@@ -1173,7 +1173,9 @@ class Refresher:
             )
         else:
             self.log.error(
-                "refresh failed (permanent): connection needs re-authorisation", **fields
+                "refresh failed (permanent): connection needs re-authorisation",
+                **fields,
+                next_step=f"tokenbroker authorize {cid}",  # the one command that recovers it
             )
 
 

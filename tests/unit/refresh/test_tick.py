@@ -134,6 +134,21 @@ def test_revoked_grant_needs_reauth_with_one_event_and_no_retries(world: World) 
     assert world.tick().due == 0
 
 
+def test_the_needs_reauth_line_names_the_command_that_recovers_it(world: World) -> None:
+    """Issue 12: back from needs_reauth in one step -- the line says how."""
+    import json
+
+    from tokenbroker.kernel.log import capture_logs
+
+    world.server.revoke(world.add())
+    with capture_logs("info") as log:
+        world.tick()
+    lines = [json.loads(x) for x in log.getvalue().splitlines()]
+    (line,) = [x for x in lines if x["message"].startswith("refresh failed (permanent)")]
+    assert line["next_step"] == "tokenbroker authorize c1"
+    assert line["severity"] == "ERROR"
+
+
 def test_forcing_a_connection_that_needs_reauth_sends_nothing_and_announces_nothing(
     world: World,
 ) -> None:
