@@ -43,6 +43,7 @@ from tokenbroker.kernel.model import (
     ConnectionStatus,
     Credential,
     GrantType,
+    recovery_step,
     validate_connection_id,
 )
 from tokenbroker.kernel.secret import Secret
@@ -205,7 +206,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _record_json(record: ConnectionRecord) -> dict[str, Any]:
-    return {"connection": record.connection.to_json(), "state": record.state.to_json()}
+    return {
+        "connection": record.connection.to_json(),
+        "state": record.state.to_json(),
+        "next_step": _next_step(record),
+    }
 
 
 def _emit(ctx: _Context, data: Any, human: Callable[[], str]) -> None:
@@ -557,8 +562,8 @@ def _describe(record: ConnectionRecord, now: datetime) -> str:
         f"failures        {s.consecutive_failures}"
         + (f" (last: {s.last_error})" if s.last_error else ""),
     ]
-    if s.status is ConnectionStatus.NEEDS_REAUTH and c.grant is GrantType.REFRESH_TOKEN:
-        lines.append(f"reconnect       tokenbroker authorize {c.id}")
+    if (step := _next_step(record)) is not None:
+        lines.append(f"next step       {step}")
     return "\n".join(lines)
 
 
@@ -896,7 +901,7 @@ def status(ctx: _Context) -> None:
         "fleet": summary,
         "connections": [
             {"connection": r.connection.id, "seconds_to_expiry": c.to_json()["seconds_to_expiry"],
-             **r.state.to_json()}
+             **r.state.to_json(), "next_step": _next_step(r)}
             for r, c in zip(ranked, fleet.ranked, strict=True)
         ],
     }  # fmt: skip
@@ -905,9 +910,19 @@ def status(ctx: _Context) -> None:
         table = _table(
             ["connection", "status", "expires in", "last refresh", "failures", "last error"], rows
         )
-        return f"{_fleet_line(fleet, now)}\n{table}"
+        steps = [
+            f"next step for {r.connection.id}: {step}" for r in ranked if (step := _next_step(r))
+        ]
+        return "\n".join([_fleet_line(fleet, now), table, *steps])
 
     _emit(ctx, data, human)
+
+
+def _next_step(record: ConnectionRecord) -> str | None:
+    """What brings a connection in needs_reauth back (issue 12): the event's ``next_step``."""
+    if record.state.status is not ConnectionStatus.NEEDS_REAUTH:
+        return None
+    return recovery_step(record.connection.id, record.connection.grant)
 
 
 def _fleet_line(fleet: FleetHealth, now: datetime) -> str:

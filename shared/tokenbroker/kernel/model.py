@@ -35,6 +35,23 @@ class GrantType(StrEnum):
 UNREFRESHED_GRANTS = frozenset({GrantType.IMPERSONATION, GrantType.STATIC})
 
 
+def recovery_step(connection_id: str, grant: GrantType) -> str:
+    """The one CLI command that brings a connection of this grant back from needs_reauth.
+
+    A refresh-token connection is re-authorised by its account holder through the
+    authorization-code flow; the others need new material from whoever holds it. Carried by the
+    ``connection.needs_reauth`` event (``next_step``), its log line, ``tokenbroker show`` and
+    the alert text (docs/events.md, docs/operations.md).
+    """
+    if grant is GrantType.REFRESH_TOKEN:
+        return f"tokenbroker authorize {connection_id}"
+    if grant is GrantType.JWT_BEARER:
+        return f"tokenbroker reauth {connection_id} --service-account-key-file FILE"
+    if grant is GrantType.CLIENT_CREDENTIALS:
+        return f"tokenbroker reauth {connection_id} --client-secret-file FILE"
+    return f"tokenbroker show {connection_id}"  # never refreshed: nothing to re-authorise
+
+
 class ClientAuthMethod(StrEnum):
     BASIC = "client_secret_basic"  # RFC 6749 §2.3.1, HTTP Basic
     POST = "client_secret_post"  # RFC 6749 §2.3.1, in the form body
@@ -297,6 +314,8 @@ class ConnectionEvent:
     error_code: str | None = None
     failure_class: str | None = None
     consecutive_failures: int = 0
+    #: ``connection.needs_reauth`` only: the command that recovers the connection.
+    next_step: str | None = None
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     schema_version: int = EVENT_SCHEMA_VERSION
 
@@ -318,6 +337,7 @@ class ConnectionEvent:
             "error_code": self.error_code,
             "failure_class": self.failure_class,
             "consecutive_failures": self.consecutive_failures,
+            "next_step": self.next_step,
         }
 
     @classmethod
@@ -332,6 +352,7 @@ class ConnectionEvent:
             error_code=data.get("error_code"),
             failure_class=data.get("failure_class"),
             consecutive_failures=int(data.get("consecutive_failures") or 0),
+            next_step=data.get("next_step"),
             event_id=data["event_id"],
             schema_version=int(data.get("schema_version") or EVENT_SCHEMA_VERSION),
         )

@@ -81,6 +81,7 @@ from tokenbroker.kernel.model import (
     Intent,
     Lease,
     StoredCredential,
+    recovery_step,
 )
 from tokenbroker.kernel.retry import RetryPolicy, call_with_retries
 from tokenbroker.kernel.schedule import RefreshPolicy
@@ -1043,7 +1044,7 @@ class Refresher:
                 continue
             change = transition(claim, outcome, now, self.policy, self.rng)
             if isinstance(attempt.result, TokenBrokerError):
-                self._log_failure(cid, attempt.result, change)
+                self._log_failure(claim, attempt.result, change)
             changes.append((attempt, lease, outcome, change, promotion))
         return changes
 
@@ -1143,7 +1144,8 @@ class Refresher:
         summary.events_relayed += len(parked)
         self.log.info("parked events relayed", count=len(parked))
 
-    def _log_failure(self, cid: str, error: TokenBrokerError, change: Transition) -> None:
+    def _log_failure(self, claim: Claim, error: TokenBrokerError, change: Transition) -> None:
+        cid = claim.lease.connection_id
         fields = {
             "connection_id": cid,
             "error_code": error.code,
@@ -1175,7 +1177,7 @@ class Refresher:
             self.log.error(
                 "refresh failed (permanent): connection needs re-authorisation",
                 **fields,
-                next_step=f"tokenbroker authorize {cid}",  # the one command that recovers it
+                next_step=recovery_step(cid, claim.record.connection.grant),
             )
 
 

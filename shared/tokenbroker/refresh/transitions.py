@@ -53,6 +53,7 @@ from tokenbroker.kernel.model import (
     EventType,
     Intent,
     RefreshState,
+    recovery_step,
 )
 from tokenbroker.kernel.schedule import RefreshPolicy
 
@@ -361,6 +362,11 @@ def _failed(
         error_code=outcome.error_code,
         failure_class=outcome.failure_class,
         consecutive_failures=failures,
+        next_step=(
+            recovery_step(claim.lease.connection_id, claim.record.connection.grant)
+            if event_type is EventType.NEEDS_REAUTH
+            else None
+        ),
     )
     return Transition(state, (event,))
 
@@ -406,6 +412,7 @@ def _event(
     error_code: str | None = None,
     failure_class: str | None = None,
     consecutive_failures: int = 0,
+    next_step: str | None = None,
 ) -> ConnectionEvent:
     cid = claim.lease.connection_id
     return ConnectionEvent(
@@ -418,4 +425,5 @@ def _event(
         error_code=error_code,
         failure_class=failure_class,
         consecutive_failures=consecutive_failures,
+        next_step=next_step,
     )

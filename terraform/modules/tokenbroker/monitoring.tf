@@ -159,7 +159,7 @@ locals {
       1. `tokenbroker show $${metric.label.connection}`: the last error, the next attempt and when the current token expires.
       2. `tokenbroker status`: one connection or many? Many failing on one provider points at the provider (an outage, rate limiting, a changed token URL), not at the connection.
       3. A transient error (timeouts, 5xx, 429) is retried with backoff: watch the seconds-to-expiry alert. `tokenbroker refresh $${metric.label.connection}` retries now.
-      4. A refusal that needs new credentials moves the connection to needs_reauth (its own alert): re-authorise with `tokenbroker reauth $${metric.label.connection} --refresh-token-file FILE` (or `--client-secret-file`, `--service-account-key-file`).
+      4. A refusal that needs new credentials moves the connection to needs_reauth (its own alert): re-authorise with `tokenbroker authorize $${metric.label.connection}` (the account holder consents again in a browser), or store new material with `tokenbroker reauth $${metric.label.connection} --client-secret-file FILE` (or `--service-account-key-file`).
 
       ${local.cli_note}
     EOT
@@ -170,7 +170,7 @@ locals {
       **What to do.**
       1. `tokenbroker status`: the connections whose status is needs_reauth.
       2. `tokenbroker show ID`: the provider's answer and when the current token expires.
-      3. Get new credential material from the provider (the account owner re-consents) and store it: `tokenbroker reauth ID --refresh-token-file FILE` (or `--client-secret-file`, `--service-account-key-file`). The connection is active again and refreshed at once.
+      3. Run the command its `tokenbroker show ID` ("next step") and its `connection.needs_reauth` event (`next_step`) name: for a refresh-token connection `tokenbroker authorize ID`, through which the account holder consents again in a browser and the connection is active again at once, with a `connection.recovered` event; for the others, new material with `tokenbroker reauth ID --client-secret-file FILE` (or `--service-account-key-file`).
       4. A connection nobody needs any more: `tokenbroker disable ID` or `tokenbroker remove ID`.
 
       ${local.cli_note}

@@ -618,8 +618,16 @@ def test_status_shows_the_outage_budget_first_and_failing_connections_first(
     assert "(dead expires first)" in lines[0]
     assert "3 active, 0 at_risk, 1 needs_reauth, 1 disabled; 2 failing" in lines[0]
     assert lines[1].split()[:2] == ["CONNECTION", "STATUS"]
-    assert [line.split()[0] for line in lines[2:]] == ["dead", "flaky", "off", "soon", "healthy"]
+    assert [line.split()[0] for line in lines[2:7]] == ["dead", "flaky", "off", "soon", "healthy"]
     assert "invalid_grant" in lines[2]
+    # Back from needs_reauth in one step (issue 12): the command is printed, for "dead" only.
+    assert [x for x in lines if x.startswith("next step")] == [
+        "next step for dead: tokenbroker authorize dead"
+    ]
+    shown_one = invoke(["--state-dir", str(state), "show", "dead"], env=env)
+    assert "next step       tokenbroker authorize dead" in shown_one.stdout.splitlines()
+    healthy = invoke(["--json", "--state-dir", str(state), "show", "healthy"], env=env)
+    assert json.loads(healthy.stdout)["next_step"] is None
 
     body = json.loads(invoke(["--json", "--state-dir", str(state), "status"], env=env).stdout)
     fleet = body["fleet"]
@@ -631,4 +639,6 @@ def test_status_shows_the_outage_budget_first_and_failing_connections_first(
     ]  # fmt: skip
     assert body["connections"][0]["status"] == "needs_reauth"
     assert body["connections"][0]["consecutive_failures"] == 5
+    assert body["connections"][0]["next_step"] == "tokenbroker authorize dead"
+    assert {c["next_step"] for c in body["connections"][1:]} == {None}
     assert CLIENT_SECRET not in shown.stdout and "rt-dead" not in shown.stdout

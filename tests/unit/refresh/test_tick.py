@@ -320,3 +320,47 @@ def test_unpublished_events_are_parked_and_relayed_next_tick(world: World) -> No
     assert summary.events_relayed == 1
     assert world.state.parked_events(10) == []
     assert [e.type for e in world.events._inner.events] == [EventType.ROTATED]  # type: ignore[attr-defined]
+
+
+def test_the_needs_reauth_event_carries_the_command_and_no_other_event_does(world: World) -> None:
+    """Issue 12 item 5: a subscriber (or a person paged by one) learns how to recover."""
+    from tokenbroker.kernel.model import ConnectionEvent
+
+    world.tick()  # nothing yet
+    rt = world.add()
+    world.add("c2")
+    world.tick()
+    world.server.revoke(world.secrets.get("c1").credential.refresh_token.reveal())
+    world.clock.advance(3600)
+    world.tick()
+    by_type = {e.type: e for e in world.events.events}
+    assert by_type[EventType.NEEDS_REAUTH].next_step == "tokenbroker authorize c1"
+    assert by_type[EventType.NEEDS_REAUTH].to_json()["next_step"] == "tokenbroker authorize c1"
+    assert (
+        ConnectionEvent.from_json(by_type[EventType.NEEDS_REAUTH].to_json())
+        == (by_type[EventType.NEEDS_REAUTH])
+    )
+    others = [e for e in world.events.events if e.type is not EventType.NEEDS_REAUTH]
+    assert others and all(e.next_step is None for e in others)
+    assert rt  # the first refresh token was rotated away before the revocation
+
+
+@pytest.mark.parametrize(
+    ("grant", "command"),
+    [
+        (GrantType.REFRESH_TOKEN, "tokenbroker authorize x1"),
+        (GrantType.CLIENT_CREDENTIALS, "tokenbroker reauth x1 --client-secret-file FILE"),
+        (GrantType.JWT_BEARER, "tokenbroker reauth x1 --service-account-key-file FILE"),
+        (GrantType.IMPERSONATION, "tokenbroker show x1"),
+        (GrantType.STATIC, "tokenbroker show x1"),
+    ],
+)
+def test_every_grant_has_a_recovery_step_that_the_cli_knows(grant: GrantType, command: str) -> None:
+    from tokenbroker.entrypoints.cli import main
+    from tokenbroker.kernel.model import recovery_step
+
+    assert recovery_step("x1", grant) == command
+    words = command.split()
+    assert main.commands[words[1]] is not None  # the command exists
+    options = {o for p in main.commands[words[1]].params for o in getattr(p, "opts", [])}
+    assert all(w in options for w in words[3:] if w.startswith("--"))

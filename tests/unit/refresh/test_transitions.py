@@ -128,6 +128,7 @@ def test_success_commits_the_new_version_and_schedules_the_next_refresh_ahead_of
             "error_code": None,
             "failure_class": None,
             "consecutive_failures": 0,
+            "next_step": None,
         }
     ]
 
@@ -184,6 +185,7 @@ def test_transient_failure_backs_off_counts_and_reports_once() -> None:
             "error_code": "server_error",
             "failure_class": "transient",
             "consecutive_failures": 3,
+            "next_step": None,
         }
     ]
 
@@ -227,6 +229,7 @@ def test_permanent_failure_needs_reauth_with_exactly_one_event() -> None:
         1,
     )
     assert event.idempotency_key == ConnectionEvent.key_for(EventType.NEEDS_REAUTH, CID, "lease12")
+    assert event.next_step == f"tokenbroker authorize {CID}"  # back in one step (issue 12)
 
 
 def test_a_connection_already_needing_reauth_is_not_announced_again() -> None:
