@@ -265,6 +265,11 @@ def test_consent_denied_on_the_real_consent_page(
     done = running.finish()
     assert done.returncode == 1
     assert "denied" in done.stderr and "access_denied" in done.stderr
+    # What the page sends the account holder back to the terminal for: the next step.
+    assert done.stderr.splitlines()[-1].endswith(
+        "; nothing was stored: to connect crm, run the same `tokenbroker authorize` command "
+        "again and allow access"
+    )
     assert oidc_pages.stats()["token_requests"] == 0
     assert operator.run("show", "crm").returncode == 1  # nothing registered
     assert_nothing_secret([html, done.stdout, done.stderr], url=url, secrets=set())
