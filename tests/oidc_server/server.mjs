@@ -4,7 +4,8 @@
 // against real token-endpoint semantics, not against a mock of our own assumptions.  On top of
 // the stock provider this file adds only test plumbing:
 //
-//   * a non-interactive login/consent handler (fixed account `test-user`),
+//   * a non-interactive login/consent handler (fixed account `test-user`), or with config
+//     `interactive` oidc-provider's own HTML login and consent pages,
 //   * the RFC 7523 JWT bearer grant as Google uses it for service accounts,
 //   * a ledger file of every token value issued by /token (tests scan logs for them),
 //   * fault injection and counters under /test/ (never part of the OAuth surface),
@@ -27,6 +28,11 @@
 //   strictClientAuthMethod  default true: a client must authenticate with its registered
 //                    token_endpoint_auth_method (basic vs post), see clientAuthMismatch()
 //   storeSize        entries the in-memory store keeps (default 5,000,000; see `storage`)
+//   interactive      default false: login and consent answer at once for `test-user` (fast
+//                    system tests).  true: oidc-provider's own pages (devInteractions) for a
+//                    real browser: a login form (any login, any password: type `test-user`),
+//                    then a consent page whose Continue button grants and whose [ Cancel ]
+//                    link denies (error=access_denied).  POST /test/consent has no effect.
 //
 // Test-control endpoints (JSON): POST/DELETE/GET /test/faults, GET /test/stats,
 // POST /test/stats/reset, POST /test/latency {ms}, POST /test/service-accounts
@@ -62,6 +68,7 @@ const REFRESH_TOKEN_TTL = 24 * 60 * 60; // refresh tokens are long-lived: 1 day
 let latencyMs = Number(config.latencyMs ?? 0);
 
 const TEST_ACCOUNT = 'test-user';
+const INTERACTIVE = Boolean(config.interactive);
 
 // The one protected resource (RFC 8707 resource indicator).  Every access token is issued for
 // it, as an RS256-signed JWT (RFC 9068 "JWT Profile for OAuth 2.0 Access Tokens").
@@ -142,7 +149,8 @@ const provider = new Provider(ISSUER, {
   claims: { openid: ['sub'], email: ['email', 'email_verified'] },
 
   features: {
-    devInteractions: { enabled: false }, // replaced by the non-interactive handler below
+    // The non-interactive handler below, unless `interactive` asks for the provider's pages.
+    devInteractions: { enabled: INTERACTIVE },
     clientCredentials: { enabled: true }, // RFC 6749 section 4.4
     // RFC 7662 at /token/introspection and RFC 7009 at /token/revocation.  Both work on opaque
     // tokens only (refresh tokens here): oidc-provider answers 400 unsupported_token_type for a
@@ -682,7 +690,7 @@ provider.use(async (ctx, next) => {
 // client's redirect_uri with a code.
 provider.use(async (ctx, next) => {
   const match = /^\/interaction\/([^/]+)$/.exec(ctx.path);
-  if (!match || ctx.method !== 'GET') return next();
+  if (INTERACTIVE || !match || ctx.method !== 'GET') return next();
 
   const details = await provider.interactionDetails(ctx.req, ctx.res);
   const { prompt, params, session } = details;

@@ -438,12 +438,15 @@ class OidcServer:
         clients: Sequence[Mapping[str, Any]] | None = None,
         port: int | None = None,
         ready_timeout: float = 30.0,
+        interactive: bool = False,
     ) -> OidcServer:
         """Write the config into ``workdir`` and start the server; returns self when READY.
 
         ``service_accounts`` items are ``{"client_email", "public_jwk"}`` dicts or the
         ``(key_json, public_jwk)`` tuples :func:`make_service_account` returns.  ``clients``
-        replaces :data:`DEFAULT_CLIENTS`.
+        replaces :data:`DEFAULT_CLIENTS`.  ``interactive``: oidc-provider's own HTML login and
+        consent pages, for a real browser (:meth:`follow_authorization` and
+        :meth:`set_consent` are for the default, non-interactive mode).
         """
         reason = node_skip_reason()
         if reason is not None:
@@ -469,6 +472,7 @@ class OidcServer:
             "jwks": signing_jwks(),
             "clients": [dict(c) for c in (DEFAULT_CLIENTS if clients is None else clients)],
             "jwtBearerClientId": JWT_BEARER_CLIENT_ID,
+            "interactive": interactive,
         }
         self.config_path.write_text(json.dumps(self.config, indent=2))
         self._spawn(ready_timeout)

@@ -34,7 +34,7 @@ import click
 from tokenbroker.entrypoints.answers import EXIT_FAILURE, exit_code
 from tokenbroker.entrypoints.settings import named_variable
 from tokenbroker.kernel.clock import isoformat
-from tokenbroker.kernel.errors import ConfigError, TokenBrokerError
+from tokenbroker.kernel.errors import AccessDenied, ConfigError, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     ClientAuthMethod,
@@ -798,7 +798,19 @@ async def _authorize(
                     accept_narrower=accept_narrower,
                 )
 
-            return await serve_one_callback(sock, complete, wait_seconds=wait_seconds)
+            try:
+                return await serve_one_callback(sock, complete, wait_seconds=wait_seconds)
+            except AccessDenied as denied:
+                # The page sends the account holder back here for the next step.
+                again = (
+                    "the same `tokenbroker authorize` command"
+                    if connection is not None
+                    else f"`tokenbroker authorize {connection_id}`"
+                )
+                raise AccessDenied(
+                    f"{denied.message}; nothing was stored: to connect {connection_id}, run "
+                    f"{again} again and allow access"
+                ) from None
     finally:
         sock.close()
 
