@@ -407,6 +407,7 @@ def build_connect(settings: Settings | None = None) -> ConnectService:
     try:
         if on_firestore and key is not None:
             from tokenbroker.adapters.gcp.firestore_sessions import (  # noqa: PLC0415
+                SESSIONS_SUFFIX,
                 FirestoreAuthorizationSessions,
             )
 
@@ -414,7 +415,8 @@ def build_connect(settings: Settings | None = None) -> ConnectService:
                 session_key=key,
                 project=settings.project,
                 database=settings.firestore_database,
-                collection=settings.sessions_collection,
+                collection=settings.sessions_collection
+                or settings.firestore_collection + SESSIONS_SUFFIX,
                 emulator_host=settings.firestore_emulator_host,
             )
             runtime.sessions = sessions

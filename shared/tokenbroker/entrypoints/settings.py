@@ -243,7 +243,8 @@ class Settings:
     iap_keys_url: str = "https://www.gstatic.com/iap/verify/public_key-jwk"
     connect_operators: tuple[str, ...] = ()
     session_key: Secret | None = None
-    sessions_collection: str = "tokenbroker_authorization_sessions"
+    #: ``None``: ``firestore_collection`` + ``_authorization_sessions``.
+    sessions_collection: str | None = None
     #: Metrics: where (``None``: the preset's choice), how often the issuer writes, how often
     #: the refresher reads the whole fleet for its gauges (0: every tick), how many
     #: connections the per-connection gauges report; the resource's namespace and location.

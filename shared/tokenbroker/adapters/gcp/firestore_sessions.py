@@ -1,6 +1,7 @@
 """The AuthorizationSessions port on Cloud Firestore: the connect function's requests in flight.
 
-One document per session in ``<collection>`` (default ``tokenbroker_authorization_sessions``),
+One document per session in ``<collection>`` (the state store's collection +
+``_authorization_sessions``; default ``tokenbroker_connections_authorization_sessions``),
 its id the session's key (the SHA-256 of the ``state``, never the state itself)::
 
     connection       map        Connection.to_json() as it was when the flow started
@@ -56,12 +57,14 @@ from tokenbroker.ports import AuthorizationSession
 
 __all__ = [
     "DEFAULT_SESSIONS_COLLECTION",
+    "SESSIONS_SUFFIX",
     "SESSION_KEY_BYTES",
     "FirestoreAuthorizationSessions",
     "decode_session_key",
 ]
 
-DEFAULT_SESSIONS_COLLECTION = "tokenbroker_authorization_sessions"
+SESSIONS_SUFFIX = "_authorization_sessions"
+DEFAULT_SESSIONS_COLLECTION = "tokenbroker_connections" + SESSIONS_SUFFIX
 SESSION_KEY_BYTES = 32
 _NONCE_BYTES = 12
 _PURGE_BATCH = 200
