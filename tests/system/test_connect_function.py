@@ -18,6 +18,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ import httpx
 import pytest
 
 from tests.support.emulators import emulator
+from tests.support.iap import AUDIENCE as IAP_AUDIENCE
+from tests.support.iap import IapKeys
+from tests.support.jwks_server import JwksServer
 from tests.support.leaks import recoverable
 from tests.support.oidc import CONNECT_ID, CONNECT_SECRET, OidcServer, free_port
 from tests.system.helpers import caller_id_token, registry
@@ -66,8 +70,13 @@ class Deployment:
     answers: list[httpx.Response] = field(default_factory=list)
     #: Every secret seen in the flows (codes, states, verifiers, tokens).
     secrets_seen: list[str] = field(default_factory=list)
+    #: Behind IAP (``iap`` mode): the proxy's signing key; else Cloud Run IAM (``platform``).
+    iap: IapKeys | None = None
 
     def identity(self, email: str = OPERATOR) -> dict[str, str]:
+        """The operator as the platform presents them to the container."""
+        if self.iap is not None:
+            return {"X-Goog-IAP-JWT-Assertion": self.iap.assertion(email)}
         header, payload, _ = caller_id_token(self.oidc, GCLOUD_CLIENT_ID, email).split(".")
         return {"Authorization": f"Bearer {header}.{payload}.{REMOVED}"}
 
@@ -129,17 +138,17 @@ def secret_manager() -> Iterator[Any]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def deployment(
-    oidc_server: OidcServer, secret_manager: Any, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def _deploy(
+    oidc: OidcServer, secret_manager: Any, capture: Path, name: str, **extra_env: str
 ) -> Iterator[Deployment]:
+    """A project of its own (topic, subscription, state) and the function serving it."""
     emulator("firestore")
     emulator("pubsub")
     from google.cloud import pubsub_v1
 
     project = f"tb-connect-{uuid.uuid4().hex[:10]}"
     port = free_port()
-    capture = tmp_path_factory.mktemp("connect-logs")
     env = {
         "TOKENBROKER_BACKEND": "gcp",
         "TOKENBROKER_GCP_PROJECT": project,
@@ -148,12 +157,13 @@ def deployment(
         "TOKENBROKER_LOG_LEVEL": "debug",
         "TOKENBROKER_CONNECT_URL": f"http://127.0.0.1:{port}",
         "TOKENBROKER_OPERATOR_IDENTITY": "platform",
-        "TOKENBROKER_ID_TOKEN_ISSUERS": oidc_server.issuer,
+        "TOKENBROKER_ID_TOKEN_ISSUERS": oidc.issuer,
         "TOKENBROKER_CONNECT_OPERATORS": f"user:{OPERATOR},domain:ops.example.com",
         "TOKENBROKER_SESSION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "TOKENBROKER_TEST_CAPTURE_DIR": str(capture),
         "FIRESTORE_EMULATOR_HOST": emulator("firestore").host,
         "PUBSUB_EMULATOR_HOST": emulator("pubsub").host,
+        **extra_env,
     }
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     topic = publisher.topic_path(project, "tokenbroker-events")
@@ -165,15 +175,34 @@ def deployment(
     subscriber.close()
     runtime = build_runtime(Settings.from_env(env))
     try:
-        with functions_framework(
-            "connect_http", SOURCE, env, name="connect-function", port=port
-        ) as url:
-            yield Deployment(
-                url, env, runtime, oidc_server, subscription,
-                capture / "connect-function.process.out",
-            )  # fmt: skip
+        with functions_framework("connect_http", SOURCE, env, name=name, port=port) as url:
+            yield Deployment(url, env, runtime, oidc, subscription, capture / f"{name}.process.out")
     finally:
         runtime.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    oidc_server: OidcServer, secret_manager: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    capture = tmp_path_factory.mktemp("connect-logs")
+    with _deploy(oidc_server, secret_manager, capture, "connect-function") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def behind_iap(
+    oidc_server: OidcServer, secret_manager: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    keys = IapKeys()
+    capture = tmp_path_factory.mktemp("connect-iap-logs")
+    with JwksServer(keys.jwks()) as published, _deploy(
+        oidc_server, secret_manager, capture, "connect-function-iap",
+        TOKENBROKER_OPERATOR_IDENTITY="iap", TOKENBROKER_IAP_AUDIENCE=IAP_AUDIENCE,
+        TOKENBROKER_IAP_KEYS_URL=published.url,
+    ) as d:  # fmt: skip
+        d.iap = keys
+        yield d
 
 
 def _register(d: Deployment, cid: str) -> None:
@@ -367,6 +396,29 @@ def test_the_start_button_needs_the_pages_form_token(deployment: Deployment) -> 
     assert cross.status_code == 400 and "location" not in cross.headers
     assert d.request("GET", "/connections/crm2/connect").status_code == 404
     assert d.request("POST", "/connections/nope/connect", data={}).status_code in (400, 404)
+
+
+def test_behind_iap_the_signed_header_names_the_operator(behind_iap: Deployment) -> None:
+    """``iap`` mode: the operator connects with IAP's signed header; the unsigned identity
+    headers IAP also sets (and anyone bypassing IAP can forge) are never believed."""
+    d = behind_iap
+    _register(d, "crm")
+    location, cookie = _begin(d, "crm")
+    page = _call_back(d, d.oidc.follow_authorization(location), cookie)
+    assert page.status_code == 200, page.text
+    _assert_page(page)
+    assert d.runtime.state.get("crm").state.status is ConnectionStatus.ACTIVE
+    assert d.runtime.secrets.get("crm").version == 2
+    forged = {"X-Goog-Authenticated-User-Email": f"accounts.google.com:{OPERATOR}"}
+    assert d.request("GET", "/", email=None, headers=forged).status_code == 401
+    assert d.request("GET", "/", email=OUTSIDER).status_code == 403
+    other_key = IapKeys(kid=d.iap.kid if d.iap else "")
+    header = {"X-Goog-IAP-JWT-Assertion": other_key.assertion(OPERATOR)}
+    assert d.request("GET", "/", email=None, headers=header).status_code == 401
+    # Its own Cloud Run identity token does not pass in iap mode.
+    header, payload, _ = caller_id_token(d.oidc, GCLOUD_CLIENT_ID, OPERATOR).split(".")
+    platform = {"Authorization": f"Bearer {header}.{payload}.{REMOVED}"}
+    assert d.request("GET", "/", email=None, headers=platform).status_code == 401
 
 
 def test_no_code_verifier_state_or_token_in_pages_locations_or_logs(
