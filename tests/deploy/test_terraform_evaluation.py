@@ -36,6 +36,7 @@ from google.protobuf import json_format
 
 from tests.deploy import cloud_monitoring as cm
 from tests.deploy import hcl
+from tokenbroker.entrypoints.operators import GCLOUD_CLIENT_ID
 from tokenbroker.entrypoints.settings import Settings
 
 pytestmark = pytest.mark.terraform
@@ -352,6 +353,12 @@ def test_the_connect_functions_environment_is_a_configuration_the_broker_accepts
         "domain:acme.example",
     ]
     assert outputs["connect_ingress"] == "ALLOW_ALL"
+    assert settings.connect_audiences == (
+        "http://localhost:8080",
+        "https://europe-west1-acme-prod.cloudfunctions.net/tokenbroker-connect",
+        f"https://tokenbroker-connect-{PROJECT_NUMBER}.europe-west1.run.app",
+        GCLOUD_CLIENT_ID,
+    )
 
 
 def test_behind_iap_the_invoker_is_the_iap_agent(evaluate: Callable[..., dict[str, Any]]) -> None:

@@ -86,8 +86,18 @@ locals {
   # The sessions' collection (firestore_sessions.py): the TTL policy's too.
   sessions_collection = "${var.firestore_collection}_authorization_sessions"
 
+  # Platform mode: the ID token audiences accepted -- the function's two URLs and gcloud's
+  # OAuth client, which is the aud of a user's token from `gcloud run services proxy`.
+  connect_audiences = [
+    var.connect.public_url,
+    "https://${var.region}-${var.project_id}.cloudfunctions.net/${local.functions.connect}",
+    "https://${local.functions.connect}-${local.project_number}.${var.region}.run.app",
+    "32555940559.apps.googleusercontent.com",
+  ]
+
   connect_identity_environment = {
     TOKENBROKER_CONNECT_URL         = var.connect.public_url
+    TOKENBROKER_CONNECT_AUDIENCE    = join(",", local.connect_audiences)
     TOKENBROKER_OPERATOR_IDENTITY   = var.connect.identity
     TOKENBROKER_CONNECT_OPERATORS   = join(",", local.connect_allowed_operators)
     TOKENBROKER_IAP_AUDIENCE        = var.connect.iap_audience != null ? var.connect.iap_audience : ""
