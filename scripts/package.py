@@ -30,6 +30,8 @@ exclusive dependencies):
 * **issuer** -- ``functions`` + ``gcp``, without ``google-cloud-pubsub`` (the issuer never
   publishes: events are the refresher's). It keeps ``httptools``/``uvloop``: it is served as ASGI
   by uvicorn, ~2x faster with them (bench/issuer_throughput.py).
+* **connect** -- ``functions`` + ``gcp`` without what the refresher also goes without: it
+  stores credentials, sessions and events like the refresher, and is a Flask target.
 
 ``--backend aws`` (credentials in AWS Secrets Manager, the ``aws`` preset) adds the ``aws``
 extra (boto3) to both: the issuer reads the same credentials the refresher writes. The default,
@@ -78,6 +80,9 @@ PACKAGES = {
         "refresher", ("functions", "gcp"), ("google-cloud-iam", "httptools", "uvloop")
     ),
     "issuer": FunctionPackage("issuer", ("functions", "gcp"), ("google-cloud-pubsub",)),
+    "connect": FunctionPackage(
+        "connect", ("functions", "gcp"), ("google-cloud-iam", "httptools", "uvloop")
+    ),
 }
 #: Extras each backend preset adds to every function (both read the secret store).
 BACKEND_EXTRAS = {"gcp": (), "aws": ("aws",)}
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="scripts/package", description="Build the Cloud Functions source zips."
     )
     parser.add_argument(
-        "names", nargs="*", metavar="NAME", help="refresher, issuer (default: both)"
+        "names", nargs="*", metavar="NAME", help="refresher, issuer, connect (default: all)"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="default: dist/functions")
     parser.add_argument(

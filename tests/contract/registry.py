@@ -385,12 +385,34 @@ EVENT_BUSES: dict[str, EventBusAdapter] = {
 #: Each rig is a TokenEndpoint under test plus a scripted server it talks to.
 # --- AuthorizationSessions -------------------------------------------------------------------
 
+
+def _firestore_sessions(ws: Workspace) -> AuthorizationSessions:
+    """Firestore (emulator): a new client per call on the workspace's own project, all handles
+    sealing with the workspace's one session key (as instances of one deployment do)."""
+    import base64
+    import secrets
+
+    from tests.support.emulators import emulator
+    from tokenbroker.adapters.gcp.firestore_sessions import FirestoreAuthorizationSessions
+    from tokenbroker.kernel.secret import Secret
+
+    host = emulator("firestore").host
+    project = ws.once("firestore-project", lambda: f"tb-test-{uuid.uuid4().hex[:12]}")
+    key = ws.once("session-key", lambda: base64.b64encode(secrets.token_bytes(32)).decode())
+    sessions = FirestoreAuthorizationSessions(
+        session_key=Secret(key), project=project, emulator_host=host
+    )
+    ws.on_close(sessions.close)
+    return sessions
+
+
 #: ``open(ws)``: a new handle on the workspace's sessions (memory: the same object; embedded:
-#: a new SQLite connection on the same file, as another process would have). The Firestore
-#: adapter comes with the cloud connect function.
+#: a new SQLite connection on the same file, as another process would have; firestore: a new
+#: client on the emulator).
 AUTHORIZATION_SESSIONS: dict[str, Callable[[Workspace], AuthorizationSessions]] = {
     "memory": lambda ws: ws.once("memory-sessions", MemoryAuthorizationSessions),
     "embedded": lambda ws: EmbeddedAuthorizationSessions(_embedded_db(ws)),
+    "firestore": _firestore_sessions,
 }
 
 

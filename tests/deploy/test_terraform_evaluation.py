@@ -36,6 +36,7 @@ from google.protobuf import json_format
 
 from tests.deploy import cloud_monitoring as cm
 from tests.deploy import hcl
+from tokenbroker.entrypoints.operators import GCLOUD_CLIENT_ID
 from tokenbroker.entrypoints.settings import Settings
 
 pytestmark = pytest.mark.terraform
@@ -54,6 +55,9 @@ OUTPUTS = (
     "secrets_condition",
     "database_condition",
     "issuer_audiences",
+    "connect_environment",
+    "connect_invokers",
+    "connect_ingress",
     # monitoring.tf
     "refresh_interval_seconds",
     "refresh_absence_seconds",
@@ -303,6 +307,14 @@ def test_the_secrets_condition_covers_the_connections_secrets_and_nothing_else(
         ({"name": "a-name-far-too-long-for-ids"}, "3-19"),
         ({"connect": {"enabled": True}}, "connect.source_zip is required"),
         ({"max_delivery_attempts": 2}, "5 to 100"),
+        ({"operators": ["allUsers"]}, "no allUsers or allAuthenticatedUsers"),
+        ({"operators": ["allAuthenticatedUsers"]}, "no allUsers or allAuthenticatedUsers"),
+        ({"operators": ["alice@example.com"]}, "no allUsers or allAuthenticatedUsers"),
+        ({"connect": {"identity": "none"}}, "platform or iap"),
+        ({"connect": {"identity": "iap"}}, "connect.iap_audience is required"),
+        ({"connect": {"public_url": "http://connect.example.com"}}, "an https origin"),
+        ({"connect": {"public_url": "https://connect.example.com/"}}, "an https origin"),
+        ({"connect": {"ingress": "PUBLIC"}}, "ALLOW_INTERNAL_AND_GCLB"),
     ],
 )
 def test_the_variables_refuse_what_would_open_or_break_the_deployment(
@@ -319,6 +331,54 @@ def test_the_defaults_and_service_account_callers_are_accepted(
         issuer_callers=["crm-sync@acme-prod.iam.gserviceaccount.com"],
         connect={"enabled": True, "source_zip": "connect.zip"},
     )
+
+
+def test_the_connect_functions_environment_is_a_configuration_the_broker_accepts(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    outputs = evaluate(
+        connect={"enabled": True, "source_zip": "connect.zip"},
+        operators=["user:alice@example.com", "group:ops@example.com", "domain:acme.example"],
+    )
+    settings = Settings.from_env(outputs["connect_environment"])
+    assert settings.adapters == ("secret-manager", "firestore", "pubsub")
+    assert settings.operator_identity == "platform"
+    assert settings.connect_url == "http://localhost:8080"
+    # Groups open the door (IAM); the function's allow-list holds what it can check.
+    assert settings.connect_operators == ("user:alice@example.com", "domain:acme.example")
+    assert settings.sessions_collection == "tokenbroker_connections_authorization_sessions"
+    assert outputs["connect_invokers"] == [
+        "user:alice@example.com",
+        "group:ops@example.com",
+        "domain:acme.example",
+    ]
+    assert outputs["connect_ingress"] == "ALLOW_ALL"
+    assert settings.connect_audiences == (
+        "http://localhost:8080",
+        "https://europe-west1-acme-prod.cloudfunctions.net/tokenbroker-connect",
+        f"https://tokenbroker-connect-{PROJECT_NUMBER}.europe-west1.run.app",
+        GCLOUD_CLIENT_ID,
+    )
+
+
+def test_behind_iap_the_invoker_is_the_iap_agent(evaluate: Callable[..., dict[str, Any]]) -> None:
+    audience = f"/projects/{PROJECT_NUMBER}/global/backendServices/42"
+    outputs = evaluate(
+        connect={
+            "enabled": True, "source_zip": "connect.zip", "identity": "iap",
+            "iap_audience": audience, "public_url": "https://connect.acme.example",
+            "allowed_operators": ["alice@acme.example"],
+        },
+    )  # fmt: skip
+    settings = Settings.from_env(outputs["connect_environment"])
+    assert settings.operator_identity == "iap"
+    assert settings.iap_audiences == (audience,)
+    assert settings.connect_url == "https://connect.acme.example"
+    assert settings.connect_operators == ("alice@acme.example",)
+    assert outputs["connect_invokers"] == [
+        f"serviceAccount:service-{PROJECT_NUMBER}@gcp-sa-iap.iam.gserviceaccount.com"
+    ]
+    assert outputs["connect_ingress"] == "ALLOW_INTERNAL_AND_GCLB"
 
 
 # --- monitoring ----------------------------------------------------------------------------

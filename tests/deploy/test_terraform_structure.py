@@ -15,6 +15,7 @@ import pytest
 
 from tests.deploy import hcl
 from tokenbroker.adapters.gcp.firestore import BUDGETS_SUFFIX
+from tokenbroker.adapters.gcp.firestore_sessions import SESSIONS_SUFFIX
 from tokenbroker.entrypoints import settings
 
 pytestmark = pytest.mark.terraform
@@ -35,6 +36,10 @@ def configurations() -> list[hcl.Configuration]:
 
 def _functions(module: hcl.Configuration) -> dict[str, hcl.Resource]:
     return {r.name: r for r in module.of_type("google_cloudfunctions2_function")}
+
+
+def module_of_root() -> hcl.Configuration:
+    return hcl.load(hcl.MODULE)
 
 
 def _default(module: hcl.Configuration, variable: str) -> Any:
@@ -89,7 +94,13 @@ def test_the_connect_slot_is_disabled_by_default(module: hcl.Configuration) -> N
     assert module.variables["connect"]["default"] == {}
     declared = " ".join(module.variables["connect"]["type"].split())
     assert re.search(r"enabled\s*=\s*optional\(bool, false\)", declared), declared
-    for address in ("google_cloudfunctions2_function.connect", "google_service_account.connect"):
+    connect_resources = [
+        r.address
+        for r in module.resources.values()
+        if ("connect" in r.name or r.name == "sessions_ttl") and r.address != OPERATOR_GRANT
+    ]
+    assert len(connect_resources) == 9, connect_resources
+    for address in connect_resources:
         count = module.resource(address).body["count"]
         assert hcl.reference(count) == "var.connect.enabled ? 1 : 0", address
 
@@ -106,15 +117,49 @@ def test_nothing_is_public_anywhere(configurations: list[hcl.Configuration]) -> 
                     assert "allAuthenticatedUsers" not in scalar, (config.directory, where)
 
 
+#: The one grant to people: invoking the connect pages (var.operators, or IAP's agent).
+OPERATOR_GRANT = "google_cloud_run_v2_service_iam_member.connect_invoker"
+
+
 def test_every_iam_grant_names_a_service_account(configurations: list[hcl.Configuration]) -> None:
-    """Members are service accounts: no user, group, domain or public principal, and no
-    authoritative ``*_iam_binding``/``*_iam_policy`` that would remove others' grants."""
+    """Members are service accounts -- but for the connect pages' invokers, the operators --
+    no public principal, and no authoritative ``*_iam_binding``/``*_iam_policy`` that would
+    remove others' grants."""
     for config in configurations:
         for resource in config.resources.values():
             assert not re.search(r"_iam_(binding|policy)$", resource.type), resource.address
+            if resource.address == OPERATOR_GRANT:
+                continue
             if IAM_MEMBER_TYPES_WITH_MEMBER.match(resource.type):
                 member = hcl.expand_locals(resource.body["member"], config)
                 assert member.startswith("serviceAccount:"), (resource.address, member)
+
+
+def test_the_connect_pages_are_invoked_by_the_operators_or_iap_only(
+    module: hcl.Configuration,
+) -> None:
+    grant = module.resource(OPERATOR_GRANT)
+    assert grant.body["role"] == "roles/run.invoker"
+    assert grant.body["member"] == "${each.value}"
+    assert hcl.reference(grant.body["for_each"]) == (
+        "var.connect.enabled ? toset(local.connect_invokers) : toset([])"
+    )
+    assert hcl.reference(grant.body["name"]) == "google_cloudfunctions2_function.connect[0].name"
+    invokers = " ".join(hcl.reference(module.locals["connect_invokers"]).split())
+    assert invokers == (
+        'var.connect.identity == "iap" ? ["serviceAccount:service-${local.project_number}'
+        '@gcp-sa-iap.iam.gserviceaccount.com"] : var.operators'
+    )
+    # var.operators: IAM members of a kind, never a public principal.
+    condition = module.variables["operators"]["validation"][0]["condition"]
+    pattern = re.search(r'regex\("((?:[^"\\]|\\.)*)"', condition)
+    assert pattern, condition
+    regex = re.compile(ast.literal_eval(f'"{pattern[1]}"'))
+    for member in ("user:alice@example.com", "group:ops@example.com", "domain:example.com",
+                   "serviceAccount:ops@p.iam.gserviceaccount.com"):  # fmt: skip
+        assert regex.search(member), member
+    for refused in ("allUsers", "allAuthenticatedUsers", "alice@example.com", "user:a b"):
+        assert not regex.search(refused), refused
 
 
 def test_the_issuers_invokers_are_exactly_the_callers_variable(module: hcl.Configuration) -> None:
@@ -194,21 +239,32 @@ def test_the_scheduler_calls_the_refreshers_url_with_an_oidc_token_for_it(
 def test_the_entry_points_exist_with_the_signature_their_trigger_needs() -> None:
     """The build's entry points name decorated functions of the sources the package step zips."""
     decorated = {}
-    for name in ("refresher", "issuer"):
+    for name in ("refresher", "issuer", "connect"):
         tree = ast.parse((hcl.ROOT / "functions" / name / "main.py").read_text())
         for node in tree.body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 decorated[node.name] = [ast.unparse(d) for d in node.decorator_list]
     assert decorated["refresh_http"] == ["functions_framework.http"]
     assert decorated["issue"] == ["aio.http"]
+    assert decorated["connect_http"] == ["functions_framework.http"]
+    connect = _functions(module_of_root())["connect"]
+    assert hcl.reference(connect.block("build_config")["entry_point"]) == "var.connect.entry_point"
+    declared = " ".join(module_of_root().variables["connect"]["type"].split())
+    assert 'entry_point = optional(string, "connect_http")' in declared
 
 
 def test_ingress_is_internal_where_it_fits(module: hcl.Configuration) -> None:
     functions = _functions(module)
     refresher = functions["refresher"].block("service_config")["ingress_settings"]
     assert refresher == "ALLOW_INTERNAL_ONLY"
+    # The connect pages: open ingress only in platform mode, where invoker IAM is the gate and
+    # gcloud run services proxy comes from outside; behind IAP the load balancer only.
     connect = functions["connect"].block("service_config")["ingress_settings"]
-    assert connect == "ALLOW_INTERNAL_AND_GCLB"
+    assert hcl.reference(connect) == "local.connect_ingress"
+    assert " ".join(hcl.reference(module.locals["connect_ingress"]).split()) == (
+        'var.connect.ingress != null ? var.connect.ingress : (var.connect.identity == "iap" ? '
+        '"ALLOW_INTERNAL_AND_GCLB" : "ALLOW_ALL")'
+    )
     issuer = functions["issuer"].block("service_config")["ingress_settings"]
     assert hcl.reference(issuer) == "var.issuer_ingress"
     assert _default(module, "issuer_ingress") == "ALLOW_INTERNAL_ONLY"
@@ -263,7 +319,7 @@ def test_every_environment_variable_is_a_setting_the_broker_reads(
         for name, value in vars(settings).items()
         if name.startswith("ENV_") and isinstance(value, str)
     }
-    for function in ("refresher", "issuer"):
+    for function in ("refresher", "issuer", "connect"):
         env = _environment(module, function)
         assert set(env) <= known, set(env) - known
         assert env[settings.ENV_BACKEND] == "gcp"
@@ -322,10 +378,12 @@ def test_every_secret_permission_is_scoped_to_the_brokers_secrets(
         else:
             assert resource.type == "google_secret_manager_secret_iam_member", resource.address
             secret = hcl.reference(resource.body["secret_id"])
-            assert re.fullmatch(r"google_secret_manager_secret\.\w+\.secret_id", secret)
+            assert re.fullmatch(r"google_secret_manager_secret\.\w+(\[0\])?\.secret_id", secret)
     assert sorted(seen) == [
+        "google_project_iam_member.connect_secrets",
         "google_project_iam_member.issuer_secrets",
         "google_project_iam_member.refresher_secrets",
+        "google_secret_manager_secret_iam_member.connect_session_key",
         "google_secret_manager_secret_iam_member.issuer_policy",
     ]
     # The prefix may not be empty (an empty prefix would be every secret of the project).
@@ -371,11 +429,12 @@ def test_the_policy_secret_lies_outside_the_connections_prefix(module: hcl.Confi
 def test_firestore_and_pubsub_grants_are_as_narrow_as_the_apis_allow(
     module: hcl.Configuration,
 ) -> None:
-    for function in ("refresher", "issuer"):
+    for function in ("refresher", "issuer", "connect"):
         grant = module.resource(f"google_project_iam_member.{function}_firestore")
         assert grant.body["role"] == "roles/datastore.user"
-        assert (
-            grant.body["member"] == f"serviceAccount:${{google_service_account.{function}.email}}"
+        index = "[0]" if function == "connect" else ""
+        assert grant.body["member"] == (
+            f"serviceAccount:${{google_service_account.{function}{index}.email}}"
         )
         condition = hcl.expand_locals(grant.block("condition")["expression"], module)
         assert (
@@ -389,6 +448,8 @@ def test_firestore_and_pubsub_grants_are_as_narrow_as_the_apis_allow(
     refresher = by_member["serviceAccount:${google_service_account.refresher.email}"]
     assert refresher.type == "google_pubsub_topic_iam_member"
     assert refresher.body["topic"] == "${google_pubsub_topic.events.name}"
+    connect_publisher = by_member["serviceAccount:${google_service_account.connect[0].email}"]
+    assert connect_publisher.body["topic"] == "${google_pubsub_topic.events.name}"
     # The issuer publishes nothing and may impersonate only the listed accounts.
     for resource in module.resources.values():
         if resource.body.get("member") == "serviceAccount:${google_service_account.issuer.email}":
@@ -411,6 +472,61 @@ def test_firestore_and_pubsub_grants_are_as_narrow_as_the_apis_allow(
     ]
 
 
+def test_the_connect_function_holds_what_the_refresher_holds_and_its_key(
+    module: hcl.Configuration,
+) -> None:
+    """It stores credentials as a refresh does (the refresher's secret role, same prefix),
+    writes the state and the sessions (the database), publishes connection events, and reads
+    its own session key: nothing else, and nothing the refresher lacks but the key."""
+    member = "serviceAccount:${google_service_account.connect[0].email}"
+    grants = {
+        r.address: r.body["role"]
+        for r in module.resources.values()
+        if r.body.get("member") == member
+    }
+    assert grants == {
+        "google_project_iam_member.connect_secrets": (
+            "${google_project_iam_custom_role.refresher_secrets.name}"
+        ),
+        "google_project_iam_member.connect_firestore": "roles/datastore.user",
+        "google_pubsub_topic_iam_member.connect_publisher": "roles/pubsub.publisher",
+        "google_secret_manager_secret_iam_member.connect_session_key": (
+            "roles/secretmanager.secretAccessor"
+        ),
+    }
+    key = module.resource("google_secret_manager_secret_iam_member.connect_session_key")
+    assert key.body["secret_id"] == (
+        "${google_secret_manager_secret.connect_session_key[0].secret_id}"
+    )
+    function = _functions(module)["connect"].block("service_config")
+    (secret_env,) = function["secret_environment_variables"]
+    assert secret_env["key"] == settings.ENV_SESSION_KEY
+    assert (
+        secret_env["secret"] == "${google_secret_manager_secret.connect_session_key[0].secret_id}"
+    )
+    # The key's id lies outside the connections' prefix (the refresher cannot read it).
+    secret = module.resource("google_secret_manager_secret.connect_session_key")
+    assert secret.body["secret_id"] == '${replace(var.name, "-", "_")}_connect_session_key'
+    version = module.resource("google_secret_manager_secret_version.connect_session_key")
+    assert version.body["lifecycle"][0]["ignore_changes"] == ["${secret_data}"] or version.body[
+        "lifecycle"
+    ][0]["ignore_changes"] == ["secret_data"]
+
+
+def test_the_connect_functions_identity_settings_are_the_modules(
+    module: hcl.Configuration,
+) -> None:
+    env = _environment(module, "connect")
+    assert env[settings.ENV_BACKEND] == "gcp"
+    assert env[settings.ENV_CONNECT_URL] == "${var.connect.public_url}"
+    assert env[settings.ENV_OPERATOR_IDENTITY] == "${var.connect.identity}"
+    assert hcl.reference(env[settings.ENV_CONNECT_OPERATORS]) == (
+        'join(",", local.connect_allowed_operators)'
+    )
+    identity = module.variables["connect"]["validation"][1]["condition"]
+    assert tuple(re.findall(r'"(\w+)"', identity)) == settings.OPERATOR_IDENTITIES
+
+
 # --- state and events --------------------------------------------------------------------------
 
 
@@ -429,10 +545,25 @@ def test_the_firestore_index_serves_the_due_selection(module: hcl.Configuration)
 
 
 def test_the_budgets_collection_group_has_a_ttl_on_expires_at(module: hcl.Configuration) -> None:
-    (field,) = module.of_type("google_firestore_field")
+    field = module.resource("google_firestore_field.budgets_ttl")
     assert field.body["collection"] == "${var.firestore_collection}" + BUDGETS_SUFFIX
     assert field.body["field"] == "expires_at"
     assert field.body["ttl_config"] == [{}]
+
+
+def test_the_connect_sessions_have_a_ttl_on_expires_at(module: hcl.Configuration) -> None:
+    """The sessions' collection is the adapter's (the state collection + its suffix) and the
+    TTL policy is on the field the adapter writes its expiry to; the purge's range query keeps
+    the field's index (no ``index_config`` exemption)."""
+    field = module.resource("google_firestore_field.sessions_ttl")
+    assert hcl.reference(field.body["count"]) == "var.connect.enabled ? 1 : 0"
+    assert field.body["collection"] == "${local.sessions_collection}"
+    assert module.locals["sessions_collection"] == "${var.firestore_collection}" + SESSIONS_SUFFIX
+    assert field.body["field"] == "expires_at"
+    assert field.body["ttl_config"] == [{}]
+    assert "index_config" not in field.body
+    env = _environment(module, "connect")
+    assert env[settings.ENV_SESSIONS_COLLECTION] == "${local.sessions_collection}"
 
 
 def test_the_example_subscription_dead_letters_and_the_service_agent_may_forward(

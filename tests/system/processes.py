@@ -22,10 +22,17 @@ BIN = Path(sys.executable).parent
 
 @contextmanager
 def functions_framework(
-    target: str, source: Path, env: Mapping[str, str], *, name: str, asgi: bool = False
+    target: str,
+    source: Path,
+    env: Mapping[str, str],
+    *,
+    name: str,
+    asgi: bool = False,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """A real ``functions-framework`` (gunicorn) process serving ``target``; yields its URL."""
-    port = free_port()
+    """A real ``functions-framework`` (gunicorn) process serving ``target``; yields its URL.
+    ``port``: one chosen beforehand (a function that must know its own URL), else a free one."""
+    port = port or free_port()
     log_path = Path(env.get("TOKENBROKER_TEST_CAPTURE_DIR", "/tmp")) / f"{name}.process.out"
     command = [
         str(BIN / "functions-framework"),

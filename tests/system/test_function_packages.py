@@ -64,7 +64,7 @@ BUILDPACK_PIP = (
 )  # fmt: skip
 AUDIENCE = "https://tokenbroker-issuer-abc123-ew.a.run.app"
 WORKER = "crm-sync@tb-test.iam.gserviceaccount.com"
-PACKAGES_NAMES = ("refresher", "issuer")
+PACKAGES_NAMES = ("refresher", "issuer", "connect")
 REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", re.MULTILINE)
 
 
@@ -79,7 +79,7 @@ def _run(*args: str | Path, cwd: Path = REPO, env: Mapping[str, str] | None = No
 
 def _build(out: Path, *args: str) -> dict[str, Path]:
     _run(PACKAGE, "--out", out, *args)
-    return {name: out / f"{name}.zip" for name in ("refresher", "issuer")}
+    return {name: out / f"{name}.zip" for name in PACKAGES_NAMES}
 
 
 def _names(requirements: str) -> set[str]:
@@ -132,8 +132,12 @@ def test_each_function_gets_only_what_it_needs(packages: dict[str, Path]) -> Non
     assert "google-cloud-pubsub" not in issuer  # it never publishes
     assert {"google-cloud-iam", "httptools", "uvloop"} & refresher == set()
     assert {"google-cloud-iam", "httptools", "uvloop"} <= issuer  # impersonation; uvicorn
+    # The connect pages: what the refresher has (they store credentials and publish events).
+    connect = _names(_requirements(packages["connect"]))
+    assert both | {"google-cloud-pubsub", "joserfc"} <= connect
+    assert {"google-cloud-iam", "httptools", "uvloop"} & connect == set()
     # The default (gcp) preset: no AWS client, and no test or development tool anywhere.
-    for names in (refresher, issuer):
+    for names in (refresher, issuer, connect):
         assert {"boto3", "botocore", "moto", "pytest", "mypy", "ruff"} & names == set()
 
 

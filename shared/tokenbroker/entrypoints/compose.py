@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tokenbroker.adapters.http import AiohttpTokenEndpoint
 from tokenbroker.entrypoints.settings import (
+    ENV_CONNECT_OPERATORS,
+    ENV_CONNECT_URL,
     ENV_ISSUER_AUDIENCE,
     ENV_LOG_FILE,
     ENV_POLICY_FILE,
+    ENV_SESSION_KEY,
     STATE_DIR_FIELD,
     LogSettings,
     Settings,
@@ -47,6 +50,7 @@ from tokenbroker.refresh.tick import Refresher, TickSummary
 if TYPE_CHECKING:
     from tokenbroker.adapters.embedded import EmbeddedDatabase
     from tokenbroker.adapters.gcp.iam_credentials import IamCredentials
+    from tokenbroker.entrypoints.operators import OperatorAllowList, OperatorIdentity
     from tokenbroker.issue.issuer import TokenIssuer
     from tokenbroker.issue.relay import Relay
     from tokenbroker.refresh.authorize import AuthorizationFlow
@@ -333,6 +337,102 @@ def build_issuer(settings: Settings | None = None) -> IssuerService:
         clock=runtime.clock,
     )
     return IssuerService(issuer, relay, runtime, [impersonator, endpoint, transport])
+
+
+@dataclass
+class ConnectService:
+    """What the connect function serves with (:mod:`tokenbroker.entrypoints.connect`)."""
+
+    runtime: Runtime
+    flow: AuthorizationFlow
+    identity: OperatorIdentity
+    operators: OperatorAllowList
+    #: The function's public URL (no trailing slash); the redirect URI is this + /callback.
+    public_url: str
+    #: Keys the start page's form tokens (derived from the session key, else per process).
+    form_key: bytes
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.public_url + "/callback"
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def build_connect(settings: Settings | None = None) -> ConnectService:
+    """The connect function: the runtime's stores, the sessions (Firestore with the gcp state
+    store, sealed with the session key; the embedded database's, or memory, for local runs),
+    the operator identity of the configured mode and the allow-list."""
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+    import secrets  # noqa: PLC0415
+
+    from tokenbroker.entrypoints.operators import (  # noqa: PLC0415
+        GCLOUD_CLIENT_ID,
+        IapOperators,
+        OperatorAllowList,
+        PlatformOperators,
+    )
+    from tokenbroker.oauth.authorization import check_endpoint_url  # noqa: PLC0415
+
+    settings = settings or Settings.from_env()
+    if not settings.connect_url:
+        raise ConfigError(f"{ENV_CONNECT_URL} (the function's public URL) is required")
+    public_url = check_endpoint_url(settings.connect_url, ENV_CONNECT_URL).rstrip("/")
+    operators = OperatorAllowList.parse(settings.connect_operators, ENV_CONNECT_OPERATORS)
+    identity: OperatorIdentity
+    if settings.operator_identity == "iap":
+        from tokenbroker.issue.iap import IapVerifier  # noqa: PLC0415
+
+        identity = IapOperators(
+            IapVerifier(audience=settings.iap_audiences, keys_url=settings.iap_keys_url)
+        )
+    else:
+        from tokenbroker.issue.idtoken import IdentityMode, IdTokenVerifier  # noqa: PLC0415
+
+        audiences = settings.connect_audiences or (public_url, GCLOUD_CLIENT_ID)
+        identity = PlatformOperators(
+            IdTokenVerifier(
+                audience=audiences,
+                mode=IdentityMode.PLATFORM,
+                issuers=settings.id_token_issuers,
+            )
+        )
+    key = settings.session_key
+    on_firestore = settings.adapters[1] == "firestore"
+    if on_firestore and key is None:
+        raise ConfigError(f"{ENV_SESSION_KEY} is required: it seals the sessions' PKCE verifiers")
+    runtime = build_runtime(settings)
+    try:
+        if on_firestore and key is not None:
+            from tokenbroker.adapters.gcp.firestore_sessions import (  # noqa: PLC0415
+                SESSIONS_SUFFIX,
+                FirestoreAuthorizationSessions,
+            )
+
+            sessions = FirestoreAuthorizationSessions(
+                session_key=key,
+                project=settings.project,
+                database=settings.firestore_database,
+                collection=settings.sessions_collection
+                or settings.firestore_collection + SESSIONS_SUFFIX,
+                emulator_host=settings.firestore_emulator_host,
+            )
+            runtime.sessions = sessions
+            runtime.resources.append(sessions)
+        flow = runtime.authorization_flow()
+    except BaseException:
+        runtime.close()
+        raise
+    if key is not None:
+        from tokenbroker.adapters.gcp.firestore_sessions import decode_session_key  # noqa: PLC0415
+
+        raw = decode_session_key(key, ENV_SESSION_KEY)
+        form_key = hmac.new(raw, b"tokenbroker:connect:form-token:v1", hashlib.sha256).digest()
+    else:  # one process only (local runs): its forms are good for its own lifetime
+        form_key = secrets.token_bytes(32)
+    return ConnectService(runtime, flow, identity, operators, public_url, form_key)
 
 
 def _iam_credentials(settings: Settings) -> IamCredentials:

@@ -7,22 +7,21 @@ it is answered by :meth:`~tokenbroker.refresh.authorize.AuthorizationFlow.comple
 minimal page saying what happened; the server then closes. Other paths are 404 and do not end
 the flow (a browser asks for ``/favicon.ico``).
 
-The page has no script, no third-party asset and a strict Content-Security-Policy; it never
-carries the code, the verifier or a token (only fixed text and the error's message, which is
-built from codes and ids, HTML-escaped). ``Referrer-Policy: no-referrer`` and
-``Cache-Control: no-store`` keep the callback URL (it holds the code) out of referrers and
-caches.
+The page (:mod:`tokenbroker.entrypoints.pages`, shared with the connect function) has no
+script, no third-party asset and a strict Content-Security-Policy; it never carries the code,
+the verifier or a token (only fixed text and the error's message, which is built from codes
+and ids, HTML-escaped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from tokenbroker.entrypoints.pages import CONTENT_SECURITY_POLICY, PAGE_HEADERS, page
 from tokenbroker.kernel.errors import AccessDenied, AuthorizationTimedOut, TokenBrokerError
 from tokenbroker.kernel.log import get_logger
 
@@ -33,36 +32,7 @@ if TYPE_CHECKING:
 
 CALLBACK_PATH = "/callback"
 LOOPBACK_HOST = "127.0.0.1"
-#: What the page may load: nothing but its own inline style.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
-)
-PAGE_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-}
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem;"
-    "line-height:1.5;color:#1a1a1a}h1{font-size:1.5rem}.ok{color:#0a5d00}.bad{color:#a00}"
-)
-
 Complete = Callable[[Sequence[tuple[str, str]]], Awaitable["Connected"]]
-
-
-def page(title: str, message: str, *, ok: bool, next_step: str) -> str:
-    """The whole page: a heading, what happened, what to do next."""
-    tone = "ok" if ok else "bad"
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>tokenbroker: {html.escape(title)}</title><style>{_STYLE}</style></head>"
-        f'<body><main><h1 class="{tone}">{html.escape(title)}</h1>'
-        f"<p>{html.escape(message)}</p><p>{html.escape(next_step)}</p></main></body></html>\n"
-    )
 
 
 def success_page(connected: Connected) -> str:
@@ -134,7 +104,7 @@ async def serve_one_callback(
         except TokenBrokerError as error:
             if not outcome.done():
                 outcome.set_exception(error)
-            return _html(failure_page(error), _page_status(error))
+            return _html(failure_page(error), page_status(error))
         except Exception as bug:  # a bug ends the flow with a page, not a hang
             if not outcome.done():
                 outcome.set_exception(bug)
@@ -182,7 +152,7 @@ async def serve_one_callback(
             outcome.exception()  # retrieved: no "never retrieved" warning
 
 
-def _page_status(error: TokenBrokerError) -> int:
+def page_status(error: TokenBrokerError) -> int:
     """The failure page's status: 403 for a refusal by the account holder, the error's own
     4xx, else 502 (the provider failed)."""
     if isinstance(error, AccessDenied):
@@ -196,3 +166,17 @@ def _html(body: str, status: int) -> web.Response:
     return web.Response(
         text=body, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS
     )
+
+
+__all__ = [
+    "CALLBACK_PATH",
+    "CONTENT_SECURITY_POLICY",
+    "PAGE_HEADERS",
+    "bind_loopback",
+    "failure_page",
+    "page",
+    "page_status",
+    "redirect_uri_for",
+    "serve_one_callback",
+    "success_page",
+]

@@ -63,6 +63,20 @@ ENV_IAM_CREDENTIALS_ENDPOINT = "TOKENBROKER_IAM_CREDENTIALS_ENDPOINT"
 #: A static access token for the IAM Credentials API (local runs and tests), instead of
 #: Application Default Credentials.
 ENV_IAM_ACCESS_TOKEN = "TOKENBROKER_IAM_ACCESS_TOKEN"
+#: The connect function (connecting accounts in the cloud): its public URL (the redirect URI
+#: registered with providers is this + ``/callback``), how operators are identified
+#: (``platform``: Cloud Run IAM; ``iap``: Identity-Aware Proxy's signed header), the ID
+#: token audiences accepted in platform mode, IAP's audience and keys, who may connect
+#: (emails or ``domain:NAME``), the key sealing sessions' verifiers (base64, 32 bytes; from
+#: Secret Manager) and the sessions' collection.
+ENV_CONNECT_URL = "TOKENBROKER_CONNECT_URL"
+ENV_OPERATOR_IDENTITY = "TOKENBROKER_OPERATOR_IDENTITY"
+ENV_CONNECT_AUDIENCE = "TOKENBROKER_CONNECT_AUDIENCE"
+ENV_IAP_AUDIENCE = "TOKENBROKER_IAP_AUDIENCE"
+ENV_IAP_KEYS_URL = "TOKENBROKER_IAP_KEYS_URL"
+ENV_CONNECT_OPERATORS = "TOKENBROKER_CONNECT_OPERATORS"
+ENV_SESSION_KEY = "TOKENBROKER_SESSION_KEY"
+ENV_SESSIONS_COLLECTION = "TOKENBROKER_SESSIONS_COLLECTION"
 ENV_LOG_LEVEL = "TOKENBROKER_LOG_LEVEL"
 #: Test-only: failpoints to arm (``kernel/failpoints.py``); unset in production.
 ENV_FAILPOINTS = "TOKENBROKER_FAILPOINTS"
@@ -109,6 +123,7 @@ SECRET_STORES = ("embedded", "memory", "secret-manager", "aws-secrets-manager")
 STATE_STORES = ("embedded", "memory", "firestore")
 EVENT_BUSES = ("outbox", "memory", "pubsub")
 CALLER_IDENTITIES = ("platform", "verify")
+OPERATOR_IDENTITIES = ("platform", "iap")
 METRICS_DESTINATIONS = ("off", "cloud-monitoring")
 #: The metrics destination of each preset (``TOKENBROKER_METRICS`` overrides it).
 BACKEND_METRICS = {"embedded": "off", "memory": "off", "gcp": "cloud-monitoring",
@@ -220,6 +235,16 @@ class Settings:
     policy_file: Path | None = None
     iam_credentials_endpoint: str = "https://iamcredentials.googleapis.com"
     iam_access_token: Secret | None = None
+    #: The connect function (``ENV_CONNECT_URL`` and the variables after it).
+    connect_url: str | None = None
+    operator_identity: str = "platform"
+    connect_audiences: tuple[str, ...] = ()
+    iap_audiences: tuple[str, ...] = ()
+    iap_keys_url: str = "https://www.gstatic.com/iap/verify/public_key-jwk"
+    connect_operators: tuple[str, ...] = ()
+    session_key: Secret | None = None
+    #: ``None``: ``firestore_collection`` + ``_authorization_sessions``.
+    sessions_collection: str | None = None
     #: Metrics: where (``None``: the preset's choice), how often the issuer writes, how often
     #: the refresher reads the whole fleet for its gauges (0: every tick), how many
     #: connections the per-connection gauges report; the resource's namespace and location.
@@ -299,6 +324,7 @@ class Settings:
             (self.state_store, STATE_STORES, ENV_STATE_STORE),
             (self.event_bus, EVENT_BUSES, ENV_EVENT_BUS),
             (self.caller_identity, CALLER_IDENTITIES, ENV_CALLER_IDENTITY),
+            (self.operator_identity, OPERATOR_IDENTITIES, ENV_OPERATOR_IDENTITY),
             (self.metrics, METRICS_DESTINATIONS, ENV_METRICS),
         ]
         for value, allowed, variable in choices:
@@ -335,6 +361,11 @@ def _check_audiences(audiences: tuple[str, ...]) -> None:
             or any(c.isspace() for c in audience)
         ):
             raise ConfigError(f"{ENV_ISSUER_AUDIENCE}: {_shown(audience)} is not an audience")
+
+
+def _listed(value: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _parse(variable: str, raw: str, parse: Callable[[str], T]) -> T:
@@ -485,6 +516,14 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("policy_file", ENV_POLICY_FILE, Path),
     ("iam_credentials_endpoint", ENV_IAM_CREDENTIALS_ENDPOINT, str.strip),
     ("iam_access_token", ENV_IAM_ACCESS_TOKEN, Secret),
+    ("connect_url", ENV_CONNECT_URL, lambda v: v.strip().rstrip("/")),
+    ("operator_identity", ENV_OPERATOR_IDENTITY, lambda v: v.strip().lower()),
+    ("connect_audiences", ENV_CONNECT_AUDIENCE, _listed),
+    ("iap_audiences", ENV_IAP_AUDIENCE, _listed),
+    ("iap_keys_url", ENV_IAP_KEYS_URL, str.strip),
+    ("connect_operators", ENV_CONNECT_OPERATORS, _listed),
+    ("session_key", ENV_SESSION_KEY, Secret),
+    ("sessions_collection", ENV_SESSIONS_COLLECTION, str.strip),
     ("metrics", ENV_METRICS, lambda v: v.strip().lower()),
     ("monitoring_endpoint", ENV_MONITORING_ENDPOINT, str.strip),
     ("metrics_interval_seconds", ENV_METRICS_INTERVAL, float),

@@ -57,3 +57,16 @@ resource "google_firestore_field" "budgets_ttl" {
   ttl_config {}
   index_config {}
 }
+
+# The connect function's authorization sessions (firestore_sessions.py) are deleted by TTL on
+# expires_at once expired (within about a day; the flow refuses an expired session itself).
+# Its purge queries expires_at, so the field keeps its single-field index.
+resource "google_firestore_field" "sessions_ttl" {
+  count      = var.connect.enabled ? 1 : 0
+  project    = var.project_id
+  database   = local.database
+  collection = local.sessions_collection
+  field      = "expires_at"
+
+  ttl_config {}
+}

@@ -163,12 +163,41 @@ resource "google_cloudfunctions2_function" "issuer" {
   ]
 }
 
+# The key that seals the connect sessions' PKCE verifiers in Firestore (firestore_sessions.py):
+# 32 random bytes, base64, made once (two uuid()s hashed: 244 random bits) and never replaced
+# by a later apply. It is in the Terraform state (sensitive), like the policy. To rotate, add a
+# version (openssl rand -base64 32 | gcloud secrets versions add ...) and re-apply: sessions in
+# flight (10 minutes at most) are lost, nothing else.
+resource "google_secret_manager_secret" "connect_session_key" {
+  count     = var.connect.enabled ? 1 : 0
+  project   = var.project_id
+  secret_id = "${replace(var.name, "-", "_")}_connect_session_key"
+  labels    = local.labels
+
+  replication {
+    auto {}
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_secret_manager_secret_version" "connect_session_key" {
+  count       = var.connect.enabled ? 1 : 0
+  secret      = google_secret_manager_secret.connect_session_key[0].id
+  secret_data = base64sha256("${uuid()}${uuid()}")
+
+  lifecycle {
+    ignore_changes = [secret_data]
+  }
+}
+
 resource "google_cloudfunctions2_function" "connect" {
+  #checkov:skip=CKV_GCP_124: platform mode needs ingress ALLOW_ALL for gcloud run services proxy (it reaches the run.app URL from the operator's machine); invocation stays restricted to var.operators by IAM, never allUsers (iap mode defaults to ALLOW_INTERNAL_AND_GCLB)
   count       = var.connect.enabled ? 1 : 0
   project     = var.project_id
   location    = var.region
   name        = local.functions.connect
-  description = "tokenbroker connect pages (a later issue)."
+  description = "tokenbroker connect: operators connect accounts (authorization code + PKCE)."
   labels      = local.labels
 
   build_config {
@@ -184,14 +213,38 @@ resource "google_cloudfunctions2_function" "connect" {
   }
 
   service_config {
-    available_memory               = var.connect.memory
-    timeout_seconds                = var.connect.timeout_seconds
-    max_instance_count             = var.connect.max_instances
-    ingress_settings               = "ALLOW_INTERNAL_AND_GCLB"
+    available_memory   = var.connect.memory
+    timeout_seconds    = var.connect.timeout_seconds
+    max_instance_count = var.connect.max_instances
+    # Platform mode: the IAM proxy reaches the run.app URL from the operator's machine, so
+    # ingress is open and invoker IAM (the operators only) is the gate; iap mode: only the
+    # load balancer (https://cloud.google.com/run/docs/securing/ingress#settings).
+    ingress_settings               = local.connect_ingress
     all_traffic_on_latest_revision = true
     service_account_email          = google_service_account.connect[0].email
-    environment_variables          = local.common_environment
+    environment_variables          = local.connect_environment
+
+    secret_environment_variables {
+      key        = "TOKENBROKER_SESSION_KEY"
+      project_id = var.project_id
+      secret     = google_secret_manager_secret.connect_session_key[0].secret_id
+      version    = google_secret_manager_secret_version.connect_session_key[0].version
+    }
   }
 
-  depends_on = [google_project_service.apis]
+  lifecycle {
+    precondition {
+      condition     = length(local.connect_invokers) > 0 && length(local.connect_allowed_operators) > 0
+      error_message = "The connect function needs operators (var.operators, or connect.allowed_operators in iap mode)."
+    }
+    precondition {
+      condition     = !startswith(google_secret_manager_secret.connect_session_key[0].secret_id, var.secret_prefix)
+      error_message = "The session key secret's id must not start with secret_prefix."
+    }
+  }
+
+  depends_on = [
+    google_project_service.apis,
+    google_secret_manager_secret_iam_member.connect_session_key,
+  ]
 }

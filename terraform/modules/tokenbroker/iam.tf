@@ -58,6 +58,29 @@ resource "google_project_iam_member" "issuer_secrets" {
   }
 }
 
+# The connect function stores what a refresh stores (a new credential version, the old ones
+# retired), so it holds the refresher's secret role, on the same prefix.
+resource "google_project_iam_member" "connect_secrets" {
+  count   = var.connect.enabled ? 1 : 0
+  project = var.project_id
+  role    = google_project_iam_custom_role.refresher_secrets.name
+  member  = "serviceAccount:${google_service_account.connect[0].email}"
+  condition {
+    title       = "tokenbroker secrets only"
+    description = "Secrets whose id starts with ${var.secret_prefix}, and their versions."
+    expression  = local.secrets_condition
+  }
+}
+
+# The session key: one secret, one binding, the connect function only.
+resource "google_secret_manager_secret_iam_member" "connect_session_key" {
+  count     = var.connect.enabled ? 1 : 0
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.connect_session_key[0].secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.connect[0].email}"
+}
+
 # The policy file: one secret, one binding, the issuer only.
 resource "google_secret_manager_secret_iam_member" "issuer_policy" {
   project   = var.project_id
@@ -73,6 +96,18 @@ resource "google_project_iam_member" "refresher_firestore" {
   project = var.project_id
   role    = "roles/datastore.user"
   member  = "serviceAccount:${google_service_account.refresher.email}"
+  condition {
+    title       = "tokenbroker database only"
+    description = "The Firestore database ${var.firestore_database}."
+    expression  = local.database_condition
+  }
+}
+
+resource "google_project_iam_member" "connect_firestore" {
+  count   = var.connect.enabled ? 1 : 0
+  project = var.project_id
+  role    = "roles/datastore.user"
+  member  = "serviceAccount:${google_service_account.connect[0].email}"
   condition {
     title       = "tokenbroker database only"
     description = "The Firestore database ${var.firestore_database}."
@@ -99,6 +134,15 @@ resource "google_pubsub_topic_iam_member" "refresher_publisher" {
   member  = "serviceAccount:${google_service_account.refresher.email}"
 }
 
+# connection.connected / connection.recovered.
+resource "google_pubsub_topic_iam_member" "connect_publisher" {
+  count   = var.connect.enabled ? 1 : 0
+  project = var.project_id
+  topic   = google_pubsub_topic.events.name
+  role    = "roles/pubsub.publisher"
+  member  = "serviceAccount:${google_service_account.connect[0].email}"
+}
+
 # Service-account connections: the issuer mints access tokens for exactly these accounts
 # (generateAccessToken), one binding on each account, none on the project.
 resource "google_service_account_iam_member" "issuer_token_creator" {
@@ -107,6 +151,18 @@ resource "google_service_account_iam_member" "issuer_token_creator" {
   service_account_id = "projects/-/serviceAccounts/${each.value}"
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = "serviceAccount:${google_service_account.issuer.email}"
+}
+
+# The connect pages: the operators (platform mode) or the IAP service agent (iap mode), the one
+# place the module grants people anything. var.operators refuses allUsers/allAuthenticatedUsers.
+resource "google_cloud_run_v2_service_iam_member" "connect_invoker" {
+  for_each = var.connect.enabled ? toset(local.connect_invokers) : toset([])
+
+  project  = var.project_id
+  location = var.region
+  name     = google_cloudfunctions2_function.connect[0].name
+  role     = "roles/run.invoker"
+  member   = each.value
 }
 
 # Invocation: a gen2 function is a Cloud Run service; invoking it needs roles/run.invoker on

@@ -70,6 +70,42 @@ locals {
 
   issuer_environment = merge(var.issuer_environment, local.common_environment, local.issuer_identity_environment)
 
+  # The connect function. Who reaches it: the operators (platform mode) or the IAP service agent
+  # (iap mode: IAP invokes the service; https://cloud.google.com/iap/docs/enabling-cloud-run).
+  # Who, of those, may connect accounts: the function's own allow-list (groups cannot be checked
+  # by the function, so they only open the door).
+  connect_invokers = var.connect.identity == "iap" ? [
+    "serviceAccount:service-${local.project_number}@gcp-sa-iap.iam.gserviceaccount.com",
+  ] : var.operators
+  connect_allowed_operators = var.connect.allowed_operators != null ? var.connect.allowed_operators : [
+    for member in var.operators : member if !startswith(member, "group:")
+  ]
+  connect_ingress = var.connect.ingress != null ? var.connect.ingress : (
+    var.connect.identity == "iap" ? "ALLOW_INTERNAL_AND_GCLB" : "ALLOW_ALL"
+  )
+  # The sessions' collection (firestore_sessions.py): the TTL policy's too.
+  sessions_collection = "${var.firestore_collection}_authorization_sessions"
+
+  # Platform mode: the ID token audiences accepted -- the function's two URLs and gcloud's
+  # OAuth client, which is the aud of a user's token from `gcloud run services proxy`.
+  connect_audiences = [
+    var.connect.public_url,
+    "https://${var.region}-${var.project_id}.cloudfunctions.net/${local.functions.connect}",
+    "https://${local.functions.connect}-${local.project_number}.${var.region}.run.app",
+    "32555940559.apps.googleusercontent.com",
+  ]
+
+  connect_identity_environment = {
+    TOKENBROKER_CONNECT_URL         = var.connect.public_url
+    TOKENBROKER_CONNECT_AUDIENCE    = join(",", local.connect_audiences)
+    TOKENBROKER_OPERATOR_IDENTITY   = var.connect.identity
+    TOKENBROKER_CONNECT_OPERATORS   = join(",", local.connect_allowed_operators)
+    TOKENBROKER_IAP_AUDIENCE        = var.connect.iap_audience != null ? var.connect.iap_audience : ""
+    TOKENBROKER_SESSIONS_COLLECTION = local.sessions_collection
+  }
+
+  connect_environment = merge(local.common_environment, local.connect_identity_environment)
+
   labels = merge(var.labels, { managed-by = "terraform", app = var.name })
 }
 

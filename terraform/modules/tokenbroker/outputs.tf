@@ -18,6 +18,16 @@ output "issuer_audiences" {
   value       = local.issuer_audiences
 }
 
+output "connect_url" {
+  description = "The connect function's Cloud Run URL (what gcloud run services proxy or IAP's backend reaches); null when connect is off."
+  value       = var.connect.enabled ? google_cloudfunctions2_function.connect[0].service_config[0].uri : null
+}
+
+output "connect_redirect_uri" {
+  description = "The redirect URI to register with each provider's OAuth client for the connect pages (connect.public_url + /callback); null when connect is off."
+  value       = var.connect.enabled ? "${var.connect.public_url}/callback" : null
+}
+
 output "service_accounts" {
   description = "Email of each function's service account, and the scheduler's."
   value = {

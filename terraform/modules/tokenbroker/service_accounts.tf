@@ -33,7 +33,7 @@ resource "google_service_account" "connect" {
   project      = var.project_id
   account_id   = "${var.name}-connect"
   display_name = "tokenbroker connect pages (${var.name})"
-  description  = "The connect pages (a later issue); no grants until that function exists."
+  description  = "Connects accounts: the broker's secrets, its Firestore database, its events topic, the session key."
 
   depends_on = [google_project_service.apis]
 }

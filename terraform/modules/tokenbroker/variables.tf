@@ -86,19 +86,50 @@ variable "issuer" {
 }
 
 variable "connect" {
-  description = "Slot for the connect pages of a later issue: disabled until that function exists. Its own service account, no IAM grants yet, internal ingress."
+  description = "The connect function: operators connect accounts (the authorization-code flow) through its pages (README, Connecting an account). Off by default. identity: platform (Cloud Run IAM; operators open it through gcloud run services proxy) or iap (behind Identity-Aware Proxy). public_url: the URL operators' browsers use (the proxy's http://localhost:PORT, or IAP's HTTPS address); the redirect URI to register with each provider is public_url + /callback. allowed_operators: who may connect accounts (emails, user:/serviceAccount: members or domain:NAME); default: the user, serviceAccount and domain members of var.operators. ingress: default ALLOW_ALL in platform mode (the proxy reaches the run.app URL from outside; invoker IAM still applies) and ALLOW_INTERNAL_AND_GCLB in iap mode."
   type = object({
-    enabled         = optional(bool, false)
-    source_zip      = optional(string)
-    entry_point     = optional(string, "connect")
-    memory          = optional(string, "256Mi")
-    timeout_seconds = optional(number, 60)
-    max_instances   = optional(number, 2)
+    enabled           = optional(bool, false)
+    source_zip        = optional(string)
+    entry_point       = optional(string, "connect_http")
+    memory            = optional(string, "256Mi")
+    timeout_seconds   = optional(number, 60)
+    max_instances     = optional(number, 2)
+    identity          = optional(string, "platform")
+    public_url        = optional(string, "http://localhost:8080")
+    iap_audience      = optional(string)
+    allowed_operators = optional(list(string))
+    ingress           = optional(string)
   })
   default = {}
   validation {
     condition     = !var.connect.enabled || var.connect.source_zip != null
     error_message = "connect.source_zip is required when connect.enabled is true."
+  }
+  validation {
+    condition     = contains(["platform", "iap"], var.connect.identity)
+    error_message = "connect.identity must be platform or iap."
+  }
+  validation {
+    condition     = var.connect.identity != "iap" || var.connect.iap_audience != null
+    error_message = "connect.iap_audience is required in iap mode (/projects/NUMBER/global/backendServices/ID, or /projects/NUMBER/locations/REGION/services/NAME)."
+  }
+  validation {
+    condition     = can(regex("^(https://[^/\\s]+|http://(localhost|127\\.0\\.0\\.1)(:[0-9]+)?)$", var.connect.public_url))
+    error_message = "connect.public_url: an https origin, or http://localhost:PORT for the IAM proxy (no path, no trailing slash)."
+  }
+  validation {
+    condition     = var.connect.ingress == null || contains(["ALLOW_ALL", "ALLOW_INTERNAL_ONLY", "ALLOW_INTERNAL_AND_GCLB"], coalesce(var.connect.ingress, "ALLOW_ALL"))
+    error_message = "connect.ingress must be ALLOW_ALL, ALLOW_INTERNAL_ONLY or ALLOW_INTERNAL_AND_GCLB."
+  }
+}
+
+variable "operators" {
+  description = "IAM members who may open the connect pages (roles/run.invoker on the connect function in platform mode): user:EMAIL, group:EMAIL, domain:NAME or serviceAccount:EMAIL. Never public."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for m in var.operators : can(regex("^(user|group|domain|serviceAccount):[^\\s:]+$", m))])
+    error_message = "operators: user:, group:, domain: or serviceAccount: members only (no allUsers or allAuthenticatedUsers)."
   }
 }
 
