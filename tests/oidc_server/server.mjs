@@ -28,6 +28,9 @@
 //   strictClientAuthMethod  default true: a client must authenticate with its registered
 //                    token_endpoint_auth_method (basic vs post), see clientAuthMismatch()
 //   storeSize        entries the in-memory store keeps (default 5,000,000; see `storage`)
+//   deviceInterval   seconds, the `interval` the device authorization endpoint answers (RFC
+//                    8628 section 3.2; oidc-provider itself sends none, i.e. 5), default 1
+//   deviceCodeTtl    seconds a device code lives, default 600 (oidc-provider's default)
 //   interactive      default false: login and consent answer at once for `test-user` (fast
 //                    system tests).  true: oidc-provider's own pages (devInteractions) for a
 //                    real browser: a login form (any login, any password: type `test-user`),
@@ -66,6 +69,8 @@ const LEDGER = config.ledger;
 const ACCESS_TOKEN_TTL = Number(config.accessTokenTtl ?? 300);
 const REFRESH_TOKEN_TTL = 24 * 60 * 60; // refresh tokens are long-lived: 1 day
 let latencyMs = Number(config.latencyMs ?? 0);
+let deviceInterval = Number(config.deviceInterval ?? 1);
+let deviceCodeTtl = Number(config.deviceCodeTtl ?? 600);
 
 const TEST_ACCOUNT = 'test-user';
 const INTERACTIVE = Boolean(config.interactive);
@@ -152,6 +157,7 @@ const provider = new Provider(ISSUER, {
     // The non-interactive handler below, unless `interactive` asks for the provider's pages.
     devInteractions: { enabled: INTERACTIVE },
     clientCredentials: { enabled: true }, // RFC 6749 section 4.4
+    deviceFlow: { enabled: true }, // RFC 8628
     // RFC 7662 at /token/introspection and RFC 7009 at /token/revocation.  Both work on opaque
     // tokens only (refresh tokens here): oidc-provider answers 400 unsupported_token_type for a
     // structured (JWT) access token.  Revoking a refresh token revokes its whole grant.
@@ -209,6 +215,7 @@ const provider = new Provider(ISSUER, {
     Grant: 2 * REFRESH_TOKEN_TTL,
     Session: REFRESH_TOKEN_TTL,
     Interaction: 600,
+    DeviceCode: () => deviceCodeTtl,
   },
 
   // JWT access tokens minted for the JWT bearer grant carry the service account as `sub`
@@ -348,6 +355,7 @@ function freshStats() {
     refresh_token_reuse: 0,
     in_flight: 0, // POST /token requests being handled right now
     max_in_flight: 0, // highest concurrency seen since the last reset
+    device_authorizations: 0, // every POST /device/auth (RFC 8628 section 3.1)
   };
 }
 let stats = freshStats();
@@ -594,6 +602,13 @@ provider.use(async (ctx, next) => {
       ctx.body = { deny: denyConsent };
       return undefined;
     }
+    case 'POST /test/device': {
+      const body = await readJson(ctx);
+      if (body.interval !== undefined) deviceInterval = body.interval;
+      if (body.ttl !== undefined) deviceCodeTtl = Number(body.ttl);
+      ctx.body = { interval: deviceInterval, ttl: deviceCodeTtl };
+      return undefined;
+    }
     case 'POST /test/latency': {
       const body = await readJson(ctx);
       latencyMs = Number(body.ms ?? 0);
@@ -605,6 +620,18 @@ provider.use(async (ctx, next) => {
       ctx.body = { error: 'not_found', error_description: route };
       return undefined;
   }
+});
+
+// RFC 8628 section 3.2: the device authorization answer with the configured `interval`
+// (null: none sent, the RFC's default of 5 s applies).  Counted like token requests.
+provider.use(async (ctx, next) => {
+  if (!(ctx.method === 'POST' && ctx.path === '/device/auth')) return next();
+  stats.device_authorizations += 1;
+  await next();
+  if (ctx.status === 200 && ctx.body && typeof ctx.body === 'object' && deviceInterval !== null) {
+    ctx.body = { ...ctx.body, interval: deviceInterval };
+  }
+  return undefined;
 });
 
 // POST /token wrapper: counts, latency, faults, JWT bearer client injection, ledger.

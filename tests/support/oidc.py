@@ -20,8 +20,10 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import html
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -56,6 +58,8 @@ REDIRECT_URI = "http://127.0.0.1/cb"
 TEST_ACCOUNT = "test-user"
 REFRESH_TOKEN_TTL = 24 * 60 * 60
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"  # RFC 8628 §3.4
 
 # Default clients registered on every server (RFC 7591 metadata).
 RT_BASIC_ID, RT_BASIC_SECRET = "rt-basic", "rt-basic-secret"
@@ -102,6 +106,7 @@ DEFAULT_CLIENTS: tuple[dict[str, Any], ...] = (
         **_rt_client(CONNECT_ID, CONNECT_SECRET, "client_secret_basic"),
         "application_type": "native",
         "redirect_uris": [CONNECT_REDIRECT_URI],
+        "grant_types": ["authorization_code", "refresh_token", DEVICE_CODE_GRANT],
     },
     _cc_client(CC_BASIC_ID, CC_BASIC_SECRET, "client_secret_basic"),
     _cc_client(CC_POST_ID, CC_POST_SECRET, "client_secret_post"),
@@ -184,6 +189,16 @@ def ensure_node_modules() -> None:
 # ---------------------------------------------------------------------------------------------
 # Keys, JWKs and JWTs
 # ---------------------------------------------------------------------------------------------
+
+
+_HIDDEN_INPUT = re.compile(
+    r'<input\s+type="hidden"\s+name="([^"]+)"\s+value="([^"]*)"\s*/?>', re.IGNORECASE
+)
+
+
+def _hidden_inputs(page: str) -> dict[str, str]:
+    """The hidden fields of an oidc-provider form (its xsrf value, the user code...)."""
+    return {name: html.unescape(value) for name, value in _HIDDEN_INPUT.findall(page)}
 
 
 def b64url(data: bytes) -> str:
@@ -403,6 +418,10 @@ class OidcServer:
     @property
     def authorization_url(self) -> str:
         return f"{self.issuer}/auth"
+
+    @property
+    def device_authorization_url(self) -> str:
+        return f"{self.issuer}/device/auth"
 
     @property
     def revocation_url(self) -> str:
@@ -704,6 +723,41 @@ class OidcServer:
                 if not url.startswith(self.issuer + "/"):
                     return url
         raise OidcServerError("too many redirects in the authorization flow")
+
+    def answer_device(self, user_code: str, *, deny: bool = False) -> httpx.Response:
+        """The account holder's side of the device flow (RFC 8628 §3.3) through
+        oidc-provider's own pages, as a browser would submit them: the verification URI with
+        the user code, its confirmation form (Continue, or ``deny``: Abort), then login and
+        consent. Returns the last page (oidc-provider's "Sign-in Success" when granted)."""
+        verification = f"{self.issuer}/device"
+        with self.http(follow_redirects=False) as browser:
+            page = browser.get(verification, params={"user_code": user_code})
+            # A form_post page that submits itself: the xsrf value and the user code.
+            page = browser.post(verification, data=_hidden_inputs(page.text))
+            if page.status_code != 200 or "op.deviceConfirmForm" not in page.text:
+                raise OidcServerError(
+                    f"no device confirmation page: HTTP {page.status_code} {page.text[:300]}"
+                )
+            fields = _hidden_inputs(page.text)
+            if deny:
+                fields.pop("confirm", None)
+                fields["abort"] = "yes"
+            page = browser.post(verification, data=fields)
+            for _ in range(12):
+                if page.status_code not in (302, 303):
+                    return page
+                page = browser.get(urllib.parse.urljoin(str(page.url), page.headers["location"]))
+        raise OidcServerError("too many redirects in the device flow")
+
+    def set_device(self, *, interval: int | None = None, ttl: int | None = None) -> None:
+        """The device flow's figures for the next authorizations (``interval``: seconds the
+        answer states, ``ttl``: the device code's lifetime)."""
+        body: dict[str, Any] = {}
+        if interval is not None:
+            body["interval"] = interval
+        if ttl is not None:
+            body["ttl"] = ttl
+        self._control("POST", "/test/device", body)
 
     def set_consent(self, *, deny: bool) -> None:
         """Make the test user deny (or grant again) every consent."""

@@ -34,7 +34,12 @@ import click
 from tokenbroker.entrypoints.answers import EXIT_FAILURE, exit_code
 from tokenbroker.entrypoints.settings import named_variable
 from tokenbroker.kernel.clock import isoformat
-from tokenbroker.kernel.errors import AccessDenied, ConfigError, TokenBrokerError
+from tokenbroker.kernel.errors import (
+    AccessDenied,
+    ConfigError,
+    ExpiredToken,
+    TokenBrokerError,
+)
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import (
     ClientAuthMethod,
@@ -660,6 +665,12 @@ def reauth(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
 @click.option("--client-secret-env", help="New connection: variable with the client secret.")
 @click.option("--no-browser", is_flag=True, help="Print the URL only; do not open a browser.")
 @click.option(
+    "--device",
+    is_flag=True,
+    help="Headless: the device authorization grant (RFC 8628). Prints a URL and a code to "
+    "enter on any device with a browser; nothing listens here.",
+)
+@click.option(
     "--timeout",
     type=_Seconds(1, 3600),
     default=300.0,
@@ -678,7 +689,11 @@ def authorize(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
     For an existing connection (e.g. one in needs_reauth) give its id alone; for a new one
     add --client-id (and the options of `add`). Prints the URL to open (and opens a browser
     when one is available), then waits for the provider's answer on a loopback address
-    (http://127.0.0.1:PORT/callback: register that redirect URI, any port, with the client)."""
+    (http://127.0.0.1:PORT/callback: register that redirect URI, any port, with the client).
+
+    With --device (where the provider supports RFC 8628: the profile's
+    device_authorization_url), prints a verification URL and a user code instead, to open and
+    enter on any device, and polls the provider until the account holder has answered."""
     new_options = [
         k
         for k in ("profile", "client_id", "token_url", "auth_method", "client_secret_file",
@@ -719,12 +734,18 @@ def authorize(ctx: _Context, /, connection_id: str, **opts: Any) -> None:
 
         # The flow is possible at all, at an endpoint that may be used: checked before any
         # state is opened (or created).
-        check_endpoint_url(profile.authorization_url_for(connection), "authorization_url")
+        if opts["device"]:
+            check_endpoint_url(
+                profile.device_authorization_url_for(connection), "device_authorization_url"
+            )
+        else:
+            check_endpoint_url(profile.authorization_url_for(connection), "authorization_url")
     else:
         validate_connection_id(connection_id)
     runtime = ctx.open(create=new)
+    flow = _authorize_device if opts["device"] else _authorize
     outcome = asyncio.run(
-        _authorize(
+        flow(
             runtime,
             connection_id,
             connection=connection,
@@ -813,6 +834,58 @@ async def _authorize(
                 ) from None
     finally:
         sock.close()
+
+
+async def _authorize_device(
+    runtime: Runtime,
+    connection_id: str,
+    *,
+    connection: Connection | None,
+    client_secret: Secret | None,
+    browser: bool,  # noqa: ARG001 - the device flow opens nothing here
+    wait_seconds: float,
+    accept_narrower: bool,
+) -> Connected:
+    """RFC 8628: show the verification URI and the user code, poll until answered."""
+    import getpass  # noqa: PLC0415
+
+    flow = runtime.authorization_flow()
+    async with runtime.token_endpoint() as endpoint:
+        start = await flow.start_device(
+            endpoint,
+            connection_id=connection_id,
+            operator=f"local:{getpass.getuser()}",
+            connection=connection,
+            client_secret=client_secret,
+        )
+        device = start.authorization
+        waiting = min(wait_seconds, device.expires_in)
+        lines = [
+            f"To authorize {connection_id}, open {device.verification_uri} on any device and "
+            f"enter the code {device.user_code}",
+        ]
+        if device.verification_uri_complete:
+            lines.append(f"(or open {device.verification_uri_complete})")
+        lines.append(f"Waiting up to {waiting:g} s for the account holder...")
+        click.echo("\n".join(lines), err=True)
+        again = (
+            "the same `tokenbroker authorize --device` command"
+            if connection is not None
+            else f"`tokenbroker authorize --device {connection_id}`"
+        )
+        try:
+            return await flow.complete_device(
+                endpoint, start, accept_narrower=accept_narrower, wait_seconds=wait_seconds
+            )
+        except AccessDenied as denied:
+            raise AccessDenied(
+                f"{denied.message}; nothing was stored: to connect {connection_id}, run "
+                f"{again} again and allow access"
+            ) from None
+        except ExpiredToken as expired:
+            raise ExpiredToken(
+                f"{expired.message}; nothing was stored: run {again} again"
+            ) from None
 
 
 def _browser_available() -> bool:

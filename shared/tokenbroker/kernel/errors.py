@@ -359,6 +359,37 @@ class MalformedResponse(ProviderError):
     default_ambiguous = True
 
 
+# --- the device authorization grant's polling answers (RFC 8628 §3.5) -------------------------
+
+
+class AuthorizationPending(ProviderError):
+    """RFC 8628 §3.5 ``authorization_pending``: the user has not finished yet; poll again
+    after the interval. Only the device-code grant reads this code."""
+
+    code = "authorization_pending"
+    default_retryable = True
+
+
+class SlowDown(ProviderError):
+    """RFC 8628 §3.5 ``slow_down``: still pending, and the interval grows by 5 s."""
+
+    code = "slow_down"
+    default_retryable = True
+
+
+class ExpiredToken(ProviderError):
+    """RFC 8628 §3.5 ``expired_token``: the device code expired before the user finished;
+    start again."""
+
+    code = "expired_token"
+
+
+#: Codes only the device-code grant's answers carry (elsewhere they are unknown codes).
+DEVICE_GRANT_ERRORS: dict[str, type[ProviderError]] = {
+    cls.code: cls for cls in (AuthorizationPending, SlowDown, ExpiredToken)
+}
+
+
 OAUTH_ERRORS: dict[str, type[ProviderError]] = {
     cls.code: cls
     for cls in (

@@ -24,7 +24,7 @@ REDACTED = "[REDACTED]"
 # Field names whose values are credential material whatever they look like.
 SENSITIVE_KEY_RE = re.compile(
     r"(token|secret|password|passwd|assertion|private_key|authorization|api_key|app_key|"
-    r"cookie|credential|code_verifier|^code$)",
+    r"cookie|credential|code_verifier|device_code|^code$)",
     re.IGNORECASE,
 )
 # Keys that match the pattern above but carry only non-secret descriptions of tokens.

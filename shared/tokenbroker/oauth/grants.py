@@ -52,7 +52,7 @@ def client_authentication(
     return {}, {"client_id": client_id, "client_secret": client_secret.reveal()}
 
 
-async def _token_request(
+async def token_request(
     endpoint: TokenEndpoint,
     token_url: str,
     form: dict[str, str],
@@ -63,6 +63,8 @@ async def _token_request(
     now: datetime | None,
     known_secrets: Iterable[Secret | None],
 ) -> TokenResponse:
+    """POST a grant's form to the token endpoint and read the answer (shared by every grant,
+    the device-code grant of :mod:`tokenbroker.oauth.device` too)."""
     # Whatever credential material was sent is known too: the form's tokens, secrets and
     # assertions, and the Authorization header.
     sent = [v for k, v in (*form.items(), *headers.items()) if is_sensitive_key(k) and v]
@@ -95,10 +97,10 @@ async def refresh_grant(
 ) -> TokenResponse:
     """RFC 6749 §6. ``scopes``, when given, must be a subset of the original grant's."""
     grant = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
-    headers, form = _grant_form(
+    headers, form = grant_form(
         auth_method, client_id, client_secret, grant, scopes=scopes, extra=extra
     )
-    return await _token_request(
+    return await token_request(
         endpoint,
         token_url,
         form,
@@ -134,8 +136,8 @@ async def authorization_code_grant(
         "redirect_uri": redirect_uri,
         "code_verifier": code_verifier.reveal(),
     }
-    headers, form = _grant_form(auth_method, client_id, client_secret, grant, scopes=(), extra=None)
-    return await _token_request(
+    headers, form = grant_form(auth_method, client_id, client_secret, grant, scopes=(), extra=None)
+    return await token_request(
         endpoint,
         token_url,
         form,
@@ -163,10 +165,10 @@ async def client_credentials_grant(
 ) -> TokenResponse:
     """RFC 6749 §4.4. ``extra`` carries e.g. an RFC 8707 ``resource``."""
     grant = {"grant_type": "client_credentials"}
-    headers, form = _grant_form(
+    headers, form = grant_form(
         auth_method, client_id, client_secret, grant, scopes=scopes, extra=extra
     )
-    return await _token_request(
+    return await token_request(
         endpoint,
         token_url,
         form,
@@ -178,7 +180,7 @@ async def client_credentials_grant(
     )
 
 
-def _grant_form(
+def grant_form(
     auth_method: ClientAuthMethod,
     client_id: str | None,
     client_secret: Secret | None,
@@ -267,7 +269,7 @@ async def jwt_bearer_grant(
         info, audience=token_url, scopes=scopes, subject=subject, issued_at=issued_at
     )
     form = {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
-    return await _token_request(
+    return await token_request(
         endpoint,
         token_url,
         form,

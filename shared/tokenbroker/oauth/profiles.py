@@ -124,6 +124,10 @@ class ProviderProfile:
     #: host must be one of that param's ``values``; anything else is refused (a mix-up: RFC
     #: 9700 §4.4 -- the code and client secret would go to a server the profile does not know).
     callback_params: Mapping[str, str] = field(default_factory=dict)
+    #: The device authorization endpoint (RFC 8628 §3.1), a template like ``token_url``
+    #: (``None``: the provider has no RFC 8628 flow; ``tokenbroker authorize --device``
+    #: refuses).
+    device_authorization_url: str | None = None
 
     @property
     def answer_rules(self) -> AnswerRules:
@@ -175,6 +179,17 @@ class ProviderProfile:
                 "through the authorization-code flow"
             )
         return self._format(self.authorization_url, connection)
+
+    def device_authorization_url_for(self, connection: Connection) -> str:
+        """The device authorization endpoint for a connection (RFC 8628 §3.1; the generic
+        profile takes it from ``params.device_authorization_url``)."""
+        if not self.device_authorization_url:
+            raise ConfigError(
+                f"profile {self.name!r} has no device_authorization_url: it cannot connect "
+                "accounts through the device authorization grant (RFC 8628); use the browser "
+                "flow (tokenbroker authorize without --device)"
+            )
+        return self._format(self.device_authorization_url, connection)
 
     def _format(self, template: str, connection: Connection) -> str:
         params = self.resolve_params(connection.params)
@@ -317,6 +332,7 @@ def parse_profile(name: str, data: object, where: str) -> ProviderProfile:
         authorization_url=reader.text("authorization_url", None),
         authorize_params=reader.strings("authorize_params", {}),
         callback_params=reader.strings("callback_params", {}),
+        device_authorization_url=reader.text("device_authorization_url", None),
     )
     reader.finish()
     for callback, param in profile.callback_params.items():

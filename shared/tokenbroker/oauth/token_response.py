@@ -124,6 +124,9 @@ class AnswerRules:
     #: Whether a refresh retires the refresh token used; decides what an unusable new
     #: ``refresh_token`` means (see :func:`parse_token_response`). Assume the worst.
     rotates_refresh_tokens: bool = True
+    #: Error codes one grant defines beyond RFC 6749 §5.2 (the device-code grant's
+    #: ``authorization_pending``, ``slow_down``, ``expired_token``: RFC 8628 §3.5).
+    grant_errors: Mapping[str, type[ProviderError]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ def _error_from_body(
     # Zoho answers its refusals with HTTP 200). Keep whatever refresh token it carried.
     success = 200 <= status < 300
     code = rules.error_aliases.get(raw_code, raw_code)
-    cls = OAUTH_ERRORS.get(code)
+    cls = OAUTH_ERRORS.get(code) or rules.grant_errors.get(code)
     carried = _carried_refresh_token(data) if success else None
     refusal = cls is None or not cls.default_retryable
     ambiguity: dict[str, Any] = {
@@ -276,6 +279,21 @@ def parse_token_response(
     """
     if rules is None:
         rules = AnswerRules(error_aliases=dict(error_aliases or {}))
+    data, scrubber = answer_object(response, rules=rules, known_secrets=known_secrets, now=now)
+    return _token_from_body(data, response.status, rules, scrubber, now or datetime.now(UTC))
+
+
+def answer_object(
+    response: HttpResponse,
+    *,
+    rules: AnswerRules,
+    known_secrets: Iterable[Secret | None] = (),
+    now: datetime | None = None,
+) -> tuple[dict[str, Any], Scrubber]:
+    """The JSON object of a successful answer from an endpoint that answers like RFC 6749's
+    token endpoint (§5.1, §5.2: the device authorization endpoint too, RFC 8628 §3.2), with
+    the scrubber for its text; any other answer raised as its classified
+    :class:`ProviderError` (see :func:`parse_token_response`)."""
     status = response.status
     retry_after = parse_retry_after(response.headers.get("retry-after"), now)
     data = _json_object(response.body)
@@ -289,7 +307,7 @@ def parse_token_response(
         if data.get("error"):
             # Some providers (Zoho) report failures with HTTP 200. Never store these.
             raise _error_from_body(data, status, retry_after, rules, scrubber)
-        return _token_from_body(data, status, rules, scrubber, now or datetime.now(UTC))
+        return data, scrubber
 
     if data is not None and data.get("error"):
         error = _error_from_body(data, status, retry_after, rules, scrubber)

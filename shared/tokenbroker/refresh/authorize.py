@@ -68,7 +68,13 @@ from tokenbroker.oauth.authorization import (
     parse_callback,
     state_key,
 )
+from tokenbroker.oauth.device import (
+    DeviceAuthorization,
+    poll_device_token,
+    request_device_authorization,
+)
 from tokenbroker.oauth.grants import authorization_code_grant
+from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import AuthorizationSession, AuthorizationSessions, EventBus, TokenEndpoint
 from tokenbroker.refresh.registry import ConnectionRegistry
 
@@ -88,6 +94,20 @@ class AuthorizationStart:
 
     def __repr__(self) -> str:  # the URL carries the state: not for logs
         return f"AuthorizationStart(connection_id={self.connection_id!r})"
+
+
+@dataclass(frozen=True)
+class DeviceStart:
+    """A device authorization in progress: what to show the account holder
+    (:attr:`authorization`'s verification URI and user code), and what completing it needs."""
+
+    connection: Connection
+    new: bool
+    client_secret: Secret | None
+    authorization: DeviceAuthorization
+
+    def __repr__(self) -> str:  # the user code approves the request: not for logs
+        return f"DeviceStart(connection_id={self.connection.id!r}, new={self.new})"
 
 
 @dataclass(frozen=True)
@@ -270,6 +290,128 @@ class AuthorizationFlow:
             rules=profile.answer_rules,
             now=now,
         )
+        return self._store(
+            connection,
+            secret,
+            response,
+            now=now,
+            new=session.new,
+            accept_narrower=accept_narrower,
+        )
+
+    # -- the device authorization grant (RFC 8628) --------------------------------------------
+
+    async def start_device(
+        self,
+        endpoint: TokenEndpoint,
+        *,
+        connection_id: str,
+        operator: str,
+        connection: Connection | None = None,
+        client_secret: Secret | None = None,
+    ) -> DeviceStart:
+        """Ask the provider for a device code and a user code (RFC 8628 §3.1) for a new
+        connection (``connection``, with its ``client_secret``) or a registered one (by id,
+        with its stored secret). Checked like :meth:`start_new` / :meth:`start_existing`."""
+        if not operator:
+            raise ConfigError("the operator starting the flow must be named")
+        new = connection is not None
+        if connection is not None:
+            validate_connection_id(connection.id)
+            if connection.grant is not GrantType.REFRESH_TOKEN:
+                raise ConfigError("grant: connecting an account gives a refresh_token connection")
+            self.registry.profile_for(connection).check_connection(connection)
+            if self._exists(connection.id):
+                raise AlreadyExists(
+                    f"connection {connection.id!r} already exists: authorize it by its id"
+                )
+            secret = client_secret
+        else:
+            record = self.registry.state.get(connection_id)
+            connection = record.connection
+            if connection.grant is not GrantType.REFRESH_TOKEN:
+                raise ConfigError(
+                    f"connection {connection_id!r} uses {connection.grant.value}: only "
+                    "refresh_token connections are authorised by an account holder"
+                )
+            secret = self.registry.secrets.get(connection_id).credential.client_secret
+        profile = self.registry.profile_for(connection)
+        authorization = await request_device_authorization(
+            endpoint,
+            profile.device_authorization_url_for(connection),
+            client_id=connection.client_id,
+            client_secret=secret,
+            auth_method=profile.auth_method_for(connection),
+            scopes=connection.scopes,
+            rules=profile.answer_rules,
+            now=self.clock.now(),
+        )
+        self.log.info(
+            "device authorization started",
+            connection_id=connection.id,
+            new=new,
+            operator=operator,
+            expires_in=authorization.expires_in,
+            interval=authorization.interval,
+        )
+        return DeviceStart(connection, new, secret, authorization)
+
+    async def complete_device(
+        self,
+        endpoint: TokenEndpoint,
+        start: DeviceStart,
+        *,
+        accept_narrower: bool = False,
+        wait_seconds: float | None = None,
+    ) -> Connected:
+        """Poll until the account holder answers (RFC 8628 §3.4-3.5), then store the
+        connection as :meth:`complete` does (same checks, same events)."""
+        connection = start.connection
+        profile = self.registry.profile_for(connection)
+        try:
+            response = await poll_device_token(
+                endpoint,
+                profile.token_url_for(connection),
+                start.authorization,
+                client_id=connection.client_id,
+                client_secret=start.client_secret,
+                auth_method=profile.auth_method_for(connection),
+                clock=self.clock,
+                rules=profile.answer_rules,
+                wait_seconds=wait_seconds,
+            )
+        except TokenBrokerError as error:
+            self.log.warning(
+                "device authorization ended without a grant",
+                connection_id=connection.id,
+                error_code=error.code,
+            )
+            raise
+        if start.new and self._exists(connection.id):
+            raise AlreadyExists(f"connection {connection.id!r} was registered meanwhile")
+        return self._store(
+            connection,
+            start.client_secret,
+            response,
+            now=self.clock.now(),
+            new=start.new,
+            accept_narrower=accept_narrower,
+        )
+
+    # -- storing what was granted --------------------------------------------------------------
+
+    def _store(
+        self,
+        connection: Connection,
+        secret: Secret | None,
+        response: TokenResponse,
+        *,
+        now: datetime,
+        new: bool,
+        accept_narrower: bool,
+    ) -> Connected:
+        """Steps 5-6 of the module docstring, for either flow."""
+        cid = connection.id
         granted = granted_scopes(connection.scopes, response.scope)
         missing = missing_scopes(connection.scopes, granted)
         if missing:
@@ -304,7 +446,7 @@ class AuthorizationFlow:
             obtained_at=now,
             metadata=dict(response.extras),
         )
-        if session.new:
+        if new:
             record = self.registry.register(connection, credential)
             event = self._event(EventType.CONNECTED, record, 0)
         else:
@@ -323,11 +465,11 @@ class AuthorizationFlow:
         self.log.info(
             "connection authorised",
             connection_id=cid,
-            new=session.new,
+            new=new,
             version=record.state.current_version,
             granted_scopes=list(granted),
         )
-        return Connected(record, session.new, granted, missing, event)
+        return Connected(record, new, granted, missing, event)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -401,4 +543,5 @@ __all__ = [
     "AuthorizationFlow",
     "AuthorizationStart",
     "Connected",
+    "DeviceStart",
 ]
