@@ -408,3 +408,13 @@ def test_profiles_name_their_device_endpoint_or_refuse_the_flow() -> None:
 
 def test_answer_rules_keep_the_device_codes_out_of_other_grants() -> None:
     assert dict(AnswerRules().grant_errors) == {}
+
+
+def test_a_device_code_in_a_log_field_is_redacted() -> None:
+    from tokenbroker.kernel.log import get_logger
+    from tokenbroker.kernel.redact import is_sensitive_key
+
+    assert is_sensitive_key("device_code") and not is_sensitive_key("user_code")
+    with capture_logs() as lines:
+        get_logger(component="test").info("polling", device_code=DEVICE_CODE)
+    assert DEVICE_CODE not in json.dumps(lines, default=str)
