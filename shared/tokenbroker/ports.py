@@ -53,6 +53,7 @@ __all__ = [
     "Promotion",
     "RefreshCommitter",
     "RelayTransport",
+    "RequestQuota",
     "SecretStore",
     "SecretWrite",
     "StateStore",
@@ -92,6 +93,35 @@ class WriteBudget:
     key: str
     limit: int
     window: timedelta
+
+
+@dataclass(frozen=True)
+class RequestQuota:
+    """A store's request-rate quota, shared by every process that uses the same project
+    (Secret Manager: 600 read and 600 write requests per minute per project by default,
+    https://cloud.google.com/secret-manager/quotas), with what one refresh costs of each.
+
+    The refresher spends it in refreshes (:attr:`refreshes_per_window` of them per
+    ``window``) through :meth:`StateStore.take_budget` under ``key`` before it reads or
+    writes anything for them, so that no refresh whose writes the store would refuse is ever
+    started; what does not fit stays due for a later tick, earliest first."""
+
+    key: str
+    reads_per_window: int
+    writes_per_window: int
+    reads_per_refresh: int
+    writes_per_refresh: int
+    window: timedelta = timedelta(minutes=1)
+
+    @property
+    def refreshes_per_window(self) -> int:
+        """Refreshes that fit both quotas in one window (at least one: a quota smaller than
+        one refresh's cost still lets one through per window rather than none ever)."""
+        fits = min(
+            self.reads_per_window // max(1, self.reads_per_refresh),
+            self.writes_per_window // max(1, self.writes_per_refresh),
+        )
+        return max(1, min(fits, MAX_BUDGET_LIMIT))
 
 
 @dataclass(frozen=True)
@@ -171,6 +201,11 @@ class SecretStore(Protocol):
     def write_budget(self, connection_id: str) -> WriteBudget | None:
         """How many versions the store can take for this connection per window, when it
         limits that; ``None`` when it does not. No I/O."""
+        ...
+
+    def request_quota(self) -> RequestQuota | None:
+        """The store's request-rate quota across every connection, when it has one the
+        refresher must pace itself by; ``None`` when it has none. No I/O."""
         ...
 
     def delete(self, connection_id: str) -> None:

@@ -60,7 +60,7 @@ from tokenbroker.kernel.errors import (
     VersionConflict,
 )
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import Promotion, SecretWrite, WriteBudget
+from tokenbroker.ports import Promotion, RequestQuota, SecretWrite, WriteBudget
 
 __all__ = [
     "DEFAULT_RETAINED_VERSIONS",
@@ -213,6 +213,10 @@ class VersionedSecretStore(ABC):
 
     def write_budget(self, connection_id: str) -> WriteBudget | None:  # noqa: ARG002
         """No limit on versions but the store's rate quotas (the port's default)."""
+        return None
+
+    def request_quota(self) -> RequestQuota | None:
+        """No request-rate quota to pace by (the port's default)."""
         return None
 
     @abstractmethod

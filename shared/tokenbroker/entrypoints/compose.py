@@ -566,6 +566,8 @@ class _Adapters:
             prefix=self.settings.secret_prefix,
             retained_versions=self.settings.retained_versions,
             endpoint=self.settings.secret_manager_endpoint,
+            reads_per_minute=self.settings.secret_manager_reads_per_minute,
+            writes_per_minute=self.settings.secret_manager_writes_per_minute,
         )
 
     def aws_secrets_manager(self) -> SecretStore:

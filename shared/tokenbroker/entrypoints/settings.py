@@ -103,6 +103,11 @@ ENV_K_REVISION = "K_REVISION"
 ENV_K_SERVICE = "K_SERVICE"
 #: ``host:port`` of a Secret Manager test server (insecure channel); never in production.
 ENV_SECRET_MANAGER_ENDPOINT = "TOKENBROKER_SECRET_MANAGER_ENDPOINT"
+#: The Secret Manager request quotas the refresher paces itself by, per minute per project
+#: (https://cloud.google.com/secret-manager/quotas: 600 each by default; set what the
+#: project's quota page says when it was raised, less what other users of it spend).
+ENV_SECRET_MANAGER_READS_PER_MINUTE = "TOKENBROKER_SECRET_MANAGER_READS_PER_MINUTE"
+ENV_SECRET_MANAGER_WRITES_PER_MINUTE = "TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE"
 #: The Firestore emulator's ``host:port``: Google's own variable, which the client library
 #: also reads by itself (https://cloud.google.com/firestore/docs/emulator).
 ENV_FIRESTORE_EMULATOR_HOST = "FIRESTORE_EMULATOR_HOST"
@@ -220,6 +225,8 @@ class Settings:
     firestore_collection: str = "tokenbroker_connections"
     #: Test servers in place of the real services (``None``: the real ones).
     secret_manager_endpoint: str | None = None
+    secret_manager_reads_per_minute: int = 600
+    secret_manager_writes_per_minute: int = 600
     firestore_emulator_host: str | None = None
     pubsub_topic: str = "tokenbroker-events"
     aws_region: str | None = None
@@ -449,6 +456,20 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("retry_base_delay", ENV_RETRY_BASE_DELAY, 0, 60, "seconds of backoff base"),
     Bound("retained_versions", ENV_RETAINED_VERSIONS, 2, 100, "credential versions kept"),
     Bound(
+        "secret_manager_reads_per_minute",
+        ENV_SECRET_MANAGER_READS_PER_MINUTE,
+        1,
+        100_000,
+        "Secret Manager read requests per minute the refresher may spend",
+    ),
+    Bound(
+        "secret_manager_writes_per_minute",
+        ENV_SECRET_MANAGER_WRITES_PER_MINUTE,
+        1,
+        100_000,
+        "Secret Manager write requests per minute the refresher may spend",
+    ),
+    Bound(
         "metrics_interval_seconds",
         ENV_METRICS_INTERVAL,
         10,
@@ -496,6 +517,8 @@ _ENV_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("firestore_database", ENV_FIRESTORE_DATABASE, str.strip),
     ("firestore_collection", ENV_FIRESTORE_COLLECTION, str.strip),
     ("secret_manager_endpoint", ENV_SECRET_MANAGER_ENDPOINT, str.strip),
+    ("secret_manager_reads_per_minute", ENV_SECRET_MANAGER_READS_PER_MINUTE, int),
+    ("secret_manager_writes_per_minute", ENV_SECRET_MANAGER_WRITES_PER_MINUTE, int),
     ("firestore_emulator_host", ENV_FIRESTORE_EMULATOR_HOST, str.strip),
     ("pubsub_topic", ENV_PUBSUB_TOPIC, str.strip),
     ("aws_region", ENV_AWS_REGION, str.strip),

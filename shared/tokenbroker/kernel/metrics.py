@@ -98,6 +98,7 @@ REFRESH_OUTCOMES = (
     "deferred",  # not attempted: lease too short, or a token-endpoint budget spent
     "skipped_leased",  # another refresher held the lease
     "unknown_outcome",  # presented, no answer: the refresh token may be spent (at risk)
+    "quota_deferred",  # claimed, given back: the store's request quota was spent
 )
 ISSUER_OUTCOMES = (
     "issued",

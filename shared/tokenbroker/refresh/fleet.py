@@ -160,6 +160,7 @@ def record_tick(recorder: Recorder, summary: TickSummary | None, *, ok: bool) ->
         "deferred": summary.deferred,
         "skipped_leased": summary.skipped_leased,
         "unknown_outcome": summary.unknown_outcome,
+        "quota_deferred": summary.quota_deferred,
     }
     for outcome, count in outcomes.items():
         # Every outcome's series exists from the first tick (a zero is a value an alert can

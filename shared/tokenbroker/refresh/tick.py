@@ -95,6 +95,7 @@ from tokenbroker.ports import (
     EventBus,
     Promotion,
     RefreshCommitter,
+    RequestQuota,
     SecretStore,
     SecretWrite,
     StateStore,
@@ -162,6 +163,11 @@ class TickSummary:
     #: of those, the ones whose slot frees only after the last safe moment (alerted).
     over_budget: int = 0
     over_budget_at_risk: int = 0
+    #: Claimed, then given back because the store's request quota (Secret Manager's per
+    #: project) was spent by others: left due for a later tick. ``quota_limited``: the claim
+    #: was capped at one quota window's worth of refreshes (more may be due).
+    quota_deferred: int = 0
+    quota_limited: bool = False
     events_parked: int = 0
     events_relayed: int = 0
     #: Connections this tick moved to needs_reauth (a failure of one already there is only
@@ -199,6 +205,8 @@ class TickSummary:
             "deferred": self.deferred,
             "over_budget": self.over_budget,
             "over_budget_at_risk": self.over_budget_at_risk,
+            "quota_deferred": self.quota_deferred,
+            "quota_limited": self.quota_limited,
             "lease_lost": self.lease_lost,
             "lease_unavailable": self.lease_unavailable,
             "uncommitted": self.uncommitted,
@@ -372,20 +380,30 @@ class Refresher:
         self._retrying = 0
         await self._relay_parked_events(summary)
         asked = self.clock.monotonic()
+        # The store's request quota (Secret Manager's per project): never claim more than one
+        # window of it can carry; what is left stays due for the next tick, earliest first.
+        quota = self.secrets.request_quota()
+        cap = limit if quota is None else min(limit, quota.refreshes_per_window)
         if connection_ids is None:
             batch = await self._store(
                 "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
-                limit=limit,
+                limit=cap,
             )  # fmt: skip
         else:
             batch = await self._store(
                 "claim", self.state.claim, connection_ids, now, holder=self.holder,
                 ttl=self.lease_ttl,
             )  # fmt: skip
-        if batch.claims:
+        claims = list(batch.claims)
+        if claims:
             failpoint("lease.claimed")
+        summary.quota_limited = quota is not None and connection_ids is None and len(claims) >= cap
+        if quota is not None and claims:
+            admitted = await self._admit(quota, len(claims), now)
+            if admitted < len(claims):
+                claims = await self._release_unadmitted(claims, admitted, summary)
         summary.due = len(batch.claims) + batch.leased_elsewhere
-        summary.claimed = len(batch.claims)
+        summary.claimed = len(claims)
         summary.skipped_leased = batch.leased_elsewhere
         summary.missing = list(batch.missing)
         summary.inactive = {cid: status.value for cid, status in batch.inactive.items()}
@@ -393,14 +411,14 @@ class Refresher:
             self.log.warning(
                 "not refreshed: the connection is not active", connection_id=cid, status=status
             )
-        if batch.claims:
+        if claims:
             # Reading settles any answer a crashed refresher staged (see SecretStore.stage).
             stored = await self._store(
                 "read credentials", self.secrets.get_many,
-                [c.lease.connection_id for c in batch.claims],
+                [c.lease.connection_id for c in claims],
             )  # fmt: skip
             leases = LeaseKeeper(
-                batch.claims,
+                claims,
                 renew=self._renew,
                 ttl=self.lease_ttl,
                 clock=self.clock,
@@ -415,7 +433,7 @@ class Refresher:
                 GroupCall(self._stage),
             )
             async with leases.beating(self.lease_ttl.total_seconds() / 3):
-                await self._run(run, batch.claims, stored, progress)
+                await self._run(run, claims, stored, progress)
         summary.seconds = self.clock.monotonic() - started
         if self._halt:
             self.log.error(
@@ -427,6 +445,45 @@ class Refresher:
             raise self._halt[0]
         self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
         return summary
+
+    async def _admit(self, quota: RequestQuota, wanted: int, now: datetime) -> int:
+        """How many of ``wanted`` claimed refreshes the store's request quota lets start now,
+        spent at once from the budget every refresher on the project shares (one state-store
+        write per tick, not one per refresh). Another refresher may spend between a denial
+        and the next take: a few tries, each asking for what the last denial left."""
+        limit = quota.refreshes_per_window
+        asked = min(wanted, limit)
+        for _ in range(3):
+            decision = await self._store(
+                "take request quota", self.state.take_budget, f"{quota.key}:refreshes",
+                limit=limit, window=quota.window, now=now, cost=asked,
+            )  # fmt: skip
+            if decision.granted:
+                return asked
+            asked = min(asked, limit - decision.used)
+            if asked <= 0:
+                break
+        return 0
+
+    async def _release_unadmitted(
+        self, claims: list[Claim], admitted: int, summary: TickSummary
+    ) -> list[Claim]:
+        """Give back the leases of the claims the quota did not admit (the latest due: claims
+        come earliest first); they stay due, untouched, for a later tick."""
+        kept, excess = claims[:admitted], claims[admitted:]
+        summary.quota_deferred = len(excess)
+
+        def release() -> None:
+            for claim in excess:
+                self.state.release(claim.lease)
+
+        await self._store("release leases", release)
+        self.log.warning(
+            "the store's request quota is spent: refreshes left due for a later tick",
+            admitted=admitted,
+            deferred=len(excess),
+        )
+        return kept
 
     async def _store(
         self,

@@ -64,7 +64,7 @@ from tokenbroker.kernel.errors import (
 )
 from tokenbroker.kernel.log import get_logger
 from tokenbroker.kernel.model import Credential, StoredCredential
-from tokenbroker.ports import Promotion, SecretWrite
+from tokenbroker.ports import Promotion, RequestQuota, SecretWrite
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,6 +74,17 @@ EXPIRES = "tokenbroker-expires-v"
 #: Every this many versions, a write also destroys what failed destroys left behind (one
 #: ListSecretVersions, amortised: a tenth of a call per refresh).
 SWEEP_EVERY = 10
+#: What one refresh costs of the project's request quotas, at most, in steady state (the
+#: module docstring): reads -- the GetSecret of the read, and the amortised ListSecretVersions
+#: and re-reads after a conflict -- and writes: AddSecretVersion, UpdateSecret,
+#: DestroySecretVersion, DisableSecretVersion. AccessSecretVersion counts against its own
+#: quota (90,000 per minute per project), far from any refresher's reach.
+READS_PER_REFRESH = 2
+WRITES_PER_REFRESH = 4
+#: Secret Manager's default request quotas per minute per project
+#: (https://cloud.google.com/secret-manager/quotas).
+DEFAULT_READS_PER_MINUTE = 600
+DEFAULT_WRITES_PER_MINUTE = 600
 #: The payload member recording what a version was staged on (ignored by credential readers).
 STAGED = "tokenbroker_staged"
 LABELS = {"managed-by": "tokenbroker"}
@@ -156,9 +167,13 @@ class SecretManagerSecretStore(VersionedSecretStore):
         retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         endpoint: str | None = None,
         concurrency: int = 16,
+        reads_per_minute: int = DEFAULT_READS_PER_MINUTE,
+        writes_per_minute: int = DEFAULT_WRITES_PER_MINUTE,
     ) -> None:
         super().__init__(retained_versions)
         self.project = project
+        self.reads_per_minute = reads_per_minute
+        self.writes_per_minute = writes_per_minute
         self.prefix = prefix
         self._client = client
         self._endpoint = endpoint
@@ -180,6 +195,17 @@ class SecretManagerSecretStore(VersionedSecretStore):
                 if self._client is None:
                     self._client = make_client(self._endpoint)
         return self._client
+
+    def request_quota(self) -> RequestQuota:
+        """The project's read and write quotas (per minute; every handle on the project shares
+        one count) and what a refresh spends of them."""
+        return RequestQuota(
+            key=f"secret-manager-requests:projects/{self.project}",
+            reads_per_window=self.reads_per_minute,
+            writes_per_window=self.writes_per_minute,
+            reads_per_refresh=READS_PER_REFRESH,
+            writes_per_refresh=WRITES_PER_REFRESH,
+        )
 
     def secret_name(self, connection_id: str) -> str:
         return f"projects/{self.project}/secrets/{self.prefix}{connection_id}"
