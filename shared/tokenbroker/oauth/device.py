@@ -59,11 +59,16 @@ SLOW_DOWN_STEP_SECONDS = 5
 #: last 30 minutes, oidc-provider's 10).
 MAX_INTERVAL_SECONDS = 300
 MAX_EXPIRES_IN_SECONDS = 86400
+#: The last poll goes out this long before the device code expires.
+DEADLINE_MARGIN_SECONDS = 1.0
 #: Consecutive transient failures (5xx, 429, the network) polling tolerates, backing off.
 MAX_TRANSIENT_FAILURES = 5
+#: Longest verification URI shown (a URL that long is no address a person types).
+MAX_URI_CHARS = 2048
 #: Longest user code shown; RFC 8628 §6.1 suggests 8 characters, providers use up to ~12.
 MAX_USER_CODE_CHARS = 64
 _MAX_CODE_CHARS = 4096
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
 # RFC 8628 Appendix A (device_code, user_code): 1*VSCHAR.
 _VSCHAR = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
@@ -115,6 +120,13 @@ def _code(data: Mapping[str, Any], name: str, limit: int) -> str:
 def _verification_uri(value: object, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise MalformedResponse(f"device authorization answer: {name} is missing")
+    # Printed on the operator's terminal: printable ASCII only (no escape sequence, newline or
+    # bidirectional override can redraw the prompt; RFC 3986 URIs are ASCII), and short.
+    if len(value) > MAX_URI_CHARS or _PRINTABLE.fullmatch(value) is None:
+        raise MalformedResponse(
+            f"device authorization answer: {name} is not a printable URI of at most "
+            f"{MAX_URI_CHARS} characters"
+        )
     try:
         # Where the account holder is sent: https (or a loopback test server), like the
         # authorization endpoint (RFC 8628 §3.3 "the verification URI"; RFC 6749 §3.1).
@@ -176,8 +188,9 @@ async def request_device_authorization(
     response = await endpoint.post_form(
         url, form, headers={"Accept": "application/json", **headers}
     )
+    # The polling codes (authorization_pending...) mean nothing here: the profile's rules.
     data, _ = answer_object(
-        response, rules=_device_rules(rules), known_secrets=[client_secret, *sent], now=now
+        response, rules=rules or AnswerRules(), known_secrets=[client_secret, *sent], now=now
     )
     return parse_device_authorization(data)
 
@@ -234,13 +247,21 @@ async def poll_device_token(
     interval = float(authorization.interval)
     delay = interval
     failures = 0
+    last: ProviderError | None = None
     while True:
-        if clock.monotonic() + delay >= deadline:
+        # A second before the code expires at the latest: at (or past) its expiry a provider
+        # may have forgotten it and answer invalid_grant instead of expired_token.
+        left = deadline - DEADLINE_MARGIN_SECONDS - clock.monotonic()
+        if left <= 0:
+            if last is not None:  # the provider failed, not the account holder
+                raise last
             raise ExpiredToken(
                 f"no answer from the account holder within {int(limit)} s (the device code's "
                 "lifetime, or the wait asked for)"
             )
-        await clock.sleep(delay)
+        # The last poll goes out at the deadline rather than never (an interval as long as
+        # the code's life, or a backoff past it, still polls once).
+        await clock.sleep(min(delay, left))
         try:
             return await device_code_grant(
                 endpoint,
@@ -253,16 +274,20 @@ async def poll_device_token(
                 now=clock.now(),
             )
         except AuthorizationPending:
-            failures, delay = 0, interval
+            failures, delay, last = 0, interval, None
         except SlowDown:
             interval = min(interval + SLOW_DOWN_STEP_SECONDS, MAX_INTERVAL_SECONDS)
-            failures, delay = 0, interval
+            failures, delay, last = 0, interval, None
         except ProviderError as error:
-            if not error.retryable:
+            # A success status the answer of which is unusable: the provider has likely spent
+            # the device code, so the next poll would only hide this cause (invalid_grant).
+            spent = isinstance(error, MalformedResponse) and 200 <= (error.status or 0) < 300
+            if not error.retryable or spent:
                 raise
             failures += 1
             if failures >= MAX_TRANSIENT_FAILURES:
                 raise
+            last = error
             # §3.5: back off on a failed connection; a Retry-After is honoured.
             backoff = interval * 2**failures
             if error.retry_after is not None:

@@ -66,6 +66,8 @@ _VSCHAR = re.compile(r"[\x20-\x7e]+")
 _TOKEN_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # Integers beyond this are not exact as floats (and far beyond any date).
 _MAX_EXACT_FLOAT = 2**53
+# C0 and C1 control characters, DEL, and the bidirectional overrides and isolates.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # ``expires_in`` sent as a JSON string ("3600"): ASCII decimals only.
 _DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 # Non-secret fields of a token response worth keeping (Zoho's api_domain, Salesforce's
@@ -169,7 +171,8 @@ def _text(value: object, limit: int, scrubber: Scrubber) -> str:
     a window long enough that no secret starting inside the limit is split."""
     text = value if isinstance(value, str) else _describe(value)
     window = limit + max(MAX_TOKEN_CHARS, scrubber.longest)
-    return scrubber(text[:window])[:limit]
+    # No control character (a terminal escape, a newline forging a line) reaches a message.
+    return _CONTROL.sub("?", scrubber(text[:window]))[:limit]
 
 
 def _answer_secrets(data: Mapping[str, Any] | None) -> list[str]:

@@ -387,11 +387,31 @@ class AuthorizationFlow:
                 error_code=error.code,
             )
             raise
-        if start.new and self._exists(connection.id):
-            raise AlreadyExists(f"connection {connection.id!r} was registered meanwhile")
+        secret = start.client_secret
+        if start.new:
+            if self._exists(connection.id):
+                raise AlreadyExists(f"connection {connection.id!r} was registered meanwhile")
+        else:
+            # The wait may have lasted minutes: the connection must still be the one the
+            # grant was asked for (not removed, not added again for another client, not
+            # reconfigured), and its client secret is the one stored now (an operator may
+            # have replaced it meanwhile) -- else nothing is stored.
+            try:
+                record = self.registry.state.get(connection.id)
+            except NotFound:
+                raise NotFound(
+                    f"connection {connection.id!r} was removed while the account holder "
+                    "answered; nothing was stored"
+                ) from None
+            if record.connection != connection:
+                raise ConfigError(
+                    f"connection {connection.id!r} was changed (or removed and added again) "
+                    "while the account holder answered; nothing was stored: authorize it again"
+                )
+            secret = self.registry.secrets.get(connection.id).credential.client_secret
         return self._store(
             connection,
-            start.client_secret,
+            secret,
             response,
             now=self.clock.now(),
             new=start.new,

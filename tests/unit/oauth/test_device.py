@@ -320,7 +320,25 @@ def test_the_wait_never_outlives_the_device_code() -> None:
     with pytest.raises(ExpiredToken, match="no answer"):
         poll(endpoint, clock, authorization(expires_in=30, interval=5))
     assert clock.monotonic() <= 30
-    assert len(endpoint.calls) == 5  # at 5, 10, 15, 20, 25 s; the next would be at 30
+    assert len(endpoint.calls) == 6  # at 5, 10, ... 25 s, and the last one at 29 s
+
+
+@pytest.mark.parametrize(("expires_in", "interval"), [(5, 5), (60, 120)])
+def test_an_interval_as_long_as_the_code_still_polls_once(expires_in: int, interval: int) -> None:
+    clock = FakeClock()
+    answer = poll(
+        Scripted(reply(200, TOKEN)), clock, authorization(expires_in=expires_in, interval=interval)
+    )
+    assert answer.refresh_token is not None
+    assert clock.monotonic() <= expires_in
+
+
+def test_a_provider_failing_at_the_deadline_is_its_error_not_the_account_holders() -> None:
+    clock = FakeClock()
+    failing = [reply(503, b"") for _ in range(4)]
+    with pytest.raises(TemporarilyUnavailable):
+        poll(Scripted(*failing), clock, authorization(expires_in=60, interval=5))
+    assert clock.monotonic() <= 60
 
 
 def test_a_shorter_wait_asked_for_ends_it_sooner() -> None:
@@ -358,15 +376,56 @@ def test_a_throttled_poll_is_transient_too() -> None:
     assert issubclass(TemporarilyUnavailable, Exception)
 
 
-def test_an_absurd_token_answer_is_polled_again_not_a_crash() -> None:
-    """Most often a proxy's page (then the next poll gets the tokens); if the provider did
-    spend the device code, the next poll says so (``invalid_grant``) and the wait ends."""
+def test_an_unusable_success_ends_the_wait_with_its_cause() -> None:
+    """A 2xx the parser rejects most likely spent the device code: polling again would only
+    answer ``invalid_grant`` and hide why."""
     absurd = reply(200, {"access_token": 7, "expires_in": "soon"})
-    assert poll(Scripted(absurd, reply(200, TOKEN)), FakeClock()).refresh_token is not None
-    with pytest.raises(InvalidGrant):
-        poll(Scripted(absurd, reply(400, {"error": "invalid_grant"})), FakeClock())
+    endpoint = Scripted(absurd, reply(400, {"error": "invalid_grant"}))
     with pytest.raises(MalformedResponse):
-        poll(Scripted(*[absurd] * MAX_TRANSIENT_FAILURES), FakeClock())
+        poll(endpoint, FakeClock())
+    assert len(endpoint.calls) == 1
+    # A gateway's page with an error status is transient: polled again.
+    gateway = reply(502, b"<html>bad gateway</html>")
+    assert poll(Scripted(gateway, reply(200, TOKEN)), FakeClock()).refresh_token is not None
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://example.com/\x1b[2J\x1b[1;1HOPEN https://evil.example/",
+        "https://example.com/\nEnter the code EVIL-CODE",
+        "https://example.com/\u202edevice",
+        "https://example.com/" + "a" * 3000,
+        "https://example.com/ device",
+    ],
+)
+def test_a_verification_uri_that_could_redraw_the_terminal_is_refused(uri: str) -> None:
+    for field in ("verification_uri", "verification_uri_complete"):
+        with pytest.raises(MalformedResponse, match=field):
+            parse_device_authorization({**ANSWER, field: uri})
+
+
+def test_polling_codes_mean_nothing_at_the_device_endpoint() -> None:
+    with pytest.raises(UnknownProviderError):
+        asyncio.run(
+            request_device_authorization(
+                Scripted(reply(400, {"error": "authorization_pending"})),
+                "https://example.com/device/code",
+                client_id="cid",
+                client_secret=None,
+                auth_method=ClientAuthMethod.NONE,
+                scopes=(),
+            )
+        )
+
+
+def test_control_characters_in_a_providers_description_never_reach_a_message() -> None:
+    echo = {"error": "access_denied", "error_description": "no\x1b]0;pwned\x07\nFAKE LINE\u202e"}
+    with pytest.raises(AccessDenied) as caught:
+        poll(Scripted(reply(400, echo)), FakeClock())
+    message = str(caught.value)
+    assert "FAKE LINE" in message
+    assert not any(ch in message for ch in "\x1b\x07\n\u202e")
 
 
 def test_nothing_secret_reaches_the_log_or_the_error() -> None:
