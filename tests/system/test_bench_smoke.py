@@ -97,3 +97,26 @@ def test_issuer_throughput_reports_its_figures() -> None:
             "secret_reads_per_issue"} <= set(figures)  # fmt: skip
     assert figures["issuer_rps"] > 0
     assert figures["secret_reads_per_issue"] <= 0.01
+
+
+def _quota_pacing(*args: str) -> tuple[int, dict[str, object]]:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quota_pacing.py"), "--minutes", "15", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_quota_pacing_keeps_within_the_quota_and_shows_what_it_prevents() -> None:
+    code, paced = _quota_pacing()
+    assert code == 0, paced
+    assert paced["resource_exhausted"] == 0 and paced["connections_lost"] == 0
+    assert paced["refreshes"] == paced["capacity_floor"]  # the quota kept full
+    assert paced["max_started_in_a_minute"] == paced["refreshes_per_minute_allowed"]
+    # The same hour with the quota enforced but not declared: what the pacing prevents.
+    code, unpaced = _quota_pacing("--no-pacing")
+    assert code == 1
+    assert unpaced["resource_exhausted"] > 0 and unpaced["ticks_halted"] > 0  # type: ignore[operator]
