@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import save_output
 from tests.support.oidc import CONNECT_ID, CONNECT_SECRET, OidcServer
 from tests.system.helpers import embedded_runtime
 from tests.system.processes import BIN
-from tests.system.test_authorize_oidc import SCOPES, Operator
+from tests.system.test_authorize_oidc import SCOPES, Authorizing, Operator
 
 pytestmark = pytest.mark.system
 
@@ -40,20 +39,18 @@ def device(oidc: OidcServer) -> Iterator[OidcServer]:
         oidc.set_device(interval=1, ttl=600)
 
 
-class Waiting:
+class Waiting(Authorizing):
     """A running ``tokenbroker authorize --device``: its prompt, then its outcome."""
 
     def __init__(self, operator: Operator, *args: str) -> None:
-        self.operator = operator
-        self.label = "--device " + " ".join(args)
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [str(BIN / "tokenbroker"), "--json", "authorize", "--device", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=operator.env,
         )
-        self.head: list[str] = []
+        super().__init__(operator, proc, "--device " + " ".join(args))
 
     def prompt(self) -> tuple[str, str]:
         """The verification URI and the user code the operator is shown."""
@@ -63,20 +60,13 @@ class Waiting:
             line = self.proc.stderr.readline()
             if not line:
                 break
-            self.head.append(line)
+            self.stderr_head.append(line)
             found = PROMPT.search(line)
             if found:
                 return found.group(1), found.group(2)
         self.proc.kill()
         out, err = self.proc.communicate()
-        raise AssertionError(f"no device prompt: {''.join(self.head)}{err}{out}")
-
-    def finish(self) -> subprocess.CompletedProcess[str]:
-        out, err = self.proc.communicate(timeout=90)
-        err = "".join(self.head) + err
-        self.operator.outputs += [out, err]
-        save_output("authorize-device", self.label, out, err)
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        raise AssertionError(f"no device prompt: {''.join(self.stderr_head)}{err}{out}")
 
 
 def new_connection_args(oidc: OidcServer, cid: str, *, timeout: int = 60) -> list[str]:

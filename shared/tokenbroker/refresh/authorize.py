@@ -159,6 +159,20 @@ class AuthorizationFlow:
         self, connection: Connection, *, operator: str, redirect_uri: str
     ) -> AuthorizationStart:
         """Start connecting an account as a new connection (registered on the callback)."""
+        self._check_new(connection)
+        return self._start(connection, operator=operator, redirect_uri=redirect_uri, new=True)
+
+    def start_existing(
+        self, connection_id: str, *, operator: str, redirect_uri: str
+    ) -> AuthorizationStart:
+        """Start re-authorising a registered connection (e.g. one in ``needs_reauth``)."""
+        return self._start(
+            self._existing(connection_id), operator=operator, redirect_uri=redirect_uri, new=False
+        )
+
+    def _check_new(self, connection: Connection) -> None:
+        """A new connection may be connected: a valid id, the refresh-token grant, a profile
+        that takes it, and no connection of that id yet."""
         validate_connection_id(connection.id)
         if connection.grant is not GrantType.REFRESH_TOKEN:
             raise ConfigError("grant: connecting an account gives a refresh_token connection")
@@ -167,21 +181,16 @@ class AuthorizationFlow:
             raise AlreadyExists(
                 f"connection {connection.id!r} already exists: authorize it by its id"
             )
-        return self._start(connection, operator=operator, redirect_uri=redirect_uri, new=True)
 
-    def start_existing(
-        self, connection_id: str, *, operator: str, redirect_uri: str
-    ) -> AuthorizationStart:
-        """Start re-authorising a registered connection (e.g. one in ``needs_reauth``)."""
-        record = self.registry.state.get(connection_id)
-        if record.connection.grant is not GrantType.REFRESH_TOKEN:
+    def _existing(self, connection_id: str) -> Connection:
+        """A registered connection an account holder may re-authorise (refresh-token grant)."""
+        connection = self.registry.state.get(connection_id).connection
+        if connection.grant is not GrantType.REFRESH_TOKEN:
             raise ConfigError(
-                f"connection {connection_id!r} uses {record.connection.grant.value}: only "
+                f"connection {connection_id!r} uses {connection.grant.value}: only "
                 "refresh_token connections are authorised by an account holder"
             )
-        return self._start(
-            record.connection, operator=operator, redirect_uri=redirect_uri, new=False
-        )
+        return connection
 
     def _start(
         self, connection: Connection, *, operator: str, redirect_uri: str, new: bool
@@ -317,23 +326,10 @@ class AuthorizationFlow:
             raise ConfigError("the operator starting the flow must be named")
         new = connection is not None
         if connection is not None:
-            validate_connection_id(connection.id)
-            if connection.grant is not GrantType.REFRESH_TOKEN:
-                raise ConfigError("grant: connecting an account gives a refresh_token connection")
-            self.registry.profile_for(connection).check_connection(connection)
-            if self._exists(connection.id):
-                raise AlreadyExists(
-                    f"connection {connection.id!r} already exists: authorize it by its id"
-                )
+            self._check_new(connection)
             secret = client_secret
         else:
-            record = self.registry.state.get(connection_id)
-            connection = record.connection
-            if connection.grant is not GrantType.REFRESH_TOKEN:
-                raise ConfigError(
-                    f"connection {connection_id!r} uses {connection.grant.value}: only "
-                    "refresh_token connections are authorised by an account holder"
-                )
+            connection = self._existing(connection_id)
             secret = self.registry.secrets.get(connection_id).credential.client_secret
         profile = self.registry.profile_for(connection)
         authorization = await request_device_authorization(
