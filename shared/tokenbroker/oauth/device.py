@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from tokenbroker.kernel.clock import Clock
@@ -40,10 +40,9 @@ from tokenbroker.kernel.errors import (
     SlowDown,
 )
 from tokenbroker.kernel.model import ClientAuthMethod
-from tokenbroker.kernel.redact import is_sensitive_key
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.oauth.authorization import check_endpoint_url
-from tokenbroker.oauth.grants import grant_form, token_request
+from tokenbroker.oauth.grants import grant_form, sent_secrets, token_request
 from tokenbroker.oauth.token_response import AnswerRules, TokenResponse, answer_object
 from tokenbroker.ports import TokenEndpoint
 
@@ -184,7 +183,7 @@ async def request_device_authorization(
     is raised as its classified error (§3.2 errors are RFC 6749 §5.2's)."""
     check_endpoint_url(url, "device_authorization_url")
     headers, form = grant_form(auth_method, client_id, client_secret, {}, scopes=scopes, extra=None)
-    sent = [Secret(v) for k, v in (*form.items(), *headers.items()) if is_sensitive_key(k) and v]
+    sent = [Secret(v) for v in sent_secrets(form, headers)]
     response = await endpoint.post_form(
         url, form, headers={"Accept": "application/json", **headers}
     )
@@ -295,17 +294,11 @@ async def poll_device_token(
             delay = min(backoff, MAX_INTERVAL_SECONDS)
 
 
-def device_deadline(now: datetime, authorization: DeviceAuthorization) -> datetime:
-    """When the device code expires."""
-    return now + timedelta(seconds=authorization.expires_in)
-
-
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",
     "DEVICE_CODE_GRANT",
     "DeviceAuthorization",
     "device_code_grant",
-    "device_deadline",
     "parse_device_authorization",
     "poll_device_token",
     "request_device_authorization",

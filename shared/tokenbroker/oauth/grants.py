@@ -52,6 +52,12 @@ def client_authentication(
     return {}, {"client_id": client_id, "client_secret": client_secret.reveal()}
 
 
+def sent_secrets(form: Mapping[str, str], headers: Mapping[str, str]) -> list[str]:
+    """The credential material a request carries (the form's tokens, secrets and assertions,
+    the Authorization header): scrubbed from whatever the provider answers with."""
+    return [v for k, v in (*form.items(), *headers.items()) if is_sensitive_key(k) and v]
+
+
 async def token_request(
     endpoint: TokenEndpoint,
     token_url: str,
@@ -67,7 +73,7 @@ async def token_request(
     the device-code grant of :mod:`tokenbroker.oauth.device` too)."""
     # Whatever credential material was sent is known too: the form's tokens, secrets and
     # assertions, and the Authorization header.
-    sent = [v for k, v in (*form.items(), *headers.items()) if is_sensitive_key(k) and v]
+    sent = sent_secrets(form, headers)
     response = await endpoint.post_form(
         token_url, form, headers={"Accept": "application/json", **headers}
     )
