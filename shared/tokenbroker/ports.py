@@ -58,6 +58,7 @@ __all__ = [
     "SecretWrite",
     "StateStore",
     "TokenEndpoint",
+    "VersionPointers",
 ]
 
 
@@ -133,6 +134,10 @@ class Completion:
     lease: Lease
     state: RefreshState
     events: tuple[ConnectionEvent, ...] = ()
+    #: The compare-and-set of a secret store whose current-version pointer lives in the
+    #: state record (:class:`VersionPointers`): the completion is accepted only while the
+    #: record's ``current_version`` is one of these. ``None``: no such condition.
+    pointer_from: frozenset[int | None] | None = None
 
 
 @runtime_checkable
@@ -151,13 +156,21 @@ class SecretStore(Protocol):
         ...
 
     def get_many(
-        self, connection_ids: Sequence[str]
+        self,
+        connection_ids: Sequence[str],
+        *,
+        pointers: Mapping[str, int | None] | None = None,
     ) -> dict[str, StoredCredential | CorruptCredential]:
         """Current versions of many connections; absent ones are left out.
 
         One bad record never fails the batch: a credential that does not verify or decrypt is
         that connection's value, a :class:`CorruptCredential`. Only a store that cannot answer
-        at all raises (``StoreUnavailable``)."""
+        at all raises (``StoreUnavailable``).
+
+        ``pointers``: the current versions the caller read from the state store moments ago
+        (the refresher's claims, the issuer's live records). A store whose pointer lives there
+        (:class:`VersionPointers`) uses them instead of reading it again; any other store
+        ignores them."""
         ...
 
     def put(
@@ -210,6 +223,27 @@ class SecretStore(Protocol):
 
     def delete(self, connection_id: str) -> None:
         """Destroy every version. Raises NotFound."""
+        ...
+
+
+@runtime_checkable
+class VersionPointers(Protocol):
+    """Where a secret store that keeps versions but no pointer of its own keeps which version
+    is current: the state store's record, which every refresh reads and writes anyway
+    (``RefreshState.current_version``; Secret Manager's pointer protocol, docs/gcp.md). The
+    refresher moves it in the fenced ``complete`` (:attr:`Completion.pointer_from`), every
+    other writer through :meth:`move_pointer`."""
+
+    def current_versions(self, connection_ids: Sequence[str]) -> dict[str, int | None]:
+        """The pointer of each connection that has a record (``None``: no version yet);
+        connections without one are left out."""
+        ...
+
+    def move_pointer(
+        self, connection_id: str, *, accepted: frozenset[int | None] | None, version: int | None
+    ) -> bool:
+        """Set the pointer to ``version`` if it is one of ``accepted`` now (``None``: whatever
+        it is); ``False`` when it is not, or the connection has no record."""
         ...
 
 
@@ -306,7 +340,9 @@ class StateStore(Protocol):
         """Write each new state and release its lease, only if the lease's fencing token is
         still the newest; one boolean per outcome (False: the lease was lost). A
         :class:`Completion`'s events are parked in the same commit (see ``park_events``), so
-        a state is never committed without its announcements; a lost lease writes neither."""
+        a state is never committed without its announcements; a lost lease writes neither.
+        A completion with :attr:`~Completion.pointer_from` is also refused (False) when the
+        record's ``current_version`` is not one of those: the pointer moved under it."""
         ...
 
     def release(self, lease: Lease) -> None:

@@ -32,6 +32,7 @@ from tokenbroker.adapters.memory import (
     MemoryEventBus,
     MemorySecretStore,
     MemoryStateStore,
+    MemoryVersionPointers,
 )
 from tokenbroker.kernel.model import ConnectionEvent
 from tokenbroker.ports import AuthorizationSessions, EventBus, SecretStore, StateStore
@@ -118,6 +119,22 @@ def _secret_manager(ws: Workspace, retained: int | None) -> SecretStore:
     )
 
 
+def _secret_manager_pointed(ws: Workspace, retained: int | None) -> SecretStore:
+    """Secret Manager's pointer protocol on the gRPC test server, the pointers in one book per
+    test shared by every handle (as the state store is)."""
+    from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
+    from tokenbroker.adapters.gcp.secret_manager_pointed import PointedSecretManagerStore
+
+    plain = _secret_manager(ws, retained)
+    assert isinstance(plain, SecretManagerSecretStore)
+    return PointedSecretManagerStore(
+        project=plain.project,
+        endpoint=plain._endpoint,
+        retained_versions=plain.retained_versions,
+        pointers=ws.once("sm-pointers", MemoryVersionPointers),
+    )
+
+
 def _aws_secrets(ws: Workspace, retained: int | None) -> SecretStore:
     """AWS Secrets Manager on moto (one server per test process), a name prefix per test;
     each call is a new boto3 client. The workspace's secrets are deleted when it closes."""
@@ -180,6 +197,25 @@ def _corrupt_secret_manager(ws: Workspace, store: SecretStore, cid: str) -> None
     store._known.pop(cid, None)  # the handle must not answer from its memo
 
 
+def _corrupt_secret_manager_pointed(ws: Workspace, store: SecretStore, cid: str) -> None:
+    """A new version whose payload (with a correct checksum) is not a credential, pointed at
+    in the state store, as a buggy or hostile writer would."""
+    import google_crc32c
+
+    from tokenbroker.adapters.gcp.secret_manager_pointed import PointedSecretManagerStore
+
+    assert isinstance(store, PointedSecretManagerStore)
+    data = b"not a credential"
+    added = store.client.add_secret_version(
+        request={
+            "parent": store.secret_name(cid),
+            "payload": {"data": data, "data_crc32c": google_crc32c.value(data)},
+        }
+    )
+    version = int(added.name.rsplit("/", 1)[1])
+    store.pointers.move_pointer(cid, accepted=None, version=version)
+
+
 def _corrupt_aws(ws: Workspace, store: SecretStore, cid: str) -> None:
     """Overwrite nothing (versions are immutable): point AWSCURRENT at a new version whose
     envelope's digest does not match."""
@@ -218,6 +254,9 @@ def _corrupt_aws(ws: Workspace, store: SecretStore, cid: str) -> None:
 
 SECRET_STORES: dict[str, SecretStoreAdapter] = {
     "secret-manager": SecretStoreAdapter(open=_secret_manager, corrupt=_corrupt_secret_manager),
+    "secret-manager-pointed": SecretStoreAdapter(
+        open=_secret_manager_pointed, corrupt=_corrupt_secret_manager_pointed
+    ),
     "memory": SecretStoreAdapter(open=_memory_secrets),
     "embedded": SecretStoreAdapter(open=_embedded_secrets, corrupt=_corrupt_embedded),
     "aws": SecretStoreAdapter(open=_aws_secrets, corrupt=_corrupt_aws),

@@ -1170,6 +1170,14 @@ class EmbeddedStateStore:
         results = []
         for outcome in outcomes:
             done = outcome if isinstance(outcome, Completion) else Completion(*outcome)
+            if done.pointer_from is not None:
+                row = cur.execute(
+                    "SELECT current_version FROM connections WHERE id = ?",
+                    (done.lease.connection_id,),
+                ).fetchone()
+                if row is None or row[0] not in done.pointer_from:
+                    results.append(False)
+                    continue
             cur.execute(
                 f"UPDATE connections SET {_STATE_SET}, lease_holder=NULL, "  # noqa: S608
                 "lease_expires_at=NULL WHERE id = ? AND lease_token = ?",

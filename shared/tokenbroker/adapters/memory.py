@@ -151,6 +151,29 @@ class _Records(dict[str, ConnectionRecord]):
         self.generation += 1
 
 
+class MemoryVersionPointers:
+    """:class:`~tokenbroker.ports.VersionPointers` on its own, for a secret store tried
+    without a state store (its contract suite): a connection has a pointer from its first
+    move, ``None`` until then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pointers: dict[str, int | None] = {}
+
+    def current_versions(self, connection_ids: Sequence[str]) -> dict[str, int | None]:
+        with self._lock:
+            return {cid: self._pointers.get(cid) for cid in connection_ids}
+
+    def move_pointer(
+        self, connection_id: str, *, accepted: frozenset[int | None] | None, version: int | None
+    ) -> bool:
+        with self._lock:
+            if accepted is not None and self._pointers.get(connection_id) not in accepted:
+                return False
+            self._pointers[connection_id] = version
+            return True
+
+
 class MemoryStateStore:
     """``clock`` is the store's lease clock (the port's rule: leases run on the store's time,
     never a refresher's); tests share a fake clock with the refresher or give it its own."""
@@ -175,6 +198,29 @@ class MemoryStateStore:
     def get(self, connection_id: str) -> ConnectionRecord:
         with self._lock:
             return self._get_locked(connection_id)
+
+    # -- the current-version pointer (VersionPointers) -------------------------------------
+
+    def current_versions(self, connection_ids: Sequence[str]) -> dict[str, int | None]:
+        with self._lock:
+            return {
+                cid: self._records[cid].state.current_version
+                for cid in connection_ids
+                if cid in self._records
+            }
+
+    def move_pointer(
+        self, connection_id: str, *, accepted: frozenset[int | None] | None, version: int | None
+    ) -> bool:
+        with self._lock:
+            record = self._records.get(connection_id)
+            if record is None:
+                return False
+            if accepted is not None and record.state.current_version not in accepted:
+                return False
+            state = replace(record.state, current_version=version)
+            self._records[connection_id] = replace(record, state=state)
+            return True
 
     def _get_locked(self, connection_id: str) -> ConnectionRecord:
         try:
@@ -296,6 +342,10 @@ class MemoryStateStore:
                 done = outcome if isinstance(outcome, Completion) else Completion(*outcome)
                 cid = done.lease.connection_id
                 if cid not in self._records or self._fencing.get(cid) != done.lease.token:
+                    results.append(False)
+                    continue
+                pointer = self._records[cid].state.current_version
+                if done.pointer_from is not None and pointer not in done.pointer_from:
                     results.append(False)
                     continue
                 self._records[cid] = replace(self._records[cid], state=done.state)

@@ -48,7 +48,7 @@ transactional stores        ``_transaction``, ``_current_version``, ``_add_versi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
@@ -145,7 +145,12 @@ class VersionedSecretStore(ABC):
             raise value from None
         return value
 
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, ReadResult]:
+    def get_many(
+        self,
+        connection_ids: Sequence[str],
+        *,
+        pointers: Mapping[str, int | None] | None = None,  # noqa: ARG002 - the pointer is ours
+    ) -> dict[str, ReadResult]:
         return self._read_current_many(list(dict.fromkeys(connection_ids)))
 
     @staticmethod
@@ -346,9 +351,14 @@ class TransactionalSecretStore(VersionedSecretStore, Generic[Tx]):
         self._settle([connection_id])
         return super().get(connection_id)
 
-    def get_many(self, connection_ids: Sequence[str]) -> dict[str, ReadResult]:
+    def get_many(
+        self,
+        connection_ids: Sequence[str],
+        *,
+        pointers: Mapping[str, int | None] | None = None,
+    ) -> dict[str, ReadResult]:
         self._settle(list(dict.fromkeys(connection_ids)))
-        return super().get_many(connection_ids)
+        return super().get_many(connection_ids, pointers=pointers)
 
     def _stage_in(self, tx: Tx, write: SecretWrite) -> int:
         cid = write.connection_id

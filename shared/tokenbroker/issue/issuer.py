@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from tokenbroker.issue.live import LiveRecords, outcome_of, state_call
+from tokenbroker.issue.live import LiveRecords, outcome_of, read_credential, state_call
 from tokenbroker.issue.policy import IssuePolicy, TokenGrant
 from tokenbroker.kernel.clock import Clock, SystemClock, isoformat
 from tokenbroker.kernel.errors import (
@@ -68,6 +68,13 @@ from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import CallerVerifier, Impersonator, SecretStore, StateStore, TokenEndpoint
 
 MAX_BODY_BYTES = 16 * 1024
+
+
+class _Unknown:
+    """No current version known: the secret store reads its own pointer."""
+
+
+_UNKNOWN = _Unknown()
 DENIED = "caller is not allowed this connection"
 
 
@@ -515,7 +522,7 @@ class TokenIssuer:
             )
         if not grant.full_scope_allowed:
             raise PolicyDenied("scope not allowed: the connection's full scope")
-        stored = await self._read_current(connection_id)
+        stored = await self._read_current(connection_id, record.state.current_version)
         credential = stored.credential
         if credential.access_token is None or credential.expires_at is None:
             raise CredentialUnavailable(
@@ -537,11 +544,15 @@ class TokenIssuer:
         )
         return token, stored.version
 
-    async def _read_current(self, connection_id: str) -> StoredCredential:
+    async def _read_current(
+        self, connection_id: str, pointer: int | _Unknown | None = _UNKNOWN
+    ) -> StoredCredential:
+        """The current credential; ``pointer``: the current version the live record names (a
+        store whose pointer is the state record then does not read it again)."""
         import asyncio  # noqa: PLC0415
 
         try:
-            stored = await asyncio.to_thread(self.secrets.get, connection_id)
+            stored = await asyncio.to_thread(self._get, connection_id, pointer)
         except NotFound:
             raise CredentialUnavailable(
                 f"connection {connection_id!r} has no credential yet", retry_after=30
@@ -554,6 +565,11 @@ class TokenIssuer:
             raise
         self.secret_reads += 1
         return stored
+
+    def _get(self, connection_id: str, pointer: int | _Unknown | None) -> StoredCredential:
+        if isinstance(pointer, _Unknown):
+            return self.secrets.get(connection_id)
+        return read_credential(self.secrets, connection_id, pointer)
 
     def _refresh_after(self, now: datetime, expires_at: datetime) -> datetime:
         """A jittered hint well before expiry: between 40% and 60% of the remaining life."""

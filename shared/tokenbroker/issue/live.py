@@ -9,16 +9,32 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 from tokenbroker.kernel.errors import (
+    CorruptCredential,
     CredentialUnavailable,
     NeedsReauth,
     NotFound,
     PolicyDenied,
     TokenBrokerError,
 )
-from tokenbroker.kernel.model import ConnectionRecord, ConnectionStatus
-from tokenbroker.ports import StateStore
+from tokenbroker.kernel.model import ConnectionRecord, ConnectionStatus, StoredCredential
+from tokenbroker.ports import SecretStore, StateStore
 
 T = TypeVar("T")
+
+
+def read_credential(
+    secrets: SecretStore, connection_id: str, pointer: int | None
+) -> StoredCredential:
+    """The current credential of a connection whose live record names ``pointer`` as its
+    current version (a store whose pointer is the state record then reads no state). Raises
+    NotFound or the record's CorruptCredential, as ``SecretStore.get`` does."""
+    value = secrets.get_many([connection_id], pointers={connection_id: pointer}).get(connection_id)
+    if value is None:
+        raise NotFound(f"no credential for connection {connection_id!r}")
+    if isinstance(value, CorruptCredential):
+        raise value
+    return value
+
 
 #: The audit outcome of each wire error code a decision can end in (anything else:
 #: ``unavailable``); the same words for ``/token`` and the relay.

@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
-from tokenbroker.issue.live import LiveRecords, outcome_of
+from tokenbroker.issue.live import LiveRecords, outcome_of, read_credential
 from tokenbroker.issue.policy import (
     MAX_RELAY_PATH_CHARS,
     RELAY_DENIED,
@@ -477,7 +477,7 @@ class Relay:
         ):
             return cached.credential
         try:
-            stored = await asyncio.to_thread(self.secrets.get, connection_id)
+            stored = await asyncio.to_thread(read_credential, self.secrets, connection_id, version)
         except NotFound:
             raise CredentialUnavailable(f"connection {connection_id!r} has no credential") from None
         except TokenBrokerError as error:

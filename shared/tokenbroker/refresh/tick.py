@@ -102,7 +102,7 @@ from tokenbroker.ports import (
     TokenEndpoint,
 )
 from tokenbroker.refresh.budget import BudgetDeferral, DeferralKind, defer, report
-from tokenbroker.refresh.commit import StoreCommitter
+from tokenbroker.refresh.commit import committer_for
 from tokenbroker.refresh.leases import GroupCall, LeaseKeeper
 from tokenbroker.refresh.transitions import (
     AtRisk,
@@ -350,7 +350,7 @@ class Refresher:
         self.commit_batch = commit_batch
         #: Promotes staged versions and writes states with their events (atomically where
         #: one store holds both: the composition root passes the embedded one).
-        self.committer = committer or StoreCommitter(secrets, state)
+        self.committer = committer or committer_for(secrets, state)
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         #: Where token requests' latencies are counted (``refresh/acquisition_latency``).
         self.metrics = metrics
@@ -416,6 +416,7 @@ class Refresher:
             stored = await self._store(
                 "read credentials", self.secrets.get_many,
                 [c.lease.connection_id for c in claims],
+                pointers={c.lease.connection_id: c.record.state.current_version for c in claims},
             )  # fmt: skip
             leases = LeaseKeeper(
                 claims,

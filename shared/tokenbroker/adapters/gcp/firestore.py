@@ -637,6 +637,36 @@ class FirestoreStateStore:
             raise NotFound(f"connection {connection_id!r} not found")
         return _record(snap.to_dict())
 
+    # -- the current-version pointer (VersionPointers) -------------------------------------
+
+    def current_versions(self, connection_ids: Sequence[str]) -> dict[str, int | None]:
+        """One batched read (``BatchGetDocuments``) for all of them."""
+        ids = list(dict.fromkeys(connection_ids))
+        if not ids:
+            return {}
+        with _translated("current_versions"):
+            snaps = self._read(self.client.get_all([self._doc(cid) for cid in ids]))
+        return {str(s.id): s.to_dict().get("current_version") for s in snaps if s.exists}
+
+    def move_pointer(
+        self, connection_id: str, *, accepted: frozenset[int | None] | None, version: int | None
+    ) -> bool:
+        """A transaction: read the record, compare, write the pointer alone (the lease and
+        the rest of the state are left as they are)."""
+        ref = self._doc(connection_id)
+
+        def body(transaction: Any) -> bool:
+            (snap,) = self._read(transaction.get(ref))
+            if not snap.exists:
+                return False
+            if accepted is not None and snap.to_dict().get("current_version") not in accepted:
+                return False
+            transaction.update(ref, {"current_version": version})
+            return True
+
+        with _translated("move_pointer"):
+            return bool(self._transact(body))
+
     def list(self) -> builtins.list[ConnectionRecord]:
         with _translated("list"):
             snaps = self._read(self._collection().stream())
@@ -872,6 +902,10 @@ class FirestoreStateStore:
                     for cid in ids
                     if snaps[self._doc(cid).path].exists
                 }
+                pointers = {
+                    cid: snaps[self._doc(cid).path].to_dict().get("current_version")
+                    for cid in tokens
+                }
                 writes: dict[str, dict[str, Any]] = {}
                 accepted_events: dict[str, ConnectionEvent] = {}
                 results: builtins.list[bool] = []
@@ -880,7 +914,10 @@ class FirestoreStateStore:
                     # The fencing check: only the newest token granted on this connection may
                     # write. A deleted connection has none; a re-created one starts above every
                     # token granted before the delete.
-                    accepted = tokens.get(lease.connection_id) == lease.token
+                    accepted = tokens.get(lease.connection_id) == lease.token and (
+                        completion.pointer_from is None
+                        or pointers.get(lease.connection_id) in completion.pointer_from
+                    )
                     if accepted:
                         writes[lease.connection_id] = {
                             **_state_fields(completion.state),

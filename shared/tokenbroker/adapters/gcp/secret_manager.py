@@ -239,6 +239,13 @@ class SecretManagerSecretStore(VersionedSecretStore):
     ) -> tuple[StoredCredential, int | None]:
         """A version (a number or ``latest``) and the parent it was staged on (``None``: a
         first version; ``UNRECORDED``: written before staging existed)."""
+        number, data = self._access_data(connection_id, version)
+        stored = StoredCredential(connection_id, number, Credential.from_plaintext(data))
+        return stored, _staged_on(data)
+
+    def _access_data(self, connection_id: str, version: int | str) -> tuple[int, bytes]:
+        """One AccessSecretVersion: the version's number and its payload, checksum verified.
+        NotFound when it is not readable (absent, disabled or destroyed)."""
         name = f"{self.secret_name(connection_id)}/versions/{version}"
         try:
             response = self._call(
@@ -254,8 +261,7 @@ class SecretManagerSecretStore(VersionedSecretStore):
             raise CorruptCredential(
                 f"connection {connection_id!r} version {number}: payload checksum mismatch"
             )
-        stored = StoredCredential(connection_id, number, Credential.from_plaintext(payload.data))
-        return stored, _staged_on(payload.data)
+        return number, bytes(payload.data)
 
     def _read_current(self, connection_id: str) -> StoredCredential:
         """The current version, settling first a version staged on it (``latest``, newer than
