@@ -426,6 +426,47 @@ def test_complete_on_a_deleted_connection_returns_false(state_store: StateStore)
         state_store.get("c1")
 
 
+def test_complete_with_pointer_from_lands_only_while_the_pointer_is_one_of_them(
+    state_store: StateStore,
+) -> None:
+    """Secret Manager's pointer protocol moves the pointer inside the fenced commit: a
+    completion is a compare-and-set of ``current_version`` as well as of the lease."""
+    _add(state_store, "c1", due_state(T0 - 10 * S, current_version=3))
+    _add(state_store, "c2", due_state(T0 - 10 * S, current_version=None))
+    batch = state_store.claim_due(T0, holder="h", ttl=TTL, limit=10)
+    moved, stale = _written(3), _written(8)  # current_version 4 and 9
+    results = state_store.complete(
+        [
+            Completion(_lease(batch, "c1"), moved, pointer_from=frozenset({2, 3})),
+            Completion(_lease(batch, "c2"), stale, pointer_from=frozenset({1})),
+        ]
+    )
+    assert results == [True, False]
+    assert state_store.get("c1").state == moved
+    assert state_store.get("c2").state.current_version is None  # nothing written
+
+
+def test_complete_refused_by_pointer_from_writes_no_events_and_keeps_the_lease(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    """Refused for the pointer is refused entirely: no state, no parked event; the lease is
+    the holder's to release (it has not lost it to anyone)."""
+    _add(state_store, "c1", due_state(T0 - 10 * S, current_version=5))
+    lease = _lease(state_store.claim_due(T0, holder="h", ttl=TTL, limit=10), "c1")
+    before = state_store.get("c1")
+    refused = Completion(
+        lease, _written(1), (event("c1", EventType.ROTATED),), pointer_from=frozenset({4})
+    )
+    assert state_store.complete([refused]) == [False]
+    assert state_store.get("c1") == before
+    assert state_store.parked_events(10) == []
+    # None accepts a first version only: a record already pointed at one refuses it.
+    first = Completion(lease, _written(0), pointer_from=frozenset({None}))
+    assert state_store.complete([first]) == [False]
+    assert state_store.complete([Completion(lease, _written(1))]) == [True]
+    assert state_store.get("c1").state == _written(1)
+
+
 def test_release_with_the_matching_token_frees_the_lease(
     state_store: StateStore, lease_clock: ManualClock
 ) -> None:

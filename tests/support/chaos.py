@@ -852,15 +852,14 @@ class GcpDeployment(Deployment):
 
     def _register(self, pairs: list[tuple[Connection, Credential]]) -> None:
         """What ``ConnectionRegistry.register`` leaves (version 1, active, due now), written in
-        bulk as ``bench/refresh_throughput.py`` seeds: ``put_many`` for the secrets, batched
-        creates of the adapter's own ``stored_document`` for the states (one by one costs
-        ~0.5 s a connection against the emulators on a loaded machine)."""
+        bulk as ``bench/refresh_throughput.py`` seeds: batched creates of the adapter's own
+        ``stored_document`` for the states, then ``put_many`` for the secrets, which moves each
+        record's current-version pointer to 1 (the pointer protocol keeps it in the record, so
+        the record comes first, as the registry writes it; one by one costs ~0.5 s a connection
+        against the emulators on a loaded machine)."""
         from tokenbroker.adapters.gcp.firestore import stored_document
         from tokenbroker.ports import SecretWrite
 
-        versions = self.runtime.secrets.put_many([SecretWrite(c.id, k, None) for c, k in pairs])
-        if any(v != 1 for v in versions):
-            raise RuntimeError(f"seeding secrets: {[v for v in versions if v != 1][:3]}")
         state: Any = self.runtime.state
         collection = state.client.collection(state.collection_name)
         now = datetime.now(UTC)
@@ -869,10 +868,15 @@ class GcpDeployment(Deployment):
             for index, (connection, _) in enumerate(pairs[start : start + 500]):
                 # Distinct instants, as one-by-one registration leaves them.
                 due = now - timedelta(microseconds=len(pairs) - start - index)
-                fresh = RefreshState(status=ConnectionStatus.ACTIVE, next_refresh_at=due,
-                                     current_version=1)  # fmt: skip
+                fresh = RefreshState(status=ConnectionStatus.ACTIVE, next_refresh_at=due)
                 batch.create(collection.document(connection.id), stored_document(connection, fresh))
             batch.commit()
+        versions = self.runtime.secrets.put_many([SecretWrite(c.id, k, None) for c, k in pairs])
+        if any(v != 1 for v in versions):
+            raise RuntimeError(f"seeding secrets: {[v for v in versions if v != 1][:3]}")
+        pointers = state.current_versions([c.id for c, _ in pairs])
+        if any(pointers.get(c.id) != 1 for c, _ in pairs):
+            raise RuntimeError("seeding secrets: a record does not point at version 1")
 
     def force_due(self, ids: Sequence[str]) -> None:
         """``next_refresh_at`` moved to now, in batched updates of the documented field."""

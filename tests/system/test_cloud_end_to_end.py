@@ -252,11 +252,12 @@ def test_scheduled_ticks_rotate_into_the_cloud_stores(
     _assert_tick_metrics(monitoring, cloud, ids)
 
     if cloud.backend == "gcp":
-        # v1 (registration) destroyed by retention (2), v2 expired before v3 was obtained:
-        # disabled after its overlap window; v3 current and enabled.
+        # The pointer protocol (docs/gcp.md): v1 (registration) destroyed by retention (2)
+        # when v3 was promoted, v2 kept readable with it (nothing is disabled any more), v3
+        # current -- and the state record points at v3.
         for cid in ids:
             states = _secret_manager_states(secret_manager, cloud, cid)
-            assert states == {1: "DESTROYED", 2: "DISABLED", 3: "ENABLED"}, (cid, states)
+            assert states == {1: "DESTROYED", 2: "ENABLED", 3: "ENABLED"}, (cid, states)
     else:
         import boto3
 

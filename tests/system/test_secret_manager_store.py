@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from google.api_core import exceptions
 
+from tests.contract.builders import connection
 from tests.support.secretmanager_server import SecretManagerTestServer
 from tokenbroker.adapters.gcp.secret_manager import SecretManagerSecretStore
 from tokenbroker.entrypoints.compose import build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.errors import ConfigError, PermissionDenied, StoreUnavailable
-from tokenbroker.kernel.model import Credential
+from tokenbroker.kernel.model import ConnectionStatus, Credential, RefreshState
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import SecretWrite
 
@@ -188,9 +189,15 @@ def test_the_test_server_is_a_setting_passed_in_not_read_from_the_environment(
     assert settings.secret_manager_endpoint == server.address
     runtime = build_runtime(settings)
     try:
+        # The state store holds the record (and so the current-version pointer) first, as the
+        # registry does; the secret store then writes its first version to the test server.
+        runtime.state.create(connection("c1"), RefreshState(status=ConnectionStatus.ACTIVE))
         assert runtime.secrets.put("c1", credential(0), expected_version=None) == 1
-        seen = SecretManagerSecretStore(server.client(), project=project).get("c1")
-        assert seen.credential.refresh_token == Secret("rt-0")
+        listed = server.client().list_secret_versions(
+            request={"parent": f"projects/{project}/secrets/tokenbroker-c1"}
+        )
+        assert [v.name.rsplit("/", 1)[1] for v in listed] == ["1"]
+        assert runtime.secrets.get("c1").credential.refresh_token == Secret("rt-0")
     finally:
         runtime.close()
 

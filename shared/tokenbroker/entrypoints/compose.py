@@ -43,6 +43,7 @@ from tokenbroker.ports import (
     SecretStore,
     StateStore,
     TokenEndpoint,
+    VersionPointers,
 )
 from tokenbroker.refresh.registry import ConnectionRegistry
 from tokenbroker.refresh.tick import Refresher, TickSummary
@@ -469,8 +470,8 @@ def build_runtime(
     adapters = _Adapters(settings, create=create)
     secret_kind, state_kind, events_kind = settings.adapters
     try:
+        state = adapters.state = _pick(STATE_STORES, "state store", state_kind)(adapters)
         secrets = _pick(SECRET_STORES, "secret store", secret_kind)(adapters)
-        state = _pick(STATE_STORES, "state store", state_kind)(adapters)
         events = _pick(EVENT_BUSES, "event bus", events_kind)(adapters)
         sessions = adapters.embedded_sessions() if state_kind == "embedded" else None
     except BaseException:
@@ -516,6 +517,9 @@ class _Adapters:
         self.create = create
         self.resources: list[Any] = []
         self._db: EmbeddedDatabase | None = None
+        #: The state store, built before the secret store: Secret Manager keeps its
+        #: current-version pointer there when it can (``secret_manager``).
+        self.state: StateStore | None = None
 
     def close(self) -> None:
         for resource in self.resources:
@@ -557,18 +561,28 @@ class _Adapters:
         return EmbeddedSecretStore(self.embedded_db(), self.settings.retained_versions)
 
     def secret_manager(self) -> SecretStore:
+        """The pointer protocol (the current version in the state record: one access and two
+        writes per refresh) whenever the state store can hold the pointer -- Firestore, as
+        deployed; else the self-contained annotation protocol (docs/gcp.md)."""
         from tokenbroker.adapters.gcp.secret_manager import (  # noqa: PLC0415
             SecretManagerSecretStore,
         )
 
-        return SecretManagerSecretStore(
-            project=self.settings.project,
-            prefix=self.settings.secret_prefix,
-            retained_versions=self.settings.retained_versions,
-            endpoint=self.settings.secret_manager_endpoint,
-            reads_per_minute=self.settings.secret_manager_reads_per_minute,
-            writes_per_minute=self.settings.secret_manager_writes_per_minute,
-        )
+        options: dict[str, Any] = {
+            "project": self.settings.project,
+            "prefix": self.settings.secret_prefix,
+            "retained_versions": self.settings.retained_versions,
+            "endpoint": self.settings.secret_manager_endpoint,
+            "reads_per_minute": self.settings.secret_manager_reads_per_minute,
+            "writes_per_minute": self.settings.secret_manager_writes_per_minute,
+        }
+        if isinstance(self.state, VersionPointers):
+            from tokenbroker.adapters.gcp.secret_manager_pointed import (  # noqa: PLC0415
+                PointedSecretManagerStore,
+            )
+
+            return PointedSecretManagerStore(pointers=self.state, **options)
+        return SecretManagerSecretStore(**options)
 
     def aws_secrets_manager(self) -> SecretStore:
         from tokenbroker.adapters.aws import AwsSecretsManagerStore  # noqa: PLC0415
