@@ -113,6 +113,9 @@ SERVER_SATURATED = 0.85
 # --backend gcp: the default n (the whole run, emulators included, in under a minute here;
 # the rate no longer changes above ~2,000) and the events topic, created in each run's project.
 GCP_DEFAULT_N = 5000
+#: --steady-state: untimed ticks before the measured one (versions 1 -> 4: the measured tick
+#: writes version 5, past the default retention of 3, as every refresh of a fleet does).
+STEADY_STATE_WARMUPS = 3
 GCP_TOPIC = "tokenbroker-events"
 
 
@@ -264,7 +267,7 @@ def instrument(runtime: Runtime, timer: PhaseTimer) -> None:
     """Time the store calls the tick makes by wrapping them on these instances (not the class)."""
     for store, names in (
         (runtime.state, ("claim_due", "complete", "release")),
-        (runtime.secrets, ("get_many", "put_many")),
+        (runtime.secrets, ("get_many", "put_many", "stage")),
         (runtime.events, ("publish",)),
     ):
         for name in names:
@@ -329,14 +332,17 @@ def register_all(runtime: Runtime, token_url: str, n: int) -> None:
         )
 
 
-def check_refreshes(summary: TickSummary, n: int, server: dict[str, Any]) -> list[str]:
-    """The tick's summary and the provider's counters agree: N refreshed, none refused."""
+def check_refreshes(
+    summary: TickSummary, n: int, server: dict[str, Any], rounds: int = 1
+) -> list[str]:
+    """The tick's summary and the provider's counters agree: N refreshed (in each of
+    ``rounds`` ticks), none refused."""
     problems: list[str] = []
     counters = server["counters"]
     if summary.refreshed != n or not summary.ok:
         problems.append(f"tick summary: {json.dumps(summary.to_json())}")
-    if counters.get("refreshed:lib", 0) != n:
-        problems.append(f"provider refreshed {counters.get('refreshed:lib', 0)} of {n}")
+    if counters.get("refreshed:lib", 0) != n * rounds:
+        problems.append(f"provider refreshed {counters.get('refreshed:lib', 0)} of {n * rounds}")
     if counters.get("invalid_grant:lib", 0):
         problems.append(f"provider answered invalid_grant {counters['invalid_grant:lib']} times")
     if counters.get("invalid_client", 0):
@@ -344,42 +350,43 @@ def check_refreshes(summary: TickSummary, n: int, server: dict[str, Any]) -> lis
     return problems
 
 
-def check_credentials(runtime: Runtime, n: int) -> list[str]:
-    """Every connection reads back at version 2 holding the provider's rotated token."""
+def check_credentials(runtime: Runtime, n: int, rounds: int = 1) -> list[str]:
+    """Every connection reads back at version ``rounds + 1`` holding the provider's token of
+    the last rotation."""
     problems: list[str] = []
     ids = [connection_id(i) for i in range(n)]
     stored = runtime.secrets.get_many(ids)
     wrong_version = wrong_token = 0
     for index, cid in enumerate(ids):
         item = stored.get(cid)
-        if item is None or item.version != 2:
+        if item is None or item.version != rounds + 1:
             wrong_version += 1
             continue
         token = item.credential.refresh_token
-        if token is None or token.reveal() != refresh_token_for("lib", index, 1):
+        if token is None or token.reveal() != refresh_token_for("lib", index, rounds):
             wrong_token += 1
     if wrong_version:
-        problems.append(f"{wrong_version} connections are not at secret version 2")
+        problems.append(f"{wrong_version} connections are not at secret version {rounds + 1}")
     if wrong_token:
         problems.append(f"{wrong_token} connections do not hold the rotated refresh token")
     return problems
 
 
-def check_states(runtime: Runtime, n: int) -> list[str]:
-    """Every state is active at version 2 with a future ``next_refresh_at``."""
+def check_states(runtime: Runtime, n: int, rounds: int = 1) -> list[str]:
+    """Every state is active at version ``rounds + 1`` with a future ``next_refresh_at``."""
     now = runtime.clock.now()
     records = runtime.state.list()
     bad_state = sum(
         1
         for r in records
-        if r.state.current_version != 2
+        if r.state.current_version != rounds + 1
         or r.state.status is not ConnectionStatus.ACTIVE
         or r.state.next_refresh_at is None
         or r.state.next_refresh_at <= now
         or r.state.consecutive_failures
     )
     if len(records) != n or bad_state:
-        return [f"{bad_state} of {len(records)} states are not active at version 2"]
+        return [f"{bad_state} of {len(records)} states are not active at version {rounds + 1}"]
     return []
 
 
@@ -457,6 +464,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--same-instant",
         action="store_true",
         help="gcp, batch seeding: make all N due at the very same instant (a bulk import)",
+    )
+    parser.add_argument(
+        "--rpc-latency-ms",
+        type=float,
+        default=0.0,
+        help="gcp: added to every RPC round trip to the emulators and the Secret Manager test "
+        "server (half each way; bench/latency_proxy.py), as a cloud region's network would",
+    )
+    parser.add_argument(
+        "--steady-state",
+        action="store_true",
+        help=f"gcp: {STEADY_STATE_WARMUPS} untimed ticks first, so the measured one takes "
+        "versions past retention (what a fleet's refresh costs in Secret Manager calls)",
     )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
@@ -845,8 +865,72 @@ class GcpDeployment:
 
 
 @contextlib.contextmanager
+def latency_proxy(one_way_ms: float, upstreams: Sequence[str]) -> Iterator[list[str]]:
+    """``bench/latency_proxy.py`` in its own process in front of ``upstreams``: the addresses
+    to give the clients instead (same order)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "latency_proxy.py"),
+            "--one-way-ms",
+            str(one_way_ms),
+            *upstreams,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None  # noqa: S101
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout=30):
+                raise RuntimeError("the latency proxy did not report READY in 30 s")
+        words = process.stdout.readline().split()
+        if len(words) != len(upstreams) + 1 or words[0] != "READY":
+            raise RuntimeError(f"the latency proxy failed to start: {words!r}")
+        yield words[1:]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def endpoints(
+    secret_manager: SecretManagerProcess, emulators: dict[str, Any], rpc_latency_ms: float
+) -> Iterator[dict[str, str]]:
+    """Where the clients reach each service: directly, or through the latency proxy with half
+    the round trip added each way (``--rpc-latency-ms``). Pub/Sub's client reads
+    ``PUBSUB_EMULATOR_HOST``, set here for the run."""
+    direct = {
+        "secret_manager": secret_manager.address,
+        "firestore": emulators["firestore"].host,
+        "pubsub": emulators["pubsub"].host,
+    }
+    with contextlib.ExitStack() as stack:
+        if rpc_latency_ms > 0:
+            proxied = stack.enter_context(latency_proxy(rpc_latency_ms / 2, list(direct.values())))
+            chosen = dict(zip(direct, proxied, strict=True))
+        else:
+            chosen = direct
+        previous = os.environ.get("PUBSUB_EMULATOR_HOST")
+        os.environ["PUBSUB_EMULATOR_HOST"] = chosen["pubsub"]
+        try:
+            yield chosen
+        finally:
+            if previous is not None:
+                os.environ["PUBSUB_EMULATOR_HOST"] = previous
+
+
+@contextlib.contextmanager
 def gcp_deployment(
-    secret_manager: SecretManagerProcess, emulators: dict[str, Any], args: argparse.Namespace
+    secret_manager: SecretManagerProcess,
+    emulators: dict[str, Any],
+    args: argparse.Namespace,
+    reach: dict[str, str],
 ) -> Iterator[GcpDeployment]:
     from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
@@ -854,8 +938,8 @@ def gcp_deployment(
     settings = Settings(
         backend="gcp",
         gcp_project=project,
-        secret_manager_endpoint=secret_manager.address,
-        firestore_emulator_host=emulators["firestore"].host,
+        secret_manager_endpoint=reach["secret_manager"],
+        firestore_emulator_host=reach["firestore"],
         pubsub_topic=GCP_TOPIC,
         tick_limit=args.n,
         concurrency=args.concurrency,
@@ -973,15 +1057,20 @@ def pull_events(deployment: GcpDeployment, expected: int, timeout: float = 120.0
 
 
 def verify_gcp(
-    deployment: GcpDeployment, summary: TickSummary, n: int, server: dict[str, Any]
+    deployment: GcpDeployment,
+    summary: TickSummary,
+    n: int,
+    server: dict[str, Any],
+    rounds: int = 1,
 ) -> tuple[list[str], dict[str, Any]]:
-    """The embedded mode's checks on the cloud stores; events counted on the subscription."""
+    """The embedded mode's checks on the cloud stores; events counted on the subscription
+    (drained after each warm-up tick, so only the measured tick's are there)."""
     runtime = deployment.runtime
-    problems = check_refreshes(summary, n, server)
+    problems = check_refreshes(summary, n, server, rounds)
     if summary.events_parked or summary.deferred:
         problems.append(f"{summary.events_parked} events parked, {summary.deferred} deferred")
-    problems += check_credentials(runtime, n)
-    problems += check_states(runtime, n)
+    problems += check_credentials(runtime, n, rounds)
+    problems += check_states(runtime, n, rounds)
 
     messages = pull_events(deployment, n)
     events = [json.loads(m.data) for m in messages]
@@ -1047,16 +1136,16 @@ def gcp_figures(
     }
     ports = {
         "claim": "FirestoreStateStore.claim_due",
-        "read_credentials": "SecretManagerSecretStore.get_many",
-        "write_credentials": "SecretManagerSecretStore.put_many",
+        "read_credentials": ".get_many",
+        "write_credentials": ".stage",
         "complete": "FirestoreStateStore.complete",
         "publish": "PubSubEventBus.publish",
         "release": "FirestoreStateStore.release",
     }
     port_seconds = {
-        port: tick.store_calls[name]["wall_s"]
-        for port, name in ports.items()
-        if name in tick.store_calls
+        port: sum(v["wall_s"] for name, v in tick.store_calls.items() if name.endswith(suffix))
+        for port, suffix in ports.items()
+        if any(name.endswith(suffix) for name in tick.store_calls)
     }
     committing = sum(port_seconds.get(p, 0.0) for p in ("write_credentials", "complete", "publish"))
     return {
@@ -1066,8 +1155,68 @@ def gcp_figures(
         "commit_seconds": round(committing, 3),
         "api_calls": counts,
         "calls_per_refresh": per_refresh,
+        "secret_manager_quota": quota_figures(sm_calls, n),
         "tick_backend_cpu": cpu,
     }
+
+
+#: Secret Manager's quota groups and their default per-project limits a minute
+#: (https://cloud.google.com/secret-manager/quotas): access requests (AccessSecretVersion),
+#: read requests (the other reads) and write requests (every mutation).
+QUOTA_GROUPS = {"access": 90_000, "read": 600, "write": 600}
+ACCESS_METHODS = frozenset({"AccessSecretVersion"})
+READ_METHODS = frozenset(
+    {"GetSecret", "GetSecretVersion", "ListSecrets", "ListSecretVersions", "GetIamPolicy"}
+)
+
+
+def quota_figures(calls: Counter[str], n: int) -> dict[str, Any]:
+    """Calls per refresh by quota group, and the refreshes a minute a project sustains at the
+    default quotas (the scarcest group decides)."""
+    groups = {"access": 0, "read": 0, "write": 0}
+    for method, count in calls.items():
+        group = (
+            "access" if method in ACCESS_METHODS else "read" if method in READ_METHODS else "write"
+        )
+        groups[group] += count
+    per = {group: _per(count, n) for group, count in groups.items()}
+    limits = {group: QUOTA_GROUPS[group] / per[group] for group in groups if per[group] > 0}
+    scarcest = min(limits, key=lambda g: limits[g]) if limits else None
+    return {
+        "calls_per_refresh_by_quota": per,
+        "default_quota_per_minute": QUOTA_GROUPS,
+        "refreshes_per_minute_per_project": (
+            round(limits[scarcest], 1) if scarcest is not None else None
+        ),
+        "limited_by": scarcest,
+    }
+
+
+def force_due(runtime: Runtime, n: int) -> None:
+    """Every connection due again now, distinct instants (batched updates of the documented
+    ``next_refresh_at`` field): the next tick refreshes all N."""
+    state: Any = runtime.state
+    collection = state.client.collection(state.collection_name)
+    now = runtime.clock.now() - timedelta(seconds=1)
+    for start in range(0, n, 500):
+        batch = state.client.batch()
+        for index in range(start, min(n, start + 500)):
+            due = now - timedelta(microseconds=n - index)
+            batch.update(collection.document(connection_id(index)), {"next_refresh_at": due})
+        batch.commit()
+
+
+def warm_up(deployment: GcpDeployment, n: int, ticks: int, quiet: bool) -> None:
+    """``--steady-state``: ``ticks`` untimed ticks first (each refreshing all N, its events
+    drained), so the measured one runs on versions past retention, as a fleet does."""
+    runtime = deployment.runtime
+    for round_no in range(1, ticks + 1):
+        summary = asyncio.run(runtime.tick())
+        if summary.refreshed != n or not summary.ok:
+            raise RuntimeError(f"warm-up tick {round_no}: {json.dumps(summary.to_json())}")
+        pull_events(deployment, n)
+        force_due(runtime, n)
+        log(f"warm-up tick {round_no}: all at version {round_no + 1}", quiet)
 
 
 def run_gcp(args: argparse.Namespace) -> int:
@@ -1081,7 +1230,10 @@ def run_gcp(args: argparse.Namespace) -> int:
         ):
             services_seconds = time.perf_counter() - started
             log(f"emulators and servers up in {services_seconds:.1f} s", args.json_only)
-            with gcp_deployment(secret_manager, emulators, args) as deployment:
+            with (
+                endpoints(secret_manager, emulators, args.rpc_latency_ms) as reach,
+                gcp_deployment(secret_manager, emulators, args, reach) as deployment,
+            ):
                 runtime = deployment.runtime
                 started = time.perf_counter()
                 if args.seed == "registry":
@@ -1099,6 +1251,8 @@ def run_gcp(args: argparse.Namespace) -> int:
                 if not asyncio.run(replay_is_refused(url, "warm")):
                     raise RuntimeError("the token endpoint accepted a consumed refresh token")
 
+                warmups = STEADY_STATE_WARMUPS if args.steady_state else 0
+                warm_up(deployment, args.n, warmups, args.json_only)
                 deployment.count_rpcs()
                 floors = [floor_run(provider, 1, args)]
                 before = deployment.snapshot()
@@ -1107,12 +1261,18 @@ def run_gcp(args: argparse.Namespace) -> int:
                 floors += [floor_run(provider, i, args) for i in range(2, args.floor_runs + 1)]
 
                 server = provider.stats()
-                problems, facts = verify_gcp(deployment, tick.summary, args.n, server)
+                problems, facts = verify_gcp(
+                    deployment, tick.summary, args.n, server, rounds=warmups + 1
+                )
     finally:
         for running in emulators.values():
             running.stop()
     facts.update(
         seed=args.seed + ("-same-instant" if args.same_instant and args.seed == "batch" else ""),
+        steady_state=args.steady_state,
+        rpc_latency_ms=args.rpc_latency_ms,
+        measured_versions=f"{warmups + 1}->{warmups + 2}",
+        secret_store=type(deployment.runtime.secrets).__name__,
         **{f"setup_{part}_seconds": round(s, 2) for part, s in seeded.items()},
         services_start_seconds=round(services_seconds, 1),
     )
