@@ -36,6 +36,9 @@ from google.protobuf import json_format
 
 from tests.deploy import cloud_monitoring as cm
 from tests.deploy import hcl
+from tokenbroker.adapters.gcp.secret_manager_pointed import PointedSecretManagerStore
+from tokenbroker.adapters.memory import MemoryStateStore
+from tokenbroker.entrypoints import settings as settings_module
 from tokenbroker.entrypoints.operators import GCLOUD_CLIENT_ID
 from tokenbroker.entrypoints.settings import Settings
 
@@ -58,12 +61,15 @@ OUTPUTS = (
     "connect_environment",
     "connect_invokers",
     "connect_ingress",
+    "cli_environment",
     # monitoring.tf
     "refresh_interval_seconds",
     "refresh_absence_seconds",
     "gauge_window_seconds",
     "alert_seconds_to_expiry",
     "alert_outage_budget_seconds",
+    "secret_manager_refreshes_per_minute",
+    "quota_limited_duration_seconds",
     "dashboard_variables",
 )
 ALERT_POLICIES = (
@@ -73,6 +79,7 @@ ALERT_POLICIES = (
     "outage_budget",
     "refresher_not_run",
     "issuer_5xx",
+    "secret_manager_quota",
 )
 
 
@@ -256,6 +263,79 @@ def test_the_refreshers_environment_is_a_configuration_the_broker_accepts(
     assert settings.topic_path == "projects/acme-prod/topics/tokenbroker-events"
     assert settings.tick_limit == 500
     assert not any(k.startswith("TOKENBROKER_ISSUER") for k in env)
+    # Secret Manager's default quotas (https://cloud.google.com/secret-manager/quotas).
+    assert (
+        settings.secret_manager_reads_per_minute,
+        settings.secret_manager_writes_per_minute,
+    ) == (
+        600,
+        600,
+    )
+
+
+def test_the_extras_cannot_change_the_stores_the_secret_roles_are_cut_for(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    """iam.tf's secret roles hold what the pointer protocol calls, which runs with Secret
+    Manager over Firestore: the module pins both stores for every function and the CLI."""
+    extras = {"TOKENBROKER_SECRET_STORE": "memory", "TOKENBROKER_STATE_STORE": "memory"}
+    outputs = evaluate(
+        refresher_environment=extras,
+        issuer_environment=extras,
+        connect={"enabled": True, "source_zip": "connect.zip"},
+        operators=["user:alice@example.com"],
+    )
+    for name in ("refresher", "issuer", "connect", "cli"):
+        settings = Settings.from_env(outputs[f"{name}_environment"])
+        assert settings.adapters[:2] == ("secret-manager", "firestore"), name
+
+
+def _refreshes_per_window(reads: int, writes: int) -> int:
+    """What the broker's Secret Manager store (the pointer protocol) lets one window carry."""
+    store = PointedSecretManagerStore(
+        object(),
+        project="acme-prod",
+        pointers=MemoryStateStore(),
+        reads_per_minute=reads,
+        writes_per_minute=writes,
+    )
+    return store.request_quota().refreshes_per_window
+
+
+@pytest.mark.parametrize(
+    ("reads", "writes"),
+    [(600, 600), (1800, 6000), (100, 600), (5, 1), (100_000, 100_000)],
+)
+def test_the_secret_manager_budget_reaches_the_refresher_and_the_cli(
+    evaluate: Callable[..., dict[str, Any]], reads: int, writes: int
+) -> None:
+    """The two variables become the refresher's settings, and the CLI's (its refreshes spend
+    the same budget); the figure the quota alert quotes is what the broker computes."""
+    outputs = evaluate(
+        secret_manager_reads_per_minute=reads, secret_manager_writes_per_minute=writes
+    )
+    for name in ("refresher", "cli"):
+        settings = Settings.from_env(outputs[f"{name}_environment"])
+        assert settings.secret_manager_reads_per_minute == reads, name
+        assert settings.secret_manager_writes_per_minute == writes, name
+    assert outputs["secret_manager_refreshes_per_minute"] == _refreshes_per_window(reads, writes)
+    # The issuer and the connect function run no tick: they spend no budget.
+    assert not any("PER_MINUTE" in k for k in outputs["issuer_environment"])
+
+
+def test_the_budget_variables_take_what_the_broker_takes() -> None:
+    """The variables' bounds are the broker's (settings.BOUNDS): a value Terraform accepts is
+    never refused by the function at cold start."""
+    bounds = {b.field: b for b in settings_module.BOUNDS}
+    variables = hcl.load(hcl.MODULE).variables
+    for name in ("secret_manager_reads_per_minute", "secret_manager_writes_per_minute"):
+        bound = bounds[name]
+        (validation,) = variables[name]["validation"]
+        condition = validation["condition"]
+        assert not (bound.open_low or bound.open_high), name
+        assert f"var.{name} >= {int(bound.low)}" in condition, condition
+        assert f"var.{name} <= {int(bound.high)}" in condition, condition
+        assert variables[name]["default"] == 600
 
 
 def _starts_with(condition: str) -> str:
@@ -489,8 +569,15 @@ def test_the_refresher_alert_waits_two_intervals_of_the_schedule(
     assert absent.duration.total_seconds() == 2 * interval
     (aggregation,) = absent.aggregations
     assert aggregation.alignment_period.total_seconds() == interval
-    # Gauges are aligned over two ticks: each window holds a point of every live series.
-    for name in ("consecutive_failures", "needs_reauth", "seconds_to_expiry", "outage_budget"):
+    # Gauges (and the quota alert's held-back ticks) are aligned over two ticks: each window
+    # holds a point of every live series.
+    for name in (
+        "consecutive_failures",
+        "needs_reauth",
+        "seconds_to_expiry",
+        "outage_budget",
+        "secret_manager_quota",
+    ):
         (aggregation,) = _condition(policies[name]).aggregations
         assert aggregation.alignment_period.total_seconds() == 2 * interval, name
     # Longer than a healthy dip lasts: the fleet read interval (300 s) and three ticks.
@@ -518,6 +605,17 @@ def test_the_refresher_alert_waits_two_intervals_of_the_schedule(
         ({"alert_outage_budget_seconds": 0}, "a positive number of seconds"),
         ({"alert_issuer_5xx_ratio": 1.5}, "a fraction between 0 and 1"),
         ({"alert_issuer_5xx_ratio": 0}, "a fraction between 0 and 1"),
+        ({"alert_quota_limited_seconds": 90}, "a whole number of minutes from 60 to 86400"),
+        ({"alert_quota_limited_seconds": 0}, "a whole number of minutes from 60 to 86400"),
+        ({"alert_quota_limited_seconds": 86460}, "a whole number of minutes from 60 to 86400"),
+        ({"secret_manager_reads_per_minute": 0}, "a whole number of requests per minute"),
+        ({"secret_manager_writes_per_minute": -600}, "a whole number of requests per minute"),
+        ({"secret_manager_writes_per_minute": 600.5}, "a whole number of requests per minute"),
+        ({"secret_manager_reads_per_minute": 100_001}, "a whole number of requests per minute"),
+        (
+            {"refresher_environment": {"TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE": "1200"}},
+            "set the Secret Manager budget with secret_manager_reads_per_minute",
+        ),
     ],
 )
 def test_the_monitoring_variables_refuse_what_would_break_an_alert(
@@ -565,6 +663,34 @@ def test_the_expiry_thresholds_follow_the_refreshers_settings(
     threshold = _condition(policies["consecutive_failures"])
     assert threshold.comparison == monitoring_v3.ComparisonType.COMPARISON_GT
     assert threshold.threshold_value == 4
+
+
+def test_the_quota_alert_waits_half_the_smallest_lead_and_quotes_the_budget(
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    """Held back in every two-tick window for half the refresher's smallest lead (whole
+    minutes, at least two windows): a burst that drains sooner opens nothing. The text says
+    what the budget carries, with this deployment's figures."""
+
+    def quota(outputs: dict[str, Any]) -> Any:
+        return _condition(_policies(outputs)["secret_manager_quota"])
+
+    default = evaluate()
+    assert default["quota_limited_duration_seconds"] == 300
+    assert quota(default).duration.total_seconds() == 300
+    docs = _policies(default)["secret_manager_quota"].documentation.content
+    assert "600 write and 600 read requests a minute" in docs
+    assert "at most 300 refreshes a tick" in docs
+    lead = evaluate(refresher_environment={"TOKENBROKER_MIN_LEAD_SECONDS": "1500"})
+    assert quota(lead).duration.total_seconds() == 720  # 750 s, in whole minutes
+    # Ticks five minutes apart: windows of ten minutes, two of them.
+    sparse = evaluate(refresh_schedule="*/5 * * * *")
+    assert quota(sparse).duration.total_seconds() == 1200
+    explicit = evaluate(alert_quota_limited_seconds=900, secret_manager_writes_per_minute=3000)
+    assert quota(explicit).duration.total_seconds() == 900
+    assert "at most 600 refreshes a tick" in (
+        _policies(explicit)["secret_manager_quota"].documentation.content
+    )
 
 
 def test_the_functions_write_metrics_under_the_namespace_the_alerts_watch(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ from tests.deploy import cloud_monitoring as cm
 from tests.deploy import hcl
 from tokenbroker.entrypoints import cli, settings
 from tokenbroker.kernel import metrics
+from tokenbroker.refresh.fleet import record_tick
+from tokenbroker.refresh.tick import TickSummary
 
 pytestmark = pytest.mark.terraform
 
@@ -32,6 +35,7 @@ ALERTS = (
     "outage_budget",
     "refresher_not_run",
     "issuer_5xx",
+    "secret_manager_quota",
 )
 #: Only these compare in a metric threshold (MetricThreshold.comparison:
 #: https://cloud.google.com/monitoring/api/ref_v3/rest/v3/projects.alertPolicies#metricthreshold).
@@ -153,7 +157,7 @@ def test_the_refresher_and_the_issuer_may_write_metrics_and_nobody_else(
 # --- the alert policies --------------------------------------------------------------------
 
 
-def test_the_alert_policies_are_the_documented_six(module: hcl.Configuration) -> None:
+def test_the_alert_policies_are_the_documented_seven(module: hcl.Configuration) -> None:
     assert set(_policies(module)) == set(ALERTS)
 
 
@@ -320,7 +324,7 @@ def test_the_per_connection_alerts_name_the_connection(module: hcl.Configuration
             "$${", "${"
         )
     # Fleet-wide ones reduce every process's series into one (no connection, no task_id).
-    for name in ("needs_reauth", "outage_budget", "refresher_not_run"):
+    for name in ("needs_reauth", "outage_budget", "refresher_not_run", "secret_manager_quota"):
         ((_, body),) = _conditions(policies[name])
         (aggregation,) = body["aggregations"]
         assert aggregation["group_by_fields"] == ["resource.label.namespace"], name
@@ -367,6 +371,60 @@ def test_the_refresher_alert_waits_two_intervals(module: hcl.Configuration) -> N
     )
     (aggregation,) = body["aggregations"]
     assert aggregation["cross_series_reducer"] == "REDUCE_SUM"  # every process's ticks together
+
+
+def test_the_quota_alert_counts_held_back_ticks_in_every_two_tick_window(
+    module: hcl.Configuration,
+) -> None:
+    """Sustained pressure, not a burst: the ticks the Secret Manager budget held refreshes back
+    in, summed over every refresher process per window of two ticks (each window holds a tick),
+    above zero in every window for the duration. WARNING: nothing is lost while it holds (the
+    expiry alerts follow if the wait outlasts the lead)."""
+    policy = _policies(module)["secret_manager_quota"]
+    assert policy.body["severity"] == "WARNING"
+    ((kind, body),) = _conditions(policy)
+    assert kind == "condition_threshold"
+    query = cm.parse_filter(_resolved(body["filter"], module))
+    assert query.metric_type == metrics.metric("refresh/quota_limited_ticks").type
+    assert query.metric_labels == {}
+    assert (body["comparison"], body["threshold_value"]) == ("COMPARISON_GT", 0)
+    assert body["duration"] == "${local.quota_limited_duration_seconds}s"
+    assert body["evaluation_missing_data"] == "EVALUATION_MISSING_DATA_INACTIVE"
+    (aggregation,) = body["aggregations"]
+    assert aggregation == {
+        "alignment_period": "${local.gauge_window_seconds}s",
+        "per_series_aligner": "ALIGN_DELTA",
+        "cross_series_reducer": "REDUCE_SUM",
+        "group_by_fields": ["resource.label.namespace"],
+    }
+    text = _documentation(policy, module)
+    for remedy in ("secret_manager_writes_per_minute", "secret_manager_reads_per_minute"):
+        assert f"`{remedy}`" in text and remedy in module.variables, remedy
+    assert "https://cloud.google.com/secret-manager/quotas" in text
+    assert "Fan out" in text
+
+
+@pytest.mark.parametrize(
+    ("summary", "held_back"),
+    [
+        (TickSummary(refreshed=10, quota_limited=True), 1),  # capped at one window's worth
+        (TickSummary(quota_deferred=4), 1),  # others had spent the budget
+        (TickSummary(refreshed=10, quota_limited=True, quota_deferred=10), 1),
+        (TickSummary(refreshed=3), 0),  # a zero: the series exists from the first tick
+        (None, 0),  # a tick that raised before its summary
+    ],
+)
+def test_the_refresher_writes_what_the_quota_alert_counts(
+    summary: TickSummary | None, held_back: int
+) -> None:
+    recorder = metrics.Recorder(datetime(2026, 1, 1, tzinfo=UTC))
+    record_tick(recorder, summary, ok=summary is not None)
+    written = {
+        (s.metric.name, s.labels): s.value
+        for s in recorder.snapshot(datetime(2026, 1, 1, 0, 1, tzinfo=UTC)).samples
+    }
+    assert written[("refresh/quota_limited_ticks", ())] == held_back
+    assert metrics.validate(recorder.snapshot(datetime(2026, 1, 1, tzinfo=UTC)).samples) == []
 
 
 # --- the dashboard -------------------------------------------------------------------------

@@ -393,25 +393,59 @@ def test_every_secret_permission_is_scoped_to_the_brokers_secrets(
 def test_the_secret_roles_hold_what_each_function_calls_and_no_more(
     module: hcl.Configuration,
 ) -> None:
+    """The pointer protocol's calls (the current version is in the Firestore record): no
+    function reads or writes a secret's metadata, nor disables a version; the issuer only
+    reads. test_terraform_secret_permissions.py runs the protocol with exactly these."""
     refresher = module.resource("google_project_iam_custom_role.refresher_secrets")
     issuer = module.resource("google_project_iam_custom_role.issuer_secrets")
     assert set(issuer.body["permissions"]) == {
-        "secretmanager.secrets.get",
         "secretmanager.versions.access",
+        "secretmanager.versions.list",
     }
     assert set(refresher.body["permissions"]) == {
-        "secretmanager.secrets.get",
-        "secretmanager.secrets.update",
         "secretmanager.versions.access",
         "secretmanager.versions.add",
-        "secretmanager.versions.disable",
         "secretmanager.versions.destroy",
-        "secretmanager.versions.get",
         "secretmanager.versions.list",
     }
     for role in (refresher, issuer):
         permissions = role.body["permissions"]
+        assert not any(p.startswith("secretmanager.secrets.") for p in permissions)
         assert not any(p.endswith(("setIamPolicy", ".delete", ".create")) for p in permissions)
+
+
+def test_every_function_runs_the_stores_the_secret_roles_are_cut_for(
+    module: hcl.Configuration,
+) -> None:
+    """Secret Manager with its pointer in Firestore, pinned by the module (the operator's
+    extras come first and cannot change it)."""
+    for function in ("refresher", "issuer", "connect"):
+        env = _environment(module, function)
+        assert env[settings.ENV_BACKEND] == "gcp", function
+        assert env[settings.ENV_SECRET_STORE] == "secret-manager", function
+        assert env[settings.ENV_STATE_STORE] == "firestore", function
+
+
+def test_the_refresher_and_the_cli_get_the_secret_manager_budget(
+    module: hcl.Configuration,
+) -> None:
+    budget = {
+        settings.ENV_SECRET_MANAGER_READS_PER_MINUTE: (
+            "${tostring(var.secret_manager_reads_per_minute)}"
+        ),
+        settings.ENV_SECRET_MANAGER_WRITES_PER_MINUTE: (
+            "${tostring(var.secret_manager_writes_per_minute)}"
+        ),
+    }
+    refresher = _environment(module, "refresher")
+    assert {k: refresher[k] for k in budget} == budget
+    assert hcl.reference(module.outputs["cli_environment"]["value"]) == "local.cli_environment"
+    assert hcl.reference(module.locals["cli_environment"]) == (
+        "merge(local.common_environment, local.secret_manager_quota_environment)"
+    )
+    for name in ("secret_manager_reads_per_minute", "secret_manager_writes_per_minute"):
+        assert module.variables[name]["type"] == "number"
+        assert module.variables[name]["default"] == 600
 
 
 def test_the_policy_secret_lies_outside_the_connections_prefix(module: hcl.Configuration) -> None:

@@ -131,6 +131,10 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("refresh/outcomes", Kind.CUMULATIVE, ValueType.INT64, "1",
            "Refresh outcomes by class.",
            (Label("outcome", "What the refresh came to.", REFRESH_OUTCOMES),)),
+    Metric("refresh/quota_limited_ticks", Kind.CUMULATIVE, ValueType.INT64, "1",
+           "Refresh ticks in which the credential store's request quota held refreshes back: "
+           "the claim was capped at what one quota window carries (more may be due), or "
+           "claims were given back (quota_deferred)."),
     Metric("refresh/acquisition_latency", Kind.CUMULATIVE, ValueType.DISTRIBUTION, "ms",
            "Time from sending a token request to its answer.", (_PROVIDER, _GRANT)),
     Metric("connection/consecutive_failures", Kind.GAUGE, ValueType.INT64, "1",

@@ -147,9 +147,15 @@ def worth_reporting(fleet: FleetHealth, limit: int) -> Sequence[ConnectionHealth
 
 
 def record_tick(recorder: Recorder, summary: TickSummary | None, *, ok: bool) -> None:
-    """Count one tick (``refresh/ticks``) and its outcomes (``refresh/outcomes``); ``summary``
-    is ``None`` for a tick that raised before it had one."""
+    """Count one tick (``refresh/ticks``), whether the store's request quota held it back
+    (``refresh/quota_limited_ticks``) and its outcomes (``refresh/outcomes``); ``summary`` is
+    ``None`` for a tick that raised before it had one."""
     recorder.count("refresh/ticks", "ok" if ok else "failed")
+    # The quota alert's series (terraform monitoring.tf): one per tick the store's request
+    # quota held refreshes back in -- the claim capped at one window's worth, or claims given
+    # back -- and a zero for every other tick, so the series exists from the first one.
+    limited = summary is not None and (summary.quota_limited or summary.quota_deferred > 0)
+    recorder.count("refresh/quota_limited_ticks", by=1 if limited else 0)
     if summary is None:
         return
     outcomes = {

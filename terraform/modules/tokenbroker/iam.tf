@@ -8,20 +8,24 @@
 # and have the functions read it: keep secret creation to the operators, or use a project of
 # the broker's own.)
 
+# Cut for the pointer protocol (shared/tokenbroker/adapters/gcp/secret_manager_pointed.py),
+# which the deployed composition uses (main.tf pins Secret Manager with the state in
+# Firestore): the current version is in the Firestore record, not on the secret, so no
+# function reads or writes the secret's metadata (no secrets.get or secrets.update), and old
+# versions are destroyed, never disabled. tests/deploy/test_terraform_secret_permissions.py
+# runs the protocol's refreshes and reads, crash leftovers included, on the Secret Manager
+# test server with exactly these permissions. (The annotation protocol, secret_manager.py,
+# would need secrets.get, secrets.update and versions.disable too; it is not deployed.)
 resource "google_project_iam_custom_role" "refresher_secrets" {
   project     = var.project_id
   role_id     = "${replace(var.name, "-", "_")}_refresher_secrets"
   title       = "tokenbroker refresher: connection secrets"
-  description = "Read, stage, promote and retire versions of the broker's secrets (docs/gcp.md, API calls per refresh)."
+  description = "Read, stage and retire versions of the broker's secrets; the current version is in the Firestore record (docs/gcp.md, the pointer protocol)."
   permissions = [
-    "secretmanager.secrets.get",
-    "secretmanager.secrets.update", # the current pointer and expiries are annotations
-    "secretmanager.versions.access",
-    "secretmanager.versions.add",
-    "secretmanager.versions.disable",
-    "secretmanager.versions.destroy",
-    "secretmanager.versions.get",
-    "secretmanager.versions.list",
+    "secretmanager.versions.access",  # AccessSecretVersion: latest, or down a crashed chain
+    "secretmanager.versions.add",     # AddSecretVersion: each refresh's answer, staged
+    "secretmanager.versions.destroy", # DestroySecretVersion: what retention drops, losers
+    "secretmanager.versions.list",    # ListSecretVersions: after a lost race or a crash
   ]
 }
 
@@ -29,10 +33,10 @@ resource "google_project_iam_custom_role" "issuer_secrets" {
   project     = var.project_id
   role_id     = "${replace(var.name, "-", "_")}_issuer_secrets"
   title       = "tokenbroker issuer: connection secrets"
-  description = "Read the current version of the broker's secrets: the secret (its current pointer) and the version's payload."
+  description = "Read the current version of the broker's secrets (the pointer is in the Firestore record): the version's payload, and the list of versions to read past a losing writer's version on top."
   permissions = [
-    "secretmanager.secrets.get",
     "secretmanager.versions.access",
+    "secretmanager.versions.list",
   ]
 }
 

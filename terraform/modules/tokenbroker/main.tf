@@ -44,7 +44,12 @@ locals {
 
   # What both functions read (settings.py): the gcp preset and where its parts are.
   common_environment = {
-    TOKENBROKER_BACKEND              = "gcp"
+    TOKENBROKER_BACKEND = "gcp"
+    # The preset's stores, pinned: with the state in Firestore, Secret Manager keeps the
+    # current version in the state record (the pointer protocol, secret_manager_pointed.py),
+    # which is what iam.tf's secret roles are cut for.
+    TOKENBROKER_SECRET_STORE         = "secret-manager"
+    TOKENBROKER_STATE_STORE          = "firestore"
     TOKENBROKER_GCP_PROJECT          = var.project_id
     TOKENBROKER_SECRET_PREFIX        = var.secret_prefix
     TOKENBROKER_FIRESTORE_DATABASE   = var.firestore_database
@@ -57,8 +62,19 @@ locals {
     TOKENBROKER_REGION            = var.region
   }
 
+  # Secret Manager's request quotas the refresher paces itself by (settings.py,
+  # tokenbroker.ports.RequestQuota). Every refresher of the deployment and its CLI spend one
+  # budget, kept in Firestore, so the CLI gets the same figures (cli_environment).
+  secret_manager_quota_environment = {
+    TOKENBROKER_SECRET_MANAGER_READS_PER_MINUTE  = tostring(var.secret_manager_reads_per_minute)
+    TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE = tostring(var.secret_manager_writes_per_minute)
+  }
+
   # The module's settings win over var.refresher_environment.
-  refresher_environment = merge(var.refresher_environment, local.common_environment)
+  refresher_environment = merge(var.refresher_environment, local.common_environment, local.secret_manager_quota_environment)
+
+  # The operator's CLI (`tokenbroker refresh` spends the same budget as the refresher).
+  cli_environment = merge(local.common_environment, local.secret_manager_quota_environment)
 
   # Who verifies callers, and for which audiences: set by the module, never by
   # var.issuer_environment (merged first, so these win).

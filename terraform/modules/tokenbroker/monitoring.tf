@@ -1,4 +1,4 @@
-# Monitoring: the broker's metric descriptors, the functions' right to write them, six alert
+# Monitoring: the broker's metric descriptors, the functions' right to write them, seven alert
 # policies and a dashboard. The metrics are the catalogue's (shared/tokenbroker/kernel/metrics.py,
 # docs/operations.md): custom.googleapis.com/tokenbroker/<name>, written against the monitored
 # resource generic_task {project_id, location = TOKENBROKER_REGION = the region,
@@ -44,6 +44,13 @@ locals {
       unit        = "1"
       description = "Refresh outcomes by class."
       labels      = { outcome = "What the refresh came to." }
+    }
+    "refresh/quota_limited_ticks" = {
+      kind        = "CUMULATIVE"
+      value_type  = "INT64"
+      unit        = "1"
+      description = "Refresh ticks in which the credential store's request quota held refreshes back: the claim was capped at what one quota window carries (more may be due), or claims were given back (quota_deferred)."
+      labels      = {}
     }
     "refresh/acquisition_latency" = {
       kind        = "CUMULATIVE"
@@ -148,6 +155,18 @@ locals {
   alert_outage_budget_seconds    = coalesce(var.alert_outage_budget_seconds, local.refresher_min_lead_seconds)
   outage_budget_duration_seconds = ceil((local.metrics_fleet_interval_seconds + 3 * local.refresh_interval_seconds) / 60) * 60
 
+  # Secret Manager's budget as the refresher spends it: tokenbroker.ports.RequestQuota with the
+  # pointer protocol's costs (secret_manager_pointed.py: no read request, counted as one, and
+  # two writes per refresh), at least one and at most MAX_BUDGET_LIMIT (tests/deploy compare).
+  # One tick starts at most this many: one minute's worth.
+  secret_manager_refreshes_per_minute = max(1, min(var.secret_manager_reads_per_minute, floor(var.secret_manager_writes_per_minute / 2), 10000))
+  # Held back in every two-tick window for half the smallest lead, in whole minutes, at least
+  # two windows (300 s with the defaults): a burst that drains sooner opens nothing.
+  quota_limited_duration_seconds = coalesce(
+    var.alert_quota_limited_seconds,
+    max(2 * local.gauge_window_seconds, floor(local.refresher_min_lead_seconds / 120) * 60),
+  )
+
   # What the incident text tells an operator to run: the CLI with this deployment's settings.
   cli_note = "Run the CLI with this deployment's settings exported (the module's `cli_environment` output: `TOKENBROKER_BACKEND=gcp`, `TOKENBROKER_GCP_PROJECT=${var.project_id}`, ...). docs/operations.md has every alert."
 
@@ -208,6 +227,20 @@ locals {
       1. The schedule: `gcloud scheduler jobs describe ${var.name}-refresh --location ${var.region} --project ${var.project_id}` (paused? its last attempt's status?). `gcloud scheduler jobs run ${var.name}-refresh --location ${var.region} --project ${var.project_id}` runs a tick now.
       2. The function: `gcloud functions logs read ${local.functions.refresher} --gen2 --region ${var.region} --project ${var.project_id}` (crashes, timeouts, permission errors; a metrics write refused is logged too: the refresher's service account needs roles/monitoring.metricWriter).
       3. `tokenbroker status`: how close the connections are to expiry; `tokenbroker refresh` refreshes what is due from the operator's machine meanwhile.
+
+      ${local.cli_note}
+    EOT
+
+    secret_manager_quota = <<-EOT
+      **What it means.** For ${local.quota_limited_duration_seconds} s, every window of two refresh ticks had a tick that the Secret Manager budget held refreshes back in: more connections were due than the budget carries (${var.secret_manager_writes_per_minute} write and ${var.secret_manager_reads_per_minute} read requests a minute, two writes a refresh: at most ${local.secret_manager_refreshes_per_minute} refreshes a tick, and a tick every ${local.refresh_interval_seconds} s), or other refreshers of this deployment (overlapping ticks, the CLI) had spent it. Nothing fails and nothing is lost: the connections that wait stay due and are refreshed earliest first. But a connection that waits longer than its lead (at least TOKENBROKER_MIN_LEAD_SECONDS, ${local.refresher_min_lead_seconds} s) expires before its turn, and the seconds-to-expiry and outage-budget alerts follow. A burst (many connections added or due at once) drains by itself; a fleet that needs more refreshes a minute than the budget carries falls further behind every minute. (A TOKENBROKER_TICK_LIMIT or payload limit below ${local.secret_manager_refreshes_per_minute} caps the claim the same way and counts here too.)
+
+      **What to do.**
+      1. Is it draining? The dashboard's "Ticks the Secret Manager quota held refreshes back in" chart, and `tokenbroker status`: the outage budget and the connections expiring first. The refresher's logs show each tick's `quota_limited` and `quota_deferred`: `gcloud functions logs read ${local.functions.refresher} --gen2 --region ${var.region} --project ${var.project_id}`.
+      2. What the fleet needs: about (connections) / (minutes between a token's refreshes, half its lifetime by default) refreshes a minute; 10,000 connections with one-hour tokens need about 333.
+      3. Raise the quota: the project's Secret Manager read and write requests per minute are on the Quotas page of the Google Cloud console, and Google raises them on request through Google Cloud Support or your sales representative (https://cloud.google.com/secret-manager/quotas). Then raise the module's `secret_manager_writes_per_minute` and `secret_manager_reads_per_minute` to match: the refresher never spends more than they say, whatever the project's quota.
+      4. If those variables were set below the project's quota for other workloads of the project, raise them to what those workloads leave.
+      5. Fan out: spread the connections over deployments in projects of their own (each project has its own quota; deployments in one project share it and must split it).
+      6. Ticks far apart carry less: each tick starts at most one minute's budget, so a refresh schedule of every N minutes carries 1/N of it; tick every minute.
 
       ${local.cli_note}
     EOT
@@ -517,6 +550,54 @@ resource "google_monitoring_alert_policy" "refresher_not_run" {
       condition     = local.refresh_interval_seconds < local.refresher_min_lead_seconds
       error_message = "refresh_schedule: ticks at least TOKENBROKER_MIN_LEAD_SECONDS apart (the refresher's smallest lead) let tokens expire between two ticks; tick more often."
     }
+  }
+
+  depends_on = [google_project_service.apis, google_monitoring_metric_descriptor.tokenbroker]
+}
+
+# Sustained quota pressure: refresh/quota_limited_ticks (one per tick the Secret Manager budget
+# held refreshes back in, a zero for every other tick) summed over every refresher process, per
+# window of two ticks, above zero in every window for the duration. Nothing is lost while it
+# holds (the connections wait, due, earliest first), hence WARNING: the expiry alerts follow if
+# the wait outlasts the lead. A burst that drains within the duration opens nothing.
+resource "google_monitoring_alert_policy" "secret_manager_quota" {
+  count = var.monitoring ? 1 : 0
+
+  project               = var.project_id
+  display_name          = "tokenbroker (${var.name}): the Secret Manager quota holds refreshes back"
+  combiner              = "OR"
+  severity              = "WARNING"
+  notification_channels = var.notification_channels
+  user_labels           = merge(local.labels, { component = "refresher", alert = "secret-manager-quota" })
+
+  conditions {
+    display_name = "refresh/quota_limited_ticks > 0 in every ${local.gauge_window_seconds}s window for ${local.quota_limited_duration_seconds}s"
+    condition_threshold {
+      filter                  = "metric.type = \"${local.metric_prefix}refresh/quota_limited_ticks\" AND ${local.tokenbroker_series}"
+      comparison              = "COMPARISON_GT"
+      threshold_value         = 0
+      duration                = "${local.quota_limited_duration_seconds}s"
+      evaluation_missing_data = "EVALUATION_MISSING_DATA_INACTIVE"
+      aggregations {
+        alignment_period     = "${local.gauge_window_seconds}s"
+        per_series_aligner   = "ALIGN_DELTA"
+        cross_series_reducer = "REDUCE_SUM"
+        group_by_fields      = ["resource.label.namespace"]
+      }
+      trigger {
+        count = 1
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    subject   = "tokenbroker (${var.name}): the Secret Manager quota holds refreshes back"
+    content   = local.alert_documentation.secret_manager_quota
+  }
+
+  alert_strategy {
+    auto_close = "1800s"
   }
 
   depends_on = [google_project_service.apis, google_monitoring_metric_descriptor.tokenbroker]

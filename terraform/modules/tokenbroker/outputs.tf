@@ -59,8 +59,8 @@ output "secret_prefix" {
 }
 
 output "cli_environment" {
-  description = "Environment for the tokenbroker CLI run by an operator against this deployment."
-  value       = local.common_environment
+  description = "Environment for the tokenbroker CLI run by an operator against this deployment (the refresher's Secret Manager budget included: the CLI's refreshes spend it too)."
+  value       = local.cli_environment
 }
 
 output "alert_policies" {
@@ -72,6 +72,7 @@ output "alert_policies" {
     outage_budget        = google_monitoring_alert_policy.outage_budget[0].name
     refresher_not_run    = google_monitoring_alert_policy.refresher_not_run[0].name
     issuer_5xx           = google_monitoring_alert_policy.issuer_5xx[0].name
+    secret_manager_quota = google_monitoring_alert_policy.secret_manager_quota[0].name
   } : {}
 }
 

@@ -140,9 +140,13 @@ variable "log_level" {
 }
 
 variable "refresher_environment" {
-  description = "Extra TOKENBROKER_* settings of the refresher (README, Configuration), e.g. TOKENBROKER_TICK_LIMIT."
+  description = "Extra TOKENBROKER_* settings of the refresher (README, Configuration), e.g. TOKENBROKER_TICK_LIMIT. The module's own settings win; the Secret Manager budget has variables of its own (secret_manager_reads_per_minute, secret_manager_writes_per_minute) and is refused here."
   type        = map(string)
   default     = {}
+  validation {
+    condition     = length(setintersection(keys(var.refresher_environment), ["TOKENBROKER_SECRET_MANAGER_READS_PER_MINUTE", "TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE"])) == 0
+    error_message = "refresher_environment: set the Secret Manager budget with secret_manager_reads_per_minute and secret_manager_writes_per_minute, not TOKENBROKER_SECRET_MANAGER_*_PER_MINUTE (the module sets those itself, for the refresher and the CLI alike)."
+  }
 }
 
 variable "issuer_environment" {
@@ -160,6 +164,29 @@ variable "secret_prefix" {
   validation {
     condition     = can(regex("^[A-Za-z0-9_-]{3,200}$", var.secret_prefix))
     error_message = "secret_prefix: 3-200 characters of letters, digits, '-' and '_' (a non-empty prefix keeps the grants scoped)."
+  }
+}
+
+# Secret Manager's request quotas per minute per project (https://cloud.google.com/secret-manager/quotas):
+# the refresher never starts a refresh whose requests would exceed them (docs/gcp.md).
+
+variable "secret_manager_reads_per_minute" {
+  description = "TOKENBROKER_SECRET_MANAGER_READS_PER_MINUTE: Secret Manager read requests (GetSecret, ListSecretVersions; not AccessSecretVersion, which has a quota of its own) per minute the refreshers of this deployment, and its CLI, may spend together. The project's quota (600 by default, https://cloud.google.com/secret-manager/quotas) less what other workloads of the project use; deployments in one project share its quota but not their budgets, so split it between them. Raise it when the project's quota is raised."
+  type        = number
+  default     = 600
+  validation {
+    condition     = var.secret_manager_reads_per_minute >= 1 && var.secret_manager_reads_per_minute <= 100000 && floor(var.secret_manager_reads_per_minute) == var.secret_manager_reads_per_minute
+    error_message = "secret_manager_reads_per_minute: a whole number of requests per minute, 1 to 100000."
+  }
+}
+
+variable "secret_manager_writes_per_minute" {
+  description = "TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE: Secret Manager write requests (AddSecretVersion, DestroySecretVersion, ...) per minute the refreshers of this deployment, and its CLI, may spend together; a refresh costs two, so the default carries 300 refreshes a minute. The project's quota (600 by default, https://cloud.google.com/secret-manager/quotas) less what other workloads of the project use; deployments in one project share its quota but not their budgets, so split it between them. Raise it when the project's quota is raised."
+  type        = number
+  default     = 600
+  validation {
+    condition     = var.secret_manager_writes_per_minute >= 1 && var.secret_manager_writes_per_minute <= 100000 && floor(var.secret_manager_writes_per_minute) == var.secret_manager_writes_per_minute
+    error_message = "secret_manager_writes_per_minute: a whole number of requests per minute, 1 to 100000."
   }
 }
 
@@ -355,6 +382,16 @@ variable "alert_outage_budget_seconds" {
   validation {
     condition     = var.alert_outage_budget_seconds == null || try(var.alert_outage_budget_seconds > 0, false)
     error_message = "alert_outage_budget_seconds: a positive number of seconds (or null)."
+  }
+}
+
+variable "alert_quota_limited_seconds" {
+  description = "Alert when the Secret Manager budget (secret_manager_*_per_minute) has held refreshes back in every window of two refresh ticks for this long (refresh/quota_limited_ticks): more connections are due than it carries. null: half the refresher's smallest lead (TOKENBROKER_MIN_LEAD_SECONDS, else 600 s) in whole minutes, at least two such windows: 300 s with the defaults."
+  type        = number
+  default     = null
+  validation {
+    condition     = var.alert_quota_limited_seconds == null || try(var.alert_quota_limited_seconds >= 60 && var.alert_quota_limited_seconds <= 86400 && var.alert_quota_limited_seconds % 60 == 0, false)
+    error_message = "alert_quota_limited_seconds: a whole number of minutes from 60 to 86400 seconds (alert durations are whole minutes), or null."
   }
 }
 
