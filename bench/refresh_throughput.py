@@ -715,6 +715,9 @@ def secret_manager_process() -> Iterator[SecretManagerProcess]:
         [
             *(sys.executable, "-m", "tests.support.secretmanager_server"),
             *("--port", "0", "--stats-port", "0"),
+            # As many handlers as the adapter's pool sends calls at once: the service has
+            # no such limit, and the test server's default (16) would set the pace instead.
+            *("--max-workers", "64"),
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -117,11 +117,18 @@ class RequestQuota:
     @property
     def refreshes_per_window(self) -> int:
         """Refreshes that fit both quotas in one window (at least one: a quota smaller than
-        one refresh's cost still lets one through per window rather than none ever)."""
-        fits = min(
-            self.reads_per_window // max(1, self.reads_per_refresh),
-            self.writes_per_window // max(1, self.writes_per_refresh),
-        )
+        one refresh's cost still lets one through per window rather than none ever). A quota
+        a refresh does not use (Secret Manager's pointer protocol reads nothing but its access,
+        which has a quota of its own) does not limit it."""
+        limits = [
+            available // cost
+            for available, cost in (
+                (self.reads_per_window, self.reads_per_refresh),
+                (self.writes_per_window, self.writes_per_refresh),
+            )
+            if cost > 0
+        ]
+        fits = min(limits) if limits else MAX_BUDGET_LIMIT
         return max(1, min(fits, MAX_BUDGET_LIMIT))
 
 

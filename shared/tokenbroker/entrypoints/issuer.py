@@ -9,6 +9,14 @@ this workload on one core, and the issuer's hot path is async end to end.
 Routes: ``POST /token``, ``GET /healthz`` (ready: the instance is built and can serve),
 ``GET /livez`` (the process answers), ``/relay/{connection}/{path}``. Anything else: 404.
 
+The instance is built once (:func:`build`): on the first request that needs it, or, in a
+worker process functions-framework's gunicorn forked, by a warm-up thread started as the
+worker starts (:func:`warm_up_in_workers`, :func:`start_warmup`) -- the settings, policy,
+stores and verifier, then the stores' client libraries (Firestore, Secret Manager: the bulk
+of a cold start) -- so that an instance started before its first request has them ready. The
+first request waits for the warm-up's result (never a second build); a warm-up that failed
+answers that request exactly as a build on the request would have, and is not kept.
+
 The caller's credential is the one header the verifier's identity mode names
 (``CallerVerifier.select_authorization``): behind Cloud Run IAM (``platform``) the header the
 front end verified, else ``Authorization`` (docs/issuer.md, *Caller identity*).
@@ -17,9 +25,17 @@ front end verified, else ``Authorization`` (docs/issuer.md, *Caller identity*).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import inspect
 import json
+import os
+import threading
+import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
@@ -50,9 +66,10 @@ BODY_READ_SECONDS = 10.0
 
 
 async def build() -> tuple[TokenIssuer, Relay]:
-    """The instance's issuer and relay, built on the first request (cold start) and reused.
-    A build that fails is logged once, with what to fix, and its error answers every request
-    until it may be tried again (:data:`_unready`); ``/healthz`` then says so."""
+    """The instance's issuer and relay, built on the first request (cold start), or taken from
+    the warm-up (:func:`start_warmup`), and reused. A build that fails is logged once, with
+    what to fix, and its error answers every request until it may be tried again
+    (:data:`_unready`); ``/healthz`` then says so."""
     global _service, _unready  # noqa: PLW0603 - one per function instance, by design
     service = _service
     if service is None:
@@ -63,7 +80,7 @@ async def build() -> tuple[TokenIssuer, Relay]:
                 if _unready is not None and loop.time() < _unready[1]:
                     raise _unready[0]
                 try:
-                    service = await asyncio.to_thread(_assemble)
+                    service = await _assembled()
                 except TokenBrokerError as error:
                     # A passing failure (a store, the key server) is tried again after a
                     # wait; a misconfiguration at once (it fails fast, and a fixed
@@ -81,20 +98,208 @@ async def build() -> tuple[TokenIssuer, Relay]:
     return service.issuer, service.relay
 
 
+async def _assembled() -> IssuerService:
+    """The warm-up's service, or its error, when a warm-up was started (awaited without
+    holding the event loop; a request cancelled meanwhile leaves it to the next one), else
+    one assembled now, in a worker thread. Called under :data:`_lock`."""
+    global _warmup  # noqa: PLW0603 - the instance's one warm-up
+    warmup = _warmup
+    if warmup is None:
+        return await asyncio.to_thread(_assemble)
+    warmup.wanted.set()  # a request waits: no more waiting for the worker to go idle
+    try:
+        return await asyncio.wrap_future(warmup.outcome)
+    finally:
+        if warmup.outcome.done():  # taken, success or failure: a failed one is never reused
+            with _warmup_lock:
+                if _warmup is warmup:
+                    _warmup = None
+
+
+class _Warmup:
+    """One warm-up (:func:`start_warmup`): its outcome, and whether a request waits for it."""
+
+    def __init__(self) -> None:
+        self.outcome: concurrent.futures.Future[IssuerService] = concurrent.futures.Future()
+        # Running: it cannot be cancelled, so a waiter's cancellation leaves the outcome to
+        # the next request.
+        self.outcome.set_running_or_notify_cancel()
+        self.wanted = threading.Event()
+
+    def run(self, idle_first: float) -> None:
+        try:
+            _until_idle(idle_first, self.wanted)
+            service = _assemble()
+        except BaseException as error:  # handed to the first request, which answers it
+            self.outcome.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        self.outcome.set_result(service)
+
+
+#: The pending warm-up, until a request takes its outcome (:func:`build`).
+_warmup: _Warmup | None = None
+_warmup_lock = threading.Lock()
+_fork_hook = False
+#: The longest a worker's warm-up waits for the worker's own start to be over.
+WORKER_START_SECONDS = 0.5
+#: Quick wakes in a row that tell :func:`_until_idle` the other threads are waiting.
+IDLE_WAKES = 10
+
+
+def start_warmup(*, idle_first: float = 0.0) -> bool:
+    """Build the instance now, in a daemon thread, before any request: :func:`_assemble`
+    (settings, policy, stores, verifier -- in ``verify`` mode the key fetch -- and the stores'
+    client libraries). The first request waits for the result instead of building. Never
+    raises and never logs an error itself: a failure is kept, unlogged, for :func:`build`,
+    which logs and answers it as a failure on the request would have been. ``idle_first``:
+    at most this many seconds spent waiting for the process to go idle first
+    (:func:`_until_idle`), cut short by a request that needs the instance. ``False``
+    (nothing started) when the instance is built or being built."""
+    global _warmup  # noqa: PLW0603 - the instance's one warm-up
+    with _warmup_lock:
+        if _warmup is not None or _service is not None or _lock.locked():
+            return False
+        warmup = _warmup = _Warmup()
+    threading.Thread(
+        target=warmup.run, args=(idle_first,), name="issuer-warmup", daemon=True
+    ).start()
+    return True
+
+
+def _until_idle(limit: float, wanted: threading.Event) -> None:
+    """Wait, at most ``limit`` seconds and only until ``wanted`` is set, for the other threads
+    of this process to stop running Python: until a 1 ms wait ends within 3 ms
+    :data:`IDLE_WAKES` times in a row. A thread that holds the interpreter lock lets go of it
+    only every switch interval (5 ms), so quick wakes mean that the others are waiting -- the
+    worker's event loop runs and has nothing to do. Building before that would halve the speed
+    of the worker's own start (the lock is shared) and hold back its first answers, ``/livez``
+    among them; measured in docs/benchmarks.md (cold start)."""
+    deadline = time.monotonic() + limit
+    quick = 0
+    while quick < IDLE_WAKES and time.monotonic() < deadline:
+        started = time.perf_counter()
+        if wanted.wait(0.001):
+            return
+        quick = quick + 1 if time.perf_counter() - started < 0.003 else 0
+
+
+def _warm_clients(service: IssuerService) -> None:
+    """Import and build the stores' clients with the instance, which the first request that
+    reads a store would otherwise do (Firestore's and Secret Manager's libraries: most of a
+    cold start's build). Best effort: a client that cannot be built now (no credentials, say)
+    is built again, and raises its own error, on the request that needs it -- as without
+    this; nothing is logged here. IAM Credentials' client is for impersonation alone and
+    stays lazy."""
+    for store in (service.runtime.state, service.runtime.secrets):
+        try:
+            getattr(store, "client", None)
+        except Exception:  # noqa: BLE001, S112 - the request that needs the client reports it
+            continue
+
+
+def warm_up_in_workers() -> None:
+    """Start a warm-up (:func:`start_warmup`) in every worker process gunicorn forks from this
+    one -- the functions-framework server: its arbiter imports ``main.py``, then forks the
+    worker that serves -- once the worker's own start is over. Not in the arbiter itself (it
+    serves nothing, and a thread importing there at the fork would leave the worker a
+    half-imported module), nor in a process that serves in process (tests, ``--debug``):
+    those build on the first request. Idempotent."""
+    global _fork_hook  # noqa: PLW0603 - registered once per process
+    if not _fork_hook:
+        _fork_hook = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    global _warmup, _warmup_lock  # the parent's are not the child's
+    _warmup, _warmup_lock = None, threading.Lock()
+    if _forked_by_the_arbiter(inspect.currentframe()):
+        _collector_paused.freeze = True
+        start_warmup(idle_first=WORKER_START_SECONDS)
+
+
+def _forked_by_the_arbiter(hook: FrameType | None) -> bool:
+    """Whether the fork whose child runs ``hook`` (the at-fork hook's frame) was gunicorn's
+    arbiter spawning a worker: the frame that called ``os.fork``. Any other fork -- a test's,
+    a library's -- starts nothing."""
+    caller = hook.f_back if hook is not None else None
+    return (
+        caller is not None
+        and caller.f_code.co_name == "spawn_worker"
+        and caller.f_globals.get("__name__") == "gunicorn.arbiter"
+    )
+
+
 def _assemble() -> IssuerService:
+    """The instance: settings, policy, stores, verifier (:func:`~tokenbroker.entrypoints.
+    compose.build_issuer`), then the stores' client libraries (:func:`_warm_clients`), with
+    the cyclic garbage collector paused (:data:`_collector_paused`)."""
     from tokenbroker.entrypoints.compose import build_issuer, start_logging  # noqa: PLC0415
 
-    start_logging()
-    return build_issuer()
+    with _collector_paused():
+        start_logging()
+        service = build_issuer()
+        _warm_clients(service)
+    return service
+
+
+class _CollectorPause:
+    """The cyclic garbage collector off while the instance is built, and back on (if it was)
+    afterwards. Importing the client libraries allocates a hundred thousand objects, nearly
+    all kept (modules, classes, descriptors), and the collections they trigger scan them
+    again and again: ~35 ms of a ~210 ms build measured here (docs/benchmarks.md, cold start).
+    Reference counting frees the rest as usual. With :attr:`freeze` (a server's worker
+    process, whose heap is the instance's for its whole life), what the build left is moved out
+    of the collector's sight (``gc.freeze``) before it is back on: else its first collection
+    (~20 ms, on the first request) scans it all once more; only the few cyclic garbage objects
+    made during the build (~60) then stay. Process-wide, like the collector: nested or
+    concurrent pauses end with the last."""
+
+    def __init__(self) -> None:
+        self.freeze = False
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_on = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._was_on = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    if self.freeze:
+                        gc.freeze()
+                    if self._was_on:
+                        gc.enable()
+
+
+_collector_paused = _CollectorPause()
 
 
 async def shutdown() -> None:
     """Close what the instance opened (HTTP sessions, the stores) and forget it: the next
     request builds afresh. A server's shutdown hook; also what tests call between event loops,
-    since an HTTP session belongs to the loop that opened it."""
-    global _service, _unready
+    since an HTTP session belongs to the loop that opened it. A pending warm-up is waited for
+    and what it built closed too."""
+    global _service, _unready, _warmup
     async with _lock:
         service, _service, _unready = _service, None, None
+        with _warmup_lock:
+            warmup, _warmup = _warmup, None
+    if warmup is not None:
+        warmup.wanted.set()
+        await asyncio.wait([asyncio.wrap_future(warmup.outcome)])
+        if warmup.outcome.exception() is None:
+            await warmup.outcome.result().aclose()
     if service is not None:
         await service.aclose()
 

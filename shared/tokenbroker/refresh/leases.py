@@ -153,7 +153,8 @@ class LeaseKeeper:
                 self._log.warning("lease heartbeat failed", error_code=error.code, leases=len(cids))
                 continue
             for cid, lease in zip(cids, renewed, strict=True):
-                if lease is None and cid not in self._lost:
+                # Committed meanwhile (the commit released the lease): not a loss.
+                if lease is None and cid not in self._lost and cid in self.in_flight:
                     self._log.warning("lease lost while in flight", connection_id=cid)
                 self._record(cid, lease, asked)
 

@@ -47,13 +47,14 @@ announce it are pure rules in :mod:`.transitions`, called once per committed out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import random
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -298,6 +299,8 @@ class _Run:
     summary: TickSummary
     #: Answers staged as they arrive, grouped into one store call.
     stager: GroupCall[SecretWrite, int | TokenBrokerError]
+    #: Refreshes committed so far, by every committer (for ``progress``).
+    committed: int = 0
 
 
 class Refresher:
@@ -319,6 +322,8 @@ class Refresher:
         concurrency: int = 256,
         max_at_risk: int | None = None,
         commit_batch: int = 500,
+        committers: int = 1,
+        read_chunk: int = 100,
         committer: RefreshCommitter | None = None,
         rng: random.Random | None = None,
         metrics: Recorder | None = None,
@@ -348,6 +353,14 @@ class Refresher:
         #: At most this many presented refreshes wait for their commit at any time.
         self.max_at_risk = max_at_risk or concurrency
         self.commit_batch = commit_batch
+        #: Commit loops running at once, each on its own batches (disjoint connections: a
+        #: connection is in one batch per tick, and keeps secret -> state -> events order in
+        #: it). One where a single database serialises commits anyway (embedded); several
+        #: where every commit waits on network round trips (docs/gcp.md, "The tick").
+        self.committers = max(1, committers)
+        #: Credentials are read this many claims at a time, the next chunk while the workers
+        #: refresh the current one: refreshing starts after the first chunk's read.
+        self.read_chunk = max(1, read_chunk)
         #: Promotes staged versions and writes states with their events (atomically where
         #: one store holds both: the composition root passes the embedded one).
         self.committer = committer or committer_for(secrets, state)
@@ -358,6 +371,8 @@ class Refresher:
         #: Store calls retrying now (the workers pause while there is one).
         self._retrying = 0
         self._halt: list[TokenBrokerError] = []
+        #: Publishes of committed batches still running (awaited before the tick returns).
+        self._publishing: list[asyncio.Future[None]] | None = None
         self.log = get_logger(component="refresher")
 
     async def tick(
@@ -412,12 +427,6 @@ class Refresher:
                 "not refreshed: the connection is not active", connection_id=cid, status=status
             )
         if claims:
-            # Reading settles any answer a crashed refresher staged (see SecretStore.stage).
-            stored = await self._store(
-                "read credentials", self.secrets.get_many,
-                [c.lease.connection_id for c in claims],
-                pointers={c.lease.connection_id: c.record.state.current_version for c in claims},
-            )  # fmt: skip
             leases = LeaseKeeper(
                 claims,
                 renew=self._renew,
@@ -434,7 +443,7 @@ class Refresher:
                 GroupCall(self._stage),
             )
             async with leases.beating(self.lease_ttl.total_seconds() / 3):
-                await self._run(run, claims, stored, progress)
+                await self._run(run, claims, progress)
         summary.seconds = self.clock.monotonic() - started
         if self._halt:
             self.log.error(
@@ -559,35 +568,90 @@ class Refresher:
         if self._committing is not None:
             self._committing.set()  # release paused workers: they see the halt and stop
 
+    def _reader(
+        self, claims: list[Claim]
+    ) -> Callable[[int], Awaitable[Mapping[str, StoredCredential | CorruptCredential]]]:
+        """The credentials of claim ``n``'s chunk (``read_chunk`` claims), read once; asking
+        for a chunk starts the next one's read too, so the workers seldom wait. Reading settles
+        any answer a crashed refresher staged (see SecretStore.stage)."""
+        chunks = [claims[i : i + self.read_chunk] for i in range(0, len(claims), self.read_chunk)]
+        reads: dict[int, asyncio.Task[Mapping[str, StoredCredential | CorruptCredential]]] = {}
+
+        def start(index: int) -> None:
+            if index < len(chunks) and index not in reads:
+                ids = [c.lease.connection_id for c in chunks[index]]
+                pointers = {c.lease.connection_id: c.record.state.current_version
+                            for c in chunks[index]}  # fmt: skip
+                reads[index] = asyncio.ensure_future(
+                    self._store("read credentials", self.secrets.get_many, ids, pointers=pointers)
+                )
+
+        async def read(n: int) -> Mapping[str, StoredCredential | CorruptCredential]:
+            index = n // self.read_chunk
+            start(index)
+            start(index + 1)
+            return await asyncio.shield(reads[index])
+
+        start(0)
+        return read
+
     async def _run(
         self,
         run: _Run,
         claims: list[Claim],
-        stored: Mapping[str, StoredCredential | CorruptCredential],
         progress: Callable[[int, int], None] | None,
     ) -> None:
         """Refresh concurrently while committing results as they arrive. If committing (or
-        renewing) fails for good, stop sending refresh tokens at once."""
+        renewing) fails for good, stop sending refresh tokens at once. A chunk whose read
+        fails for good halts the tick like a failed commit: its connections are released
+        unrefreshed, and nothing more is presented."""
         queue: asyncio.Queue[_Attempt | None] = asyncio.Queue()
-        pending = iter(claims)
+        pending = iter(enumerate(claims))
         committing = self._committing = asyncio.Event()
         committing.set()
+        publishing = self._publishing = []
+        read = self._reader(claims)
 
         async def worker() -> None:
-            for claim in pending:
+            for n, claim in pending:
+                try:
+                    stored = await read(n)
+                except TokenBrokerError as error:
+                    # Nothing presented: the connection stays due, its lease given back
+                    # (or left to expire if the state store is failing too).
+                    self._halting(error)
+                    run.leases.in_flight.discard(claim.lease.connection_id)
+                    run.summary.deferred += 1
+                    with contextlib.suppress(TokenBrokerError):
+                        lease = run.leases.lease(claim.lease.connection_id)
+                        await self._store("release lease", self.state.release, lease)
+                    continue
                 attempt = await self._refresh_one(run, claim, stored.get(claim.lease.connection_id))
                 await queue.put(attempt)
 
-        committer = asyncio.create_task(self._commit_loop(run, queue, progress, len(claims)))
+        committers = [
+            asyncio.create_task(self._commit_loop(run, queue, progress, len(claims)))
+            for _ in range(min(self.committers, len(claims)))
+        ]
         try:
             workers = [
                 asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(claims)))
             ]
             await asyncio.gather(*workers)
         finally:
-            await queue.put(None)
-            await committer
+            for _ in committers:
+                await queue.put(None)
+            await asyncio.gather(*committers)
             self._committing = None
+            self._publishing = None
+            for failed in await asyncio.gather(*publishing, return_exceptions=True):
+                if isinstance(failed, BaseException) and not isinstance(failed, Exception):
+                    raise failed  # the process is going down (a signal, a cancellation)
+                if failed is not None:  # a bug: the events stay parked, relayed next tick
+                    self.log.error(
+                        "events not published (internal error); parked for the next tick",
+                        error_type=type(failed).__name__,
+                    )
 
     async def _refresh_one(
         self, run: _Run, claim: Claim, stored: StoredCredential | CorruptCredential | None
@@ -953,7 +1017,6 @@ class Refresher:
     ) -> None:
         summary = run.summary
         done = False
-        committed = 0
         while not done:
             first = await queue.get()
             batch: list[_Attempt] = []
@@ -961,7 +1024,9 @@ class Refresher:
                 done = True
             else:
                 batch.append(first)
-            while len(batch) < self.commit_batch and not queue.empty():
+            # Each commit loop takes exactly one end marker (``None``): one that got its
+            # marker first drains nothing more, or it would take another loop's.
+            while not done and len(batch) < self.commit_batch and not queue.empty():
                 item = queue.get_nowait()
                 if item is None:
                     done = True
@@ -982,9 +1047,9 @@ class Refresher:
                     connections=[o.claim.lease.connection_id for o in batch],
                 )
             else:
-                committed += len(batch)
+                run.committed += len(batch)
                 if progress is not None:
-                    progress(committed, total)
+                    progress(run.committed, total)
             finally:
                 for attempt in batch:
                     run.leases.in_flight.discard(attempt.claim.lease.connection_id)
@@ -1035,6 +1100,8 @@ class Refresher:
         ]
         results = await self._store("commit outcomes", self.committer.commit, items)
         failpoint("state.committed")
+        for _, lease, _, _, _ in changes:  # released by the commit: nothing left to renew
+            leases.in_flight.discard(lease.connection_id)
         to_publish: list[ConnectionEvent] = []
         for (attempt, lease, outcome, change, _), result in zip(changes, results, strict=True):
             if result is not CommitOutcome.COMMITTED:
@@ -1059,7 +1126,14 @@ class Refresher:
             if isinstance(attempt.result, _Settled):
                 summary.settled += 1
         if to_publish:
-            await self._publish(to_publish, summary)
+            # Off the commit path: the events are durable in the outbox already, and the next
+            # batch's commit need not wait for this one's round trips to the bus. Each
+            # connection is in one batch a tick, so its events keep their order.
+            publishing = self._publishing
+            if publishing is None:
+                await self._publish(to_publish, summary)
+            else:
+                publishing.append(asyncio.ensure_future(self._publish(to_publish, summary)))
 
     async def _stage_leftovers(self, batch: list[_Attempt]) -> list[_Attempt]:
         """Stage the answers a worker could not (the store was failing then)."""

@@ -156,10 +156,11 @@ locals {
   outage_budget_duration_seconds = ceil((local.metrics_fleet_interval_seconds + 3 * local.refresh_interval_seconds) / 60) * 60
 
   # Secret Manager's budget as the refresher spends it: tokenbroker.ports.RequestQuota with the
-  # pointer protocol's costs (secret_manager_pointed.py: no read request, counted as one, and
-  # two writes per refresh), at least one and at most MAX_BUDGET_LIMIT (tests/deploy compare).
+  # pointer protocol's costs (secret_manager_pointed.py: no read request -- its access has a
+  # quota of its own -- and two writes per refresh), at least one and at most MAX_BUDGET_LIMIT
+  # (tests/deploy compare).
   # One tick starts at most this many: one minute's worth.
-  secret_manager_refreshes_per_minute = max(1, min(var.secret_manager_reads_per_minute, floor(var.secret_manager_writes_per_minute / 2), 10000))
+  secret_manager_refreshes_per_minute = max(1, min(floor(var.secret_manager_writes_per_minute / 2), 10000))
   # Held back in every two-tick window for half the smallest lead, in whole minutes, at least
   # two windows (300 s with the defaults): a burst that drains sooner opens nothing.
   quota_limited_duration_seconds = coalesce(

@@ -13,6 +13,7 @@ import pytest
 from tests.unit.refresh.test_tick import World
 from tokenbroker.adapters.memory import MemorySecretStore, MemoryStateStore
 from tokenbroker.kernel.errors import InternalError, StoreFault, StoreUnavailable
+from tokenbroker.kernel.retry import RetryPolicy
 from tokenbroker.refresh.registry import ConnectionRegistry
 
 DUE = 1_200  # more than twice the default commit batch (500)
@@ -215,3 +216,75 @@ def test_one_info_line_per_rotation_and_only_once_it_is_committed(world: World) 
         asyncio.run(world.refresher().tick(world.server))  # type: ignore[arg-type]
     assert '"credential rotated"' not in log.getvalue()
     assert "refresh results not committed" in log.getvalue()
+
+
+# --- the pipelined tick (issue 13): chunked credential reads, several commit loops ----------
+
+
+@pytest.mark.parametrize(("committers", "read_chunk"), [(3, 7), (8, 1), (2, 5000)])
+def test_several_commit_loops_and_chunked_reads_commit_each_connection_exactly_once(
+    world: World, committers: int, read_chunk: int
+) -> None:
+    """Every connection refreshed once and committed once, whatever the number of commit
+    loops and the read chunk; the tick ends (each loop takes exactly one end marker: a loop
+    that took two left another waiting for ever)."""
+    ids = _many(world, 300)
+    reads: list[int] = []
+    real = world.secrets.get_many
+
+    def counting(connection_ids, **kw):  # type: ignore[no-untyped-def]
+        reads.append(len(connection_ids))
+        return real(connection_ids, **kw)
+
+    world.secrets.get_many = counting  # type: ignore[method-assign]
+    refresher = world.refresher(
+        concurrency=16, commit_batch=20, committers=committers, read_chunk=read_chunk
+    )
+
+    async def run():  # type: ignore[no-untyped-def]
+        return await asyncio.wait_for(refresher.tick(world.server), timeout=60)  # type: ignore[arg-type]
+
+    summary = asyncio.run(run())
+    assert summary.refreshed == len(ids) and summary.ok
+    assert world.server.requests["refresh_token"] == len(ids)
+    assert {r.state.current_version for r in world.state.list()} == {2}
+    assert sorted(reads) == sorted(
+        [min(read_chunk, len(ids) - i) for i in range(0, len(ids), read_chunk)]
+    )
+    rotated = [e.connection_id for e in world.events.events]
+    assert sorted(rotated) == sorted(ids)  # one event each, none lost or doubled
+    assert world.tick().due == 0
+
+
+def test_a_chunk_whose_read_fails_for_good_presents_nothing_of_it_and_halts(
+    world: World,
+) -> None:
+    """Reads run while earlier chunks refresh: a chunk the store cannot read halts the tick
+    (StoreUnavailable, as a failed commit does) -- its connections are given back unrefreshed,
+    what was already refreshed is committed, and nothing is lost."""
+    ids = _many(world, 40)
+    real = world.secrets.get_many
+    calls = 0
+
+    def failing_second(connection_ids, **kw):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls >= 2:
+            raise StoreUnavailable("secret store down")
+        return real(connection_ids, **kw)
+
+    world.secrets.get_many = failing_second  # type: ignore[method-assign]
+    refresher = world.refresher(concurrency=4, read_chunk=10, store_retry=RetryPolicy(attempts=1))
+    with pytest.raises(StoreUnavailable):
+        world.tick(refresher)
+    world.secrets.get_many = real  # type: ignore[method-assign]
+    records = {r.connection.id: r.state for r in world.state.list()}
+    refreshed = {cid for cid, state in records.items() if state.current_version == 2}
+    assert 0 < len(refreshed) <= 10  # only the first chunk could be presented
+    assert world.server.requests["refresh_token"] == len(refreshed)
+    for cid in ids:  # every grant alive: nothing presented without its answer stored
+        stored = world.secrets.get(cid).credential.refresh_token
+        assert stored is not None and world.server.grant_alive(stored.reveal()), cid
+    # The rest were given back: the next tick refreshes them at once.
+    summary = world.tick()
+    assert summary.refreshed == len(ids) - len(refreshed)

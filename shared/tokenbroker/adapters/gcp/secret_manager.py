@@ -166,7 +166,7 @@ class SecretManagerSecretStore(VersionedSecretStore):
         prefix: str = "tokenbroker-",
         retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         endpoint: str | None = None,
-        concurrency: int = 16,
+        concurrency: int = 64,
         reads_per_minute: int = DEFAULT_READS_PER_MINUTE,
         writes_per_minute: int = DEFAULT_WRITES_PER_MINUTE,
     ) -> None:
