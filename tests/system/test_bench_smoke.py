@@ -48,6 +48,9 @@ def test_refresh_throughput_gcp_mode_reports_calls_per_refresh() -> None:
             "gcp",
             "--n",
             "150",
+            "--steady-state",
+            "--rpc-latency-ms",
+            "10",
             "--json-only",
         ],
         capture_output=True,
@@ -61,6 +64,12 @@ def test_refresh_throughput_gcp_mode_reports_calls_per_refresh() -> None:
     assert figures["refreshed"] == 150
     assert figures["server_invalid_grants"] == 0
     assert figures["ok"] is True
+    assert (figures["steady_state"], figures["measured_versions"]) == (True, "4->5")
+    assert figures["rpc_latency_ms"] == 10
+    # Issue 13's floor, past retention: 0 reads, 1 access, 2 writes -> 300 a minute.
+    quota = figures["secret_manager_quota"]
+    assert quota["calls_per_refresh_by_quota"] == {"access": 1.0, "read": 0.0, "write": 2.0}
+    assert quota["refreshes_per_minute_per_project"] == 300
 
 
 def test_idtoken_verify_and_cold_start_report_their_figures() -> None:
