@@ -1,7 +1,9 @@
 """Refresher: one refresh tick per trigger. A thin adapter over tokenbroker.
 
 Deploy ``refresh`` for a Pub/Sub/CloudEvent trigger (Cloud Scheduler -> Pub/Sub) or
-``refresh_http`` for Cloud Scheduler's HTTP target.
+``refresh_http`` for Cloud Scheduler's HTTP target. With fan-out on
+(``TOKENBROKER_FANOUT_SHARDS`` > 1), the scheduled call publishes one message per shard and
+``refresh``, deployed again on the fan-out topic, is the worker that runs each shard's tick.
 """
 
 from typing import Any

@@ -32,6 +32,14 @@ a failed tick answers follows the trigger's retry rules:
   ``RETRY_POLICY_RETRY``; https://cloud.google.com/functions/docs/writing/retries.)
 
 Every tick logs one ``tick summary`` line with ``ok``, the counts and the seconds.
+
+**Fan-out** (:mod:`tokenbroker.refresh.fanout`, docs/gcp.md "Fan-out"): with
+``TOKENBROKER_FANOUT_SHARDS`` above 1, a trigger whose payload names no shard refreshes nothing
+itself; it publishes one ``{"shard": i, "shards": n}`` message per shard to
+``TOKENBROKER_FANOUT_TOPIC`` and answers ``{"fanned_out": n, ...}``. The worker function (this
+module's ``refresh`` entry point on that topic) runs one ordinary tick per shard message; a
+payload that names a shard is never fanned out again. A publish that fails is retryable (503 /
+redelivery): a shard published twice only starts a tick that finds the due set leased.
 """
 
 from __future__ import annotations
@@ -40,18 +48,41 @@ import asyncio
 import base64
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenbroker.entrypoints.answers import bug_answer, http_answer
 from tokenbroker.entrypoints.compose import Runtime, build_runtime, start_logging
 from tokenbroker.entrypoints.health import TickCrashed, observed_tick
+from tokenbroker.entrypoints.settings import named_variable
 from tokenbroker.kernel import trace
-from tokenbroker.kernel.errors import BadRequest, MethodNotAllowed, TokenBrokerError
+from tokenbroker.kernel.errors import (
+    BadRequest,
+    ConfigError,
+    MethodNotAllowed,
+    StoreUnavailable,
+    TokenBrokerError,
+)
 from tokenbroker.kernel.log import get_logger
+from tokenbroker.refresh.fanout import FanOut, ShardPublisher, fan_out, parse_fanout, shard_of
+
+#: Worker ticks per scheduled tick (unset or 1: no fan-out, the scheduled tick refreshes).
+ENV_FANOUT_SHARDS = "TOKENBROKER_FANOUT_SHARDS"
+#: The topic the worker function is triggered from (``projects/P/topics/T`` or ``T``).
+ENV_FANOUT_TOPIC = "TOKENBROKER_FANOUT_TOPIC"
+#: The most one fan-out waits for Pub/Sub to accept its messages, in seconds.
+FANOUT_PUBLISH_TIMEOUT = 30.0
+
+#: Publish failures that another try cannot cure (a missing topic, a missing role).
+_FANOUT_CONFIG_ERRORS = frozenset({"NotFound", "PermissionDenied", "InvalidArgument"})
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+_UNREAD: Any = object()
+#: The fan-out setting, read once per instance on first use (``None``: off).
+_fanout: FanOut | None = _UNREAD
+#: The fan-out topic's publisher, built on the first fan-out and reused.
+_shard_publisher: ShardPublisher | None = None
 
 
 def runtime() -> Runtime:
@@ -63,6 +94,74 @@ def runtime() -> Runtime:
                 start_logging()
                 _runtime = build_runtime(metrics_job="refresher")
     return _runtime
+
+
+class PubSubShardPublisher:
+    """:class:`~tokenbroker.refresh.fanout.ShardPublisher` on a Pub/Sub ``PublisherClient``
+    (imported on first use: only a fanning-out instance pays for it; it talks to
+    ``PUBSUB_EMULATOR_HOST`` when that is set, as the client library documents)."""
+
+    def __init__(self, timeout: float = FANOUT_PUBLISH_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # noqa: PLC0415
+
+                    self._client = pubsub_v1.PublisherClient()
+        return self._client
+
+    def publish(self, topic: str, messages: Sequence[bytes], attributes: Mapping[str, str]) -> None:
+        try:
+            futures = [self.client.publish(topic, data, **attributes) for data in messages]
+            for future in futures:
+                future.result(timeout=self.timeout)
+        except Exception as exc:  # noqa: BLE001 - google's errors do not leave the entry point
+            reason = type(exc).__name__
+            if reason in _FANOUT_CONFIG_ERRORS:  # the same on every retry: fix the deployment
+                raise ConfigError(
+                    f"{ENV_FANOUT_TOPIC}: publishing to {topic} failed ({reason})"
+                ) from None
+            raise StoreUnavailable(f"fan-out: publishing to {topic} failed ({reason})") from None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.stop()
+
+
+def fanout_setting() -> FanOut | None:
+    """The instance's fan-out setting, read from the environment on first use."""
+    global _fanout  # noqa: PLW0603 - one per function instance, by design
+    if _fanout is _UNREAD:
+        project = None
+        raw_topic = named_variable(ENV_FANOUT_TOPIC)
+        if raw_topic and not raw_topic.strip().startswith("projects/"):
+            try:
+                project = _started().settings.project
+            except ConfigError:
+                project = None
+        _fanout = parse_fanout(
+            named_variable(ENV_FANOUT_SHARDS),
+            raw_topic,
+            shards_variable=ENV_FANOUT_SHARDS,
+            topic_variable=ENV_FANOUT_TOPIC,
+            project=project,
+        )
+    return _fanout
+
+
+def shard_publisher() -> ShardPublisher:
+    global _shard_publisher  # noqa: PLW0603 - one per function instance, by design
+    if _shard_publisher is None:
+        with _lock:
+            if _shard_publisher is None:
+                _shard_publisher = PubSubShardPublisher()
+    return _shard_publisher
 
 
 def _options(payload: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -113,8 +212,21 @@ def _started() -> Runtime:
 
 
 def run_tick(payload: Mapping[str, Any] | None = None, *, trigger: str = "http") -> dict[str, Any]:
-    """One tick as the payload narrows it; raises the :class:`TokenBrokerError` that failed it."""
-    result = asyncio.run(observed_tick(_started(), trigger=trigger, **_options(payload)))
+    """One tick as the payload narrows it; raises the :class:`TokenBrokerError` that failed it.
+
+    With fan-out on, a payload that names no shard (nor connections) publishes the shards
+    instead and returns what it published; a shard's payload runs the worker's tick."""
+    runtime = _started()
+    shard = shard_of(payload)
+    fanout = fanout_setting()
+    log = get_logger(component="refresher-function")
+    if shard is None and fanout is not None and not (payload and "connections" in payload):
+        summary = fan_out(fanout, shard_publisher())
+        log.info("tick fanned out", trigger=trigger, **summary)
+        return summary
+    if shard is not None:
+        log.info("shard tick", trigger=trigger, shard=shard.index, shards=shard.count)
+    result = asyncio.run(observed_tick(runtime, trigger=trigger, **_options(payload)))
     if isinstance(result, TokenBrokerError):
         raise result
     return result.to_json()
