@@ -11,9 +11,10 @@ locals {
   project_number = data.google_project.this.number
 
   functions = {
-    refresher = "${var.name}-refresher"
-    issuer    = "${var.name}-issuer"
-    connect   = "${var.name}-connect"
+    refresher        = "${var.name}-refresher"
+    refresher_worker = "${var.name}-refresher-worker"
+    issuer           = "${var.name}-issuer"
+    connect          = "${var.name}-connect"
   }
 
   # Secret Manager names secrets by project NUMBER in IAM conditions' resource.name
@@ -70,8 +71,19 @@ locals {
     TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE = tostring(var.secret_manager_writes_per_minute)
   }
 
+  # Fan-out (fanout.tf): the scheduled tick publishes fanout_shards shard messages (1: off, the
+  # refresher refreshes). Read by entrypoints/refresher.py.
+  fanout_enabled = var.fanout_shards > 1
+  fanout_topic   = "${var.name}-fanout"
+  fanout_environment = {
+    TOKENBROKER_FANOUT_SHARDS = tostring(var.fanout_shards)
+    TOKENBROKER_FANOUT_TOPIC  = local.fanout_topic
+  }
+
   # The module's settings win over var.refresher_environment.
-  refresher_environment = merge(var.refresher_environment, local.common_environment, local.secret_manager_quota_environment)
+  refresher_environment = merge(var.refresher_environment, local.common_environment, local.secret_manager_quota_environment, local.fanout_environment)
+  # The worker runs shards; it never fans out (no TOKENBROKER_FANOUT_*).
+  refresher_worker_environment = merge(var.refresher_environment, local.common_environment, local.secret_manager_quota_environment)
 
   # The operator's CLI (`tokenbroker refresh` spends the same budget as the refresher).
   cli_environment = merge(local.common_environment, local.secret_manager_quota_environment)
@@ -132,6 +144,7 @@ resource "google_project_service" "apis" {
     "cloudfunctions.googleapis.com",
     "cloudresourcemanager.googleapis.com",
     "cloudscheduler.googleapis.com",
+    "eventarc.googleapis.com",
     "firestore.googleapis.com",
     "iam.googleapis.com",
     "iamcredentials.googleapis.com",

@@ -72,6 +72,26 @@ variable "refresher" {
   default = {}
 }
 
+variable "fanout_shards" {
+  description = "Fan-out (docs/gcp.md, Fan-out): worker ticks per scheduled tick. 1 (default): off, the refresher refreshes. Above 1: the refresher publishes this many shard messages to the NAME-fanout topic and the NAME-refresher-worker function runs one tick per shard, each claiming at most the refresher's TOKENBROKER_TICK_LIMIT (leases keep them disjoint)."
+  type        = number
+  default     = 1
+  validation {
+    condition     = var.fanout_shards >= 1 && var.fanout_shards <= 1000 && floor(var.fanout_shards) == var.fanout_shards
+    error_message = "fanout_shards: a whole number from 1 (off) to 1000."
+  }
+}
+
+variable "fanout_max_instances" {
+  description = "Fan-out: the most worker instances Cloud Functions runs at once (max_instance_count of NAME-refresher-worker; one tick per instance). Shards beyond it wait for a free instance."
+  type        = number
+  default     = 4
+  validation {
+    condition     = var.fanout_max_instances >= 1 && floor(var.fanout_max_instances) == var.fanout_max_instances
+    error_message = "fanout_max_instances: a whole number, at least 1."
+  }
+}
+
 variable "issuer" {
   description = "Issuer sizing. The ASGI server serves many requests per instance; one instance keeps its token cache warm (min_instances = 1)."
   type = object({
@@ -146,6 +166,10 @@ variable "refresher_environment" {
   validation {
     condition     = length(setintersection(keys(var.refresher_environment), ["TOKENBROKER_SECRET_MANAGER_READS_PER_MINUTE", "TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE"])) == 0
     error_message = "refresher_environment: set the Secret Manager budget with secret_manager_reads_per_minute and secret_manager_writes_per_minute, not TOKENBROKER_SECRET_MANAGER_*_PER_MINUTE (the module sets those itself, for the refresher and the CLI alike)."
+  }
+  validation {
+    condition     = length(setintersection(keys(var.refresher_environment), ["TOKENBROKER_FANOUT_SHARDS", "TOKENBROKER_FANOUT_TOPIC"])) == 0
+    error_message = "refresher_environment: set fan-out with fanout_shards, not TOKENBROKER_FANOUT_* (the module sets those itself, and keeps them off the worker)."
   }
 }
 
