@@ -22,11 +22,11 @@ and one tombstone per deleted connection in ``<collection>_fencing`` holding the
 refresher that leased the old one can never commit on the new one.
 
 The outbox is ``<collection>_parked_events``, one document per event (named by a hash of its
-id; ``seq`` from a sequence document in the same collection gives the oldest-first order):
+id; ``seq``, the time it was parked, gives the oldest-first order -- see ``_OutboxOrder``):
 ``complete`` writes the events of the outcomes it accepts there in the same transaction as the
 state, and the refresher relays and deletes them; events the bus could not take stay there for
-the next tick. (The sequence document makes concurrent commits contend; a commit is one
-transaction per batch, so refreshers commit a few times a second at most.)
+the next tick. No document is shared by every commit, so commits on disjoint connections
+never contend.
 
 Token-endpoint budgets (``take_budget``) live in ``<collection>_budgets``, one document per
 budget key, named by the SHA-256 of the key (any key makes a valid document name)::
@@ -128,11 +128,10 @@ claim_due       k claimed, + 1 look-ahead per full chunk, + the ties  k
                 (billed per 1,000 index entries); an empty query
                 bills 1
 claim(ids)      k named                                               k granted
-complete        k, + 1 sequence document and 1 per event (the outbox)  k accepted, + 1 per event
-                                                                      and the sequence document
+complete        k, + 1 per event (the outbox)                         k accepted, + 1 per event
 renew           k                                                     k held
 release         1                                                     0 or 1
-park_events     k + 1 (the sequence document)                         k new + 1
+park_events     k                                                     k new
 parked_events   the events returned (an empty query bills 1)          0
 unpark_events   0                                                     k deletes
 take_budget     1                                                     1 if granted, else 0
@@ -161,6 +160,7 @@ import hashlib
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -197,8 +197,33 @@ DEFAULT_COLLECTION = "tokenbroker_connections"
 FENCING_SUFFIX = "_fencing"
 PARKED_SUFFIX = "_parked_events"
 BUDGETS_SUFFIX = "_budgets"
-#: The document holding the last sequence number given to a parked event.
-PARKED_SEQUENCE = "_sequence"
+
+
+class _OutboxOrder:
+    """``seq`` of a parked event: microseconds since the epoch when it was parked, made
+    strictly increasing within the process, as a fixed-width string with the process's tag
+    (ties between processes break by tag), so ``order_by("seq")`` is oldest first.
+
+    It used to come from one sequence document every commit read and wrote: every refresh
+    commit of every refresher contended on that one document, so commits could not overlap
+    (issue 13: four commit loops took the commits from 2 s to 78 s). Across processes the
+    order is now the hosts' clocks' (Cloud Run's are synchronised to Google's NTP): the outbox
+    is relayed oldest first as a courtesy, not a guarantee -- a connection's events are ordered
+    by its commits, which its leases serialise, and subscribers order by ``version``. Numbers
+    from before the change (integers) sort before every string: older first still."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+        self._tag = uuid.uuid4().hex[:8]
+
+    def next(self) -> str:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns() // 1000)
+            return f"{self._last:017d}-{self._tag}"
+
+
+_OUTBOX_ORDER = _OutboxOrder()
 #: Where :class:`ServerClock` reads the server's time (a document that never needs to exist).
 CLOCK_SUFFIX = "_clock"
 #: The project the client library itself falls back to on the emulator.
@@ -333,19 +358,19 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 #: Writes one commit may carry, under Firestore's 500 (a chunk of completions writes one
-#: document each, one per event and the sequence document).
+#: document each and one per event).
 _WRITES_PER_COMMIT = 450
 
 
 def _write_chunks(items: Sequence[Completion], size: int) -> Iterator[Sequence[Completion]]:
     """At most ``size`` completions per chunk, and at most ``_WRITES_PER_COMMIT`` writes."""
     part: list[Completion] = []
-    writes = 1  # the sequence document
+    writes = 0
     for item in items:
         cost = 1 + len(item.events)
         if part and (len(part) >= size or writes + cost > _WRITES_PER_COMMIT):
             yield part
-            part, writes = [], 1
+            part, writes = [], 0
         part.append(item)
         writes += cost
     if part:
@@ -883,19 +908,18 @@ class FirestoreStateStore:
     ) -> builtins.list[bool]:
         """The fencing check and the state write in one transaction per chunk, with the
         events of the accepted outcomes parked in the same transaction (the outbox; relayed
-        by the refresher), numbered from the sequence document as ``park_events`` numbers
-        them. Chunks stay under the per-commit write limit."""
+        by the refresher), ordered as ``park_events`` orders them (:class:`_OutboxOrder`: no
+        document shared by every commit). Chunks stay under the per-commit write limit."""
         done = [o if isinstance(o, Completion) else Completion(*o) for o in outcomes]
 
         def chunk(part: Sequence[Completion]) -> Callable[[Any], builtins.list[bool]]:
             def body(transaction: Any) -> builtins.list[bool]:
                 ids = list(dict.fromkeys(c.lease.connection_id for c in part))
                 events = {e.event_id: e for c in part for e in c.events}
-                sequence = self._parked(PARKED_SEQUENCE)
                 event_refs = {eid: self._parked(eid) for eid in events}
                 refs = [self._doc(cid) for cid in ids]
                 if events:
-                    refs += [sequence, *event_refs.values()]
+                    refs += event_refs.values()
                 snaps = {s.reference.path: s for s in self._read(transaction.get_all(refs))}
                 tokens = {
                     cid: snaps[self._doc(cid).path].get("lease_token")
@@ -928,16 +952,10 @@ class FirestoreStateStore:
                     results.append(accepted)
                 for cid, fields in writes.items():  # one write per document per commit
                     transaction.update(self._doc(cid), fields)
-                if accepted_events:
-                    seq = snaps[sequence.path]
-                    last = int(seq.get("last")) if seq.exists else 0
-                    for eid, event in accepted_events.items():
-                        if not snaps[event_refs[eid].path].exists:
-                            last += 1
-                            transaction.create(
-                                event_refs[eid], {"seq": last, "event": event.to_json()}
-                            )
-                    transaction.set(sequence, {"last": last})
+                for eid, event in accepted_events.items():
+                    if not snaps[event_refs[eid].path].exists:
+                        parked = {"seq": _OUTBOX_ORDER.next(), "event": event.to_json()}
+                        transaction.create(event_refs[eid], parked)
                 return results
 
             return body
@@ -972,26 +990,21 @@ class FirestoreStateStore:
         return parked.document(hashlib.sha256(event_id.encode()).hexdigest())
 
     def park_events(self, events: Sequence[ConnectionEvent]) -> None:
-        """Keep the events the bus could not take, each once (the first copy wins), numbered
-        in order from a sequence document, so ``parked_events`` returns them oldest first as
-        the reference adapters do. One transaction per chunk."""
+        """Keep the events the bus could not take, each once (the first copy wins), in order
+        (:class:`_OutboxOrder`), so ``parked_events`` returns them oldest first as the
+        reference adapters do. One transaction per chunk."""
         first: dict[str, ConnectionEvent] = {}
         for event in events:
             first.setdefault(event.event_id, event)
 
         def chunk(part: Sequence[ConnectionEvent]) -> Callable[[Any], None]:
             def body(transaction: Any) -> None:
-                sequence = self._parked(PARKED_SEQUENCE)
                 refs = [self._parked(e.event_id) for e in part]
-                snaps = {
-                    s.reference.path: s for s in self._read(transaction.get_all([sequence, *refs]))
-                }
-                last = int(snaps[sequence.path].get("last")) if snaps[sequence.path].exists else 0
+                snaps = {s.reference.path: s for s in self._read(transaction.get_all(refs))}
                 for ref, event in zip(refs, part, strict=True):
                     if not snaps[ref.path].exists:
-                        last += 1
-                        transaction.create(ref, {"seq": last, "event": event.to_json()})
-                transaction.set(sequence, {"last": last})
+                        order = _OUTBOX_ORDER.next()
+                        transaction.create(ref, {"seq": order, "event": event.to_json()})
 
             return body
 
