@@ -148,3 +148,25 @@ def test_quota_pacing_keeps_within_the_quota_and_shows_what_it_prevents() -> Non
     code, unpaced = _quota_pacing("--no-pacing")
     assert code == 1
     assert unpaced["resource_exhausted"] > 0 and unpaced["ticks_halted"] > 0  # type: ignore[operator]
+
+
+def test_fanout_refreshes_each_connection_once_with_1_and_2_workers() -> None:
+    from tests.support.emulators import emulator
+
+    emulator("firestore")  # skips with the install hint when the emulators are missing
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--n", "200", "--workers", "1", "2",
+         "--json-only"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["ok"] and figures["n"] == 200
+    assert [run["workers"] for run in figures["runs"]] == [1, 2]
+    for run in figures["runs"]:
+        assert run["exactly_once"] and run["provider_refreshed"] == 200
+        assert run["provider_invalid_grants"] == 0 and sum(run["claimed_per_worker"]) == 200
+        assert run["per_worker_cpu_second"] > 0 and run["per_cpu_second"] > 0
