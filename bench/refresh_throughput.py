@@ -151,6 +151,20 @@ class ProviderProcess:
                 self.process.wait(timeout=5)
 
 
+def ready_words(process: subprocess.Popen[str], what: str, timeout: float) -> list[str]:
+    """The words of the first line a server process prints, which must start with READY
+    (the bench's servers announce their addresses so); a clear error otherwise."""
+    assert process.stdout is not None  # noqa: S101
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=timeout):
+            raise RuntimeError(f"{what} did not report READY within {timeout:g} s")
+    words = process.stdout.readline().split()
+    if not words or words[0] != "READY":
+        raise RuntimeError(f"{what} failed to start: {words!r}")
+    return words
+
+
 @contextlib.contextmanager
 def provider_process(latency_ms: float) -> Iterator[ProviderProcess]:
     process = subprocess.Popen(
@@ -161,15 +175,8 @@ def provider_process(latency_ms: float) -> Iterator[ProviderProcess]:
     )
     provider: ProviderProcess | None = None
     try:
-        assert process.stdout is not None  # noqa: S101
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout=20):
-                raise RuntimeError("token endpoint did not report READY within 20 s")
-        line = process.stdout.readline().strip()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"token endpoint failed to start: {line!r}")
-        provider = ProviderProcess(process, int(line.split()[1]))
+        words = ready_words(process, "token endpoint", 20)
+        provider = ProviderProcess(process, int(words[1]))
         yield provider
     finally:
         if provider is not None:
@@ -726,13 +733,8 @@ def secret_manager_process() -> Iterator[SecretManagerProcess]:
     )
     server: SecretManagerProcess | None = None
     try:
-        assert process.stdout is not None  # noqa: S101
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout=30):
-                raise RuntimeError("the Secret Manager test server did not report READY in 30 s")
-        words = process.stdout.readline().split()
-        if len(words) != 4 or words[0] != "READY" or words[2] != "STATS":
+        words = ready_words(process, "the Secret Manager test server", 30)
+        if len(words) != 4 or words[2] != "STATS":
             raise RuntimeError(f"the Secret Manager test server failed to start: {words!r}")
         server = SecretManagerProcess(process, words[1], words[3])
         yield server
@@ -883,13 +885,8 @@ def latency_proxy(one_way_ms: float, upstreams: Sequence[str]) -> Iterator[list[
         text=True,
     )
     try:
-        assert process.stdout is not None  # noqa: S101
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout=30):
-                raise RuntimeError("the latency proxy did not report READY in 30 s")
-        words = process.stdout.readline().split()
-        if len(words) != len(upstreams) + 1 or words[0] != "READY":
+        words = ready_words(process, "the latency proxy", 30)
+        if len(words) != len(upstreams) + 1:
             raise RuntimeError(f"the latency proxy failed to start: {words!r}")
         yield words[1:]
     finally:
