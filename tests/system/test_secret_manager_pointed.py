@@ -19,7 +19,7 @@ from tests.contract.builders import connection
 from tests.support.secretmanager_server import SecretManagerTestServer
 from tokenbroker.adapters.gcp.secret_manager_pointed import PointedSecretManagerStore
 from tokenbroker.adapters.memory import MemoryStateStore
-from tokenbroker.kernel.errors import VersionConflict
+from tokenbroker.kernel.errors import StoreUnavailable, VersionConflict
 from tokenbroker.kernel.model import ConnectionStatus, Credential, RefreshState
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import Completion, Promotion, SecretWrite
@@ -256,3 +256,59 @@ def test_a_commit_refused_by_the_state_store_keeps_a_version_others_built_on(
     assert rig.pointer() == v3
     assert rig.states(paused)[v2] == "ENABLED"  # kept with v3
     assert rig.handle().get("c1").credential.refresh_token == Secret("rt-2")
+
+
+class CancelledOnce:
+    """The real client, except the first AddSecretVersion is cut off as a server that stops
+    mid-call cuts it (gRPC CANCELLED: the write may or may not have landed)."""
+
+    def __init__(self, real: object, *, landed: bool) -> None:
+        self._real = real
+        self.landed = landed
+        self.cut = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def add_secret_version(self, request: object) -> object:
+        from google.api_core import exceptions
+
+        if not self.cut:
+            self.cut += 1
+            if self.landed:
+                self._real.add_secret_version(request=request)  # type: ignore[attr-defined]
+            raise exceptions.Cancelled("the server stopped mid-call")
+        return self._real.add_secret_version(request=request)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_stage_cut_off_by_a_stopping_server_is_retried_and_keeps_the_answer(
+    server: SecretManagerTestServer, landed: bool
+) -> None:
+    """Found by the fault suite (Secret Manager stopped mid-tick): a write the server cut off
+    (CANCELLED -- our client never cancels its own calls) was a non-retryable error, so the
+    answer in hand, a rotated refresh token, was dropped. It is retryable: the tick's retry
+    stages it again, and a copy that had landed is swept by the promotion."""
+    rig = Rig(server)
+    rig.register()
+    flaky = CancelledOnce(server.client(), landed=landed)
+    store = PointedSecretManagerStore(
+        flaky, project=rig.project, retained_versions=3, pointers=rig.state
+    )
+    store.get("c1")
+    write = SecretWrite("c1", credential(1), 1, attempt="a1")
+    with pytest.raises(StoreUnavailable) as cut:
+        store.stage([write])
+    assert cut.value.retryable  # so the tick's answer_retry stages it again:
+    (staged,) = store.stage([write])
+    assert isinstance(staged, int)
+    now = datetime.now(UTC)
+    (claim,) = rig.state.claim(["c1"], now, holder="tick", ttl=TTL).claims
+    written = RefreshState(status=ConnectionStatus.ACTIVE, current_version=staged)
+    (outcome,) = PointerCommitter(store, rig.state).commit(
+        [(Completion(claim.lease, written), Promotion("c1", staged, 1))]
+    )
+    assert outcome.name == "COMMITTED"
+    assert rig.handle().get("c1").credential.refresh_token == Secret("rt-1")
+    if landed:  # the copy that landed (version 2) is swept: a gap below the promoted one
+        assert rig.states(store)[2] == "DESTROYED"

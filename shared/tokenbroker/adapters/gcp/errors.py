@@ -27,6 +27,12 @@ _RETRYABLE = frozenset(
         "RetryError",
         "GatewayTimeout",
         "BadGateway",
+        # CANCELLED: our clients never cancel their own calls, so it is the other end (or a
+        # proxy) cutting the call off -- a server stopping mid-call answers "Channel closed!",
+        # possibly after the write landed. Retried like any outage; the protocols absorb a
+        # write that landed twice. (Found by the fault suite: a rotated refresh token was
+        # dropped as a permanent failure when Secret Manager stopped during its stage.)
+        "Cancelled",
     }
 )
 
