@@ -214,6 +214,24 @@ def test_secret_managers_default_quota_is_the_documented_one() -> None:
     assert quota.key.endswith("projects/p")  # one count per project, whatever the prefix
 
 
+def test_a_quota_a_refresh_does_not_use_does_not_limit_it() -> None:
+    """The pointer protocol sends no read request: a small read quota must not cap it (it
+    did, as if each refresh cost one read: min(reads, writes / 2))."""
+    from tokenbroker.adapters.gcp.secret_manager_pointed import PointedSecretManagerStore
+    from tokenbroker.adapters.memory import MemoryVersionPointers
+
+    no_reads = RequestQuota("k", reads_per_window=5, writes_per_window=600, reads_per_refresh=0,
+                            writes_per_refresh=2)  # fmt: skip
+    assert no_reads.refreshes_per_window == 300
+    pointed = PointedSecretManagerStore(
+        object(), project="p", pointers=MemoryVersionPointers(), reads_per_minute=100,
+        writes_per_minute=3000,
+    )  # fmt: skip
+    assert pointed.request_quota().refreshes_per_window == 1500  # 3000 writes / 2
+    nothing = RequestQuota("k", 600, 600, 0, 0)
+    assert nothing.refreshes_per_window == 10_000  # no limit but what one budget can count
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "1e9", "nan", "many", "100001"])
 def test_a_bad_quota_setting_names_its_variable(value: str) -> None:
     variable = "TOKENBROKER_SECRET_MANAGER_WRITES_PER_MINUTE"
