@@ -33,6 +33,7 @@ from tokenbroker.kernel.model import (
     Lease,
     MintedToken,
     RefreshState,
+    Shard,
     StoredCredential,
 )
 from tokenbroker.kernel.secret import Secret
@@ -305,9 +306,27 @@ class StateStore(Protocol):
         refresh token again nor commit a state over this one."""
         ...
 
-    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+    def claim_due(
+        self,
+        now: datetime,
+        *,
+        holder: str,
+        ttl: timedelta,
+        limit: int,
+        shard: Shard | None = None,
+    ) -> ClaimBatch:
         """Lease up to ``limit`` active connections whose ``next_refresh_at <= now`` and whose
-        lease is free or expired (by the store's clock), earliest first, atomically."""
+        lease is free or expired (by the store's clock), earliest first, atomically.
+
+        With ``shard``, only connections the shard holds (:meth:`Shard.holds`), and
+        ``leased_elsewhere`` counts only those: claims on different shards of one count never
+        meet. A store that needs it is told to :meth:`prepare_shards` first."""
+        ...
+
+    def prepare_shards(self) -> int:
+        """Make every connection findable by a sharded :meth:`claim_due` (a store that keeps
+        the slot in the record writes it where a record predates it); how many records it
+        changed. Idempotent, safe to run alongside anything; cheap when nothing is missing."""
         ...
 
     def claim(

@@ -18,6 +18,7 @@ from tokenbroker.kernel.model import (
     Intent,
     Lease,
     RefreshState,
+    Shard,
 )
 from tokenbroker.ports import (
     MAX_BUDGET_LIMIT,
@@ -242,6 +243,83 @@ def test_claim_due_takes_over_expired_leases_with_a_higher_token(
     assert new.holder == "new"
     assert new.token > old.token
     assert new.expires_at == T0 + 2 * TTL
+
+
+# --- sharded claim_due ---------------------------------------------------------------------
+
+
+def _held(shard: Shard, cids: list[str]) -> list[str]:
+    return [cid for cid in cids if shard.holds(cid)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_shards_of_one_count_partition_the_due_connections(
+    state_store: StateStore, lease_clock: ManualClock, count: int
+) -> None:
+    """Each shard's claim takes exactly the due connections it holds, earliest first; the
+    shards together take every one, and none twice."""
+    cids = [f"c{n:02d}" for n in range(24)]
+    for n, cid in enumerate(cids):
+        _add(state_store, cid, due_state(T0 - (100 - n) * S))
+    _add(state_store, "later", due_state(T0 + S))
+    taken: list[str] = []
+    for index in range(count):
+        shard = Shard(index, count)
+        batch = state_store.claim_due(T0, holder=f"w{index}", ttl=TTL, limit=100, shard=shard)
+        assert _ids(batch) == _held(shard, cids)  # the order of cids is earliest first
+        assert batch.leased_elsewhere == 0  # the other shards' leases are not counted
+        taken += _ids(batch)
+    assert sorted(taken) == cids
+
+
+def test_a_sharded_claim_counts_only_its_own_shards_live_leases(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    cids = [f"c{n:02d}" for n in range(16)]
+    for cid in cids:
+        _add(state_store, cid)
+    shards = [Shard(0, 2), Shard(1, 2)]
+    assert all(_held(s, cids) for s in shards), "the fixture needs both shards non-empty"
+    state_store.claim(cids, T0, holder="other", ttl=TTL)
+    for shard in shards:
+        batch = state_store.claim_due(T0, holder="me", ttl=TTL, limit=100, shard=shard)
+        assert batch.claims == []
+        assert batch.leased_elsewhere == len(_held(shard, cids))
+    # Once those leases expire, each shard takes its own back, with a higher token.
+    later = lease_clock.set(T0 + TTL)
+    for shard in shards:
+        batch = state_store.claim_due(later, holder="me", ttl=TTL, limit=100, shard=shard)
+        assert sorted(_ids(batch)) == _held(shard, cids)
+
+
+def test_a_sharded_claim_respects_limit_and_leaves_the_rest_due(
+    state_store: StateStore, lease_clock: ManualClock
+) -> None:
+    cids = [f"c{n:02d}" for n in range(20)]
+    for n, cid in enumerate(cids):
+        _add(state_store, cid, due_state(T0 - (100 - n) * S))
+    shard = Shard(1, 2)
+    mine = _held(shard, cids)
+    first = state_store.claim_due(T0, holder="h", ttl=TTL, limit=2, shard=shard)
+    assert _ids(first) == mine[:2]
+    rest = state_store.claim_due(T0, holder="h", ttl=TTL, limit=100, shard=shard)
+    assert _ids(rest) == mine[2:]
+    assert rest.leased_elsewhere == 2
+    # The unsharded claim still sees the whole fleet: the other shard's are all free.
+    whole = state_store.claim_due(T0, holder="h", ttl=TTL, limit=100)
+    assert sorted(_ids(whole)) == sorted(set(cids) - set(mine))
+    assert whole.leased_elsewhere == len(mine)
+
+
+def test_prepare_shards_changes_nothing_the_registry_wrote(state_store: StateStore) -> None:
+    for n in range(5):
+        _add(state_store, f"c{n}")
+    before = state_store.list()
+    assert state_store.prepare_shards() == 0
+    assert state_store.prepare_shards() == 0
+    assert state_store.list() == before
+    batch = state_store.claim_due(T0, holder="h", ttl=TTL, limit=100, shard=Shard(0, 1))
+    assert sorted(_ids(batch)) == [f"c{n}" for n in range(5)]
 
 
 # --- claim(ids) ----------------------------------------------------------------------------
@@ -739,13 +817,15 @@ def test_fencing_tokens_keep_increasing_across_delete_and_recreate(
 # --- races ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "two-racers-a-shard"])
 @pytest.mark.parametrize("handles", ["one-handle", "a-handle-each"])
 def test_racing_claim_due_never_grants_a_connection_twice(
-    open_state_store: OpenStateStore, handles: str, lease_clock: ManualClock
+    open_state_store: OpenStateStore, handles: str, lease_clock: ManualClock, sharded: bool
 ) -> None:
     """Threads claim the same due set at the same instant. With "a-handle-each" every thread
     has its own client (for embedded: its own EmbeddedDatabase on the same directory, as two
-    processes would)."""
+    processes would). "two-racers-a-shard": racers 0 and 2 on shard 0 of 2, 1 and 3 on shard 1
+    (a redelivered shard message beside the first)."""
     racers, due, rounds = 4, 40, 3
     setup = open_state_store()
     for n in range(due):
@@ -755,7 +835,14 @@ def test_racing_claim_due_never_grants_a_connection_twice(
         now = lease_clock.set(T0 + round_ * 2 * TTL)  # every earlier lease has expired
         batches = race(
             [
-                partial(stores[n].claim_due, now, holder=f"h{n}", ttl=TTL, limit=due)
+                partial(
+                    stores[n].claim_due,
+                    now,
+                    holder=f"h{n}",
+                    ttl=TTL,
+                    limit=due,
+                    shard=Shard(n % 2, 2) if sharded else None,
+                )
                 for n in range(racers)
             ]
         )
@@ -765,6 +852,8 @@ def test_racing_claim_due_never_grants_a_connection_twice(
         assert sorted(claimed) == [f"c{n:03d}" for n in range(due)]
         for n, batch in enumerate(batches):
             assert all(c.lease.holder == f"h{n}" for c in batch.claims)  # type: ignore[union-attr]
+            if sharded:
+                assert all(Shard(n % 2, 2).holds(cid) for cid in _ids(batch))  # type: ignore[arg-type]
         leases = [c.lease for b in batches for c in b.claims]  # type: ignore[union-attr]
         assert setup.complete([(lease, due_state(now)) for lease in leases]) == [True] * due
 

@@ -571,14 +571,15 @@ def test_the_connect_functions_identity_settings_are_the_modules(
 def test_the_firestore_index_serves_the_due_selection(module: hcl.Configuration) -> None:
     """The full check against the adapter's queries runs on the emulator
     (tests/system/test_firestore_state.py); this one needs nothing but the files."""
-    (index,) = module.of_type("google_firestore_index")
-    assert index.body["collection"] == "${var.firestore_collection}"
-    assert index.body["query_scope"] == "COLLECTION"
-    assert [(f["field_path"], f["order"]) for f in index.body["fields"]] == [
-        ("status", "ASCENDING"),
-        ("next_refresh_at", "ASCENDING"),
-        ("lease_expires_at", "ASCENDING"),
-    ]
+    indexes = {i.name: i for i in module.of_type("google_firestore_index")}
+    assert set(indexes) == {"due", "due_in_shard"}
+    due = [("status", "ASCENDING"), ("next_refresh_at", "ASCENDING")]
+    due.append(("lease_expires_at", "ASCENDING"))
+    for name, fields in (("due", due), ("due_in_shard", [*due, ("slot", "ASCENDING")])):
+        index = indexes[name]
+        assert index.body["collection"] == "${var.firestore_collection}"
+        assert index.body["query_scope"] == "COLLECTION"
+        assert [(f["field_path"], f["order"]) for f in index.body["fields"]] == fields
     assert not list(hcl.TERRAFORM.glob("firestore.indexes.json"))
 
 

@@ -6,8 +6,9 @@ scheduled refresher (``refresh_http`` with ``TOKENBROKER_FANOUT_SHARDS``), three
 (``refresh``, the CloudEvent entry point the worker function deploys), on the Firestore and
 Pub/Sub emulators and the Secret Manager test server, against a provider that rotates refresh
 tokens and revokes a grant whose consumed token is presented again. Every worker may claim the
-whole due set (``TOKENBROKER_TICK_LIMIT`` = all of it) and they start together: only the
-leases keep them apart.
+whole due set (``TOKENBROKER_TICK_LIMIT`` = all of it): what keeps them apart is the shard each
+one's message names (a worker claims only its shard's connections), and within a shard, the
+lease (a shard delivered twice at once).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tokenbroker.adapters.fake_provider import FakeTokenServer
 from tokenbroker.entrypoints import refresher
 from tokenbroker.entrypoints.compose import Runtime, build_runtime
 from tokenbroker.entrypoints.settings import Settings
-from tokenbroker.kernel.model import Connection, Credential, GrantType
+from tokenbroker.kernel.model import Connection, Credential, GrantType, Shard
 from tokenbroker.kernel.secret import Secret
 
 pytestmark = pytest.mark.system
@@ -174,6 +175,13 @@ def test_concurrent_workers_refresh_every_connection_exactly_once(
             )
             for i in range(WORKERS)
         ]
+        # A third of the records predate the slot field: the scheduled call must give them
+        # one before any worker's sharded claim could find them.
+        from google.cloud import firestore
+
+        legacy = deployment.ids[::3]
+        for cid in legacy:
+            deployment.runtime.state._doc(cid).update({"slot": firestore.DELETE_FIELD})  # type: ignore[attr-defined]
         answer = httpx.post(dispatcher, content=b"{}", timeout=60)
         assert answer.status_code == 200, answer.text
         project = deployment.env["TOKENBROKER_GCP_PROJECT"]
@@ -185,15 +193,29 @@ def test_concurrent_workers_refresh_every_connection_exactly_once(
         assert deployment.presented() == []  # the scheduled tick refreshes nothing itself
 
         messages = _shard_messages(deployment, WORKERS)
-        shards = sorted((json.loads(m) for m in messages), key=lambda s: s["shard"])
+        messages.sort(key=lambda m: json.loads(m)["shard"])
+        shards = [json.loads(m) for m in messages]
         assert shards == [{"shard": i, "shards": WORKERS} for i in range(WORKERS)]
 
         def deliver(url_and_data: tuple[str, bytes]) -> httpx.Response:
             headers, body = _eventarc_delivery(url_and_data[1])
             return httpx.post(url_and_data[0], headers=headers, content=body, timeout=120)
 
+        def versions() -> dict[str, int]:
+            stored = deployment.runtime.secrets.get_many(deployment.ids)
+            return {cid: stored[cid].version for cid in deployment.ids}
+
+        # Shard 0 alone: exactly the connections it holds are refreshed, legacy ones included.
+        first = Shard(0, WORKERS)
+        assert deliver((workers[0], messages[0])).status_code == 200
+        assert versions() == {cid: 2 if first.holds(cid) else 1 for cid in deployment.ids}
+        assert any(first.holds(cid) for cid in legacy)
+
+        # The other shards on their workers, and shard 0 again beside them (redelivered): the
+        # lease keeps the duplicate from taking anything twice.
+        deliveries = [*zip(workers[1:], messages[1:], strict=True), (workers[0], messages[0])]
         with ThreadPoolExecutor(WORKERS) as pool:
-            answers = list(pool.map(deliver, zip(workers, messages, strict=True)))
+            answers = list(pool.map(deliver, deliveries))
         assert [a.status_code for a in answers] == [200] * WORKERS, [a.text for a in answers]
 
         presented = deployment.presented()

@@ -31,7 +31,7 @@ from tokenbroker.adapters.memory import MemoryStateStore
 from tokenbroker.entrypoints.compose import build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
-from tokenbroker.kernel.model import ConnectionStatus, Lease, RefreshState
+from tokenbroker.kernel.model import ConnectionStatus, Lease, RefreshState, Shard, slot_of
 from tokenbroker.ports import ClaimBatch, StateStore
 
 pytestmark = pytest.mark.system
@@ -383,6 +383,79 @@ def test_google_errors_never_escape(case: int) -> None:
             call()
         assert info.value.retryable is retryable
         assert info.value.__cause__ is raised
+
+
+# --- shards --------------------------------------------------------------------------------
+
+
+def _legacy(store: FirestoreStateStore, cid: str) -> None:
+    """A record as written before the ``slot`` field existed."""
+    store.create(connection(cid), due_state(T0 - S))
+    store._doc(cid).update({"slot": firestore_delete()})
+
+
+def firestore_delete() -> Any:
+    from google.cloud import firestore
+
+    return firestore.DELETE_FIELD
+
+
+def test_the_slot_is_written_with_the_record(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    store = open_store()
+    store.create(connection("c1"), due_state(T0))
+    assert store._doc("c1").get().to_dict()["slot"] == slot_of("c1")
+
+
+def test_records_without_a_slot_are_found_by_sharded_claims_once_prepared(
+    open_store: Callable[..., FirestoreStateStore], clock: ManualClock
+) -> None:
+    """Upgrading to fan-out: records older than the field match no sharded query (a range
+    filter skips a missing field), so a worker would never refresh them; ``prepare_shards``
+    writes the slot alone and then every shard finds its own."""
+    store = open_store()
+    cids = [f"c{n:02d}" for n in range(12)]
+    for cid in cids[:8]:
+        _legacy(store, cid)
+    for cid in cids[8:]:
+        store.create(connection(cid), due_state(T0 - S))
+    shards = [Shard(0, 2), Shard(1, 2)]
+    before = {cid: store.get(cid) for cid in cids}
+    seen: list[str] = []
+    for shard in shards:  # the legacy ones are invisible to sharded claims
+        seen += _ids(store.claim_due(T0, holder="w", ttl=TTL, limit=100, shard=shard))
+    assert sorted(seen) == cids[8:]
+    assert store.prepare_shards() == 8
+    assert {cid: store.get(cid) for cid in cids} == before  # only the slot was written
+    clock.set(T0 + 2 * TTL)  # the first claims' leases have expired
+    taken = []
+    for shard in shards:
+        batch = store.claim_due(T0, holder="w", ttl=TTL, limit=100, shard=shard)
+        assert all(shard.holds(cid) for cid in _ids(batch))
+        taken += _ids(batch)
+    assert sorted(taken) == cids
+    # Nothing left to do: two count aggregations, no document read, nothing written.
+    reads, aggregations = store.documents_read, store.aggregations_run
+    assert store.prepare_shards() == 0
+    assert (store.documents_read - reads, store.aggregations_run - aggregations) == (0, 2)
+
+
+def test_prepare_shards_leaves_a_record_deleted_meanwhile_deleted(
+    open_store: Callable[..., FirestoreStateStore],
+) -> None:
+    """The batch of slot writes is all or nothing; one record gone falls back to writing one
+    by one, and the deleted one is not brought back as a slot-only document."""
+    store = open_store()
+    for cid in ("a", "b", "c"):
+        _legacy(store, cid)
+    store.delete("b")  # after the scan would have listed it: write its slot directly
+    store._write_slots(["a", "b", "c"])
+    assert not store._doc("b").get().exists
+    assert [store._doc(cid).get().to_dict()["slot"] for cid in ("a", "c")] == [
+        slot_of("a"),
+        slot_of("c"),
+    ]
 
 
 # --- the shipped index definition ----------------------------------------------------------

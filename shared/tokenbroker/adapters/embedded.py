@@ -142,7 +142,9 @@ from tokenbroker.kernel.model import (
     Intent,
     Lease,
     RefreshState,
+    Shard,
     StoredCredential,
+    slot_of,
 )
 from tokenbroker.kernel.secret import Secret
 from tokenbroker.ports import (
@@ -526,6 +528,8 @@ class EmbeddedDatabase:
         except sqlite3.Error as exc:
             raise self._fault(exc) from None
         try:
+            # A sharded claim filters on the slot, computed from the id (nothing stored).
+            conn.create_function("tb_slot", 1, slot_of, deterministic=True)
             conn.execute(f"PRAGMA busy_timeout={int(self.lock_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -1079,8 +1083,19 @@ class EmbeddedStateStore:
         claims.sort(key=lambda c: order[c.lease.connection_id])
         return claims
 
-    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+    def claim_due(
+        self,
+        now: datetime,
+        *,
+        holder: str,
+        ttl: timedelta,
+        limit: int,
+        shard: Shard | None = None,
+    ) -> ClaimBatch:
         due = now.timestamp()
+        # A shard's slots are a range, [first, last]: one BETWEEN on the id's slot.
+        in_shard = "" if shard is None else " AND tb_slot(id) BETWEEN ? AND ?"
+        slots: tuple[int, ...] = () if shard is None else (shard.slots[0], shard.slots[-1])
         with self._db.transaction() as cur:
             lease_now, epoch = self._lease_now()
             at = lease_now.timestamp()
@@ -1088,16 +1103,20 @@ class EmbeddedStateStore:
                 r[0]
                 for r in cur.execute(
                     "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= ?"  # noqa: S608 - constants
-                    f" AND {_LEASE_FREE} ORDER BY next_refresh_at, id LIMIT ?",
-                    (due, epoch, at, limit),
+                    f" AND {_LEASE_FREE}{in_shard} ORDER BY next_refresh_at, id LIMIT ?",
+                    (due, epoch, at, *slots, limit),
                 )
             ]
             leased = cur.execute(
                 "SELECT count(*) FROM connections WHERE status = 'active' AND "  # noqa: S608 - constants
-                f"next_refresh_at <= ? AND {_LEASE_LIVE}",
-                (due, at, epoch),
+                f"next_refresh_at <= ? AND {_LEASE_LIVE}{in_shard}",
+                (due, at, epoch, *slots),
             ).fetchone()[0]
             return ClaimBatch(self._grant(cur, ids, holder, ttl), leased_elsewhere=leased)
+
+    def prepare_shards(self) -> int:
+        """Nothing to prepare: the slot is computed from the id."""
+        return 0
 
     def claim(
         self,

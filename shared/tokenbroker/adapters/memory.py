@@ -32,6 +32,7 @@ from tokenbroker.kernel.model import (
     Intent,
     Lease,
     RefreshState,
+    Shard,
     StoredCredential,
 )
 from tokenbroker.ports import (
@@ -262,7 +263,15 @@ class MemoryStateStore:
         self._leases[connection_id] = lease
         return Claim(lease, self._records[connection_id])
 
-    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+    def claim_due(
+        self,
+        now: datetime,
+        *,
+        holder: str,
+        ttl: timedelta,
+        limit: int,
+        shard: Shard | None = None,
+    ) -> ClaimBatch:
         with self._lock:
             at = self._clock.now()
             due = sorted(
@@ -272,12 +281,17 @@ class MemoryStateStore:
                     if r.state.status is ConnectionStatus.ACTIVE
                     and r.state.next_refresh_at is not None
                     and r.state.next_refresh_at <= now
+                    and (shard is None or shard.holds(r.connection.id))
                 ),
                 key=lambda r: (r.state.next_refresh_at, r.connection.id),
             )
             free = [r for r in due if self._lease_free(r.connection.id, at)]
             claims = [self._grant(r.connection.id, at, holder, ttl) for r in free[:limit]]
             return ClaimBatch(claims, leased_elsewhere=len(due) - len(free))
+
+    def prepare_shards(self) -> int:
+        """Nothing to prepare: the slot is computed from the id."""
+        return 0
 
     def claim(
         self,

@@ -37,9 +37,12 @@ Every tick logs one ``tick summary`` line with ``ok``, the counts and the second
 ``TOKENBROKER_FANOUT_SHARDS`` above 1, a trigger whose payload names no shard refreshes nothing
 itself; it publishes one ``{"shard": i, "shards": n}`` message per shard to
 ``TOKENBROKER_FANOUT_TOPIC`` and answers ``{"fanned_out": n, ...}``. The worker function (this
-module's ``refresh`` entry point on that topic) runs one ordinary tick per shard message; a
-payload that names a shard is never fanned out again. A publish that fails is retryable (503 /
-redelivery): a shard published twice only starts a tick that finds the due set leased.
+module's ``refresh`` entry point on that topic) runs one tick per shard message over the due
+connections of that shard only (``claim_due(shard=...)``); a payload that names a shard is
+never fanned out again. Before publishing, the scheduled call has the state store
+``prepare_shards`` (records older than the slot field get one). A publish that fails is
+retryable (503 / redelivery): a shard published twice only starts a tick that finds its due
+set leased.
 """
 
 from __future__ import annotations
@@ -221,12 +224,19 @@ def run_tick(payload: Mapping[str, Any] | None = None, *, trigger: str = "http")
     fanout = fanout_setting()
     log = get_logger(component="refresher-function")
     if shard is None and fanout is not None and not (payload and "connections" in payload):
+        # Records older than the slot field would match no shard's claim: give them one.
+        slotted = runtime.state.prepare_shards()
+        if slotted:
+            log.info("records given their shard slot", records=slotted)
         summary = fan_out(fanout, shard_publisher())
         log.info("tick fanned out", trigger=trigger, **summary)
         return summary
+    options = _options(payload)
     if shard is not None:
         log.info("shard tick", trigger=trigger, shard=shard.index, shards=shard.count)
-    result = asyncio.run(observed_tick(runtime, trigger=trigger, **_options(payload)))
+        if "connection_ids" not in options:
+            options["shard"] = shard
+    result = asyncio.run(observed_tick(runtime, trigger=trigger, **options))
     if isinstance(result, TokenBrokerError):
         raise result
     return result.to_json()

@@ -274,6 +274,38 @@ class Lease:
     expires_at: datetime
 
 
+#: How many slots connection ids hash into; a :class:`Shard` is a contiguous range of them.
+SLOTS = 1 << 16
+
+
+def slot_of(connection_id: str) -> int:
+    """The connection's slot in ``range(SLOTS)``: the first two bytes of the SHA-256 of its
+    id, so uniform, stable across processes and versions, and the same in every store."""
+    return int.from_bytes(hashlib.sha256(connection_id.encode()).digest()[:2], "big") % SLOTS
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The ``index``-th of ``count`` disjoint parts of the connections, by slot: the shards of
+    one count partition every connection id (each is in exactly one), so refreshers on
+    different shards never look at the same connections."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count <= SLOTS:
+            raise ValueError(f"shard {self.index} of {self.count}: need 0 <= index < count")
+
+    @property
+    def slots(self) -> range:
+        """The slots this shard holds: ``[index*SLOTS//count, (index+1)*SLOTS//count)``."""
+        return range(self.index * SLOTS // self.count, (self.index + 1) * SLOTS // self.count)
+
+    def holds(self, connection_id: str) -> bool:
+        return slot_of(connection_id) in self.slots
+
+
 @dataclass(frozen=True)
 class Claim:
     """A lease together with the record it was taken on."""

@@ -7,16 +7,20 @@ that the platform scales out up to its ``max_instance_count`` -- runs one ordina
 message. Nothing here schedules or queues: Cloud Scheduler triggers, Pub/Sub carries and
 redelivers, Eventarc and Cloud Functions run the workers (docs/gcp.md, "Fan-out").
 
-**What keeps the shards apart is the lease, not a partition.** Every worker tick claims due
-connections through :meth:`~tokenbroker.ports.StateStore.claim_due`, which takes only
-connections nobody holds a live lease on, in one transaction per chunk: two workers never hold
-the same connection, so each connection is refreshed once, by one of them, whatever the
-number of shards, duplicated messages or redeliveries. A shard is a *slot* (index and count,
-logged with the worker's tick) and a share: each worker claims at most its ``limit`` (the
-worker's ``tick_limit``), so ``shards * limit`` is what one scheduled tick can carry. The price
-is that workers starting together compete for the earliest-due documents in their claim
-transactions (``bench/fanout.py`` measures it on the emulator); a ``shard`` field on the state
-document and a filter in ``claim_due`` would remove it, at the cost of a port change.
+**Shards partition the connections; the lease keeps each one single-handed.** A shard is a
+range of slots (:class:`~tokenbroker.kernel.model.Shard`: a connection's slot is a hash of its
+id), and a worker's tick claims only connections of its shard
+(:meth:`~tokenbroker.ports.StateStore.claim_due` with ``shard=``): workers on different shards
+never read or contend for the same documents, so they scale out instead of fighting over the
+earliest-due ones. Within a shard the lease still rules: ``claim_due`` takes only connections
+nobody holds a live lease on, in one transaction per chunk, so a duplicated or redelivered
+shard message refreshes nothing twice. Each worker claims at most its ``limit`` (the worker's
+``tick_limit``), so ``shards * limit`` is what one scheduled tick can carry. A shard whose
+worker fails waits for its redelivery or the next scheduled tick: nothing else takes it.
+
+Before publishing, the scheduled call asks the state store to :meth:`prepare_shards
+<tokenbroker.ports.StateStore.prepare_shards>`: a store that indexes the slot (Firestore)
+writes it on records that predate it, so a sharded claim finds every connection.
 
 Values in, values out: the plan and the messages are built here; publishing goes through a
 :class:`ShardPublisher` the entry point supplies (the Pub/Sub client, built once per instance).
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenbroker.kernel.errors import BadRequest, ConfigError
+from tokenbroker.kernel.model import Shard
 
 #: The message attribute that marks a fan-out message (filterable without parsing the body).
 SHARD_ATTRIBUTE = "tokenbroker_shard"
@@ -37,19 +42,14 @@ SHARD_ATTRIBUTE = "tokenbroker_shard"
 MAX_SHARDS = 1000
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One worker's slot in a fan-out: ``index`` of ``count``."""
+def shard_payload(shard: Shard) -> dict[str, Any]:
+    """What a shard's message says: ``{"shard": index, "shards": count}``."""
+    return {"shard": shard.index, "shards": shard.count}
 
-    index: int
-    count: int
 
-    def payload(self) -> dict[str, Any]:
-        return {"shard": self.index, "shards": self.count}
-
-    def data(self) -> bytes:
-        """The message body: the payload as compact JSON (what the worker's trigger parses)."""
-        return json.dumps(self.payload(), separators=(",", ":")).encode()
+def shard_message(shard: Shard) -> bytes:
+    """The message body: the payload as compact JSON (what the worker's trigger parses)."""
+    return json.dumps(shard_payload(shard), separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,6 @@ def fan_out(fanout: FanOut, publisher: ShardPublisher) -> dict[str, Any]:
     """Publish one message per shard; the summary the scheduled tick answers with."""
     shards = fanout.plan()
     publisher.publish(
-        fanout.topic, [s.data() for s in shards], {SHARD_ATTRIBUTE: str(fanout.shards)}
+        fanout.topic, [shard_message(s) for s in shards], {SHARD_ATTRIBUTE: str(fanout.shards)}
     )
     return {"fanned_out": len(shards), "shards": fanout.shards, "topic": fanout.topic}

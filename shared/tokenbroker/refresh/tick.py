@@ -81,6 +81,7 @@ from tokenbroker.kernel.model import (
     GrantType,
     Intent,
     Lease,
+    Shard,
     StoredCredential,
     recovery_step,
 )
@@ -382,8 +383,10 @@ class Refresher:
         connection_ids: Sequence[str] | None = None,
         limit: int = 10_000,
         progress: Callable[[int, int], None] | None = None,
+        shard: Shard | None = None,
     ) -> TickSummary:
-        """Refresh what is due (or exactly ``connection_ids``, due or not, if active).
+        """Refresh what is due (or exactly ``connection_ids``, due or not, if active); with
+        ``shard`` (a fan-out worker), only the due connections of that shard.
 
         Raises :class:`StoreUnavailable` (after committing what it could) when results cannot
         be committed or leases cannot be renewed; no refresh token is sent after that point.
@@ -402,7 +405,7 @@ class Refresher:
         if connection_ids is None:
             batch = await self._store(
                 "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
-                limit=cap,
+                limit=cap, shard=shard,
             )  # fmt: skip
         else:
             batch = await self._store(

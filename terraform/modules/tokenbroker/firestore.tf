@@ -45,6 +45,34 @@ resource "google_firestore_index" "due" {
   }
 }
 
+# The same three queries of a fan-out worker, narrowed to its shard's slot range (slot >= first
+# AND slot <= last; firestore.py, "Selecting due connections"): workers on different shards
+# never contend for the same documents. Unused while fanout_shards = 1; kept so that turning
+# fan-out on needs no index build first.
+resource "google_firestore_index" "due_in_shard" {
+  project     = var.project_id
+  database    = local.database
+  collection  = var.firestore_collection
+  query_scope = "COLLECTION"
+
+  fields {
+    field_path = "status"
+    order      = "ASCENDING"
+  }
+  fields {
+    field_path = "next_refresh_at"
+    order      = "ASCENDING"
+  }
+  fields {
+    field_path = "lease_expires_at"
+    order      = "ASCENDING"
+  }
+  fields {
+    field_path = "slot"
+    order      = "ASCENDING"
+  }
+}
+
 # Budgets of refresh tokens long rotated away are deleted by TTL on expires_at
 # (https://cloud.google.com/firestore/docs/ttl). Nothing queries that field: index_config {}
 # exempts it from single-field indexing (a monotonically growing timestamp index is a hotspot).

@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -50,10 +50,10 @@ class SwitchableState(MemoryStateStore):
         super().__init__()
         self.fault: Callable[[], BaseException] | None = None
 
-    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+    def claim_due(self, now: datetime, **kwargs: Any) -> ClaimBatch:
         if self.fault is not None:
             raise self.fault()
-        return super().claim_due(now, holder=holder, ttl=ttl, limit=limit)
+        return super().claim_due(now, **kwargs)
 
 
 class Fatal(BaseException):

@@ -8,14 +8,16 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from tokenbroker.kernel.errors import BadRequest, ConfigError
+from tokenbroker.kernel.model import Shard
 from tokenbroker.refresh.fanout import (
     MAX_SHARDS,
     SHARD_ATTRIBUTE,
     FanOut,
-    Shard,
     fan_out,
     parse_fanout,
+    shard_message,
     shard_of,
+    shard_payload,
 )
 
 VARIABLES = {"shards_variable": "SHARDS_VAR", "topic_variable": "TOPIC_VAR"}
@@ -76,7 +78,7 @@ def test_fan_out_publishes_one_message_per_shard() -> None:
 
 def test_each_published_message_reads_back_as_its_shard() -> None:
     for shard in FanOut(5, "projects/p/topics/t").plan():
-        assert shard_of(json.loads(shard.data())) == shard
+        assert shard_of(json.loads(shard_message(shard))) == shard
 
 
 @pytest.mark.parametrize("payload", [None, {}, {"limit": 10}, {"connections": ["a"]}])
@@ -102,4 +104,4 @@ def test_a_malformed_shard_is_refused_never_fanned_out_again(payload: dict[str, 
 
 
 def test_a_shard_payload_is_its_index_and_count() -> None:
-    assert Shard(1, 4).payload() == {"shard": 1, "shards": 4}
+    assert shard_payload(Shard(1, 4)) == {"shard": 1, "shards": 4}

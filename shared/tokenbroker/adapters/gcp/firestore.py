@@ -6,6 +6,9 @@ One document per connection in ``<collection>`` (default ``tokenbroker_connectio
 the connection id (connection ids fit Firestore document ids, see ``model.CONNECTION_ID_RE``)::
 
     connection            map        Connection.to_json(): what to refresh and how, no secret
+    slot                  int        model.slot_of(id), a hash of the id: what a sharded claim
+                                     ranges over (``prepare_shards`` writes it on records
+                                     older than the field)
     status                string     "active" | "needs_reauth" | "disabled"
     expires_at, next_refresh_at, last_refresh_at, last_attempt_at
                           timestamp  (or null) Firestore timestamps, so they can be indexed
@@ -79,6 +82,15 @@ in-memory and SQLite adapters.
 ``next_refresh_at <= now AND lease_expires_at > now`` on the same index, billed one read per
 1,000 index entries (https://cloud.google.com/firestore/pricing), not per document. It runs
 just before the claim, outside its transaction: inside, it would lock every due entry.
+
+A sharded claim (fan-out workers, ``shard=``) adds ``slot >= first AND slot <= last``, the
+shard's slot range, to both queries; ``(status, next_refresh_at, lease_expires_at, slot)``
+(``google_firestore_index.due_in_shard``) serves them, ordered by ``next_refresh_at`` as
+before. Workers on different shards then never read, lock or contend for the same documents;
+the price is that each scan steps over the due entries of the other shards (index entries,
+not documents read). Records written before the field existed have no ``slot`` and so match
+no sharded query until ``prepare_shards`` writes it, which the fan-out's scheduled call does
+before publishing.
 
 Lease time
 ----------
@@ -186,6 +198,8 @@ from tokenbroker.kernel.model import (
     Intent,
     Lease,
     RefreshState,
+    Shard,
+    slot_of,
 )
 from tokenbroker.ports import BudgetDecision, ClaimBatch, Completion
 
@@ -346,6 +360,7 @@ def stored_document(
     """
     return {
         "connection": connection.to_json(),
+        "slot": slot_of(connection.id),
         **_state_fields(state),
         **_LEASE_GIVEN_BACK,
         "lease_token": lease_token,
@@ -757,36 +772,60 @@ class FirestoreStateStore:
             query = query.where(filter=FieldFilter(field, op, value))
         return query
 
-    def _free_due(self, now: datetime, lease_now: datetime) -> Any:
+    def _where_in(self, shard: Shard | None, *conditions: tuple[str, str, Any]) -> Any:
+        """``_where``, narrowed to the shard's slot range when there is one."""
+        if shard is None:
+            return self._where(*conditions)
+        slots = shard.slots
+        return self._where(*conditions, ("slot", ">=", slots[0]), ("slot", "<=", slots[-1]))
+
+    def _free_due(self, now: datetime, lease_now: datetime, shard: Shard | None = None) -> Any:
         """Active, due by ``now``, and nobody's lease is live by the store's ``lease_now``:
         what ``claim_due`` may take."""
-        return self._where(
-            ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", lease_now)
+        return self._where_in(
+            shard, ("next_refresh_at", "<=", now), ("lease_expires_at", "<=", lease_now)
         ).order_by("next_refresh_at")
 
-    def _free_at(self, lease_now: datetime, instant: datetime) -> Any:
+    def _free_at(self, lease_now: datetime, instant: datetime, shard: Shard | None = None) -> Any:
         """Free connections due at exactly ``instant`` (ties at a chunk's last place)."""
-        return self._where(
-            ("next_refresh_at", "==", instant), ("lease_expires_at", "<=", lease_now)
+        return self._where_in(
+            shard, ("next_refresh_at", "==", instant), ("lease_expires_at", "<=", lease_now)
         )
 
-    def _leased_due(self, now: datetime, lease_now: datetime) -> Any:
+    def _leased_due(self, now: datetime, lease_now: datetime, shard: Shard | None = None) -> Any:
         """Active and due, under a live lease: what ``leased_elsewhere`` counts."""
-        return self._where(
-            ("next_refresh_at", "<=", now), ("lease_expires_at", ">", lease_now)
+        return self._where_in(
+            shard, ("next_refresh_at", "<=", now), ("lease_expires_at", ">", lease_now)
         ).order_by("next_refresh_at")
 
     def queries(self, now: datetime) -> builtins.list[Any]:
         """Every query this adapter runs, to check the shipped index definitions against."""
-        return [self._free_due(now, now), self._free_at(now, now), self._leased_due(now, now)]
+        return [
+            query
+            for shard in (None, Shard(0, 2))
+            for query in (
+                self._free_due(now, now, shard),
+                self._free_at(now, now, shard),
+                self._leased_due(now, now, shard),
+            )
+        ]
 
-    def claim_due(self, now: datetime, *, holder: str, ttl: timedelta, limit: int) -> ClaimBatch:
+    def claim_due(
+        self,
+        now: datetime,
+        *,
+        holder: str,
+        ttl: timedelta,
+        limit: int,
+        shard: Shard | None = None,
+    ) -> ClaimBatch:
         def chunk(size: int) -> Callable[[Any], tuple[builtins.list[Claim], bool]]:
             def body(transaction: Any) -> tuple[builtins.list[Claim], bool]:
                 lease_now = self.lease_clock.now()
                 # One more than needed: it tells whether more are due, and whether the last
                 # place taken is shared with connections left out.
-                found = self._read(transaction.get(self._free_due(now, lease_now).limit(size + 1)))
+                free = self._free_due(now, lease_now, shard)
+                found = self._read(transaction.get(free.limit(size + 1)))
                 more = len(found) > size
                 if more:
                     last = _utc(found[size - 1].get("next_refresh_at"))
@@ -796,7 +835,7 @@ class FirestoreStateStore:
                         # Bounded: at most ``size`` of them, so a crowd due at one instant
                         # (a bulk import) costs at most twice the due count, not N².
                         ties = self._read(
-                            transaction.get(self._free_at(lease_now, last).limit(size))
+                            transaction.get(self._free_at(lease_now, last, shard).limit(size))
                         )
                         found = list({s.id: s for s in [*found, *ties]}.values())
                 chosen = sorted(found, key=_due_order)[:size]
@@ -806,13 +845,49 @@ class FirestoreStateStore:
             return body
 
         with _translated("claim_due"):
-            leased_elsewhere = self._count(self._leased_due(now, self.lease_clock.now()))
+            leased_elsewhere = self._count(self._leased_due(now, self.lease_clock.now(), shard))
             claims: builtins.list[Claim] = []
             more = True
             while more and len(claims) < limit:
                 got, more = self._transact(chunk(min(self.chunk_size, limit - len(claims))))
                 claims.extend(got)
         return ClaimBatch(claims, leased_elsewhere=leased_elsewhere)
+
+    def prepare_shards(self) -> int:
+        """Two ``count()`` aggregations when every record holds its ``slot`` (billed one read
+        per 1,000 index entries); otherwise one pass over the collection reading only ``slot``
+        (a field mask) and a batched ``update`` of the records that lack it -- written before
+        the slot existed. ``update`` touches that field alone and carries an exists
+        precondition, so it races safely with commits and a deleted record stays deleted."""
+        from google.cloud.firestore import FieldFilter  # noqa: PLC0415 - heavy, lazily
+
+        with _translated("prepare_shards"):
+            everything = self._count(self._collection())
+            slotted = self._count(self._collection().where(filter=FieldFilter("slot", ">=", 0)))
+            if slotted >= everything:
+                return 0
+            snaps = self._read(self._collection().select(["slot"]).stream())
+            lacking = [str(s.id) for s in snaps if s.to_dict().get("slot") is None]
+            for part in _chunks(lacking, _WRITES_PER_COMMIT):
+                self._write_slots(part)
+        return len(lacking)
+
+    def _write_slots(self, connection_ids: Sequence[str]) -> None:
+        batch = self.client.batch()
+        for cid in connection_ids:
+            batch.update(self._doc(cid), {"slot": slot_of(cid)})
+        try:
+            batch.commit()
+        except Exception as exc:
+            if not (type(exc).__name__ == "NotFound" and _is_google(exc)):
+                raise
+            # One of them was deleted meanwhile (the batch is all or nothing): one by one.
+            for cid in connection_ids:
+                try:
+                    self._doc(cid).update({"slot": slot_of(cid)})
+                except Exception as one:
+                    if not (type(one).__name__ == "NotFound" and _is_google(one)):
+                        raise
 
     def claim(
         self,
