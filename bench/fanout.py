@@ -14,7 +14,8 @@ What it does (docs/gcp.md, "Fan-out"):
    :func:`tokenbroker.refresh.fanout.fan_out` publishes k shard messages to a fan-out topic on
    the Pub/Sub emulator -- pulls them from a subscription and hands one to each worker, which
    runs it through the refresher's entry point (``refresher.run_tick(payload)``: the tick the
-   worker function runs, with ``TOKENBROKER_TICK_LIMIT`` = ceil(N / k)). The timer runs from
+   worker function runs, with ``TOKENBROKER_TICK_LIMIT`` = N: a worker claims only its shard's
+   connections, so its shard, not the limit, bounds its share). The timer runs from
    handing out the messages until the last worker's tick returned;
 3. checks, untimed: the workers' claims add up to N and none failed; the provider saw exactly N
    more refreshes and no ``invalid_grant`` (a connection refreshed twice would present a
@@ -318,7 +319,7 @@ def one_run(  # noqa: PLR0917 - one bench step, its parts passed as they are
     fanout_subscription: str,
 ) -> tuple[dict[str, Any], list[str]]:
     n = args.n
-    limit = math.ceil(n / k)
+    limit = n  # the shard bounds a worker's share (about n / k, by the hash of the id)
     env = worker_env(deployment.project, reach, limit, args.concurrency)
     counters = provider.stats()["counters"]
     ids = [connection_id(i) for i in range(n)]
@@ -356,7 +357,7 @@ def one_run(  # noqa: PLR0917 - one bench step, its parts passed as they are
     worker_cpu = sum(r["cpu_seconds"] for r in results)
     backends = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     total_cpu = worker_cpu + sum(backends.values())
-    uncontended = math.ceil(limit / CLAIM_CHUNK)
+    uncontended = math.ceil(n / k / CLAIM_CHUNK)
     figures = {
         "workers": k,
         "limit_per_worker": limit,

@@ -106,6 +106,22 @@ class LeaseKeeper:
         self.in_flight: set[str] = set()
         self._group: GroupCall[tuple[Lease, Intent | None], Lease | None] = GroupCall(self._renew)
 
+    def holds(self, connection_id: str) -> bool:
+        """Whether this tick took the connection's lease already (held or lost since)."""
+        return connection_id in self._held
+
+    def add(self, claims: Sequence[Claim], *, asked_at: float) -> None:
+        """Hold the leases of a later claim too (a tick claims in chunks as it goes), each one's
+        deadline measured from when that claim was asked for. A connection this tick took
+        already is refused: replacing its lease would let its first claim present under the
+        new one (see :meth:`holds`)."""
+        again = [c.lease.connection_id for c in claims if c.lease.connection_id in self._held]
+        if again:
+            raise ValueError(f"leases taken twice in one tick: {again}")
+        for claim in claims:
+            self._held[claim.lease.connection_id] = claim.lease
+            self._deadline[claim.lease.connection_id] = asked_at + self._ttl
+
     def lease(self, connection_id: str) -> Lease:
         """The newest lease held on the connection (the claim's, or its latest renewal)."""
         return self._held[connection_id]

@@ -54,7 +54,7 @@ import random
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -92,6 +92,7 @@ from tokenbroker.oauth.budget import BudgetRequest, budget_request, store_budget
 from tokenbroker.oauth.profiles import ProviderProfile
 from tokenbroker.oauth.token_response import TokenResponse
 from tokenbroker.ports import (
+    ClaimBatch,
     CommitOutcome,
     Completion,
     EventBus,
@@ -119,6 +120,10 @@ from tokenbroker.refresh.transitions import (
 )
 
 T = TypeVar("T")
+#: A chunk's credentials as the secret store read them.
+Reading = Mapping[str, StoredCredential | CorruptCredential]
+#: Claims handed to the workers, each with its chunk's read; ``None`` ends the feed.
+_Ready = asyncio.Queue[tuple[Claim, "asyncio.Future[Reading]"] | None]
 
 #: Leases are short so that a crashed holder's connections come free within seconds; a live
 #: holder keeps the ones it uses alive by heartbeat (every ``ttl / 3``).
@@ -302,6 +307,143 @@ class _Run:
     stager: GroupCall[SecretWrite, int | TokenBrokerError]
     #: Refreshes committed so far, by every committer (for ``progress``).
     committed: int = 0
+    #: Claims handed to the workers so far (it grows as the tick claims chunk by chunk).
+    total: int = 0
+
+
+class _ClaimStream:
+    """A tick's claims, taken as it goes: the due set ``claim_chunk`` connections at a time,
+    the next chunk claimed while the workers refresh the current one (so refreshing starts
+    after the first chunk, and no lease waits long for its worker), or the named connections
+    at once. Each chunk passes the store's request quota (:meth:`Refresher._admit`) before any
+    of it is handed out; the first whose admission falls short is the last."""
+
+    def __init__(
+        self,
+        refresher: Refresher,
+        now: datetime,
+        *,
+        named: Sequence[str] | None,
+        cap: int,
+        shard: Shard | None,
+        quota: RequestQuota | None,
+        summary: TickSummary,
+    ) -> None:
+        self.refresher = refresher
+        self.now = now
+        self.named = named
+        self.cap = cap
+        self.shard = shard
+        self.quota = quota
+        self.summary = summary
+        #: Claims taken so far, before the quota's admission (the cap counts these).
+        self.taken = 0
+        self.done = False
+        #: Why a later chunk could not be claimed (the tick fails with it once it is done).
+        self.failed: TokenBrokerError | None = None
+
+    @property
+    def expected(self) -> int:
+        """The most claims this tick can hand out (how many workers are worth starting)."""
+        return len(self.named) if self.named is not None else self.cap
+
+    async def first(self) -> list[Claim]:
+        """The first chunk (or every named connection); raises what the store raised."""
+        r, summary = self.refresher, self.summary
+        if self.named is not None:
+            batch = await r._store(
+                "claim", r.state.claim, self.named, self.now, holder=r.holder,
+                ttl=r.lease_ttl,
+            )  # fmt: skip
+            self.done = True
+        else:
+            batch = await self._claim_due()
+        if batch.claims:
+            failpoint("lease.claimed")
+        # Counted once, before this tick holds anything: later chunks' counts include its own.
+        summary.due = summary.skipped_leased = batch.leased_elsewhere
+        summary.missing = list(batch.missing)
+        summary.inactive = {cid: status.value for cid, status in batch.inactive.items()}
+        for cid, status in batch.inactive.items():
+            r.log.warning(
+                "not refreshed: the connection is not active", connection_id=cid, status=status
+            )
+        return await self._admitted(list(batch.claims))
+
+    async def more(self, leases: LeaseKeeper) -> list[Claim]:
+        """The next chunk, its leases added to ``leases``; ``[]`` once there is no more (all
+        claimed, the cap or the quota reached, the tick halted, or the claim failed:
+        ``failed``)."""
+        r = self.refresher
+        while not self.done and not r._halt:
+            asked = r.clock.monotonic()
+            try:
+                batch = await self._claim_due()
+            except TokenBrokerError as error:
+                # What is held is still seen through (renewing and committing are their own
+                # calls, and halt the tick if they fail too); the tick then fails with this.
+                self.failed = error
+                self.done = True
+                return []
+            # A connection this tick took already comes back when its first lease expired
+            # while its claim waited (a long pause) or when its attempt gave the lease back
+            # still due (a deferral). It is not handed out again: its first claim's renewal
+            # now fails (superseded), so nothing is presented twice; and the new lease is
+            # kept, not released, so no later chunk of this tick takes it a third time.
+            again = [
+                c.lease.connection_id for c in batch.claims if leases.holds(c.lease.connection_id)
+            ]
+            if again:
+                r.log.warning(
+                    "claimed again in the same tick: not refreshed twice", connections=again
+                )
+            got = [c for c in batch.claims if not leases.holds(c.lease.connection_id)]
+            if not got:
+                continue  # a chunk of nothing but those: the next one may hold more
+            try:
+                claims = await self._admitted(got)
+            except TokenBrokerError as error:
+                r._halting(error)
+                await self._give_back(got)
+                return []
+            leases.add(claims, asked_at=asked)
+            return claims
+        return []
+
+    async def _claim_due(self) -> ClaimBatch:
+        r = self.refresher
+        want = min(r.claim_chunk, self.cap - self.taken)
+        batch = await r._store(
+            "claim", r.state.claim_due, self.now, holder=r.holder, ttl=r.lease_ttl,
+            limit=want, shard=self.shard,
+        )  # fmt: skip
+        self.taken += len(batch.claims)
+        if len(batch.claims) < want or self.taken >= self.cap:
+            self.done = True
+        self.summary.quota_limited = self.quota is not None and self.taken >= self.cap
+        return batch
+
+    async def _admitted(self, claims: list[Claim]) -> list[Claim]:
+        r, summary = self.refresher, self.summary
+        summary.due += len(claims)
+        if self.quota is not None and claims:
+            admitted = await r._admit(self.quota, len(claims), self.now)
+            if admitted < len(claims):
+                claims = await r._release_unadmitted(claims, admitted, summary)
+                self.done = True
+        summary.claimed += len(claims)
+        return claims
+
+    async def _give_back(self, claims: Sequence[Claim]) -> None:
+        """Release leases this tick will not use (a store that cannot answer: they expire)."""
+        state = self.refresher.state
+
+        def release() -> None:
+            for claim in claims:
+                state.release(claim.lease)
+
+        with contextlib.suppress(TokenBrokerError):
+            await self.refresher._store("release leases", release)
 
 
 class Refresher:
@@ -325,6 +467,7 @@ class Refresher:
         commit_batch: int = 500,
         committers: int = 1,
         read_chunk: int = 100,
+        claim_chunk: int = 250,
         committer: RefreshCommitter | None = None,
         rng: random.Random | None = None,
         metrics: Recorder | None = None,
@@ -362,6 +505,9 @@ class Refresher:
         #: Credentials are read this many claims at a time, the next chunk while the workers
         #: refresh the current one: refreshing starts after the first chunk's read.
         self.read_chunk = max(1, read_chunk)
+        #: Due connections are claimed this many at a time, the next chunk while the current
+        #: one is refreshed (:class:`_ClaimStream`).
+        self.claim_chunk = max(1, claim_chunk)
         #: Promotes staged versions and writes states with their events (atomically where
         #: one store holds both: the composition root passes the embedded one).
         self.committer = committer or committer_for(secrets, state)
@@ -397,38 +543,15 @@ class Refresher:
         self._halt = []
         self._retrying = 0
         await self._relay_parked_events(summary)
-        asked = self.clock.monotonic()
         # The store's request quota (Secret Manager's per project): never claim more than one
         # window of it can carry; what is left stays due for the next tick, earliest first.
         quota = self.secrets.request_quota()
         cap = limit if quota is None else min(limit, quota.refreshes_per_window)
-        if connection_ids is None:
-            batch = await self._store(
-                "claim", self.state.claim_due, now, holder=self.holder, ttl=self.lease_ttl,
-                limit=cap, shard=shard,
-            )  # fmt: skip
-        else:
-            batch = await self._store(
-                "claim", self.state.claim, connection_ids, now, holder=self.holder,
-                ttl=self.lease_ttl,
-            )  # fmt: skip
-        claims = list(batch.claims)
-        if claims:
-            failpoint("lease.claimed")
-        summary.quota_limited = quota is not None and connection_ids is None and len(claims) >= cap
-        if quota is not None and claims:
-            admitted = await self._admit(quota, len(claims), now)
-            if admitted < len(claims):
-                claims = await self._release_unadmitted(claims, admitted, summary)
-        summary.due = len(batch.claims) + batch.leased_elsewhere
-        summary.claimed = len(claims)
-        summary.skipped_leased = batch.leased_elsewhere
-        summary.missing = list(batch.missing)
-        summary.inactive = {cid: status.value for cid, status in batch.inactive.items()}
-        for cid, status in batch.inactive.items():
-            self.log.warning(
-                "not refreshed: the connection is not active", connection_id=cid, status=status
-            )
+        claiming = _ClaimStream(
+            self, now, named=connection_ids, cap=cap, shard=shard, quota=quota, summary=summary
+        )
+        asked = self.clock.monotonic()
+        claims = await claiming.first()
         if claims:
             leases = LeaseKeeper(
                 claims,
@@ -446,7 +569,7 @@ class Refresher:
                 GroupCall(self._stage),
             )
             async with leases.beating(self.lease_ttl.total_seconds() / 3):
-                await self._run(run, claims, progress)
+                await self._run(run, claims, progress, claiming)
         summary.seconds = self.clock.monotonic() - started
         if self._halt:
             self.log.error(
@@ -456,6 +579,14 @@ class Refresher:
                 **summary.to_json(),
             )
             raise self._halt[0]
+        if claiming.failed is not None:
+            self.log.error(
+                "refresh tick cut short: the next chunk could not be claimed",
+                holder=self.holder,
+                error_code=claiming.failed.code,
+                **summary.to_json(),
+            )
+            raise claiming.failed
         self.log.info("refresh tick finished", holder=self.holder, **summary.to_json())
         return summary
 
@@ -484,7 +615,7 @@ class Refresher:
         """Give back the leases of the claims the quota did not admit (the latest due: claims
         come earliest first); they stay due, untouched, for a later tick."""
         kept, excess = claims[:admitted], claims[admitted:]
-        summary.quota_deferred = len(excess)
+        summary.quota_deferred += len(excess)
 
         def release() -> None:
             for claim in excess:
@@ -571,76 +702,49 @@ class Refresher:
         if self._committing is not None:
             self._committing.set()  # release paused workers: they see the halt and stop
 
-    def _reader(
-        self, claims: list[Claim]
-    ) -> Callable[[int], Awaitable[Mapping[str, StoredCredential | CorruptCredential]]]:
-        """The credentials of claim ``n``'s chunk (``read_chunk`` claims), read once; asking
-        for a chunk starts the next one's read too, so the workers seldom wait. Reading settles
-        any answer a crashed refresher staged (see SecretStore.stage)."""
-        chunks = [claims[i : i + self.read_chunk] for i in range(0, len(claims), self.read_chunk)]
-        reads: dict[int, asyncio.Task[Mapping[str, StoredCredential | CorruptCredential]]] = {}
-
-        def start(index: int) -> None:
-            if index < len(chunks) and index not in reads:
-                ids = [c.lease.connection_id for c in chunks[index]]
-                pointers = {c.lease.connection_id: c.record.state.current_version
-                            for c in chunks[index]}  # fmt: skip
-                reads[index] = asyncio.ensure_future(
-                    self._store("read credentials", self.secrets.get_many, ids, pointers=pointers)
-                )
-
-        async def read(n: int) -> Mapping[str, StoredCredential | CorruptCredential]:
-            index = n // self.read_chunk
-            start(index)
-            start(index + 1)
-            return await asyncio.shield(reads[index])
-
-        start(0)
-        return read
+    def _read(self, claims: Sequence[Claim]) -> asyncio.Future[Reading]:
+        """Start reading these claims' credentials (one store call). Reading settles any answer
+        a crashed refresher staged (see SecretStore.stage)."""
+        ids = [c.lease.connection_id for c in claims]
+        pointers = {c.lease.connection_id: c.record.state.current_version for c in claims}
+        return asyncio.ensure_future(
+            self._store("read credentials", self.secrets.get_many, ids, pointers=pointers)
+        )
 
     async def _run(
         self,
         run: _Run,
         claims: list[Claim],
         progress: Callable[[int, int], None] | None,
+        claiming: _ClaimStream,
     ) -> None:
-        """Refresh concurrently while committing results as they arrive. If committing (or
-        renewing) fails for good, stop sending refresh tokens at once. A chunk whose read
-        fails for good halts the tick like a failed commit: its connections are released
-        unrefreshed, and nothing more is presented."""
+        """Refresh concurrently while committing results as they arrive, claiming the next
+        chunk while the current one is refreshed. If committing (or renewing) fails for good,
+        stop sending refresh tokens at once. A chunk whose read fails for good halts the tick
+        like a failed commit: its connections are released unrefreshed, and nothing more is
+        presented.
+
+        The feed hands claims to the workers ``read_chunk`` at a time with their chunk's read
+        already started, and stays at most ``read_chunk`` claims ahead of them: so the next
+        read overlaps the current refreshes, and neither reads nor leases run far ahead."""
         queue: asyncio.Queue[_Attempt | None] = asyncio.Queue()
-        pending = iter(enumerate(claims))
+        ready: _Ready = asyncio.Queue()
+        room = asyncio.Semaphore(self.read_chunk)
         committing = self._committing = asyncio.Event()
         committing.set()
         publishing = self._publishing = []
-        read = self._reader(claims)
-
-        async def worker() -> None:
-            for n, claim in pending:
-                try:
-                    stored = await read(n)
-                except TokenBrokerError as error:
-                    # Nothing presented: the connection stays due, its lease given back
-                    # (or left to expire if the state store is failing too).
-                    self._halting(error)
-                    run.leases.in_flight.discard(claim.lease.connection_id)
-                    run.summary.deferred += 1
-                    with contextlib.suppress(TokenBrokerError):
-                        lease = run.leases.lease(claim.lease.connection_id)
-                        await self._store("release lease", self.state.release, lease)
-                    continue
-                attempt = await self._refresh_one(run, claim, stored.get(claim.lease.connection_id))
-                await queue.put(attempt)
-
+        run.total = len(claims)
+        expected = max(len(claims), claiming.expected)
         committers = [
-            asyncio.create_task(self._commit_loop(run, queue, progress, len(claims)))
-            for _ in range(min(self.committers, len(claims)))
+            asyncio.create_task(self._commit_loop(run, queue, progress))
+            for _ in range(min(self.committers, expected))
         ]
         try:
             workers = [
-                asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(claims)))
+                asyncio.create_task(self._work(run, ready, room, queue))
+                for _ in range(min(self.concurrency, expected))
             ]
-            await asyncio.gather(*workers)
+            await asyncio.gather(self._feed(run, claims, claiming, ready, room), *workers)
         finally:
             for _ in committers:
                 await queue.put(None)
@@ -655,6 +759,62 @@ class Refresher:
                         "events not published (internal error); parked for the next tick",
                         error_type=type(failed).__name__,
                     )
+
+    async def _feed(
+        self,
+        run: _Run,
+        claims: list[Claim],
+        claiming: _ClaimStream,
+        ready: _Ready,
+        room: asyncio.Semaphore,
+    ) -> None:
+        """Hand the claims to the workers, chunk after chunk as ``claiming`` takes them, each
+        ``read_chunk`` with its read started; ``room`` keeps the feed that far ahead."""
+        chunk = claims
+        try:
+            while chunk:
+                ahead = asyncio.ensure_future(claiming.more(run.leases))
+                try:
+                    for at in range(0, len(chunk), self.read_chunk):
+                        piece = chunk[at : at + self.read_chunk]
+                        reading = self._read(piece)
+                        for claim in piece:
+                            await room.acquire()
+                            ready.put_nowait((claim, reading))
+                except BaseException:
+                    ahead.cancel()
+                    raise
+                chunk = await ahead
+                run.total += len(chunk)
+        finally:
+            ready.put_nowait(None)  # the end: each worker passes it on to the next
+
+    async def _work(
+        self,
+        run: _Run,
+        ready: _Ready,
+        room: asyncio.Semaphore,
+        queue: asyncio.Queue[_Attempt | None],
+    ) -> None:
+        """One worker: refresh what the feed hands out, queueing each attempt to commit."""
+        while (item := await ready.get()) is not None:
+            room.release()
+            claim, reading = item
+            try:
+                stored = await asyncio.shield(reading)
+            except TokenBrokerError as error:
+                # Nothing presented: the connection stays due, its lease given back
+                # (or left to expire if the state store is failing too).
+                self._halting(error)
+                run.leases.in_flight.discard(claim.lease.connection_id)
+                run.summary.deferred += 1
+                with contextlib.suppress(TokenBrokerError):
+                    lease = run.leases.lease(claim.lease.connection_id)
+                    await self._store("release lease", self.state.release, lease)
+                continue
+            attempt = await self._refresh_one(run, claim, stored.get(claim.lease.connection_id))
+            await queue.put(attempt)
+        ready.put_nowait(None)
 
     async def _refresh_one(
         self, run: _Run, claim: Claim, stored: StoredCredential | CorruptCredential | None
@@ -1016,7 +1176,6 @@ class Refresher:
         run: _Run,
         queue: asyncio.Queue[_Attempt | None],
         progress: Callable[[int, int], None] | None,
-        total: int,
     ) -> None:
         summary = run.summary
         done = False
@@ -1052,7 +1211,7 @@ class Refresher:
             else:
                 run.committed += len(batch)
                 if progress is not None:
-                    progress(run.committed, total)
+                    progress(run.committed, run.total)
             finally:
                 for attempt in batch:
                     run.leases.in_flight.discard(attempt.claim.lease.connection_id)

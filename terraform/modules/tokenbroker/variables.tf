@@ -73,7 +73,7 @@ variable "refresher" {
 }
 
 variable "fanout_shards" {
-  description = "Fan-out (docs/gcp.md, Fan-out): worker ticks per scheduled tick. 1 (default): off, the refresher refreshes. Above 1: the refresher publishes this many shard messages to the NAME-fanout topic and the NAME-refresher-worker function runs one tick per shard, each claiming at most the refresher's TOKENBROKER_TICK_LIMIT (leases keep them disjoint)."
+  description = "Fan-out (docs/gcp.md, Fan-out): worker ticks per scheduled tick. 1 (default): off, the refresher refreshes. Above 1: the refresher publishes this many shard messages to the NAME-fanout topic and the NAME-refresher-worker function runs one tick per shard, each claiming at most the refresher's TOKENBROKER_TICK_LIMIT of its shard's due connections (shards partition the connections by a hash of the id; leases keep redeliveries apart)."
   type        = number
   default     = 1
   validation {

@@ -248,8 +248,11 @@ def test_several_commit_loops_and_chunked_reads_commit_each_connection_exactly_o
     assert summary.refreshed == len(ids) and summary.ok
     assert world.server.requests["refresh_token"] == len(ids)
     assert {r.state.current_version for r in world.state.list()} == {2}
+    # Claimed ``claim_chunk`` at a time; each claimed chunk read ``read_chunk`` at a time.
+    step = refresher.claim_chunk
+    chunks = [min(step, len(ids) - i) for i in range(0, len(ids), step)]
     assert sorted(reads) == sorted(
-        [min(read_chunk, len(ids) - i) for i in range(0, len(ids), read_chunk)]
+        min(read_chunk, chunk - i) for chunk in chunks for i in range(0, chunk, read_chunk)
     )
     rotated = [e.connection_id for e in world.events.events]
     assert sorted(rotated) == sorted(ids)  # one event each, none lost or doubled
