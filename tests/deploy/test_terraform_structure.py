@@ -575,7 +575,8 @@ def test_the_firestore_index_serves_the_due_selection(module: hcl.Configuration)
     assert set(indexes) == {"due", "due_in_shard"}
     due = [("status", "ASCENDING"), ("next_refresh_at", "ASCENDING")]
     due.append(("lease_expires_at", "ASCENDING"))
-    for name, fields in (("due", due), ("due_in_shard", [*due, ("slot", "ASCENDING")])):
+    sharded = [due[0], ("bucket", "ASCENDING"), *due[1:], ("slot", "ASCENDING")]
+    for name, fields in (("due", due), ("due_in_shard", sharded)):
         index = indexes[name]
         assert index.body["collection"] == "${var.firestore_collection}"
         assert index.body["query_scope"] == "COLLECTION"

@@ -181,7 +181,9 @@ def test_concurrent_workers_refresh_every_connection_exactly_once(
 
         legacy = deployment.ids[::3]
         for cid in legacy:
-            deployment.runtime.state._doc(cid).update({"slot": firestore.DELETE_FIELD})  # type: ignore[attr-defined]
+            deployment.runtime.state._doc(cid).update(
+                {"slot": firestore.DELETE_FIELD, "bucket": firestore.DELETE_FIELD}
+            )  # type: ignore[attr-defined]
         answer = httpx.post(dispatcher, content=b"{}", timeout=60)
         assert answer.status_code == 200, answer.text
         project = deployment.env["TOKENBROKER_GCP_PROJECT"]

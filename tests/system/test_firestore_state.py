@@ -31,7 +31,14 @@ from tokenbroker.adapters.memory import MemoryStateStore
 from tokenbroker.entrypoints.compose import build_runtime
 from tokenbroker.entrypoints.settings import Settings
 from tokenbroker.kernel.errors import AlreadyExists, ConfigError, NotFound, StoreUnavailable
-from tokenbroker.kernel.model import ConnectionStatus, Lease, RefreshState, Shard, slot_of
+from tokenbroker.kernel.model import (
+    ConnectionStatus,
+    Lease,
+    RefreshState,
+    Shard,
+    bucket_of,
+    slot_of,
+)
 from tokenbroker.ports import ClaimBatch, StateStore
 
 pytestmark = pytest.mark.system
@@ -389,9 +396,9 @@ def test_google_errors_never_escape(case: int) -> None:
 
 
 def _legacy(store: FirestoreStateStore, cid: str) -> None:
-    """A record as written before the ``slot`` field existed."""
+    """A record as written before the ``slot`` and ``bucket`` fields existed."""
     store.create(connection(cid), due_state(T0 - S))
-    store._doc(cid).update({"slot": firestore_delete()})
+    store._doc(cid).update({"slot": firestore_delete(), "bucket": firestore_delete()})
 
 
 def firestore_delete() -> Any:
@@ -405,7 +412,8 @@ def test_the_slot_is_written_with_the_record(
 ) -> None:
     store = open_store()
     store.create(connection("c1"), due_state(T0))
-    assert store._doc("c1").get().to_dict()["slot"] == slot_of("c1")
+    fields = store._doc("c1").get().to_dict()
+    assert (fields["slot"], fields["bucket"]) == (slot_of("c1"), bucket_of(slot_of("c1")))
 
 
 def test_records_without_a_slot_are_found_by_sharded_claims_once_prepared(
@@ -467,9 +475,10 @@ def _index_needed(query: Any) -> tuple[frozenset[str], list[str]]:
     order Firestore applies (StructuredQuery ``orderBy``)."""
     pb = query._to_protobuf()
     filters = [f.field_filter for f in pb.where.composite_filter.filters]
-    equal = frozenset(f.field.field_path for f in filters if f.op.name == "EQUAL")
+    # An IN is a disjunction of equalities: each disjunct runs on the index as an equality.
+    equal = frozenset(f.field.field_path for f in filters if f.op.name in {"EQUAL", "IN"})
     ordered = [o.field.field_path for o in pb.order_by]
-    ranged = {f.field.field_path for f in filters if f.op.name != "EQUAL"}
+    ranged = {f.field.field_path for f in filters if f.op.name not in {"EQUAL", "IN"}}
     return equal, ordered + sorted(ranged - set(ordered))
 
 

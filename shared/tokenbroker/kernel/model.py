@@ -276,12 +276,22 @@ class Lease:
 
 #: How many slots connection ids hash into; a :class:`Shard` is a contiguous range of them.
 SLOTS = 1 << 16
+#: Slots are grouped into this many buckets (a slot's top five bits). A store that indexes the
+#: bucket lets a shard's claim read only its own buckets' index entries: up to ``BUCKETS``
+#: shards, no two shards' claims touch the same entries (docs/gcp.md, "Fan-out").
+BUCKETS = 32
+SLOTS_PER_BUCKET = SLOTS // BUCKETS
 
 
 def slot_of(connection_id: str) -> int:
     """The connection's slot in ``range(SLOTS)``: the first two bytes of the SHA-256 of its
     id, so uniform, stable across processes and versions, and the same in every store."""
     return int.from_bytes(hashlib.sha256(connection_id.encode()).digest()[:2], "big") % SLOTS
+
+
+def bucket_of(slot: int) -> int:
+    """The bucket of a slot, in ``range(BUCKETS)``."""
+    return slot // SLOTS_PER_BUCKET
 
 
 @dataclass(frozen=True)
@@ -299,8 +309,25 @@ class Shard:
 
     @property
     def slots(self) -> range:
-        """The slots this shard holds: ``[index*SLOTS//count, (index+1)*SLOTS//count)``."""
+        """The slots this shard holds, contiguous. Up to ``BUCKETS`` shards, whole buckets:
+        shard i of n holds buckets ``[i*BUCKETS//n, (i+1)*BUCKETS//n)``, so no two shards
+        share one (sizes differ by at most one bucket); beyond, slots
+        ``[i*SLOTS//n, (i+1)*SLOTS//n)``, and neighbours may share a bucket."""
+        if self.count <= BUCKETS:
+            low, high = self.index * BUCKETS // self.count, (self.index + 1) * BUCKETS // self.count
+            return range(low * SLOTS_PER_BUCKET, high * SLOTS_PER_BUCKET)
         return range(self.index * SLOTS // self.count, (self.index + 1) * SLOTS // self.count)
+
+    @property
+    def buckets(self) -> range:
+        """The buckets holding this shard's slots."""
+        slots = self.slots
+        return range(bucket_of(slots.start), bucket_of(slots.stop - 1) + 1)
+
+    @property
+    def everything(self) -> bool:
+        """Whether this shard holds every connection (the only shard of one)."""
+        return self.count == 1
 
     def holds(self, connection_id: str) -> bool:
         return slot_of(connection_id) in self.slots

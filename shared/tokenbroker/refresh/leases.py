@@ -33,7 +33,7 @@ from typing import Generic, TypeVar
 from tokenbroker.kernel.clock import Clock
 from tokenbroker.kernel.errors import TokenBrokerError
 from tokenbroker.kernel.log import Logger
-from tokenbroker.kernel.model import Claim, Intent, Lease
+from tokenbroker.kernel.model import Claim, ConnectionRecord, Intent, Lease
 
 __all__ = ["GroupCall", "LeaseKeeper"]
 
@@ -100,10 +100,18 @@ class LeaseKeeper:
         self._clock = clock
         self._log = log
         self._held: dict[str, Lease] = {c.lease.connection_id: c.lease for c in claims}
+        #: The record each lease was claimed with (``adopt`` compares against it).
+        self._records: dict[str, ConnectionRecord] = {
+            c.lease.connection_id: c.record for c in claims
+        }
         self._deadline: dict[str, float] = dict.fromkeys(self._held, asked_at + self._ttl)
         self._lost: set[str] = set()
         #: Connections whose request is on the wire or whose outcome is not committed yet.
         self.in_flight: set[str] = set()
+        #: Connections claimed by this tick whose outcome is not committed yet (a superset of
+        #: ``in_flight``): the heartbeat keeps them all alive, so a claim waiting for its
+        #: worker (the tick claims a chunk ahead) does not expire and get taken meanwhile.
+        self.pending: set[str] = set(self._held)
         self._group: GroupCall[tuple[Lease, Intent | None], Lease | None] = GroupCall(self._renew)
 
     def holds(self, connection_id: str) -> bool:
@@ -120,7 +128,25 @@ class LeaseKeeper:
             raise ValueError(f"leases taken twice in one tick: {again}")
         for claim in claims:
             self._held[claim.lease.connection_id] = claim.lease
+            self._records[claim.lease.connection_id] = claim.record
             self._deadline[claim.lease.connection_id] = asked_at + self._ttl
+            self.pending.add(claim.lease.connection_id)
+
+    def adopt(self, claim: Claim, *, asked_at: float) -> bool:
+        """Take a later claim of a connection this tick holds as that connection's lease, if
+        its outcome is not committed yet and its record is exactly the one first claimed
+        (nothing was written since: no operator's state, no intent, no other holder's
+        commit). Its first lease expired -- a claim that waited past it while renewals could
+        not get through -- and this tick's own claim took it back: the one attempt goes on
+        under the newer lease. Otherwise (``False``) the first claim keeps its superseded
+        lease, whose renewal fails: it is presented under neither."""
+        cid = claim.lease.connection_id
+        if cid not in self.pending or self._records.get(cid) != claim.record:
+            return False
+        self._held[cid] = claim.lease
+        self._deadline[cid] = asked_at + self._ttl
+        self._lost.discard(cid)
+        return True
 
     def lease(self, connection_id: str) -> Lease:
         """The newest lease held on the connection (the claim's, or its latest renewal)."""
@@ -154,25 +180,37 @@ class LeaseKeeper:
         self._deadline[connection_id] = max(self._deadline[connection_id], asked + self._ttl)
 
     async def heartbeat(self, every: float) -> None:
-        """Renew the leases in flight every ``every`` seconds of real time, until cancelled.
+        """Renew the leases in flight or pending every ``every`` seconds of real time, until
+        cancelled.
         A failed renewal is logged and left: the deadline stays where it was, so the guard
         before the next attempt sees the time really left."""
         while True:
             await asyncio.sleep(every)
-            cids = sorted(c for c in self.in_flight if c not in self._lost)
-            if not cids:
-                continue
-            asked = self._clock.monotonic()
-            try:
-                renewed = await self._renew([(self._held[c], None) for c in cids])
-            except TokenBrokerError as error:
-                self._log.warning("lease heartbeat failed", error_code=error.code, leases=len(cids))
-                continue
-            for cid, lease in zip(cids, renewed, strict=True):
-                # Committed meanwhile (the commit released the lease): not a loss.
-                if lease is None and cid not in self._lost and cid in self.in_flight:
-                    self._log.warning("lease lost while in flight", connection_id=cid)
-                self._record(cid, lease, asked)
+            await self._renew_held(self.in_flight | self.pending, why="lease heartbeat failed")
+
+    async def renew_expiring(self, within: float) -> None:
+        """Renew now the pending leases with less than ``within`` seconds left (one grouped
+        call; none when none is): what the tick does before it claims its next chunk, so its
+        own claim never takes back a lease of its own that is about to expire."""
+        await self._renew_held(
+            {c for c in self.pending if self.left(c) < within}, why="lease renewal failed"
+        )
+
+    async def _renew_held(self, connection_ids: set[str], *, why: str) -> None:
+        cids = sorted(c for c in connection_ids if c not in self._lost)
+        if not cids:
+            return
+        asked = self._clock.monotonic()
+        try:
+            renewed = await self._renew([(self._held[c], None) for c in cids])
+        except TokenBrokerError as error:
+            self._log.warning(why, error_code=error.code, leases=len(cids))
+            return
+        for cid, lease in zip(cids, renewed, strict=True):
+            # Committed meanwhile (the commit released the lease): not a loss.
+            if lease is None and cid not in self._lost and cid in self.in_flight:
+                self._log.warning("lease lost while in flight", connection_id=cid)
+            self._record(cid, lease, asked)
 
     @contextlib.asynccontextmanager
     async def beating(self, every: float) -> AsyncIterator[LeaseKeeper]:

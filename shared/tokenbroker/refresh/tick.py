@@ -368,7 +368,7 @@ class _ClaimStream:
             r.log.warning(
                 "not refreshed: the connection is not active", connection_id=cid, status=status
             )
-        return await self._admitted(list(batch.claims))
+        return await self._admitted(list(batch.claims), self.now)
 
     async def more(self, leases: LeaseKeeper) -> list[Claim]:
         """The next chunk, its leases added to ``leases``; ``[]`` once there is no more (all
@@ -376,39 +376,56 @@ class _ClaimStream:
         ``failed``)."""
         r = self.refresher
         while not self.done and not r._halt:
+            # Our own claim must not take back a lease of ours that is about to run out.
+            await leases.renew_expiring(r.lease_ttl.total_seconds() / 2)
             asked = r.clock.monotonic()
             try:
                 batch = await self._claim_due()
-            except TokenBrokerError as error:
+            except Exception as error:  # noqa: BLE001 - a store error or a bug: claiming ends
                 # What is held is still seen through (renewing and committing are their own
                 # calls, and halt the tick if they fail too); the tick then fails with this.
-                self.failed = error
-                self.done = True
+                self._stop(error)
                 return []
-            # A connection this tick took already comes back when its first lease expired
-            # while its claim waited (a long pause) or when its attempt gave the lease back
-            # still due (a deferral). It is not handed out again: its first claim's renewal
-            # now fails (superseded), so nothing is presented twice; and the new lease is
-            # kept, not released, so no later chunk of this tick takes it a third time.
-            again = [
-                c.lease.connection_id for c in batch.claims if leases.holds(c.lease.connection_id)
-            ]
-            if again:
+            # A connection this tick took already comes back only if its lease expired while
+            # the heartbeat could not renew it (a store that failed for a while), or if its
+            # attempt gave the lease back still due (a deferral). It is never handed out
+            # again: its one attempt goes on under the newer lease if nothing was written
+            # since (``LeaseKeeper.adopt``); if something was, the first lease is superseded
+            # and its renewal fails, so it is presented under neither.
+            again = [c for c in batch.claims if leases.holds(c.lease.connection_id)]
+            adopted = [c.lease.connection_id for c in again if leases.adopt(c, asked_at=asked)]
+            if len(adopted) < len(again):
                 r.log.warning(
-                    "claimed again in the same tick: not refreshed twice", connections=again
-                )
+                    "claimed again in the same tick, changed meanwhile: not refreshed twice",
+                    connections=[c.lease.connection_id for c in again
+                                 if c.lease.connection_id not in adopted],
+                )  # fmt: skip
             got = [c for c in batch.claims if not leases.holds(c.lease.connection_id)]
+            if r._halt:  # the tick halted while this chunk was claimed: none of it is used
+                await self._give_back(got)
+                return []
             if not got:
                 continue  # a chunk of nothing but those: the next one may hold more
             try:
-                claims = await self._admitted(got)
-            except TokenBrokerError as error:
-                r._halting(error)
+                claims = await self._admitted(got, r.clock.now())
+            except Exception as error:  # noqa: BLE001 - as a failed claim
                 await self._give_back(got)
+                self._stop(error)
                 return []
             leases.add(claims, asked_at=asked)
             return claims
         return []
+
+    def _stop(self, error: Exception) -> None:
+        """Claim nothing more; the tick fails with ``error`` once what it holds is done."""
+        if not isinstance(error, TokenBrokerError):
+            self.refresher.log.exception(  # noqa: LOG004 - only called from except blocks
+                "claiming failed (internal error): a bug or an unforeseen value",
+                error_type=type(error).__name__,
+            )
+            error = InternalError(f"claiming raised {type(error).__name__}")
+        self.failed = error
+        self.done = True
 
     async def _claim_due(self) -> ClaimBatch:
         r = self.refresher
@@ -423,14 +440,18 @@ class _ClaimStream:
         self.summary.quota_limited = self.quota is not None and self.taken >= self.cap
         return batch
 
-    async def _admitted(self, claims: list[Claim]) -> list[Claim]:
+    async def _admitted(self, claims: list[Claim], now: datetime) -> list[Claim]:
+        """The claims the store's request quota admits (spent from the shared budget at
+        ``now``), the rest given back; counted only once admitted, so claims handed back
+        after a failure count nowhere (they stay due)."""
         r, summary = self.refresher, self.summary
-        summary.due += len(claims)
+        claimed = len(claims)
         if self.quota is not None and claims:
-            admitted = await r._admit(self.quota, len(claims), self.now)
+            admitted = await r._admit(self.quota, len(claims), now)
             if admitted < len(claims):
                 claims = await r._release_unadmitted(claims, admitted, summary)
                 self.done = True
+        summary.due += claimed
         summary.claimed += len(claims)
         return claims
 
@@ -739,12 +760,13 @@ class Refresher:
             asyncio.create_task(self._commit_loop(run, queue, progress))
             for _ in range(min(self.committers, expected))
         ]
+        feed = asyncio.create_task(self._feed(run, claims, claiming, ready, room))
+        workers = [
+            asyncio.create_task(self._work(run, ready, room, queue))
+            for _ in range(min(self.concurrency, expected))
+        ]
         try:
-            workers = [
-                asyncio.create_task(self._work(run, ready, room, queue))
-                for _ in range(min(self.concurrency, expected))
-            ]
-            await asyncio.gather(self._feed(run, claims, claiming, ready, room), *workers)
+            await self._until_done(feed, workers)
         finally:
             for _ in committers:
                 await queue.put(None)
@@ -759,6 +781,36 @@ class Refresher:
                         "events not published (internal error); parked for the next tick",
                         error_type=type(failed).__name__,
                     )
+
+    async def _until_done(
+        self, feed: asyncio.Task[None], workers: list[asyncio.Task[None]]
+    ) -> None:
+        """Wait for the feed and the workers. Should one raise (a bug: everything expected is
+        contained in an attempt), nothing more is presented or claimed -- the tick halts, the
+        feed is stopped -- and the other workers are waited for (they defer what they still
+        get), so no task of this tick outlives it; then the bug is raised. Cancelled, the
+        tick cancels them all."""
+        tasks = [feed, *workers]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next(
+                (t.exception() for t in done if not t.cancelled() and t.exception()), None
+            )
+            if failed is None:
+                return
+            self.log.error(
+                "refresh tick crashed: an unexpected exception in its feed or a worker",
+                exception_type=type(failed).__name__,
+            )
+            self._halting(InternalError(f"the tick raised {type(failed).__name__}"))
+            feed.cancel()
+            await asyncio.wait(tasks)
+            raise failed
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _feed(
         self,
@@ -802,11 +854,17 @@ class Refresher:
             claim, reading = item
             try:
                 stored = await asyncio.shield(reading)
-            except TokenBrokerError as error:
+            except Exception as failed:  # noqa: BLE001 - a store error, or a bug: the same
                 # Nothing presented: the connection stays due, its lease given back
                 # (or left to expire if the state store is failing too).
+                error = (
+                    failed
+                    if isinstance(failed, TokenBrokerError)
+                    else InternalError(f"reading credentials raised {type(failed).__name__}")
+                )
                 self._halting(error)
                 run.leases.in_flight.discard(claim.lease.connection_id)
+                run.leases.pending.discard(claim.lease.connection_id)
                 run.summary.deferred += 1
                 with contextlib.suppress(TokenBrokerError):
                     lease = run.leases.lease(claim.lease.connection_id)
@@ -932,7 +990,7 @@ class Refresher:
                     return denied
             intent = None
             if rotating:
-                intent = Intent(uuid.uuid4().hex, stored.version, claim.lease.token)
+                intent = Intent(uuid.uuid4().hex, stored.version, leases.lease(cid).token)
             ready = await self._ready(claim, stored, leases, summary, intent)
             if ready is not None:
                 at_risk.release()
@@ -1215,6 +1273,7 @@ class Refresher:
             finally:
                 for attempt in batch:
                     run.leases.in_flight.discard(attempt.claim.lease.connection_id)
+                    run.leases.pending.discard(attempt.claim.lease.connection_id)
                     if attempt.permit:
                         run.at_risk.release()
 
@@ -1264,6 +1323,7 @@ class Refresher:
         failpoint("state.committed")
         for _, lease, _, _, _ in changes:  # released by the commit: nothing left to renew
             leases.in_flight.discard(lease.connection_id)
+            leases.pending.discard(lease.connection_id)
         to_publish: list[ConnectionEvent] = []
         for (attempt, lease, outcome, change, _), result in zip(changes, results, strict=True):
             if result is not CommitOutcome.COMMITTED:

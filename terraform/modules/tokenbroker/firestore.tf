@@ -45,10 +45,10 @@ resource "google_firestore_index" "due" {
   }
 }
 
-# The same three queries of a fan-out worker, narrowed to its shard's slot range (slot >= first
-# AND slot <= last; firestore.py, "Selecting due connections"): workers on different shards
-# never contend for the same documents. Unused while fanout_shards = 1; kept so that turning
-# fan-out on needs no index build first.
+# The same three queries of a fan-out worker, narrowed to its shard: bucket IN [its buckets]
+# AND slot in its range (firestore.py, "Selecting due connections"). The IN scans one index
+# range per bucket, so workers on different shards read and lock disjoint index entries.
+# Unused while fanout_shards = 1; kept so that turning fan-out on needs no index build first.
 resource "google_firestore_index" "due_in_shard" {
   project     = var.project_id
   database    = local.database
@@ -57,6 +57,10 @@ resource "google_firestore_index" "due_in_shard" {
 
   fields {
     field_path = "status"
+    order      = "ASCENDING"
+  }
+  fields {
+    field_path = "bucket"
     order      = "ASCENDING"
   }
   fields {

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenbroker.kernel.model import SLOTS, Shard, slot_of
+from tokenbroker.kernel.model import BUCKETS, SLOTS, SLOTS_PER_BUCKET, Shard, bucket_of, slot_of
 
 ids = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,62}", fullmatch=True)
 counts = st.integers(min_value=1, max_value=SLOTS)
@@ -38,7 +38,30 @@ def test_the_slot_ranges_of_a_count_tile_every_slot_with_none_empty(count: int) 
             starts[index] = here
     assert Shard(0, count).slots.start == 0
     assert Shard(count - 1, count).slots.stop == SLOTS
-    assert all(len(r) >= SLOTS // count for r in starts.values())
+    if count <= BUCKETS:  # whole buckets, sizes within one bucket of each other
+        smallest = BUCKETS // count * SLOTS_PER_BUCKET
+        assert all(
+            r.start % SLOTS_PER_BUCKET == 0 == r.stop % SLOTS_PER_BUCKET for r in starts.values()
+        )
+    else:
+        smallest = SLOTS // count
+    assert all(smallest <= len(r) <= smallest + SLOTS_PER_BUCKET for r in starts.values())
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 7, 16, 31, 32])
+def test_up_to_bucket_count_no_two_shards_share_a_bucket(count: int) -> None:
+    """What keeps fan-out workers' claims off each other's index entries (Firestore)."""
+    owned = [b for i in range(count) for b in Shard(i, count).buckets]
+    assert sorted(owned) == list(range(BUCKETS))
+    assert all(len(Shard(i, count).buckets) <= 16 for i in range(count))  # under 30 for an IN
+
+
+@pytest.mark.parametrize("count", [33, 100, 1000])
+def test_beyond_it_a_bucket_is_shared_only_by_neighbours(count: int) -> None:
+    for i in range(count):
+        buckets = Shard(i, count).buckets
+        assert len(buckets) <= 2
+        assert all(bucket_of(slot) in buckets for slot in Shard(i, count).slots)
 
 
 def test_the_slot_is_the_same_in_another_process() -> None:

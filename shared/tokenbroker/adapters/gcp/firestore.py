@@ -6,9 +6,9 @@ One document per connection in ``<collection>`` (default ``tokenbroker_connectio
 the connection id (connection ids fit Firestore document ids, see ``model.CONNECTION_ID_RE``)::
 
     connection            map        Connection.to_json(): what to refresh and how, no secret
-    slot                  int        model.slot_of(id), a hash of the id: what a sharded claim
-                                     ranges over (``prepare_shards`` writes it on records
-                                     older than the field)
+    slot, bucket          int        model.slot_of(id), a hash of the id, and its bucket
+                                     (model.bucket_of): where a sharded claim finds it
+                                     (``prepare_shards`` writes them on older records)
     status                string     "active" | "needs_reauth" | "disabled"
     expires_at, next_refresh_at, last_refresh_at, last_attempt_at
                           timestamp  (or null) Firestore timestamps, so they can be indexed
@@ -83,14 +83,19 @@ in-memory and SQLite adapters.
 1,000 index entries (https://cloud.google.com/firestore/pricing), not per document. It runs
 just before the claim, outside its transaction: inside, it would lock every due entry.
 
-A sharded claim (fan-out workers, ``shard=``) adds ``slot >= first AND slot <= last``, the
-shard's slot range, to both queries; ``(status, next_refresh_at, lease_expires_at, slot)``
-(``google_firestore_index.due_in_shard``) serves them, ordered by ``next_refresh_at`` as
-before. Workers on different shards then never read, lock or contend for the same documents;
-the price is that each scan steps over the due entries of the other shards (index entries,
-not documents read). Records written before the field existed have no ``slot`` and so match
-no sharded query until ``prepare_shards`` writes it, which the fan-out's scheduled call does
-before publishing.
+A sharded claim (fan-out workers, ``shard=``) adds ``bucket IN [the shard's buckets] AND
+slot >= first AND slot <= last`` to both queries, served by
+``(status, bucket, next_refresh_at, lease_expires_at, slot)``
+(``google_firestore_index.due_in_shard``). The ``IN`` is a disjunction: Firestore scans one
+index range per bucket (equality on ``status`` and ``bucket``) and merges them in
+``next_refresh_at`` order, so the shard is still taken earliest first, and shards' claims read
+-- and lock -- disjoint index entries: up to ``model.BUCKETS`` (32) shards own whole buckets and
+never touch each other's; beyond, neighbouring shards may share one bucket (the slot range
+splits it). A range filter on ``slot`` alone would not do: the scan over ``next_refresh_at``
+would step over every shard's entries and lock them (``bench/fanout.py`` measured the
+contention). At most 16 buckets per shard (two shards), under Firestore's 30 disjunctions.
+Records written before the fields existed match no sharded query until ``prepare_shards``
+writes them, which the fan-out's scheduled call does before publishing.
 
 Lease time
 ----------
@@ -199,6 +204,7 @@ from tokenbroker.kernel.model import (
     Lease,
     RefreshState,
     Shard,
+    bucket_of,
     slot_of,
 )
 from tokenbroker.ports import BudgetDecision, ClaimBatch, Completion
@@ -349,6 +355,12 @@ def _due_order(snapshot: Any) -> tuple[datetime, str]:
     return due, str(snapshot.id)
 
 
+def _shard_fields(connection_id: str) -> dict[str, int]:
+    """Where a sharded claim finds the connection: its slot and the slot's bucket."""
+    slot = slot_of(connection_id)
+    return {"slot": slot, "bucket": bucket_of(slot)}
+
+
 def stored_document(
     connection: Connection, state: RefreshState, *, lease_token: int = 0
 ) -> dict[str, Any]:
@@ -360,7 +372,7 @@ def stored_document(
     """
     return {
         "connection": connection.to_json(),
-        "slot": slot_of(connection.id),
+        **_shard_fields(connection.id),
         **_state_fields(state),
         **_LEASE_GIVEN_BACK,
         "lease_token": lease_token,
@@ -773,11 +785,18 @@ class FirestoreStateStore:
         return query
 
     def _where_in(self, shard: Shard | None, *conditions: tuple[str, str, Any]) -> Any:
-        """``_where``, narrowed to the shard's slot range when there is one."""
-        if shard is None:
+        """``_where``, narrowed to the shard: its buckets (an ``in``: one index range per
+        bucket, so shards' claims read disjoint index entries) and its slot range (the same
+        buckets' slots up to ``BUCKETS`` shards; part of a bucket beyond)."""
+        if shard is None or shard.everything:
             return self._where(*conditions)
         slots = shard.slots
-        return self._where(*conditions, ("slot", ">=", slots[0]), ("slot", "<=", slots[-1]))
+        return self._where(
+            ("bucket", "in", list(shard.buckets)),
+            *conditions,
+            ("slot", ">=", slots[0]),
+            ("slot", "<=", slots[-1]),
+        )
 
     def _free_due(self, now: datetime, lease_now: datetime, shard: Shard | None = None) -> Any:
         """Active, due by ``now``, and nobody's lease is live by the store's ``lease_now``:
@@ -854,20 +873,21 @@ class FirestoreStateStore:
         return ClaimBatch(claims, leased_elsewhere=leased_elsewhere)
 
     def prepare_shards(self) -> int:
-        """Two ``count()`` aggregations when every record holds its ``slot`` (billed one read
-        per 1,000 index entries); otherwise one pass over the collection reading only ``slot``
-        (a field mask) and a batched ``update`` of the records that lack it -- written before
-        the slot existed. ``update`` touches that field alone and carries an exists
-        precondition, so it races safely with commits and a deleted record stays deleted."""
+        """Two ``count()`` aggregations when every record holds its ``bucket`` (billed one read
+        per 1,000 index entries); otherwise one pass over the collection reading only
+        ``bucket`` (a field mask) and a batched ``update`` of the records that lack it --
+        written before the field existed. ``update`` touches those fields alone and carries an
+        exists precondition, so it races safely with commits and a deleted record stays
+        deleted."""
         from google.cloud.firestore import FieldFilter  # noqa: PLC0415 - heavy, lazily
 
         with _translated("prepare_shards"):
             everything = self._count(self._collection())
-            slotted = self._count(self._collection().where(filter=FieldFilter("slot", ">=", 0)))
-            if slotted >= everything:
+            placed = self._count(self._collection().where(filter=FieldFilter("bucket", ">=", 0)))
+            if placed >= everything:
                 return 0
-            snaps = self._read(self._collection().select(["slot"]).stream())
-            lacking = [str(s.id) for s in snaps if s.to_dict().get("slot") is None]
+            snaps = self._read(self._collection().select(["bucket"]).stream())
+            lacking = [str(s.id) for s in snaps if s.to_dict().get("bucket") is None]
             for part in _chunks(lacking, _WRITES_PER_COMMIT):
                 self._write_slots(part)
         return len(lacking)
@@ -875,7 +895,7 @@ class FirestoreStateStore:
     def _write_slots(self, connection_ids: Sequence[str]) -> None:
         batch = self.client.batch()
         for cid in connection_ids:
-            batch.update(self._doc(cid), {"slot": slot_of(cid)})
+            batch.update(self._doc(cid), _shard_fields(cid))
         try:
             batch.commit()
         except Exception as exc:
@@ -884,7 +904,7 @@ class FirestoreStateStore:
             # One of them was deleted meanwhile (the batch is all or nothing): one by one.
             for cid in connection_ids:
                 try:
-                    self._doc(cid).update({"slot": slot_of(cid)})
+                    self._doc(cid).update(_shard_fields(cid))
                 except Exception as one:
                     if not (type(one).__name__ == "NotFound" and _is_google(one)):
                         raise
