@@ -26,7 +26,11 @@ from tests.contract.builders import T0, ManualClock, connection, due_state, even
 from tests.contract.racing import race
 from tests.deploy import hcl
 from tests.support.emulators import emulator
-from tokenbroker.adapters.gcp.firestore import DEFAULT_COLLECTION, FirestoreStateStore
+from tokenbroker.adapters.gcp.firestore import (
+    DEFAULT_COLLECTION,
+    FirestoreStateStore,
+    stored_document,
+)
 from tokenbroker.adapters.memory import MemoryStateStore
 from tokenbroker.entrypoints.compose import build_runtime
 from tokenbroker.entrypoints.settings import Settings
@@ -447,6 +451,31 @@ def test_records_without_a_slot_are_found_by_sharded_claims_once_prepared(
     reads, aggregations = store.documents_read, store.aggregations_run
     assert store.prepare_shards() == 0
     assert (store.documents_read - reads, store.aggregations_run - aggregations) == (0, 2)
+
+
+def test_a_big_backfill_is_finished_over_several_calls(
+    open_store: Callable[..., FirestoreStateStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call writes for at most ``PREPARE_SECONDS`` (here none: one commit's worth), so
+    a scheduled call is never held up for long by a large collection of older records; the
+    next calls finish it."""
+    store = open_store()
+    for start in range(0, 600, 300):
+        batch = store.client.batch()
+        for n in range(start, start + 300):
+            fields = stored_document(connection(f"c{n:04d}"), due_state(T0 - S))
+            del fields["slot"], fields["bucket"]
+            batch.set(store._doc(f"c{n:04d}"), fields)
+        batch.commit()
+    monkeypatch.setattr(FirestoreStateStore, "PREPARE_SECONDS", 0.0)
+    assert store.prepare_shards() == 450
+    assert store.prepare_shards() == 150
+    assert store.prepare_shards() == 0
+    taken = []
+    for index in range(3):
+        shard = Shard(index, 3)
+        taken += _ids(store.claim_due(T0, holder="w", ttl=TTL, limit=1000, shard=shard))
+    assert len(taken) == len(set(taken)) == 600
 
 
 def test_prepare_shards_leaves_a_record_deleted_meanwhile_deleted(

@@ -224,10 +224,20 @@ def run_tick(payload: Mapping[str, Any] | None = None, *, trigger: str = "http")
     fanout = fanout_setting()
     log = get_logger(component="refresher-function")
     if shard is None and fanout is not None and not (payload and "connections" in payload):
-        # Records older than the slot field would match no shard's claim: give them one.
-        slotted = runtime.state.prepare_shards()
-        if slotted:
-            log.info("records given their shard slot", records=slotted)
+        # Records older than the shard fields would match no shard's claim: give them theirs.
+        # Best effort: a store that cannot do it now must not stop the fan-out (the records
+        # that have them are refreshed; the next scheduled call tries again).
+        try:
+            placed = runtime.state.prepare_shards()
+        except TokenBrokerError as error:
+            log.warning(
+                "shard fields not written; retried at the next scheduled tick",
+                error_code=error.code,
+                error=error.message,
+            )
+        else:
+            if placed:
+                log.info("records given their shard fields", records=placed)
         summary = fan_out(fanout, shard_publisher())
         log.info("tick fanned out", trigger=trigger, **summary)
         return summary

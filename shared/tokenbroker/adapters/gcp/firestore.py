@@ -543,6 +543,9 @@ class FirestoreStateStore:
     ``aggregations_run`` and ``clock_reads`` bound what Firestore bills for reads.
     """
 
+    #: How long one ``prepare_shards`` call may spend writing the fields records lack.
+    PREPARE_SECONDS = 60.0
+
     def __init__(
         self,
         client: Any = None,
@@ -874,23 +877,33 @@ class FirestoreStateStore:
 
     def prepare_shards(self) -> int:
         """Two ``count()`` aggregations when every record holds its ``bucket`` (billed one read
-        per 1,000 index entries); otherwise one pass over the collection reading only
-        ``bucket`` (a field mask) and a batched ``update`` of the records that lack it --
-        written before the field existed. ``update`` touches those fields alone and carries an
-        exists precondition, so it races safely with commits and a deleted record stays
-        deleted."""
+        per 1,000 index entries); otherwise a pass over the collection reading only ``bucket``
+        (a field mask, streamed) and a batched ``update`` of the records that lack it --
+        written before the field existed -- for at most ``PREPARE_SECONDS``: a collection too
+        big for one call is finished by the next ones (the counts still differ), so a
+        scheduled call is never held up for long. ``update`` touches those fields alone and
+        carries an exists precondition, so it races safely with commits and a deleted record
+        stays deleted."""
         from google.cloud.firestore import FieldFilter  # noqa: PLC0415 - heavy, lazily
 
         with _translated("prepare_shards"):
-            everything = self._count(self._collection())
             placed = self._count(self._collection().where(filter=FieldFilter("bucket", ">=", 0)))
-            if placed >= everything:
+            if placed >= self._count(self._collection()):
                 return 0
-            snaps = self._read(self._collection().select(["bucket"]).stream())
-            lacking = [str(s.id) for s in snaps if s.to_dict().get("bucket") is None]
-            for part in _chunks(lacking, _WRITES_PER_COMMIT):
-                self._write_slots(part)
-        return len(lacking)
+            deadline = time.monotonic() + self.PREPARE_SECONDS
+            written, lacking = 0, []
+            for snap in self._collection().select(["bucket"]).stream():
+                self._read([snap])
+                if snap.to_dict().get("bucket") is None:
+                    lacking.append(str(snap.id))
+                if len(lacking) >= _WRITES_PER_COMMIT:
+                    self._write_slots(lacking)
+                    written, lacking = written + len(lacking), []
+                    if time.monotonic() > deadline:
+                        return written
+            if lacking:
+                self._write_slots(lacking)
+        return written + len(lacking)
 
     def _write_slots(self, connection_ids: Sequence[str]) -> None:
         batch = self.client.batch()
