@@ -844,23 +844,7 @@ class FirestoreStateStore:
         def chunk(size: int) -> Callable[[Any], tuple[builtins.list[Claim], bool]]:
             def body(transaction: Any) -> tuple[builtins.list[Claim], bool]:
                 lease_now = self.lease_clock.now()
-                # One more than needed: it tells whether more are due, and whether the last
-                # place taken is shared with connections left out.
-                free = self._free_due(now, lease_now, shard)
-                found = self._read(transaction.get(free.limit(size + 1)))
-                more = len(found) > size
-                if more:
-                    last = _utc(found[size - 1].get("next_refresh_at"))
-                    if _utc(found[size].get("next_refresh_at")) == last and last is not None:
-                        # Firestore breaks ties on next_refresh_at by lease_expires_at, the
-                        # reference order by id: read connections due at that instant too.
-                        # Bounded: at most ``size`` of them, so a crowd due at one instant
-                        # (a bulk import) costs at most twice the due count, not N².
-                        ties = self._read(
-                            transaction.get(self._free_at(lease_now, last, shard).limit(size))
-                        )
-                        found = list({s.id: s for s in [*found, *ties]}.values())
-                chosen = sorted(found, key=_due_order)[:size]
+                chosen, more = self._candidates(transaction.get, now, lease_now, size, None)
                 grants = [self._grant(transaction, snap, lease_now, holder, ttl) for snap in chosen]
                 return grants, more
 
@@ -871,9 +855,74 @@ class FirestoreStateStore:
             claims: builtins.list[Claim] = []
             more = True
             while more and len(claims) < limit:
-                got, more = self._transact(chunk(min(self.chunk_size, limit - len(claims))))
+                size = min(self.chunk_size, limit - len(claims))
+                if shard is None or shard.everything:
+                    got, more = self._transact(chunk(size))
+                else:
+                    got, more = self._claim_in_shard(now, shard, size, holder, ttl)
                 claims.extend(got)
         return ClaimBatch(claims, leased_elsewhere=leased_elsewhere)
+
+    def _candidates(
+        self,
+        run: Callable[[Any], Iterable[Any]],
+        now: datetime,
+        lease_now: datetime,
+        size: int,
+        shard: Shard | None,
+    ) -> tuple[builtins.list[Any], bool]:
+        """The next ``size`` free due documents in the reference order (``run`` runs a query:
+        in a transaction or not), and whether more are due."""
+        # One more than needed: it tells whether more are due, and whether the last place
+        # taken is shared with connections left out.
+        found = self._read(run(self._free_due(now, lease_now, shard).limit(size + 1)))
+        more = len(found) > size
+        if more:
+            last = _utc(found[size - 1].get("next_refresh_at"))
+            if _utc(found[size].get("next_refresh_at")) == last and last is not None:
+                # Firestore breaks ties on next_refresh_at by lease_expires_at, the reference
+                # order by id: read connections due at that instant too. Bounded: at most
+                # ``size`` of them, so a crowd due at one instant (a bulk import) costs at
+                # most twice the due count, not N².
+                ties = self._read(run(self._free_at(lease_now, last, shard).limit(size)))
+                found = list({s.id: s for s in [*found, *ties]}.values())
+        return sorted(found, key=_due_order)[:size], more
+
+    def _claim_in_shard(
+        self, now: datetime, shard: Shard, size: int, holder: str, ttl: timedelta
+    ) -> tuple[builtins.list[Claim], bool]:
+        """A shard's chunk: the candidates found by a query outside any transaction, then one
+        transaction that reads exactly those documents, grants those still active, due and
+        free, and skips the rest (another claimer took them meanwhile). Only the candidates'
+        documents are locked, never a query's range: workers on different shards never
+        contend (a query inside the transaction did, on the emulator, whatever its filter:
+        ``bench/fanout.py``), and racing claimers of one shard still never both get a
+        connection -- both transactions read and write the same documents."""
+        chosen, more = self._candidates(
+            lambda query: query.stream(), now, self.lease_clock.now(), size, shard
+        )
+        if not chosen:
+            return [], more
+
+        def body(transaction: Any) -> builtins.list[Claim]:
+            lease_now = self.lease_clock.now()
+            snaps = self._read(transaction.get_all([s.reference for s in chosen]))
+            current = {str(s.id): s for s in snaps if s.exists}
+            grants = []
+            for candidate in chosen:
+                snap = current.get(str(candidate.id))
+                if snap is None:
+                    continue  # deleted meanwhile
+                fields = snap.to_dict()
+                due = _utc(fields.get("next_refresh_at"))
+                if fields.get("status") != _ACTIVE or due is None or due > now:
+                    continue
+                if _lease_live(fields, lease_now):
+                    continue
+                grants.append(self._grant(transaction, snap, lease_now, holder, ttl))
+            return grants
+
+        return self._transact(body), more
 
     def prepare_shards(self) -> int:
         """Two ``count()`` aggregations when every record holds its ``bucket`` (billed one read
